@@ -1,0 +1,1 @@
+"""mosaicd: the Mosaic daemon (socket server, scheduler, worker pool, execution, store)."""

@@ -1,0 +1,3 @@
+from mosaicd.main import main
+
+main()

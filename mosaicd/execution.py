@@ -1,0 +1,427 @@
+"""Running one pipeline inside a worker: build the modules, train, evaluate, save.
+
+Imported by workers only: the daemon's main process never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mosaicd import metrics
+
+RESERVED_KEYS = ("type", "class", "path_to_class", "key", "name")
+_module_counter = itertools.count()
+
+
+class UserCodeError(Exception):
+    """A mistake in the user's classes or config, reported as the run's failure message."""
+
+
+class Parked(Exception):
+    """The daemon asked the run to stop at this epoch boundary; the checkpoint is written."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(epoch)
+        self.epoch = epoch
+
+
+@dataclass
+class Channel:
+    """How a run talks back to the daemon (set up by the worker)."""
+
+    on_epoch: Callable[[dict[str, Any]], None]
+    park_requested: Callable[[], bool]
+
+
+@dataclass
+class History:
+    train_loss: list[float] = field(default_factory=list)
+    test_loss: list[float] = field(default_factory=list)
+    train_acc: list[float | None] = field(default_factory=list)
+    test_acc: list[float | None] = field(default_factory=list)
+    duration: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, list[Any]]:
+        return {"train_loss": self.train_loss, "test_loss": self.test_loss,
+                "train_acc": self.train_acc, "test_acc": self.test_acc,
+                "duration": self.duration}
+
+
+def load_user_class(path: str, class_name: str, run_id: int) -> type:
+    """Load a class from a file under a fresh module name, so an edited file is seen."""
+    if not os.path.isfile(path):
+        raise UserCodeError(f"class file {path} does not exist (path_to_class)")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = f"mosaic_user_{run_id}_{next(_module_counter)}_{stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UserCodeError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    directory = os.path.dirname(path)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    spec.loader.exec_module(module)
+    cls = getattr(module, class_name, None)
+    if cls is None or not isinstance(cls, type):
+        raise UserCodeError(f"{path} defines no class named {class_name!r}")
+    return cls
+
+
+def module_params(module: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in module.items() if k not in RESERVED_KEYS}
+
+
+def construct(cls: type, module: dict[str, Any], run_info: dict[str, Any],
+              pipeline: list[dict[str, Any]]) -> Any:
+    """Fill each __init__ parameter by name: run_info, own section, then other sections."""
+    own = module_params(module)
+    others: dict[str, Any] = {}
+    for other in pipeline:
+        if other is not module:
+            for key, value in module_params(other).items():
+                others.setdefault(key, value)
+    kwargs: dict[str, Any] = {}
+    missing = []
+    signature = inspect.signature(cls.__init__)
+    for name, param in list(signature.parameters.items())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        for source in (run_info, own, others):
+            if name in source:
+                kwargs[name] = source[name]
+                break
+        else:
+            if param.default is param.empty:
+                missing.append(name)
+    if missing:
+        raise UserCodeError(
+            f"class {cls.__name__} (section [{module.get('name')}]): required constructor "
+            f"parameter(s) {', '.join(missing)} not found in run_info (keys: "
+            f"{', '.join(sorted(run_info)) or 'none'}), in section [{module.get('name')}], or in "
+            "the other sections of the pipeline; add them to the section or to a previous "
+            "module's info()")
+    return cls(**kwargs)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=device.type == "cuda")
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def make_loss(process: dict[str, Any], run_id: int) -> Any:
+    if process.get("class_loss_function"):
+        cls = load_user_class(process["path_to_class_loss_function"],
+                              process["class_loss_function"], run_id)
+        return cls()
+    name = process.get("loss_function") or "MSELoss"
+    loss_cls = getattr(torch.nn, name, None)
+    if not (isinstance(loss_cls, type) and issubclass(loss_cls, torch.nn.Module)):
+        raise UserCodeError(f"loss_function {name!r} is not a torch.nn loss class")
+    return loss_cls()
+
+
+def correct_count(mode: str, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """Number of correctly predicted samples in a batch, as a device tensor (no host sync)."""
+    if mode == "none" or not isinstance(y_pred, torch.Tensor):
+        return None
+    if mode in ("binary", "logits"):
+        threshold = 0.5 if mode == "binary" else 0.0
+        pred = y_pred > threshold
+        truth = y > 0.5
+        agree = (pred == truth.reshape(pred.shape))
+        return agree.reshape(agree.shape[0], -1).all(dim=1).sum()
+    if mode == "argmax":
+        pred = y_pred.argmax(dim=1)
+        truth = y.argmax(dim=1) if y.dim() == y_pred.dim() else y
+        return (pred == truth).sum()
+    raise UserCodeError(f"unknown accuracy mode {mode!r}")
+
+
+def _batch_size(y: Any) -> int:
+    return int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() > 0 else 1
+
+
+def _call(module: Any, data: Any, run_info: dict[str, Any], module_info: dict[str, Any]) -> Any:
+    if isinstance(module, torch.nn.Module):
+        return module(data, run_info, module_info)
+    return module.forward(data, run_info, module_info)
+
+
+def _state_of(obj: Any) -> Any:
+    if hasattr(obj, "state_dict"):
+        return obj.state_dict()
+    if hasattr(obj, "parameters"):
+        return [p.detach().clone() for p in obj.parameters()]
+    return None
+
+
+def _restore_state(obj: Any, state: Any) -> None:
+    if state is None:
+        return
+    if hasattr(obj, "load_state_dict"):
+        obj.load_state_dict(state)
+    elif hasattr(obj, "parameters"):
+        with torch.no_grad():
+            for param, saved in zip(obj.parameters(), state):
+                param.copy_(saved)
+
+
+def rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        states["numpy"] = numpy.random.get_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and "numpy" in states:
+        numpy.random.set_state(states["numpy"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed % (2**32))
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """Write, fsync, rename: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_path(run_files_path: str, run_id: int) -> str:
+    return os.path.join(run_files_path, f"checkpoint_{run_id}.pt")
+
+
+def _unique_parameters(modules: Iterable[Any]) -> list[torch.nn.Parameter]:
+    seen: set[int] = set()
+    params = []
+    for module in modules:
+        if not hasattr(module, "parameters"):
+            continue
+        for param in module.parameters():
+            if id(param) not in seen and param.requires_grad:
+                seen.add(id(param))
+                params.append(param)
+    return params
+
+
+def _check_methods(obj: Any, names: tuple[str, ...], module: dict[str, Any]) -> None:
+    missing = [n for n in names if not callable(getattr(obj, n, None))]
+    if missing:
+        raise UserCodeError(f"class {type(obj).__name__} (section [{module.get('name')}]) lacks "
+                            f"required method(s) {', '.join(missing)}; see the class contracts "
+                            "in docs/classes.md")
+
+
+def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
+    """Train one pipeline to spec["epochs_target"] epochs; return results and files."""
+    run_id = int(spec["run_id"])
+    process = spec["process"]
+    pipeline: list[dict[str, Any]] = spec["modules"]
+    files_dir = spec["run_files_path"]
+    os.makedirs(files_dir, exist_ok=True)
+    device = torch.device(spec["device"])
+    seed = int(spec["seed"])
+    seed_everything(seed)
+
+    run_info: dict[str, Any] = {"run_id": run_id, "device": str(device), "seed": seed,
+                                "epoch": 0}
+    n_data = len(process["data_scheme"])
+    data: Any = None
+    for module in pipeline[:n_data]:
+        cls = load_user_class(module["path_to_class"], module["class"], run_id)
+        obj = construct(cls, module, run_info, pipeline)
+        _check_methods(obj, ("prepare", "info"), module)
+        data = obj.prepare(data, run_info, module)
+        run_info.update(obj.info() or {})
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise UserCodeError(
+            f"the last data module [{pipeline[n_data - 1].get('name')}] must return "
+            f"(train, test) from prepare(), got {type(data).__name__}")
+    train_data, test_data = data
+
+    models: list[Any] = []
+    for module in pipeline[n_data:]:
+        cls = load_user_class(module["path_to_class"], module["class"], run_id)
+        obj = construct(cls, module, run_info, pipeline)
+        _check_methods(obj, ("forward", "info"), module)
+        if isinstance(obj, torch.nn.Module):
+            obj.to(device)
+        models.append(obj)
+        run_info.update(obj.info() or {})
+    model_infos = pipeline[n_data:]
+
+    params = _unique_parameters(models)
+    if not params:
+        raise UserCodeError("the pipeline has no trainable parameters: pipeline classes must be "
+                            "torch.nn.Module or define parameters()")
+    nb_params = sum(p.numel() for p in params)
+    optimizer_cls = getattr(torch.optim, process.get("optimizer") or "Adam", None)
+    if optimizer_cls is None:
+        raise UserCodeError(f"optimizer {process.get('optimizer')!r} is not in torch.optim")
+    optimizer = optimizer_cls(params, lr=float(process["lr"]))
+    criterion = make_loss(process, run_id)
+    if isinstance(criterion, torch.nn.Module):
+        criterion.to(device)
+    user_accuracy = getattr(models[-1], "accuracy", None)
+    mode = process.get("accuracy") or "none"
+
+    history = History()
+    ckpt_file = checkpoint_path(files_dir, run_id)
+    start_epoch = int(spec.get("start_epoch") or 0)
+    if start_epoch > 0:
+        ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
+        if int(ckpt["epoch"]) != start_epoch:
+            start_epoch = int(ckpt["epoch"])
+        for obj, state, module in zip(models, ckpt["models"], model_infos):
+            if state is None and callable(getattr(obj, "load_model", None)):
+                obj.load_model(os.path.join(files_dir, f"model_{module['class']}_{run_id}"))
+            else:
+                _restore_state(obj, state)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        history = History(**ckpt["history"])
+        del history.train_loss[start_epoch:], history.test_loss[start_epoch:]
+        del history.train_acc[start_epoch:], history.test_acc[start_epoch:]
+        del history.duration[start_epoch:]
+        set_rng_states(ckpt["rng"])
+
+    def save_checkpoint(epoch: int) -> None:
+        atomic_save({"epoch": epoch, "models": [_state_of(m) for m in models],
+                     "optimizer": optimizer.state_dict(), "rng": rng_states(),
+                     "history": history.as_dict()}, ckpt_file)
+
+    def accumulate(y_pred: Any, y: Any) -> Any:
+        if user_accuracy is not None:
+            return user_accuracy(y_pred, y)
+        return correct_count(mode, y_pred, y)
+
+    def run_epoch(batches: Iterable[Any], train: bool) -> tuple[float, float | None]:
+        for model in models:
+            if isinstance(model, torch.nn.Module):
+                model.train(train)
+        loss_sum = torch.zeros((), device=device)
+        correct: Any = None
+        n_batches = 0
+        n_samples = 0
+        with torch.set_grad_enabled(train):
+            for batch in batches:
+                if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                    raise UserCodeError("each batch must be an (x, y) pair; the data module's "
+                                        "loaders yielded " + type(batch).__name__)
+                x, y = to_device(batch[0], device), to_device(batch[1], device)
+                out = x
+                for model, info in zip(models, model_infos):
+                    out = _call(model, out, run_info, info)
+                loss = criterion(out, y)
+                if train:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                loss_sum += loss.detach()
+                count = accumulate(out.detach() if isinstance(out, torch.Tensor) else out, y)
+                if count is not None:
+                    correct = count if correct is None else correct + count
+                n_batches += 1
+                n_samples += _batch_size(y)
+        if n_batches == 0:
+            raise UserCodeError("a data loader yielded no batch; check data_size and train_prop")
+        mean_loss = float(loss_sum.item()) / n_batches  # the one host sync per pass
+        acc = None if correct is None else float(correct) / n_samples
+        return mean_loss, acc
+
+    last_checkpoint = time.monotonic()
+    every = float(spec.get("checkpoint_every", 30.0))
+    target = int(spec["epochs_target"])
+    for epoch in range(start_epoch, target):
+        run_info["epoch"] = epoch + 1
+        started = time.perf_counter()
+        train_loss, train_acc = run_epoch(train_data, True)
+        test_loss, test_acc = run_epoch(test_data, False)
+        duration = time.perf_counter() - started
+        if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+            raise UserCodeError(
+                f"loss is not finite at epoch {epoch + 1} (train {train_loss}, test {test_loss});"
+                " lower lr, check the data for NaN, or use a numerically stable loss")
+        history.train_loss.append(train_loss)
+        history.test_loss.append(test_loss)
+        history.train_acc.append(train_acc)
+        history.test_acc.append(test_acc)
+        history.duration.append(duration)
+        print(f"[mosaic] run {run_id} epoch {epoch + 1}/{target} train_loss={train_loss:.6g} "
+              f"test_loss={test_loss:.6g}", flush=True)
+        park = channel.park_requested()
+        last = epoch + 1 == target
+        checkpointed = park or last or time.monotonic() - last_checkpoint >= every
+        if checkpointed:
+            save_checkpoint(epoch + 1)
+            last_checkpoint = time.monotonic()
+        channel.on_epoch({"run_id": run_id, "epoch": epoch + 1, "train_loss": train_loss,
+                          "test_loss": test_loss, "train_acc": train_acc, "test_acc": test_acc,
+                          "duration": duration, "checkpointed": checkpointed})
+        if park and not last:
+            raise Parked(epoch + 1)
+
+    files = []
+    for obj, module in zip(models, model_infos):
+        if callable(getattr(obj, "save_model", None)):
+            obj.save_model(os.path.join(files_dir, f"model_{module['class']}_{run_id}"))
+    history_file = os.path.join(files_dir, f"history_{run_id}.pt")
+    torch.save(history.as_dict(), history_file)
+    files.append(history_file)
+    train_acc_final = history.train_acc[-1] if history.train_acc else None
+    test_acc_final = history.test_acc[-1] if history.test_acc else None
+    results = {
+        "train_loss": history.train_loss[-1] if history.train_loss else None,
+        "test_loss": history.test_loss[-1] if history.test_loss else None,
+        "train_acc": train_acc_final, "test_acc": test_acc_final,
+        "nb_params": nb_params, "duration(s)": sum(history.duration),
+        "epochs": len(history.train_loss),
+        **metrics.derived(history.train_loss, history.test_loss),
+    }
+    info_file = os.path.join(files_dir, f"run_info_{run_id}.mdt")
+    with open(info_file, "w") as fh:
+        json.dump({"run_id": run_id, "seed": seed, "device": str(device), "pipeline": pipeline,
+                   "process": process, "results": results}, fh, indent=1, default=str)
+    files.append(info_file)
+    files.append(ckpt_file)
+    return {"results": results, "files": files}

@@ -1,0 +1,107 @@
+"""`mosaicd`: start the Mosaic daemon."""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import logging
+import os
+import sys
+
+from mosaic_client import paths
+from mosaicd.server import AlreadyRunning, Daemon, Options
+
+
+def detect_gpus() -> list[str]:
+    """GPU ids from nvidia-smi, without importing torch in the daemon's main process."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
+
+
+def _group(name: str | None) -> int | None:
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise SystemExit(f"mosaicd: group {name!r} does not exist; create it (groupadd {name}) "
+                         "or leave the option out") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mosaicd",
+        description="The Mosaic daemon: owns the queue, the worker pool and the study databases.",
+        epilog="examples:\n  mosaicd --workers 4\n  mosaicd --gpus 0,1 --runs-per-gpu 2\n"
+               "  MOSAIC_SOCKET=/tmp/m.sock mosaicd",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket", default=None,
+                        help="socket path (default: $MOSAIC_SOCKET, else "
+                             "$XDG_RUNTIME_DIR/mosaic/mosaicd.sock)")
+    parser.add_argument("--state-dir", default=None,
+                        help="where the daemon keeps its own state (default: $MOSAIC_STATE_DIR, "
+                             "else ~/.local/state/mosaic)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="CPU worker slots (default: the number of CPUs)")
+    parser.add_argument("--gpus", default=None,
+                        help="GPU ids to use, e.g. 0,1 ('' for none; default: nvidia-smi's)")
+    parser.add_argument("--runs-per-gpu", type=int, default=1,
+                        help="worker slots per GPU, for small models (default 1)")
+    parser.add_argument("--max-runs-per-worker", type=int, default=0,
+                        help="recycle a worker after this many runs (0: never)")
+    parser.add_argument("--checkpoint-every", type=float, default=30.0,
+                        help="seconds between epoch checkpoints of a run (default 30)")
+    parser.add_argument("--stop-timeout", type=float, default=60.0,
+                        help="seconds to checkpoint running runs on SIGTERM (default 60)")
+    parser.add_argument("--admin-group", default=None,
+                        help="members of this group may act on everyone's runs")
+    parser.add_argument("--socket-group", default=None,
+                        help="make the socket 0660 for this group (system service)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+        # journald adds its own timestamps; a terminal user wants them.
+        format=("%(asctime)s " if sys.stderr.isatty() else "") + "mosaicd %(levelname)s %(message)s")
+    if args.workers is not None and args.workers < 0:
+        raise SystemExit("mosaicd: --workers must be 0 or more")
+    if args.runs_per_gpu < 1:
+        raise SystemExit("mosaicd: --runs-per-gpu must be at least 1")
+    gpus = ([g for g in args.gpus.split(",") if g.strip()] if args.gpus is not None
+            else detect_gpus())
+    socket_path = os.path.abspath(args.socket) if args.socket else paths.default_socket_path()
+    options = Options(
+        socket=socket_path,
+        state_dir=os.path.abspath(args.state_dir) if args.state_dir else paths.default_state_dir(),
+        workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
+        gpus=[g.strip() for g in gpus], runs_per_gpu=args.runs_per_gpu,
+        max_runs_per_worker=args.max_runs_per_worker, checkpoint_every=args.checkpoint_every,
+        stop_timeout=args.stop_timeout, admin_gid=_group(args.admin_group),
+        socket_group=_group(args.socket_group))
+    try:
+        code = Daemon(options).run()
+    except AlreadyRunning as exc:
+        print(f"mosaicd: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except PermissionError as exc:
+        print(f"mosaicd: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

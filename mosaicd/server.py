@@ -1,0 +1,344 @@
+"""The daemon's main loop: the client socket, the workers' socket, signals, and the scheduler.
+
+Single-threaded on purpose: one loop owns every database connection, so there is exactly one
+writer per study and no locking in the daemon. Signal handlers only set flags; a wakeup fd makes
+the poll return so the loop acts on them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from mosaic_client import paths, protocol
+from mosaicd import notify
+from mosaicd.handlers import DISPATCH, Caller
+from mosaicd.pool import Pool, make_slots
+from mosaicd.scheduler import Refused, Scheduler
+from mosaicd.store import DaemonState, StoreError
+
+log = logging.getLogger("mosaicd")
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+
+
+@dataclass
+class Options:
+    socket: str
+    state_dir: str
+    workers: int
+    gpus: list[str] = field(default_factory=list)
+    runs_per_gpu: int = 1
+    max_runs_per_worker: int = 0
+    checkpoint_every: float = 30.0
+    stop_timeout: float = 60.0
+    admin_gid: int | None = None
+    socket_group: int | None = None
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def parse_zap_address(address: str) -> Caller:
+    # libzmq gives an IPC peer's SO_PEERCRED as "localhost:uid:gid:pid" (checked on 4.3.5).
+    parts = address.split(":")
+    try:
+        uid, gid, pid = (int(p) for p in parts[-3:])
+        return Caller(uid, gid, pid)
+    except ValueError:
+        return Caller(None, None, None)
+
+
+class Daemon:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.stop_requested = False
+        self.child_exited = False
+        self._lock_fd: int | None = None
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> None:
+        lock_path = self.options.socket + ".lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = ""
+            try:
+                with open(lock_path) as fh:
+                    pid = fh.read().strip()
+            except OSError:
+                pass
+            raise AlreadyRunning(
+                f"a mosaicd is already running on {self.options.socket}"
+                f"{f' (pid {pid})' if pid else ''}; use it, stop it with `mosaic shutdown`, or "
+                "start this one with another --socket") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _bind(self) -> None:
+        self.ctx = zmq.Context()
+        # ZAP: libzmq asks this handler about every new connection and hands it the peer's
+        # kernel credentials; the User-Id we return is attached to each message.
+        self.zap = self.ctx.socket(zmq.REP)
+        self.zap.linger = 0
+        self.zap.bind(ZAP_ENDPOINT)
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self.router.setsockopt(zmq.ZAP_DOMAIN, b"mosaic")
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if os.path.exists(self.options.socket):
+            os.unlink(self.options.socket)  # stale: we hold the lock, so nobody serves it
+        old_umask = os.umask(0o117 if self.options.socket_group is not None else 0o177)
+        try:
+            self.router.bind(paths.endpoint(self.options.socket))
+        finally:
+            os.umask(old_umask)
+        if self.options.socket_group is not None:
+            os.chown(self.options.socket, -1, self.options.socket_group)
+            os.chmod(self.options.socket, 0o660)
+        self._socket_inode = os.stat(self.options.socket).st_ino
+        self.worker_dir = tempfile.mkdtemp(prefix="mosaicd-workers-")
+        self.worker_address = f"ipc://{self.worker_dir}/workers.sock"
+        self.workers_sock = self.ctx.socket(zmq.ROUTER)
+        self.workers_sock.linger = 1000
+        self.workers_sock.bind(self.worker_address)
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+        def on_stop(signum: int, frame: Any) -> None:
+            self.stop_requested = True
+
+        def on_child(signum: int, frame: Any) -> None:
+            self.child_exited = True
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGCHLD, on_child)
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        paths.ensure_socket_dir(self.options.socket)
+        self._acquire_lock()
+        self.state = DaemonState(self.options.state_dir)
+        self._bind()
+        self._install_signals()
+        log_file = None
+        self.pool = Pool(self.ctx, self.worker_address,
+                         make_slots(self.options.workers, self.options.gpus,
+                                    self.options.runs_per_gpu),
+                         self.options.max_runs_per_worker, log_file)
+        self.scheduler = Scheduler(self.state, self.pool, self._sender,
+                                   self.options.checkpoint_every)
+        self.scheduler.recover()
+        self.pool.start_all()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.workers_sock, zmq.POLLIN)
+        poller.register(self.zap, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        log.info("mosaicd %d ready on %s with %d slot(s): %s", os.getpid(), self.options.socket,
+                 len(self.pool.slots), ", ".join(s.label for s in self.pool.slots))
+        notify.notify("READY=1", self._status_line())
+        last_status_note = 0.0
+        last_socket_check = time.monotonic()
+        while not self.stop_requested:
+            events = dict(poller.poll(1000))
+            if self._wake_r.fileno() in events:
+                self._drain_wakeup()
+            if self.zap in events:
+                self._serve_zap()
+            if self.workers_sock in events:
+                self._serve_workers()
+            if self.router in events:
+                self._serve_clients()
+            if self.child_exited:
+                self.child_exited = False
+                for handle, code in self.pool.reap():
+                    self.scheduler.on_worker_exit(handle, code)
+            self.scheduler.flush_epochs()
+            self.scheduler.check_timeouts()
+            self.scheduler.dispatch()
+            now = time.monotonic()
+            if now - last_status_note > 5:
+                notify.notify(self._status_line())
+                last_status_note = now
+            if now - last_socket_check > 5:
+                self._check_socket()
+                last_socket_check = now
+        return self._shutdown()
+
+    def _status_line(self) -> str:
+        counts: Counter[str] = Counter()
+        for store in self.scheduler.stores.values():
+            counts.update(store.counts)
+        text = ", ".join(f"{n} {state}" for state, n in counts.items() if n) or "no runs"
+        return f"STATUS={'paused; ' if self.scheduler.paused else ''}{text}"
+
+    def _check_socket(self) -> None:
+        """Someone may delete the socket file (a /tmp cleaner): re-create it, and say so."""
+        try:
+            if os.stat(self.options.socket).st_ino == self._socket_inode:
+                return
+        except FileNotFoundError:
+            pass
+        log.warning("socket %s was removed or replaced; binding it again", self.options.socket)
+        try:
+            self.router.unbind(paths.endpoint(self.options.socket))
+        except zmq.ZMQError:
+            pass
+        if os.path.exists(self.options.socket):
+            os.unlink(self.options.socket)
+        self.router.bind(paths.endpoint(self.options.socket))
+        self._socket_inode = os.stat(self.options.socket).st_ino
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _serve_zap(self) -> None:
+        while self.zap.poll(0):
+            request = self.zap.recv_multipart()
+            version, request_id = request[0], request[1]
+            address = request[3].decode(errors="replace") if len(request) > 3 else ""
+            caller = parse_zap_address(address)
+            user_id = "" if caller.uid is None else f"{caller.uid}:{caller.gid}:{caller.pid}"
+            self.zap.send_multipart([version, request_id, b"200", b"OK", user_id.encode(), b""])
+
+    def _serve_clients(self) -> None:
+        for _ in range(1000):  # bounded so workers and signals are served between bursts
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = frames[0].bytes
+            try:
+                user_id = frames[-1].get("User-Id") or ""
+            except zmq.ZMQError:
+                user_id = ""
+            caller = parse_zap_address(f"x:{user_id}") if user_id else Caller(None, None, None)
+            if len(frames) != 3 or frames[1].bytes != b"":
+                reply = protocol.error_reply(protocol.ErrorCode.BAD_MESSAGE,
+                                             "expected frames [empty delimiter, payload]")
+            else:
+                reply = self._handle(frames[2].bytes, caller)
+            try:
+                self.router.send_multipart([identity, b"", reply], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                log.warning("could not reply to a client that went away")
+
+    def _handle(self, payload: bytes, caller: Caller) -> bytes:
+        try:
+            name, args = protocol.decode_request(payload)
+        except protocol.ProtocolError as exc:
+            return protocol.error_reply(exc.code, exc.message)
+        try:
+            data = DISPATCH[name](self, caller, args)
+            return protocol.ok_reply(data)
+        except Refused as exc:
+            return protocol.error_reply(exc.code, exc.message)
+        except StoreError as exc:
+            return protocol.error_reply(protocol.ErrorCode.INVALID, str(exc))
+        except protocol.ProtocolError as exc:
+            return protocol.error_reply(exc.code, exc.message)
+        except Exception as exc:  # a daemon bug must not take the daemon down
+            log.exception("request %s failed", name)
+            return protocol.error_reply(protocol.ErrorCode.INTERNAL,
+                                        f"internal error in {name}: {type(exc).__name__}: {exc}")
+
+    def _sender(self, worker: Any, name: str) -> Any:
+        def send(**fields: Any) -> None:
+            self.pool.send(self.workers_sock, worker, name, **fields)
+        return send
+
+    def _serve_workers(self) -> None:
+        for _ in range(10000):
+            try:
+                identity, payload = self.workers_sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            worker = self.pool.workers.get(identity.decode(errors="replace"))
+            if worker is None:
+                continue  # a worker we already wrote off
+            try:
+                message = protocol.decode_worker_message(payload, protocol.WORKER_MESSAGES)
+            except Exception as exc:
+                log.error("bad message from worker %s: %s", worker.worker_id, exc)
+                continue
+            kind = message["type"]
+            try:
+                if kind == "hello":
+                    if worker.state == "starting":
+                        worker.state = "idle"
+                elif kind == "epoch":
+                    self.scheduler.on_epoch(worker, message)
+                elif kind == "done":
+                    self.scheduler.on_done(worker, message)
+                elif kind == "failed":
+                    self.scheduler.on_failed(worker, message)
+                elif kind == "parked":
+                    self.scheduler.on_parked(worker, message)
+            except StoreError as exc:
+                log.error("could not record %s from %s: %s", kind, worker.worker_id, exc)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def _shutdown(self) -> int:
+        notify.notify("STOPPING=1")
+        log.info("stopping: checkpointing %d running run(s)", len(self.scheduler.active))
+        self.scheduler.shutting_down = True
+        self.scheduler.park_all()
+        deadline = time.monotonic() + self.options.stop_timeout
+        while self.scheduler.active and time.monotonic() < deadline:
+            if self.workers_sock.poll(200):
+                self._serve_workers()
+            for handle, code in self.pool.reap():
+                self.scheduler.on_worker_exit(handle, code)
+        self.scheduler.flush_epochs()
+        self.pool.stop_all(self.workers_sock, grace=5.0)
+        # Runs still marked running resume from their last checkpoint at the next start.
+        for store in self.scheduler.stores.values():
+            store.close()
+        self.router.close()
+        self.workers_sock.close()
+        self.zap.close()
+        self.ctx.term()
+        for path in (self.options.socket,):
+            try:
+                if os.stat(path).st_ino == self._socket_inode:
+                    os.unlink(path)
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.worker_dir)
+        except OSError:
+            pass
+        log.info("stopped")
+        return 0

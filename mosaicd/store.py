@@ -1,0 +1,447 @@
+"""The study database: the one place that knows the schema, and the daemon's only writer.
+
+Every state change of a run goes through :meth:`Store.transition`, which records it in
+``run_events`` inside the same transaction as the change itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# Run states. "paused" is a run parked at an epoch boundary with a checkpoint.
+QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = (
+    "queued", "running", "paused", "done", "failed", "cancelled")
+STATES = (QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED)
+FINAL_STATES = (DONE, FAILED, CANCELLED)
+
+# Allowed transitions; anything else is a bug in the daemon and raises.
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    QUEUED: (RUNNING, CANCELLED, PAUSED),
+    RUNNING: (DONE, FAILED, CANCELLED, PAUSED, QUEUED),
+    PAUSED: (QUEUED, CANCELLED),
+    DONE: (QUEUED,),  # rerun
+    FAILED: (QUEUED,),  # rerun
+    CANCELLED: (QUEUED,),  # rerun
+}
+
+RESULT_COLUMNS = ("train_loss", "test_loss", "train_acc", "test_acc", "nb_params", "duration(s)",
+                  "epochs", "overfit", "trainability", "slope")
+
+# Forward migrations, by the version they bring the database to. Version 1 holds the seed's four
+# tables, unchanged so users' SQL keeps working, plus the daemon's own tables.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE IF NOT EXISTS system (param_name TEXT PRIMARY KEY, param_value)",
+        """CREATE TABLE IF NOT EXISTS params (
+            run_id INTEGER NOT NULL, param_name TEXT NOT NULL, param_value,
+            PRIMARY KEY (run_id, param_name))""",
+        "CREATE INDEX IF NOT EXISTS params_by_name ON params (param_name, param_value)",
+        """CREATE TABLE IF NOT EXISTS runs (
+            run_id INTEGER PRIMARY KEY, status TEXT NOT NULL, pipeline TEXT NOT NULL,
+            return_status TEXT)""",
+        "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, run_id)",
+        """CREATE TABLE IF NOT EXISTS run_results (
+            run_id INTEGER PRIMARY KEY, train_loss REAL, test_loss REAL, train_acc REAL,
+            test_acc REAL, nb_params INTEGER, "duration(s)" REAL, epochs INTEGER, overfit REAL,
+            trainability REAL, slope REAL)""",
+        """CREATE TABLE IF NOT EXISTS run_epochs (
+            run_id INTEGER NOT NULL, epoch INTEGER NOT NULL, train_loss REAL, test_loss REAL,
+            train_acc REAL, test_acc REAL, "duration(s)" REAL,
+            PRIMARY KEY (run_id, epoch)) WITHOUT ROWID""",
+        """CREATE TABLE IF NOT EXISTS submissions (
+            submission_id INTEGER PRIMARY KEY, created_at REAL NOT NULL, owner_uid INTEGER,
+            owner TEXT, config_path TEXT, process TEXT NOT NULL, monitor TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS run_meta (
+            run_id INTEGER PRIMARY KEY, submission_id INTEGER NOT NULL, modules TEXT NOT NULL,
+            seed INTEGER NOT NULL, epochs_target INTEGER NOT NULL,
+            checkpoint_epoch INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+            queue_seq INTEGER NOT NULL, queued_at REAL, started_at REAL, finished_at REAL,
+            worker TEXT)""",
+        "CREATE INDEX IF NOT EXISTS run_meta_by_queue ON run_meta (queue_seq)",
+        "CREATE INDEX IF NOT EXISTS run_meta_by_submission ON run_meta (submission_id)",
+        """CREATE TABLE IF NOT EXISTS run_events (
+            event_id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, at REAL NOT NULL,
+            from_status TEXT, to_status TEXT NOT NULL, detail TEXT)""",
+        "CREATE INDEX IF NOT EXISTS run_events_by_run ON run_events (run_id, event_id)",
+    ),
+}
+
+
+class StoreError(Exception):
+    """A study database that cannot be used, with a message that says what to do."""
+
+
+@dataclass
+class RunRecord:
+    """What the scheduler needs to start a run."""
+
+    run_id: int
+    submission_id: int
+    modules: list[dict[str, Any]]
+    seed: int
+    epochs_target: int
+    checkpoint_epoch: int
+    attempts: int
+    queue_seq: int
+
+
+def connect_readonly(path: str) -> sqlite3.Connection:
+    """A connection that cannot write: for users' SQL and the client's reads."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        conn.execute("PRAGMA query_only = 1")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: cannot read it as a Mosaic database ({exc})") from None
+    return conn
+
+
+class Store:
+    def __init__(self, path: str, create: bool = True) -> None:
+        self.path = path
+        try:
+            uri = f"file:{path}?mode={'rwc' if create else 'rw'}"
+            self.conn = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            # WAL + NORMAL is durable across process crashes (kill -9); only a power loss
+            # may drop the last transactions, never corrupt the file.
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.conn.execute("PRAGMA foreign_keys = OFF")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"{path} is not a usable SQLite database ({exc}); give a new file name or "
+                "a database created by Mosaic") from None
+        self._in_tx = False
+        self.counts = self._load_counts()
+
+    # -- schema -------------------------------------------------------------------------------
+
+    def _version(self) -> int:
+        has_system = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='system'").fetchone()
+        if not has_system:
+            tables = self.conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+            if tables:
+                raise StoreError(f"{self.path} is an SQLite database but not a Mosaic study "
+                                 "(no 'system' table); give another file name")
+            return 0
+        row = self.conn.execute(
+            "SELECT param_value FROM system WHERE param_name='schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _migrate(self) -> None:
+        version = self._version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this Mosaic "
+                f"({SCHEMA_VERSION}); upgrade Mosaic to use it")
+        for target in sorted(v for v in MIGRATIONS if v > version):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[target]:
+                    self.conn.execute(statement)
+                self._set_system("schema_version", target)
+                if self._get_system("next_run_id") is None:
+                    self._set_system("next_run_id", 1)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def _get_system(self, name: str) -> Any:
+        row = self.conn.execute(
+            "SELECT param_value FROM system WHERE param_name=?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def _set_system(self, name: str, value: Any) -> None:
+        self.conn.execute(
+            "INSERT INTO system (param_name, param_value) VALUES (?, ?) "
+            "ON CONFLICT(param_name) DO UPDATE SET param_value=excluded.param_value",
+            (name, value))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        if self._in_tx:
+            yield self.conn
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        pending_counts = dict(self.counts)
+        try:
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            self.counts = pending_counts
+            raise
+        finally:
+            self._in_tx = False
+
+    def _load_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for status, n in self.conn.execute("SELECT status, count(*) FROM runs GROUP BY status"):
+            counts[status] = n
+        return counts
+
+    def transition(self, run_id: int, to_status: str, detail: str | None = None,
+                   return_status: str | None = None) -> str:
+        """The one function that changes a run's state; returns the previous state."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"run {run_id} does not exist in {self.path}")
+            from_status = row[0]
+            if to_status not in TRANSITIONS.get(from_status, ()):
+                raise StoreError(f"run {run_id}: cannot go from {from_status} to {to_status}")
+            now = time.time()
+            conn.execute("UPDATE runs SET status=?, return_status=? WHERE run_id=?",
+                         (to_status, return_status, run_id))
+            conn.execute(
+                "INSERT INTO run_events (run_id, at, from_status, to_status, detail) "
+                "VALUES (?, ?, ?, ?, ?)", (run_id, now, from_status, to_status, detail))
+            if to_status == RUNNING:
+                conn.execute("UPDATE run_meta SET started_at=?, attempts=attempts+1 "
+                             "WHERE run_id=?", (now, run_id))
+            elif to_status in FINAL_STATES:
+                conn.execute("UPDATE run_meta SET finished_at=? WHERE run_id=?", (now, run_id))
+            elif to_status == QUEUED:
+                conn.execute("UPDATE run_meta SET queued_at=?, queue_seq=? WHERE run_id=?",
+                             (now, self._next_queue_seq(), run_id))
+            self.counts[from_status] -= 1
+            self.counts[to_status] += 1
+            return from_status
+
+    def _next_queue_seq(self) -> int:
+        row = self.conn.execute("SELECT coalesce(max(queue_seq), 0) + 1 FROM run_meta").fetchone()
+        return int(row[0])
+
+    # -- submissions --------------------------------------------------------------------------
+
+    def add_submission(self, owner_uid: int, owner: str, config_path: str,
+                       process: dict[str, Any], monitor: dict[str, Any],
+                       runs: list[tuple[list[dict[str, Any]], int, str, dict[str, Any]]],
+                       ) -> tuple[int, list[int]]:
+        """Queue one submission atomically. Each run is (modules, seed, readable, params)."""
+        now = time.time()
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO submissions (created_at, owner_uid, owner, config_path, process,"
+                " monitor) VALUES (?, ?, ?, ?, ?, ?)",
+                (now, owner_uid, owner, config_path, json.dumps(process), json.dumps(monitor)))
+            submission_id = int(cur.lastrowid or 0)
+            next_id = int(self._get_system("next_run_id") or 1)
+            row = conn.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()
+            next_id = max(next_id, int(row[0]))
+            seq = self._next_queue_seq()
+            run_ids = []
+            for offset, (modules, seed, readable, params) in enumerate(runs):
+                run_id = next_id + offset
+                run_ids.append(run_id)
+                conn.execute("INSERT INTO runs (run_id, status, pipeline, return_status) "
+                             "VALUES (?, ?, ?, NULL)", (run_id, QUEUED, readable))
+                conn.execute(
+                    "INSERT INTO run_meta (run_id, submission_id, modules, seed, epochs_target,"
+                    " queue_seq, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, submission_id, json.dumps(modules), seed, int(process["epochs"]),
+                     seq + offset, now))
+                conn.executemany(
+                    "INSERT INTO params (run_id, param_name, param_value) VALUES (?, ?, ?)",
+                    [(run_id, name, value) for name, value in params.items()])
+                conn.execute("INSERT INTO run_events (run_id, at, from_status, to_status, detail)"
+                             " VALUES (?, ?, NULL, ?, ?)",
+                             (run_id, now, QUEUED, f"submitted by {owner}"))
+            self._set_system("next_run_id", next_id + len(runs))
+            self.counts[QUEUED] += len(runs)
+        return submission_id, run_ids
+
+    def submission(self, submission_id: int) -> dict[str, Any]:
+        row = self.conn.execute(
+            "SELECT owner_uid, owner, config_path, process, monitor FROM submissions "
+            "WHERE submission_id=?", (submission_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"submission {submission_id} missing from {self.path}")
+        return {"submission_id": submission_id, "owner_uid": row[0], "owner": row[1],
+                "config_path": row[2], "process": json.loads(row[3]),
+                "monitor": json.loads(row[4])}
+
+    def _record(self, row: tuple[Any, ...]) -> RunRecord:
+        return RunRecord(run_id=row[0], submission_id=row[1], modules=json.loads(row[2]),
+                         seed=row[3], epochs_target=row[4], checkpoint_epoch=row[5],
+                         attempts=row[6], queue_seq=row[7])
+
+    _RECORD_COLUMNS = ("m.run_id, m.submission_id, m.modules, m.seed, m.epochs_target, "
+                       "m.checkpoint_epoch, m.attempts, m.queue_seq")
+
+    def runs_in_state(self, status: str) -> list[RunRecord]:
+        rows = self.conn.execute(
+            f"SELECT {self._RECORD_COLUMNS} FROM run_meta m JOIN runs r USING (run_id) "
+            "WHERE r.status=? ORDER BY m.queue_seq", (status,))
+        return [self._record(row) for row in rows]
+
+    def run_record(self, run_id: int) -> RunRecord | None:
+        row = self.conn.execute(
+            f"SELECT {self._RECORD_COLUMNS} FROM run_meta m WHERE m.run_id=?",
+            (run_id,)).fetchone()
+        return self._record(row) if row else None
+
+    def status_of(self, run_id: int) -> str | None:
+        row = self.conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return row[0] if row else None
+
+    def owner_of(self, run_id: int) -> tuple[int | None, str | None]:
+        row = self.conn.execute(
+            "SELECT s.owner_uid, s.owner FROM run_meta m JOIN submissions s "
+            "USING (submission_id) WHERE m.run_id=?", (run_id,)).fetchone()
+        return (row[0], row[1]) if row else (None, None)
+
+    # -- progress and results -----------------------------------------------------------------
+
+    def record_epochs(self, events: Iterable[dict[str, Any]]) -> None:
+        """Store a batch of epoch events in one transaction (the hot write path)."""
+        with self.transaction() as conn:
+            for ev in events:
+                conn.execute(
+                    'INSERT OR REPLACE INTO run_epochs (run_id, epoch, train_loss, test_loss,'
+                    ' train_acc, test_acc, "duration(s)") VALUES (?, ?, ?, ?, ?, ?, ?)',
+                    (ev["run_id"], ev["epoch"], ev["train_loss"], ev["test_loss"],
+                     ev.get("train_acc"), ev.get("test_acc"), ev["duration"]))
+                if ev.get("checkpointed"):
+                    conn.execute("UPDATE run_meta SET checkpoint_epoch=? WHERE run_id=?",
+                                 (ev["epoch"], ev["run_id"]))
+
+    def set_checkpoint_epoch(self, run_id: int, epoch: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE run_meta SET checkpoint_epoch=? WHERE run_id=?", (epoch, run_id))
+
+    def truncate_history(self, run_id: int, after_epoch: int) -> None:
+        """Drop epochs recorded after the checkpoint a run resumes from: no repeats, no gaps."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM run_epochs WHERE run_id=? AND epoch>?",
+                         (run_id, after_epoch))
+
+    def history(self, run_id: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            'SELECT epoch, train_loss, test_loss, train_acc, test_acc, "duration(s)" '
+            "FROM run_epochs WHERE run_id=? ORDER BY epoch", (run_id,))
+        keys = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc", "duration")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def finish_run(self, run_id: int, results: dict[str, Any], summary: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                f"INSERT OR REPLACE INTO run_results (run_id, "
+                f"{', '.join(chr(34) + c + chr(34) for c in RESULT_COLUMNS)}) "
+                f"VALUES (?{', ?' * len(RESULT_COLUMNS)})",
+                (run_id, *(results.get(c) for c in RESULT_COLUMNS)))
+            self.transition(run_id, DONE, "finished", return_status=summary)
+
+    def extend_target(self, run_id: int, extra_epochs: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE run_meta SET epochs_target=epochs_target+? WHERE run_id=?",
+                         (extra_epochs, run_id))
+
+    def recent(self, status: str, limit: int) -> list[dict[str, Any]]:
+        if status == DONE:
+            rows = self.conn.execute(
+                'SELECT r.run_id, r.pipeline, rr.train_loss, rr.test_loss, rr."duration(s)", '
+                "rr.train_acc, rr.test_acc, rr.epochs FROM runs r LEFT JOIN run_results rr "
+                "USING (run_id) WHERE r.status=? ORDER BY r.run_id DESC LIMIT ?",
+                (status, limit))
+            keys = ("run_id", "pipeline", "train_loss", "test_loss", "duration", "train_acc",
+                    "test_acc", "epochs")
+        else:
+            rows = self.conn.execute(
+                "SELECT run_id, pipeline, return_status FROM runs WHERE status=? "
+                "ORDER BY run_id DESC LIMIT ?", (status, limit))
+            keys = ("run_id", "pipeline", "return_status")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def submission_counts(self, submission_id: int) -> dict[str, int]:
+        rows = self.conn.execute(
+            "SELECT r.status, count(*) FROM run_meta m JOIN runs r USING (run_id) "
+            "WHERE m.submission_id=? GROUP BY r.status", (submission_id,))
+        return {status: n for status, n in rows}
+
+    def pipeline_text(self, run_id: int) -> str:
+        row = self.conn.execute("SELECT pipeline FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return row[0] if row else ""
+
+    def set_params(self, changes: list[tuple[int, str, Any]]) -> None:
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO params (run_id, param_name, param_value) VALUES (?, ?, ?) "
+                "ON CONFLICT(run_id, param_name) DO UPDATE SET param_value=excluded.param_value",
+                changes)
+
+    def describe(self, run_id: int) -> dict[str, Any] | None:
+        """Everything known about one run, for `mosaic show`."""
+        row = self.conn.execute("SELECT status, pipeline, return_status FROM runs WHERE run_id=?",
+                                (run_id,)).fetchone()
+        if row is None:
+            return None
+        params = {n: v for n, v in self.conn.execute(
+            "SELECT param_name, param_value FROM params WHERE run_id=? ORDER BY param_name",
+            (run_id,))}
+        results_row = self.conn.execute(
+            f"SELECT {', '.join(chr(34) + c + chr(34) for c in RESULT_COLUMNS)} "
+            "FROM run_results WHERE run_id=?", (run_id,)).fetchone()
+        events = [{"at": at, "from": f, "to": t, "detail": d} for at, f, t, d in self.conn.execute(
+            "SELECT at, from_status, to_status, detail FROM run_events WHERE run_id=? "
+            "ORDER BY event_id", (run_id,))]
+        record = self.run_record(run_id)
+        return {
+            "run_id": run_id, "status": row[0], "pipeline": row[1], "return_status": row[2],
+            "params": params,
+            "results": dict(zip(RESULT_COLUMNS, results_row)) if results_row else None,
+            "events": events, "history": self.history(run_id),
+            "seed": record.seed if record else None,
+            "epochs_target": record.epochs_target if record else None,
+            "checkpoint_epoch": record.checkpoint_epoch if record else None,
+        }
+
+
+class DaemonState:
+    """The daemon's own small database: which studies it serves and whether it is paused."""
+
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.conn = sqlite3.connect(os.path.join(state_dir, "daemon.db"), isolation_level=None,
+                                    timeout=10.0)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS studies (path TEXT PRIMARY KEY, "
+                          "added_at REAL NOT NULL)")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value)")
+
+    def studies(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT path FROM studies ORDER BY added_at")]
+
+    def add_study(self, path: str) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO studies (path, added_at) VALUES (?, ?)",
+                          (path, time.time()))
+
+    def remove_study(self, path: str) -> None:
+        self.conn.execute("DELETE FROM studies WHERE path=?", (path,))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        row = self.conn.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+        return row[0] if row else default
+
+    def set(self, name: str, value: Any) -> None:
+        self.conn.execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT(name) "
+                          "DO UPDATE SET value=excluded.value", (name, value))

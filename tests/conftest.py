@@ -1,0 +1,178 @@
+"""Shared fixtures: a real mosaicd on a temporary socket, and helpers to drive the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mosaic_client.connection import Client, DaemonUnavailable
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "or_mlp"
+
+
+class Daemon:
+    """A mosaicd process on a private socket and state directory."""
+
+    def __init__(self, root: Path, *extra: str, workers: int = 2) -> None:
+        self.root = root
+        self.socket = str(root / "d.sock")
+        self.state_dir = str(root / "state")
+        self.extra = list(extra)
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = root / "mosaicd.log"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["MOSAIC_SOCKET"] = self.socket
+        env["MOSAIC_STATE_DIR"] = self.state_dir
+        env["PYTHONPATH"] = str(REPO)
+        return env
+
+    def start(self, wait: float = 30.0) -> Daemon:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mosaicd", "--socket", self.socket, "--state-dir",
+             self.state_dir, "--workers", str(self.workers), "--gpus", "", *self.extra],
+            env=self.env, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosaicd exited: {self.log_path.read_text()}")
+            try:
+                self.request("ping", timeout=1.0)
+                return self
+            except DaemonUnavailable:
+                time.sleep(0.05)
+        raise RuntimeError("mosaicd did not start")
+
+    def request(self, name: str, timeout: float = 30.0, **args: Any) -> Any:
+        with Client(self.socket, timeout=timeout) as client:
+            return client.request(name, **args)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the daemon and its workers, like OOM/power
+        self.proc.wait()
+
+    def cli(self, *args: str, cwd: Path | None = None, timeout: float = 300,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "mosaic_client.cli", *args],
+                                env=self.env, cwd=cwd or self.root, capture_output=True,
+                                text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"mosaic {' '.join(args)} failed ({result.returncode}):\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def wait_for(self, db: str, states: tuple[str, ...] = ("done", "failed", "cancelled"),
+                 total: int | None = None, timeout: float = 180.0) -> dict[str, int]:
+        """Wait until every run of the study is in one of `states`; return the counts."""
+        deadline = time.monotonic() + timeout
+        counts: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            status = self.request("status", db=db, limit=0)
+            counts = status["studies"][0]["counts"] if status["studies"] else {}
+            n = sum(counts.values())
+            settled = sum(counts.get(s, 0) for s in states)
+            if n and settled == n and (total is None or n == total):
+                return counts
+            time.sleep(0.1)
+        raise AssertionError(f"runs did not settle in {timeout} s: {counts}")
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    # ipc socket paths must stay short (108 bytes): pytest's tmp_path can be too long.
+    short = Path(tempfile.mkdtemp(prefix="mos-"))
+    yield short
+    shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(tmp: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp).start()
+    yield d
+    d.stop()
+
+
+def write_project(root: Path, config: str, files: dict[str, str] | None = None) -> Path:
+    """Write a config and class files into root; return the config path."""
+    for name, text in (files or {}).items():
+        (root / name).write_text(textwrap.dedent(text))
+    path = root / "config.ini"
+    path.write_text(textwrap.dedent(config))
+    return path
+
+
+def example_config(root: Path, epochs: int = 3, multiplicity: int = 1, nb_processus: int = 2,
+                   extra_monitor: str = "", mlp_length: str = "2", mlp_width: str = "3",
+                   seed: int = 0) -> Path:
+    """A small sweep over the OR/AND example classes."""
+    return write_project(root, f"""
+        [PROCESS]
+        lr = 0.01
+        epochs = {epochs}
+        data_scheme = dataset
+        pipeline_scheme = mlp
+        loss_function = BCELoss
+        run_files_path = {root}/runs
+        seed = {seed}
+
+        [MONITOR]
+        need_gpu = false
+        gpu_available = None
+        nb_processus = {nb_processus}
+        multiplicity = {multiplicity}
+        {extra_monitor}
+
+        [dataset_OR]
+        type = dataset
+        class = dataset_OR
+        path_to_class = {EXAMPLE}/dataset.py
+        data_size = 200
+        train_prop = 0.8
+        batch_size = 20
+        key = data_{{class}}
+
+        [mlp_funnel]
+        type = mlp
+        class = mlp_funnel
+        path_to_class = {EXAMPLE}/mlp.py
+        length = {mlp_length}
+        width = {mlp_width}
+        key = mlp_{{class}}
+        """)
+
+
+def query(db: str | Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(str(db))
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
