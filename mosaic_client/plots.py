@@ -1,0 +1,161 @@
+"""Drawing for `plotloss` and `metaplot`. Imported only by those commands: matplotlib is slow
+to import and the rest of the client must start fast.
+
+Figures are built with matplotlib's object API on the Agg backend (no pyplot state, no display),
+so the commands work over SSH and inside the daemon's service account alike.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from mosaic_client.analysis import MetaData, RunLosses, pages_needed, spans_decades  # noqa: E402
+
+TRAIN_COLOR, TEST_COLOR = "tab:blue", "tab:orange"
+PAGE_SIZE = (11.69, 8.27)  # A4 landscape, in inches
+
+# Axis labels with what each criterion measures and its unit (docs/analysis.md has formulas).
+CRITERION_LABELS = {
+    "train_loss": "train loss at the last epoch (mean over batches)",
+    "test_loss": "test loss at the last epoch (mean over batches)",
+    "train_acc": "train accuracy at the last epoch (fraction of samples)",
+    "test_acc": "test accuracy at the last epoch (fraction of samples)",
+    "nb_params": "trainable parameters",
+    "duration(s)": "training time (s, sum of epoch durations)",
+    "epochs": "epochs trained",
+    "overfit": "overfit = |test - train| / loss range (no unit)",
+    "trainability": "trainability = mean test loss over epochs",
+    "slope": "slope = train-loss change per epoch (last 10%)",
+}
+
+
+def _fmt(value: object) -> str:
+    return "-" if value is None else format(value, ".3g")
+
+
+def _title(run: RunLosses, width: int) -> str:
+    pipeline = textwrap.shorten(run.pipeline, width * 2, placeholder="...")
+    lines = [f"run {run.run_id} ({run.status})", *textwrap.wrap(pipeline, width)]
+    results = run.results
+    if results:
+        metrics = (f"loss train {_fmt(results['train_loss'])} / test {_fmt(results['test_loss'])}"
+                   f"; {results['nb_params']} params")
+        if results.get("test_acc") is not None:
+            metrics += (f"\nacc train {_fmt(results['train_acc'])} / test "
+                        f"{_fmt(results['test_acc'])}; {results['epochs']} epochs")
+        else:
+            metrics += f"; {results['epochs']} epochs"
+        lines.append(metrics)
+    elif run.train_loss:
+        lines.append(f"epoch {run.epochs[-1]}: loss train {_fmt(run.train_loss[-1])} / test "
+                     f"{_fmt(run.test_loss[-1])}")
+    return "\n".join(lines)
+
+
+def _loss_page(runs: Sequence[RunLosses], plot_size: int, page: int, pages: int,
+               source: str) -> Figure:
+    fig = Figure(figsize=PAGE_SIZE)
+    font = max(5.0, 10.0 - 1.2 * plot_size)
+    axes = fig.subplots(plot_size, plot_size, squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        if index >= len(runs):
+            ax.set_axis_off()
+            continue
+        run = runs[index]
+        ax.set_title(_title(run, max(24, 110 // plot_size)), fontsize=font, loc="left")
+        ax.tick_params(labelsize=font)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not run.epochs:
+            ax.text(0.5, 0.5, f"no epoch recorded\n(run is {run.status})", ha="center",
+                    va="center", fontsize=font + 1, transform=ax.transAxes, color="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        ax.plot(run.epochs, run.train_loss, color=TRAIN_COLOR, marker=".", lw=1.2)
+        ax.plot(run.epochs, run.test_loss, color=TEST_COLOR, marker=".", lw=1.2)
+        log = spans_decades([*run.train_loss, *run.test_loss])
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch", fontsize=font)
+        ax.set_ylabel("loss (log scale)" if log else "loss", fontsize=font)
+        ax.grid(True, alpha=0.3)
+    first, last = runs[0].run_id, runs[-1].run_id
+    fig.suptitle(f"{source}: loss per epoch, runs {first}-{last} (page {page}/{pages})",
+                 fontsize=11)
+    fig.legend([Line2D([], [], color=TRAIN_COLOR, marker="."),
+                Line2D([], [], color=TEST_COLOR, marker=".")],
+               ["train loss (mean over the epoch's batches)",
+                "test loss (mean over the epoch's batches)"],
+               loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.96))
+    return fig
+
+
+def plot_losses(runs: Sequence[RunLosses], out_pdf: str, plot_size: int, source: str,
+                png: str | None = None) -> int:
+    """Write the loss curves, plot_size x plot_size runs per page; return the page count.
+    With png, page 1 is also written there, drawn by the same code."""
+    per_page = plot_size * plot_size
+    pages = pages_needed(len(runs), plot_size)
+    with PdfPages(out_pdf) as pdf:
+        for page in range(pages):
+            fig = _loss_page(runs[page * per_page:(page + 1) * per_page], plot_size, page + 1,
+                             pages, source)
+            pdf.savefig(fig)
+            if png and page == 0:
+                fig.savefig(png, dpi=110)
+    return pages
+
+
+def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
+    """CRITERION against nb_params, one line per model key: mean with min-max or std bars."""
+    fig = Figure(figsize=(9.5, 6.0))
+    ax = fig.subplots()
+    xs: list[float] = []
+    ys: list[float] = []
+    for model, points in sorted(data.series.items()):
+        x = [p.nb_params for p in points]
+        mean = [p.mean for p in points]
+        if spread == "std":
+            low = [p.std for p in points]
+            high = low
+        else:
+            low = [p.mean - p.min for p in points]
+            high = [p.max - p.mean for p in points]
+        runs = sum(p.n for p in points)
+        ax.errorbar(x, mean, yerr=[low, high], marker="o", capsize=3, lw=1.4,
+                    label=f"{model} ({runs} runs)")
+        xs.extend(x)
+        ys.extend([m - lo for m, lo in zip(mean, low)] + [m + hi for m, hi in zip(mean, high)])
+    log_x = spans_decades(xs)
+    log_y = spans_decades(ys)
+    if log_x:
+        ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("nb_params: trainable parameters" + (" (log scale)" if log_x else ""),
+                  fontsize=11)
+    label = CRITERION_LABELS.get(data.criterion, data.criterion)
+    ax.set_ylabel(label + (" (log scale)" if log_y else ""), fontsize=10)
+    bars = ("bars: ± standard deviation over runs" if spread == "std"
+            else "bars: min to max over runs")
+    ax.legend(title=f"model key: mean, {bars}", fontsize=9, title_fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    note = f"{data.used} run(s)"
+    skipped = sum(len(ids) for ids in data.skipped.values())
+    if skipped:
+        note += f", {skipped} skipped (failed, unfinished or no value)"
+    ax.set_title(f"{data.criterion} vs nb_params, dataset {data.dataset_key} ({note})",
+                 fontsize=12)
+    fig.tight_layout()
+    fig.savefig(out, format=fmt, dpi=120)
