@@ -102,16 +102,20 @@ class RunLosses:
     train_loss: list[float | None] = field(default_factory=list)
     test_loss: list[float | None] = field(default_factory=list)
     results: dict[str, Any] | None = None
+    failure: str | None = None  # last line of the traceback of a failed run
 
 
 def loss_histories(conn: sqlite3.Connection, run_ids: Sequence[int]) -> list[RunLosses]:
     """The per-epoch losses of the given runs, in the order of run_ids."""
     runs: dict[int, RunLosses] = {}
     wanted = set(run_ids)
-    for run_id, status, pipeline in conn.execute(
-            "SELECT run_id, status, pipeline FROM runs ORDER BY run_id"):
+    for run_id, status, pipeline, return_status in conn.execute(
+            "SELECT run_id, status, pipeline, return_status FROM runs ORDER BY run_id"):
         if run_id in wanted:
             runs[run_id] = RunLosses(run_id, status, pipeline)
+            lines = (return_status or "").strip().splitlines()
+            if status == "failed" and lines:
+                runs[run_id].failure = lines[-1]
     has_epochs = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
                               "name='run_epochs'").fetchone()
     if has_epochs:

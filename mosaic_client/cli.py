@@ -90,14 +90,45 @@ def _selection(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(str(exc), BAD_INPUT) from None
 
 
+def socket_denied(socket_path: str) -> str | None:
+    """Why the file system keeps this user from the daemon's socket, or None if it does not.
+
+    On a shared box the socket is 0660 in a 0750 directory of the users' group: someone outside
+    that group gets EACCES, which must read as "ask to be let in", not "start a daemon"."""
+    blocked = None
+    directory = os.path.dirname(socket_path)
+    while directory not in ("", "/"):
+        if os.path.isdir(directory) and not os.access(directory, os.X_OK):
+            blocked = directory  # the outermost one wins: it is the one to fix first
+        directory = os.path.dirname(directory)
+    if blocked is None:
+        if not os.path.exists(socket_path) or os.access(socket_path, os.R_OK | os.W_OK):
+            return None
+        blocked = socket_path
+    import grp
+    import pwd
+
+    try:
+        group = grp.getgrgid(os.stat(blocked).st_gid).gr_name
+    except (KeyError, OSError):
+        group = "the socket's group"
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    return (f"permission denied: you may not use the mosaicd socket {socket_path} ({blocked} "
+            f"is closed to you). Only members of group {group} may; ask the administrator to "
+            f"add you (usermod -aG {group} {user}), then log in again.")
+
+
 def _ensure_daemon(args: argparse.Namespace) -> None:
     with _client(args) as client:
         try:
             client.request("ping", timeout=5.0)
             return
         except DaemonUnavailable:
-            if args.no_autostart:
-                raise
+            if args.no_autostart or socket_denied(args.socket or paths.default_socket_path()):
+                raise  # a daemon we may not reach is still a daemon: do not start another
     pid = start_daemon(args.socket or paths.default_socket_path())
     print(f"mosaic: started mosaicd (pid {pid}) on {args.socket or paths.default_socket_path()};"
           f" its log is {daemon_log_path()}", file=sys.stderr)
@@ -185,8 +216,20 @@ def render_status(status: dict[str, Any], limit: int) -> str:
              f"{len(status['workers'])} worker(s), {status['queued']} queued"]
     for worker in status["workers"]:
         run = f"run {worker['run_id']}" if worker["run_id"] is not None else worker["state"]
+
+        def mib(n: int | None) -> str:
+            return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+        # GPU memory only where NVML answered: this worker's share, else the whole card's.
+        gpu = ""
+        if worker.get("gpu_memory") is not None:
+            gpu = f"  gpu mem {mib(worker['gpu_memory'])}"
+        elif worker.get("gpu_memory_device") is not None:
+            gpu = (f"  gpu mem (card) {mib(worker['gpu_memory_device'])}/"
+                   f"{mib(worker.get('gpu_memory_total'))}")
         lines.append(f"  worker {worker['id']:<4} {worker['slot']:<8} pid {worker['pid']:<7} "
-                     f"{run}")
+                     f"{run:<10} cpu {_fmt(worker.get('cpu_percent'), '.0f'):>4}%  rss "
+                     f"{mib(worker.get('rss'))}{gpu}")
     for study in status["studies"]:
         counts = ", ".join(f"{n} {s}" for s, n in study["counts"].items() if n) or "empty"
         lines.append("")
@@ -226,40 +269,55 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    reply = _call(args, "pause", now=args.now)
+    """Client side of handle_pause (and, with FILE, handle_pending + handle_cancel)."""
+    reply = _call(args, "pause", now=args.now, all=args.all)
     if args.file:
+        # The seed's form: the not-yet-run pipelines leave the queue for FILE, where they can
+        # be edited, and `mosaic resume FILE` queues them again. The client writes the file
+        # with the caller's own permissions; the runs leave the queue only once it is written.
         pending = _call(args, "pending")
-        with open(args.file, "w") as fh:
+        tmp = f"{args.file}.partial"
+        with open(tmp, "w") as fh:
             json.dump(pending, fh, indent=1)
-        n = sum(len(p["pipelines"]) for p in pending)
-        print(f"wrote {n} not-yet-run pipeline(s) to {args.file}")
-    extra = f"; parking {reply['parking']} running run(s) at their next epoch" if args.now else \
-        "; running runs finish"
+        os.replace(tmp, args.file)
+        moved = 0
+        for entry in pending:
+            if entry["run_ids"]:
+                result = _call(args, "cancel", db=entry["db"],
+                               selection={"kind": "ids", "ids": entry["run_ids"]},
+                               reason=f"moved to {os.path.abspath(args.file)} by pause")
+                moved += len(result["cancelled"])
+        print(f"wrote {moved} not-yet-run pipeline(s) to {args.file}; "
+              f"`mosaic resume {args.file}` queues them again")
+    extra = (f"; parking {reply['parking']} running run(s) at their next epoch boundary"
+             if args.now else "; running runs finish")
     print(f"paused: no new run starts{extra}. `mosaic resume` starts again.")
     return OK
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    """Client side of handle_resume (with FILE, also handle_submit per saved study)."""
     if args.file:
         try:
             with open(args.file) as fh:
                 saved = json.load(fh)
         except (OSError, json.JSONDecodeError) as exc:
-            raise CommandError(f"cannot read {args.file}: {exc}", BAD_INPUT) from None
-        if not isinstance(saved, list):
-            raise CommandError(f"{args.file} is not a file written by `mosaic pause FILE`",
-                               BAD_INPUT)
+            raise CommandError(f"cannot read {args.file}: {exc}; give a file written by "
+                               "`mosaic pause FILE`", BAD_INPUT) from None
+        if not isinstance(saved, list) or not all(
+                isinstance(e, dict) and {"db", "process", "monitor", "pipelines"} <= set(e)
+                for e in saved):
+            raise CommandError(f"{args.file} is not a file written by `mosaic pause FILE` "
+                               "(a list of {db, process, monitor, pipelines})", BAD_INPUT)
         for entry in saved:
-            if entry.get("pipelines"):
-                # The daemon still holds these runs queued: they run when the daemon resumes.
-                # A file from another machine or a deleted study is submitted anew.
-                db = entry["db"]
-                if not os.path.exists(db):
-                    reply = _call(args, "submit", db=db, config_path=args.file,
-                                  process=entry["process"], monitor=entry["monitor"],
-                                  pipelines=entry["pipelines"])
-                    print(f"queued {len(reply['run_ids'])} pipeline(s) from {args.file} in {db}")
-    reply = _call(args, "resume")
+            if entry["pipelines"]:
+                reply = _call(args, "submit", db=entry["db"],
+                              config_path=os.path.abspath(args.file), process=entry["process"],
+                              monitor=entry["monitor"], pipelines=entry["pipelines"])
+                ids = reply["run_ids"]
+                print(f"queued {len(ids)} pipeline(s) from {args.file} as runs {_span(ids)} "
+                      f"in {entry['db']}")
+    reply = _call(args, "resume", all=args.all)
     print(f"resumed; {reply['resumed']} parked run(s) continue from their checkpoint")
     return OK
 
@@ -391,8 +449,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
     info = _call(args, "show", db=db, run_id=args.run)
     rfp = info["params"].get("run_files_path")
     path = os.path.join(rfp, f"output_{args.run}.log")
+    # Following a run that has not started yet means waiting for its output to appear.
+    while args.follow and not os.path.exists(path) and info["status"] in ("queued", "running"):
+        time.sleep(0.3)
+        info = _call(args, "show", db=db, run_id=args.run)
     if not os.path.exists(path):
-        raise CommandError(f"run {args.run} has no output yet ({path}); it is {info['status']}")
+        hint = "; `mosaic logs RUN -f` waits for it" if info["status"] == "queued" else ""
+        raise CommandError(f"run {args.run} has no output yet ({path}): it is "
+                           f"{info['status']}{hint}")
     with open(path, "rb") as fh:
         sys.stdout.write(fh.read().decode(errors="replace"))
         sys.stdout.flush()
@@ -414,6 +478,181 @@ def cmd_logs(args: argparse.Namespace) -> int:
                     time.sleep(0.3)
         except KeyboardInterrupt:
             return INTERRUPTED
+
+
+def _analysis_db(path: str) -> sqlite3.Connection:
+    from mosaic_client import analysis
+
+    try:
+        return analysis.open_readonly(os.path.abspath(path))
+    except analysis.AnalysisError as exc:
+        raise CommandError(str(exc), BAD_INPUT) from None
+
+
+def _out_dir_exists(out: str) -> None:
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise CommandError(f"directory {parent} for {out} does not exist; create it first",
+                           BAD_INPUT)
+
+
+def cmd_plotloss(args: argparse.Namespace) -> int:
+    """Loss curves from run_epochs alone: works on a savedb copy, no daemon needed."""
+    from mosaic_client import analysis
+
+    if not args.pdf.lower().endswith(".pdf"):
+        raise CommandError(f"{args.pdf}: plotloss writes a multi-page PDF; end the name with "
+                           ".pdf (use --png FILE.png for an image of the first page)", BAD_INPUT)
+    if args.plot_size < 1 or args.plot_size > 10:
+        raise CommandError(f"-plot_size {args.plot_size}: give 1 to 10 (runs per page side)",
+                           BAD_INPUT)
+    for out in (args.pdf, args.png):
+        if out:
+            _out_dir_exists(out)
+    selection = _selection(args)
+    conn = _analysis_db(args.db)
+    try:
+        try:
+            run_ids = selections.resolve(conn, selection)
+        except selections.SelectionError as exc:
+            raise CommandError(str(exc), BAD_INPUT) from None
+        if not run_ids:
+            raise CommandError(f"the selection ({selections.describe(selection)}) matches no run "
+                               f"in {args.db}; nothing was drawn", BAD_INPUT)
+        runs = analysis.loss_histories(conn, run_ids)
+    finally:
+        conn.close()
+    from mosaic_client import plots
+
+    pages = plots.plot_losses(runs, args.pdf, args.plot_size, os.path.basename(args.db),
+                              png=args.png)
+    print(f"wrote {pages} page(s), {len(runs)} run(s), to {args.pdf}"
+          + (f" (page 1 also as {args.png})" if args.png else ""))
+    return OK
+
+
+def cmd_metaplot(args: argparse.Namespace) -> int:
+    from mosaic_client import analysis
+
+    try:
+        fmt = analysis.plot_format(args.out)
+        analysis.check_criterion(args.criterion)
+    except analysis.AnalysisError as exc:
+        raise CommandError(str(exc), BAD_INPUT) from None
+    _out_dir_exists(args.out)
+    conn = _analysis_db(args.db)
+    try:
+        data = analysis.metaplot_data(conn, args.dataset_key, args.criterion)
+    except analysis.AnalysisError as exc:
+        raise CommandError(str(exc), BAD_INPUT) from None
+    finally:
+        conn.close()
+    note = data.skipped_note()
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    from mosaic_client import plots
+
+    plots.plot_meta(data, args.out, args.spread, fmt)
+    if args.data:
+        with open(args.data, "w") as fh:
+            json.dump(data.as_json(), fh, indent=1)
+    points = sum(len(p) for p in data.series.values())
+    print(f"wrote {args.out}: {args.criterion} of {data.used} run(s) as {points} point(s) on "
+          f"{len(data.series)} model key(s)" + (f"; data in {args.data}" if args.data else ""))
+    return OK
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    """The changes are worked out on a read-only connection; the daemon writes them."""
+    from mosaic_client import analysis
+
+    try:
+        pipelines = analysis.load_pipelines(args.pipelines)
+    except analysis.AnalysisError as exc:
+        raise CommandError(str(exc), BAD_INPUT) from None
+    db = existing_db(args.db)
+    conn = _analysis_db(db)
+    try:
+        plan = analysis.rekey_plan(conn, pipelines, os.path.dirname(os.path.abspath(
+            args.pipelines)))
+    except analysis.AnalysisError as exc:
+        raise CommandError(str(exc), BAD_INPUT) from None
+    finally:
+        conn.close()
+    if not plan.matched_runs:
+        raise CommandError(f"no pipeline of {args.pipelines} matches a run of {db} (compared "
+                           "without their keys); nothing was changed", BAD_INPUT)
+    if plan.changes:
+        _ensure_daemon(args)
+        _call(args, "rekey", db=db, keys=plan.changes)
+    for (name, key), (matched, changed) in sorted(plan.per_key.items()):
+        print(f"{name} = {key}: {matched} run(s), {changed} changed")
+    if plan.unmatched:
+        print(f"note: {len(plan.unmatched)} pipeline(s) of {args.pipelines} match no run: "
+              f"#{_span(plan.unmatched)}", file=sys.stderr)
+    print(f"{len(plan.matched_runs)} run(s) matched, {len(plan.changes)} key(s) written"
+          if plan.changes else f"{len(plan.matched_runs)} run(s) matched; keys already up to "
+          "date, nothing written")
+    return OK
+
+
+class _FormatThenOut(argparse.Action):
+    """`--format json OUT`: argparse fills an optional positional before the options, so OUT
+    written after `--format` would be refused; this takes it as OUT."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        fmt, *rest = values
+        if fmt not in ("csv", "json"):
+            parser.error(f"argument --format: invalid choice {fmt!r} (choose csv or json)")
+        if len(rest) > 1 or (rest and namespace.out):
+            parser.error("give at most one output file")
+        namespace.format = fmt
+        if rest:
+            namespace.out = rest[0]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mosaic_client import analysis
+
+    if args.format is None:
+        args.format = "json" if (args.out or "").lower().endswith(".json") else "csv"
+    if args.out:
+        _out_dir_exists(args.out)
+    conn = _analysis_db(args.db)
+    try:
+        columns, rows = analysis.export_table(conn)
+    finally:
+        conn.close()
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        if args.format == "json":
+            json.dump([dict(zip(columns, row)) for row in rows], out, indent=1)
+            out.write("\n")
+        else:
+            import csv
+
+            writer = csv.writer(out)
+            writer.writerow(columns)
+            writer.writerows(rows)
+    except BrokenPipeError:
+        # `mosaic export DB | head` is a normal use; the reader left, nothing went wrong.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        print(f"wrote {len(rows)} run(s), {len(columns)} column(s), to {args.out}")
+    return OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from mosaic_client.completion import completion_script
+
+    sys.stdout.write(completion_script(args.shell, build_parser()))
+    return OK
 
 
 def cmd_not_implemented(args: argparse.Namespace) -> int:
@@ -483,7 +722,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "the daemon's state: workers, queue, runs", "mosaic status")
     p.add_argument("--db", help="only this study")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--watch", action="store_true", help="live view (q to quit)")
+    p.add_argument("--watch", action="store_true",
+                   help="live view, redrawn every --interval seconds (q or Ctrl-C quits); "
+                        "not on a terminal: plain text each interval until no run is left")
+    p.add_argument("--interval", type=float, default=1.0, help="--watch refresh in seconds")
     p.add_argument("--limit", type=int, default=10, help="latest done/failed runs shown")
     p.add_argument("--mine", action="store_true", help="only my runs")
 
@@ -492,10 +734,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help="also write the not-yet-run pipelines to this JSON")
     p.add_argument("--now", action="store_true",
                    help="checkpoint running runs at their next epoch boundary and park them")
+    p.add_argument("--all", action="store_true",
+                   help="pause the whole shared daemon, everyone's runs (root and the admin "
+                        "group only)")
 
     p = add("resume", cmd_resume, "start runs again (FILE: queue the pipelines saved in it)",
             "mosaic resume")
     p.add_argument("file", nargs="?")
+    p.add_argument("--all", action="store_true",
+                   help="resume the whole shared daemon (root and the admin group only)")
 
     p = add("cancel", cmd_cancel, "cancel queued or running runs", "mosaic cancel results.db -id 4")
     p.add_argument("db")
@@ -506,30 +753,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("copy")
     p.add_argument("--db", help="the study to copy (default: the daemon's only study)")
 
-    p = add("plotloss", cmd_not_implemented, "loss curves of the selected runs into a PDF",
+    p = add("plotloss", cmd_plotloss, "loss curves of the selected runs into a PDF",
             "mosaic plotloss results.db losses.pdf -id all")
     p.add_argument("db")
     p.add_argument("pdf")
     _add_selection(p)
     p.add_argument("-plot_size", "--plot-size", type=int, default=2, dest="plot_size")
+    p.add_argument("--png", metavar="FILE.png", help="also draw the first page as a PNG image")
 
-    p = add("metaplot", cmd_not_implemented, "a criterion against nb_params, per model key",
+    p = add("metaplot", cmd_metaplot, "a criterion against nb_params, per model key",
             "mosaic metaplot results.db meta.png data_dataset_OR test_loss")
     p.add_argument("db")
     p.add_argument("out")
     p.add_argument("dataset_key")
-    p.add_argument("criterion")
+    p.add_argument("criterion", help="train_loss, test_loss, train_acc, test_acc, nb_params, "
+                   "duration(s), epochs, overfit, trainability or slope")
+    p.add_argument("--spread", choices=["minmax", "std"], default="minmax",
+                   help="error bars: min to max over runs (default) or standard deviation")
+    p.add_argument("--data", metavar="OUT.json", help="also write the plotted points as JSON")
 
-    p = add("rekey", cmd_not_implemented, "rewrite keys in DB from an edited pipelines file",
+    p = add("rekey", cmd_rekey, "rewrite keys in DB from an edited pipelines file",
             "mosaic rekey pipelines.json results.db")
     p.add_argument("pipelines")
     p.add_argument("db")
+    p.add_argument("--no-autostart", action="store_true",
+                   help="fail instead of starting a daemon when none answers")
 
-    p = add("export", cmd_not_implemented, "one row per run with params and results",
+    p = add("export", cmd_export, "one row per run with params and results",
             "mosaic export results.db --format csv results.csv")
     p.add_argument("db")
-    p.add_argument("out", nargs="?")
-    p.add_argument("--format", choices=["csv", "json"], default="csv")
+    p.add_argument("out", nargs="?", help="output file (default: stdout)")
+    p.add_argument("--format", nargs="+", action=_FormatThenOut, metavar="{csv,json}",
+                   help="csv or json (default: from OUT's extension, else csv)")
 
     p = add("generate", cmd_generate, "write the expanded pipelines without running anything",
             "mosaic generate examples/or_mlp/config.ini out.json")
@@ -548,6 +803,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("shutdown", cmd_shutdown, "stop the daemon (running runs are checkpointed)",
         "mosaic shutdown")
+
+    p = add("completion", cmd_completion, "print a shell completion script (bash or zsh)",
+            "mosaic completion bash > ~/.local/share/bash-completion/completions/mosaic")
+    p.add_argument("shell", choices=["bash", "zsh"])
     return parser
 
 
@@ -563,8 +822,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(exc.message)
         code = exc.code
     except DaemonUnavailable as exc:
-        _err(str(exc))
-        code = NO_DAEMON
+        denied = socket_denied(args.socket or paths.default_socket_path())
+        _err(denied or str(exc))
+        code = DENIED if denied else NO_DAEMON
     except protocol.ProtocolError as exc:
         _err(exc.message)
         code = {protocol.ErrorCode.PERMISSION: DENIED, protocol.ErrorCode.INVALID: BAD_INPUT,

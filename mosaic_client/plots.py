@@ -65,19 +65,22 @@ def _title(run: RunLosses, width: int) -> str:
 def _loss_page(runs: Sequence[RunLosses], plot_size: int, page: int, pages: int,
                source: str) -> Figure:
     fig = Figure(figsize=PAGE_SIZE)
-    font = max(5.0, 10.0 - 1.2 * plot_size)
+    font = max(5.5, 11.0 - 1.2 * plot_size)
     axes = fig.subplots(plot_size, plot_size, squeeze=False)
     for index, ax in enumerate(axes.flat):
         if index >= len(runs):
             ax.set_axis_off()
             continue
         run = runs[index]
-        ax.set_title(_title(run, max(24, 110 // plot_size)), fontsize=font, loc="left")
+        ax.set_title(_title(run, max(30, 170 // plot_size)), fontsize=font, loc="left")
         ax.tick_params(labelsize=font)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not run.epochs:
-            ax.text(0.5, 0.5, f"no epoch recorded\n(run is {run.status})", ha="center",
-                    va="center", fontsize=font + 1, transform=ax.transAxes, color="gray")
+            why = run.status
+            if run.failure:
+                why += ":\n" + "\n".join(textwrap.wrap(run.failure, max(30, 150 // plot_size)))
+            ax.text(0.5, 0.5, f"no epoch recorded\n({why})", ha="center", va="center",
+                    fontsize=font, transform=ax.transAxes, color="dimgray")
             ax.set_xticks([])
             ax.set_yticks([])
             continue
@@ -90,8 +93,8 @@ def _loss_page(runs: Sequence[RunLosses], plot_size: int, page: int, pages: int,
         ax.set_ylabel("loss (log scale)" if log else "loss", fontsize=font)
         ax.grid(True, alpha=0.3)
     first, last = runs[0].run_id, runs[-1].run_id
-    fig.suptitle(f"{source}: loss per epoch, runs {first}-{last} (page {page}/{pages})",
-                 fontsize=11)
+    which = f"run {first}" if first == last else f"runs {first} to {last}"
+    fig.suptitle(f"{source}: loss per epoch, {which} (page {page}/{pages})", fontsize=11)
     fig.legend([Line2D([], [], color=TRAIN_COLOR, marker="."),
                 Line2D([], [], color=TEST_COLOR, marker=".")],
                ["train loss (mean over the epoch's batches)",
@@ -113,7 +116,7 @@ def plot_losses(runs: Sequence[RunLosses], out_pdf: str, plot_size: int, source:
                              pages, source)
             pdf.savefig(fig)
             if png and page == 0:
-                fig.savefig(png, dpi=110)
+                fig.savefig(png, dpi=130)
     return pages
 
 

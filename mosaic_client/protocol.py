@@ -74,7 +74,7 @@ REQUESTS: dict[str, tuple[Field, ...]] = {
     "pause": (_f("now", bool, False), _f("db", str, False), _f("all", bool, False)),
     "resume": (_f("db", str, False), _f("all", bool, False)),
     "pending": (_f("db", str, False),),
-    "cancel": (_f("db", str), _SELECTION),
+    "cancel": (_f("db", str), _SELECTION, _f("reason", str, False)),
     "rerun": (_f("db", str), _SELECTION, _f("epochs", int), _f("monitor", dict, False)),
     "rekey": (_f("db", str), _f("keys", list)),
     "show": (_f("db", str), _f("run_id", int)),

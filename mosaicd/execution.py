@@ -324,6 +324,16 @@ def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
         del history.train_acc[start_epoch:], history.test_acc[start_epoch:]
         del history.duration[start_epoch:]
         set_rng_states(ckpt["rng"])
+        # The database may lag the checkpoint file by a few epochs (a kill between the two
+        # writes): re-send those epochs so the stored history has no gap.
+        for epoch in range(int(spec.get("start_epoch") or 0), start_epoch):
+            channel.on_epoch({"run_id": run_id, "epoch": epoch + 1,
+                              "train_loss": history.train_loss[epoch],
+                              "test_loss": history.test_loss[epoch],
+                              "train_acc": history.train_acc[epoch],
+                              "test_acc": history.test_acc[epoch],
+                              "duration": history.duration[epoch],
+                              "checkpointed": epoch + 1 == start_epoch})
 
     def save_checkpoint(epoch: int) -> None:
         atomic_save({"epoch": epoch, "models": [_state_of(m) for m in models],

@@ -55,6 +55,77 @@ def _study(args: dict[str, Any]) -> str:
     return db
 
 
+def _admins(daemon: Daemon) -> str:
+    """Who may act on everyone's runs, in words, for refusal messages."""
+    who = "root"
+    if os.getuid() != 0:
+        try:
+            who += f", {pwd.getpwuid(os.getuid()).pw_name} (the daemon's user)"
+        except KeyError:
+            who += f", uid {os.getuid()} (the daemon's user)"
+    if daemon.options.admin_gid is not None:
+        try:
+            import grp
+
+            who += f" and members of group {grp.getgrgid(daemon.options.admin_gid).gr_name}"
+        except KeyError:
+            who += f" and members of group {daemon.options.admin_gid}"
+    return who
+
+
+def _may(caller: Caller, groups: set[int], st: os.stat_result, want: int) -> bool:
+    """POSIX mode-bit check (owner bits, else group bits, else other bits); ACLs not consulted."""
+    if st.st_uid == caller.uid:
+        shift = 6
+    elif st.st_gid in groups:
+        shift = 3
+    else:
+        shift = 0
+    return (st.st_mode >> shift) & want == want
+
+
+def _check_client_path(daemon: Daemon, caller: Caller, path: str, what: str) -> None:
+    """Refuse a path the daemon would write for a client unless that client could write there.
+
+    The daemon may run as another user (the mosaic service user, or root): without this, a
+    client could make it create files where the client itself may not. The check is on the
+    nearest existing directory of the path (write + search) and search on every directory above.
+    """
+    real = os.path.realpath(path)
+    own = [os.path.realpath(daemon.options.state_dir),
+           os.path.realpath(os.path.dirname(daemon.options.socket))]
+    for root in own:
+        if real == root or real.startswith(root.rstrip("/") + "/"):
+            raise Refused("permission", f"{what} {path} is inside the daemon's own directory "
+                          f"{root}; choose a path in your project directory")
+    if caller.uid == 0 or caller.uid == os.getuid():
+        return  # root, or the daemon's own user: the kernel applies the same rules to both
+    if caller.uid is None:
+        raise Refused("permission", "the daemon could not learn who you are; nothing was done")
+    try:
+        user = pwd.getpwuid(caller.uid)
+        groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+    except KeyError:
+        groups = set()
+    if caller.gid is not None:
+        groups.add(caller.gid)
+    directory = real
+    while not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    blocked = None
+    if not _may(caller, groups, os.stat(directory), 0o3):
+        blocked = directory
+    parent = directory
+    while blocked is None and parent != "/":
+        parent = os.path.dirname(parent)
+        if not _may(caller, groups, os.stat(parent), 0o1):
+            blocked = parent
+    if blocked is not None:
+        raise Refused("permission", f"{what} {path}: you ({caller.name}) may not write in "
+                      f"{blocked}, so the daemon will not write there for you; choose a "
+                      "directory you can write. Nothing was queued.")
+
+
 def _check_owner(daemon: Daemon, caller: Caller, db: str, run_ids: list[int], verb: str) -> None:
     if caller.is_admin(daemon.options.admin_gid):
         return
@@ -63,7 +134,27 @@ def _check_owner(daemon: Daemon, caller: Caller, db: str, run_ids: list[int], ve
         owner_uid, owner = store.owner_of(run_id)
         if owner_uid is not None and owner_uid != caller.uid:
             raise Refused("permission", f"run {run_id} belongs to {owner or owner_uid}; only its "
-                          f"owner or an administrator may {verb} it. Nothing was changed.")
+                          f"owner or an administrator ({_admins(daemon)}) may {verb} it. "
+                          "Nothing was changed.")
+
+
+def _check_whole_daemon(daemon: Daemon, caller: Caller, args: dict[str, Any], verb: str) -> None:
+    """`pause`/`resume` of the whole daemon: `--all` by an administrator, or the per-user case
+    where the caller is the daemon's own user (every run there is theirs)."""
+    if args.get("all"):
+        if not caller.is_admin(daemon.options.admin_gid):
+            raise Refused("permission", f"only {_admins(daemon)} may {verb} the whole daemon "
+                          f"(--all); you are {caller.name}. Nothing was changed.")
+        return
+    if caller.uid == os.getuid():
+        return
+    # Per-submission pause (only the caller's own submissions) needs the scheduler's support.
+    admin = caller.is_admin(daemon.options.admin_gid)
+    raise Refused("permission", f"this daemon is shared: `mosaic {verb}` of only your own "
+                  "submissions is not supported yet, and "
+                  + (f"you must say --all to {verb} everyone's runs." if admin else
+                     f"only {_admins(daemon)} may {verb} the whole daemon (--all).")
+                  + " Nothing was changed.")
 
 
 def handle_ping(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
@@ -72,6 +163,10 @@ def handle_ping(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
 
 
 def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+    _check_client_path(daemon, caller, _study(args), "database")
+    run_files = args["process"].get("run_files_path")
+    if isinstance(run_files, str) and run_files:
+        _check_client_path(daemon, caller, run_files, "run_files_path")
     return daemon.scheduler.submit(_study(args), args["config_path"], args["process"],
                                    args["monitor"], args["pipelines"], caller.uid, caller.name)
 
@@ -82,14 +177,28 @@ def handle_status(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
     if args.get("db") and args.get("submission") is not None:
         store = daemon.scheduler.open_study(args["db"], create=False)
         reply["submission_counts"] = store.submission_counts(args["submission"])
+    # Owners of the listed finished runs, and --mine for them (the scheduler filters running).
+    for study in reply.get("studies", []):
+        store = daemon.scheduler.stores.get(study.get("db"))
+        if store is None:
+            continue
+        for key in ("done", "failed"):
+            kept = []
+            for row in study.get(key) or []:
+                owner_uid, row["owner"] = store.owner_of(row["run_id"])
+                if not args.get("mine") or owner_uid == caller.uid:
+                    kept.append(row)
+            study[key] = kept
     return reply
 
 
 def handle_pause(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+    _check_whole_daemon(daemon, caller, args, "pause")
     return daemon.scheduler.pause(bool(args.get("now")))
 
 
 def handle_resume(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+    _check_whole_daemon(daemon, caller, args, "resume")
     return daemon.scheduler.resume()
 
 
@@ -100,6 +209,8 @@ def handle_pending(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
         if args.get("db") and study != args["db"]:
             continue
         submission = daemon.scheduler.submissions[(study, submission_id)]
+        if submission.owner_uid != caller.uid and not caller.is_admin(daemon.options.admin_gid):
+            continue  # other users' pipelines are theirs to save
         out.append({"db": study, "process": submission.process, "monitor": submission.monitor,
                     "run_ids": [r.run_id for r in queue],
                     "pipelines": [r.modules for r in queue]})
@@ -110,7 +221,8 @@ def handle_cancel(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
     db = _study(args)
     run_ids = daemon.scheduler.select(db, args["selection"])
     _check_owner(daemon, caller, db, run_ids, "cancel")
-    return {"selected": run_ids, **daemon.scheduler.cancel(db, run_ids)}
+    reason = str(args.get("reason") or "cancelled by request")[:300]
+    return {"selected": run_ids, **daemon.scheduler.cancel(db, run_ids, reason)}
 
 
 def handle_rerun(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:

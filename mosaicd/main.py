@@ -57,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-per-gpu", type=int, default=1,
                         help="worker slots per GPU, for small models (default 1)")
     parser.add_argument("--max-runs-per-worker", type=int, default=0,
-                        help="recycle a worker after this many runs (0: never)")
+                        help="recycle a worker after this many runs (0: never); a worker is "
+                             "always recycled after a failed run")
+    parser.add_argument("--isolation", default="state", choices=["state", "none", "process"],
+                        help="what separates the runs of one worker: 'state' (default) restores "
+                             "global state (cwd, environment, sys.path, torch defaults) after "
+                             "each run; 'process' runs each pipeline in a fresh forked process; "
+                             "'none' restores nothing (trusted code). See docs/workers.md")
     parser.add_argument("--checkpoint-every", type=float, default=30.0,
                         help="seconds between epoch checkpoints of a run (default 30)")
     parser.add_argument("--stop-timeout", type=float, default=60.0,
@@ -76,11 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
         # journald adds its own timestamps; a terminal user wants them.
-        format=("%(asctime)s " if sys.stderr.isatty() else "") + "mosaicd %(levelname)s %(message)s")
+        format=("%(asctime)s " if sys.stderr.isatty() else "")
+        + "mosaicd %(levelname)s %(message)s")
     if args.workers is not None and args.workers < 0:
         raise SystemExit("mosaicd: --workers must be 0 or more")
     if args.runs_per_gpu < 1:
         raise SystemExit("mosaicd: --runs-per-gpu must be at least 1")
+    if args.max_runs_per_worker < 0:
+        raise SystemExit("mosaicd: --max-runs-per-worker must be 0 (never recycle) or more")
     gpus = ([g for g in args.gpus.split(",") if g.strip()] if args.gpus is not None
             else detect_gpus())
     socket_path = os.path.abspath(args.socket) if args.socket else paths.default_socket_path()
@@ -89,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         state_dir=os.path.abspath(args.state_dir) if args.state_dir else paths.default_state_dir(),
         workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
         gpus=[g.strip() for g in gpus], runs_per_gpu=args.runs_per_gpu,
-        max_runs_per_worker=args.max_runs_per_worker, checkpoint_every=args.checkpoint_every,
+        max_runs_per_worker=args.max_runs_per_worker, isolation=args.isolation,
+        checkpoint_every=args.checkpoint_every,
         stop_timeout=args.stop_timeout, admin_gid=_group(args.admin_group),
         socket_group=_group(args.socket_group))
     try:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import zmq
 
 from mosaic_client import protocol
@@ -68,14 +69,106 @@ class WorkerHandle:
         return self.proc.pid
 
 
+class ResourceMeter:
+    """CPU %, RSS and GPU memory of worker processes, measured from the daemon's process.
+
+    CPU % is averaged since the previous measurement of the same worker (since the process
+    started, the first time), so `status` needs no sampling sleep. A worker's figures include
+    its children: in --isolation process the run lives in a forked child.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[float, float]] = {}  # pid -> (wall time, cpu seconds)
+        self._nvml: Any = None
+        self._nvml_tried = False
+
+    def _processes(self, pid: int) -> list[psutil.Process]:
+        proc = psutil.Process(pid)
+        return [proc, *proc.children(recursive=True)]
+
+    def measure(self, handle: WorkerHandle) -> dict[str, Any]:
+        out: dict[str, Any] = {"cpu_percent": None, "rss": None}
+        try:
+            procs = self._processes(handle.pid)
+            now = time.time()
+            # A forked run's CPU time moves into the worker's children_* times when it is
+            # reaped, so this sum grows continuously across runs.
+            times = procs[0].cpu_times()
+            cpu = times.user + times.system + times.children_user + times.children_system
+            rss = 0
+            for child in procs[1:]:
+                try:
+                    t = child.cpu_times()
+                    cpu += t.user + t.system
+                    rss += child.memory_info().rss
+                except psutil.Error:
+                    pass  # a run process that just ended
+            rss += procs[0].memory_info().rss
+            since, cpu_before = self._last.get(handle.pid, (procs[0].create_time(), 0.0))
+            self._last[handle.pid] = (now, cpu)
+            out["rss"] = rss
+            out["cpu_percent"] = round(100.0 * (cpu - cpu_before) / max(now - since, 1e-3), 1)
+        except psutil.Error:
+            pass  # the worker just died; the next reap replaces it
+        if handle.slot.kind == "cuda":
+            out.update(self._gpu_memory(handle))
+        return out
+
+    def forget(self, pid: int) -> None:
+        self._last.pop(pid, None)
+
+    def _nvml_module(self) -> Any:
+        # NVML is optional (nvidia-ml-py); without it, GPU memory is simply not shown.
+        if not self._nvml_tried:
+            self._nvml_tried = True
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml = pynvml
+            except Exception:  # not installed, no driver, no permission: all mean "unknown"
+                self._nvml = None
+        return self._nvml
+
+    def _gpu_memory(self, handle: WorkerHandle) -> dict[str, Any]:
+        out: dict[str, Any] = {"gpu_memory": None, "gpu_memory_device": None,
+                               "gpu_memory_total": None}
+        nvml = self._nvml_module()
+        if nvml is None or handle.slot.gpu is None:
+            return out
+        try:
+            gpu = handle.slot.gpu
+            device = (nvml.nvmlDeviceGetHandleByIndex(int(gpu)) if gpu.isdigit()
+                      else nvml.nvmlDeviceGetHandleByUUID(gpu))
+            info = nvml.nvmlDeviceGetMemoryInfo(device)
+            out["gpu_memory_device"] = int(info.used)
+            out["gpu_memory_total"] = int(info.total)
+            pids = {handle.pid}
+            try:
+                pids.update(p.pid for p in self._processes(handle.pid))
+            except psutil.Error:
+                pass
+            used = [p.usedGpuMemory for p in nvml.nvmlDeviceGetComputeRunningProcesses(device)
+                    if p.pid in pids and p.usedGpuMemory is not None]
+            # Inside a container NVML reports host pids, which match none of ours: then only
+            # the card's total is known.
+            out["gpu_memory"] = sum(used) if used else None
+        except Exception:
+            pass
+        return out
+
+
 class Pool:
     def __init__(self, ctx: zmq.Context[Any], address: str, slots: list[Slot],
-                 max_runs_per_worker: int = 0, log_file: Any = None) -> None:
+                 max_runs_per_worker: int = 0, log_file: Any = None,
+                 isolation: str = "state") -> None:
         self.ctx = ctx
         self.address = address
         self.slots = slots
         self.max_runs = max_runs_per_worker
         self.log_file = log_file
+        self.isolation = isolation
+        self.meter = ResourceMeter()
         self.workers: dict[str, WorkerHandle] = {}
         self._ids = itertools.count(1)
         cpu_slots = sum(1 for s in slots if s.kind == "cpu") or 1
@@ -89,7 +182,7 @@ class Pool:
         worker_id = f"w{next(self._ids)}"
         proc = subprocess.Popen(
             [sys.executable, "-m", "mosaicd.worker", "--connect", self.address,
-             "--id", worker_id, "--slot", slot.label],
+             "--id", worker_id, "--slot", slot.label, "--isolation", self.isolation],
             env=worker_environment(slot, self.cpu_threads), stdin=subprocess.DEVNULL,
             stdout=self.log_file, stderr=self.log_file, close_fds=True)
         handle = WorkerHandle(worker_id, slot, proc)
@@ -101,7 +194,13 @@ class Pool:
         sock.send_multipart([handle.worker_id.encode(), protocol.worker_message(name, **fields)])
 
     def idle(self, kind: str) -> list[WorkerHandle]:
-        return [w for w in self.workers.values() if w.state == IDLE and w.slot.kind == kind]
+        # A worker the daemon has killed may still report its run's end before it is reaped;
+        # it must not be handed another run in that window.
+        return [w for w in self.workers.values()
+                if w.state == IDLE and w.slot.kind == kind and w.killed_for is None]
+
+    def resources(self, handle: WorkerHandle) -> dict[str, Any]:
+        return self.meter.measure(handle)
 
     def slot_count(self, kind: str) -> int:
         return sum(1 for s in self.slots if s.kind == kind)
@@ -120,6 +219,7 @@ class Pool:
             code = handle.proc.poll()
             if code is not None:
                 del self.workers[handle.worker_id]
+                self.meter.forget(handle.pid)
                 dead.append((handle, code))
         return dead
 

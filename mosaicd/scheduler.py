@@ -223,8 +223,9 @@ class Scheduler:
             return
         for kind in ("cpu", "cuda"):
             for worker in self.pool.idle(kind):
-                if not self._start_next(worker):
-                    break
+                # No `break` when one worker finds nothing: gpu_available may rule out this
+                # GPU's slots and allow the next GPU's.
+                self._start_next(worker)
 
     def _start_next(self, worker: poolmod.WorkerHandle) -> bool:
         candidates = sorted(((q[0].queue_seq, key) for key, q in self.queues.items() if q))
@@ -346,7 +347,8 @@ class Scheduler:
             if worker.killed_for:
                 cause = worker.killed_for
             else:
-                cause = f"worker (pid {worker.pid}, {worker.slot.label}) {poolmod.describe_exit(code)}"
+                cause = (f"worker (pid {worker.pid}, {worker.slot.label}) "
+                         f"{poolmod.describe_exit(code)}")
             tail = _log_tail(os.path.join(run.submission.process["run_files_path"],
                                           f"output_{run_id}.log"))
             retries = int(run.submission.monitor.get("retries") or 0)
@@ -362,8 +364,8 @@ class Scheduler:
             elif self.shutting_down:
                 store.transition(run_id, QUEUED, "daemon stopping")
             else:
-                store.transition(run_id, FAILED, cause,
-                                 return_status=f"{cause}\n\nlast lines of the run's output:\n{tail}")
+                store.transition(run_id, FAILED, cause, return_status=(
+                    f"{cause}\n\nlast lines of the run's output:\n{tail}"))
         if not self.shutting_down:
             self.pool.spawn(worker.slot)
 
@@ -371,10 +373,14 @@ class Scheduler:
         now = time.time()
         for run in list(self.active.values()):
             timeout = run.submission.monitor.get("timeout")
+            # Already killed: the run stays active until its worker is reaped, and a second
+            # FAILED transition would be refused by the store.
+            if run.worker.killed_for is not None:
+                continue
             if timeout and now - run.started > float(timeout):
-                store = self.stores[run.study]
-                reason = f"timed out after {float(timeout):g} s (MONITOR timeout)"
-                store.transition(run.record.run_id, FAILED, reason, return_status=reason)
+                # on_worker_exit records the failure, with the run's last output lines.
+                reason = (f"timed out after {float(timeout):g} s (MONITOR timeout); its worker "
+                          f"(pid {run.worker.pid}, {run.worker.slot.label}) was killed")
                 self.pool.kill(run.worker, reason)
 
     # -- control ------------------------------------------------------------------------------
@@ -420,18 +426,18 @@ class Scheduler:
         finally:
             conn.close()
 
-    def cancel(self, db: str, run_ids: list[int]) -> dict[str, Any]:
+    def cancel(self, db: str, run_ids: list[int], reason: str) -> dict[str, Any]:
         store = self.stores[db]
         cancelled, skipped = [], []
         for run_id in run_ids:
             status = store.status_of(run_id)
             if status in (QUEUED, PAUSED):
-                store.transition(run_id, CANCELLED, "cancelled by request")
+                store.transition(run_id, CANCELLED, reason)
                 self._drop_from_queue(db, run_id)
                 cancelled.append(run_id)
             elif status == RUNNING and (db, run_id) in self.active:
                 run = self.active[(db, run_id)]
-                store.transition(run_id, CANCELLED, "cancelled while running")
+                store.transition(run_id, CANCELLED, f"{reason} (while running)")
                 self.pool.kill(run.worker, "cancelled")
                 cancelled.append(run_id)
             else:
@@ -491,7 +497,8 @@ class Scheduler:
                             "done": store.recent(DONE, limit),
                             "failed": store.recent(FAILED, limit)})
         workers = [{"id": w.worker_id, "slot": w.slot.label, "state": w.state, "pid": w.pid,
-                    "run_id": w.run[1] if w.run else None}
+                    "run_id": w.run[1] if w.run else None, "runs_done": w.runs_done,
+                    **self.pool.resources(w)}
                    for w in self.pool.workers.values()]
         return {"paused": self.paused, "workers": workers, "studies": studies,
                 "queued": self.queued_total()}

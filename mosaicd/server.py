@@ -39,6 +39,7 @@ class Options:
     gpus: list[str] = field(default_factory=list)
     runs_per_gpu: int = 1
     max_runs_per_worker: int = 0
+    isolation: str = "state"  # "state", "none" or "process": see mosaicd/worker.py
     checkpoint_every: float = 30.0
     stop_timeout: float = 60.0
     admin_gid: int | None = None
@@ -103,6 +104,16 @@ class Daemon:
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if os.path.exists(self.options.socket):
             os.unlink(self.options.socket)  # stale: we hold the lock, so nobody serves it
+        self._bind_client_socket()
+        self.worker_dir = tempfile.mkdtemp(prefix="mosaicd-workers-")
+        self.worker_address = f"ipc://{self.worker_dir}/workers.sock"
+        self.workers_sock = self.ctx.socket(zmq.ROUTER)
+        self.workers_sock.linger = 1000
+        self.workers_sock.bind(self.worker_address)
+
+    def _bind_client_socket(self) -> None:
+        """Bind the client socket with its permissions set from the first instant: 0600, or
+        0660 for --socket-group (the kernel checks write access to the file on connect)."""
         old_umask = os.umask(0o117 if self.options.socket_group is not None else 0o177)
         try:
             self.router.bind(paths.endpoint(self.options.socket))
@@ -112,11 +123,6 @@ class Daemon:
             os.chown(self.options.socket, -1, self.options.socket_group)
             os.chmod(self.options.socket, 0o660)
         self._socket_inode = os.stat(self.options.socket).st_ino
-        self.worker_dir = tempfile.mkdtemp(prefix="mosaicd-workers-")
-        self.worker_address = f"ipc://{self.worker_dir}/workers.sock"
-        self.workers_sock = self.ctx.socket(zmq.ROUTER)
-        self.workers_sock.linger = 1000
-        self.workers_sock.bind(self.worker_address)
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()
@@ -149,7 +155,8 @@ class Daemon:
         self.pool = Pool(self.ctx, self.worker_address,
                          make_slots(self.options.workers, self.options.gpus,
                                     self.options.runs_per_gpu),
-                         self.options.max_runs_per_worker, log_file)
+                         self.options.max_runs_per_worker, log_file,
+                         isolation=self.options.isolation)
         self.scheduler = Scheduler(self.state, self.pool, self._sender,
                                    self.options.checkpoint_every)
         self.scheduler.recover()
@@ -211,8 +218,7 @@ class Daemon:
             pass
         if os.path.exists(self.options.socket):
             os.unlink(self.options.socket)
-        self.router.bind(paths.endpoint(self.options.socket))
-        self._socket_inode = os.stat(self.options.socket).st_ino
+        self._bind_client_socket()  # with the same mode and group as at start-up
 
     def _drain_wakeup(self) -> None:
         try:
@@ -311,7 +317,8 @@ class Daemon:
     # -- shutdown -----------------------------------------------------------------------------
 
     def _shutdown(self) -> int:
-        notify.notify("STOPPING=1")
+        notify.notify("STOPPING=1", f"STATUS=stopping: checkpointing "
+                      f"{len(self.scheduler.active)} running run(s)")
         log.info("stopping: checkpointing %d running run(s)", len(self.scheduler.active))
         self.scheduler.shutting_down = True
         self.scheduler.park_all()

@@ -2,6 +2,18 @@
 
 Started by the daemon's pool as ``python -m mosaicd.worker``; talks to the daemon over a private
 ZeroMQ socket (message types in mosaic_client.protocol).
+
+Isolation between the runs of one worker (``mosaicd --isolation``, docs/workers.md):
+
+- ``state`` (default): runs share the process; what a run may change globally (working
+  directory, environment, ``sys.path``, default dtype, thread count, grad mode, its user
+  modules) is put back before the next run.
+- ``none``: the same process, nothing restored but the run's user modules; for trusted code.
+- ``process``: the worker forks a child per run. The child starts from the worker's clean,
+  torch-imported state, so nothing a run does outlives it, at the cost of a fork (milliseconds)
+  instead of a fresh interpreter and torch import (seconds). The worker relays the child's
+  messages; a child that dies abnormally takes the worker down the same way, so the daemon's
+  crash handling (cause, log tail, retries, replacement) is the same in every mode.
 """
 
 from __future__ import annotations
@@ -9,10 +21,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import resource
 import signal
 import sys
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 import zmq
 
@@ -55,6 +68,13 @@ class RedirectedOutput:
         os.close(self.saved[1])
 
 
+def drop_user_modules() -> None:
+    # Each run loads user files under fresh names (execution.load_user_class); dropping them
+    # keeps a long-lived worker's memory flat and stops a later run from finding stale ones.
+    for name in [n for n in sys.modules if n.startswith("mosaic_user_")]:
+        del sys.modules[name]
+
+
 class GlobalState:
     """What a run may change in the process and the next run must not see."""
 
@@ -65,10 +85,14 @@ class GlobalState:
         self.cwd = os.getcwd()
         self.environ = dict(os.environ)
         self.path = list(sys.path)
-        self.modules = set(sys.modules)
         self.dtype = torch.get_default_dtype()
         self.threads = torch.get_num_threads()
         self.grad = torch.is_grad_enabled()
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
+        self.deterministic_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+        self.matmul_precision = torch.get_float32_matmul_precision()
+        self.anomaly = torch.is_anomaly_enabled()
+        self.cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
 
     def restore(self) -> None:
         torch = self.torch
@@ -76,28 +100,72 @@ class GlobalState:
         os.environ.clear()
         os.environ.update(self.environ)
         sys.path[:] = self.path
-        for name in set(sys.modules) - self.modules:
-            if name.startswith("mosaic_user_"):
-                del sys.modules[name]
+        drop_user_modules()
         torch.set_default_dtype(self.dtype)
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         torch.set_grad_enabled(self.grad)
+        if (torch.are_deterministic_algorithms_enabled() != self.deterministic
+                or torch.is_deterministic_algorithms_warn_only_enabled()
+                != self.deterministic_warn):
+            torch.use_deterministic_algorithms(self.deterministic,
+                                               warn_only=self.deterministic_warn)
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        torch.autograd.set_detect_anomaly(self.anomaly)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = self.cudnn
+
+
+ISOLATION_MODES = ("state", "none", "process")
+_FRAME_HEADER = 4  # big-endian length before each message a forked run sends its worker
+
+
+def _write_frame(fd: int, payload: bytes) -> None:
+    data = len(payload).to_bytes(_FRAME_HEADER, "big") + payload
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _die_like(status: int) -> NoReturn:
+    """End this process the way a forked run process ended (signal or exit code)."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        # Passing on a SIGSEGV must not write a core file of the worker into its cwd.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
+    os._exit(os.waitstatus_to_exitcode(status) or 1)
 
 
 class Worker:
-    def __init__(self, address: str, worker_id: str, slot: str) -> None:
+    def __init__(self, address: str, worker_id: str, slot: str,
+                 isolation: str = "state") -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 5000)
         self.sock.connect(address)
         self.slot = slot
+        self.isolation = isolation
         self.park_for: int | None = None
+        self.park_signalled = False
         self.exit_requested = False
+        # Set in a forked run process: its messages go to the worker through this pipe, since
+        # a zmq socket must never be used from a forked child.
+        self.pipe_out: int | None = None
+        # Installed before any fork so that the child inherits it: a park signal that arrives
+        # before the child got going must not kill it (SIGUSR1's default action).
+        signal.signal(signal.SIGUSR1, self._on_park_signal)
+
+    def _on_park_signal(self, signum: int, frame: Any) -> None:
+        self.park_signalled = True
 
     def send(self, name: str, **fields: Any) -> None:
-        self.sock.send(protocol.worker_message(name, **fields))
+        payload = protocol.worker_message(name, **fields)
+        if self.pipe_out is not None:
+            _write_frame(self.pipe_out, payload)
+        else:
+            self.sock.send(payload)
 
     def _handle_control(self, message: dict[str, Any], running: int | None) -> None:
         if message["type"] == "park" and message["run_id"] == running:
@@ -106,6 +174,8 @@ class Worker:
             self.exit_requested = True
 
     def park_requested(self, run_id: int) -> bool:
+        if self.pipe_out is not None:  # a forked run: the worker relays a park as SIGUSR1
+            return self.park_signalled
         while self.sock.poll(0):
             message = protocol.decode_worker_message(self.sock.recv(),
                                                      protocol.DAEMON_TO_WORKER)
@@ -121,14 +191,70 @@ class Worker:
             if message["type"] != "run":
                 self._handle_control(message, None)
                 continue
-            self.run_one(execution, message["spec"])
+            if self.isolation == "process":
+                self.run_forked(execution, message["spec"])
+            else:
+                self.run_one(execution, message["spec"], restore=self.isolation == "state")
         self.sock.close()
         self.ctx.term()
 
-    def run_one(self, execution: Any, spec: dict[str, Any]) -> None:
+    def run_forked(self, execution: Any, spec: dict[str, Any]) -> None:
+        """Run one pipeline in a forked child and relay its messages to the daemon."""
         run_id = int(spec["run_id"])
         self.park_for = None
-        state = GlobalState()
+        self.park_signalled = False
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the run process
+            code = 0
+            try:
+                os.close(read_fd)
+                _die_with_parent()  # PDEATHSIG is not inherited across fork
+                self.pipe_out = write_fd
+                self.run_one(execution, spec, restore=False)
+            except BaseException:
+                code = 70
+            finally:
+                # Skip atexit and finalizers: they would touch the worker's zmq context.
+                os._exit(code)
+        os.close(write_fd)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(read_fd, zmq.POLLIN)
+        buffer = b""
+        eof = False
+        while not eof:
+            for item, _ in poller.poll():
+                if item == read_fd:
+                    chunk = os.read(read_fd, 1 << 16)
+                    eof = not chunk
+                    buffer += chunk
+                    while len(buffer) >= _FRAME_HEADER:
+                        size = int.from_bytes(buffer[:_FRAME_HEADER], "big")
+                        if len(buffer) < _FRAME_HEADER + size:
+                            break
+                        self.sock.send(buffer[_FRAME_HEADER:_FRAME_HEADER + size])
+                        buffer = buffer[_FRAME_HEADER + size:]
+                else:
+                    while self.sock.poll(0):
+                        message = protocol.decode_worker_message(self.sock.recv(),
+                                                                 protocol.DAEMON_TO_WORKER)
+                        if message["type"] == "park" and message["run_id"] == run_id:
+                            os.kill(pid, signal.SIGUSR1)
+                        elif message["type"] == "exit":
+                            self.exit_requested = True
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            # The run's process crashed (segfault, os._exit, OOM kill): end this worker the same
+            # way, so the daemon fails or retries the run with the real cause.
+            self.sock.close(linger=1000)
+            _die_like(status)
+
+    def run_one(self, execution: Any, spec: dict[str, Any], restore: bool = True) -> None:
+        run_id = int(spec["run_id"])
+        self.park_for = None
+        state = GlobalState() if restore else None
         os.makedirs(spec["run_files_path"], exist_ok=True)
         log_path = os.path.join(spec["run_files_path"], f"output_{run_id}.log")
         channel = execution.Channel(
@@ -153,7 +279,10 @@ class Worker:
             outcome = ("failed", {"error": f"cannot write run files: {exc}",
                                   "traceback": traceback.format_exc()})
         finally:
-            state.restore()
+            if state is not None:
+                state.restore()
+            else:
+                drop_user_modules()
         self.send(outcome[0], run_id=run_id, **outcome[1])
 
 
@@ -162,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connect", required=True)
     parser.add_argument("--id", required=True)
     parser.add_argument("--slot", default="cpu")
+    parser.add_argument("--isolation", default="state", choices=ISOLATION_MODES)
     args = parser.parse_args(argv)
     _die_with_parent()
     # The daemon stops workers itself; a Ctrl-C in the daemon's terminal must not kill a run
@@ -169,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch  # noqa: F401  -- imported once per worker, not once per run
 
-    Worker(args.connect, args.id, args.slot).serve()
+    Worker(args.connect, args.id, args.slot, args.isolation).serve()
 
 
 if __name__ == "__main__":

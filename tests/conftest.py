@@ -28,8 +28,10 @@ class Daemon:
 
     def __init__(self, root: Path, *extra: str, workers: int = 2) -> None:
         self.root = root
-        self.socket = str(root / "d.sock")
-        self.state_dir = str(root / "state")
+        # The daemon's own files live apart from the study files the tests write: the daemon
+        # refuses to put a client's database inside its own directories.
+        self.socket = str(root / "daemon" / "d.sock")
+        self.state_dir = str(root / "daemon" / "state")
         self.extra = list(extra)
         self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None
@@ -44,6 +46,7 @@ class Daemon:
         return env
 
     def start(self, wait: float = 30.0) -> Daemon:
+        os.makedirs(os.path.dirname(self.socket), exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mosaicd", "--socket", self.socket, "--state-dir",

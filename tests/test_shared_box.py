@@ -1,0 +1,428 @@
+"""The shared GPU box: a root daemon whose socket only one group reaches, users who own their
+runs, administrators who may act on all of them, systemd readiness, and the unit files.
+
+Runs as root (CI does): it creates throw-away users and groups with useradd/groupadd, removes
+them at the end, and runs the client as those users with setpriv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import site
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mosaic_client.connection import Client, DaemonUnavailable
+from tests.conftest import REPO, Daemon, example_config, query
+
+DENIED = 4
+USERS_GID = 100  # useradd -N's default primary group ("users"), given explicitly below
+SYSTEMD_DIR = REPO / "systemd"
+
+
+def _require_root() -> None:
+    # Not a skip: these tests are the proof of the permission model and CI runs them as root.
+    if os.geteuid() != 0:
+        pytest.fail("tests/test_shared_box.py creates users and groups: run it as root")
+    for tool in ("useradd", "userdel", "groupadd", "groupdel", "setpriv"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing: apt-get install -y passwd util-linux")
+
+
+def _usable_by_anyone(path: str) -> bool:
+    """Whether a user with no special rights can execute `path` (search on every parent)."""
+    path = os.path.realpath(path)
+    if not os.stat(path).st_mode & stat.S_IXOTH:
+        return False
+    parent = os.path.dirname(path)
+    while parent != "/":
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return False
+        parent = os.path.dirname(parent)
+    return True
+
+
+def user_python() -> tuple[str, list[str]]:
+    """An interpreter the throw-away users may run, and the PYTHONPATH entries it needs.
+
+    The venv's interpreter may live under /root (0700, as on this box): then the same
+    major.minor system interpreter runs the client with the venv's pure site-packages."""
+    if _usable_by_anyone(sys.executable):
+        return sys.executable, []
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidate = shutil.which(version, path="/usr/local/bin:/usr/bin:/bin")
+    if candidate and _usable_by_anyone(candidate):
+        return candidate, [p for p in site.getsitepackages() if os.path.isdir(p)]
+    pytest.fail(f"no {version} that unprivileged users may run: {sys.executable} is not "
+                "reachable by them; install one (apt-get install -y python3)")
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
+
+
+@dataclass
+class Box:
+    root: Path
+    group: str  # may use the socket
+    admin_group: str  # may act on everyone's runs
+    users: dict[str, str]  # role -> user name: a, b (in group), adm (in both), outsider
+    daemon: Daemon
+    python: str
+    pythonpath: list[str]
+    made_users: list[str] = field(default_factory=list)
+    made_groups: list[str] = field(default_factory=list)
+
+    def home(self, role: str) -> Path:
+        return self.root / role
+
+    def env(self, role: str) -> dict[str, str]:
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.home(role)),
+                "USER": self.users[role], "LANG": "C.UTF-8",
+                "MOSAIC_SOCKET": self.daemon.socket,
+                "PYTHONPATH": os.pathsep.join([str(REPO), *self.pythonpath])}
+
+    def as_user(self, role: str, *argv: str,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        user = self.users[role]
+        result = subprocess.run(
+            ["setpriv", f"--reuid={user}", f"--regid={USERS_GID}", "--init-groups", "--",
+             *argv],
+            env=self.env(role), cwd=self.home(role), capture_output=True, text=True,
+            timeout=timeout)
+        return result
+
+    def cli(self, role: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.as_user(role, self.python, "-m", "mosaic_client.cli", *args)
+
+    def request(self, role: str, name: str, **fields: Any) -> dict[str, Any]:
+        """Send one raw request as `role`, bypassing the CLI's own checks (a hostile client)."""
+        code = ("import json, sys\n"
+                "from mosaic_client.connection import Client\n"
+                "from mosaic_client.protocol import ProtocolError\n"
+                "name, fields = json.loads(sys.argv[1])\n"
+                "try:\n"
+                "    with Client() as c:\n"
+                "        print(json.dumps({'ok': c.request(name, **fields)}))\n"
+                "except ProtocolError as e:\n"
+                "    print(json.dumps({'code': e.code, 'message': e.message}))\n")
+        result = self.as_user(role, self.python, "-c", code, json.dumps([name, fields]))
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+
+def _make_box(root: Path) -> Box:
+    tag = secrets.token_hex(3)
+    group, admin_group = f"mosu{tag}", f"mosa{tag}"
+    users = {"a": f"mosa{tag}a", "b": f"mosa{tag}b", "adm": f"mosa{tag}m",
+             "outsider": f"mosa{tag}o"}
+    python, pythonpath = user_python()
+    box = Box(root, group, admin_group, users, Daemon(root, "--socket-group", group,
+                                                      "--admin-group", admin_group, workers=1),
+              python, pythonpath)
+    for g in (group, admin_group):
+        _run("groupadd", g)
+        box.made_groups.append(g)
+    memberships = {"a": group, "b": group, "adm": f"{group},{admin_group}", "outsider": None}
+    for role, name in users.items():
+        extra = ["-G", memberships[role]] if memberships[role] else []
+        _run("useradd", "-M", "-N", "-g", str(USERS_GID), "-s", "/usr/sbin/nologin", *extra, name)
+        box.made_users.append(name)
+        home = box.home(role)
+        home.mkdir()
+        os.chown(home, int(subprocess.check_output(["id", "-u", name])), -1)
+        home.chmod(0o755)
+    # The layout of /run/mosaic under systemd: a 0750 directory of the users' group.
+    sock_dir = root / "run"
+    sock_dir.mkdir(mode=0o750)
+    os.chown(sock_dir, 0, int(subprocess.check_output(["getent", "group", group],
+                                                      text=True).split(":")[2]))
+    sock_dir.chmod(0o750)
+    box.daemon.socket = str(sock_dir / "mosaicd.sock")
+    return box
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Box]:
+    _require_root()
+    root = Path(tempfile.mkdtemp(prefix="mosbox-"))
+    root.chmod(0o755)  # the users traverse it to their project directories and the socket
+    made: Box | None = None
+    try:
+        made = _make_box(root)
+        made.daemon.start()
+        yield made
+    finally:
+        if made is not None:
+            made.daemon.stop()
+            for name in made.made_users:
+                subprocess.run(["userdel", name], capture_output=True, timeout=60)
+            for g in made.made_groups:
+                subprocess.run(["groupdel", g], capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _project(box: Box, role: str, name: str, multiplicity: int = 1) -> tuple[str, str]:
+    """A config in the user's directory (owned by them); returns (config, db) paths."""
+    directory = box.home(role) / name
+    directory.mkdir()
+    config = example_config(directory, epochs=2, multiplicity=multiplicity, nb_processus=1)
+    uid = int(subprocess.check_output(["id", "-u", box.users[role]]))
+    for path in (directory, config):
+        os.chown(path, uid, -1)
+    return str(config), str(directory / "results.db")
+
+
+def settled(box: Box, db: str) -> dict[str, int]:
+    counts = box.daemon.wait_for(db, total=1, timeout=180)
+    return {state: n for state, n in counts.items() if n}
+
+
+def snapshot(db: str) -> list[Any]:
+    """Everything a refused request must leave untouched."""
+    return [query(db, f"SELECT * FROM {table} ORDER BY 1, 2")
+            for table in ("runs", "run_events", "run_meta", "params", "submissions")]
+
+
+@pytest.fixture(scope="module")
+def finished(box: Box) -> dict[str, tuple[str, str]]:
+    """One finished study per user, submitted by that user through the CLI."""
+    out = {}
+    for role in ("a", "b"):
+        config, db = _project(box, role, "done")
+        result = box.cli(role, "run", config, db, "--no-autostart")
+        assert result.returncode == 0, result.stderr
+        out[role] = (config, db)
+    for _, db in out.values():
+        assert settled(box, db) == {"done": 1}
+    return out
+
+
+def test_socket_is_group_only(box: Box) -> None:
+    st = os.stat(box.daemon.socket)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    gid = int(subprocess.check_output(["getent", "group", box.group], text=True).split(":")[2])
+    assert st.st_gid == gid
+
+
+def test_each_run_records_its_owner(box: Box, finished: dict[str, tuple[str, str]]) -> None:
+    for role, (_, db) in finished.items():
+        user = box.users[role]
+        uid = int(subprocess.check_output(["id", "-u", user]))
+        params = dict(query(db, "SELECT param_name, param_value FROM params WHERE run_id=1 "
+                                "AND param_name IN ('owner', 'owner_uid')"))
+        assert params == {"owner": user, "owner_uid": uid}
+        assert query(db, "SELECT owner_uid, owner FROM submissions") == [(uid, user)]
+    # `status --mine` as a: a's finished run, none of b's; every listed run names its owner.
+    result = box.cli("a", "status", "--mine", "--json")
+    assert result.returncode == 0, result.stderr
+    studies = {s["db"]: s for s in json.loads(result.stdout)["studies"]}
+    assert [r["owner"] for r in studies[finished["a"][1]]["done"]] == [box.users["a"]]
+    assert studies[finished["b"][1]]["done"] == []
+    everyone = json.loads(box.cli("a", "status", "--json").stdout)["studies"]
+    assert {r["owner"] for s in everyone for r in s["done"]} >= {box.users["a"], box.users["b"]}
+
+    # savedb is written by the client, with the caller's rights: the copy is a's, not root's.
+    copy = box.home("a") / "copy.db"
+    result = box.cli("a", "savedb", str(copy), "--db", finished["a"][1])
+    assert result.returncode == 0, result.stderr
+    assert copy.stat().st_uid == int(subprocess.check_output(["id", "-u", box.users["a"]]))
+    assert query(copy, "SELECT param_value FROM params WHERE param_name='owner'") == [
+        (box.users["a"],)]
+    # b cannot plant a copy in a's directory through the daemon either: it never writes it.
+    result = box.cli("b", "savedb", str(box.home("a") / "stolen.db"), "--db", finished["a"][1])
+    assert result.returncode != 0 and not (box.home("a") / "stolen.db").exists()
+
+
+def test_other_users_runs_are_refused_admins_may(box: Box,
+                                                 finished: dict[str, tuple[str, str]]) -> None:
+    a_config, a_db = finished["a"]
+    before = snapshot(a_db)
+    result = box.cli("b", "rerun", a_config, a_db, "-id", "all", "-epochs", "1")
+    assert result.returncode == DENIED, result.stderr
+    assert f"belongs to {box.users['a']}" in result.stderr
+    assert "Nothing was changed" in result.stderr
+    assert snapshot(a_db) == before
+
+    # Queued runs of a (the daemon is paused by root), which b then tries to cancel.
+    assert box.daemon.cli("pause", "--all").returncode == 0
+    try:
+        config, db = _project(box, "a", "queued", multiplicity=2)
+        assert box.cli("a", "run", config, db, "--no-autostart").returncode == 0
+        assert query(db, "SELECT run_id, status FROM runs") == [(1, "queued"), (2, "queued")]
+        before = snapshot(db)
+        result = box.cli("b", "cancel", db, "-id", "all")
+        assert result.returncode == DENIED
+        assert f"belongs to {box.users['a']}" in result.stderr
+        assert snapshot(db) == before
+
+        # b may neither pause nor resume the whole daemon; the refusal says who may.
+        for args in (("pause", "--all"), ("resume", "--all"), ("pause",), ("resume",)):
+            result = box.cli("b", *args)
+            assert result.returncode == DENIED, (args, result.stderr)
+            assert "root" in result.stderr and "Nothing was changed" in result.stderr
+        assert f"members of group {box.admin_group}" in box.cli("b", "pause", "--all").stderr
+        assert box.daemon.request("status", limit=0)["paused"] is True
+        assert snapshot(db) == before
+
+        # A member of the admin group may cancel a's run; a may cancel their own.
+        result = box.cli("adm", "cancel", db, "-id", "1")
+        assert result.returncode == 0, result.stderr
+        result = box.cli("a", "cancel", db, "-id", "2")
+        assert result.returncode == 0, result.stderr
+        assert query(db, "SELECT run_id, status FROM runs") == [(1, "cancelled"),
+                                                                (2, "cancelled")]
+        # Root may rerun a's finished run.
+        result = box.daemon.cli("rerun", a_config, a_db, "-id", "all", "-epochs", "1")
+        assert result.returncode == 0, result.stderr
+    finally:
+        assert box.daemon.cli("resume", "--all").returncode == 0
+    assert settled(box, a_db) == {"done": 1}
+    assert query(a_db, "SELECT epochs_target FROM run_meta") == [(3,)]
+
+
+def test_daemon_writes_only_where_the_caller_may(box: Box,
+                                                 finished: dict[str, tuple[str, str]]) -> None:
+    a_config, _ = finished["a"]
+    process = {"epochs": 1, "lr": 0.01, "data_scheme": "dataset", "pipeline_scheme": "mlp",
+               "run_files_path": str(box.home("b") / "runs")}
+    fields = {"config_path": a_config, "process": process, "monitor": {},
+              "pipelines": [[{"type": "dataset", "class": "x", "path_to_class": a_config}]]}
+    # A hostile client (no CLI checks) names a database in a's directory: refused.
+    target = box.home("a") / "planted.db"
+    reply = box.request("b", "submit", db=str(target), **fields)
+    assert reply["code"] == "permission", reply
+    assert "may not write in" in reply["message"] and str(box.home("a")) in reply["message"]
+    assert not target.exists()
+    # ... or run files there.
+    reply = box.request("b", "submit", db=str(box.home("b") / "mine.db"),
+                        **{**fields, "process": {**process, "run_files_path": str(target)}})
+    assert reply["code"] == "permission", reply
+    assert not (box.home("b") / "mine.db").exists()
+    # ... or a path into the daemon's own state (even root may not).
+    inside = os.path.join(box.daemon.state_dir, "study.db")
+    reply = box.request("b", "submit", db=inside, **fields)
+    assert reply["code"] == "permission" and "daemon's own directory" in reply["message"]
+    assert not os.path.exists(inside)
+
+
+def test_outsider_cannot_connect(box: Box) -> None:
+    result = box.cli("outsider", "status")
+    assert result.returncode == DENIED, result.stderr
+    assert "permission denied" in result.stderr
+    assert f"members of group {box.group}" in result.stderr
+    # `mosaic run` must not start a daemon of its own on a socket it may not reach.
+    config, db = _project(box, "outsider", "denied")
+    result = box.cli("outsider", "run", config, db)
+    assert result.returncode == DENIED and "permission denied" in result.stderr
+    assert "started mosaicd" not in result.stderr
+    # Below the CLI: the kernel refuses the connection itself.
+    probe = ("import socket, sys\n"
+             "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+             "s.connect(sys.argv[1])\n")
+    result = box.as_user("outsider", box.python, "-c", probe, box.daemon.socket)
+    assert result.returncode != 0 and "PermissionError" in result.stderr
+    result = box.as_user("a", box.python, "-c", probe, box.daemon.socket)
+    assert result.returncode == 0, result.stderr
+
+
+def _datagrams(sock: socket.socket, until: str, timeout: float) -> list[str]:
+    """Notification datagrams until one contains the line `until`."""
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            message = sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        got.append(message)
+        if until in message.splitlines():
+            return got
+    raise AssertionError(f"no {until} within {timeout} s; got {got}")
+
+
+def test_sd_notify_ready_status_stopping() -> None:
+    root = Path(tempfile.mkdtemp(prefix="mosn-"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(root / "notify.sock"))
+    daemon = Daemon(root, workers=1)
+    env = {**daemon.env, "NOTIFY_SOCKET": str(root / "notify.sock")}
+    log = open(daemon.log_path, "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mosaicd", "--socket", daemon.socket, "--state-dir",
+         daemon.state_dir, "--workers", "1", "--gpus", ""],
+        env=env, stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    try:
+        messages = _datagrams(listener, "READY=1", timeout=60)
+        # The moment READY=1 arrives the socket answers: no retry, a short timeout.
+        with Client(daemon.socket, timeout=5.0) as client:
+            assert client.request("ping")["pid"] == proc.pid
+        assert all("READY=1" not in m for m in messages[:-1])
+        assert any(line.startswith("STATUS=") for line in messages[-1].splitlines())
+        proc.send_signal(signal.SIGTERM)
+        messages = _datagrams(listener, "STOPPING=1", timeout=30)
+        assert any(line.startswith("STATUS=stopping") for line in messages[-1].splitlines())
+        assert proc.wait(60) == 0
+        with pytest.raises(DaemonUnavailable):
+            Client(daemon.socket, timeout=1.0).request("ping")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        listener.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _units_with_real_binary(tmp: Path) -> list[Path]:
+    """The unit files with ExecStart pointing at this checkout's mosaicd: `verify` checks that
+    the binary exists, and /usr/local/bin/mosaicd is not installed in CI."""
+    binary = shutil.which("mosaicd", path=os.path.dirname(sys.executable))
+    assert binary, "mosaicd is not installed in the venv (pip install -e .)"
+    out = []
+    for unit in ("mosaicd.service", "mosaicd-user.service"):
+        text = (SYSTEMD_DIR / unit).read_text()
+        text = re.sub(r"^ExecStart=\S+", f"ExecStart={binary}", text, flags=re.M)
+        (tmp / unit).write_text(text)
+        out.append(tmp / unit)
+    return out
+
+
+def test_unit_files_verify_and_score(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing: apt-get update && apt-get install -y systemd")
+    units = _units_with_real_binary(tmp_path)
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mosaicd" not in result.stdout + result.stderr  # no warning about our units
+    text = (SYSTEMD_DIR / "mosaicd.service").read_text()
+    for line in ("Type=notify", "NotifyAccess=main", "User=mosaic", "RuntimeDirectory=mosaic",
+                 "RuntimeDirectoryMode=0750", "StateDirectory=mosaic", "Restart=on-failure",
+                 "KillSignal=SIGTERM", "NoNewPrivileges=yes", "PrivateTmp=yes"):
+        assert re.search(f"^{line}$", text, flags=re.M), line
+    # Hidden GPUs or a JIT that cannot map executable memory would break CUDA and triton.
+    assert not re.search(r"^(PrivateDevices|MemoryDenyWriteExecute)=", text, flags=re.M)
+    stop = float(re.search(r"^TimeoutStopSec=(\d+)", text, flags=re.M).group(1))
+    assert stop >= 60 + 5 + 10  # --stop-timeout's default, the workers' grace, a margin
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(units[0])],
+                            capture_output=True, text=True, timeout=120)
+    score = re.search(r"Overall exposure level for mosaicd\.service: ([\d.]+)", result.stdout)
+    assert score, result.stdout + result.stderr
+    assert float(score.group(1)) <= 4.0  # docs/deployment.md quotes it
