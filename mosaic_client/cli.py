@@ -63,8 +63,8 @@ def resolve_db(db: str, config_dir: str | None = None) -> str:
 def existing_db(db: str) -> str:
     path = os.path.abspath(db)
     if not os.path.isfile(path):
-        raise CommandError(f"no database at {path}; give the path of a study database",
-                           BAD_INPUT)
+        raise CommandError(f"no database at {path}; give the path of a study database "
+                           "(`mosaic run CONFIG DB` creates one)", BAD_INPUT)
     return path
 
 
@@ -343,7 +343,9 @@ def _span(ids: Sequence[int]) -> str:
 def cmd_cancel(args: argparse.Namespace) -> int:
     reply = _call(args, "cancel", db=existing_db(args.db), selection=_selection(args))
     if not reply["selected"]:
-        raise CommandError("the selection matches no run; nothing was cancelled", BAD_INPUT)
+        raise CommandError(f"the selection ({selections.describe(_selection(args))}) matches no "
+                           f"run of {args.db}; nothing was cancelled. `mosaic status --db "
+                           f"{args.db}` lists its runs", BAD_INPUT)
     print(_rows_summary("cancelled", reply["cancelled"]))
     if reply["skipped"]:
         print(_rows_summary("left alone (already finished)", reply["skipped"]))
@@ -352,13 +354,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.config):
-        raise CommandError(f"config file {args.config} does not exist", BAD_INPUT)
+        raise CommandError(f"config file {args.config} does not exist; give the config the "
+                           "runs were queued from (`mosaic show RUN` shows its settings)",
+                           BAD_INPUT)
     if args.epochs is None or args.epochs < 1:
         raise CommandError("give -epochs N (N >= 1): how many more epochs to train", BAD_INPUT)
     db = existing_db(args.db)
     reply = _call(args, "rerun", db=db, selection=_selection(args), epochs=args.epochs)
     if not reply["selected"]:
-        raise CommandError("the selection matches no run; nothing was queued", BAD_INPUT)
+        raise CommandError(f"the selection ({selections.describe(_selection(args))}) matches no "
+                           f"run of {args.db}; nothing was queued. `mosaic status --db "
+                           f"{args.db}` lists its runs", BAD_INPUT)
     print(_rows_summary(f"queued for {args.epochs} more epoch(s):", reply["queued"]))
     if reply["skipped"]:
         print(_rows_summary("skipped (queued or running):", reply["skipped"]))
@@ -371,8 +377,9 @@ def cmd_savedb(args: argparse.Namespace) -> int:
     else:
         studies = _call(args, "studies")
         if len(studies) != 1:
-            raise CommandError("the daemon serves several studies (or none): say which with "
-                               "--db DB", BAD_INPUT)
+            known = ", ".join(s["db"] for s in studies) or "none yet"
+            raise CommandError(f"say which study to copy with --db DB (the daemon knows: "
+                               f"{known})", BAD_INPUT)
         source = studies[0]["db"]
     target = os.path.abspath(args.copy)
     if os.path.exists(target) and os.path.samefile(source, target):
@@ -396,7 +403,9 @@ def copy_database(source: str, target: str) -> None:
             dst.close()
         if ok != "ok":
             os.unlink(tmp)
-            raise CommandError(f"the copy failed its integrity check ({ok}); nothing written")
+            raise CommandError(f"the copy failed its integrity check ({ok}); nothing written. "
+                               f"Check the source with `sqlite3 {source} 'PRAGMA "
+                               "integrity_check'`")
         os.replace(tmp, target)
     finally:
         src.close()
@@ -440,7 +449,9 @@ def _db_or_only(args: argparse.Namespace) -> str:
         return existing_db(args.db)
     studies = _call(args, "studies")
     if len(studies) != 1:
-        raise CommandError("say which study with --db DB", BAD_INPUT)
+        known = ", ".join(s["db"] for s in studies) or "none yet"
+        raise CommandError(f"say which study the run is in with --db DB (the daemon knows: "
+                           f"{known})", BAD_INPUT)
     return str(studies[0]["db"])
 
 
@@ -706,18 +717,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "validate, expand and queue every pipeline of CONFIG into DB",
             "mosaic run examples/or_mlp/config.ini results.db --follow")
-    p.add_argument("config")
-    p.add_argument("db")
+    p.add_argument("config", help="the study's INI file (docs/configuration.md)")
+    p.add_argument("db", help="study database: created if missing, else the runs are added")
     p.add_argument("--follow", action="store_true", help="show progress until all runs end")
     p.add_argument("--no-autostart", action="store_true",
                    help="fail instead of starting a daemon when none answers")
 
     p = add("rerun", cmd_rerun, "train the selected runs for N more epochs",
             "mosaic rerun examples/or_mlp/config.ini results.db -id 1-3 -epochs 5")
-    p.add_argument("config")
-    p.add_argument("db")
+    p.add_argument("config", help="the INI file the runs were queued from")
+    p.add_argument("db", help="their study database")
     _add_selection(p)
-    p.add_argument("-epochs", "--epochs", type=int, required=True)
+    p.add_argument("-epochs", "--epochs", type=int, required=True,
+                   help="how many more epochs to train, from each run's last checkpoint")
 
     p = add("status", cmd_status, "the daemon's state: workers, queue, runs", "mosaic status")
     p.add_argument("--db", help="only this study")
@@ -792,14 +804,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
 
     p = add("show", cmd_show, "everything known about one run", "mosaic show 3 --db results.db")
-    p.add_argument("run", type=int)
-    p.add_argument("--db")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("run", type=int, help="run id")
+    p.add_argument("--db", help="its study database (default: the daemon's only study)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("logs", cmd_logs, "a run's output (-f: follow it live)", "mosaic logs 3 -f")
-    p.add_argument("run", type=int)
-    p.add_argument("--db")
-    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("run", type=int, help="run id")
+    p.add_argument("--db", help="its study database (default: the daemon's only study)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing new output until the run ends (waits if queued)")
 
     add("shutdown", cmd_shutdown, "stop the daemon (running runs are checkpointed)",
         "mosaic shutdown")
@@ -830,10 +843,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = {protocol.ErrorCode.PERMISSION: DENIED, protocol.ErrorCode.INVALID: BAD_INPUT,
                 protocol.ErrorCode.NOT_FOUND: BAD_INPUT}.get(exc.code, FAILED)
     except sqlite3.DatabaseError as exc:
-        _err(f"database error: {exc}")
+        _err(f"database error: {exc}; is the file a study database written by mosaicd "
+             "(`mosaic status` lists the studies it knows)?")
         code = BAD_INPUT
     except OSError as exc:
-        _err(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+        _err(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+             + "; check the path and its permissions")
         code = BAD_INPUT
     except KeyboardInterrupt:
         code = INTERRUPTED
