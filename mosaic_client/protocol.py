@@ -3,9 +3,10 @@
 Every message type of both channels is declared here, so the contract is read in one place.
 
 Client channel: ZeroMQ DEALER (client) -> ROUTER (daemon) over an ``ipc://`` socket. The client
-sends two frames ``[b"", payload]``; the daemon answers ``[b"", payload]``. ``payload`` is a msgpack
-map: a request ``{"v": PROTOCOL_VERSION, "type": NAME, "args": {...}}`` and a reply either
-``{"v": .., "ok": True, "data": {...}}`` or ``{"v": .., "ok": False, "error": {"code", "message"}}``.
+sends two frames ``[b"", payload]``; the daemon answers ``[b"", payload]``. ``payload`` is a
+msgpack map: a request ``{"v": PROTOCOL_VERSION, "type": NAME, "args": {...}}`` and a reply,
+either ``{"v": .., "ok": True, "data": {...}}`` or
+``{"v": .., "ok": False, "error": {"code", "message"}}``.
 
 Worker channel: each worker is a DEALER whose identity is its worker id, connected to a private
 ROUTER of the daemon; one frame of msgpack per message, ``{"type": NAME, ...fields}``.

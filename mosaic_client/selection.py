@@ -29,7 +29,8 @@ def parse_ids(text: str) -> list[int] | None:
             try:
                 low, high = int(low_text), int(high_text)
             except ValueError:
-                raise SelectionError(f"{part!r} is not a range of run ids; write e.g. 2-5") from None
+                raise SelectionError(
+                    f"{part!r} is not a range of run ids; write e.g. 2-5") from None
             if low > high:
                 raise SelectionError(f"range {part!r} goes backwards; write {high}-{low}")
             ids.extend(range(low, high + 1))
