@@ -1,0 +1,178 @@
+"""Unit and property tests of the small pure pieces: metrics, selections, protocol, params."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mosaic_client import protocol
+from mosaic_client import selection as sel
+from mosaicd import metrics
+from mosaicd.scheduler import readable_pipeline, run_params
+from mosaicd.store import TRANSITIONS, Store, StoreError
+
+finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+
+
+def test_metrics_formulas() -> None:
+    train, test = [1.0, 0.5, 0.25], [1.2, 0.8, 0.5]
+    assert metrics.overfit(train, test) == pytest.approx(0.25 / (1.2 - 0.25))
+    assert metrics.trainability(test) == pytest.approx(2.5 / 3)
+    # 3 epochs: 10% of 2 steps rounds to 0, so at least one step: the last change.
+    assert metrics.slope(train) == pytest.approx(-0.25)
+    twenty = [float(20 - i) for i in range(21)]
+    assert metrics.slope(twenty) == pytest.approx(-1.0)  # two steps, -1 each
+
+
+def test_metrics_short_and_degenerate_histories() -> None:
+    assert metrics.derived([], []) == {"overfit": None, "trainability": None, "slope": None}
+    one = metrics.derived([0.3], [0.3])
+    assert one == {"overfit": 0.0, "trainability": 0.3, "slope": None}
+    assert metrics.overfit([float("nan")], [1.0]) is None
+    assert metrics.slope([1.0, float("inf")]) is None
+
+
+@given(st.lists(finite, min_size=1, max_size=60), st.lists(finite, min_size=1, max_size=60))
+def test_overfit_is_between_zero_and_one(train: list[float], test: list[float]) -> None:
+    value = metrics.overfit(train, test)
+    assert value is not None and 0.0 <= value <= 1.0 + 1e-9
+
+
+@given(st.lists(finite, min_size=2, max_size=200))
+def test_slope_is_bounded_by_the_largest_step(train: list[float]) -> None:
+    value = metrics.slope(train)
+    biggest = max(abs(b - a) for a, b in zip(train, train[1:]))
+    assert value is not None and abs(value) <= biggest + 1e-6
+
+
+@given(st.lists(st.integers(min_value=1, max_value=500), min_size=1, max_size=30))
+def test_parse_ids_round_trips(ids: list[int]) -> None:
+    text = ",".join(str(i) for i in ids)
+    assert sel.parse_ids(text) == sorted(set(ids))
+
+
+def test_parse_ids_ranges_and_errors() -> None:
+    assert sel.parse_ids("1-3,7") == [1, 2, 3, 7]
+    assert sel.parse_ids("all") is None
+    for bad, word in (("3-1", "backwards"), ("a", "not a run id"), ("1,,2", "empty"),
+                      ("1-x", "range")):
+        with pytest.raises(sel.SelectionError, match=word):
+            sel.parse_ids(bad)
+
+
+def test_make_selection_needs_exactly_one() -> None:
+    with pytest.raises(sel.SelectionError, match="exactly one"):
+        sel.make_selection()
+    with pytest.raises(sel.SelectionError, match="exactly one"):
+        sel.make_selection(ids="1", request="SELECT 1")
+    assert sel.make_selection(param=["width", "3"]) == {"kind": "param", "name": "width",
+                                                        "value": 3}
+
+
+@pytest.fixture
+def study(tmp_path) -> sqlite3.Connection:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "s.db")
+    store = Store(path)
+    module = [{"type": "m", "class": "c", "path_to_class": "/c.py", "key": "k", "name": "c"}]
+    runs = [(module, i, "c()", {"width": w, "act": a})
+            for i, (w, a) in enumerate([(3, "relu"), (10, "tanh"), (5, "relu")])]
+    store.add_submission(0, "me", "/c.ini", {"epochs": 1}, {}, runs)
+    store.close()
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    yield conn
+    conn.close()
+
+
+def test_resolve_selections(study: sqlite3.Connection) -> None:
+    assert sel.resolve(study, {"kind": "ids", "ids": [1, 3, 99]}) == [1, 3]
+    assert sel.resolve(study, {"kind": "all"}) == [1, 2, 3]
+    assert sel.resolve(study, {"kind": "param", "name": "act", "value": "relu"}) == [1, 3]
+    assert sel.resolve(study, {"kind": "low", "name": "width", "value": 5}) == [1, 3]
+    assert sel.resolve(study, {"kind": "high", "name": "width", "value": 5}) == [2, 3]
+    assert sel.resolve(study, {"kind": "request",
+                               "sql": "SELECT run_id FROM params WHERE param_name='width' "
+                                      "AND param_value > 4"}) == [2, 3]
+
+
+@pytest.mark.parametrize("sql", ["DELETE FROM runs", "DROP TABLE params",
+                                 "INSERT INTO runs VALUES (9, 'x', 'y', NULL)",
+                                 "PRAGMA writable_schema = 1", "SELECT 1; SELECT 2",
+                                 "CREATE TABLE t (x)", "SELECT 'text'"])
+def test_request_refuses_anything_but_reading_ids(study: sqlite3.Connection, sql: str) -> None:
+    with pytest.raises(sel.SelectionError):
+        sel.resolve(study, {"kind": "request", "sql": sql})
+    assert sel.resolve(study, {"kind": "all"}) == [1, 2, 3]
+
+
+def test_protocol_round_trip_and_validation() -> None:
+    payload = protocol.make_request("status", limit=3)
+    assert protocol.decode_request(payload) == ("status", {"limit": 3})
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.decode_request(protocol.pack({"v": 1, "type": "cancel", "args": {"db": 3}}))
+    assert err.value.code == protocol.ErrorCode.BAD_ARGUMENTS
+    with pytest.raises(protocol.ProtocolError, match="boolean"):
+        protocol.check_fields(protocol.REQUESTS["status"], {"limit": True}, "status")
+    with pytest.raises(protocol.ProtocolError) as err:
+        protocol.decode_reply(protocol.error_reply("permission", "no"))
+    assert err.value.code == "permission"
+
+
+def test_readable_pipeline_and_params() -> None:
+    modules = [{"type": "dataset", "class": "dataset_OR", "path_to_class": "/d.py",
+                "data_size": 200, "train_prop": 0.8, "key": "data_dataset_OR", "name": "d"},
+               {"type": "mlp", "class": "mlp_funnel", "path_to_class": "/m.py", "length": 4,
+                "width": 3, "key": "mlp", "name": "m"}]
+    assert readable_pipeline(modules) == "dataset_OR(200,0.8) | mlp_funnel(4,3)"
+    params = run_params({"lr": 0.1, "data_scheme": ["dataset"], "seed": None}, modules, 7, 1000,
+                        "alice")
+    assert params["dataset_key"] == "data_dataset_OR" and params["mlp_key"] == "mlp"
+    assert params["mlp_funnel_width"] == 3 and params["dataset_OR_data_size"] == 200
+    assert params["data_scheme"] == "dataset" and "seed" in params and params["seed"] == 7
+    assert params["owner"] == "alice" and params["owner_uid"] == 1000
+
+
+def test_store_refuses_foreign_and_newer_databases(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="not a usable SQLite database"):
+        Store(str(junk))
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE x (y)").connection.commit()
+    with pytest.raises(StoreError, match="not a Mosaic study"):
+        Store(str(other))
+    newer = tmp_path / "newer.db"
+    Store(str(newer)).close()
+    conn = sqlite3.connect(newer)
+    conn.execute("UPDATE system SET param_value=99 WHERE param_name='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this Mosaic"):
+        Store(str(newer))
+
+
+def test_every_transition_is_recorded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = Store(str(tmp_path / "s.db"))
+    module = [{"type": "m", "class": "c", "path_to_class": "/c.py", "key": "k", "name": "c"}]
+    _, (run_id,) = store.add_submission(0, "me", "/c.ini", {"epochs": 1}, {},
+                                        [(module, 0, "c()", {})])
+    for state in ("running", "paused", "queued", "running", "done", "queued"):
+        store.transition(run_id, state, "test")
+    with pytest.raises(StoreError, match="cannot go from queued to done"):
+        store.transition(run_id, "done")
+    events = store.conn.execute("SELECT from_status, to_status FROM run_events").fetchall()
+    assert events[0] == (None, "queued") and len(events) == 7
+    for before, after in zip(events, events[1:]):
+        assert after[1] in TRANSITIONS[after[0]] and before[1] == after[0]
+    assert store.counts["queued"] == 1 and sum(store.counts.values()) == 1
+
+
+def test_ruff_is_clean() -> None:
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
