@@ -436,6 +436,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for event in info["events"]:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["at"]))
         print(f"    {stamp}  {event['from'] or '-'} -> {event['to']}  {event['detail'] or ''}")
+    if info.get("queued_ahead") is not None:
+        print(f"  queued: {info['queued_ahead']} run(s) of this study start before it")
     if info["history"]:
         print(f"  epochs recorded: {len(info['history'])}")
     if info["status"] == "failed" and info.get("return_status"):

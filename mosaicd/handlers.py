@@ -84,6 +84,17 @@ def _may(caller: Caller, groups: set[int], st: os.stat_result, want: int) -> boo
     return (st.st_mode >> shift) & want == want
 
 
+def _not_daemon_state(daemon: Daemon, path: str, what: str) -> str:
+    """Refuse, for everyone, a client-named path into the daemon's own state; return it real."""
+    real = os.path.realpath(path)
+    state = os.path.realpath(daemon.options.state_dir)
+    socket_files = {os.path.realpath(daemon.options.socket + suffix) for suffix in ("", ".lock")}
+    if real == state or real.startswith(state.rstrip("/") + "/") or real in socket_files:
+        raise Refused("permission", f"{what} {path} is part of the daemon's own state "
+                      f"({state}, its socket); choose a path in your project directory")
+    return real
+
+
 def _check_client_path(daemon: Daemon, caller: Caller, path: str, what: str) -> None:
     """Refuse a path the daemon would write for a client unless that client could write there.
 
@@ -91,13 +102,7 @@ def _check_client_path(daemon: Daemon, caller: Caller, path: str, what: str) -> 
     client could make it create files where the client itself may not. The check is on the
     nearest existing directory of the path (write + search) and search on every directory above.
     """
-    real = os.path.realpath(path)
-    own = [os.path.realpath(daemon.options.state_dir),
-           os.path.realpath(os.path.dirname(daemon.options.socket))]
-    for root in own:
-        if real == root or real.startswith(root.rstrip("/") + "/"):
-            raise Refused("permission", f"{what} {path} is inside the daemon's own directory "
-                          f"{root}; choose a path in your project directory")
+    real = _not_daemon_state(daemon, path, what)
     if caller.uid == 0 or caller.uid == os.getuid():
         return  # root, or the daemon's own user: the kernel applies the same rules to both
     if caller.uid is None:
@@ -219,6 +224,7 @@ def handle_pending(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
 
 def handle_cancel(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
     db = _study(args)
+    _not_daemon_state(daemon, db, "database")
     run_ids = daemon.scheduler.select(db, args["selection"])
     _check_owner(daemon, caller, db, run_ids, "cancel")
     reason = str(args.get("reason") or "cancelled by request")[:300]
@@ -227,6 +233,7 @@ def handle_cancel(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
 
 def handle_rerun(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
     db = _study(args)
+    _not_daemon_state(daemon, db, "database")
     run_ids = daemon.scheduler.select(db, args["selection"])
     _check_owner(daemon, caller, db, run_ids, "rerun")
     return {"selected": run_ids, **daemon.scheduler.rerun(db, run_ids, int(args["epochs"]))}
@@ -235,13 +242,19 @@ def handle_rerun(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
 def handle_rekey(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
     """Write `{type}_key` params: keys is a list of [run_id, param_name, key]."""
     db = _study(args)
+    _not_daemon_state(daemon, db, "database")
     store = daemon.scheduler.open_study(db, create=False)
     changes = []
     for item in args["keys"]:
         if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)
-                and isinstance(item[1], str) and item[1].endswith("_key")):
+                and isinstance(item[1], str) and item[1].endswith("_key")
+                and isinstance(item[2], str)):
             raise Refused("invalid", "rekey items must be [run_id, '<type>_key', key]")
         changes.append((item[0], item[1], item[2]))
+    unknown = sorted({c[0] for c in changes if store.status_of(c[0]) is None})
+    if unknown:
+        raise Refused("not_found", f"no run {', '.join(map(str, unknown[:10]))} in {db}; "
+                      "nothing was changed")
     _check_owner(daemon, caller, db, sorted({c[0] for c in changes}), "rekey")
     store.set_params(changes)
     return {"changed": len(changes)}
@@ -249,6 +262,7 @@ def handle_rekey(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
 
 def handle_show(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
     db = _study(args)
+    _not_daemon_state(daemon, db, "database")
     store = daemon.scheduler.open_study(db, create=False)
     info = store.describe(args["run_id"])
     if info is None:
@@ -257,9 +271,8 @@ def handle_show(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
     if active is not None:
         info["live"] = {"epoch": active.epoch, "worker": active.worker.worker_id,
                         "slot": active.worker.slot.label, "pid": active.worker.pid}
-    info["queued_position"] = None
     if info["status"] == QUEUED:
-        info["queued_position"] = 0
+        info["queued_ahead"] = daemon.scheduler.queued_ahead(db, args["run_id"])
     return info
 
 

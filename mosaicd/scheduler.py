@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from mosaicd.store import (
 
 log = logging.getLogger("mosaicd")
 RESERVED = ("type", "class", "path_to_class", "key", "name")
+SELECT_TIMEOUT = 5.0  # seconds a selection's SQL may run in the daemon's loop
 
 
 class Refused(Exception):
@@ -83,6 +85,65 @@ class ActiveRun:
     train_loss: float | None = None
     test_loss: float | None = None
     park_sent: bool = False
+
+
+_SCALAR = (str, int, float, bool, type(None))
+_PROCESS_STRINGS = ("loss_function", "class_loss_function", "path_to_class_loss_function",
+                    "optimizer", "accuracy")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def submission_problem(process: dict[str, Any], monitor: dict[str, Any],
+                       pipelines: list[Any]) -> str | None:
+    """What makes a submission unusable, or None. The CLI's config checks do not protect the
+    daemon from a hand-made request, and a bad value found later (at dispatch, in the timeout
+    check) would fail every run or stop the loop: refuse it here, before anything is written."""
+    epochs, lr = process.get("epochs"), process.get("lr")
+    if not _is_int(epochs) or not 1 <= epochs <= 2**31:
+        return f"PROCESS epochs must be an integer of at least 1, got {epochs!r:.80}"
+    if not (_is_int(lr) or isinstance(lr, float)) or not 0 < lr < float("inf"):
+        return f"PROCESS lr must be a positive number, got {lr!r:.80}"
+    schemes = []
+    for name in ("data_scheme", "pipeline_scheme"):
+        value = process.get(name)
+        if not (isinstance(value, list) and value and all(isinstance(t, str) for t in value)):
+            return f"PROCESS {name} must be a non-empty list of type names, got {value!r:.80}"
+        schemes += value
+    run_files = process.get("run_files_path")
+    if not (isinstance(run_files, str) and os.path.isabs(run_files)):
+        return f"PROCESS run_files_path must be an absolute path, got {run_files!r:.80}"
+    for name, value in process.items():
+        wrong = (name in _PROCESS_STRINGS and value is not None and not isinstance(value, str))
+        if wrong or not (isinstance(value, _SCALAR) or name in ("data_scheme", "pipeline_scheme")):
+            return f"PROCESS {name} has an unusable value {value!r:.80}"
+    if process.get("seed") is not None and not _is_int(process["seed"]):
+        return f"PROCESS seed must be an integer, got {process['seed']!r:.80}"
+    for name in ("nb_processus", "multiplicity", "retries"):
+        value = monitor.get(name)
+        if value is not None and not (_is_int(value) and 0 <= value <= 2**31):
+            return f"MONITOR {name} must be a non-negative integer, got {value!r:.80}"
+    timeout = monitor.get("timeout")
+    if timeout is not None and not (isinstance(timeout, (int, float))
+                                    and not isinstance(timeout, bool) and 0 < timeout < 1e12):
+        return f"MONITOR timeout must be a positive number of seconds, got {timeout!r:.80}"
+    gpus = monitor.get("gpu_available")
+    if gpus is not None and not (isinstance(gpus, list)
+                                 and all(isinstance(g, (str, int)) for g in gpus)):
+        return f"MONITOR gpu_available must be a list of GPU ids, got {gpus!r:.80}"
+    for pipeline in pipelines:
+        if len(pipeline) != len(schemes):
+            return (f"each pipeline must have one module per scheme type ({len(schemes)}), "
+                    f"got {len(pipeline)}")
+        for module in pipeline:
+            for name in ("type", "class", "path_to_class"):
+                if not isinstance(module.get(name), str) or not module[name]:
+                    return f"each module needs a {name!r} string; got {module!r:.120}"
+            if not all(isinstance(k, str) and isinstance(v, _SCALAR) for k, v in module.items()):
+                return f"module values must be numbers or strings; got {module!r:.120}"
+    return None
 
 
 def readable_pipeline(modules: list[dict[str, Any]]) -> str:
@@ -138,6 +199,10 @@ class Scheduler:
             return store
         if not create and not os.path.exists(path):
             raise Refused("not_found", f"no study database at {path}")
+        if os.path.exists(path) and not os.path.isfile(path):
+            # A directory, /dev/null, a FIFO: SQLite would create journals beside it.
+            raise Refused("invalid", f"{path} is not a regular file; give the path of a study "
+                          "database file")
         try:
             store = Store(path, create=create)
         except StoreError as exc:
@@ -177,6 +242,14 @@ class Scheduler:
         self._submission(study, record.submission_id)
         self.queues.setdefault((study, record.submission_id), deque()).append(record)
 
+    def queued_ahead(self, study: str, run_id: int) -> int | None:
+        """How many queued runs start before this one (None when it is not queued)."""
+        queues = [q for (path, _), q in self.queues.items() if path == study]
+        seq = next((r.queue_seq for q in queues for r in q if r.run_id == run_id), None)
+        if seq is None:
+            return None
+        return sum(1 for q in queues for r in q if r.queue_seq < seq)
+
     def queued_total(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
@@ -193,6 +266,9 @@ class Scheduler:
         for key in ("epochs", "lr", "data_scheme", "pipeline_scheme", "run_files_path"):
             if key not in process:
                 raise Refused("invalid", f"PROCESS lacks {key!r}")
+        problem = submission_problem(process, monitor, pipelines)
+        if problem:
+            raise Refused("invalid", f"{problem}; nothing was queued")
         if monitor.get("need_gpu") and not self.pool.slot_count("cuda"):
             raise Refused("invalid", "this submission needs a GPU (MONITOR need_gpu = true) but "
                           "this daemon has no GPU slots; start mosaicd with --gpus 0,... on a GPU "
@@ -419,10 +495,20 @@ class Scheduler:
         if db not in self.stores:
             self.open_study(db, create=False)
         conn = connect_readonly(db)
+        # A user's -request runs inside the daemon's single loop: an endless recursive CTE
+        # would stop the daemon for everyone. Interrupt it after SELECT_TIMEOUT seconds.
+        deadline = time.monotonic() + SELECT_TIMEOUT
+        conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10000)
         try:
             return selections.resolve(conn, selection)
         except selections.SelectionError as exc:
+            if time.monotonic() > deadline:
+                raise Refused("invalid", f"the selection took more than {SELECT_TIMEOUT:g} s "
+                              "and was stopped; select run ids with a simpler query") from None
             raise Refused("invalid", str(exc)) from None
+        except (sqlite3.Error, OverflowError, TypeError) as exc:
+            # A hand-made selection value SQLite cannot bind (a map, a 70-bit integer).
+            raise Refused("invalid", f"unusable selection {selection!r:.200}: {exc}") from None
         finally:
             conn.close()
 

@@ -153,6 +153,7 @@ class Worker:
         # Set in a forked run process: its messages go to the worker through this pipe, since
         # a zmq socket must never be used from a forked child.
         self.pipe_out: int | None = None
+        self.pending: list[dict[str, Any]] = []  # daemon messages read while relaying a run
         # Installed before any fork so that the child inherits it: a park signal that arrives
         # before the child got going must not kill it (SIGUSR1's default action).
         signal.signal(signal.SIGUSR1, self._on_park_signal)
@@ -187,7 +188,8 @@ class Worker:
 
         self.send("hello", pid=os.getpid(), slot=self.slot)
         while not self.exit_requested:
-            message = protocol.decode_worker_message(self.sock.recv(), protocol.DAEMON_TO_WORKER)
+            message = (self.pending.pop(0) if self.pending else
+                       protocol.decode_worker_message(self.sock.recv(), protocol.DAEMON_TO_WORKER))
             if message["type"] != "run":
                 self._handle_control(message, None)
                 continue
@@ -241,8 +243,10 @@ class Worker:
                                                                  protocol.DAEMON_TO_WORKER)
                         if message["type"] == "park" and message["run_id"] == run_id:
                             os.kill(pid, signal.SIGUSR1)
-                        elif message["type"] == "exit":
-                            self.exit_requested = True
+                        else:
+                            # The daemon may send the next run as soon as it has this one's
+                            # result, while the child is still exiting: keep it for serve().
+                            self.pending.append(message)
         os.close(read_fd)
         _, status = os.waitpid(pid, 0)
         if status != 0:
@@ -297,8 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     # The daemon stops workers itself; a Ctrl-C in the daemon's terminal must not kill a run
     # before the daemon has checkpointed it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import torch  # noqa: F401  -- imported once per worker, not once per run
+    from mosaicd import execution  # imports torch: once per worker, not once per run
 
+    execution.warm_up()
     Worker(args.connect, args.id, args.slot, args.isolation).serve()
 
 
