@@ -123,7 +123,7 @@ def measure_baseline(runs: int) -> dict[str, float]:
 def _cpu_env() -> dict[str, str]:
     env = dict(os.environ)
     env["CUDA_VISIBLE_DEVICES"] = ""  # the same CPU-only setting the pool's CPU slot gets
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     return env
 
 

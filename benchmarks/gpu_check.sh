@@ -8,6 +8,7 @@ OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
 W=$(mktemp -d /tmp/mosgpu-XXXX)
 export MOSAIC_SOCKET=$W/d.sock MOSAIC_STATE_DIR=$W/state
 {
@@ -23,14 +24,15 @@ DAEMON=$!
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 200 \
     > "$OUT/smi_sweep.csv" 2>&1 &
 SMI=$!
-(cd "$W" && /usr/bin/time -f "sweep wall %e s" $PY -m mosaic_client.cli run config.ini gpu.db \
-    --follow) >> "$OUT/gpu_check.txt" 2>&1
+T0=$(date +%s.%N)
+(cd "$W" && $PY -m mosaic_client.cli run config.ini gpu.db --follow) >> "$OUT/gpu_check.txt" 2>&1
+echo "sweep wall $(echo "$(date +%s.%N) - $T0" | bc) s" >> "$OUT/gpu_check.txt"
 kill $SMI
 {
   echo "--- status"
   $PY -m mosaic_client.cli status --limit 3
   echo "--- worker environments"
-  for pid in $(pgrep -f mosaicd.worker); do
+  for pid in $(pgrep -P $DAEMON); do
     tr '\0' '\n' < /proc/$pid/environ | grep -E '^(CUDA_VISIBLE_DEVICES|MOSAIC_WORKER_SLOT)=' \
       | tr '\n' ' '; echo "(pid $pid)"
   done

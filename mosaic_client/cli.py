@@ -156,6 +156,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     ids = reply["run_ids"]
     span = f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])
     print(f"queued {len(ids)} pipeline(s) as runs {span} in {db}")
+    if reply.get("paused"):
+        print("note: paused (the daemon, or your own submissions): they start after "
+              "`mosaic resume`")
     if not args.follow:
         print("watch them with `mosaic status` (or `mosaic status --watch`)")
         return OK
@@ -291,7 +294,11 @@ def cmd_pause(args: argparse.Namespace) -> int:
               f"`mosaic resume {args.file}` queues them again")
     extra = (f"; parking {reply['parking']} running run(s) at their next epoch boundary"
              if args.now else "; running runs finish")
-    print(f"paused: no new run starts{extra}. `mosaic resume` starts again.")
+    if reply.get("scope") == "owner":
+        print(f"paused your submissions: none of your runs starts{extra}. "
+              "`mosaic resume` starts them again.")
+    else:
+        print(f"paused: no new run starts{extra}. `mosaic resume` starts again.")
     return OK
 
 
@@ -318,7 +325,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
                 print(f"queued {len(ids)} pipeline(s) from {args.file} as runs {_span(ids)} "
                       f"in {entry['db']}")
     reply = _call(args, "resume", all=args.all)
-    print(f"resumed; {reply['resumed']} parked run(s) continue from their checkpoint")
+    whose = "your submissions" if reply.get("scope") == "owner" else "the daemon"
+    print(f"resumed {whose}; {reply['resumed']} parked run(s) continue from their checkpoint")
     return OK
 
 

@@ -148,6 +148,11 @@ def check_fields(spec: tuple[Field, ...], args: Any, what: str) -> dict[str, Any
             raise ProtocolError(
                 ErrorCode.BAD_ARGUMENTS, f"{what}: field {field.name!r} must not be a boolean"
             )
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            # SQLite integers are 64-bit: a bigger run id or count can only be a mistake.
+            raise ProtocolError(
+                ErrorCode.BAD_ARGUMENTS, f"{what}: field {field.name!r} is out of range"
+            )
         if not isinstance(value, kinds):
             names = "/".join(k.__name__ for k in kinds)
             raise ProtocolError(

@@ -93,7 +93,9 @@ def render(status: dict[str, Any], width: int, height: int, *, now: float | None
             lines.append("  " + "".join(c.ljust(cell_width) for c in cells[i:i + per_line])
                          .rstrip())
 
-    studies = status.get("studies", [])
+    # Studies with work in flight first: their rows are the ones being watched.
+    studies = sorted(status.get("studies", []), key=lambda st: not (
+        st.get("running") or st["counts"].get("queued") or st["counts"].get("running")))
     several = len(studies) > 1
     running: list[tuple[str, dict[str, Any]]] = []
     done: list[tuple[str, dict[str, Any]]] = []

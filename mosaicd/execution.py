@@ -247,6 +247,10 @@ def _unique_parameters(modules: Iterable[Any]) -> list[torch.nn.Parameter]:
 
 def _check_methods(obj: Any, names: tuple[str, ...], module: dict[str, Any]) -> None:
     missing = [n for n in names if not callable(getattr(obj, n, None))]
+    # nn.Module defines a placeholder forward that fails only when first called, mid-epoch.
+    if "forward" in names and isinstance(obj, torch.nn.Module) and \
+            type(obj).forward is torch.nn.Module.forward:
+        missing.append("forward")
     if missing:
         raise UserCodeError(f"class {type(obj).__name__} (section [{module.get('name')}]) lacks "
                             f"required method(s) {', '.join(missing)}; see the class contracts "

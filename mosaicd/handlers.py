@@ -143,23 +143,20 @@ def _check_owner(daemon: Daemon, caller: Caller, db: str, run_ids: list[int], ve
                           "Nothing was changed.")
 
 
-def _check_whole_daemon(daemon: Daemon, caller: Caller, args: dict[str, Any], verb: str) -> None:
-    """`pause`/`resume` of the whole daemon: `--all` by an administrator, or the per-user case
-    where the caller is the daemon's own user (every run there is theirs)."""
+def _pause_scope(daemon: Daemon, caller: Caller, args: dict[str, Any], verb: str) -> int | None:
+    """Whose submissions `pause`/`resume` act on: None for the whole daemon (`--all` by an
+    administrator, or any call on a per-user daemon, where every run is the caller's), else the
+    caller's uid: on a shared daemon a user pauses and resumes only their own submissions."""
     if args.get("all"):
         if not caller.is_admin(daemon.options.admin_gid):
             raise Refused("permission", f"only {_admins(daemon)} may {verb} the whole daemon "
                           f"(--all); you are {caller.name}. Nothing was changed.")
-        return
+        return None
     if caller.uid == os.getuid():
-        return
-    # Per-submission pause (only the caller's own submissions) needs the scheduler's support.
-    admin = caller.is_admin(daemon.options.admin_gid)
-    raise Refused("permission", f"this daemon is shared: `mosaic {verb}` of only your own "
-                  "submissions is not supported yet, and "
-                  + (f"you must say --all to {verb} everyone's runs." if admin else
-                     f"only {_admins(daemon)} may {verb} the whole daemon (--all).")
-                  + " Nothing was changed.")
+        return None
+    if caller.uid is None:
+        raise Refused("permission", "the daemon could not tell who you are; nothing was changed")
+    return caller.uid
 
 
 def handle_ping(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
@@ -198,13 +195,13 @@ def handle_status(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
 
 
 def handle_pause(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
-    _check_whole_daemon(daemon, caller, args, "pause")
-    return daemon.scheduler.pause(bool(args.get("now")))
+    scope = _pause_scope(daemon, caller, args, "pause")
+    return daemon.scheduler.pause(bool(args.get("now")), scope)
 
 
 def handle_resume(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
-    _check_whole_daemon(daemon, caller, args, "resume")
-    return daemon.scheduler.resume()
+    scope = _pause_scope(daemon, caller, args, "resume")
+    return daemon.scheduler.resume(scope)
 
 
 def handle_pending(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:

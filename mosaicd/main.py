@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import grp
+import json
 import logging
 import os
 import sys
+from typing import Any
 
 from mosaic_client import paths
 from mosaicd.server import AlreadyRunning, Daemon, Options
@@ -35,6 +37,27 @@ def _group(name: str | None) -> int | None:
     except KeyError:
         raise SystemExit(f"mosaicd: group {name!r} does not exist; create it (groupadd {name}) "
                          "or leave the option out") from None
+
+
+def _runtime_env(text: str | None) -> dict[str, Any] | None:
+    """--ray-runtime-env: JSON text, or @FILE holding it."""
+    if text is None:
+        return None
+    where = "--ray-runtime-env"
+    try:
+        if text.startswith("@"):
+            where = text[1:]
+            with open(text[1:]) as fh:
+                text = fh.read()
+        value = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"mosaicd: cannot read the Ray runtime_env from {where}: {exc}; give "
+                         'a JSON object such as \'{"env_vars": {"OMP_NUM_THREADS": "4"}}\'') \
+            from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"mosaicd: the Ray runtime_env from {where} must be a JSON object, "
+                         f"not {type(value).__name__}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="members of this group may act on everyone's runs")
     parser.add_argument("--socket-group", default=None,
                         help="make the socket 0660 for this group (system service)")
+    parser.add_argument("--executor", default="local", choices=["local", "ray"],
+                        help="who runs the workers: 'local' processes (default) or 'ray' "
+                             "actors on a Ray cluster (pip install 'mosaic-compare[ray]'; "
+                             "docs/cluster.md)")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --executor ray: the cluster to use ('auto' for the one "
+                             "`ray start` runs on this machine, or HOST:PORT); default: a "
+                             "local Ray started by mosaicd")
+    parser.add_argument("--ray-runtime-env", default=None, metavar="JSON",
+                        help="with --executor ray: Ray runtime_env for the workers, as JSON or "
+                             "@FILE.json (e.g. env_vars, py_modules, pip)")
+    parser.add_argument("--worker-bind", default=None, metavar="ENDPOINT",
+                        help="where the workers' socket listens, e.g. tcp://0.0.0.0:5560 "
+                             "for Ray workers on other machines (default: a private ipc socket)")
+    parser.add_argument("--worker-advertise", default=None, metavar="ENDPOINT",
+                        help="the address workers connect to when it differs from "
+                             "--worker-bind, e.g. tcp://head-node:5560")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     return parser
@@ -90,18 +130,39 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("mosaicd: --runs-per-gpu must be at least 1")
     if args.max_runs_per_worker < 0:
         raise SystemExit("mosaicd: --max-runs-per-worker must be 0 (never recycle) or more")
-    gpus = ([g for g in args.gpus.split(",") if g.strip()] if args.gpus is not None
-            else detect_gpus())
+    ray = args.executor == "ray"
+    if not ray:
+        for name in ("ray_address", "ray_runtime_env"):
+            if getattr(args, name) is not None:
+                raise SystemExit(f"mosaicd: --{name.replace('_', '-')} needs --executor ray")
+    for name in ("worker_bind", "worker_advertise"):
+        value = getattr(args, name)
+        if value is not None and not value.startswith(("tcp://", "ipc://")):
+            raise SystemExit(f"mosaicd: --{name.replace('_', '-')} {value!r}: give a ZeroMQ "
+                             "endpoint such as tcp://0.0.0.0:5560 or ipc:///path/w.sock")
+    runtime_env = _runtime_env(args.ray_runtime_env) if ray else None
+    if ray:
+        from mosaicd.ray_executor import require_ray
+
+        require_ray()  # exits with the install command when Ray is missing
+    # With Ray, the cluster's GPUs (not this machine's nvidia-smi) are the default.
+    gpus: list[str] | None = (
+        [g for g in args.gpus.split(",") if g.strip()] if args.gpus is not None
+        else None if ray else detect_gpus())
     socket_path = os.path.abspath(args.socket) if args.socket else paths.default_socket_path()
     options = Options(
         socket=socket_path,
         state_dir=os.path.abspath(args.state_dir) if args.state_dir else paths.default_state_dir(),
-        workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
-        gpus=[g.strip() for g in gpus], runs_per_gpu=args.runs_per_gpu,
+        workers=(args.workers if args.workers is not None
+                 else None if ray else (os.cpu_count() or 1)),
+        gpus=None if gpus is None else [g.strip() for g in gpus],
+        runs_per_gpu=args.runs_per_gpu,
         max_runs_per_worker=args.max_runs_per_worker, isolation=args.isolation,
         checkpoint_every=args.checkpoint_every,
         stop_timeout=args.stop_timeout, admin_gid=_group(args.admin_group),
-        socket_group=_group(args.socket_group))
+        socket_group=_group(args.socket_group), executor=args.executor,
+        ray_address=args.ray_address, ray_runtime_env=runtime_env,
+        worker_bind=args.worker_bind, worker_advertise=args.worker_advertise)
     try:
         code = Daemon(options).run()
     except AlreadyRunning as exc:

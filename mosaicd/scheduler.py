@@ -56,6 +56,7 @@ class Submission:
     owner: str | None
     process: dict[str, Any]
     monitor: dict[str, Any]
+    paused: bool = False
     running: int = 0
 
     @property
@@ -115,6 +116,13 @@ def submission_problem(process: dict[str, Any], monitor: dict[str, Any],
     run_files = process.get("run_files_path")
     if not (isinstance(run_files, str) and os.path.isabs(run_files)):
         return f"PROCESS run_files_path must be an absolute path, got {run_files!r:.80}"
+    existing = run_files
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        # Else every run would fail in its worker before it could write its log.
+        return (f"run_files_path {run_files}: {existing} exists and is not a directory; give "
+                "a directory (it is created if missing)")
     for name, value in process.items():
         wrong = (name in _PROCESS_STRINGS and value is not None and not isinstance(value, str))
         if wrong or not (isinstance(value, _SCALAR) or name in ("data_scheme", "pipeline_scheme")):
@@ -189,6 +197,9 @@ class Scheduler:
         self.active: dict[tuple[str, int], ActiveRun] = {}
         self.pending_epochs: dict[str, list[dict[str, Any]]] = {}
         self.paused = bool(self.state.get("paused", 0))
+        # Owners who paused their own work on a shared daemon: their submissions, including
+        # those they make while paused, do not start until they resume.
+        self.paused_owners: set[int] = set(json.loads(self.state.get("paused_owners", "[]")))
         self.shutting_down = False
 
     # -- studies ------------------------------------------------------------------------------
@@ -235,7 +246,8 @@ class Scheduler:
         if key not in self.submissions:
             info = self.stores[study].submission(submission_id)
             self.submissions[key] = Submission(study, submission_id, info["owner_uid"],
-                                               info["owner"], info["process"], info["monitor"])
+                                               info["owner"], info["process"], info["monitor"],
+                                               info["paused"])
         return self.submissions[key]
 
     def _enqueue(self, study: str, record: RunRecord) -> None:
@@ -286,11 +298,14 @@ class Scheduler:
         store = self.open_study(db, create=True)
         submission_id, run_ids = store.add_submission(owner_uid or 0, owner or "", config_path,
                                                       process, monitor, runs)
+        if owner_uid in self.paused_owners:
+            store.set_paused(True, owner_uid)
         for run_id in run_ids:
             record = store.run_record(run_id)
             assert record is not None
             self._enqueue(db, record)
-        return {"db": db, "submission_id": submission_id, "run_ids": run_ids}
+        return {"db": db, "submission_id": submission_id, "run_ids": run_ids,
+                "paused": self.paused or owner_uid in self.paused_owners}
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -307,7 +322,8 @@ class Scheduler:
         candidates = sorted(((q[0].queue_seq, key) for key, q in self.queues.items() if q))
         for _, key in candidates:
             submission = self.submissions[key]
-            if submission.running >= submission.cap or not submission.allows(worker.slot):
+            if (submission.paused or submission.running >= submission.cap
+                    or not submission.allows(worker.slot)):
                 continue
             record = self.queues[key].popleft()
             if not self.queues[key]:
@@ -461,35 +477,61 @@ class Scheduler:
 
     # -- control ------------------------------------------------------------------------------
 
-    def pause(self, now: bool) -> dict[str, Any]:
-        self.paused = True
-        self.state.set("paused", 1)
-        parked = 0
-        if now:
-            parked = self.park_all()
-        return {"paused": True, "parking": parked}
+    def pause(self, now: bool, owner_uid: int | None = None) -> dict[str, Any]:
+        """Stop starting runs: all of them, or only those of one owner's submissions."""
+        if owner_uid is None:
+            self.paused = True
+            self.state.set("paused", 1)
+        else:
+            self.paused_owners.add(owner_uid)
+            self.state.set("paused_owners", json.dumps(sorted(self.paused_owners)))
+            for store in self.stores.values():
+                store.set_paused(True, owner_uid)
+            for submission in self.submissions.values():
+                if submission.owner_uid == owner_uid:
+                    submission.paused = True
+        parked = self.park_all(owner_uid) if now else 0
+        return {"paused": True, "parking": parked,
+                "scope": "all" if owner_uid is None else "owner"}
 
-    def park_all(self) -> int:
+    def park_all(self, owner_uid: int | None = None) -> int:
         count = 0
         for run in self.active.values():
+            if owner_uid is not None and run.submission.owner_uid != owner_uid:
+                continue
             if not run.park_sent:
                 self._send(run.worker, "park")(run_id=run.record.run_id)
                 run.park_sent = True
                 count += 1
         return count
 
-    def resume(self) -> dict[str, Any]:
-        self.paused = False
-        self.state.set("paused", 0)
+    def resume(self, owner_uid: int | None = None) -> dict[str, Any]:
+        """Start again: everything (and every owner's pause), or one owner's submissions."""
+        if owner_uid is None:
+            self.paused = False
+            self.state.set("paused", 0)
+            self.paused_owners.clear()
+        else:
+            self.paused_owners.discard(owner_uid)
+        self.state.set("paused_owners", json.dumps(sorted(self.paused_owners)))
+        for store in self.stores.values():
+            store.set_paused(False, owner_uid)
+        for submission in self.submissions.values():
+            if owner_uid is None or submission.owner_uid == owner_uid:
+                submission.paused = False
         resumed = 0
         for path, store in self.stores.items():
             for record in store.runs_in_state(PAUSED):
+                owner = self._submission(path, record.submission_id).owner_uid
+                if owner_uid is not None and owner != owner_uid:
+                    continue
                 store.transition(record.run_id, QUEUED, "resumed")
                 fresh = store.run_record(record.run_id)
                 if fresh:
                     self._enqueue(path, fresh)
                 resumed += 1
-        return {"paused": False, "resumed": resumed}
+        return {"paused": self.paused, "resumed": resumed,
+                "scope": "all" if owner_uid is None else "owner"}
 
     def select(self, db: str, selection: dict[str, Any]) -> list[int]:
         if db not in self.stores:
@@ -587,7 +629,7 @@ class Scheduler:
                     **self.pool.resources(w)}
                    for w in self.pool.workers.values()]
         return {"paused": self.paused, "workers": workers, "studies": studies,
-                "queued": self.queued_total()}
+                "queued": self.queued_total(), "paused_owners": sorted(self.paused_owners)}
 
 
 def _log_tail(path: str, lines: int = 20) -> str:

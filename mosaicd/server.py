@@ -35,8 +35,8 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 class Options:
     socket: str
     state_dir: str
-    workers: int
-    gpus: list[str] = field(default_factory=list)
+    workers: int | None
+    gpus: list[str] | None = field(default_factory=list)
     runs_per_gpu: int = 1
     max_runs_per_worker: int = 0
     isolation: str = "state"  # "state", "none" or "process": see mosaicd/worker.py
@@ -44,6 +44,13 @@ class Options:
     stop_timeout: float = 60.0
     admin_gid: int | None = None
     socket_group: int | None = None
+    # "local" (worker processes) or "ray" (Ray actors, mosaicd/ray_executor.py). With Ray,
+    # workers/gpus None mean "as many as the Ray cluster has".
+    executor: str = "local"
+    ray_address: str | None = None
+    ray_runtime_env: dict[str, Any] | None = None
+    worker_bind: str | None = None  # e.g. tcp://0.0.0.0:5560; default: a private ipc socket
+    worker_advertise: str | None = None  # what workers connect to, if not the bound address
 
 
 class AlreadyRunning(Exception):
@@ -106,10 +113,13 @@ class Daemon:
             os.unlink(self.options.socket)  # stale: we hold the lock, so nobody serves it
         self._bind_client_socket()
         self.worker_dir = tempfile.mkdtemp(prefix="mosaicd-workers-")
-        self.worker_address = f"ipc://{self.worker_dir}/workers.sock"
+        self.worker_address = (self.options.worker_bind
+                               or f"ipc://{self.worker_dir}/workers.sock")
         self.workers_sock = self.ctx.socket(zmq.ROUTER)
         self.workers_sock.linger = 1000
         self.workers_sock.bind(self.worker_address)
+        # tcp://HOST:* binds a free port: the workers need the real one.
+        self.worker_address = self.workers_sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _bind_client_socket(self) -> None:
         """Bind the client socket with its permissions set from the first instant: 0600, or
@@ -150,13 +160,20 @@ class Daemon:
         self._acquire_lock()
         self.state = DaemonState(self.options.state_dir)
         self._bind()
-        self._install_signals()
         log_file = None
-        self.pool = Pool(self.ctx, self.worker_address,
-                         make_slots(self.options.workers, self.options.gpus,
-                                    self.options.runs_per_gpu),
-                         self.options.max_runs_per_worker, log_file,
-                         isolation=self.options.isolation)
+        if self.options.executor == "ray":
+            from mosaicd.ray_executor import RayPool  # imports ray: only for --executor ray
+
+            self.pool = RayPool(self.ctx, self.worker_address, self.options, log_file)
+        else:
+            self.pool = Pool(self.ctx, self.worker_address,
+                             make_slots(self.options.workers or 0, self.options.gpus or [],
+                                        self.options.runs_per_gpu),
+                             self.options.max_runs_per_worker, log_file,
+                             isolation=self.options.isolation)
+        # After the pool: ray.init installs a SIGTERM handler of its own, which must not replace
+        # the daemon's checkpoint-then-stop.
+        self._install_signals()
         self.scheduler = Scheduler(self.state, self.pool, self._sender,
                                    self.options.checkpoint_every)
         self.scheduler.recover()
@@ -171,8 +188,14 @@ class Daemon:
         notify.notify("READY=1", self._status_line())
         last_status_note = 0.0
         last_socket_check = time.monotonic()
+        # Ray actors are not our children: no SIGCHLD tells of their death, so poll for it.
+        poll_workers = self.options.executor == "ray"
+        last_reap = 0.0
         while not self.stop_requested:
             events = dict(poller.poll(1000))
+            if poll_workers and time.monotonic() - last_reap >= 0.25:
+                self.child_exited = True
+                last_reap = time.monotonic()
             if self._wake_r.fileno() in events:
                 self._drain_wakeup()
             if self.zap in events:
@@ -264,6 +287,8 @@ class Daemon:
         except protocol.ProtocolError as exc:
             return protocol.error_reply(exc.code, exc.message)
         try:
+            if name == "submit" and self.options.executor == "ray":
+                self.pool.check_submission(args)  # type: ignore[attr-defined]
             data = DISPATCH[name](self, caller, args)
             return protocol.ok_reply(data)
         except Refused as exc:

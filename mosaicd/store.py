@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Run states. "paused" is a run parked at an epoch boundary with a checkpoint.
 QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = (
@@ -73,6 +73,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             from_status TEXT, to_status TEXT NOT NULL, detail TEXT)""",
         "CREATE INDEX IF NOT EXISTS run_events_by_run ON run_events (run_id, event_id)",
     ),
+    # Per-submission pause: on a shared daemon a user pauses only their own submissions.
+    2: ("ALTER TABLE submissions ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",),
 }
 
 
@@ -111,6 +113,12 @@ class Store:
         try:
             uri = f"file:{path}?mode={'rwc' if create else 'rw'}"
             self.conn = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None)
+            if not create and self._version() == 0:
+                # An existing empty file (or empty SQLite database) named in a request that
+                # only reads or changes runs must not be turned into a study.
+                self.conn.close()
+                raise StoreError(f"{path} is not a Mosaic study database (it holds no runs); "
+                                 "give the database that `mosaic run` created")
             self.conn.execute("PRAGMA journal_mode = WAL")
             # WAL + NORMAL is durable across process crashes (kill -9); only a power loss
             # may drop the last transactions, never corrupt the file.
@@ -272,13 +280,22 @@ class Store:
 
     def submission(self, submission_id: int) -> dict[str, Any]:
         row = self.conn.execute(
-            "SELECT owner_uid, owner, config_path, process, monitor FROM submissions "
+            "SELECT owner_uid, owner, config_path, process, monitor, paused FROM submissions "
             "WHERE submission_id=?", (submission_id,)).fetchone()
         if row is None:
             raise StoreError(f"submission {submission_id} missing from {self.path}")
         return {"submission_id": submission_id, "owner_uid": row[0], "owner": row[1],
                 "config_path": row[2], "process": json.loads(row[3]),
-                "monitor": json.loads(row[4])}
+                "monitor": json.loads(row[4]), "paused": bool(row[5])}
+
+    def set_paused(self, paused: bool, owner_uid: int | None = None) -> None:
+        """Pause or resume the submissions of one owner (all submissions when None)."""
+        with self.transaction() as conn:
+            if owner_uid is None:
+                conn.execute("UPDATE submissions SET paused=?", (int(paused),))
+            else:
+                conn.execute("UPDATE submissions SET paused=? WHERE owner_uid=?",
+                             (int(paused), owner_uid))
 
     def _record(self, row: tuple[Any, ...]) -> RunRecord:
         return RunRecord(run_id=row[0], submission_id=row[1], modules=json.loads(row[2]),

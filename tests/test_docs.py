@@ -14,12 +14,15 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import REPO, Daemon
 
+from mosaic_client import protocol
 from mosaic_client.connection import DaemonUnavailable
 
 RUNNABLE_FENCES = {"sh", "bash", "console", "shell"}
@@ -80,33 +83,81 @@ def test_the_user_guide_has_commands_to_run() -> None:
     assert {"tutorial.md", "cli.md", "classes.md"} <= names, names
 
 
+class SharedDaemon:
+    """One daemon for every document: its workers import torch once, not once per page.
+
+    Each page still starts from a clean slate: a fresh copy of the repository, the daemon
+    resumed, and no run of an earlier page left queued. A page that stops the daemon
+    (`mosaic shutdown`) gets a new one before the next page.
+    """
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.daemon = Daemon(root)
+        self.env = self.daemon.env
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"
+        self.env.pop("COLUMNS", None)
+
+    def answering(self) -> bool:
+        try:
+            self.daemon.request("ping", timeout=5)
+            return True
+        except DaemonUnavailable:
+            return False
+
+    def ready(self) -> None:
+        if not self.answering():
+            self.daemon.stop()
+            self.daemon.start()
+        self.daemon.request("resume")
+
+    def clear(self) -> None:
+        if not self.answering():
+            return
+        for study in self.daemon.request("studies"):
+            if study["counts"].get("queued") or study["counts"].get("running") or \
+                    study["counts"].get("paused"):
+                self.daemon.request("cancel", db=study["db"], selection={"kind": "all"})
+
+    def close(self) -> None:
+        try:
+            self.daemon.request("shutdown", timeout=10)  # also one a command autostarted
+        except (DaemonUnavailable, protocol.ProtocolError):
+            pass
+        self.daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[SharedDaemon]:
+    root = Path(tempfile.mkdtemp(prefix="mosdoc-"))  # short: ipc paths are limited
+    daemon = SharedDaemon(root / "daemon")
+    yield daemon
+    daemon.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.parametrize("doc", documents(), ids=lambda p: str(p.relative_to(REPO)))
-def test_commands_in_doc_run_as_written(doc: Path, tmp: Path) -> None:
+def test_commands_in_doc_run_as_written(doc: Path, tmp: Path, shared: SharedDaemon) -> None:
     # The repository's layout as a newcomer has it (commands run from the repository root),
     # with the daemon's socket and state out of the way in their own directory.
     root = tmp / "repo"
-    shutil.copytree(REPO / "examples", root / "examples",
-                    ignore=shutil.ignore_patterns(".runs", "__pycache__", "*.db*"))
-    daemon = Daemon(tmp / "daemon")
-    (tmp / "daemon").mkdir()
-    env = daemon.env
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("COLUMNS", None)
-    daemon.start()
+    for part in ("examples", "docs"):  # docs: a command may write an image into docs/images
+        shutil.copytree(REPO / part, root / part,
+                        ignore=shutil.ignore_patterns(".runs", "__pycache__", "*.db*"))
+    shared.ready()
     try:
         for command, expected in commands_of(doc.read_text()):
-            result = subprocess.run(["bash", "-c", command], cwd=root, env=env,
+            started = time.monotonic()
+            result = subprocess.run(["bash", "-c", command], cwd=root, env=shared.env,
                                     capture_output=True, text=True, timeout=300,
                                     stdin=subprocess.DEVNULL)
             assert result.returncode == expected, (
                 f"{doc.name}: `{command}` exited {result.returncode}, expected {expected}\n"
                 f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+            # Shown with -s, and in the report of a failure: which command is slow.
+            print(f"{time.monotonic() - started:6.2f}s  {command}")
     finally:
-        try:
-            daemon.request("shutdown", timeout=10)  # also a daemon a command autostarted
-        except (DaemonUnavailable, Exception):
-            pass
-        daemon.stop()
+        shared.clear()
 
 
 def test_commands_are_extracted_as_a_reader_sees_them() -> None:

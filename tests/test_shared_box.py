@@ -272,11 +272,17 @@ def test_other_users_runs_are_refused_admins_may(box: Box,
         assert snapshot(db) == before
 
         # b may neither pause nor resume the whole daemon; the refusal says who may.
-        for args in (("pause", "--all"), ("resume", "--all"), ("pause",), ("resume",)):
+        for args in (("pause", "--all"), ("resume", "--all")):
             result = box.cli("b", *args)
             assert result.returncode == DENIED, (args, result.stderr)
             assert "root" in result.stderr and "Nothing was changed" in result.stderr
         assert f"members of group {box.admin_group}" in box.cli("b", "pause", "--all").stderr
+        # Without --all, b pauses and resumes only b's own submissions: a's runs stay as
+        # they are, and so does the daemon-wide pause.
+        for verb in ("pause", "resume"):
+            result = box.cli("b", verb)
+            assert result.returncode == 0, result.stderr
+            assert "your submissions" in result.stdout
         assert box.daemon.request("status", limit=0)["paused"] is True
         assert snapshot(db) == before
 
@@ -294,6 +300,27 @@ def test_other_users_runs_are_refused_admins_may(box: Box,
         assert box.daemon.cli("resume", "--all").returncode == 0
     assert settled(box, a_db) == {"done": 1}
     assert query(a_db, "SELECT epochs_target FROM run_meta") == [(3,)]
+
+
+def test_a_user_pauses_only_their_own_submissions(box: Box) -> None:
+    a_config, a_db = _project(box, "a", "own_pause", multiplicity=1)
+    b_config, b_db = _project(box, "b", "own_pause", multiplicity=1)
+    result = box.cli("a", "pause")
+    assert result.returncode == 0 and "paused your submissions" in result.stdout
+    try:
+        # a's pause holds what a submits while paused; b's run goes on.
+        assert box.cli("a", "run", a_config, a_db, "--no-autostart").returncode == 0
+        assert box.cli("b", "run", b_config, b_db, "--no-autostart").returncode == 0
+        assert settled(box, b_db) == {"done": 1}
+        assert query(a_db, "SELECT status FROM runs") == [("queued",)]
+        status = box.daemon.request("status", limit=0)
+        assert status["paused"] is False
+        assert status["paused_owners"] == [int(subprocess.check_output(["id", "-u",
+                                                                         box.users["a"]]))]
+    finally:
+        result = box.cli("a", "resume")
+    assert result.returncode == 0 and "your submissions" in result.stdout
+    assert settled(box, a_db) == {"done": 1}
 
 
 def test_daemon_writes_only_where_the_caller_may(box: Box,
@@ -317,8 +344,14 @@ def test_daemon_writes_only_where_the_caller_may(box: Box,
     # ... or a path into the daemon's own state (even root may not).
     inside = os.path.join(box.daemon.state_dir, "study.db")
     reply = box.request("b", "submit", db=inside, **fields)
-    assert reply["code"] == "permission" and "daemon's own directory" in reply["message"]
+    assert reply["code"] == "permission" and "daemon's own state" in reply["message"]
     assert not os.path.exists(inside)
+    # Nor may a request make the daemon open its own state database as a study.
+    own = os.path.join(box.daemon.state_dir, "daemon.db")
+    before = query(own, "SELECT name FROM sqlite_master ORDER BY name")
+    reply = box.request("b", "cancel", db=own, selection={"kind": "ids", "ids": [1]})
+    assert reply["code"] == "permission", reply
+    assert query(own, "SELECT name FROM sqlite_master ORDER BY name") == before
 
 
 def test_outsider_cannot_connect(box: Box) -> None:
