@@ -176,3 +176,20 @@ def test_ruff_is_clean() -> None:
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_version_1_study_is_migrated_forward(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mosaicd.store import MIGRATIONS, SCHEMA_VERSION
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for statement in MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute("INSERT INTO system VALUES ('schema_version', 1), ('next_run_id', 1)")
+    conn.execute("INSERT INTO submissions (created_at, process, monitor) VALUES (0, '{}', '{}')")
+    conn.commit()
+    conn.close()
+    store = Store(str(path))
+    assert store._version() == SCHEMA_VERSION >= 2
+    assert store.submission(1)["paused"] is False
+    store.close()
