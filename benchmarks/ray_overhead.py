@@ -11,7 +11,8 @@ A run's wall time is the time from the previous run's end to its own (dispatch, 
 report and the gap to the next dispatch all count), and its overhead is that minus the time its
 epoch loop took (what the run itself reports). The ratio ray/local of both is printed; the
 daemons' start-up (Ray's own start takes seconds) is not part of it. With --rounds R the two
-daemons alternate R times and the best round of each counts.
+daemons alternate R times, the first of the pair alternating too, and the best round of each
+counts.
 
     .venv/bin/python benchmarks/ray_overhead.py --runs 40
 """
@@ -163,8 +164,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mosray-bench-"))
     results: dict[str, list[dict[str, float]]] = {"local": [], "ray": []}
     try:
-        for _ in range(args.rounds):
-            for executor in ("local", "ray"):
+        for round_ in range(args.rounds):
+            # Alternate which goes first, so a drift in the machine's load favours neither.
+            for executor in ("local", "ray") if round_ % 2 == 0 else ("ray", "local"):
                 results[executor].append(measure(executor, args.runs, work, args.ray_address))
     finally:
         shutil.rmtree(work, ignore_errors=True)
