@@ -12,12 +12,14 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mosaic_client import paths, protocol
 from mosaic_client import selection as selections
-from mosaic_client.config import ConfigError, ExpandedConfig, load_config, pipelines_to_json
 from mosaic_client.connection import Client, DaemonUnavailable, daemon_log_path, start_daemon
+
+if TYPE_CHECKING:
+    from mosaic_client.config import ExpandedConfig
 
 # Exit codes (docs/cli.md).
 OK, FAILED, BAD_INPUT, NO_DAEMON, DENIED, INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -69,6 +71,9 @@ def existing_db(db: str) -> str:
 
 
 def _load(config: str) -> ExpandedConfig:
+    # Imported here: only the commands that read a config pay for the config language.
+    from mosaic_client.config import ConfigError, load_config
+
     try:
         expanded = load_config(config)
     except ConfigError as exc:
@@ -138,6 +143,8 @@ def _ensure_daemon(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from mosaic_client.config import pipelines_to_json
+
     expanded = _load(args.config)
     with open(args.out, "w") as fh:
         fh.write(pipelines_to_json(expanded.pipelines))

@@ -245,8 +245,9 @@ class RayPool(Pool):
                          isolation=options.isolation)
         self.runs_per_gpu = options.runs_per_gpu
         # A Ray the daemon started shares this machine as the local pool would: the same
-        # threads per run, hence the same results. On a cluster a slot is one Ray CPU.
-        self.threads = 1 if options.ray_address else self.cpu_threads
+        # threads per run, hence the same results. On a cluster Ray's own setting stays (the
+        # actor's one CPU, or what --ray-runtime-env's env_vars say).
+        self.threads = None if options.ray_address else self.cpu_threads
         self.address = advertised_address(address, options.worker_advertise,
                                           ray.util.get_node_ip_address())
         # Over tcp anyone on the network could connect: worker ids the daemon accepts are not
@@ -269,7 +270,9 @@ class RayPool(Pool):
 
     def spawn(self, slot: Slot) -> WorkerHandle:
         worker_id = f"w{next(self._ids)}{self.id_suffix}"
-        env = {"MOSAIC_WORKER_SLOT": slot.label, "OMP_NUM_THREADS": str(self.threads)}
+        env = {"MOSAIC_WORKER_SLOT": slot.label}
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
         if slot.kind == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""  # Ray sets it only for actors that hold a GPU
             options: dict[str, Any] = {"num_cpus": 1}

@@ -301,6 +301,12 @@ def main(argv: list[str] | None = None) -> None:
     # The daemon stops workers itself; a Ctrl-C in the daemon's terminal must not kill a run
     # before the daemon has checkpointed it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.isolation == "process":
+        # By default torch.cuda.is_available() (which torch itself calls, e.g. while warming
+        # up) asks the CUDA runtime, and that "poisons" fork: a forked run could never use
+        # CUDA. The NVML-based check leaves the worker free to fork runs that initialise CUDA
+        # themselves.
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     from mosaicd import execution  # imports torch: once per worker, not once per run
 
     execution.warm_up()
