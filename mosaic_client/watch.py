@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 import select
 import shutil
 import signal
@@ -34,6 +35,13 @@ ALT_SCREEN_ON, ALT_SCREEN_OFF = "\x1b[?1049h", "\x1b[?1049l"
 CURSOR_HIDE, CURSOR_SHOW = "\x1b[?25l", "\x1b[?25h"
 HOME, CLEAR_EOL, CLEAR_EOS = "\x1b[H", "\x1b[K", "\x1b[J"
 BOLD, DIM, RED, RESET = "\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[0m"
+
+
+def _user(uid: Any) -> str:
+    try:
+        return pwd.getpwuid(int(uid)).pw_name
+    except (KeyError, TypeError, ValueError):
+        return str(uid)
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
@@ -79,6 +87,10 @@ def render(status: dict[str, Any], width: int, height: int, *, now: float | None
     workers = status.get("workers", [])
     busy = sum(1 for w in workers if w.get("run_id") is not None)
     state = "PAUSED (`mosaic resume` starts runs again)" if status["paused"] else "running"
+    owners = status.get("paused_owners") or []
+    if owners and not status["paused"]:
+        # On a shared daemon each user may pause only their own runs.
+        state += f", paused for {', '.join(_user(uid) for uid in owners)}"
     lines.append(f"mosaicd {state} | {len(workers)} worker(s), {busy} busy | "
                  f"{status.get('queued', 0)} queued")
     # Workers in columns: a 64-slot GPU box still takes a few lines.
@@ -100,8 +112,18 @@ def render(status: dict[str, Any], width: int, height: int, *, now: float | None
     running: list[tuple[str, dict[str, Any]]] = []
     done: list[tuple[str, dict[str, Any]]] = []
     failed: list[tuple[str, dict[str, Any]]] = []
-    for study in studies:
+    # A daemon remembers every study it served: list what fits, sum up the rest in one line.
+    shown = max(1, height // 4)
+    for study in studies[:shown]:
         lines.append(f"study {study['db']}: {_counts_text(study['counts'])}")
+    if len(studies) > shown:
+        rest: dict[str, int] = {}
+        for study in studies[shown:]:
+            for state, n in study["counts"].items():
+                rest[state] = rest.get(state, 0) + n
+        lines.append(f"{len(studies) - shown} more studies: {_counts_text(rest)} "
+                     "(`--db DB` watches one)")
+    for study in studies:
         name = _study_name(study["db"], several)
         running += [(name, r) for r in study.get("running", [])]
         done += [(name, r) for r in study.get("done", [])]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import zmq
 from mosaic_client import protocol
 
 STARTING, IDLE, BUSY, STOPPING = "starting", "idle", "busy", "stopping"
+log = logging.getLogger("mosaicd")
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,31 @@ class ResourceMeter:
     its children: in --isolation process the run lives in a forked child.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, with_children: bool = False) -> None:
+        self.with_children = with_children
         self._last: dict[int, tuple[float, float]] = {}  # pid -> (wall time, cpu seconds)
         self._nvml: Any = None
         self._nvml_tried = False
+        self._children: dict[int, list[int]] = {}
+        self._children_at = 0.0
 
     def _processes(self, pid: int) -> list[psutil.Process]:
-        proc = psutil.Process(pid)
-        return [proc, *proc.children(recursive=True)]
+        procs = [psutil.Process(pid)]
+        if self.with_children:
+            # One scan of the process table per status request, not one per worker: finding
+            # a process's children means reading every /proc entry.
+            now = time.monotonic()
+            if now - self._children_at > 0.5:
+                self._children = {}
+                for proc in psutil.process_iter(["ppid"]):
+                    self._children.setdefault(proc.info["ppid"], []).append(proc.pid)
+                self._children_at = now
+            for child in self._children.get(pid, []):
+                try:
+                    procs.append(psutil.Process(child))
+                except psutil.Error:
+                    pass
+        return procs
 
     def measure(self, handle: WorkerHandle) -> dict[str, Any]:
         out: dict[str, Any] = {"cpu_percent": None, "rss": None}
@@ -168,9 +187,12 @@ class Pool:
         self.max_runs = max_runs_per_worker
         self.log_file = log_file
         self.isolation = isolation
-        self.meter = ResourceMeter()
+        # Only in process isolation do workers have children (the run processes) to count.
+        self.meter = ResourceMeter(with_children=isolation == "process")
         self.workers: dict[str, WorkerHandle] = {}
         self._ids = itertools.count(1)
+        self._early_deaths: dict[Slot, int] = {}
+        self._respawn: list[tuple[float, Slot]] = []  # (monotonic due time, slot)
         cpu_slots = sum(1 for s in slots if s.kind == "cpu") or 1
         self.cpu_threads = max(1, (os.cpu_count() or 1) // cpu_slots)
 
@@ -188,6 +210,37 @@ class Pool:
         handle = WorkerHandle(worker_id, slot, proc)
         self.workers[worker_id] = handle
         return handle
+
+    def replace(self, handle: WorkerHandle, code: int) -> None:
+        """Start a new worker on a dead worker's slot.
+
+        A worker that dies before it is ready (a broken torch install, a bad environment)
+        would die again at once: its slot is retried with a growing delay instead of in a
+        loop that keeps the CPUs busy starting Python.
+        """
+        slot = handle.slot
+        if handle.state != STARTING:
+            self._early_deaths.pop(slot, None)
+            self.spawn(slot)
+            return
+        failures = self._early_deaths.get(slot, 0) + 1
+        self._early_deaths[slot] = failures
+        delay = min(60.0, 0.5 * 2 ** (failures - 1))
+        log.error("worker %s (%s) %s while starting (%d time(s) in a row); next try in %g s. "
+                  "Its error is above in this log; check the Python and torch install that "
+                  "mosaicd runs with", handle.worker_id, slot.label, describe_exit(code),
+                  failures, delay)
+        self._respawn.append((time.monotonic() + delay, slot))
+
+    def respawn_due(self) -> None:
+        """Start the workers whose retry delay has passed (called from the daemon's loop)."""
+        if not self._respawn:
+            return
+        now = time.monotonic()
+        due = [slot for at, slot in self._respawn if at <= now]
+        self._respawn = [(at, slot) for at, slot in self._respawn if at > now]
+        for slot in due:
+            self.spawn(slot)
 
     def send(self, sock: zmq.Socket[Any], handle: WorkerHandle, name: str,
              **fields: Any) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from mosaicd.pool import Pool, Slot, WorkerHandle, make_slots
+from mosaicd.pool import STARTING, Pool, Slot, WorkerHandle, make_slots
 from mosaicd.scheduler import Refused
 
 if TYPE_CHECKING:
@@ -121,6 +121,8 @@ class RayProcess:
         self._info: dict[str, Any] | None = None
         self.returncode: int | None = None
         self.cause: str | None = None  # why the actor ended, when it was not a normal exit
+        self.ended_at: float | None = None  # when the pool saw an actor end before its hello
+        self.release_at = 0.0
 
     @property
     def info(self) -> dict[str, Any] | None:
@@ -255,6 +257,7 @@ class RayPool(Pool):
         self.id_suffix = "" if address.startswith("ipc://") else f"-{secrets.token_hex(8)}"
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
+        self._start_failures: dict[str, int] = {}  # slot label -> actors dead before hello
         self._actor_class = ray.remote(MosaicWorker)
         self._probe = ray.remote(_probe_paths)
         needed_cpu = len(slots)
@@ -294,11 +297,16 @@ class RayPool(Pool):
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
         ready_ids = {ref.hex() for ref in ready}
         dead = []
+        now = time.monotonic()
         for handle in handles:
             proc: RayProcess = handle.proc  # type: ignore[assignment]
             code = proc.poll(ready=proc.serve_ref.hex() in ready_ids)
             if code is None:
+                if handle.state != STARTING:
+                    self._start_failures.pop(handle.slot.label, None)
                 continue
+            if handle.state == STARTING and not self._release_failed_start(handle, proc, now):
+                continue  # held back a while, so a node that cannot start workers is no loop
             del self.workers[handle.worker_id]
             self.meter.forget(handle.pid)
             if proc.cause and handle.killed_for is None:
@@ -307,6 +315,23 @@ class RayPool(Pool):
                 log.warning("%s", handle.killed_for)
             dead.append((handle, code))
         return dead
+
+    def _release_failed_start(self, handle: WorkerHandle, proc: RayProcess,
+                              now: float) -> bool:
+        """An actor that died before its worker said hello (Mosaic or torch missing on the node,
+        say): whether to report it now. Its replacement would likely die the same way, so after
+        the first failures of a slot in a row the report waits, up to a minute."""
+        if proc.ended_at is None:
+            proc.ended_at = now
+            failures = self._start_failures.get(handle.slot.label, 0) + 1
+            self._start_failures[handle.slot.label] = failures
+            proc.release_at = now + (0 if failures < 3 else min(60.0, 2.0 ** (failures - 2)))
+            if failures in (1, 3) or failures % 20 == 0:
+                log.error("the Ray actor of slot %s could not start its worker (%d time(s) in a "
+                          "row): %s. Are Ray, torch and Mosaic installed on every node "
+                          "(docs/cluster.md)?", handle.slot.label, failures,
+                          proc.cause or f"its worker ended with code {proc.returncode}")
+        return now >= proc.release_at
 
     def resources(self, handle: WorkerHandle) -> dict[str, Any]:
         info = handle.proc.info  # type: ignore[attr-defined]

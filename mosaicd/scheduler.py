@@ -459,7 +459,7 @@ class Scheduler:
                 store.transition(run_id, FAILED, cause, return_status=(
                     f"{cause}\n\nlast lines of the run's output:\n{tail}"))
         if not self.shutting_down:
-            self.pool.spawn(worker.slot)
+            self.pool.replace(worker, code)
 
     def check_timeouts(self) -> None:
         now = time.time()

@@ -79,6 +79,18 @@ class Daemon:
     def _acquire_lock(self) -> None:
         lock_path = self.options.socket + ".lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        # A daemon that is stopping has already removed its socket but still holds the lock
+        # while it checkpoints its runs: wait for it rather than refuse (a restart, or a
+        # `mosaic run` right after `mosaic shutdown`).
+        deadline = time.monotonic() + self.options.stop_timeout + 30
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if os.path.exists(self.options.socket) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -208,6 +220,8 @@ class Daemon:
                 self.child_exited = False
                 for handle, code in self.pool.reap():
                     self.scheduler.on_worker_exit(handle, code)
+            if not self.scheduler.shutting_down:
+                self.pool.respawn_due()  # slots whose worker died while starting
             self.scheduler.flush_epochs()
             self.scheduler.check_timeouts()
             self.scheduler.dispatch()
@@ -341,11 +355,22 @@ class Daemon:
 
     # -- shutdown -----------------------------------------------------------------------------
 
+    def _unlink_socket(self) -> None:
+        try:
+            if os.stat(self.options.socket).st_ino == self._socket_inode:
+                os.unlink(self.options.socket)
+        except OSError:
+            pass
+
     def _shutdown(self) -> int:
         notify.notify("STOPPING=1", f"STATUS=stopping: checkpointing "
                       f"{len(self.scheduler.active)} running run(s)")
         log.info("stopping: checkpointing %d running run(s)", len(self.scheduler.active))
         self.scheduler.shutting_down = True
+        # Stop serving clients first: one that connects now must hear "no daemon" at once
+        # instead of waiting for a reply that would never come.
+        self.router.close()
+        self._unlink_socket()
         self.scheduler.park_all()
         deadline = time.monotonic() + self.options.stop_timeout
         while self.scheduler.active and time.monotonic() < deadline:
@@ -358,16 +383,9 @@ class Daemon:
         # Runs still marked running resume from their last checkpoint at the next start.
         for store in self.scheduler.stores.values():
             store.close()
-        self.router.close()
         self.workers_sock.close()
         self.zap.close()
         self.ctx.term()
-        for path in (self.options.socket,):
-            try:
-                if os.stat(path).st_ino == self._socket_inode:
-                    os.unlink(path)
-            except OSError:
-                pass
         try:
             os.rmdir(self.worker_dir)
         except OSError:

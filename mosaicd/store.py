@@ -7,6 +7,7 @@ Every state change of a run goes through :meth:`Store.transition`, which records
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SCHEMA_VERSION = 2
+log = logging.getLogger("mosaicd")
 
 # Run states. "paused" is a run parked at an epoch boundary with a checkpoint.
 QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = (
@@ -183,12 +185,30 @@ class Store:
 
     # -- transactions -------------------------------------------------------------------------
 
+    def _begin(self) -> None:
+        """Take the write lock, waiting as long as another process holds it.
+
+        Only mosaicd should write a study, but a user's `sqlite3` shell left in a transaction
+        holds the lock for as long as it likes. Giving up after the busy timeout would drop an
+        epoch or a result (or stop the daemon's loop); waiting loses nothing, and the log says
+        what the daemon is waiting for every busy timeout (10 s)."""
+        while True:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                log.warning("%s is locked by another process (%s); waiting for it to finish its "
+                            "transaction: only mosaicd should write a study database", self.path,
+                            exc)
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         if self._in_tx:
             yield self.conn
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        self._begin()
         self._in_tx = True
         pending_counts = dict(self.counts)
         try:

@@ -25,6 +25,7 @@ import resource
 import signal
 import sys
 import traceback
+import warnings
 from typing import Any, NoReturn
 
 import zmq
@@ -206,7 +207,12 @@ class Worker:
         self.park_for = None
         self.park_signalled = False
         read_fd, write_fd = os.pipe()
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # The warning is about zmq's I/O threads: the child never touches zmq (it talks
+            # through the pipe and ends with os._exit), and glibc's malloc is fork-safe.
+            warnings.filterwarnings("ignore", "This process .* is multi-threaded",
+                                    DeprecationWarning)
+            pid = os.fork()
         if pid == 0:  # the run process
             code = 0
             try:
@@ -309,7 +315,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     from mosaicd import execution  # imports torch: once per worker, not once per run
 
-    execution.warm_up()
+    if not (args.isolation == "process" and args.slot.startswith("cuda")):
+        # Warming up initialises the CUDA driver through torch._dynamo on a GPU machine, after
+        # which a forked child cannot use CUDA: GPU runs in process isolation pay it themselves.
+        execution.warm_up()
     Worker(args.connect, args.id, args.slot, args.isolation).serve()
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
@@ -58,6 +59,7 @@ class Setup:
         self.live.cli("run", str(live_cfg), self.live_ref, "--follow", check=True)
         self.before = {db: dump(db) for db in (self.ref, self.live_ref)}
         self.mounts: list[Path] = []
+        self.live_done: dict[str, subprocess.CompletedProcess[str]] = {}
 
     def check_nothing_lost(self) -> None:
         for db, rows in self.before.items():
@@ -189,23 +191,44 @@ def full_disk(s: Setup, where: Path) -> str:
 @dataclass
 class Case:
     name: str
-    run: Callable[[Setup, Path], subprocess.CompletedProcess[str]]
+    run: Callable[[Setup, Path], subprocess.CompletedProcess[str]] | None
     code: int
     words: tuple[str, ...]
+    # For mistakes that show when a run executes: writes the project, returns its config.
+    live: Callable[[Setup, Path], Path] | None = None
+
+    @property
+    def dirname(self) -> str:
+        return "".join(c if c.isalnum() else "_" for c in self.name)
 
 
 def cli(s: Setup, *args: str) -> subprocess.CompletedProcess[str]:
     return s.paused.cli(*args)
 
 
-def live_run(s: Setup, cfg: Path) -> subprocess.CompletedProcess[str]:
-    """Queue on the live daemon, follow to the end, and append `show` of the failed run."""
-    db = str(cfg.parent / "case.db")
-    result = s.live.cli("run", str(cfg), db, "--follow", timeout=180)
-    shown = s.live.cli("show", "1", "--db", db)
-    assert query(db, "SELECT status FROM runs") == [("failed",)]
-    return subprocess.CompletedProcess(result.args, result.returncode,
-                                       result.stdout + shown.stdout, result.stderr + shown.stderr)
+def live_results(s: Setup) -> dict[str, subprocess.CompletedProcess[str]]:
+    """Run every live case at once (`mosaic run --follow` each, concurrently: the failures cost
+    fresh workers, which is the slow part), then append `show` of each failed run."""
+    if s.live_done:
+        return s.live_done
+    procs = {}
+    for case in CASES:
+        if case.live is None:
+            continue
+        where = s.root / case.dirname
+        where.mkdir()
+        cfg = case.live(s, where)
+        procs[case.name] = (cfg.parent / "case.db", subprocess.Popen(
+            [sys.executable, "-m", "mosaic_client.cli", "run", str(cfg),
+             str(cfg.parent / "case.db"), "--follow"], env=s.live.env, cwd=where,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for name, (db, proc) in procs.items():
+        out, err = proc.communicate(timeout=300)
+        shown = s.live.cli("show", "1", "--db", str(db))
+        assert query(db, "SELECT status FROM runs") == [("failed",)], name
+        s.live_done[name] = subprocess.CompletedProcess(proc.args, proc.returncode,
+                                                        out + shown.stdout, err + shown.stderr)
+    return s.live_done
 
 
 def not_sqlite(s: Setup, where: Path) -> subprocess.CompletedProcess[str]:
@@ -281,36 +304,33 @@ CASES = [
     Case("pause file that is not a pause file",
          lambda s, w: cli(s, "resume", str(s.cfg)), BAD_INPUT, ("cannot read",)),
     # Mistakes that show only when a run executes: the run fails with the cause, exit code 1.
-    Case("class file with a syntax error",
-         lambda s, w: live_run(s, project(w, "c", model=SOURCES["syntax"])), FAILED,
-         ("SyntaxError", "model.py")),
-    Case("class that is not in its file",
-         lambda s, w: live_run(s, project(w, "c", model=MODEL_OK, model_class="nothere")),
-         FAILED, ("defines no class named 'nothere'",)),
-    Case("model class without forward",
-         lambda s, w: live_run(s, project(w, "c", model=SOURCES["no_forward"])), FAILED,
-         ("lacks required method(s) forward",)),
-    Case("data class without prepare",
-         lambda s, w: live_run(s, project(w, "c", data=SOURCES["no_prepare"])), FAILED,
-         ("lacks required method(s) prepare",)),
-    Case("prepare returning the wrong shape",
-         lambda s, w: live_run(s, project(w, "c", data=SOURCES["one_loader"])), FAILED,
-         ("must return (train, test)", "DataLoader")),
-    Case("NaN loss",
-         lambda s, w: live_run(s, project(w, "c", model=SOURCES["nan"], loss="MSELoss")),
-         FAILED, ("loss is not finite", "epoch 1")),
-    Case("full disk for run files",
-         lambda s, w: live_run(s, project(w, "c", run_files=full_disk(s, w))), FAILED,
-         ("No space left on device",)),
+    Case("class file with a syntax error", None, FAILED, ("SyntaxError", "model.py"),
+         live=lambda s, w: project(w, "c", model=SOURCES["syntax"])),
+    Case("class that is not in its file", None, FAILED, ("defines no class named 'nothere'",),
+         live=lambda s, w: project(w, "c", model=MODEL_OK, model_class="nothere")),
+    Case("model class without forward", None, FAILED, ("lacks required method(s) forward",),
+         live=lambda s, w: project(w, "c", model=SOURCES["no_forward"])),
+    Case("data class without prepare", None, FAILED, ("lacks required method(s) prepare",),
+         live=lambda s, w: project(w, "c", data=SOURCES["no_prepare"])),
+    Case("prepare returning the wrong shape", None, FAILED,
+         ("must return (train, test)", "DataLoader"),
+         live=lambda s, w: project(w, "c", data=SOURCES["one_loader"])),
+    Case("NaN loss", None, FAILED, ("loss is not finite", "epoch 1"),
+         live=lambda s, w: project(w, "c", model=SOURCES["nan"], loss="MSELoss")),
+    Case("full disk for run files", None, FAILED, ("No space left on device",),
+         live=lambda s, w: project(w, "c", run_files=full_disk(s, w))),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_user_mistake(setup: Setup, case: Case) -> None:
-    where = setup.root / case.name.replace(" ", "_").replace(":", "").replace("(", "").replace(
-        ")", "").replace(",", "")
-    where.mkdir()
-    result = case.run(setup, where)
+    if case.live is not None:
+        result = live_results(setup)[case.name]
+    else:
+        assert case.run is not None
+        where = setup.root / case.dirname
+        where.mkdir()
+        result = case.run(setup, where)
     text = result.stdout + result.stderr
     assert result.returncode == case.code, text
     for word in case.words:

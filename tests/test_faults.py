@@ -1,6 +1,8 @@
 """Faults from outside: killed and frozen workers, a study database held by other processes, and
 the socket file deleted under a running daemon. (Daemon SIGKILLs at random moments are in
 test_control.py; set MOSAIC_FAULT_REPEATS to repeat the seeded worker kills here more often.)
+
+The longer tests are marked slow (.ci/run runs them); test_pool.py has the quick worker kill.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def epochs_of(db: str, run_id: int) -> list[int]:
                                 run_id)]
 
 
+@pytest.mark.slow
 def test_seeded_worker_sigkills_retry_and_the_pool_refills(tmp: Path) -> None:
     rng = random.Random(8)
     d = Daemon(tmp, workers=2).start()
@@ -78,6 +81,7 @@ def test_seeded_worker_sigkills_retry_and_the_pool_refills(tmp: Path) -> None:
     assert query(db, "SELECT count(*), count(DISTINCT run_id) FROM run_results") == [(4, 4)]
 
 
+@pytest.mark.slow
 def test_a_stopped_worker_is_waited_for_and_finishes_after_sigcont(tmp: Path) -> None:
     d = Daemon(tmp, workers=1).start()
     db = str(tmp / "s.db")
@@ -209,3 +213,4 @@ def test_an_outside_writer_holding_the_lock_past_the_busy_timeout(tmp: Path) -> 
     for run_id in (1, 2):
         assert epochs_of(db, run_id) == [1, 2, 3, 4, 5]
     assert query(db, "SELECT count(*) FROM run_results") == [(2,)]
+    assert "is locked by another process" in d.log_path.read_text()

@@ -451,3 +451,33 @@ def test_status_shows_each_workers_resources(daemon: Daemon, tmp: Path) -> None:
     assert f"run {ids[0]}" in line and "MiB" in line and "%" in line, line
     daemon.cli("cancel", db, "-id", str(ids[0]), check=True)
     daemon.wait_for(db, timeout=60)
+
+
+class BrokenTorchDaemon(Daemon):
+    """A daemon whose workers find a torch that cannot be imported."""
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = super().env
+        env["PYTHONPATH"] = f"{self.root / 'fake'}{os.pathsep}{env['PYTHONPATH']}"
+        return env
+
+
+def test_workers_that_die_while_starting_are_retried_with_a_delay(tmp: Path) -> None:
+    fake = tmp / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('probe: this torch is broken')\n")
+    d = BrokenTorchDaemon(tmp, workers=1).start()
+    try:
+        time.sleep(6)
+        assert d.request("ping")["pid"] == d.proc.pid  # the daemon itself is fine
+        workers = d.request("status", limit=0)["workers"]
+        log = d.log_path.read_text()
+    finally:
+        d.stop()
+    assert "probe: this torch is broken" in log
+    tries = log.count("while starting")
+    # Without a delay a worker dying in well under a second would be restarted many times.
+    assert 2 <= tries <= 5, log
+    assert "exited with code 1 while starting (1 time(s) in a row); next try in 0.5 s" in log
+    assert len(workers) <= 1
