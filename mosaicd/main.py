@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("mosaicd: --max-runs-per-worker must be 0 (never recycle) or more")
     ray = args.executor == "ray"
     if not ray:
-        for name in ("ray_address", "ray_runtime_env"):
+        # The local pool's workers are this machine's processes: its private ipc socket is
+        # all they need, and it is reachable by this user alone.
+        for name in ("ray_address", "ray_runtime_env", "worker_bind", "worker_advertise"):
             if getattr(args, name) is not None:
                 raise SystemExit(f"mosaicd: --{name.replace('_', '-')} needs --executor ray")
     for name in ("worker_bind", "worker_advertise"):

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from mosaicd.pool import STARTING, Pool, Slot, WorkerHandle, make_slots
+from mosaicd.pool import Pool, Slot, WorkerHandle, make_slots
 from mosaicd.scheduler import Refused
 
 if TYPE_CHECKING:
@@ -61,10 +61,13 @@ def require_ray() -> Any:
 class MosaicWorker:
     """The body of one slot's Ray actor (wrapped with ``ray.remote`` by the pool)."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], defaults: dict[str, str] | None = None) -> None:
         # Before torch is imported: a CPU slot must not grab a GPU, and the thread count is the
-        # slot's share of CPUs, as for the local pool's workers.
+        # slot's share of CPUs, as for the local pool's workers. `defaults` yield to what Ray
+        # or --ray-runtime-env already set.
         os.environ.update(env)
+        for name, value in (defaults or {}).items():
+            os.environ.setdefault(name, value)
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -121,8 +124,6 @@ class RayProcess:
         self._info: dict[str, Any] | None = None
         self.returncode: int | None = None
         self.cause: str | None = None  # why the actor ended, when it was not a normal exit
-        self.ended_at: float | None = None  # when the pool saw an actor end before its hello
-        self.release_at = 0.0
 
     @property
     def info(self) -> dict[str, Any] | None:
@@ -226,8 +227,7 @@ class RayPool(Pool):
                     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
                 workers = (options.workers if options.workers is not None
                            else os.cpu_count() or 1)
-                cpus = workers + len(gpus or []) * options.runs_per_gpu
-                ray.init(address="local", num_cpus=max(1, cpus),
+                ray.init(address="local", num_cpus=max(1, workers),
                          num_gpus=None if gpus is None else len(gpus),
                          include_dashboard=False, runtime_env=runtime_env,
                          object_store_memory=LOCAL_OBJECT_STORE_BYTES, namespace="mosaic",
@@ -257,10 +257,9 @@ class RayPool(Pool):
         self.id_suffix = "" if address.startswith("ipc://") else f"-{secrets.token_hex(8)}"
         self.node_id = ray.get_runtime_context().get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
-        self._start_failures: dict[str, int] = {}  # slot label -> actors dead before hello
         self._actor_class = ray.remote(MosaicWorker)
         self._probe = ray.remote(_probe_paths)
-        needed_cpu = len(slots)
+        needed_cpu = sum(1 for s in slots if s.kind == "cpu")
         needed_gpu = sum(1 for s in slots if s.kind == "cuda") / self.runs_per_gpu
         if needed_cpu > resources.get("CPU", 0) or needed_gpu > resources.get("GPU", 0):
             log.warning("the %d slot(s) need %d CPU(s) and %g GPU(s), the Ray cluster has %g "
@@ -280,8 +279,11 @@ class RayPool(Pool):
             env["CUDA_VISIBLE_DEVICES"] = ""  # Ray sets it only for actors that hold a GPU
             options: dict[str, Any] = {"num_cpus": 1}
         else:
-            options = {"num_cpus": 1, "num_gpus": 1 / self.runs_per_gpu}
-        actor = self._actor_class.options(max_restarts=0, **options).remote(env)
+            # GPU slots come on top of the CPU slots, as in the local pool: they reserve no CPU,
+            # so Ray sets no thread count for them either.
+            options = {"num_cpus": 0, "num_gpus": 1 / self.runs_per_gpu}
+        defaults = {"OMP_NUM_THREADS": "1"}
+        actor = self._actor_class.options(max_restarts=0, **options).remote(env, defaults)
         proc = RayProcess(self.ray, actor, self.address, worker_id, slot, self.isolation)
         handle = WorkerHandle(worker_id, slot, proc)  # type: ignore[arg-type]
         self.workers[worker_id] = handle
@@ -297,16 +299,11 @@ class RayPool(Pool):
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
         ready_ids = {ref.hex() for ref in ready}
         dead = []
-        now = time.monotonic()
         for handle in handles:
             proc: RayProcess = handle.proc  # type: ignore[assignment]
             code = proc.poll(ready=proc.serve_ref.hex() in ready_ids)
             if code is None:
-                if handle.state != STARTING:
-                    self._start_failures.pop(handle.slot.label, None)
                 continue
-            if handle.state == STARTING and not self._release_failed_start(handle, proc, now):
-                continue  # held back a while, so a node that cannot start workers is no loop
             del self.workers[handle.worker_id]
             self.meter.forget(handle.pid)
             if proc.cause and handle.killed_for is None:
@@ -315,23 +312,6 @@ class RayPool(Pool):
                 log.warning("%s", handle.killed_for)
             dead.append((handle, code))
         return dead
-
-    def _release_failed_start(self, handle: WorkerHandle, proc: RayProcess,
-                              now: float) -> bool:
-        """An actor that died before its worker said hello (Mosaic or torch missing on the node,
-        say): whether to report it now. Its replacement would likely die the same way, so after
-        the first failures of a slot in a row the report waits, up to a minute."""
-        if proc.ended_at is None:
-            proc.ended_at = now
-            failures = self._start_failures.get(handle.slot.label, 0) + 1
-            self._start_failures[handle.slot.label] = failures
-            proc.release_at = now + (0 if failures < 3 else min(60.0, 2.0 ** (failures - 2)))
-            if failures in (1, 3) or failures % 20 == 0:
-                log.error("the Ray actor of slot %s could not start its worker (%d time(s) in a "
-                          "row): %s. Are Ray, torch and Mosaic installed on every node "
-                          "(docs/cluster.md)?", handle.slot.label, failures,
-                          proc.cause or f"its worker ended with code {proc.returncode}")
-        return now >= proc.release_at
 
     def resources(self, handle: WorkerHandle) -> dict[str, Any]:
         info = handle.proc.info  # type: ignore[attr-defined]

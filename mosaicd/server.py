@@ -204,7 +204,7 @@ class Daemon:
         poll_workers = self.options.executor == "ray"
         last_reap = 0.0
         while not self.stop_requested:
-            events = dict(poller.poll(1000))
+            events = dict(poller.poll(250 if poll_workers else 1000))
             if poll_workers and time.monotonic() - last_reap >= 0.25:
                 self.child_exited = True
                 last_reap = time.monotonic()

@@ -198,6 +198,17 @@ def wait_running(daemon: Daemon, db: str, run_id: int, timeout: float = 60.0) ->
     raise AssertionError(f"run {run_id} did not start in {timeout} s")
 
 
+def wait_idle(daemon: Daemon, count: int, timeout: float = 120.0) -> list[dict]:
+    """The workers, once `count` of them have started and wait for work."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = daemon.request("status", limit=0)["workers"]
+        if len(workers) == count and all(w["state"] == "idle" for w in workers):
+            return workers
+        time.sleep(0.2)
+    raise AssertionError(f"the {count} workers did not start in {timeout} s")
+
+
 def environ_of(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
@@ -221,12 +232,7 @@ def test_gpu_workers_see_only_their_device(tmp: Path) -> None:
     # and that a GPU submission is only ever dispatched to the slots it allows.
     d = Daemon(tmp, "--gpus", "3,5", "--runs-per-gpu", "2", workers=1).start()
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            workers = d.request("status", limit=0)["workers"]
-            if len(workers) == 5 and all(w["state"] == "idle" for w in workers):
-                break
-            time.sleep(0.2)
+        workers = wait_idle(d, 5)
         seen = sorted((w["slot"], environ_of(w["pid"])["CUDA_VISIBLE_DEVICES"],
                        environ_of(w["pid"])["MOSAIC_WORKER_SLOT"]) for w in workers)
         assert seen == [("cpu 0", "", "cpu 0"), ("cuda:3", "3", "cuda:3"),
@@ -263,10 +269,17 @@ def test_submissions_share_the_pool_within_their_nb_processus(tmp: Path) -> None
     d = Daemon(tmp, workers=3).start()
     try:
         db = str(tmp / "s.db")
+        # All three slots ready first: on a loaded machine a worker still importing torch
+        # would let the other submission's runs go one at a time.
+        wait_idle(d, 3)
+        # Queued while paused, so that both submissions compete for the pool from the start
+        # (tiny runs would otherwise finish before the second submission arrives).
+        d.cli("pause", check=True)
         one = submit(d, project(tmp, ["good"] * 4, epochs=2, nb_processus=1,
                                 name="one.ini"), db)
         two = submit(d, project(tmp, ["good"] * 4, epochs=2, nb_processus=2,
                                 name="two.ini"), db)
+        d.cli("resume", check=True)
         assert d.wait_for(db, timeout=240)["done"] == 8
     finally:
         d.stop()

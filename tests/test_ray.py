@@ -7,6 +7,7 @@ docs/cluster.md, on one machine). Each test uses its own study directory.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -139,6 +140,31 @@ def test_the_advertised_address_replaces_a_wildcard_host() -> None:
         "tcp://head:5560"
     assert advertised_address("tcp://10.0.0.2:41000", None, "10.0.0.7") == "tcp://10.0.0.2:41000"
     assert advertised_address("ipc:///tmp/x/w.sock", None, "10.0.0.7") == "ipc:///tmp/x/w.sock"
+
+
+def test_runtime_env_reaches_the_workers_and_a_worker_that_cannot_start_is_retried_slowly(
+        tmp: Path) -> None:
+    # --ray-runtime-env's env_vars put a broken torch first on the workers' path (only
+    # theirs: the daemon never imports torch): each actor fails at start-up, with its cause in
+    # the daemon's log, and the slot is retried with a growing delay, not in a loop.
+    broken = tmp / "broken" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('probe: this torch is broken')\n")
+    runtime_env = json.dumps({"env_vars": {"PYTHONPATH": f"{tmp / 'broken'}{os.pathsep}{REPO}"}})
+    d = Daemon(tmp, "--executor", "ray", "--ray-runtime-env", runtime_env, workers=1)
+    try:
+        d.start(wait=180)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "3 time(s) in a row" not in \
+                d.log_path.read_text():
+            time.sleep(0.5)
+        # No worker ever came up to take runs.
+        assert all(w["state"] == "starting" for w in d.request("status", limit=0)["workers"])
+    finally:
+        d.stop(timeout=90)
+    log = d.log_path.read_text()
+    assert "failed in its Ray actor: ImportError: probe: this torch is broken" in log, log
+    assert "while starting (3 time(s) in a row); next try in 2 s" in log, log
 
 
 # -- the Ray-backed daemon ------------------------------------------------------------------------
