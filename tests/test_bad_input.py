@@ -322,7 +322,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+# The mistakes that show only when a run executes cost a fresh worker each (their failures
+# recycle it), so they belong to the slow set; the default run keeps the up-front refusals.
+@pytest.mark.parametrize("case", [
+    pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.live else []) for c in CASES])
 def test_user_mistake(setup: Setup, case: Case) -> None:
     if case.live is not None:
         result = live_results(setup)[case.name]

@@ -89,6 +89,12 @@ class crash_once(_Base):
             os._exit(3)
 
 
+class slow(_Base):
+    def hook(self, run_info):
+        print(f"probe: epoch {run_info['epoch']}", flush=True)
+        time.sleep(0.1)
+
+
 class polluter(_Base):
     """Changes every piece of process-global state a run can reach."""
 
@@ -438,6 +444,31 @@ def test_global_state_changes_do_not_reach_the_next_run(tmp: Path, isolation: st
         # Each run had a process of its own, forked from the worker.
         assert before["ppid"] == after["ppid"] == worker_pid
         assert len({before["pid"], after["pid"], worker_pid}) == 3
+
+
+def test_process_isolation_parks_and_resumes_a_run(tmp: Path) -> None:
+    # The park request reaches a forked run through its worker (as SIGUSR1), and the parked
+    # message comes back through the pipe.
+    d = Daemon(tmp, "--isolation", "process", workers=1).start()
+    try:
+        db = str(tmp / "s.db")
+        ids = submit(d, project(tmp, ["slow"], epochs=30), db)
+        wait_running(d, db, ids[0])
+        d.cli("pause", "--now", check=True)
+        d.wait_for(db, states=("paused",), timeout=60)
+        d.cli("resume", check=True)
+        d.wait_for(db, total=1, timeout=120)
+    finally:
+        d.stop()
+    assert runs(db)[ids[0]][0] == "done"
+    assert query(db, "SELECT epochs FROM run_results WHERE run_id=?", ids[0]) == [(30,)]
+    details = [x for (x,) in query(db, "SELECT detail FROM run_events WHERE run_id=? AND "
+                                       "to_status IN ('paused', 'running') ORDER BY event_id",
+                                   ids[0])]
+    assert details[1].startswith("parked at epoch "), details
+    parked_at = int(details[1].split()[-1])
+    assert 0 < parked_at < 30
+    assert details[2].endswith(f"from epoch {parked_at}"), details
 
 
 def test_workers_are_recycled_after_max_runs(tmp: Path) -> None:
