@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sqlite3
@@ -78,26 +79,27 @@ def fresh_processes(runs: int, workers: int) -> float:
 
 
 def ideal(runs: int, workers: int) -> float:
-    import torch
-
-    from mosaicd import execution
-
-    torch.set_num_threads(1)
-    channel = execution.Channel(on_epoch=lambda e: None, park_requested=lambda: False)
+    """W processes, each training its share of the runs in a plain loop after a warm-up."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    share = [runs // workers + (1 if i < runs % workers else 0) for i in range(workers)]
     with tempfile.TemporaryDirectory() as root:
-        execution.execute(spec(root, 0), channel)  # warm-up: first-use costs of torch
-        started = time.perf_counter()
-        for run_id in range(1, runs + 1):
-            execution.execute(spec(root, run_id), channel)
-        return (time.perf_counter() - started) / workers
+        procs = [subprocess.Popen([sys.executable, str(HERE / "plain_loop.py"), root,
+                                   str(first), str(n)], env=env, stdout=subprocess.PIPE,
+                                  text=True)
+                 for first, n in zip(itertools.accumulate([1, *share[:-1]]), share)]
+        # Each process times its own loop after its warm-up; the ideal spans from the first
+        # start to the last end, as the pool's figure spans from submit to the last result.
+        outputs = [p.communicate()[0] for p in procs]
+    spans = [float(line.split()[1]) for out in outputs for line in out.splitlines()
+             if line.startswith("span ")]
+    starts = [float(line.split()[1]) for out in outputs for line in out.splitlines()
+              if line.startswith("start ")]
+    ends = [s + d for s, d in zip(starts, spans)]
+    return max(ends) - min(starts)
 
 
 def measure(runs: int, workers: int, fresh_sample: int) -> dict[str, float]:
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        ideal_s = ideal(runs, workers)
+    ideal_s = ideal(runs, workers)
     mosaic_s = mosaic(runs, workers)
     fresh_s = fresh_processes(fresh_sample, workers) * runs / fresh_sample
     return {"runs": runs, "workers": workers, "mosaic_s": mosaic_s, "ideal_s": ideal_s,

@@ -24,6 +24,9 @@ from mosaicd import metrics
 
 RESERVED_KEYS = ("type", "class", "path_to_class", "key", "name")
 _module_counter = itertools.count()
+# Names of the user modules loaded since the worker last dropped them (worker.py): keeping
+# them here spares a scan of sys.modules after every run.
+loaded_user_modules: list[str] = []
 
 
 class UserCodeError(Exception):
@@ -71,6 +74,7 @@ def load_user_class(path: str, class_name: str, run_id: int) -> type:
         raise UserCodeError(f"cannot import {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    loaded_user_modules.append(name)
     directory = os.path.dirname(path)
     if directory not in sys.path:
         sys.path.insert(0, directory)

@@ -72,8 +72,10 @@ class RedirectedOutput:
 def drop_user_modules() -> None:
     # Each run loads user files under fresh names (execution.load_user_class); dropping them
     # keeps a long-lived worker's memory flat and stops a later run from finding stale ones.
-    for name in [n for n in sys.modules if n.startswith("mosaic_user_")]:
-        del sys.modules[name]
+    from mosaicd.execution import loaded_user_modules
+
+    while loaded_user_modules:
+        sys.modules.pop(loaded_user_modules.pop(), None)
 
 
 class GlobalState:
