@@ -109,6 +109,12 @@ key = mlp
 """
 
 
+def config_text(root: Path, runs: int) -> str:
+    """The benchmark's sweep: `runs` repetitions of one tiny one-epoch pipeline."""
+    return CONFIG.format(root=root, runs=runs, example=EXAMPLE, data_size=DATA_SIZE,
+                         train_prop=TRAIN_PROP, batch=BATCH, length=LENGTH, width=WIDTH)
+
+
 def measure_baseline(runs: int) -> dict[str, float]:
     walls, trains = [], []
     for seed in range(runs):
@@ -145,17 +151,15 @@ def measure_pool(runs: int, isolation: str, work: Path) -> dict[str, float]:
          str(daemon_dir / "state"), "--workers", "1", "--gpus", "", "--isolation", isolation],
         env=_cpu_env(), stdout=log, stderr=log, start_new_session=True)
     try:
-        _wait_ready(socket, proc)
+        wait_ready(socket, proc)
         config = root / "config.ini"
-        config.write_text(CONFIG.format(root=root, runs=runs, example=EXAMPLE,
-                                        data_size=DATA_SIZE, train_prop=TRAIN_PROP, batch=BATCH,
-                                        length=LENGTH, width=WIDTH))
+        config.write_text(config_text(root, runs))
         db = str(root / "study.db")
         env = _cpu_env()
         env["MOSAIC_SOCKET"] = socket
         subprocess.run([sys.executable, "-m", "mosaic_client.cli", "--socket", socket, "run",
                         str(config), db], check=True, capture_output=True, env=env)
-        _wait_done(socket, db, runs)
+        wait_done(socket, db, runs)
         conn = sqlite3.connect(db)
         rows = conn.execute('SELECT m.started_at, m.finished_at, r."duration(s)", r2.status '
                             "FROM run_meta m JOIN run_results r USING (run_id) "
@@ -180,7 +184,7 @@ def measure_pool(runs: int, isolation: str, work: Path) -> dict[str, float]:
         log.close()
 
 
-def _wait_ready(socket: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+def wait_ready(socket: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
     """The daemon answers and its worker has imported torch (is idle)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -197,7 +201,7 @@ def _wait_ready(socket: str, proc: subprocess.Popen[bytes], timeout: float = 120
     raise SystemExit("mosaicd did not become ready")
 
 
-def _wait_done(socket: str, db: str, runs: int, timeout: float = 3600.0) -> None:
+def wait_done(socket: str, db: str, runs: int, timeout: float = 3600.0) -> None:
     deadline = time.monotonic() + timeout
     with Client(socket, timeout=30.0) as client:
         while time.monotonic() < deadline:

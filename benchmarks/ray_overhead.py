@@ -29,48 +29,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mosaic_client.connection import Client, DaemonUnavailable  # noqa: E402
 
-EXAMPLE = REPO / "examples" / "or_mlp"
-
-CONFIG = """
-[PROCESS]
-lr = 0.01
-epochs = 1
-data_scheme = dataset
-pipeline_scheme = mlp
-loss_function = BCELoss
-run_files_path = {root}/runs
-seed = 0
-
-[MONITOR]
-need_gpu = false
-gpu_available = None
-nb_processus = 1
-multiplicity = {runs}
-
-[dataset_OR]
-type = dataset
-class = dataset_OR
-path_to_class = {example}/dataset.py
-data_size = 200
-train_prop = 0.8
-batch_size = 20
-key = data_{{class}}
-
-[mlp_funnel]
-type = mlp
-class = mlp_funnel
-path_to_class = {example}/mlp.py
-length = 2
-width = 3
-key = mlp_{{class}}
-"""
+sys.path.insert(0, str(REPO / "benchmarks"))
+# The same sweep and waits as the local pool's benchmark, so the two figures compare.
+from dispatch_overhead import config_text, wait_done, wait_ready  # noqa: E402
 
 
 def measure(executor: str, runs: int, work: Path, ray_address: str | None) -> dict[str, float]:
@@ -88,10 +54,10 @@ def measure(executor: str, runs: int, work: Path, ray_address: str | None) -> di
         stdout=log, stderr=log, start_new_session=True)
     try:
         started = time.monotonic()
-        wait_idle(socket, proc)
+        wait_ready(socket, proc, timeout=300.0)
         ready = time.monotonic() - started
         config = root / "config.ini"
-        config.write_text(CONFIG.format(root=root, runs=runs, example=EXAMPLE))
+        config.write_text(config_text(root, runs))
         db = str(root / "study.db")
         subprocess.run([sys.executable, "-m", "mosaic_client.cli", "--socket", socket, "run",
                         str(config), db], check=True, capture_output=True)
@@ -118,36 +84,6 @@ def measure(executor: str, runs: int, work: Path, ray_address: str | None) -> di
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-
-
-def wait_idle(socket: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
-    """The daemon answers and its worker has imported torch (is idle)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("mosaicd exited during start-up (is Ray installed? "
-                             "pip install 'mosaic-compare[ray]')")
-        try:
-            with Client(socket, timeout=1.0) as client:
-                status: dict[str, Any] = client.request("status", limit=0)
-            if status["workers"] and all(w["state"] == "idle" for w in status["workers"]):
-                return
-        except DaemonUnavailable:
-            pass
-        time.sleep(0.05)
-    raise SystemExit("mosaicd did not become ready")
-
-
-def wait_done(socket: str, db: str, runs: int, timeout: float = 3600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with Client(socket, timeout=30.0) as client:
-            status = client.request("status", db=db, limit=0)
-        counts = status["studies"][0]["counts"] if status["studies"] else {}
-        if sum(counts.get(s, 0) for s in ("done", "failed", "cancelled")) >= runs:
-            return
-        time.sleep(0.1)
-    raise SystemExit("the runs did not finish")
 
 
 def main() -> None:
