@@ -221,6 +221,14 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _others(run: dict[str, Any]) -> str:
+    """Name the owner of a run that is not the caller's (on a shared daemon)."""
+    import getpass
+
+    owner = run.get("owner")
+    return f"  [owner {owner}]" if owner and owner != getpass.getuser() else ""
+
+
 def render_status(status: dict[str, Any], limit: int) -> str:
     lines = [f"mosaicd: {'PAUSED' if status['paused'] else 'running'}, "
              f"{len(status['workers'])} worker(s), {status['queued']} queued"]
@@ -248,16 +256,16 @@ def render_status(status: dict[str, Any], limit: int) -> str:
         for run in study["running"]:
             lines.append(f"    {run['run_id']:>5}  epoch {run['epoch']}/{run['epochs']}  "
                          f"train_loss {_fmt(run['train_loss'])}  test_loss "
-                         f"{_fmt(run['test_loss'])}  {run['pipeline']}")
+                         f"{_fmt(run['test_loss'])}  {run['pipeline']}{_others(run)}")
         lines.append(f"  Done (latest {limit}):")
         for run in study["done"]:
             lines.append(f"    {run['run_id']:>5}  train_loss {_fmt(run['train_loss'])}  "
                          f"test_loss {_fmt(run['test_loss'])}  duration "
-                         f"{_fmt(run['duration'], '.2f')}s  {run['pipeline']}")
+                         f"{_fmt(run['duration'], '.2f')}s  {run['pipeline']}{_others(run)}")
         lines.append(f"  Error (latest {limit}):")
         for run in study["failed"]:
             first = (run["return_status"] or "").strip().splitlines()
-            lines.append(f"    {run['run_id']:>5}  {run['pipeline']}")
+            lines.append(f"    {run['run_id']:>5}  {run['pipeline']}{_others(run)}")
             lines.append(f"           {first[0] if first else ''}")
     return "\n".join(lines)
 

@@ -137,8 +137,10 @@ def _check_owner(daemon: Daemon, caller: Caller, db: str, run_ids: list[int], ve
     store = daemon.scheduler.stores[db]
     for run_id in run_ids:
         owner_uid, owner = store.owner_of(run_id)
-        if owner_uid is not None and owner_uid != caller.uid:
-            raise Refused("permission", f"run {run_id} belongs to {owner or owner_uid}; only its "
+        # A run whose owner the daemon could not learn is left to administrators.
+        if owner_uid is None or owner_uid != caller.uid:
+            who = owner or owner_uid or "an unknown user"
+            raise Refused("permission", f"run {run_id} belongs to {who}; only its "
                           f"owner or an administrator ({_admins(daemon)}) may {verb} it. "
                           "Nothing was changed.")
 

@@ -296,7 +296,7 @@ class Scheduler:
             runs.append((modules, seed, readable_pipeline(modules),
                          run_params(process, modules, seed, owner_uid, owner)))
         store = self.open_study(db, create=True)
-        submission_id, run_ids = store.add_submission(owner_uid or 0, owner or "", config_path,
+        submission_id, run_ids = store.add_submission(owner_uid, owner or "", config_path,
                                                       process, monitor, runs)
         if owner_uid in self.paused_owners:
             store.set_paused(True, owner_uid)

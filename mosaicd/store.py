@@ -261,7 +261,7 @@ class Store:
 
     # -- submissions --------------------------------------------------------------------------
 
-    def add_submission(self, owner_uid: int, owner: str, config_path: str,
+    def add_submission(self, owner_uid: int | None, owner: str, config_path: str,
                        process: dict[str, Any], monitor: dict[str, Any],
                        runs: list[tuple[list[dict[str, Any]], int, str, dict[str, Any]]],
                        ) -> tuple[int, list[int]]:
