@@ -691,10 +691,6 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return OK
 
 
-def cmd_not_implemented(args: argparse.Namespace) -> int:
-    raise CommandError(f"`{args.command}` is not implemented yet", FAILED)
-
-
 # -- argument parsing -------------------------------------------------------------------------
 
 

@@ -172,16 +172,17 @@ class Daemon:
         self._acquire_lock()
         self.state = DaemonState(self.options.state_dir)
         self._bind()
-        log_file = None
+        # Workers inherit the daemon's stderr (journald under systemd) for what they print
+        # outside a run; a run's own output goes to its output_{id}.log.
         if self.options.executor == "ray":
             from mosaicd.ray_executor import RayPool  # imports ray: only for --executor ray
 
-            self.pool = RayPool(self.ctx, self.worker_address, self.options, log_file)
+            self.pool = RayPool(self.ctx, self.worker_address, self.options)
         else:
             self.pool = Pool(self.ctx, self.worker_address,
                              make_slots(self.options.workers or 0, self.options.gpus or [],
                                         self.options.runs_per_gpu),
-                             self.options.max_runs_per_worker, log_file,
+                             self.options.max_runs_per_worker,
                              isolation=self.options.isolation)
         # After the pool: ray.init installs a SIGTERM handler of its own, which must not replace
         # the daemon's checkpoint-then-stop.
