@@ -17,7 +17,7 @@ This module must stay importable without torch: the CLI imports it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import msgpack
 
@@ -82,6 +82,173 @@ REQUESTS: dict[str, tuple[Field, ...]] = {
     "studies": (),
     "shutdown": (),
 }
+
+
+# -- replies ---------------------------------------------------------------------------------
+# The "data" of each request's ok reply. The daemon builds them (one place per reply, in the
+# scheduler's views) and the client, the web view and `status --json` scripts read them.
+# `total=False` marks fields that are present only in some replies.
+
+
+class PingReply(TypedDict):
+    pid: int
+    version: int
+    socket: str
+    caller: str
+    uid: int | None
+
+
+class SubmitReply(TypedDict):
+    db: str
+    submission_id: int
+    run_ids: list[int]
+    paused: bool  # a hold (daemon or owner) keeps these runs queued
+
+
+class WorkerView(TypedDict, total=False):
+    id: str
+    slot: str
+    state: str
+    pid: int | None
+    run_id: int | None
+    runs_done: int
+    # Resource figures from the executor (None when it cannot measure them).
+    cpu_percent: float | None
+    rss: int | None  # bytes, the worker and the processes it started
+    gpu_memory: int | None  # bytes on the worker's GPU, GPU slots only
+    gpu_memory_device: int | None  # bytes used on that GPU by every process
+    gpu_memory_total: int | None
+
+
+class RunningRunView(TypedDict):
+    run_id: int
+    pipeline: str
+    epoch: int
+    epochs: int
+    train_loss: float | None
+    test_loss: float | None
+    worker: str
+    slot: str
+    owner: str | None
+    elapsed: float
+
+
+class FinishedRunView(TypedDict, total=False):
+    run_id: int
+    pipeline: str
+    owner: str | None
+    # done runs
+    train_loss: float | None
+    test_loss: float | None
+    duration: float | None
+    train_acc: float | None
+    test_acc: float | None
+    epochs: int | None
+    # failed runs
+    return_status: str | None
+
+
+class StudyView(TypedDict):
+    db: str
+    counts: dict[str, int]  # run state -> number of runs
+    running: list[RunningRunView]
+    done: list[FinishedRunView]
+    failed: list[FinishedRunView]
+
+
+class StatusReply(TypedDict, total=False):
+    paused: bool  # the daemon-wide hold
+    workers: list[WorkerView]
+    studies: list[StudyView]
+    queued: int
+    paused_owners: list[int]  # uids holding their own submissions
+    submission_counts: dict[str, int]  # with db and submission: that submission's states
+
+
+class PauseReply(TypedDict):
+    paused: bool
+    parking: int  # runs asked to park at their next epoch boundary (pause --now)
+    scope: str  # contract.HOLD_ALL or contract.HOLD_OWNER
+
+
+class ResumeReply(TypedDict):
+    paused: bool  # whether the daemon-wide hold is still on
+    resumed: int  # parked runs queued again
+    scope: str
+
+
+class PendingItem(TypedDict):
+    db: str
+    process: dict[str, Any]
+    monitor: dict[str, Any]
+    run_ids: list[int]
+    pipelines: list[list[dict[str, Any]]]
+
+
+class CancelReply(TypedDict):
+    selected: list[int]
+    cancelled: list[int]
+    skipped: list[int]
+
+
+class RerunReply(TypedDict):
+    selected: list[int]
+    queued: list[int]
+    skipped: list[int]
+
+
+class RekeyReply(TypedDict):
+    changed: int
+
+
+class LiveView(TypedDict):
+    epoch: int
+    worker: str
+    slot: str
+    pid: int | None
+
+
+class ShowReply(TypedDict, total=False):
+    run_id: int
+    status: str
+    pipeline: str
+    return_status: str | None
+    params: dict[str, Any]
+    results: dict[str, Any] | None
+    events: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    seed: int | None
+    epochs_target: int | None
+    checkpoint_epoch: int | None
+    live: LiveView  # while it trains
+    queued_ahead: int | None  # while it is queued
+
+
+class StudyItem(TypedDict):
+    db: str
+    counts: dict[str, int]
+
+
+class ShutdownReply(TypedDict):
+    stopping: bool
+
+
+# The reply type of each request; a test checks it names every request.
+REPLIES: dict[str, Any] = {
+    "ping": PingReply,
+    "submit": SubmitReply,
+    "status": StatusReply,
+    "pause": PauseReply,
+    "resume": ResumeReply,
+    "pending": list[PendingItem],
+    "cancel": CancelReply,
+    "rerun": RerunReply,
+    "rekey": RekeyReply,
+    "show": ShowReply,
+    "studies": list[StudyItem],
+    "shutdown": ShutdownReply,
+}
+assert set(REPLIES) == set(REQUESTS), "every request needs its reply type"
 
 # Worker -> daemon messages.
 WORKER_MESSAGES: dict[str, tuple[Field, ...]] = {

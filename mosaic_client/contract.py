@@ -1,0 +1,92 @@
+"""Names and rules that the client and the daemon share, written once (standard library only).
+
+Part of the shared contract with :mod:`mosaic_client.protocol` (every request and reply),
+:mod:`mosaic_client.schema` (every ``[PROCESS]``/``[MONITOR]`` key) and
+:mod:`mosaic_client.paths` (where the socket and the daemon's state live). The daemon imports
+these modules; nothing here may import torch, matplotlib, scipy or the daemon package.
+"""
+
+from __future__ import annotations
+
+import os
+
+# -- run states ------------------------------------------------------------------------------
+# The values are what `runs.status` holds in every study database, so users' SQL keeps working.
+QUEUED = "queued"
+RUNNING = "running"
+# A run *parked* at an epoch boundary with a checkpoint (`pause --now`, `pause FILE`); it goes on
+# from that epoch when resumed. Not to be confused with a *hold* (below), which parks nothing.
+PARKED = "paused"
+DONE = "done"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+RUN_STATES: tuple[str, ...] = (QUEUED, RUNNING, PARKED, DONE, FAILED, CANCELLED)
+FINAL_STATES: tuple[str, ...] = (DONE, FAILED, CANCELLED)
+
+# Allowed transitions; anything else is a bug in the daemon and raises.
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    QUEUED: (RUNNING, CANCELLED, PARKED),
+    RUNNING: (DONE, FAILED, CANCELLED, PARKED, QUEUED),
+    PARKED: (QUEUED, CANCELLED),
+    DONE: (QUEUED,),  # rerun
+    FAILED: (QUEUED,),  # rerun
+    CANCELLED: (QUEUED,),  # rerun
+}
+
+# -- holds -----------------------------------------------------------------------------------
+# A *hold* means "start no new runs": of the whole daemon (`mosaic pause --all`, or any pause on a
+# per-user daemon) or of one owner's submissions (`mosaic pause` by a user of a shared daemon).
+# Runs already training go on; `pause --now` also parks them (state PARKED above). The wire
+# keeps the word "paused" for a hold in replies (`status --json` readers rely on it).
+HOLD_ALL = "all"
+HOLD_OWNER = "owner"
+
+# -- results ---------------------------------------------------------------------------------
+# The columns of run_results, in table order; every one is a metaplot criterion.
+RESULT_COLUMNS: tuple[str, ...] = (
+    "train_loss",
+    "test_loss",
+    "train_acc",
+    "test_acc",
+    "nb_params",
+    "duration(s)",
+    "epochs",
+    "overfit",
+    "trainability",
+    "slope",
+)
+# The per-epoch columns of run_epochs besides run_id and epoch.
+EPOCH_COLUMNS: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_acc",
+                                  "duration(s)")
+
+# -- pipelines and params --------------------------------------------------------------------
+# Keys of a module dict that describe the module rather than parameterise it: never passed to
+# the class as parameters and never stored as `{class}_{param}` rows. "name" holds the section
+# name in every module dict, so a class parameter of that name is refused by the config checks.
+MODULE_FIELDS: tuple[str, ...] = ("type", "class", "path_to_class", "key", "name")
+# Of those, the keys a config section may set itself (the others are filled in by Mosaic).
+SECTION_FIELDS: tuple[str, ...] = ("type", "class", "path_to_class", "key")
+
+# -- run files -------------------------------------------------------------------------------
+# Every file a run writes in its run_files_path, named in one place.
+
+
+def run_log_path(run_files_path: str, run_id: int) -> str:
+    """The run's captured stdout/stderr (the seed's name)."""
+    return os.path.join(run_files_path, f"output_{run_id}.log")
+
+
+def checkpoint_path(run_files_path: str, run_id: int) -> str:
+    """The run's last epoch-boundary checkpoint, from which it resumes."""
+    return os.path.join(run_files_path, f"checkpoint_{run_id}.pt")
+
+
+def history_path(run_files_path: str, run_id: int) -> str:
+    """The run's per-epoch history, as a torch file."""
+    return os.path.join(run_files_path, f"history_{run_id}.pt")
+
+
+def model_path(run_files_path: str, class_name: str, run_id: int) -> str:
+    """Where a module's save_model/load_model write and read its weights."""
+    return os.path.join(run_files_path, f"model_{class_name}_{run_id}")

@@ -1,0 +1,278 @@
+"""The submission schema: every ``[PROCESS]`` and ``[MONITOR]`` key declared once.
+
+Both sides check submissions against this one table: the client's config reader
+(:mod:`mosaic_client.config`) turns the INI text into typed values and checks them with
+:func:`value_problem`, and the daemon checks every submit request, hand-made or not, with
+:func:`submission_problem` before anything is written. A range or a default changes here and
+nowhere else. Standard library only (part of the shared contract).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+PROCESS = "PROCESS"
+MONITOR = "MONITOR"
+
+# torch.nn loss classes, listed by hand because importing torch would cost the CLI seconds.
+TORCH_LOSSES: tuple[str, ...] = (
+    "L1Loss",
+    "MSELoss",
+    "CrossEntropyLoss",
+    "CTCLoss",
+    "NLLLoss",
+    "PoissonNLLLoss",
+    "GaussianNLLLoss",
+    "KLDivLoss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "MarginRankingLoss",
+    "HingeEmbeddingLoss",
+    "MultiLabelMarginLoss",
+    "HuberLoss",
+    "SmoothL1Loss",
+    "SoftMarginLoss",
+    "MultiLabelSoftMarginLoss",
+    "CosineEmbeddingLoss",
+    "MultiMarginLoss",
+    "TripletMarginLoss",
+    "TripletMarginWithDistanceLoss",
+)
+
+TORCH_OPTIMIZERS: tuple[str, ...] = (
+    "SGD",
+    "Adam",
+    "AdamW",
+    "Adagrad",
+    "Adadelta",
+    "Adamax",
+    "ASGD",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+)
+
+ACCURACY_MODES: tuple[str, ...] = ("binary", "logits", "argmax", "none")
+
+# The accuracy that makes sense for a loss follows from what the model is expected to output.
+DEFAULT_ACCURACY: dict[str, str] = {
+    "BCELoss": "binary",
+    "BCEWithLogitsLoss": "logits",
+    "CrossEntropyLoss": "argmax",
+    "NLLLoss": "argmax",
+}
+
+# Seeds are stored in SQLite, whose INTEGER is a signed 64-bit value.
+MAX_SEED = 2**63 - 1
+# Counts (epochs, processes, repetitions, retries) are 32-bit: more is only ever a typo.
+MAX_COUNT = 2**31
+# A timeout beyond this many seconds (30,000 years) is a typo, and would overflow timers.
+MAX_TIMEOUT = 1e12
+
+IDENTIFIER_RE = re.compile(r"[A-Za-z_]\w*")
+
+# Value kinds. The client parses INI text into these; the daemon receives them from msgpack.
+FLOAT = "float"  # a finite number (an int is accepted)
+INT = "int"
+BOOL = "bool"
+CHOICE = "choice"  # one of Key.choices
+IDENTIFIER = "identifier"  # a Python name
+SCHEME = "scheme"  # a non-empty list of type names
+PATH = "path"  # a path; the client resolves it, the daemon requires it absolute
+GPU_LIST = "gpu_list"  # a list of GPU ids (strings or integers), possibly empty
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its section, kind, limits, default and meaning."""
+
+    section: str
+    name: str
+    kind: str
+    doc: str
+    required: bool = False
+    # The value when the key is absent or set to None. A config file must give a required key;
+    # the daemon applies the default when a hand-made request leaves a MONITOR key out.
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    # A minimum the value must exceed rather than reach (lr > 0, timeout > 0).
+    exclusive_minimum: bool = False
+    choices: tuple[str, ...] = ()
+    # Whether "None" (or an empty value in the INI) is allowed and means "not set".
+    nullable: bool = False
+
+    @property
+    def where(self) -> str:
+        return f"{self.section} {self.name}"
+
+    def range_text(self) -> str:
+        """The allowed values in words, for messages and docs."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        noun = {INT: "an integer", FLOAT: "a number"}.get(self.kind, self.kind)
+        low, high = self.minimum, self.maximum
+        if high is not None and high < MAX_COUNT and low is not None:
+            return f"{noun} between {low:g} and {high:g}"
+        if high is not None and high == MAX_SEED and low is not None:
+            return f"{noun} between {low:g} and {high}"
+        if low is not None:
+            return f"{noun} {'greater than' if self.exclusive_minimum else 'of at least'} {low:g}"
+        return noun
+
+
+KEYS: tuple[Key, ...] = (
+    # -- PROCESS: what every run of the study does -----------------------------------------
+    Key(PROCESS, "lr", FLOAT, "the learning rate, e.g. lr = 0.001", required=True,
+        minimum=0.0, exclusive_minimum=True),
+    Key(PROCESS, "epochs", INT, "the number of training epochs, e.g. epochs = 10",
+        required=True, minimum=1, maximum=MAX_COUNT),
+    Key(PROCESS, "data_scheme", SCHEME,
+        "the types of the data stages, in order, e.g. data_scheme = dataset", required=True),
+    Key(PROCESS, "pipeline_scheme", SCHEME,
+        "the types of the model stages, in order, e.g. pipeline_scheme = model", required=True),
+    Key(PROCESS, "loss_function", CHOICE,
+        "a torch.nn loss class such as MSELoss, BCELoss or CrossEntropyLoss",
+        choices=TORCH_LOSSES, nullable=True),
+    Key(PROCESS, "class_loss_function", IDENTIFIER,
+        "the name of your own loss class, defined in path_to_class_loss_function",
+        nullable=True),
+    Key(PROCESS, "path_to_class_loss_function", PATH,
+        "the .py file that defines class_loss_function", nullable=True),
+    Key(PROCESS, "run_files_path", PATH,
+        "the directory of the run files (logs, checkpoints, saved models)",
+        default=".runs"),
+    Key(PROCESS, "optimizer", CHOICE, "the torch.optim optimizer", default="Adam",
+        choices=TORCH_OPTIMIZERS),
+    Key(PROCESS, "accuracy", CHOICE,
+        "how accuracy is computed from the model's output (default: from the loss)",
+        choices=ACCURACY_MODES, nullable=True),
+    Key(PROCESS, "seed", INT,
+        "the first repetition's seed; repetition i gets seed + i (None: random seeds)",
+        minimum=0, maximum=MAX_SEED, nullable=True),
+    # -- MONITOR: how the daemon runs them -------------------------------------------------
+    Key(MONITOR, "need_gpu", BOOL, "true to train on GPUs, false for CPUs", required=True,
+        default=False),
+    Key(MONITOR, "gpu_available", GPU_LIST,
+        "GPU names separated by commas, or None when unused", required=True, default=(),
+        nullable=True),
+    Key(MONITOR, "nb_processus", INT, "how many runs may train at once", required=True,
+        default=1, minimum=1, maximum=MAX_COUNT),
+    Key(MONITOR, "multiplicity", INT, "how many times each pipeline is repeated",
+        required=True, default=1, minimum=1, maximum=MAX_COUNT),
+    Key(MONITOR, "retries", INT, "how many times a failed run is retried", default=0,
+        minimum=0, maximum=MAX_COUNT),
+    Key(MONITOR, "timeout", FLOAT, "a positive number of seconds per run, or None",
+        minimum=0.0, maximum=MAX_TIMEOUT, exclusive_minimum=True, nullable=True),
+)
+
+BY_SECTION: dict[str, dict[str, Key]] = {
+    PROCESS: {k.name: k for k in KEYS if k.section == PROCESS},
+    MONITOR: {k.name: k for k in KEYS if k.section == MONITOR},
+}
+PROCESS_KEYS: tuple[str, ...] = tuple(BY_SECTION[PROCESS])
+MONITOR_KEYS: tuple[str, ...] = tuple(BY_SECTION[MONITOR])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def value_problem(key: Key, value: Any) -> str | None:
+    """What is wrong with a typed value of `key` (None: it is fine). Absent values are the
+    caller's concern (see :func:`section_problem`); None is accepted where the key allows it."""
+    if value is None:
+        return None if key.nullable or not key.required else "must be set"
+    if key.kind in (INT, FLOAT):
+        if key.kind == INT and not _is_int(value):
+            return f"expected {key.range_text()}"
+        if key.kind == FLOAT and not _is_number(value):
+            return f"expected {key.range_text()}"
+        low, high = key.minimum, key.maximum
+        if low is not None and (value <= low if key.exclusive_minimum else value < low):
+            return f"expected {key.range_text()}"
+        if high is not None and value > high:
+            return f"expected {key.range_text()}"
+        return None
+    if key.kind == BOOL:
+        return None if isinstance(value, bool) else "expected true or false"
+    if key.kind == CHOICE:
+        return None if value in key.choices else f"expected {key.range_text()}"
+    if key.kind == IDENTIFIER:
+        ok = isinstance(value, str) and IDENTIFIER_RE.fullmatch(value)
+        return None if ok else "expected a Python class name"
+    if key.kind == SCHEME:
+        ok = (isinstance(value, list) and value
+              and all(isinstance(t, str) and IDENTIFIER_RE.fullmatch(t) for t in value))
+        return None if ok else "expected a non-empty list of type names"
+    if key.kind == PATH:
+        return None if isinstance(value, str) and value else "expected a path"
+    if key.kind == GPU_LIST:
+        ok = isinstance(value, (list, tuple)) and all(
+            (isinstance(g, str) and g) or _is_int(g) for g in value)
+        return None if ok else "expected a list of GPU ids"
+    raise AssertionError(f"unknown kind {key.kind!r} of {key.where}")
+
+
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def section_problem(section: str, values: dict[str, Any], require: bool = True) -> str | None:
+    """The first problem of a whole section as sent to the daemon, or None. With `require`
+    false, absent keys take their defaults (see :func:`value`)."""
+    keys = BY_SECTION[section]
+    for key in keys.values():
+        if key.name not in values:
+            if key.required and require:
+                return f"{key.where} is missing: {key.doc}"
+            continue
+        problem = value_problem(key, values[key.name])
+        if problem:
+            return f"{key.where} {problem}, got {values[key.name]!r:.80}"
+    for name, value in values.items():
+        # Unknown keys travel into params: they must be plain values.
+        if name not in keys and not isinstance(value, _SCALAR):
+            return f"{section} {name} has an unusable value {value!r:.80}"
+    return None
+
+
+def loss_problem(process: dict[str, Any]) -> str | None:
+    """The loss is given one way: a torch.nn class, or a class of the user's with its file."""
+    builtin = process.get("loss_function")
+    own = process.get("class_loss_function"), process.get("path_to_class_loss_function")
+    if builtin is not None and any(v is not None for v in own):
+        return ("give either loss_function or class_loss_function + "
+                "path_to_class_loss_function, not both")
+    if builtin is None and any(v is None for v in own):
+        return ("give loss_function (a torch.nn loss such as MSELoss) or both "
+                "class_loss_function and path_to_class_loss_function")
+    return None
+
+
+def submission_problem(process: dict[str, Any], monitor: dict[str, Any]) -> str | None:
+    """What makes a submission's PROCESS and MONITOR unusable, or None. The client always sends
+    a complete PROCESS (run_files_path resolved); MONITOR keys left out take their defaults."""
+    run_files = process.get("run_files_path")
+    if not (isinstance(run_files, str) and os.path.isabs(run_files)):
+        return f"PROCESS run_files_path must be an absolute path, got {run_files!r:.80}"
+    return (section_problem(PROCESS, process) or section_problem(MONITOR, monitor, False)
+            or loss_problem(process))
+
+
+def value(section: str, values: dict[str, Any], name: str) -> Any:
+    """A key's value in a submitted section, or its default when absent or None."""
+    got = values.get(name)
+    return BY_SECTION[section][name].default if got is None else got
+
+
+def default_accuracy(loss_function: str | None) -> str:
+    return DEFAULT_ACCURACY.get(loss_function or "", "none")
