@@ -1,6 +1,12 @@
 """Running one pipeline inside a worker: build the modules, train, evaluate, save.
 
 Imported by workers only: the daemon's main process never imports torch.
+
+:func:`execute` runs a spec through four steps, each its own function: :func:`build` (load the
+user classes, construct the modules, prepare the data, make the loss and the optimizer),
+:func:`restore` (from the run's checkpoint when it resumes), :func:`train` (one
+:func:`run_epoch` after the other, checkpointing and honouring park requests) and :func:`finish`
+(save the models, the history and the results).
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ from typing import Any
 
 import torch
 
+from mosaic_client import contract, schema
 from mosaicd import metrics
 
-RESERVED_KEYS = ("type", "class", "path_to_class", "key", "name")
 _module_counter = itertools.count()
 # Names of the user modules loaded since the worker last dropped them (worker.py): keeping
 # them here spares a scan of sys.modules after every run.
@@ -62,6 +68,27 @@ class History:
                 "train_acc": self.train_acc, "test_acc": self.test_acc,
                 "duration": self.duration}
 
+    def append(self, train_loss: float, test_loss: float, train_acc: float | None,
+               test_acc: float | None, duration: float) -> None:
+        self.train_loss.append(train_loss)
+        self.test_loss.append(test_loss)
+        self.train_acc.append(train_acc)
+        self.test_acc.append(test_acc)
+        self.duration.append(duration)
+
+    def truncate(self, epochs: int) -> None:
+        """Keep the first `epochs` epochs (a checkpoint's history may run past its epoch)."""
+        for values in (self.train_loss, self.test_loss, self.train_acc, self.test_acc,
+                       self.duration):
+            del values[epochs:]
+
+    def event(self, run_id: int, index: int, checkpointed: bool) -> dict[str, Any]:
+        """The epoch message for the epoch at `index` (0-based) sent to the daemon."""
+        return {"run_id": run_id, "epoch": index + 1,
+                "train_loss": self.train_loss[index], "test_loss": self.test_loss[index],
+                "train_acc": self.train_acc[index], "test_acc": self.test_acc[index],
+                "duration": self.duration[index], "checkpointed": checkpointed}
+
 
 def load_user_class(path: str, class_name: str, run_id: int) -> type:
     """Load a class from a file under a fresh module name, so an edited file is seen."""
@@ -86,7 +113,7 @@ def load_user_class(path: str, class_name: str, run_id: int) -> type:
 
 
 def module_params(module: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in module.items() if k not in RESERVED_KEYS}
+    return {k: v for k, v in module.items() if k not in contract.MODULE_FIELDS}
 
 
 def construct(cls: type, module: dict[str, Any], run_info: dict[str, Any],
@@ -232,10 +259,6 @@ def atomic_save(obj: Any, path: str) -> None:
         os.close(dir_fd)
 
 
-def checkpoint_path(run_files_path: str, run_id: int) -> str:
-    return os.path.join(run_files_path, f"checkpoint_{run_id}.pt")
-
-
 def _unique_parameters(modules: Iterable[Any]) -> list[torch.nn.Parameter]:
     seen: set[int] = set()
     params = []
@@ -276,185 +299,273 @@ def warm_up() -> None:
     torch.set_rng_state(state)
 
 
-def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
-    """Train one pipeline to spec["epochs_target"] epochs; return results and files."""
-    run_id = int(spec["run_id"])
-    process = spec["process"]
-    pipeline: list[dict[str, Any]] = spec["modules"]
-    files_dir = spec["run_files_path"]
-    os.makedirs(files_dir, exist_ok=True)
-    device = torch.device(spec["device"])
-    seed = int(spec["seed"])
-    seed_everything(seed)
+# -- build ------------------------------------------------------------------------------------
 
-    run_info: dict[str, Any] = {"run_id": run_id, "device": str(device), "seed": seed,
-                                "epoch": 0}
-    n_data = len(process["data_scheme"])
+
+@dataclass
+class BuiltRun:
+    """A run's pipeline built from its spec, ready to train (see :func:`build`)."""
+
+    run_id: int
+    device: torch.device
+    # What the modules were told about the run, grown by each module's info() and updated with
+    # the current epoch; modules receive it on every call.
+    run_info: dict[str, Any]
+    train_data: Any
+    test_data: Any
+    models: list[Any]
+    model_infos: list[dict[str, Any]]  # the models' module dicts, in pipeline order
+    optimizer: Any
+    criterion: Any
+    accuracy_mode: str
+    # The last model's own accuracy(y_pred, y), which replaces the accuracy mode when defined.
+    user_accuracy: Callable[[Any, Any], Any] | None
+    nb_params: int
+
+    def count_correct(self, y_pred: Any, y: Any) -> Any:
+        if self.user_accuracy is not None:
+            return self.user_accuracy(y_pred, y)
+        return correct_count(self.accuracy_mode, y_pred, y)
+
+
+def _instantiate(module: dict[str, Any], run_info: dict[str, Any],
+                 pipeline: list[dict[str, Any]], run_id: int, methods: tuple[str, ...]) -> Any:
+    cls = load_user_class(module["path_to_class"], module["class"], run_id)
+    obj = construct(cls, module, run_info, pipeline)
+    _check_methods(obj, methods, module)
+    return obj
+
+
+def prepare_data(data_modules: list[dict[str, Any]], run_info: dict[str, Any],
+                 pipeline: list[dict[str, Any]], run_id: int) -> tuple[Any, Any]:
+    """Chain the data modules' prepare(); the last one returns the (train, test) loaders."""
     data: Any = None
-    for module in pipeline[:n_data]:
-        cls = load_user_class(module["path_to_class"], module["class"], run_id)
-        obj = construct(cls, module, run_info, pipeline)
-        _check_methods(obj, ("prepare", "info"), module)
+    for module in data_modules:
+        obj = _instantiate(module, run_info, pipeline, run_id, ("prepare", "info"))
         data = obj.prepare(data, run_info, module)
         run_info.update(obj.info() or {})
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise UserCodeError(
-            f"the last data module [{pipeline[n_data - 1].get('name')}] must return "
-            f"(train, test) from prepare(), got {type(data).__name__}")
-    train_data, test_data = data
+        last = data_modules[-1].get("name") if data_modules else None
+        raise UserCodeError(f"the last data module [{last}] must return (train, test) from "
+                            f"prepare(), got {type(data).__name__}")
+    return data[0], data[1]
 
+
+def build_models(model_modules: list[dict[str, Any]], run_info: dict[str, Any],
+                 pipeline: list[dict[str, Any]], run_id: int, device: torch.device) -> list[Any]:
+    """Construct the model modules in order, on the run's device."""
     models: list[Any] = []
-    for module in pipeline[n_data:]:
-        cls = load_user_class(module["path_to_class"], module["class"], run_id)
-        obj = construct(cls, module, run_info, pipeline)
-        _check_methods(obj, ("forward", "info"), module)
+    for module in model_modules:
+        obj = _instantiate(module, run_info, pipeline, run_id, ("forward", "info"))
         if isinstance(obj, torch.nn.Module):
             obj.to(device)
         models.append(obj)
         run_info.update(obj.info() or {})
-    model_infos = pipeline[n_data:]
+    return models
 
+
+def make_optimizer(process: dict[str, Any], models: list[Any]) -> tuple[Any, int]:
+    """The PROCESS optimizer over the models' trainable parameters, and their number."""
     params = _unique_parameters(models)
     if not params:
         raise UserCodeError("the pipeline has no trainable parameters: pipeline classes must be "
                             "torch.nn.Module or define parameters()")
     nb_params = sum(p.numel() for p in params)
-    optimizer_cls = getattr(torch.optim, process.get("optimizer") or "Adam", None)
+    name = schema.value(schema.PROCESS, process, "optimizer")
+    optimizer_cls = getattr(torch.optim, name, None)
     if optimizer_cls is None:
-        raise UserCodeError(f"optimizer {process.get('optimizer')!r} is not in torch.optim")
-    optimizer = optimizer_cls(params, lr=float(process["lr"]))
+        raise UserCodeError(f"optimizer {name!r} is not in torch.optim")
+    return optimizer_cls(params, lr=float(process["lr"])), nb_params
+
+
+def build(spec: dict[str, Any]) -> BuiltRun:
+    """Seed the run, then build its data, models, loss and optimizer, in the pipeline's order."""
+    run_id = int(spec["run_id"])
+    process = spec["process"]
+    pipeline: list[dict[str, Any]] = spec["modules"]
+    device = torch.device(spec["device"])
+    seed = int(spec["seed"])
+    # Before anything is constructed: initial weights and data splits depend on it.
+    seed_everything(seed)
+    run_info: dict[str, Any] = {"run_id": run_id, "device": str(device), "seed": seed,
+                                "epoch": 0}
+    n_data = len(process["data_scheme"])
+    train_data, test_data = prepare_data(pipeline[:n_data], run_info, pipeline, run_id)
+    model_infos = pipeline[n_data:]
+    models = build_models(model_infos, run_info, pipeline, run_id, device)
+    optimizer, nb_params = make_optimizer(process, models)
     criterion = make_loss(process, run_id)
     if isinstance(criterion, torch.nn.Module):
         criterion.to(device)
-    user_accuracy = getattr(models[-1], "accuracy", None)
-    mode = process.get("accuracy") or "none"
+    # No accuracy given (a hand-made request): none, as the client would have said explicitly.
+    mode = schema.value(schema.PROCESS, process, "accuracy") or "none"
+    return BuiltRun(run_id=run_id, device=device, run_info=run_info, train_data=train_data,
+                    test_data=test_data, models=models, model_infos=model_infos,
+                    optimizer=optimizer, criterion=criterion, accuracy_mode=mode,
+                    user_accuracy=getattr(models[-1], "accuracy", None), nb_params=nb_params)
 
-    history = History()
-    ckpt_file = checkpoint_path(files_dir, run_id)
-    start_epoch = int(spec.get("start_epoch") or 0)
-    if start_epoch > 0:
-        ckpt = torch.load(ckpt_file, map_location=device, weights_only=False)
-        if int(ckpt["epoch"]) != start_epoch:
-            start_epoch = int(ckpt["epoch"])
-        for obj, state, module in zip(models, ckpt["models"], model_infos):
-            if state is None and callable(getattr(obj, "load_model", None)):
-                obj.load_model(os.path.join(files_dir, f"model_{module['class']}_{run_id}"))
-            else:
-                _restore_state(obj, state)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history = History(**ckpt["history"])
-        del history.train_loss[start_epoch:], history.test_loss[start_epoch:]
-        del history.train_acc[start_epoch:], history.test_acc[start_epoch:]
-        del history.duration[start_epoch:]
-        set_rng_states(ckpt["rng"])
-        # The database may lag the checkpoint file by a few epochs (a kill between the two
-        # writes): re-send those epochs so the stored history has no gap.
-        for epoch in range(int(spec.get("start_epoch") or 0), start_epoch):
-            channel.on_epoch({"run_id": run_id, "epoch": epoch + 1,
-                              "train_loss": history.train_loss[epoch],
-                              "test_loss": history.test_loss[epoch],
-                              "train_acc": history.train_acc[epoch],
-                              "test_acc": history.test_acc[epoch],
-                              "duration": history.duration[epoch],
-                              "checkpointed": epoch + 1 == start_epoch})
 
-    def save_checkpoint(epoch: int) -> None:
-        atomic_save({"epoch": epoch, "models": [_state_of(m) for m in models],
-                     "optimizer": optimizer.state_dict(), "rng": rng_states(),
-                     "history": history.as_dict()}, ckpt_file)
+# -- restore ----------------------------------------------------------------------------------
 
-    def accumulate(y_pred: Any, y: Any) -> Any:
-        if user_accuracy is not None:
-            return user_accuracy(y_pred, y)
-        return correct_count(mode, y_pred, y)
 
-    def run_epoch(batches: Iterable[Any], train: bool) -> tuple[float, float | None]:
-        for model in models:
-            if isinstance(model, torch.nn.Module):
-                model.train(train)
-        loss_sum = torch.zeros((), device=device)
-        correct: Any = None
-        n_batches = 0
-        n_samples = 0
-        with torch.set_grad_enabled(train):
-            for batch in batches:
-                if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                    raise UserCodeError("each batch must be an (x, y) pair; the data module's "
-                                        "loaders yielded " + type(batch).__name__)
-                x, y = to_device(batch[0], device), to_device(batch[1], device)
-                out = x
-                for model, info in zip(models, model_infos):
-                    out = _call(model, out, run_info, info)
-                loss = criterion(out, y)
-                if train:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                loss_sum += loss.detach()
-                count = accumulate(out.detach() if isinstance(out, torch.Tensor) else out, y)
-                if count is not None:
-                    correct = count if correct is None else correct + count
-                n_batches += 1
-                n_samples += _batch_size(y)
-        if n_batches == 0:
-            raise UserCodeError("a data loader yielded no batch; check data_size and train_prop")
-        mean_loss = float(loss_sum.item()) / n_batches  # the one host sync per pass
-        acc = None if correct is None else float(correct) / n_samples
-        return mean_loss, acc
+def save_checkpoint(run: BuiltRun, history: History, epoch: int, path: str) -> None:
+    atomic_save({"epoch": epoch, "models": [_state_of(m) for m in run.models],
+                 "optimizer": run.optimizer.state_dict(), "rng": rng_states(),
+                 "history": history.as_dict()}, path)
 
+
+def restore(run: BuiltRun, files_dir: str) -> tuple[int, History]:
+    """Load the run's checkpoint into the built run; return its epoch and the history so far."""
+    checkpoint = torch.load(contract.checkpoint_path(files_dir, run.run_id),
+                            map_location=run.device, weights_only=False)
+    epoch = int(checkpoint["epoch"])
+    for obj, state, module in zip(run.models, checkpoint["models"], run.model_infos):
+        if state is None and callable(getattr(obj, "load_model", None)):
+            obj.load_model(contract.model_path(files_dir, module["class"], run.run_id))
+        else:
+            _restore_state(obj, state)
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    history = History(**checkpoint["history"])
+    history.truncate(epoch)
+    set_rng_states(checkpoint["rng"])
+    return epoch, history
+
+
+def resend_epochs(channel: Channel, run_id: int, history: History, stored_epoch: int,
+                  checkpoint_epoch: int) -> None:
+    """Send again the epochs the database lacks: it may lag the checkpoint file by a few epochs
+    (a kill between the two writes), and the stored history must have no gap."""
+    for index in range(stored_epoch, checkpoint_epoch):
+        channel.on_epoch(history.event(run_id, index, index + 1 == checkpoint_epoch))
+
+
+# -- one epoch --------------------------------------------------------------------------------
+
+
+def run_pass(run: BuiltRun, batches: Iterable[Any], train: bool) -> tuple[float, float | None]:
+    """One pass over a loader, training or testing; return the mean loss and the accuracy."""
+    for model in run.models:
+        if isinstance(model, torch.nn.Module):
+            model.train(train)
+    device = run.device
+    loss_sum = torch.zeros((), device=device)
+    correct: Any = None
+    n_batches = 0
+    n_samples = 0
+    with torch.set_grad_enabled(train):
+        for batch in batches:
+            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                raise UserCodeError("each batch must be an (x, y) pair; the data module's "
+                                    "loaders yielded " + type(batch).__name__)
+            x, y = to_device(batch[0], device), to_device(batch[1], device)
+            out = x
+            for model, info in zip(run.models, run.model_infos):
+                out = _call(model, out, run.run_info, info)
+            loss = run.criterion(out, y)
+            if train:
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                run.optimizer.step()
+            loss_sum += loss.detach()
+            count = run.count_correct(out.detach() if isinstance(out, torch.Tensor) else out, y)
+            if count is not None:
+                correct = count if correct is None else correct + count
+            n_batches += 1
+            n_samples += _batch_size(y)
+    if n_batches == 0:
+        raise UserCodeError("a data loader yielded no batch; check data_size and train_prop")
+    mean_loss = float(loss_sum.item()) / n_batches  # the one host sync per pass
+    acc = None if correct is None else float(correct) / n_samples
+    return mean_loss, acc
+
+
+def run_epoch(run: BuiltRun, history: History, epoch: int) -> None:
+    """Train then test for `epoch` (counted from 1); append its figures to the history."""
+    run.run_info["epoch"] = epoch
+    started = time.perf_counter()
+    train_loss, train_acc = run_pass(run, run.train_data, True)
+    test_loss, test_acc = run_pass(run, run.test_data, False)
+    duration = time.perf_counter() - started
+    if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+        raise UserCodeError(
+            f"loss is not finite at epoch {epoch} (train {train_loss}, test {test_loss});"
+            " lower lr, check the data for NaN, or use a numerically stable loss")
+    history.append(train_loss, test_loss, train_acc, test_acc, duration)
+
+
+def train(run: BuiltRun, history: History, channel: Channel, first_epoch: int, target: int,
+          checkpoint_every: float, checkpoint_file: str) -> None:
+    """Run the epochs after `first_epoch` up to `target`, reporting each one; checkpoint every
+    `checkpoint_every` seconds, at the end, and before raising Parked when the daemon asks."""
     last_checkpoint = time.monotonic()
-    every = float(spec.get("checkpoint_every", 30.0))
-    target = int(spec["epochs_target"])
-    for epoch in range(start_epoch, target):
-        run_info["epoch"] = epoch + 1
-        started = time.perf_counter()
-        train_loss, train_acc = run_epoch(train_data, True)
-        test_loss, test_acc = run_epoch(test_data, False)
-        duration = time.perf_counter() - started
-        if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
-            raise UserCodeError(
-                f"loss is not finite at epoch {epoch + 1} (train {train_loss}, test {test_loss});"
-                " lower lr, check the data for NaN, or use a numerically stable loss")
-        history.train_loss.append(train_loss)
-        history.test_loss.append(test_loss)
-        history.train_acc.append(train_acc)
-        history.test_acc.append(test_acc)
-        history.duration.append(duration)
-        print(f"[mosaic] run {run_id} epoch {epoch + 1}/{target} train_loss={train_loss:.6g} "
-              f"test_loss={test_loss:.6g}", flush=True)
+    for epoch in range(first_epoch + 1, target + 1):
+        run_epoch(run, history, epoch)
+        print(f"[mosaic] run {run.run_id} epoch {epoch}/{target} "
+              f"train_loss={history.train_loss[-1]:.6g} test_loss={history.test_loss[-1]:.6g}",
+              flush=True)
         park = channel.park_requested()
-        last = epoch + 1 == target
-        checkpointed = park or last or time.monotonic() - last_checkpoint >= every
+        last = epoch == target
+        checkpointed = park or last or time.monotonic() - last_checkpoint >= checkpoint_every
         if checkpointed:
-            save_checkpoint(epoch + 1)
+            save_checkpoint(run, history, epoch, checkpoint_file)
             last_checkpoint = time.monotonic()
-        channel.on_epoch({"run_id": run_id, "epoch": epoch + 1, "train_loss": train_loss,
-                          "test_loss": test_loss, "train_acc": train_acc, "test_acc": test_acc,
-                          "duration": duration, "checkpointed": checkpointed})
+        channel.on_epoch(history.event(run.run_id, epoch - 1, checkpointed))
         if park and not last:
-            raise Parked(epoch + 1)
+            raise Parked(epoch)
 
-    files = []
-    for obj, module in zip(models, model_infos):
-        if callable(getattr(obj, "save_model", None)):
-            obj.save_model(os.path.join(files_dir, f"model_{module['class']}_{run_id}"))
-    history_file = os.path.join(files_dir, f"history_{run_id}.pt")
-    torch.save(history.as_dict(), history_file)
-    files.append(history_file)
-    train_acc_final = history.train_acc[-1] if history.train_acc else None
-    test_acc_final = history.test_acc[-1] if history.test_acc else None
-    results = {
+
+# -- finish -----------------------------------------------------------------------------------
+
+
+def run_results(history: History, nb_params: int) -> dict[str, Any]:
+    """The run's row of run_results (contract.RESULT_COLUMNS) from its history."""
+    return {
         "train_loss": history.train_loss[-1] if history.train_loss else None,
         "test_loss": history.test_loss[-1] if history.test_loss else None,
-        "train_acc": train_acc_final, "test_acc": test_acc_final,
+        "train_acc": history.train_acc[-1] if history.train_acc else None,
+        "test_acc": history.test_acc[-1] if history.test_acc else None,
         "nb_params": nb_params, "duration(s)": sum(history.duration),
         "epochs": len(history.train_loss),
         **metrics.derived(history.train_loss, history.test_loss),
     }
-    info_file = os.path.join(files_dir, f"run_info_{run_id}.mdt")
+
+
+def run_info_path(run_files_path: str, run_id: int) -> str:
+    """The run's summary (seed, device, pipeline, process, results) as JSON (the seed's name)."""
+    return os.path.join(run_files_path, f"run_info_{run_id}.mdt")
+
+
+def finish(run: BuiltRun, spec: dict[str, Any], history: History) -> dict[str, Any]:
+    """Save the models that can save themselves, the history and the run's summary; return the
+    results and the run's files."""
+    files_dir = spec["run_files_path"]
+    for obj, module in zip(run.models, run.model_infos):
+        if callable(getattr(obj, "save_model", None)):
+            obj.save_model(contract.model_path(files_dir, module["class"], run.run_id))
+    history_file = contract.history_path(files_dir, run.run_id)
+    torch.save(history.as_dict(), history_file)
+    results = run_results(history, run.nb_params)
+    info_file = run_info_path(files_dir, run.run_id)
     with open(info_file, "w") as fh:
-        json.dump({"run_id": run_id, "seed": seed, "device": str(device), "pipeline": pipeline,
-                   "process": process, "results": results}, fh, indent=1, default=str)
-    files.append(info_file)
-    files.append(ckpt_file)
-    return {"results": results, "files": files}
+        json.dump({"run_id": run.run_id, "seed": int(spec["seed"]), "device": str(run.device),
+                   "pipeline": spec["modules"], "process": spec["process"],
+                   "results": results}, fh, indent=1, default=str)
+    return {"results": results,
+            "files": [history_file, info_file, contract.checkpoint_path(files_dir, run.run_id)]}
+
+
+def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
+    """Train one pipeline to spec["epochs_target"] epochs; return results and files."""
+    files_dir = spec["run_files_path"]
+    os.makedirs(files_dir, exist_ok=True)
+    run = build(spec)
+    history = History()
+    start_epoch = int(spec.get("start_epoch") or 0)
+    if start_epoch > 0:
+        checkpoint_epoch, history = restore(run, files_dir)
+        resend_epochs(channel, run.run_id, history, start_epoch, checkpoint_epoch)
+        start_epoch = checkpoint_epoch
+    train(run, history, channel, start_epoch, int(spec["epochs_target"]),
+          float(spec.get("checkpoint_every", 30.0)),
+          contract.checkpoint_path(files_dir, run.run_id))
+    return finish(run, spec, history)

@@ -1,6 +1,7 @@
 """A persistent worker process: imports torch once, then runs pipelines the daemon sends.
 
-Started by the daemon's pool as ``python -m mosaicd.worker``; talks to the daemon over a private
+Started by the daemon's pool as ``python -m mosaicd.worker``, or inside a Ray actor
+(mosaicd/ray_executor.py); both go through :func:`start`. Talks to the daemon over a private
 ZeroMQ socket (message types in mosaic_client.protocol).
 
 Isolation between the runs of one worker (``mosaicd --isolation``, docs/workers.md):
@@ -30,7 +31,7 @@ from typing import Any, NoReturn
 
 import zmq
 
-from mosaic_client import protocol
+from mosaic_client import contract, protocol
 
 
 def _die_with_parent() -> None:
@@ -268,7 +269,7 @@ class Worker:
         self.park_for = None
         state = GlobalState() if restore else None
         os.makedirs(spec["run_files_path"], exist_ok=True)
-        log_path = os.path.join(spec["run_files_path"], f"output_{run_id}.log")
+        log_path = contract.run_log_path(spec["run_files_path"], run_id)
         channel = execution.Channel(
             on_epoch=lambda event: self.send("epoch", **event),
             park_requested=lambda: self.park_requested(run_id))
@@ -298,6 +299,48 @@ class Worker:
         self.send(outcome[0], run_id=run_id, **outcome[1])
 
 
+def cuda_check_environment(isolation: str) -> dict[str, str]:
+    """Environment defaults a worker needs before it imports torch."""
+    if isolation == "process":
+        # By default torch.cuda.is_available() (which torch itself calls, e.g. while warming
+        # up) asks the CUDA runtime, and that "poisons" fork: a forked run could never use
+        # CUDA. The NVML-based check leaves the worker free to fork runs that initialise CUDA
+        # themselves.
+        return {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+    return {}
+
+
+def warms_up(isolation: str, slot: str) -> bool:
+    # Warming up initialises the CUDA driver through torch._dynamo on a GPU machine, after
+    # which a forked child cannot use CUDA: GPU runs in process isolation pay it themselves.
+    return not (isolation == "process" and slot.startswith("cuda"))
+
+
+def start(address: str, worker_id: str, slot: str, isolation: str, *,
+          die_with_parent: bool) -> None:
+    """Set up this process as a worker and serve the daemon at `address` until it says exit.
+
+    The one start-up of every worker: ``python -m mosaicd.worker`` (through :func:`main`, with
+    `die_with_parent`) and the Ray actor (mosaicd/ray_executor.py, in a process Ray started
+    with its own environment: nothing set there is overridden).
+    """
+    if isolation not in ISOLATION_MODES:
+        raise ValueError(f"unknown isolation {isolation!r}; expected one of "
+                         f"{', '.join(ISOLATION_MODES)}")
+    if die_with_parent:
+        _die_with_parent()
+    # The daemon stops workers itself; a Ctrl-C in the daemon's terminal must not kill a run
+    # before the daemon has checkpointed it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name, value in cuda_check_environment(isolation).items():
+        os.environ.setdefault(name, value)
+    from mosaicd import execution  # imports torch: once per worker, not once per run
+
+    if warms_up(isolation, slot):
+        execution.warm_up()
+    Worker(address, worker_id, slot, isolation).serve()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mosaicd.worker")
     parser.add_argument("--connect", required=True)
@@ -305,23 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slot", default="cpu")
     parser.add_argument("--isolation", default="state", choices=ISOLATION_MODES)
     args = parser.parse_args(argv)
-    _die_with_parent()
-    # The daemon stops workers itself; a Ctrl-C in the daemon's terminal must not kill a run
-    # before the daemon has checkpointed it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if args.isolation == "process":
-        # By default torch.cuda.is_available() (which torch itself calls, e.g. while warming
-        # up) asks the CUDA runtime, and that "poisons" fork: a forked run could never use
-        # CUDA. The NVML-based check leaves the worker free to fork runs that initialise CUDA
-        # themselves.
-        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    from mosaicd import execution  # imports torch: once per worker, not once per run
-
-    if not (args.isolation == "process" and args.slot.startswith("cuda")):
-        # Warming up initialises the CUDA driver through torch._dynamo on a GPU machine, after
-        # which a forked child cannot use CUDA: GPU runs in process isolation pay it themselves.
-        execution.warm_up()
-    Worker(args.connect, args.id, args.slot, args.isolation).serve()
+    start(args.connect, args.id, args.slot, args.isolation, die_with_parent=True)
 
 
 if __name__ == "__main__":
