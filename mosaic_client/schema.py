@@ -106,6 +106,20 @@ class Key:
     choices: tuple[str, ...] = ()
     # Whether "None" (or an empty value in the INI) is allowed and means "not set".
     nullable: bool = False
+    # -- how the config reader speaks of the key and reads its INI text --------------------
+    # What the key is, in a few words, for messages ("must be at least 1 (the number of epochs)").
+    label: str = ""
+    # When set, the one phrase any bad value gets ("expected an integer seed between ...").
+    expects: str = ""
+    # A choice compared in lower case (accuracy = Binary is binary).
+    fold_case: bool = False
+    # A path that must name an existing file when the config is read (else: made when needed).
+    must_exist: bool = False
+
+    @property
+    def named(self) -> str:
+        """The key in words: its label, else its doc."""
+        return self.label or self.doc
 
     @property
     def where(self) -> str:
@@ -134,6 +148,7 @@ KEYS: tuple[Key, ...] = (
         FLOAT,
         "the learning rate, e.g. lr = 0.001",
         required=True,
+        label="the learning rate",
         minimum=0.0,
         exclusive_minimum=True,
     ),
@@ -143,6 +158,7 @@ KEYS: tuple[Key, ...] = (
         INT,
         "the number of training epochs, e.g. epochs = 10",
         required=True,
+        label="the number of epochs",
         minimum=1,
         maximum=MAX_COUNT,
     ),
@@ -167,6 +183,8 @@ KEYS: tuple[Key, ...] = (
         "a torch.nn loss class such as MSELoss, BCELoss or CrossEntropyLoss",
         choices=TORCH_LOSSES,
         nullable=True,
+        label="loss",
+        expects="a torch.nn loss class name such as MSELoss, BCELoss or CrossEntropyLoss",
     ),
     Key(
         PROCESS,
@@ -181,6 +199,7 @@ KEYS: tuple[Key, ...] = (
         PATH,
         "the .py file that defines class_loss_function",
         nullable=True,
+        must_exist=True,
     ),
     Key(
         PROCESS,
@@ -196,6 +215,7 @@ KEYS: tuple[Key, ...] = (
         "the torch.optim optimizer",
         default="Adam",
         choices=TORCH_OPTIMIZERS,
+        label="optimizer",
     ),
     Key(
         PROCESS,
@@ -204,6 +224,8 @@ KEYS: tuple[Key, ...] = (
         "how accuracy is computed from the model's output (default: from the loss)",
         choices=ACCURACY_MODES,
         nullable=True,
+        label="accuracy mode",
+        fold_case=True,
     ),
     Key(
         PROCESS,
@@ -213,6 +235,7 @@ KEYS: tuple[Key, ...] = (
         minimum=0,
         maximum=MAX_SEED,
         nullable=True,
+        expects=f"an integer seed between 0 and {MAX_SEED}",
     ),
     # -- MONITOR: how the daemon runs them -------------------------------------------------
     Key(
@@ -270,6 +293,7 @@ KEYS: tuple[Key, ...] = (
         maximum=MAX_TIMEOUT,
         exclusive_minimum=True,
         nullable=True,
+        expects="a positive number of seconds, or None",
     ),
 )
 
