@@ -276,15 +276,9 @@ class _Report:
     def missing(self, section: _Section, key: str, hint: str) -> None:
         self.error(f"required key is missing ({hint})", section.name, key, line=section.line)
 
-    def warn(
-        self,
-        message: str,
-        section: str | None = None,
-        key: str | None = None,
-        value: str | None = None,
-        line: int | None = None,
-    ) -> None:
-        self.warnings.append(str(Problem(self.file, section, key, value, message, line)))
+    def entry_warning(self, section: _Section, entry: _Entry, message: str) -> None:
+        problem = Problem(self.file, section.name, entry.key, entry.value, message, entry.line)
+        self.warnings.append(str(problem))
 
 
 def _read_ini(text: str, report: _Report) -> list[_Section]:
@@ -543,13 +537,8 @@ def _read_section(place: _Place, required: Iterable[str]) -> dict[str, Any]:
             values[key.name] = _default(key, place)
     for entry in section.entries.values():
         if entry.key not in keys:
-            place.report.warn(
-                f"unknown key, ignored{_suggest(entry.key, keys)}",
-                section.name,
-                entry.key,
-                entry.value,
-                entry.line,
-            )
+            message = f"unknown key, ignored{_suggest(entry.key, keys)}"
+            place.report.entry_warning(section, entry, message)
     return values
 
 
@@ -609,13 +598,8 @@ def _check_monitor(report: _Report, section: _Section) -> dict[str, Any] | None:
     monitor = _read_section(place, required)
     available = section.entries.get("gpu_available")
     if monitor.get("need_gpu") is False and monitor.get("gpu_available") and available:
-        report.warn(
-            "GPUs are listed but need_gpu is false; they are not used",
-            section.name,
-            available.key,
-            available.value,
-            available.line,
-        )
+        message = "GPUs are listed but need_gpu is false; they are not used"
+        report.entry_warning(section, available, message)
     return monitor if len(report.problems) == start else None
 
 
@@ -745,13 +729,8 @@ def _check_class_section(
     if type_name is None:
         return None, None
     if scheme_types is not None and type_name not in scheme_types:
-        report.warn(
-            f"type '{type_name}' is not in data_scheme or pipeline_scheme; section ignored",
-            section.name,
-            type_entry.key,
-            type_entry.value,
-            type_entry.line,
-        )
+        message = f"type '{type_name}' is not in data_scheme or pipeline_scheme; section ignored"
+        report.entry_warning(section, type_entry, message)
         return type_name, None
 
     cls: str | None = None

@@ -140,6 +140,11 @@ class Key:
         return noun
 
 
+def _count(section: str, name: str, doc: str, minimum: int, **more: Any) -> Key:
+    """A 32-bit count (epochs, processes, repetitions, retries): more is only ever a typo."""
+    return Key(section, name, INT, doc, minimum=minimum, maximum=MAX_COUNT, **more)
+
+
 KEYS: tuple[Key, ...] = (
     # -- PROCESS: what every run of the study does -----------------------------------------
     Key(
@@ -152,15 +157,13 @@ KEYS: tuple[Key, ...] = (
         minimum=0.0,
         exclusive_minimum=True,
     ),
-    Key(
+    _count(
         PROCESS,
         "epochs",
-        INT,
         "the number of training epochs, e.g. epochs = 10",
+        1,
         required=True,
         label="the number of epochs",
-        minimum=1,
-        maximum=MAX_COUNT,
     ),
     Key(
         PROCESS,
@@ -255,35 +258,16 @@ KEYS: tuple[Key, ...] = (
         default=(),
         nullable=True,
     ),
-    Key(
-        MONITOR,
-        "nb_processus",
-        INT,
-        "how many runs may train at once",
-        required=True,
-        default=1,
-        minimum=1,
-        maximum=MAX_COUNT,
-    ),
-    Key(
+    _count(MONITOR, "nb_processus", "how many runs may train at once", 1, required=True, default=1),
+    _count(
         MONITOR,
         "multiplicity",
-        INT,
         "how many times each pipeline is repeated",
+        1,
         required=True,
         default=1,
-        minimum=1,
-        maximum=MAX_COUNT,
     ),
-    Key(
-        MONITOR,
-        "retries",
-        INT,
-        "how many times a failed run is retried",
-        default=0,
-        minimum=0,
-        maximum=MAX_COUNT,
-    ),
+    _count(MONITOR, "retries", "how many times a failed run is retried", 0, default=0),
     Key(
         MONITOR,
         "timeout",

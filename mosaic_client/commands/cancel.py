@@ -15,11 +15,6 @@ HELP = "cancel queued or running runs"
 EXAMPLE = "mosaic cancel results.db -id 4"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("db")
-    common.add_selection(parser)
-
-
 def run(args: argparse.Namespace) -> int:
     reply = common.call(
         args, "cancel", db=common.existing_db(args.db), selection=common.selection(args)
@@ -30,3 +25,8 @@ def run(args: argparse.Namespace) -> int:
     if reply["skipped"]:
         print(common.rows_summary("left alone (already finished)", reply["skipped"]))
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("db")
+    common.add_selection(parser)

@@ -154,30 +154,20 @@ def add_selection(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "-request", "--request", metavar="SQL", help="a read-only SELECT returning run ids"
     )
-    group.add_argument(
-        "-param_name_and_value",
-        "--param",
-        nargs=2,
-        metavar=("NAME", "VALUE"),
-        dest="param_name_and_value",
-        help="runs whose param NAME equals VALUE",
-    )
-    group.add_argument(
-        "-param_name_and_value_low_threshold",
-        "--param-le",
-        nargs=2,
-        metavar=("NAME", "VALUE"),
-        dest="param_name_and_value_low_threshold",
-        help="runs whose param NAME is <= VALUE",
-    )
-    group.add_argument(
-        "-param_name_and_value_high_threshold",
-        "--param-ge",
-        nargs=2,
-        metavar=("NAME", "VALUE"),
-        dest="param_name_and_value_high_threshold",
-        help="runs whose param NAME is >= VALUE",
-    )
+    # The seed's spellings first, then the usual long form: (seed flag, long flag, meaning).
+    for dest, flag, meaning in (
+        ("param_name_and_value", "--param", "equals"),
+        ("param_name_and_value_low_threshold", "--param-le", "is <="),
+        ("param_name_and_value_high_threshold", "--param-ge", "is >="),
+    ):
+        group.add_argument(
+            f"-{dest}",
+            flag,
+            nargs=2,
+            metavar=("NAME", "VALUE"),
+            dest=dest,
+            help=f"runs whose param NAME {meaning} VALUE",
+        )
 
 
 def selection(args: argparse.Namespace) -> dict[str, Any]:

@@ -40,18 +40,6 @@ class _FormatThenOut(argparse.Action):
             namespace.out = rest[0]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("db")
-    parser.add_argument("out", nargs="?", help="output file (default: stdout)")
-    parser.add_argument(
-        "--format",
-        nargs="+",
-        action=_FormatThenOut,
-        metavar="{csv,json}",
-        help="csv or json (default: from OUT's extension, else csv)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     from mosaic_client import analysis
 
@@ -86,3 +74,15 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"wrote {len(rows)} run(s), {len(columns)} column(s), to {args.out}")
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("db")
+    parser.add_argument("out", nargs="?", help="output file (default: stdout)")
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        action=_FormatThenOut,
+        metavar="{csv,json}",
+        help="csv or json (default: from OUT's extension, else csv)",
+    )

@@ -14,11 +14,6 @@ HELP = "write the expanded pipelines without running anything"
 EXAMPLE = "mosaic generate examples/or_mlp/config.ini out.json"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config")
-    parser.add_argument("out")
-
-
 def run(args: argparse.Namespace) -> int:
     from mosaic_client.config import pipelines_to_json
 
@@ -27,3 +22,8 @@ def run(args: argparse.Namespace) -> int:
         fh.write(pipelines_to_json(expanded.pipelines))
     print(f"wrote {len(expanded.pipelines)} pipeline(s) to {args.out}")
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config")
+    parser.add_argument("out")

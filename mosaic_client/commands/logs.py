@@ -22,17 +22,6 @@ EXAMPLE = "mosaic logs 3 -f"
 _UNDERWAY = (contract.QUEUED, contract.RUNNING)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", type=int, help="run id")
-    parser.add_argument("--db", help="its study database (default: the daemon's only study)")
-    parser.add_argument(
-        "-f",
-        "--follow",
-        action="store_true",
-        help="keep printing new output until the run ends (waits if queued)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     db = common.db_or_only(args, "the run is in")
     info = common.call(args, "show", db=db, run_id=args.run)
@@ -67,3 +56,14 @@ def run(args: argparse.Namespace) -> int:
                     time.sleep(0.3)
         except KeyboardInterrupt:
             return INTERRUPTED
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=int, help="run id")
+    parser.add_argument("--db", help="its study database (default: the daemon's only study)")
+    parser.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new output until the run ends (waits if queued)",
+    )

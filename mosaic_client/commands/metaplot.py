@@ -18,29 +18,12 @@ HELP = "a criterion against nb_params, per model key"
 EXAMPLE = "mosaic metaplot results.db meta.png data_dataset_OR test_loss"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("db")
-    parser.add_argument("out")
-    parser.add_argument("dataset_key")
-    parser.add_argument(
-        "criterion",
-        help=", ".join(contract.RESULT_COLUMNS[:-1]) + " or " + contract.RESULT_COLUMNS[-1],
-    )
-    parser.add_argument(
-        "--spread",
-        choices=["minmax", "std"],
-        default="minmax",
-        help="error bars: min to max over runs (default) or standard deviation",
-    )
-    parser.add_argument("--data", metavar="OUT.json", help="also write the plotted points as JSON")
-
-
 def run(args: argparse.Namespace) -> int:
     from mosaic_client import analysis
 
     with common.refused_as_bad_input(analysis.AnalysisError):
-        fmt = analysis.plot_format(args.out)
         analysis.check_criterion(args.criterion)
+        fmt = analysis.plot_format(args.out)
     common.out_dir_exists(args.out)
     conn = common.analysis_db(args.db)
     try:
@@ -63,3 +46,20 @@ def run(args: argparse.Namespace) -> int:
         f"{len(data.series)} model key(s)" + (f"; data in {args.data}" if args.data else "")
     )
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("db")
+    parser.add_argument("out")
+    parser.add_argument("dataset_key")
+    parser.add_argument(
+        "criterion",
+        help=", ".join(contract.RESULT_COLUMNS[:-1]) + " or " + contract.RESULT_COLUMNS[-1],
+    )
+    parser.add_argument(
+        "--spread",
+        choices=["minmax", "std"],
+        default="minmax",
+        help="error bars: min to max over runs (default) or standard deviation",
+    )
+    parser.add_argument("--data", metavar="OUT.json", help="also write the plotted points as JSON")

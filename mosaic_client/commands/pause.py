@@ -17,20 +17,6 @@ HELP = "stop starting new runs (--now: also park running ones)"
 EXAMPLE = "mosaic pause --now"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", nargs="?", help="also write the not-yet-run pipelines to this JSON")
-    parser.add_argument(
-        "--now",
-        action="store_true",
-        help="checkpoint running runs at their next epoch boundary and park them",
-    )
-    parser.add_argument(
-        "--all",
-        action="store_true",
-        help="pause the whole shared daemon, everyone's runs (root and the admin group only)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     reply = common.call(args, "pause", now=args.now, all=args.all)
     if args.file:
@@ -52,6 +38,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"paused: no new run starts{extra}. `mosaic resume` starts again.")
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", nargs="?", help="also write the not-yet-run pipelines to this JSON")
+    parser.add_argument(
+        "--now",
+        action="store_true",
+        help="checkpoint running runs at their next epoch boundary and park them",
+    )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="pause the whole shared daemon, everyone's runs (root and the admin group only)",
+    )
 
 
 def move_pending_to(args: argparse.Namespace, path: str) -> int:

@@ -18,14 +18,6 @@ HELP = "loss curves of the selected runs into a PDF"
 EXAMPLE = "mosaic plotloss results.db losses.pdf -id all"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("db")
-    parser.add_argument("pdf")
-    common.add_selection(parser)
-    parser.add_argument("-plot_size", "--plot-size", type=int, default=2, dest="plot_size")
-    parser.add_argument("--png", metavar="FILE.png", help="also draw the first page as a PNG image")
-
-
 def run(args: argparse.Namespace) -> int:
     from mosaic_client import analysis
 
@@ -66,3 +58,11 @@ def run(args: argparse.Namespace) -> int:
         + (f" (page 1 also as {args.png})" if args.png else "")
     )
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("db")
+    parser.add_argument("pdf")
+    common.add_selection(parser)
+    parser.add_argument("-plot_size", "--plot-size", type=int, default=2, dest="plot_size")
+    parser.add_argument("--png", metavar="FILE.png", help="also draw the first page as a PNG image")

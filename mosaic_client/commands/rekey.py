@@ -18,12 +18,6 @@ HELP = "rewrite keys in DB from an edited pipelines file"
 EXAMPLE = "mosaic rekey pipelines.json results.db"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pipelines")
-    parser.add_argument("db")
-    common.add_autostart(parser)
-
-
 def run(args: argparse.Namespace) -> int:
     from mosaic_client import analysis
 
@@ -61,3 +55,9 @@ def run(args: argparse.Namespace) -> int:
         else f"{len(plan.matched_runs)} run(s) matched; keys already up to date, nothing written"
     )
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipelines")
+    parser.add_argument("db")
+    common.add_autostart(parser)

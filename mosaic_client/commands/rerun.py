@@ -18,22 +18,6 @@ HELP = "train the selected runs for N more epochs"
 EXAMPLE = "mosaic rerun examples/or_mlp/config.ini results.db -id 1-3 -epochs 5"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "config",
-        help="the INI file the runs were queued from (a relative DB is also looked for next to it)",
-    )
-    parser.add_argument("db", help="their study database")
-    common.add_selection(parser)
-    parser.add_argument(
-        "-epochs",
-        "--epochs",
-        type=int,
-        required=True,
-        help="how many more epochs to train, from each run's last checkpoint",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.config):
         raise CommandError(
@@ -53,3 +37,19 @@ def run(args: argparse.Namespace) -> int:
     if reply["skipped"]:
         print(common.rows_summary("skipped (queued or running):", reply["skipped"]))
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config",
+        help="the INI file the runs were queued from (a relative DB is also looked for next to it)",
+    )
+    parser.add_argument("db", help="their study database")
+    common.add_selection(parser)
+    parser.add_argument(
+        "-epochs",
+        "--epochs",
+        type=int,
+        required=True,
+        help="how many more epochs to train, from each run's last checkpoint",
+    )

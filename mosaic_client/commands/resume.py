@@ -18,15 +18,6 @@ HELP = "start runs again (FILE: queue the pipelines saved in it)"
 EXAMPLE = "mosaic resume"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", nargs="?")
-    parser.add_argument(
-        "--all",
-        action="store_true",
-        help="resume the whole shared daemon (root and the admin group only)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     if args.file:
         for entry in read_pause_file(args.file):
@@ -49,6 +40,15 @@ def run(args: argparse.Namespace) -> int:
     whose = "your submissions" if reply.get("scope") == "owner" else "the daemon"
     print(f"resumed {whose}; {reply['resumed']} parked run(s) continue from their checkpoint")
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", nargs="?")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="resume the whole shared daemon (root and the admin group only)",
+    )
 
 
 def read_pause_file(path: str) -> list[dict[str, Any]]:

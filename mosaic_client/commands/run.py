@@ -20,13 +20,6 @@ HELP = "validate, expand and queue every pipeline of CONFIG into DB"
 EXAMPLE = "mosaic run examples/or_mlp/config.ini results.db --follow"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="the study's INI file (docs/configuration.md)")
-    parser.add_argument("db", help="study database: created if missing, else the runs are added")
-    parser.add_argument("--follow", action="store_true", help="show progress until all runs end")
-    common.add_autostart(parser)
-
-
 def run(args: argparse.Namespace) -> int:
     expanded = common.load_config(args.config)
     db = common.resolve_db(args.db, os.path.dirname(expanded.config_path))
@@ -51,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
         print("watch them with `mosaic status` (or `mosaic status --watch`)")
         return OK
     return follow(args, db, reply["submission_id"], len(ids))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="the study's INI file (docs/configuration.md)")
+    parser.add_argument("db", help="study database: created if missing, else the runs are added")
+    parser.add_argument("--follow", action="store_true", help="show progress until all runs end")
+    common.add_autostart(parser)
 
 
 def follow(args: argparse.Namespace, db: str, submission_id: int, total: int) -> int:

@@ -18,11 +18,6 @@ HELP = "consistent copy of a study database while runs write to it"
 EXAMPLE = "mosaic savedb copy.db --db results.db"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("copy")
-    parser.add_argument("--db", help="the study to copy (default: the daemon's only study)")
-
-
 def run(args: argparse.Namespace) -> int:
     source = common.db_or_only(args, "to copy")
     target = os.path.abspath(args.copy)
@@ -33,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
     copy_database(source, target)
     print(f"copied {source} to {target}")
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("copy")
+    parser.add_argument("--db", help="the study to copy (default: the daemon's only study)")
 
 
 def copy_database(source: str, target: str) -> None:

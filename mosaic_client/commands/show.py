@@ -20,12 +20,6 @@ HELP = "everything known about one run"
 EXAMPLE = "mosaic show 3 --db results.db"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", type=int, help="run id")
-    parser.add_argument("--db", help="its study database (default: the daemon's only study)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-
-
 def run(args: argparse.Namespace) -> int:
     info = common.call(args, "show", db=common.db_or_only(args, "the run is in"), run_id=args.run)
     if args.json:
@@ -33,6 +27,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("\n".join(run_text(info)))
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=int, help="run id")
+    parser.add_argument("--db", help="its study database (default: the daemon's only study)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def run_text(info: dict[str, Any]) -> list[str]:

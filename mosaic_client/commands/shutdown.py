@@ -15,11 +15,11 @@ HELP = "stop the daemon (running runs are checkpointed)"
 EXAMPLE = "mosaic shutdown"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No arguments."""
-
-
 def run(args: argparse.Namespace) -> int:
     common.call(args, "shutdown")
     print("mosaicd is stopping (running runs are checkpointed)")
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """No arguments."""

@@ -18,20 +18,6 @@ HELP = "the daemon's state: workers, queue, runs"
 EXAMPLE = "mosaic status"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", help="only this study")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument(
-        "--watch",
-        action="store_true",
-        help="live view, redrawn every --interval seconds (q or Ctrl-C quits); "
-        "not on a terminal: plain text each interval until no run is left",
-    )
-    parser.add_argument("--interval", type=float, default=1.0, help="--watch refresh in seconds")
-    parser.add_argument("--limit", type=int, default=10, help="latest done/failed runs shown")
-    parser.add_argument("--mine", action="store_true", help="only my runs")
-
-
 def run(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {"limit": args.limit, "mine": args.mine}
     if args.db:
@@ -47,3 +33,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render.status_text(status, args.limit))
     return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", help="only this study")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="live view, redrawn every --interval seconds (q or Ctrl-C quits); "
+        "not on a terminal: plain text each interval until no run is left",
+    )
+    parser.add_argument("--interval", type=float, default=1.0, help="--watch refresh in seconds")
+    parser.add_argument("--limit", type=int, default=10, help="latest done/failed runs shown")
+    parser.add_argument("--mine", action="store_true", help="only my runs")
