@@ -18,10 +18,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# The columns of run_results, in table order; every one is a metaplot criterion. Repeated from
-# mosaicd.store.RESULT_COLUMNS because the client must not depend on the daemon package.
-CRITERIA: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_acc", "nb_params",
-                             "duration(s)", "epochs", "overfit", "trainability", "slope")
+from mosaic_client import contract
+
+# Every column of run_results is a metaplot criterion (the shared contract names them once).
+CRITERIA: tuple[str, ...] = contract.RESULT_COLUMNS
 SPREADS = ("minmax", "std")
 PLOT_EXTENSIONS = (".png", ".pdf", ".svg")
 
@@ -47,13 +47,16 @@ def open_readonly(path: str) -> sqlite3.Connection:
     missing = {"runs", "params", "run_results"} - tables
     if missing:
         conn.close()
-        raise AnalysisError(f"{path} is not a Mosaic study database (no table "
-                            f"{', '.join(sorted(missing))}); give a database written by mosaicd")
+        raise AnalysisError(
+            f"{path} is not a Mosaic study database (no table "
+            f"{', '.join(sorted(missing))}); give a database written by mosaicd"
+        )
     return conn
 
 
-def run_params(conn: sqlite3.Connection,
-               run_ids: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
+def run_params(
+    conn: sqlite3.Connection, run_ids: Iterable[int] | None = None
+) -> dict[int, dict[str, Any]]:
     """params as {run_id: {name: value}}, for the given runs or all of them."""
     out: dict[int, dict[str, Any]] = defaultdict(dict)
     rows = conn.execute("SELECT run_id, param_name, param_value FROM params ORDER BY run_id")
@@ -110,18 +113,20 @@ def loss_histories(conn: sqlite3.Connection, run_ids: Sequence[int]) -> list[Run
     runs: dict[int, RunLosses] = {}
     wanted = set(run_ids)
     for run_id, status, pipeline, return_status in conn.execute(
-            "SELECT run_id, status, pipeline, return_status FROM runs ORDER BY run_id"):
+        "SELECT run_id, status, pipeline, return_status FROM runs ORDER BY run_id"
+    ):
         if run_id in wanted:
             runs[run_id] = RunLosses(run_id, status, pipeline)
             lines = (return_status or "").strip().splitlines()
             if status == "failed" and lines:
                 runs[run_id].failure = lines[-1]
-    has_epochs = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND "
-                              "name='run_epochs'").fetchone()
+    has_epochs = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='run_epochs'"
+    ).fetchone()
     if has_epochs:
         for run_id, epoch, train, test in conn.execute(
-                "SELECT run_id, epoch, train_loss, test_loss FROM run_epochs "
-                "ORDER BY run_id, epoch"):
+            "SELECT run_id, epoch, train_loss, test_loss FROM run_epochs ORDER BY run_id, epoch"
+        ):
             run = runs.get(run_id)
             if run is not None:
                 run.epochs.append(epoch)
@@ -181,10 +186,13 @@ class MetaData:
         return f"skipped {total} run(s) of {self.dataset_key}: {', '.join(parts)}"
 
     def as_json(self) -> dict[str, Any]:
-        return {"dataset_key": self.dataset_key, "criterion": self.criterion,
-                "used": self.used, "skipped": self.skipped,
-                "series": {key: [vars(p) for p in points]
-                           for key, points in self.series.items()}}
+        return {
+            "dataset_key": self.dataset_key,
+            "criterion": self.criterion,
+            "used": self.used,
+            "skipped": self.skipped,
+            "series": {key: [vars(p) for p in points] for key, points in self.series.items()},
+        }
 
 
 def check_criterion(criterion: str) -> None:
@@ -198,8 +206,10 @@ def metaplot_data(conn: sqlite3.Connection, dataset_key: str, criterion: str) ->
     check_criterion(criterion)
     params = run_params(conn)
     statuses = dict(conn.execute("SELECT run_id, status FROM runs"))
-    results = {row[0]: row[1:] for row in conn.execute(
-        f'SELECT run_id, nb_params, {_quoted(criterion)} FROM run_results')}
+    results = {
+        row[0]: row[1:]
+        for row in conn.execute(f"SELECT run_id, nb_params, {_quoted(criterion)} FROM run_results")
+    }
     present: set[str] = set()
     selected: list[int] = []
     for run_id in sorted(statuses):
@@ -227,17 +237,25 @@ def metaplot_data(conn: sqlite3.Connection, dataset_key: str, criterion: str) ->
             groups[(model, int(row[0]))].append((run_id, float(row[1])))
     if not groups:
         note = "; ".join(f"{len(ids)} {reason}" for reason, ids in sorted(skipped.items()))
-        raise AnalysisError(f"no finished run of dataset key {dataset_key!r} has a {criterion} "
-                            f"to plot ({note}); wait for runs to finish or pick another "
-                            "criterion")
+        raise AnalysisError(
+            f"no finished run of dataset key {dataset_key!r} has a {criterion} "
+            f"to plot ({note}); wait for runs to finish or pick another "
+            "criterion"
+        )
     series: dict[str, list[MetaPoint]] = defaultdict(list)
     for (model, nb_params), members in sorted(groups.items()):
         values = [v for _, v in members]
         mean = sum(values) / len(values)
-        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-               if len(values) > 1 else 0.0)
-        series[model].append(MetaPoint(nb_params, len(values), mean, min(values), max(values),
-                                       std, [i for i, _ in members]))
+        std = (
+            math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            if len(values) > 1
+            else 0.0
+        )
+        series[model].append(
+            MetaPoint(
+                nb_params, len(values), mean, min(values), max(values), std, [i for i, _ in members]
+            )
+        )
     used = sum(len(m) for m in groups.values())
     return MetaData(dataset_key, criterion, dict(series), used, dict(skipped))
 
@@ -246,8 +264,10 @@ def plot_format(out: str) -> str:
     """The image format from OUT's extension, or a clear error."""
     ext = os.path.splitext(out)[1].lower()
     if ext not in PLOT_EXTENSIONS:
-        raise AnalysisError(f"cannot tell the image format of {out!r} from its extension; end it "
-                            f"with {', '.join(PLOT_EXTENSIONS)}")
+        raise AnalysisError(
+            f"cannot tell the image format of {out!r} from its extension; end it "
+            f"with {', '.join(PLOT_EXTENSIONS)}"
+        )
     return ext[1:]
 
 
@@ -262,16 +282,21 @@ def load_pipelines(path: str) -> list[list[dict[str, Any]]]:
     except OSError as exc:
         raise AnalysisError(f"cannot read {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
-        raise AnalysisError(f"{path} is not valid JSON ({exc}); give a file written by "
-                            "`mosaic generate`") from None
+        raise AnalysisError(
+            f"{path} is not valid JSON ({exc}); give a file written by `mosaic generate`"
+        ) from None
     if not isinstance(data, list) or not data:
-        raise AnalysisError(f"{path} must hold a non-empty JSON list of pipelines, as written by "
-                            "`mosaic generate`")
+        raise AnalysisError(
+            f"{path} must hold a non-empty JSON list of pipelines, as written by `mosaic generate`"
+        )
     for index, pipeline in enumerate(data, 1):
         if not isinstance(pipeline, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("type"), str) for m in pipeline):
-            raise AnalysisError(f"pipeline #{index} of {path} is not a list of modules each with "
-                                "a 'type'; give a file written by `mosaic generate`")
+            isinstance(m, dict) and isinstance(m.get("type"), str) for m in pipeline
+        ):
+            raise AnalysisError(
+                f"pipeline #{index} of {path} is not a list of modules each with "
+                "a 'type'; give a file written by `mosaic generate`"
+            )
     return data
 
 
@@ -283,8 +308,9 @@ def _signature(modules: Sequence[dict[str, Any]], exact: bool, base_dir: str) ->
         entry = {k: v for k, v in module.items() if k != "key"}
         path = entry.get("path_to_class")
         if isinstance(path, str):
-            entry["path_to_class"] = (os.path.realpath(os.path.join(base_dir, path)) if exact
-                                      else os.path.basename(path))
+            entry["path_to_class"] = (
+                os.path.realpath(os.path.join(base_dir, path)) if exact else os.path.basename(path)
+            )
         normal.append(entry)
     return json.dumps(normal, sort_keys=True)
 
@@ -300,8 +326,9 @@ class RekeyPlan:
     unmatched: list[int]  # 1-based indexes of file pipelines that match no run
 
 
-def rekey_plan(conn: sqlite3.Connection, pipelines: list[list[dict[str, Any]]],
-               file_dir: str = ".") -> RekeyPlan:
+def rekey_plan(
+    conn: sqlite3.Connection, pipelines: list[list[dict[str, Any]]], file_dir: str = "."
+) -> RekeyPlan:
     exact: dict[str, list[int]] = defaultdict(list)
     loose: dict[str, list[int]] = defaultdict(list)
     for index, pipeline in enumerate(pipelines):
@@ -319,8 +346,9 @@ def rekey_plan(conn: sqlite3.Connection, pipelines: list[list[dict[str, Any]]],
             continue
         if not isinstance(modules, list):
             continue
-        candidates = (exact.get(_signature(modules, True, "/"))
-                      or loose.get(_signature(modules, False, "/")))
+        candidates = exact.get(_signature(modules, True, "/")) or loose.get(
+            _signature(modules, False, "/")
+        )
         if not candidates:
             continue
         used.update(candidates)
@@ -349,7 +377,8 @@ def _agreed_keys(pipelines: list[list[dict[str, Any]]], indexes: list[int]) -> d
                 raise AnalysisError(
                     f"pipelines #{keys[name][1] + 1} and #{index + 1} are the same pipeline but "
                     f"give {name} {keys[name][0]!r} and {key!r}; make their keys agree. Nothing "
-                    "was changed.")
+                    "was changed."
+                )
             keys.setdefault(name, (key, index))
     return {name: key for name, (key, _) in keys.items()}
 
@@ -374,11 +403,16 @@ def export_table(conn: sqlite3.Connection) -> tuple[list[str], list[list[Any]]]:
             header = f"param_{header}"
         taken.add(header)
         headers[name] = header
-    results = {row[0]: row[1:] for row in conn.execute(
-        f"SELECT run_id, {', '.join(_quoted(c) for c in CRITERIA)} FROM run_results")}
+    results = {
+        row[0]: row[1:]
+        for row in conn.execute(
+            f"SELECT run_id, {', '.join(_quoted(c) for c in CRITERIA)} FROM run_results"
+        )
+    }
     rows = []
     for run_id, status, pipeline in conn.execute(
-            "SELECT run_id, status, pipeline FROM runs ORDER BY run_id"):
+        "SELECT run_id, status, pipeline FROM runs ORDER BY run_id"
+    ):
         own = params.get(run_id, {})
         result = results.get(run_id, (None,) * len(CRITERIA))
         rows.append([run_id, status, pipeline, *(own.get(n) for n in names), *result])

@@ -16,9 +16,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from mosaic_client import contract, schema
+from mosaic_client.schema import ACCURACY_MODES, TORCH_LOSSES, TORCH_OPTIMIZERS
 
 __all__ = [
     "ACCURACY_MODES",
@@ -36,92 +39,26 @@ __all__ = [
     "typed_scalar",
 ]
 
-PROCESS = "PROCESS"
-MONITOR = "MONITOR"
-
-# torch.nn loss classes, listed by hand because importing torch would cost the CLI seconds.
-TORCH_LOSSES: tuple[str, ...] = (
-    "L1Loss",
-    "MSELoss",
-    "CrossEntropyLoss",
-    "CTCLoss",
-    "NLLLoss",
-    "PoissonNLLLoss",
-    "GaussianNLLLoss",
-    "KLDivLoss",
-    "BCELoss",
-    "BCEWithLogitsLoss",
-    "MarginRankingLoss",
-    "HingeEmbeddingLoss",
-    "MultiLabelMarginLoss",
-    "HuberLoss",
-    "SmoothL1Loss",
-    "SoftMarginLoss",
-    "MultiLabelSoftMarginLoss",
-    "CosineEmbeddingLoss",
-    "MultiMarginLoss",
-    "TripletMarginLoss",
-    "TripletMarginWithDistanceLoss",
-)
-
-TORCH_OPTIMIZERS: tuple[str, ...] = (
-    "SGD",
-    "Adam",
-    "AdamW",
-    "Adagrad",
-    "Adadelta",
-    "Adamax",
-    "ASGD",
-    "NAdam",
-    "RAdam",
-    "RMSprop",
-    "Rprop",
-)
-
-ACCURACY_MODES: tuple[str, ...] = ("binary", "logits", "argmax", "none")
-
-# The accuracy that makes sense for a loss follows from what the model is expected to output.
-_DEFAULT_ACCURACY: dict[str, str] = {
-    "BCELoss": "binary",
-    "BCEWithLogitsLoss": "logits",
-    "CrossEntropyLoss": "argmax",
-    "NLLLoss": "argmax",
-}
+PROCESS = schema.PROCESS
+MONITOR = schema.MONITOR
 
 # Guards against a typo such as {1-1000000000} eating the client's memory before the user
 # sees anything; a real study never needs more than this.
 MAX_RANGE_SIZE = 100_000
 MAX_PIPELINES = 100_000
 
-_PROCESS_KEYS = (
-    "lr",
-    "epochs",
-    "data_scheme",
-    "pipeline_scheme",
-    "loss_function",
-    "class_loss_function",
-    "path_to_class_loss_function",
-    "run_files_path",
-    "optimizer",
-    "accuracy",
-    "seed",
-)
-_MONITOR_KEYS = ("need_gpu", "gpu_available", "nb_processus", "multiplicity", "retries", "timeout")
-_RESERVED_CLASS_KEYS = ("type", "class", "path_to_class", "key")
-# "name" is filled with the section name in every module dict, so a parameter of that name
-# would be silently overwritten.
-_FORBIDDEN_PARAMS = ("name",)
+# Keys of a class section that describe the module; every other key is a parameter.
+_SECTION_FIELDS = contract.SECTION_FIELDS
+# Module fields Mosaic fills in itself ("name" holds the section name): not a parameter name.
+_FORBIDDEN_PARAMS = tuple(f for f in contract.MODULE_FIELDS if f not in contract.SECTION_FIELDS)
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
-# Seeds are stored in SQLite, whose INTEGER is a signed 64-bit value.
-_MAX_SEED = 2**63 - 1
-
 _INT_RE = re.compile(r"[+-]?\d+")
 _FLOAT_RE = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?")
 _RANGE_PARTS_RE = re.compile(r"([+-]?[^-]*)-(.*)")
-_IDENTIFIER_RE = re.compile(r"[A-Za-z_]\w*")
+_IDENTIFIER_RE = schema.IDENTIFIER_RE
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 # An indented line that looks like "name = ..." is taken as a new key rather than as the
 # continuation of the previous value, so that indenting a section's body does not silently glue
@@ -339,15 +276,9 @@ class _Report:
     def missing(self, section: _Section, key: str, hint: str) -> None:
         self.error(f"required key is missing ({hint})", section.name, key, line=section.line)
 
-    def warn(
-        self,
-        message: str,
-        section: str | None = None,
-        key: str | None = None,
-        value: str | None = None,
-        line: int | None = None,
-    ) -> None:
-        self.warnings.append(str(Problem(self.file, section, key, value, message, line)))
+    def entry_warning(self, section: _Section, entry: _Entry, message: str) -> None:
+        problem = Problem(self.file, section.name, entry.key, entry.value, message, entry.line)
+        self.warnings.append(str(problem))
 
 
 def _read_ini(text: str, report: _Report) -> list[_Section]:
@@ -433,7 +364,7 @@ def _read_ini(text: str, report: _Report) -> list[_Section]:
 
 
 # --------------------------------------------------------------------------------------------
-# Validation
+# Validation of [PROCESS] and [MONITOR]: one generic check per key of the schema table
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -447,29 +378,6 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _as_int(
-    report: _Report, section: _Section, entry: _Entry, minimum: int, what: str
-) -> int | None:
-    value = typed_scalar(entry.value)
-    if not isinstance(value, int):
-        report.entry_error(section, entry, f"expected {what}, an integer >= {minimum}")
-        return None
-    if value < minimum:
-        report.entry_error(section, entry, f"must be at least {minimum} ({what})")
-        return None
-    return value
-
-
-def _as_bool(report: _Report, section: _Section, entry: _Entry) -> bool | None:
-    word = entry.value.strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    report.entry_error(section, entry, "expected true or false (also yes/no, on/off, 1/0)")
-    return None
-
-
 def _is_none(text: str) -> bool:
     return text.strip().lower() in ("", "none")
 
@@ -478,234 +386,220 @@ def _is_type_name(name: str) -> bool:
     return bool(name) and not any(c in "{}" or c.isspace() for c in name)
 
 
-def _scheme(report: _Report, section: _Section, key: str) -> list[str] | None:
-    entry = section.entries.get(key)
-    if entry is None:
-        report.missing(section, key, "a comma-separated list of module types, e.g. mlp")
-        return None
+class _Invalid(Exception):
+    """A key's INI text that cannot be read as its kind; the message is for the user."""
+
+
+@dataclass
+class _Place:
+    """Where a key is read: the file's report, its section, and the bases of relative paths."""
+
+    report: _Report
+    section: _Section
+    cwd: str
+    config_dir: str
+
+
+def _number_text(bound: float | None) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def _number(key: schema.Key, entry: _Entry, place: _Place) -> int | float:
+    typed = typed_scalar(entry.value)
+    wrong = isinstance(typed, str) if key.kind == schema.FLOAT else not isinstance(typed, int)
+    if wrong or not math.isfinite(typed):
+        if key.expects:
+            raise _Invalid(f"expected {key.expects}")
+        if key.kind == schema.INT:
+            raise _Invalid(f"expected {key.named}, an integer >= {_number_text(key.minimum)}")
+        raise _Invalid(f"expected a number ({key.named})")
+    value = float(typed) if key.kind == schema.FLOAT else typed
+    if schema.value_problem(key, value) is None:
+        return value
+    if key.expects:
+        raise _Invalid(f"expected {key.expects}")
+    low, high = key.minimum, key.maximum
+    if low is not None and value <= low and key.exclusive_minimum:
+        bound = "positive" if low == 0 else f"greater than {_number_text(low)}"
+    elif low is not None and value < low:
+        bound = f"at least {_number_text(low)}"
+    else:
+        bound = f"at most {_number_text(high)}"
+    raise _Invalid(f"must be {bound} ({key.named})")
+
+
+def _boolean(key: schema.Key, entry: _Entry, place: _Place) -> bool:
+    word = entry.value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise _Invalid("expected true or false (also yes/no, on/off, 1/0)")
+
+
+def _choice(key: schema.Key, entry: _Entry, place: _Place) -> str:
+    text = entry.value.strip()
+    word = text.lower() if key.fold_case else text
+    if word in key.choices:
+        return word
+    # A case-folded value is not repeated: it is not what the user wrote.
+    unknown = key.label if key.fold_case else f"{key.label} '{text}'"
+    suggestion = "" if key.fold_case else _suggest(text, key.choices)
+    raise _Invalid(f"unknown {unknown}; expected {key.expects or key.range_text()}{suggestion}")
+
+
+def _identifier(key: schema.Key, entry: _Entry, place: _Place) -> str:
+    text = entry.value.strip()
+    if not _IDENTIFIER_RE.fullmatch(text):
+        raise _Invalid("expected a Python class name")
+    return text
+
+
+def _path(key: schema.Key, entry: _Entry, place: _Place) -> str | None:
+    if key.must_exist:
+        return _existing_file(place.report, place.section, entry, place.cwd, place.config_dir)
+    text = entry.value.strip()
+    if not text:
+        raise _Invalid(f"empty path; remove the key to use {key.default}")
+    return resolve_path(text, place.cwd, place.config_dir, must_exist=False)
+
+
+def _scheme(key: schema.Key, entry: _Entry, place: _Place) -> list[str] | None:
     names = _split_names(entry.value)
     if names == [""]:
-        report.entry_error(section, entry, "empty list; name at least one module type")
-        return None
+        raise _Invalid("empty list; name at least one module type")
     ok = True
     for position, name in enumerate(names, start=1):
         if not name:
-            report.entry_error(section, entry, f"item {position} is empty; remove the extra ','")
+            place.report.entry_error(
+                place.section, entry, f"item {position} is empty; remove the extra ','"
+            )
             ok = False
         elif not _is_type_name(name):
-            report.entry_error(
-                section, entry, f"'{name}' is not a type name; write plain words like mlp"
+            place.report.entry_error(
+                place.section, entry, f"'{name}' is not a type name; write plain words like mlp"
             )
             ok = False
     return names if ok else None
 
 
-def _check_process(
-    report: _Report, section: _Section, cwd: str, config_dir: str
-) -> dict[str, Any] | None:
-    entries = section.entries
-    start = len(report.problems)
-    process: dict[str, Any] = {}
+def _gpu_list(key: schema.Key, entry: _Entry, place: _Place) -> list[str]:
+    names = _split_names(entry.value)
+    if "" in names:
+        place.report.entry_error(place.section, entry, "empty GPU name; remove the extra ','")
+    return [name for name in names if name]
 
-    lr_entry = entries.get("lr")
-    if lr_entry is None:
-        report.missing(section, "lr", "the learning rate, e.g. lr = 0.001")
-    else:
-        lr = typed_scalar(lr_entry.value)
-        if isinstance(lr, str):
-            report.entry_error(section, lr_entry, "expected a number, e.g. 0.001")
-        elif not math.isfinite(lr) or lr <= 0:
-            report.entry_error(section, lr_entry, "the learning rate must be a positive number")
+
+# How the INI text of each kind of key is read. A reader returns the typed value, raises
+# _Invalid with one message, or reports its problems itself and returns None.
+_READERS: dict[str, Callable[[schema.Key, _Entry, _Place], Any]] = {
+    schema.INT: _number,
+    schema.FLOAT: _number,
+    schema.BOOL: _boolean,
+    schema.CHOICE: _choice,
+    schema.IDENTIFIER: _identifier,
+    schema.PATH: _path,
+    schema.SCHEME: _scheme,
+    schema.GPU_LIST: _gpu_list,
+}
+
+
+def _default(key: schema.Key, place: _Place) -> Any:
+    """An absent key's value: the table's default, made usable (a path resolved, a list)."""
+    if key.kind == schema.PATH and key.default is not None:
+        return resolve_path(key.default, place.cwd, place.config_dir, must_exist=False)
+    return list(key.default) if isinstance(key.default, tuple) else key.default
+
+
+def _read_key(key: schema.Key, entry: _Entry, place: _Place) -> Any:
+    if key.nullable and _is_none(entry.value):
+        return _default(key, place)
+    try:
+        return _READERS[key.kind](key, entry, place)
+    except _Invalid as exc:
+        place.report.entry_error(place.section, entry, str(exc))
+        return None
+
+
+def _read_section(place: _Place, required: Iterable[str]) -> dict[str, Any]:
+    """Every key of the section's schema: read from its INI text, or its default when absent.
+    The keys of `required` that are absent are reported missing; unknown keys are warned of."""
+    section = place.section
+    keys = schema.BY_SECTION[section.name]
+    values: dict[str, Any] = {}
+    for key in keys.values():
+        entry = section.entries.get(key.name)
+        if entry is not None:
+            values[key.name] = _read_key(key, entry, place)
+        elif key.name in required:
+            place.report.missing(section, key.name, key.doc)
         else:
-            process["lr"] = float(lr)
+            values[key.name] = _default(key, place)
+    for entry in section.entries.values():
+        if entry.key not in keys:
+            message = f"unknown key, ignored{_suggest(entry.key, keys)}"
+            place.report.entry_warning(section, entry, message)
+    return values
 
-    epochs_entry = entries.get("epochs")
-    if epochs_entry is None:
-        report.missing(section, "epochs", "the number of training epochs, e.g. epochs = 10")
-    else:
-        process["epochs"] = _as_int(report, section, epochs_entry, 1, "the number of epochs")
 
-    process["data_scheme"] = _scheme(report, section, "data_scheme")
-    process["pipeline_scheme"] = _scheme(report, section, "pipeline_scheme")
+_LOSS_KEYS = ("loss_function", "class_loss_function", "path_to_class_loss_function")
 
-    loss_entry = entries.get("loss_function")
-    class_entry = entries.get("class_loss_function")
-    path_entry = entries.get("path_to_class_loss_function")
-    loss: str | None = None
-    if loss_entry is not None and (class_entry is not None or path_entry is not None):
-        report.entry_error(
+
+def _check_loss(place: _Place) -> None:
+    """The loss is given one way: a torch.nn class, or a class of the user's with its file."""
+    section = place.section
+    builtin, *own = (section.entries.get(name) for name in _LOSS_KEYS)
+    if builtin is not None and any(e is not None for e in own):
+        place.report.entry_error(
             section,
-            loss_entry,
+            builtin,
             "give either loss_function or class_loss_function + path_to_class_loss_function, "
             "not both",
         )
-    elif loss_entry is not None:
-        loss = loss_entry.value.strip()
-        if loss not in TORCH_LOSSES:
-            report.entry_error(
-                section,
-                loss_entry,
-                f"unknown loss '{loss}'; expected a torch.nn loss class name such as MSELoss, "
-                f"BCELoss or CrossEntropyLoss{_suggest(loss, TORCH_LOSSES)}",
-            )
-            loss = None
-    elif class_entry is None and path_entry is None:
-        report.missing(
+    elif builtin is None and all(e is None for e in own):
+        place.report.missing(
             section,
             "loss_function",
             "a torch.nn loss such as MSELoss, or class_loss_function + "
             "path_to_class_loss_function for your own loss class",
         )
-    else:
-        if class_entry is None:
-            report.missing(
-                section,
-                "class_loss_function",
-                "the name of the loss class in path_to_class_loss_function",
-            )
-        elif not _IDENTIFIER_RE.fullmatch(class_entry.value.strip()):
-            report.entry_error(section, class_entry, "expected a Python class name")
-        else:
-            process["class_loss_function"] = class_entry.value.strip()
-        if path_entry is None:
-            report.missing(
-                section,
-                "path_to_class_loss_function",
-                "the .py file that defines class_loss_function",
-            )
-        else:
-            path = _existing_file(report, section, path_entry, cwd, config_dir)
-            if path is not None:
-                process["path_to_class_loss_function"] = path
-    process["loss_function"] = loss
+    elif builtin is None:
+        for name, entry in zip(_LOSS_KEYS[1:], own):
+            if entry is None:
+                place.report.missing(section, name, schema.BY_SECTION[schema.PROCESS][name].doc)
 
-    runs_entry = entries.get("run_files_path")
-    runs_value = ".runs" if runs_entry is None else runs_entry.value.strip()
-    if runs_entry is not None and not runs_value:
-        report.entry_error(section, runs_entry, "empty path; remove the key to use .runs")
-    else:
-        process["run_files_path"] = resolve_path(runs_value, cwd, config_dir, must_exist=False)
 
-    optimizer_entry = entries.get("optimizer")
-    optimizer = "Adam" if optimizer_entry is None else optimizer_entry.value.strip()
-    if optimizer_entry is not None and optimizer not in TORCH_OPTIMIZERS:
-        report.entry_error(
-            section,
-            optimizer_entry,
-            f"unknown optimizer '{optimizer}'; expected one of "
-            f"{', '.join(TORCH_OPTIMIZERS)}{_suggest(optimizer, TORCH_OPTIMIZERS)}",
-        )
-    process["optimizer"] = optimizer
-
-    accuracy_entry = entries.get("accuracy")
-    if accuracy_entry is None:
-        process["accuracy"] = _DEFAULT_ACCURACY.get(loss or "", "none")
-    else:
-        mode = accuracy_entry.value.strip().lower()
-        if mode not in ACCURACY_MODES:
-            report.entry_error(
-                section,
-                accuracy_entry,
-                f"unknown accuracy mode; expected one of {', '.join(ACCURACY_MODES)}",
-            )
-        process["accuracy"] = mode
-
-    seed_entry = entries.get("seed")
-    if seed_entry is None or _is_none(seed_entry.value):
-        process["seed"] = None
-    else:
-        seed = typed_scalar(seed_entry.value)
-        if not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-            report.entry_error(
-                section, seed_entry, f"expected an integer seed between 0 and {_MAX_SEED}"
-            )
-        else:
-            process["seed"] = seed
-
-    for entry in entries.values():
-        if entry.key not in _PROCESS_KEYS:
-            report.warn(
-                f"unknown key, ignored{_suggest(entry.key, _PROCESS_KEYS)}",
-                section.name,
-                entry.key,
-                entry.value,
-                entry.line,
-            )
+def _check_process(
+    report: _Report, section: _Section, cwd: str, config_dir: str
+) -> dict[str, Any] | None:
+    start = len(report.problems)
+    place = _Place(report, section, cwd, config_dir)
+    required = [k.name for k in schema.BY_SECTION[schema.PROCESS].values() if k.required]
+    process = _read_section(place, required)
+    _check_loss(place)
+    if len(report.problems) == start:
+        # Only now can the loss be known and a leftover None be told apart from a mistake.
+        problem = schema.loss_problem(process)
+        if problem:
+            report.entry_error(section, section.entries["loss_function"], problem)
+    if process["accuracy"] is None:
+        process["accuracy"] = schema.default_accuracy(process["loss_function"])
+    # A loss class of the user's is sent only when it is the way the loss is given.
+    for name in _LOSS_KEYS[1:]:
+        if process.get(name) is None:
+            process.pop(name, None)
     return process if len(report.problems) == start else None
 
 
 def _check_monitor(report: _Report, section: _Section) -> dict[str, Any] | None:
-    entries = section.entries
     start = len(report.problems)
-    monitor: dict[str, Any] = {}
-
-    gpu_entry = entries.get("need_gpu")
-    if gpu_entry is None:
-        report.missing(section, "need_gpu", "true to train on GPUs, false for CPUs")
-    else:
-        monitor["need_gpu"] = _as_bool(report, section, gpu_entry)
-
-    available_entry = entries.get("gpu_available")
-    if available_entry is None:
-        report.missing(
-            section, "gpu_available", "GPU names separated by commas, or None when unused"
-        )
-    elif _is_none(available_entry.value):
-        monitor["gpu_available"] = []
-    else:
-        names = _split_names(available_entry.value)
-        if "" in names:
-            report.entry_error(section, available_entry, "empty GPU name; remove the extra ','")
-        monitor["gpu_available"] = [name for name in names if name]
-
-    for key, minimum, what in (
-        ("nb_processus", 1, "how many runs may train at once"),
-        ("multiplicity", 1, "how many times each pipeline is repeated"),
-    ):
-        entry = entries.get(key)
-        if entry is None:
-            report.missing(section, key, what)
-        else:
-            monitor[key] = _as_int(report, section, entry, minimum, what)
-
-    retries_entry = entries.get("retries")
-    if retries_entry is None:
-        monitor["retries"] = 0
-    else:
-        monitor["retries"] = _as_int(
-            report, section, retries_entry, 0, "how many times a failed run is retried"
-        )
-
-    timeout_entry = entries.get("timeout")
-    if timeout_entry is None or _is_none(timeout_entry.value):
-        monitor["timeout"] = None
-    else:
-        timeout = typed_scalar(timeout_entry.value)
-        if isinstance(timeout, str) or not math.isfinite(timeout) or timeout <= 0:
-            report.entry_error(
-                section, timeout_entry, "expected a positive number of seconds, or None"
-            )
-        else:
-            monitor["timeout"] = float(timeout)
-
-    if monitor.get("need_gpu") is False and monitor.get("gpu_available"):
-        assert available_entry is not None
-        report.warn(
-            "GPUs are listed but need_gpu is false; they are not used",
-            section.name,
-            available_entry.key,
-            available_entry.value,
-            available_entry.line,
-        )
-    for entry in entries.values():
-        if entry.key not in _MONITOR_KEYS:
-            report.warn(
-                f"unknown key, ignored{_suggest(entry.key, _MONITOR_KEYS)}",
-                section.name,
-                entry.key,
-                entry.value,
-                entry.line,
-            )
+    place = _Place(report, section, "", "")
+    required = [k.name for k in schema.BY_SECTION[schema.MONITOR].values() if k.required]
+    monitor = _read_section(place, required)
+    available = section.entries.get("gpu_available")
+    if monitor.get("need_gpu") is False and monitor.get("gpu_available") and available:
+        message = "GPUs are listed but need_gpu is false; they are not used"
+        report.entry_warning(section, available, message)
     return monitor if len(report.problems) == start else None
 
 
@@ -835,13 +729,8 @@ def _check_class_section(
     if type_name is None:
         return None, None
     if scheme_types is not None and type_name not in scheme_types:
-        report.warn(
-            f"type '{type_name}' is not in data_scheme or pipeline_scheme; section ignored",
-            section.name,
-            type_entry.key,
-            type_entry.value,
-            type_entry.line,
-        )
+        message = f"type '{type_name}' is not in data_scheme or pipeline_scheme; section ignored"
+        report.entry_warning(section, type_entry, message)
         return type_name, None
 
     cls: str | None = None
@@ -863,7 +752,7 @@ def _check_class_section(
 
     params: list[tuple[str, list[int | float | str]]] = []
     for entry in entries.values():
-        if entry.key in _RESERVED_CLASS_KEYS:
+        if entry.key in _SECTION_FIELDS:
             continue
         if entry.key in _FORBIDDEN_PARAMS:
             report.entry_error(
@@ -885,7 +774,7 @@ def _check_class_section(
         available = ["type", "class", "name"] + [
             e.key
             for e in entries.values()
-            if e.key not in _RESERVED_CLASS_KEYS and e.key not in _FORBIDDEN_PARAMS
+            if e.key not in _SECTION_FIELDS and e.key not in _FORBIDDEN_PARAMS
         ]
         template = _check_key_template(report, section, key_entry, available)
 
@@ -908,42 +797,66 @@ def load_config(path: str, cwd: str | None = None) -> ExpandedConfig:
     config_path = os.path.normpath(os.path.join(base, os.path.expanduser(path)))
     config_dir = os.path.dirname(config_path)
     report = _Report(path)
+    sections = _read_ini(_read_file(path, config_path), report)
+    by_name = {section.name: section for section in sections}
+
+    process, monitor = _check_settings(report, by_name, base, config_dir)
+    by_type = _check_modules(report, sections, by_name, process, base, config_dir)
+    if report.problems or process is None or monitor is None:
+        raise ConfigError(_in_file_order(report.problems), report.warnings)
+    return ExpandedConfig(
+        config_path=config_path,
+        process=process,
+        monitor=monitor,
+        pipelines=_expand(report, process, monitor, by_type),
+        warnings=report.warnings,
+    )
+
+
+def _read_file(path: str, config_path: str) -> str:
+    """The file's text, or a ConfigError saying why it cannot be read."""
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError([Problem(path, None, None, None, message)])
 
     try:
         with open(config_path, encoding="utf-8-sig") as handle:
-            text = handle.read()
+            return handle.read()
     except FileNotFoundError:
-        raise ConfigError(
-            [Problem(path, None, None, None, f"config file not found ({config_path})")]
-        ) from None
+        raise fail(f"config file not found ({config_path})") from None
     except IsADirectoryError:
-        raise ConfigError(
-            [Problem(path, None, None, None, "is a directory, expected an .ini file")]
-        ) from None
+        raise fail("is a directory, expected an .ini file") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(
-            [Problem(path, None, None, None, f"cannot read config file: not UTF-8 text ({exc})")]
-        ) from None
+        raise fail(f"cannot read config file: not UTF-8 text ({exc})") from None
     except OSError as exc:
-        raise ConfigError(
-            [Problem(path, None, None, None, f"cannot read config file: {exc.strerror or exc}")]
-        ) from None
+        raise fail(f"cannot read config file: {exc.strerror or exc}") from None
 
-    sections = _read_ini(text, report)
-    by_name = {section.name: section for section in sections}
 
-    process: dict[str, Any] | None = None
-    monitor: dict[str, Any] | None = None
+def _check_settings(
+    report: _Report, by_name: dict[str, _Section], cwd: str, config_dir: str
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """[PROCESS] and [MONITOR], each None when missing or wrong."""
     for name in (PROCESS, MONITOR):
         if name not in by_name:
             near = [s for s in by_name if s.lower() == name.lower()]
             hint = f"; found [{near[0]}], but section names are case-sensitive" if near else ""
             report.error(f"required section is missing{hint}", section=name)
-    if PROCESS in by_name:
-        process = _check_process(report, by_name[PROCESS], base, config_dir)
-    if MONITOR in by_name:
-        monitor = _check_monitor(report, by_name[MONITOR])
+    process = (
+        _check_process(report, by_name[PROCESS], cwd, config_dir) if PROCESS in by_name else None
+    )
+    monitor = _check_monitor(report, by_name[MONITOR]) if MONITOR in by_name else None
+    return process, monitor
 
+
+def _check_modules(
+    report: _Report,
+    sections: list[_Section],
+    by_name: dict[str, _Section],
+    process: dict[str, Any] | None,
+    cwd: str,
+    config_dir: str,
+) -> dict[str, list[_ClassSection]]:
+    """The class sections that are right, by type; every scheme type must have one."""
     # When the schemes themselves are broken, sections are still checked (so their problems
     # show up now) but none is called "ignored" on the strength of a scheme we could not read.
     data_scheme = process["data_scheme"] if process else None
@@ -961,7 +874,7 @@ def load_config(path: str, cwd: str | None = None) -> ExpandedConfig:
     for section in sections:
         if section.name in (PROCESS, MONITOR):
             continue
-        declared, checked = _check_class_section(report, section, known_types, base, config_dir)
+        declared, checked = _check_class_section(report, section, known_types, cwd, config_dir)
         if declared is not None:
             declared_types.add(declared)
         if checked is not None:
@@ -981,10 +894,16 @@ def load_config(path: str, cwd: str | None = None) -> ExpandedConfig:
                         f"type '{type_name}' has no section; add a section with "
                         f"'type = {type_name}'",
                     )
+    return by_type
 
-    if report.problems or process is None or monitor is None:
-        raise ConfigError(_in_file_order(report.problems), report.warnings)
 
+def _expand(
+    report: _Report,
+    process: dict[str, Any],
+    monitor: dict[str, Any],
+    by_type: dict[str, list[_ClassSection]],
+) -> list[list[dict[str, Any]]]:
+    """Every pipeline: one module variant per scheme position, times the multiplicity."""
     positions: list[str] = process["data_scheme"] + process["pipeline_scheme"]
     multiplicity: int = monitor["multiplicity"]
     count = multiplicity * math.prod(
@@ -1008,14 +927,7 @@ def load_config(path: str, cwd: str | None = None) -> ExpandedConfig:
             # Fresh dicts per pipeline, so that a consumer annotating one run's modules cannot
             # change another's.
             pipelines.append([dict(module) for module in combination])
-
-    return ExpandedConfig(
-        config_path=config_path,
-        process=process,
-        monitor=monitor,
-        pipelines=pipelines,
-        warnings=report.warnings,
-    )
+    return pipelines
 
 
 def _in_file_order(found: list[Problem]) -> list[Problem]:

@@ -1,4 +1,5 @@
-"""Talking to the daemon: one request, one reply, with a timeout; autostart when asked."""
+"""Talking to the daemon: one request, one reply, with a timeout; starting a daemon when none
+answers (autostart), and telling "no daemon" from "not allowed to reach it" (socket_denied)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ class DaemonUnavailable(Exception):
 
 
 def how_to_start(socket_path: str) -> str:
-    return (f"no mosaicd answers on {socket_path}. Start one with `mosaicd &` (or "
-            "`systemctl --user start mosaicd`); `mosaic run` starts one for you.")
+    return (
+        f"no mosaicd answers on {socket_path}. Start one with `mosaicd &` (or "
+        "`systemctl --user start mosaicd`); `mosaic run` starts one for you."
+    )
 
 
 def socket_accepts(socket_path: str) -> bool:
@@ -62,7 +65,8 @@ class Client:
             self.close()
             raise DaemonUnavailable(
                 f"mosaicd on {self.socket_path} did not answer {name!r} within "
-                f"{wait_ms / 1000:g} s; it may be overloaded or hung (see its log)")
+                f"{wait_ms / 1000:g} s; it may be overloaded or hung (see its log)"
+            )
         frames = sock.recv_multipart()
         return protocol.decode_reply(frames[-1])
 
@@ -91,13 +95,18 @@ def start_daemon(socket_path: str, wait: float = 30.0) -> int:
         # A new session: the daemon survives the SSH session (and its SIGHUP) that started it.
         proc = subprocess.Popen(
             [sys.executable, "-m", "mosaicd", "--socket", socket_path],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            close_fds=True)
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None and not socket_accepts(socket_path):
-            raise DaemonUnavailable(f"mosaicd exited at start-up (code {proc.returncode}); "
-                                    f"see {log_path}")
+            raise DaemonUnavailable(
+                f"mosaicd exited at start-up (code {proc.returncode}); see {log_path}"
+            )
         if socket_accepts(socket_path):
             try:
                 with Client(socket_path, timeout=2.0) as client:
@@ -107,3 +116,53 @@ def start_daemon(socket_path: str, wait: float = 30.0) -> int:
                 pass
         time.sleep(0.05)
     raise DaemonUnavailable(f"mosaicd did not become ready within {wait:g} s; see {log_path}")
+
+
+def socket_denied(socket_path: str) -> str | None:
+    """Why the file system keeps this user from the daemon's socket, or None if it does not.
+
+    On a shared box the socket is 0660 in a 0750 directory of the users' group: someone outside
+    that group gets EACCES, which must read as "ask to be let in", not "start a daemon"."""
+    blocked = None
+    directory = os.path.dirname(socket_path)
+    while directory not in ("", "/"):
+        if os.path.isdir(directory) and not os.access(directory, os.X_OK):
+            blocked = directory  # the outermost one wins: it is the one to fix first
+        directory = os.path.dirname(directory)
+    if blocked is None:
+        if not os.path.exists(socket_path) or os.access(socket_path, os.R_OK | os.W_OK):
+            return None
+        blocked = socket_path
+    import grp
+    import pwd
+
+    try:
+        group = grp.getgrgid(os.stat(blocked).st_gid).gr_name
+    except (KeyError, OSError):
+        group = "the socket's group"
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    return (
+        f"permission denied: you may not use the mosaicd socket {socket_path} ({blocked} "
+        f"is closed to you). Only members of group {group} may; ask the administrator to "
+        f"add you (usermod -aG {group} {user}), then log in again."
+    )
+
+
+def ensure_daemon(socket_path: str, autostart: bool = True) -> None:
+    """Return once a daemon answers on `socket_path`, starting one when none does (and
+    `autostart`); raise DaemonUnavailable otherwise."""
+    with Client(socket_path) as client:
+        try:
+            client.request("ping", timeout=5.0)
+            return
+        except DaemonUnavailable:
+            if not autostart or socket_denied(socket_path):
+                raise  # a daemon we may not reach is still a daemon: do not start another
+    pid = start_daemon(socket_path)
+    print(
+        f"mosaic: started mosaicd (pid {pid}) on {socket_path}; its log is {daemon_log_path()}",
+        file=sys.stderr,
+    )

@@ -57,8 +57,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "slope",
 )
 # The per-epoch columns of run_epochs besides run_id and epoch.
-EPOCH_COLUMNS: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_acc",
-                                  "duration(s)")
+EPOCH_COLUMNS: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_acc", "duration(s)")
 
 # -- pipelines and params --------------------------------------------------------------------
 # Keys of a module dict that describe the module rather than parameterise it: never passed to

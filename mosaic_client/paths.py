@@ -8,7 +8,6 @@ from pathlib import Path
 
 SOCKET_ENV = "MOSAIC_SOCKET"
 STATE_ENV = "MOSAIC_STATE_DIR"
-SYSTEM_SOCKET = "/run/mosaic/mosaicd.sock"
 
 
 def _private_dir(path: Path) -> Path:
@@ -16,8 +15,9 @@ def _private_dir(path: Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.lstat()
     if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
-        raise PermissionError(f"{path} is not a directory owned by you; remove it or set "
-                              f"{SOCKET_ENV} to another path")
+        raise PermissionError(
+            f"{path} is not a directory owned by you; remove it or set {SOCKET_ENV} to another path"
+        )
     return path
 
 
@@ -48,8 +48,9 @@ def default_state_dir() -> str:
     override = os.environ.get(STATE_ENV)
     if override:
         return os.path.abspath(override)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                             "state")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
     return os.path.join(base, "mosaic")
 
 

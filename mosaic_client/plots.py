@@ -48,22 +48,29 @@ def _title(run: RunLosses, width: int) -> str:
     lines = [f"run {run.run_id} ({run.status})", *textwrap.wrap(pipeline, width)]
     results = run.results
     if results:
-        metrics = (f"loss train {_fmt(results['train_loss'])} / test {_fmt(results['test_loss'])}"
-                   f"; {results['nb_params']} params")
+        metrics = (
+            f"loss train {_fmt(results['train_loss'])} / test {_fmt(results['test_loss'])}"
+            f"; {results['nb_params']} params"
+        )
         if results.get("test_acc") is not None:
-            metrics += (f"\nacc train {_fmt(results['train_acc'])} / test "
-                        f"{_fmt(results['test_acc'])}; {results['epochs']} epochs")
+            metrics += (
+                f"\nacc train {_fmt(results['train_acc'])} / test "
+                f"{_fmt(results['test_acc'])}; {results['epochs']} epochs"
+            )
         else:
             metrics += f"; {results['epochs']} epochs"
         lines.append(metrics)
     elif run.train_loss:
-        lines.append(f"epoch {run.epochs[-1]}: loss train {_fmt(run.train_loss[-1])} / test "
-                     f"{_fmt(run.test_loss[-1])}")
+        lines.append(
+            f"epoch {run.epochs[-1]}: loss train {_fmt(run.train_loss[-1])} / test "
+            f"{_fmt(run.test_loss[-1])}"
+        )
     return "\n".join(lines)
 
 
-def _loss_page(runs: Sequence[RunLosses], plot_size: int, page: int, pages: int,
-               source: str) -> Figure:
+def _loss_page(
+    runs: Sequence[RunLosses], plot_size: int, page: int, pages: int, source: str
+) -> Figure:
     fig = Figure(figsize=PAGE_SIZE)
     font = max(5.5, 11.0 - 1.2 * plot_size)
     axes = fig.subplots(plot_size, plot_size, squeeze=False)
@@ -79,8 +86,16 @@ def _loss_page(runs: Sequence[RunLosses], plot_size: int, page: int, pages: int,
             why = run.status
             if run.failure:
                 why += ":\n" + "\n".join(textwrap.wrap(run.failure, max(30, 150 // plot_size)))
-            ax.text(0.5, 0.5, f"no epoch recorded\n({why})", ha="center", va="center",
-                    fontsize=font, transform=ax.transAxes, color="dimgray")
+            ax.text(
+                0.5,
+                0.5,
+                f"no epoch recorded\n({why})",
+                ha="center",
+                va="center",
+                fontsize=font,
+                transform=ax.transAxes,
+                color="dimgray",
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             continue
@@ -95,25 +110,33 @@ def _loss_page(runs: Sequence[RunLosses], plot_size: int, page: int, pages: int,
     first, last = runs[0].run_id, runs[-1].run_id
     which = f"run {first}" if first == last else f"runs {first} to {last}"
     fig.suptitle(f"{source}: loss per epoch, {which} (page {page}/{pages})", fontsize=11)
-    fig.legend([Line2D([], [], color=TRAIN_COLOR, marker="."),
-                Line2D([], [], color=TEST_COLOR, marker=".")],
-               ["train loss (mean over the epoch's batches)",
-                "test loss (mean over the epoch's batches)"],
-               loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.legend(
+        [
+            Line2D([], [], color=TRAIN_COLOR, marker="."),
+            Line2D([], [], color=TEST_COLOR, marker="."),
+        ],
+        ["train loss (mean over the epoch's batches)", "test loss (mean over the epoch's batches)"],
+        loc="lower center",
+        ncol=2,
+        fontsize=9,
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0.04, 1, 0.96))
     return fig
 
 
-def plot_losses(runs: Sequence[RunLosses], out_pdf: str, plot_size: int, source: str,
-                png: str | None = None) -> int:
+def plot_losses(
+    runs: Sequence[RunLosses], out_pdf: str, plot_size: int, source: str, png: str | None = None
+) -> int:
     """Write the loss curves, plot_size x plot_size runs per page; return the page count.
     With png, page 1 is also written there, drawn by the same code."""
     per_page = plot_size * plot_size
     pages = pages_needed(len(runs), plot_size)
     with PdfPages(out_pdf) as pdf:
         for page in range(pages):
-            fig = _loss_page(runs[page * per_page:(page + 1) * per_page], plot_size, page + 1,
-                             pages, source)
+            fig = _loss_page(
+                runs[page * per_page : (page + 1) * per_page], plot_size, page + 1, pages, source
+            )
             pdf.savefig(fig)
             if png and page == 0:
                 fig.savefig(png, dpi=130)
@@ -136,8 +159,9 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
             low = [p.mean - p.min for p in points]
             high = [p.max - p.mean for p in points]
         runs = sum(p.n for p in points)
-        ax.errorbar(x, mean, yerr=[low, high], marker="o", capsize=3, lw=1.4,
-                    label=f"{model} ({runs} runs)")
+        ax.errorbar(
+            x, mean, yerr=[low, high], marker="o", capsize=3, lw=1.4, label=f"{model} ({runs} runs)"
+        )
         xs.extend(x)
         ys.extend([m - lo for m, lo in zip(mean, low)] + [m + hi for m, hi in zip(mean, high)])
     log_x = spans_decades(xs)
@@ -146,19 +170,20 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
         ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel("nb_params: trainable parameters" + (" (log scale)" if log_x else ""),
-                  fontsize=11)
+    ax.set_xlabel(
+        "nb_params: trainable parameters" + (" (log scale)" if log_x else ""), fontsize=11
+    )
     label = CRITERION_LABELS.get(data.criterion, data.criterion)
     ax.set_ylabel(label + (" (log scale)" if log_y else ""), fontsize=10)
-    bars = ("bars: ± standard deviation over runs" if spread == "std"
-            else "bars: min to max over runs")
+    bars = (
+        "bars: ± standard deviation over runs" if spread == "std" else "bars: min to max over runs"
+    )
     ax.legend(title=f"model key: mean, {bars}", fontsize=9, title_fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     note = f"{data.used} run(s)"
     skipped = sum(len(ids) for ids in data.skipped.values())
     if skipped:
         note += f", {skipped} skipped (failed, unfinished or no value)"
-    ax.set_title(f"{data.criterion} vs nb_params, dataset {data.dataset_key} ({note})",
-                 fontsize=12)
+    ax.set_title(f"{data.criterion} vs nb_params, dataset {data.dataset_key} ({note})", fontsize=12)
     fig.tight_layout()
     fig.savefig(out, format=fmt, dpi=120)

@@ -106,6 +106,20 @@ class Key:
     choices: tuple[str, ...] = ()
     # Whether "None" (or an empty value in the INI) is allowed and means "not set".
     nullable: bool = False
+    # -- how the config reader speaks of the key and reads its INI text --------------------
+    # What the key is, in a few words, for messages ("must be at least 1 (the number of epochs)").
+    label: str = ""
+    # When set, the one phrase any bad value gets ("expected an integer seed between ...").
+    expects: str = ""
+    # A choice compared in lower case (accuracy = Binary is binary).
+    fold_case: bool = False
+    # A path that must name an existing file when the config is read (else: made when needed).
+    must_exist: bool = False
+
+    @property
+    def named(self) -> str:
+        """The key in words: its label, else its doc."""
+        return self.label or self.doc
 
     @property
     def where(self) -> str:
@@ -126,49 +140,145 @@ class Key:
         return noun
 
 
+def _count(section: str, name: str, doc: str, minimum: int, **more: Any) -> Key:
+    """A 32-bit count (epochs, processes, repetitions, retries): more is only ever a typo."""
+    return Key(section, name, INT, doc, minimum=minimum, maximum=MAX_COUNT, **more)
+
+
 KEYS: tuple[Key, ...] = (
     # -- PROCESS: what every run of the study does -----------------------------------------
-    Key(PROCESS, "lr", FLOAT, "the learning rate, e.g. lr = 0.001", required=True,
-        minimum=0.0, exclusive_minimum=True),
-    Key(PROCESS, "epochs", INT, "the number of training epochs, e.g. epochs = 10",
-        required=True, minimum=1, maximum=MAX_COUNT),
-    Key(PROCESS, "data_scheme", SCHEME,
-        "the types of the data stages, in order, e.g. data_scheme = dataset", required=True),
-    Key(PROCESS, "pipeline_scheme", SCHEME,
-        "the types of the model stages, in order, e.g. pipeline_scheme = model", required=True),
-    Key(PROCESS, "loss_function", CHOICE,
+    Key(
+        PROCESS,
+        "lr",
+        FLOAT,
+        "the learning rate, e.g. lr = 0.001",
+        required=True,
+        label="the learning rate",
+        minimum=0.0,
+        exclusive_minimum=True,
+    ),
+    _count(
+        PROCESS,
+        "epochs",
+        "the number of training epochs, e.g. epochs = 10",
+        1,
+        required=True,
+        label="the number of epochs",
+    ),
+    Key(
+        PROCESS,
+        "data_scheme",
+        SCHEME,
+        "the types of the data stages, in order, e.g. data_scheme = dataset",
+        required=True,
+    ),
+    Key(
+        PROCESS,
+        "pipeline_scheme",
+        SCHEME,
+        "the types of the model stages, in order, e.g. pipeline_scheme = model",
+        required=True,
+    ),
+    Key(
+        PROCESS,
+        "loss_function",
+        CHOICE,
         "a torch.nn loss class such as MSELoss, BCELoss or CrossEntropyLoss",
-        choices=TORCH_LOSSES, nullable=True),
-    Key(PROCESS, "class_loss_function", IDENTIFIER,
+        choices=TORCH_LOSSES,
+        nullable=True,
+        label="loss",
+        expects="a torch.nn loss class name such as MSELoss, BCELoss or CrossEntropyLoss",
+    ),
+    Key(
+        PROCESS,
+        "class_loss_function",
+        IDENTIFIER,
         "the name of your own loss class, defined in path_to_class_loss_function",
-        nullable=True),
-    Key(PROCESS, "path_to_class_loss_function", PATH,
-        "the .py file that defines class_loss_function", nullable=True),
-    Key(PROCESS, "run_files_path", PATH,
+        nullable=True,
+    ),
+    Key(
+        PROCESS,
+        "path_to_class_loss_function",
+        PATH,
+        "the .py file that defines class_loss_function",
+        nullable=True,
+        must_exist=True,
+    ),
+    Key(
+        PROCESS,
+        "run_files_path",
+        PATH,
         "the directory of the run files (logs, checkpoints, saved models)",
-        default=".runs"),
-    Key(PROCESS, "optimizer", CHOICE, "the torch.optim optimizer", default="Adam",
-        choices=TORCH_OPTIMIZERS),
-    Key(PROCESS, "accuracy", CHOICE,
+        default=".runs",
+    ),
+    Key(
+        PROCESS,
+        "optimizer",
+        CHOICE,
+        "the torch.optim optimizer",
+        default="Adam",
+        choices=TORCH_OPTIMIZERS,
+        label="optimizer",
+    ),
+    Key(
+        PROCESS,
+        "accuracy",
+        CHOICE,
         "how accuracy is computed from the model's output (default: from the loss)",
-        choices=ACCURACY_MODES, nullable=True),
-    Key(PROCESS, "seed", INT,
+        choices=ACCURACY_MODES,
+        nullable=True,
+        label="accuracy mode",
+        fold_case=True,
+    ),
+    Key(
+        PROCESS,
+        "seed",
+        INT,
         "the first repetition's seed; repetition i gets seed + i (None: random seeds)",
-        minimum=0, maximum=MAX_SEED, nullable=True),
+        minimum=0,
+        maximum=MAX_SEED,
+        nullable=True,
+        expects=f"an integer seed between 0 and {MAX_SEED}",
+    ),
     # -- MONITOR: how the daemon runs them -------------------------------------------------
-    Key(MONITOR, "need_gpu", BOOL, "true to train on GPUs, false for CPUs", required=True,
-        default=False),
-    Key(MONITOR, "gpu_available", GPU_LIST,
-        "GPU names separated by commas, or None when unused", required=True, default=(),
-        nullable=True),
-    Key(MONITOR, "nb_processus", INT, "how many runs may train at once", required=True,
-        default=1, minimum=1, maximum=MAX_COUNT),
-    Key(MONITOR, "multiplicity", INT, "how many times each pipeline is repeated",
-        required=True, default=1, minimum=1, maximum=MAX_COUNT),
-    Key(MONITOR, "retries", INT, "how many times a failed run is retried", default=0,
-        minimum=0, maximum=MAX_COUNT),
-    Key(MONITOR, "timeout", FLOAT, "a positive number of seconds per run, or None",
-        minimum=0.0, maximum=MAX_TIMEOUT, exclusive_minimum=True, nullable=True),
+    Key(
+        MONITOR,
+        "need_gpu",
+        BOOL,
+        "true to train on GPUs, false for CPUs",
+        required=True,
+        default=False,
+    ),
+    Key(
+        MONITOR,
+        "gpu_available",
+        GPU_LIST,
+        "GPU names separated by commas, or None when unused",
+        required=True,
+        default=(),
+        nullable=True,
+    ),
+    _count(MONITOR, "nb_processus", "how many runs may train at once", 1, required=True, default=1),
+    _count(
+        MONITOR,
+        "multiplicity",
+        "how many times each pipeline is repeated",
+        1,
+        required=True,
+        default=1,
+    ),
+    _count(MONITOR, "retries", "how many times a failed run is retried", 0, default=0),
+    Key(
+        MONITOR,
+        "timeout",
+        FLOAT,
+        "a positive number of seconds per run, or None",
+        minimum=0.0,
+        maximum=MAX_TIMEOUT,
+        exclusive_minimum=True,
+        nullable=True,
+        expects="a positive number of seconds, or None",
+    ),
 )
 
 BY_SECTION: dict[str, dict[str, Key]] = {
@@ -211,14 +321,18 @@ def value_problem(key: Key, value: Any) -> str | None:
         ok = isinstance(value, str) and IDENTIFIER_RE.fullmatch(value)
         return None if ok else "expected a Python class name"
     if key.kind == SCHEME:
-        ok = (isinstance(value, list) and value
-              and all(isinstance(t, str) and IDENTIFIER_RE.fullmatch(t) for t in value))
+        ok = (
+            isinstance(value, list)
+            and value
+            and all(isinstance(t, str) and IDENTIFIER_RE.fullmatch(t) for t in value)
+        )
         return None if ok else "expected a non-empty list of type names"
     if key.kind == PATH:
         return None if isinstance(value, str) and value else "expected a path"
     if key.kind == GPU_LIST:
         ok = isinstance(value, (list, tuple)) and all(
-            (isinstance(g, str) and g) or _is_int(g) for g in value)
+            (isinstance(g, str) and g) or _is_int(g) for g in value
+        )
         return None if ok else "expected a list of GPU ids"
     raise AssertionError(f"unknown kind {key.kind!r} of {key.where}")
 
@@ -250,11 +364,15 @@ def loss_problem(process: dict[str, Any]) -> str | None:
     builtin = process.get("loss_function")
     own = process.get("class_loss_function"), process.get("path_to_class_loss_function")
     if builtin is not None and any(v is not None for v in own):
-        return ("give either loss_function or class_loss_function + "
-                "path_to_class_loss_function, not both")
+        return (
+            "give either loss_function or class_loss_function + "
+            "path_to_class_loss_function, not both"
+        )
     if builtin is None and any(v is None for v in own):
-        return ("give loss_function (a torch.nn loss such as MSELoss) or both "
-                "class_loss_function and path_to_class_loss_function")
+        return (
+            "give loss_function (a torch.nn loss such as MSELoss) or both "
+            "class_loss_function and path_to_class_loss_function"
+        )
     return None
 
 
@@ -264,8 +382,11 @@ def submission_problem(process: dict[str, Any], monitor: dict[str, Any]) -> str 
     run_files = process.get("run_files_path")
     if not (isinstance(run_files, str) and os.path.isabs(run_files)):
         return f"PROCESS run_files_path must be an absolute path, got {run_files!r:.80}"
-    return (section_problem(PROCESS, process) or section_problem(MONITOR, monitor, False)
-            or loss_problem(process))
+    return (
+        section_problem(PROCESS, process)
+        or section_problem(MONITOR, monitor, False)
+        or loss_problem(process)
+    )
 
 
 def value(section: str, values: dict[str, Any], name: str) -> Any:

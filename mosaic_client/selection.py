@@ -30,7 +30,8 @@ def parse_ids(text: str) -> list[int] | None:
                 low, high = int(low_text), int(high_text)
             except ValueError:
                 raise SelectionError(
-                    f"{part!r} is not a range of run ids; write e.g. 2-5") from None
+                    f"{part!r} is not a range of run ids; write e.g. 2-5"
+                ) from None
             if low > high:
                 raise SelectionError(f"range {part!r} goes backwards; write {high}-{low}")
             ids.extend(range(low, high + 1))
@@ -51,29 +52,48 @@ def typed(value: str) -> int | float | str:
     return value
 
 
-def make_selection(ids: str | None = None, request: str | None = None,
-                   param: list[str] | None = None, low: list[str] | None = None,
-                   high: list[str] | None = None) -> dict[str, Any]:
+def make_selection(
+    ids: str | None = None,
+    request: str | None = None,
+    param: list[str] | None = None,
+    low: list[str] | None = None,
+    high: list[str] | None = None,
+) -> dict[str, Any]:
     """Build the selection dict from CLI arguments; exactly one kind must be given."""
-    given = [k for k, v in (("ids", ids), ("request", request), ("param", param), ("low", low),
-                            ("high", high)) if v is not None]
+    given = [
+        k
+        for k, v in (
+            ("ids", ids),
+            ("request", request),
+            ("param", param),
+            ("low", low),
+            ("high", high),
+        )
+        if v is not None
+    ]
     if len(given) != 1:
-        raise SelectionError("give exactly one selection: -id, -request, -param_name_and_value, "
-                             "-param_name_and_value_low_threshold or "
-                             "-param_name_and_value_high_threshold")
+        raise SelectionError(
+            "give exactly one selection: -id, -request, -param_name_and_value, "
+            "-param_name_and_value_low_threshold or "
+            "-param_name_and_value_high_threshold"
+        )
     if ids is not None:
         parsed = parse_ids(ids)
         return {"kind": "all"} if parsed is None else {"kind": "ids", "ids": parsed}
     if request is not None:
         return {"kind": "request", "sql": request}
-    name, value = (param or low or high)  # type: ignore[misc]
+    name, value = param or low or high  # type: ignore[misc]
     return {"kind": given[0], "name": name, "value": typed(value)}
 
 
 # SQLite authorizer action codes a read-only query may need; everything else is denied, so a
 # `-request` can neither write nor attach nor change pragmas even before query_only applies.
-_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
-                    getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
+_ALLOWED_ACTIONS = {
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_FUNCTION,
+    getattr(sqlite3, "SQLITE_RECURSIVE", 33),
+}
 
 
 def _authorizer(action: int, *_: Any) -> int:
@@ -92,8 +112,9 @@ def resolve(conn: sqlite3.Connection, selection: dict[str, Any]) -> list[int]:
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
             raise SelectionError("ids must be a list of integers")
         wanted = set(ids)
-        rows = [r for r in conn.execute("SELECT run_id FROM runs ORDER BY run_id")
-                if r[0] in wanted]
+        rows = [
+            r for r in conn.execute("SELECT run_id FROM runs ORDER BY run_id") if r[0] in wanted
+        ]
     elif kind == "request":
         sql = selection.get("sql")
         if not isinstance(sql, str) or not sql.strip():
@@ -104,13 +125,15 @@ def resolve(conn: sqlite3.Connection, selection: dict[str, Any]) -> list[int]:
         except (sqlite3.DatabaseError, sqlite3.Warning) as exc:
             raise SelectionError(
                 f"-request {sql!r} was refused: {exc}. Only a single read-only SELECT that "
-                "returns run ids is allowed, e.g. \"SELECT run_id FROM runs WHERE "
-                "status='done'\"") from None
+                'returns run ids is allowed, e.g. "SELECT run_id FROM runs WHERE '
+                "status='done'\""
+            ) from None
         finally:
             conn.set_authorizer(None)
         if rows and not all(isinstance(r[0], int) for r in rows):
-            raise SelectionError(f"-request {sql!r} must return integer run ids in its first "
-                                 "column")
+            raise SelectionError(
+                f"-request {sql!r} must return integer run ids in its first column"
+            )
         rows = sorted(set(rows))
     elif kind in ("param", "low", "high"):
         name, value = selection.get("name"), selection.get("value")
@@ -120,7 +143,8 @@ def resolve(conn: sqlite3.Connection, selection: dict[str, Any]) -> list[int]:
             rows = conn.execute(
                 "SELECT DISTINCT run_id FROM params WHERE param_name=? AND "
                 "(param_value=? OR CAST(param_value AS TEXT)=CAST(? AS TEXT)) ORDER BY run_id",
-                (name, value, value)).fetchall()
+                (name, value, value),
+            ).fetchall()
         else:
             if isinstance(value, (int, float)):
                 # Numeric comparison for numeric values, whatever type the column holds.
@@ -129,12 +153,16 @@ def resolve(conn: sqlite3.Connection, selection: dict[str, Any]) -> list[int]:
                 rows = conn.execute(
                     f"SELECT DISTINCT run_id FROM params WHERE param_name=? AND "
                     f"typeof(param_value) IN ('integer','real') AND {expr} {operator} ? "
-                    "ORDER BY run_id", (name, value)).fetchall()
+                    "ORDER BY run_id",
+                    (name, value),
+                ).fetchall()
             else:
                 operator = "<=" if kind == "low" else ">="
                 rows = conn.execute(
                     f"SELECT DISTINCT run_id FROM params WHERE param_name=? AND "
-                    f"param_value {operator} ? ORDER BY run_id", (name, value)).fetchall()
+                    f"param_value {operator} ? ORDER BY run_id",
+                    (name, value),
+                ).fetchall()
     else:
         raise SelectionError(f"unknown selection kind {kind!r}")
     return [int(r[0]) for r in rows]

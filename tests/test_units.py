@@ -178,6 +178,41 @@ def test_ruff_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_format_is_clean() -> None:
+    # One formatter for the whole tree ([tool.ruff.format] in pyproject.toml).
+    result = subprocess.run([sys.executable, "-m", "ruff", "format", "--check", "."], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_request_is_sent_by_a_command_that_says_so() -> None:
+    import re
+
+    from mosaic_client import cli
+
+    named: set[str] = set()
+    for command in cli.COMMANDS:
+        assert command.NAME and command.HELP and command.EXAMPLE.startswith("mosaic ")
+        assert callable(command.add_arguments) and callable(command.run)
+        doc = command.__doc__ or ""
+        assert doc.startswith(f"`mosaic {command.NAME}"), command.__name__
+        assert "Sends" in doc, f"{command.__name__} does not say which requests it sends"
+        named |= set(re.findall(r"`(\w+)`", doc)) & set(protocol.REQUESTS)
+    assert named == set(protocol.REQUESTS)
+    assert [c.NAME for c in cli.COMMANDS] == list(dict.fromkeys(c.NAME for c in cli.COMMANDS))
+
+
+def test_legacy_entry_points_are_installed() -> None:
+    from mosaic_client import cli
+    from mosaic_client.completion import LEGACY_COMMANDS
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for name in LEGACY_COMMANDS:
+        assert f'mosaic_{name} = "mosaic_client.cli:legacy_{name}"' in pyproject
+        assert callable(getattr(cli, f"legacy_{name}"))
+        assert name in {c.NAME for c in cli.COMMANDS}
+
+
 def test_a_version_1_study_is_migrated_forward(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from mosaicd.store import MIGRATIONS, SCHEMA_VERSION
 

@@ -1,0 +1,29 @@
+"""`mosaic generate CONFIG OUT`: the expanded pipelines as JSON, without running anything.
+
+Sends no request: the client expands CONFIG itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mosaic_client.commands.common import OK, load_config
+
+NAME = "generate"
+HELP = "write the expanded pipelines without running anything"
+EXAMPLE = "mosaic generate examples/or_mlp/config.ini out.json"
+
+
+def run(args: argparse.Namespace) -> int:
+    from mosaic_client.config import pipelines_to_json
+
+    expanded = load_config(args.config)
+    with open(args.out, "w") as fh:
+        fh.write(pipelines_to_json(expanded.pipelines))
+    print(f"wrote {len(expanded.pipelines)} pipeline(s) to {args.out}")
+    return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config")
+    parser.add_argument("out")

@@ -1,0 +1,65 @@
+"""`mosaic show RUN [--db DB] [--json]`: everything known about one run.
+
+Sends `show` (and `studies` when --db is not given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from mosaic_client import contract
+from mosaic_client.commands import common
+from mosaic_client.commands.common import OK
+from mosaic_client.render import fmt
+
+NAME = "show"
+HELP = "everything known about one run"
+EXAMPLE = "mosaic show 3 --db results.db"
+
+
+def run(args: argparse.Namespace) -> int:
+    info = common.call(args, "show", db=common.db_or_only(args, "the run is in"), run_id=args.run)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print("\n".join(run_text(info)))
+    return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=int, help="run id")
+    parser.add_argument("--db", help="its study database (default: the daemon's only study)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run_text(info: dict[str, Any]) -> list[str]:
+    """The lines of `mosaic show` for a `show` reply (`protocol.ShowReply`)."""
+    lines = [
+        f"run {info['run_id']}: {info['status']}",
+        f"  pipeline: {info['pipeline']}",
+        f"  seed: {info['seed']}, epochs target: {info['epochs_target']}, checkpoint at "
+        f"epoch {info['checkpoint_epoch']}",
+    ]
+    if info.get("results"):
+        lines.append("  results: " + ", ".join(f"{k}={fmt(v)}" for k, v in info["results"].items()))
+    lines.append("  parameters:")
+    lines += [
+        f"    {name} = {value}" for name, value in info["params"].items() if name != "pipeline"
+    ]
+    lines.append("  history:")
+    for event in info["events"]:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["at"]))
+        lines.append(
+            f"    {stamp}  {event['from'] or '-'} -> {event['to']}  {event['detail'] or ''}"
+        )
+    if info.get("queued_ahead") is not None:
+        lines.append(f"  queued: {info['queued_ahead']} run(s) of this study start before it")
+    if info["history"]:
+        lines.append(f"  epochs recorded: {len(info['history'])}")
+    if info["status"] == contract.FAILED and info.get("return_status"):
+        lines.append("  failure:")
+        lines.append("    " + info["return_status"].replace("\n", "\n    "))
+    return lines

@@ -1,0 +1,49 @@
+"""`mosaic status`: the daemon's workers, queue and runs (`--watch`: a live view).
+
+Sends `status` (once, or once per interval with `--watch`, see mosaic_client/watch.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from mosaic_client import render
+from mosaic_client.commands import common
+from mosaic_client.commands.common import OK
+
+NAME = "status"
+HELP = "the daemon's state: workers, queue, runs"
+EXAMPLE = "mosaic status"
+
+
+def run(args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {"limit": args.limit, "mine": args.mine}
+    if args.db:
+        fields["db"] = common.existing_db(args.db)
+    if args.watch:
+        # Imported here: termios and the live view are for --watch only.
+        from mosaic_client.watch import watch
+
+        return watch(args, fields)
+    status = common.call(args, "status", **fields)
+    if args.json:
+        print(json.dumps(status, indent=1))
+    else:
+        print(render.status_text(status, args.limit))
+    return OK
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", help="only this study")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="live view, redrawn every --interval seconds (q or Ctrl-C quits); "
+        "not on a terminal: plain text each interval until no run is left",
+    )
+    parser.add_argument("--interval", type=float, default=1.0, help="--watch refresh in seconds")
+    parser.add_argument("--limit", type=int, default=10, help="latest done/failed runs shown")
+    parser.add_argument("--mine", action="store_true", help="only my runs")

@@ -1,0 +1,284 @@
+"""How the client shows the daemon's state: the `mosaic status` text, the `status --watch`
+screen and the `run --follow` progress line, all built from the `status` reply
+(`protocol.StatusReply`). Pure functions of their arguments, so they are tested without a
+terminal; `commands/status.py` and `watch.py` print what these return.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import pwd
+import time
+from typing import Any
+
+from mosaic_client import contract
+
+INTERVAL = 1.0
+
+
+def fmt(value: Any, spec: str = ".4g") -> str:
+    """A number as shown in tables, "-" where there is none yet."""
+    return "-" if value is None else format(value, spec)
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def bar(done: int, total: int, width: int = 12) -> str:
+    filled = min(width, int(width * done / total)) if total > 0 else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def user_name(uid: Any) -> str:
+    try:
+        return pwd.getpwuid(int(uid)).pw_name
+    except (KeyError, TypeError, ValueError):
+        return str(uid)
+
+
+def first_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def progress_line(
+    done: int, failed: int, cancelled: int, running: int, total: int, elapsed: float, paused: bool
+) -> str:
+    """`mosaic run --follow`: one line, redrawn in place on a terminal."""
+    finished = done + failed + cancelled
+    width = 30
+    filled = int(width * finished / total) if total else width
+    eta = ""
+    if 0 < finished < total:
+        remaining = elapsed / finished * (total - finished)
+        eta = f", ETA {int(remaining // 60)}:{int(remaining % 60):02d}"
+    flag = " [paused]" if paused else ""
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {finished}/{total} "
+        f"({done} done, {failed} failed, {running} running){eta}{flag}"
+    )
+
+
+# -- `mosaic status` ---------------------------------------------------------------------------
+
+
+def _others(run: dict[str, Any]) -> str:
+    """Name the owner of a run that is not the caller's (on a shared daemon)."""
+    owner = run.get("owner")
+    return f"  [owner {owner}]" if owner and owner != getpass.getuser() else ""
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def _worker_line(worker: dict[str, Any]) -> str:
+    run = f"run {worker['run_id']}" if worker["run_id"] is not None else worker["state"]
+    # GPU memory only where NVML answered: this worker's share, else the whole card's.
+    gpu = ""
+    if worker.get("gpu_memory") is not None:
+        gpu = f"  gpu mem {_mib(worker['gpu_memory'])}"
+    elif worker.get("gpu_memory_device") is not None:
+        gpu = (
+            f"  gpu mem (card) {_mib(worker['gpu_memory_device'])}/"
+            f"{_mib(worker.get('gpu_memory_total'))}"
+        )
+    return (
+        f"  worker {worker['id']:<4} {worker['slot']:<8} pid {worker['pid']:<7} "
+        f"{run:<10} cpu {fmt(worker.get('cpu_percent'), '.0f'):>4}%  rss "
+        f"{_mib(worker.get('rss'))}{gpu}"
+    )
+
+
+def status_text(status: dict[str, Any], limit: int) -> str:
+    """The plain `mosaic status` text (also what `status --watch` prints when not on a tty)."""
+    lines = [
+        f"mosaicd: {'PAUSED' if status['paused'] else 'running'}, "
+        f"{len(status['workers'])} worker(s), {status['queued']} queued"
+    ]
+    lines += [_worker_line(worker) for worker in status["workers"]]
+    for study in status["studies"]:
+        counts = ", ".join(f"{n} {s}" for s, n in study["counts"].items() if n) or "empty"
+        lines.append("")
+        lines.append(f"study {study['db']}: {counts}")
+        lines.append("  Running:")
+        for run in study["running"]:
+            lines.append(
+                f"    {run['run_id']:>5}  epoch {run['epoch']}/{run['epochs']}  "
+                f"train_loss {fmt(run['train_loss'])}  test_loss "
+                f"{fmt(run['test_loss'])}  {run['pipeline']}{_others(run)}"
+            )
+        lines.append(f"  Done (latest {limit}):")
+        for run in study["done"]:
+            lines.append(
+                f"    {run['run_id']:>5}  train_loss {fmt(run['train_loss'])}  "
+                f"test_loss {fmt(run['test_loss'])}  duration "
+                f"{fmt(run['duration'], '.2f')}s  {run['pipeline']}{_others(run)}"
+            )
+        lines.append(f"  Error (latest {limit}):")
+        for run in study["failed"]:
+            lines.append(f"    {run['run_id']:>5}  {run['pipeline']}{_others(run)}")
+            lines.append(f"           {first_line(run['return_status'])}")
+    return "\n".join(lines)
+
+
+# -- `mosaic status --watch` -------------------------------------------------------------------
+
+
+def _study_name(path: str, several: bool) -> str:
+    return os.path.basename(path) if several else ""
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    order = (contract.RUNNING, contract.QUEUED, contract.PARKED, *contract.FINAL_STATES)
+    total = sum(counts.values())
+    parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
+    return f"{total} runs: " + (", ".join(parts) if parts else "none")
+
+
+def fit(line: str, width: int) -> str:
+    return line if len(line) <= width else line[: max(0, width - 1)] + "~"
+
+
+def _header(status: dict[str, Any], width: int) -> list[str]:
+    workers = status.get("workers", [])
+    busy = sum(1 for w in workers if w.get("run_id") is not None)
+    state = "PAUSED (`mosaic resume` starts runs again)" if status["paused"] else "running"
+    owners = status.get("paused_owners") or []
+    if owners and not status["paused"]:
+        # On a shared daemon each user may pause only their own runs.
+        state += f", paused for {', '.join(user_name(uid) for uid in owners)}"
+    lines = [
+        f"mosaicd {state} | {len(workers)} worker(s), {busy} busy | "
+        f"{status.get('queued', 0)} queued"
+    ]
+    # Workers in columns: a 64-slot GPU box still takes a few lines.
+    cells = []
+    for w in workers:
+        what = f"run {w['run_id']}" if w.get("run_id") is not None else w.get("state", "")
+        cells.append(f"{w['id']} {w['slot']}: {what}")
+    if cells:
+        cell_width = max(len(c) for c in cells) + 3
+        per_line = max(1, (width - 2) // cell_width)
+        for i in range(0, len(cells), per_line):
+            lines.append(
+                "  " + "".join(c.ljust(cell_width) for c in cells[i : i + per_line]).rstrip()
+            )
+    return lines
+
+
+def screen(
+    status: dict[str, Any],
+    width: int,
+    height: int,
+    *,
+    now: float | None = None,
+    interval: float = INTERVAL,
+    error: str | None = None,
+) -> list[str]:
+    """The `status --watch` screen as plain lines, at most `height`, none wider than `width`."""
+    now = time.time() if now is None else now
+    stamp = time.strftime("%H:%M:%S", time.localtime(now))
+    lines = [f"mosaic status --watch   {stamp}   every {interval:g}s   q quits"]
+    if error:
+        lines.append(f"! {error}")
+    lines += _header(status, width)
+
+    # Studies with work in flight first: their rows are the ones being watched.
+    studies = sorted(
+        status.get("studies", []),
+        key=lambda st: (
+            not (st.get("running") or st["counts"].get("queued") or st["counts"].get("running"))
+        ),
+    )
+    several = len(studies) > 1
+    running: list[tuple[str, dict[str, Any]]] = []
+    done: list[tuple[str, dict[str, Any]]] = []
+    failed: list[tuple[str, dict[str, Any]]] = []
+    # A daemon remembers every study it served: list what fits, sum up the rest in one line.
+    shown = max(1, height // 4)
+    for study in studies[:shown]:
+        lines.append(f"study {study['db']}: {counts_text(study['counts'])}")
+    if len(studies) > shown:
+        rest: dict[str, int] = {}
+        for study in studies[shown:]:
+            for state, n in study["counts"].items():
+                rest[state] = rest.get(state, 0) + n
+        lines.append(
+            f"{len(studies) - shown} more studies: {counts_text(rest)} (`--db DB` watches one)"
+        )
+    for study in studies:
+        name = _study_name(study["db"], several)
+        running += [(name, r) for r in study.get("running", [])]
+        done += [(name, r) for r in study.get("done", [])]
+        failed += [(name, r) for r in study.get("failed", [])]
+    if not studies:
+        lines.append("no study yet: `mosaic run CONFIG DB` queues one")
+
+    # Rows left for the three tables: each has a header line and may need a "none"/"more" line.
+    room = height - len(lines) - 6
+    show_running = min(len(running), max(1, room - 2)) if running else 0
+    room -= show_running + (1 if len(running) > show_running else 0)
+    show_failed = min(len(failed), max(0, room // 3 if done else room))
+    room -= show_failed
+    show_done = min(len(done), max(0, room))
+
+    def prefix(name: str, run_id: int) -> str:
+        return f"{name}:{run_id}" if name else str(run_id)
+
+    lines.append(f"Running ({len(running)})")
+    for name, run in running[:show_running]:
+        elapsed = run.get("elapsed")
+        epoch, epochs = run.get("epoch") or 0, run.get("epochs") or 0
+        eta = ""
+        if elapsed and epoch and epochs > epoch:
+            eta = f" ({clock(elapsed / epoch * (epochs - epoch))} left)"
+        lines.append(
+            f"  {prefix(name, run['run_id']):>6} {bar(epoch, epochs)} {epoch}/{epochs}"
+            f"  train {fmt(run.get('train_loss'))}  test {fmt(run.get('test_loss'))}"
+            f"  {clock(elapsed)}{eta}  {run['pipeline']}"
+        )
+    if len(running) > show_running:
+        lines.append(f"  ... and {len(running) - show_running} more running")
+    elif not running:
+        lines.append("  none")
+    lines.append("Latest done" + (f" ({show_done} shown)" if done else ""))
+    for name, run in done[:show_done]:
+        acc = f"  acc {fmt(run.get('test_acc'), '.3f')}" if run.get("test_acc") is not None else ""
+        lines.append(
+            f"  {prefix(name, run['run_id']):>6}  train {fmt(run.get('train_loss'))}"
+            f"  test {fmt(run.get('test_loss'))}{acc}"
+            f"  {fmt(run.get('duration'), '.2f')}s  {run['pipeline']}"
+        )
+    if not done:
+        lines.append("  none")
+    lines.append(
+        "Latest failed"
+        + (f" ({show_failed} shown; `mosaic show ID` for the traceback)" if failed else "")
+    )
+    for name, run in failed[:show_failed]:
+        lines.append(
+            f"  {prefix(name, run['run_id']):>6}  {first_line(run.get('return_status'))}"
+            f"  {run['pipeline']}"
+        )
+    if not failed:
+        lines.append("  none")
+    return [fit(line, width) for line in lines[:height]]
+
+
+def unfinished(status: dict[str, Any]) -> bool:
+    """Whether any run is still queued, running or parked (`status --watch` off a tty stops
+    when none is)."""
+    if status.get("queued"):
+        return True
+    return any(
+        study["counts"].get(s)
+        for study in status.get("studies", [])
+        for s in (contract.QUEUED, contract.RUNNING, contract.PARKED)
+    )
