@@ -22,7 +22,7 @@ from typing import Any
 # mosaicd.store.RESULT_COLUMNS because the client must not depend on the daemon package.
 CRITERIA: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_acc", "nb_params",
                              "duration(s)", "epochs", "overfit", "trainability", "slope")
-SPREADS = ("minmax", "std")
+SPREADS = ("minmax", "std", "ci")
 PLOT_EXTENSIONS = (".png", ".pdf", ".svg")
 
 
@@ -162,6 +162,9 @@ class MetaPoint:
     max: float
     std: float
     run_ids: list[int]
+    # metaplot --ci (issue 15): 95% percentile bootstrap CI of the mean; a point for one run.
+    ci_low: float | None = None
+    ci_high: float | None = None
 
 
 @dataclass
@@ -192,9 +195,11 @@ def check_criterion(criterion: str) -> None:
         raise AnalysisError(f"unknown criterion {criterion!r}; use one of: {', '.join(CRITERIA)}")
 
 
-def metaplot_data(conn: sqlite3.Connection, dataset_key: str, criterion: str) -> MetaData:
+def metaplot_data(conn: sqlite3.Connection, dataset_key: str, criterion: str,
+                  ci: bool = False) -> MetaData:
     """CRITERION per model key and nb_params over the runs of one dataset key: mean, min, max,
-    standard deviation (sample, 0 for a single run) over the runs of each point."""
+    standard deviation (sample, 0 for a single run) over the runs of each point; with ci, the
+    95% bootstrap confidence interval of each mean (numpy, imported only then)."""
     check_criterion(criterion)
     params = run_params(conn)
     statuses = dict(conn.execute("SELECT run_id, status FROM runs"))
@@ -236,8 +241,13 @@ def metaplot_data(conn: sqlite3.Connection, dataset_key: str, criterion: str) ->
         mean = sum(values) / len(values)
         std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
                if len(values) > 1 else 0.0)
-        series[model].append(MetaPoint(nb_params, len(values), mean, min(values), max(values),
-                                       std, [i for i, _ in members]))
+        point = MetaPoint(nb_params, len(values), mean, min(values), max(values), std,
+                          [i for i, _ in members])
+        if ci:
+            from mosaic_client.verdict import mean_ci
+
+            point.ci_low, point.ci_high = mean_ci(values)
+        series[model].append(point)
     used = sum(len(m) for m in groups.values())
     return MetaData(dataset_key, criterion, dict(series), used, dict(skipped))
 

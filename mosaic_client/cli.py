@@ -578,7 +578,8 @@ def cmd_metaplot(args: argparse.Namespace) -> int:
     _out_dir_exists(args.out)
     conn = _analysis_db(args.db)
     try:
-        data = analysis.metaplot_data(conn, args.dataset_key, args.criterion)
+        data = analysis.metaplot_data(conn, args.dataset_key, args.criterion,
+                                      ci=args.spread == "ci")
     except analysis.AnalysisError as exc:
         raise CommandError(str(exc), BAD_INPUT) from None
     finally:
@@ -803,6 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "duration(s), epochs, overfit, trainability or slope")
     p.add_argument("--spread", choices=["minmax", "std"], default="minmax",
                    help="error bars: min to max over runs (default) or standard deviation")
+    p.add_argument("--ci", action="store_const", const="ci", dest="spread",
+                   help="95%% bootstrap confidence bands of the mean instead (issue 15)")
     p.add_argument("--data", metavar="OUT.json", help="also write the plotted points as JSON")
 
     p = add("rekey", cmd_rekey, "rewrite keys in DB from an edited pipelines file",
@@ -841,6 +844,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("completion", cmd_completion, "print a shell completion script (bash or zsh)",
             "mosaic completion bash > ~/.local/share/bash-completion/completions/mosaic")
     p.add_argument("shell", choices=["bash", "zsh"])
+
+    # integration hook (issue 15): commands living in mosaic_client/commands/; the refactor of
+    # issue 14 registers every command this way and replaces this block.
+    from mosaic_client.commands import compare as _compare
+    from mosaic_client.commands import groups as _groups
+
+    for module in (_compare, _groups):
+        p = add(module.NAME, module.run, module.HELP, module.EXAMPLE)
+        module.add_arguments(p)
+    # end integration hook
     return parser
 
 
