@@ -505,9 +505,13 @@ def decide(lines: Sequence[Line], alpha: float, better: str,
             paired = line.paired
             line.repetitions_needed = repetitions_needed(target, sd or 0.0, paired, level)
             if line.repetitions_needed is None:
-                line.repetitions_note = (
-                    "no spread estimate yet: run at least 2 repetitions a side"
-                    if not sd else "no difference to detect: give --min-effect")
+                if sd is None:
+                    line.repetitions_note = "no spread yet: run at least 2 repetitions a side"
+                elif sd == 0:
+                    line.repetitions_note = ("no spread: every repetition gave the same "
+                                             "difference")
+                else:
+                    line.repetitions_note = "no difference to detect: give --min-effect"
             else:
                 unit = "pairs" if paired else "runs a side"
                 line.repetitions_note = f"{line.repetitions_needed} {unit} needed"
