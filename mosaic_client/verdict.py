@@ -62,22 +62,58 @@ def direction(metric: str) -> str:
 
 
 def resample_weights(rng: np.random.Generator, n: int, n_resamples: int) -> np.ndarray:
-    """(n_resamples, n) weights: how often each observation is drawn, over n.
+    """(n_resamples, n) weights: resample_counts over n (a resample's mean is weights @ x)."""
+    return resample_counts(rng, n, n_resamples) / n
+
+
+def resample_counts(rng: np.random.Generator, n: int, n_resamples: int) -> np.ndarray:
+    """(n_resamples, n) counts: how often each observation is drawn.
 
     The indices are drawn exactly as scipy.stats.bootstrap draws them (rng.integers(0, n,
     (n_resamples, n))), so with the same Generator seed both give the same resamples; the mean
     of a resample is then a matrix product, for many lines at once."""
     index = rng.integers(0, n, (n_resamples, n))
     offsets = index + n * np.arange(n_resamples)[:, None]
-    counts = np.bincount(offsets.ravel(), minlength=n_resamples * n).reshape(n_resamples, n)
-    return counts / n
+    return np.bincount(offsets.ravel(), minlength=n_resamples * n).reshape(n_resamples, n)
 
 
 def percentile_ci(boot: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """The percentile interval of bootstrap distributions along the last axis (linear
     interpolation, as scipy.stats.bootstrap(method='percentile'))."""
+    # np.quantile(boot, [tail, 1 - tail], axis=-1), without its copy of thousands of rows:
+    # partition in place at the four order statistics involved, then interpolate as it does.
+    spots = _spots(boot.shape[-1], confidence)
+    boot.partition(sorted({k for b, a, _ in spots for k in (b, a)}), axis=-1)
+    low, high = (boot[..., b] + (boot[..., a] - boot[..., b]) * frac for b, a, frac in spots)
+    return low, high
+
+
+def _spots(size: int, confidence: float) -> list[tuple[int, int, float]]:
+    """For each tail: the order statistics around it and the interpolation fraction."""
     tail = (1 - confidence) / 2
-    low, high = np.quantile(boot, [tail, 1 - tail], axis=-1)
+    spots = []
+    for q in (tail, 1 - tail):
+        position = q * (size - 1)
+        below = math.floor(position)
+        spots.append((below, min(below + 1, size - 1), position - below))
+    return spots
+
+
+def counted_percentile_ci(numerators: np.ndarray, top: int, scale: float,
+                          confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """percentile_ci of bootstrap values numerators / scale, where numerators (L, B) are
+    integers in [0, top] (a probability of improvement): from a histogram per row, no sort."""
+    rows, size = numerators.shape
+    if numerators.dtype.kind == "f":
+        numerators = np.rint(numerators).astype(np.intp)
+    flat = numerators + (top + 1) * np.arange(rows)[:, None]
+    cum = np.bincount(flat.ravel(), minlength=rows * (top + 1)).reshape(rows, top + 1).cumsum(1)
+
+    def order(k: int) -> np.ndarray:  # the k-th smallest (0-based) of each row
+        return (cum <= k).sum(axis=1) / scale
+
+    low, high = (order(b) + (order(a) - order(b)) * frac
+                 for b, a, frac in _spots(size, confidence))
     return low, high
 
 
@@ -154,13 +190,13 @@ def contrast_test(diff: np.ndarray, parts: np.ndarray,
 
     diff: the contrast (L,); parts: (L, G) its variance terms w_g**2 s_g**2 / n_g; dofs: (G,)
     or (L, G) the n_g - 1. A zero variance gives p = 0 for a non-zero contrast, 1 for zero."""
-    from scipy import stats
+    from scipy import special
 
     var = parts.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         df = var ** 2 / (parts ** 2 / dofs).sum(axis=1)
         t = diff / np.sqrt(var)
-    p = 2 * stats.t.sf(np.abs(t), df)
+    p = 2 * special.stdtr(df, -np.abs(t))
     degenerate = ~(var > 0)
     p = np.where(degenerate, np.where(diff == 0, 1.0, 0.0), p)
     t = np.where(degenerate, np.where(diff == 0, 0.0, np.sign(diff) * np.inf), t)
@@ -184,50 +220,72 @@ def holm(p_values: Sequence[float]) -> list[float]:
 # -- power ------------------------------------------------------------------------------------
 
 
-def power_two_sample(effect: float, sd: float, n: int, level: float) -> float:
-    """Power of a two-sided Welch test with n per group and equal spreads (noncentral t)."""
-    from scipy import stats
+def _t_power(nc: np.ndarray, df: np.ndarray, level: float) -> np.ndarray:
+    """P(|T| > t crit) for a noncentral t with noncentrality nc and df degrees of freedom."""
+    from scipy import special
 
-    if n < 2 or sd <= 0:
-        return float("nan")
-    df = 2 * n - 2
-    nc = abs(effect) / (sd * math.sqrt(2 / n))
-    crit = stats.t.isf(level / 2, df)
-    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    crit = special.stdtrit(df, 1 - level / 2)
+    # nctdtr gives nan far in its tails (a huge nc; the lower tail of a large nc), where the
+    # probabilities are 1 and 0 to double precision.
+    nc = np.minimum(nc, 1e6)
+    upper = 1 - special.nctdtr(df, nc, crit)
+    lower = np.nan_to_num(special.nctdtr(df, nc, -crit), nan=0.0)
+    return upper + lower
 
 
-def power_paired(effect: float, sd: float, n: int, level: float) -> float:
+def power_two_sample(effect: Any, sd: Any, n: Any, level: float) -> Any:
+    """Power of a two-sided Welch test with n per group and equal spreads: the noncentral t
+    with 2n - 2 degrees of freedom (vectorised over arrays)."""
+    effect, sd, n = np.broadcast_arrays(*(np.asarray(x, float) for x in (effect, sd, n)))
+    ok = (n >= 2) & (sd > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nc = np.abs(effect) / (sd * np.sqrt(2 / n))
+        power = np.where(ok, _t_power(nc, 2 * n - 2, level), np.nan)
+    return float(power) if power.ndim == 0 else power
+
+
+def power_paired(effect: Any, sd: Any, n: Any, level: float) -> Any:
     """Power of the paired test with n pairs, approximated by the paired t test's (the
     sign-flip test is asymptotically as powerful); 0 when n pairs cannot reach the level."""
-    from scipy import stats
+    effect, sd, n = np.broadcast_arrays(*(np.asarray(x, float) for x in (effect, sd, n)))
+    reachable = (n >= 2) & (sd > 0) & (2.0 ** (1 - n) <= level)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nc = np.abs(effect) / (sd / np.sqrt(n))
+        power = np.where(reachable, _t_power(nc, n - 1, level), 0.0)
+    return float(power) if power.ndim == 0 else power
 
-    if n < 2 or sd <= 0 or smallest_sign_flip_p(n) > level:
-        return 0.0
-    df = n - 1
-    nc = abs(effect) / (sd / math.sqrt(n))
-    crit = stats.t.isf(level / 2, df)
-    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+
+def repetitions_needed_many(effect: np.ndarray, sd: np.ndarray, paired: bool, level: float,
+                            power: float = POWER) -> np.ndarray:
+    """repetitions_needed for many lines at once; 0 where it cannot be said.
+
+    Starts from the normal approximation (a z test needs no more repetitions than the t test
+    it approximates) and steps up until the t power is reached: a few vectorised steps."""
+    from scipy import special
+
+    effect, sd = np.abs(np.asarray(effect, float)), np.asarray(sd, float)
+    func = power_paired if paired else power_two_sample
+    valid = (sd > 0) & np.isfinite(sd) & (effect > 0) & np.isfinite(effect)
+    effect, sd = np.where(valid, effect, 1.0), np.where(valid, sd, 1.0)
+    z = special.ndtri(1 - level / 2) + special.ndtri(power)
+    n = np.ceil((1 if paired else 2) * (z * sd / effect) ** 2)
+    smallest = math.ceil(1 + math.log2(1 / level)) if paired else 2  # 2**(1-n) <= level
+    n = np.clip(n, smallest, MAX_REPETITIONS_ADVISED + 1)
+    short = valid & (n <= MAX_REPETITIONS_ADVISED)
+    while short.any():
+        short[short] = func(effect[short], sd[short], n[short], level) < power
+        n[short] += 1
+        short &= n <= MAX_REPETITIONS_ADVISED
+    return np.where(valid & (n <= MAX_REPETITIONS_ADVISED), n, 0).astype(int)
 
 
 def repetitions_needed(effect: float, sd: float, paired: bool, level: float,
                        power: float = POWER) -> int | None:
     """The smallest repetitions per group (pairs when paired) giving `power` against `effect`
     at `level`; None when it cannot be said (no spread estimate, or no difference to find)."""
-    if not (sd > 0) or not math.isfinite(sd) or effect == 0 or not math.isfinite(effect):
-        return None
-    func = power_paired if paired else power_two_sample
-    lo, hi = 2, 4
-    while func(effect, sd, hi, level) < power:
-        lo, hi = hi, hi * 2
-        if hi > MAX_REPETITIONS_ADVISED:
-            return None
-    while lo < hi:  # power grows with n: bisect for the first n that reaches it
-        mid = (lo + hi) // 2
-        if func(effect, sd, mid, level) >= power:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    n = int(repetitions_needed_many(np.array([effect]), np.array([sd]), paired, level,
+                                    power)[0])
+    return n or None
 
 
 # -- one comparison line ----------------------------------------------------------------------
@@ -343,9 +401,13 @@ def _fill(paired: bool, xa: np.ndarray, xb: np.ndarray, lines: list[Any], better
         p = sign_flip_p(d)
         testable = smallest_sign_flip_p(na) <= alpha
         if n_resamples and na >= 2:
-            w = resample_weights(rng, na, n_resamples)
-            ci = percentile_ci(d @ w.T)
-            pi_ci = percentile_ci(wins @ w.T)
+            counts = resample_counts(rng, na, n_resamples)
+            weights, counts32 = counts.T / na, counts.T.astype(np.float32)
+            ci, pi_ci = _chunked(len(lines), lambda part: (
+                percentile_ci(d[part] @ weights),
+                # 2 x wins (ties count 1): small integers, exact in float32
+                counted_percentile_ci((2 * wins[part]).astype(np.float32) @ counts32,
+                                      2 * na, 2 * na)))
         pi = wins.mean(axis=1)
     else:
         testable = na >= 2 and nb >= 2
@@ -364,11 +426,18 @@ def _fill(paired: bool, xa: np.ndarray, xb: np.ndarray, lines: list[Any], better
             sd = np.full(len(lines), np.nan)
             effect = np.full(len(lines), np.nan)
         if n_resamples and testable:
-            wa = resample_weights(rng, na, n_resamples)
-            wb = resample_weights(rng, nb, n_resamples)
-            ci = percentile_ci(xa @ wa.T - xb @ wb.T)
-            boot_pi = np.stack([((wa @ m) * wb).sum(axis=1) for m in wins])
-            pi_ci = percentile_ci(boot_pi)
+            ca = resample_counts(rng, na, n_resamples).astype(float)
+            cb = resample_counts(rng, nb, n_resamples).astype(float)
+            top = 2 * na * nb
+
+            def part_pi(part: slice) -> tuple[np.ndarray, np.ndarray]:
+                won = np.stack([((ca @ (2 * m)) * cb).sum(axis=1) for m in wins[part]])
+                if top < 4096:
+                    return counted_percentile_ci(won, top, top)
+                return percentile_ci(won / top)
+
+            ci, pi_ci = _chunked(len(lines), lambda part: (
+                percentile_ci(xa[part] @ (ca.T / na) - xb[part] @ (cb.T / nb)), part_pi(part)))
     for k, line in enumerate(lines):
         line.p_improvement = float(pi[k])
         line.sd = float(sd[k]) if np.isfinite(sd[k]) else None
@@ -379,6 +448,14 @@ def _fill(paired: bool, xa: np.ndarray, xb: np.ndarray, lines: list[Any], better
         if ci is not None and pi_ci is not None:
             line.ci = [float(ci[0][k]), float(ci[1][k])]
             line.p_improvement_ci = [float(pi_ci[0][k]), float(pi_ci[1][k])]
+
+
+def _chunked(rows: int, func: Any, chunk: int = 256) -> tuple[tuple[np.ndarray, ...], ...]:
+    """func(slice) -> (ci, pi_ci) over chunks of lines, concatenated: the bootstrap matrices
+    of a chunk (chunk x resamples) stay small enough for the caches."""
+    results = [func(slice(start, start + chunk)) for start in range(0, rows, chunk)]
+    return tuple(tuple(np.concatenate([r[i][j] for r in results]) for j in range(2))
+                 for i in range(2))
 
 
 # -- curves -----------------------------------------------------------------------------------
@@ -443,15 +520,22 @@ def curve_line(a: Sequence[Side], b: Sequence[Side], dataset_key: str, better: s
         line.sd = pooled
         line.effect_size = diff / pooled if pooled > 0 else None
     if n_resamples:
+        # A stratified bootstrap: each group resampled on its own. Drawing 10,000 resamples
+        # per group would cost resamples x runs random numbers; instead one pool of resamples
+        # per group size n, and group g takes row (b + offset_g) of its pool in replicate b.
+        # Offsets are distinct, so the groups of one replicate use different, independent
+        # rows: each replicate is a proper stratified resample.
         cache = boot_cache if boot_cache is not None else {}
+        offsets = cache.setdefault("offsets", {})
         boot = np.zeros(n_resamples)
         for w, side in groups:
-            key = id(side)  # sides live as long as the report; one draw per group
-            if key not in cache:
-                x = np.asarray(side.values, float)
-                rng = np.random.default_rng([seed, side.nb_params, len(x)])
-                cache[key] = resample_weights(rng, x.size, n_resamples) @ x
-            boot += w * cache[key]
+            x = np.asarray(side.values, float)
+            pool = cache.get(("pool", x.size))
+            if pool is None:
+                rng = np.random.default_rng([seed, x.size])
+                pool = cache[("pool", x.size)] = resample_weights(rng, x.size, n_resamples)
+            offset = offsets.setdefault(id(side), len(offsets)) % n_resamples
+            boot += w * np.roll(pool @ x, -offset)
         low, high = percentile_ci(boot)
         line.ci = [float(low), float(high)]
     return line
@@ -462,19 +546,25 @@ def curve_line(a: Sequence[Side], b: Sequence[Side], dataset_key: str, better: s
 
 def match_sizes(sizes_a: Sequence[int], sizes_b: Sequence[int],
                 tolerance: float) -> tuple[list[tuple[int, int]], list[int], list[int]]:
-    """Each size of A with the nearest size of B (in log) within a factor `tolerance`.
+    """Each size of A with the nearest size of B (in log) within a factor `tolerance`; on a
+    tie, the smaller.
 
     Returns the matched (a, b) pairs, the sizes of A without a partner and the sizes of B that
     no size of A was matched with."""
+    import bisect
+
+    ordered = sorted(sizes_b)
     matched, lonely_a = [], []
     for a in sorted(sizes_a):
-        best = min(sorted(sizes_b), key=lambda b: (abs(math.log(a / b)), b), default=None)
+        at = bisect.bisect_left(ordered, a)
+        near = ordered[max(0, at - 1):at + 1]  # the neighbours below and above
+        best = min(near, key=lambda b: (abs(math.log(a / b)), b), default=None)
         if best is not None and max(a, best) / min(a, best) <= tolerance:
             matched.append((a, best))
         else:
             lonely_a.append(a)
     used = {b for _, b in matched}
-    return matched, lonely_a, [b for b in sorted(sizes_b) if b not in used]
+    return matched, lonely_a, [b for b in ordered if b not in used]
 
 
 def decide(lines: Sequence[Line], alpha: float, better: str,
@@ -499,22 +589,27 @@ def decide(lines: Sequence[Line], alpha: float, better: str,
             line.verdict = A_BETTER if a_wins else B_BETTER
         else:
             line.verdict = NO_DIFFERENCE
-        if line.verdict in (TOO_FEW, NO_DIFFERENCE):
-            target = abs(min_effect) if min_effect else abs(line.diff)
-            sd = line.sd
-            paired = line.paired
-            line.repetitions_needed = repetitions_needed(target, sd or 0.0, paired, level)
-            if line.repetitions_needed is None:
-                if sd is None:
-                    line.repetitions_note = "no spread yet: run at least 2 repetitions a side"
-                elif sd == 0:
-                    line.repetitions_note = ("no spread: every repetition gave the same "
-                                             "difference")
-                else:
-                    line.repetitions_note = "no difference to detect: give --min-effect"
-            else:
-                unit = "pairs" if paired else "runs a side"
-                line.repetitions_note = f"{line.repetitions_needed} {unit} needed"
+    undecided = [line for line in lines if line.verdict in (TOO_FEW, NO_DIFFERENCE)]
+    for paired in (False, True):
+        some = [line for line in undecided if line.paired == paired]
+        if not some:
+            continue
+        targets = [abs(min_effect) if min_effect else abs(line.diff) for line in some]
+        needed = repetitions_needed_many(np.array(targets),
+                                         np.array([line.sd or 0.0 for line in some]), paired,
+                                         level)
+        for line, n in zip(some, needed):
+            line.repetitions_needed = int(n) or None
+    for line in undecided:
+        if line.repetitions_needed is not None:
+            unit = "pairs" if line.paired else "runs a side"
+            line.repetitions_note = f"{line.repetitions_needed} {unit} needed"
+        elif line.sd is None:
+            line.repetitions_note = "no spread yet: run at least 2 repetitions a side"
+        elif line.sd == 0:
+            line.repetitions_note = "no spread: every repetition gave the same difference"
+        else:
+            line.repetitions_note = "no difference to detect: give --min-effect"
 
 
 # -- sequential decisions (--until-decided) -----------------------------------------------------
@@ -523,13 +618,13 @@ def decide(lines: Sequence[Line], alpha: float, better: str,
 def spent_alpha(fraction: float, alpha: float, kind: str = "obrien-fleming") -> float:
     """The Lan-DeMets alpha-spending function: the error budget used up by information
     fraction t = repetitions now / maximum repetitions (0 at t=0, alpha at t=1)."""
-    from scipy import stats
+    from scipy import special
 
     t = min(max(fraction, 0.0), 1.0)
     if t == 0:
         return 0.0
     if kind == "obrien-fleming":
-        return float(2 * stats.norm.sf(stats.norm.isf(alpha / 2) / math.sqrt(t)))
+        return float(2 * special.ndtr(special.ndtri(alpha / 2) / math.sqrt(t)))
     if kind == "pocock":
         return float(alpha * math.log(1 + (math.e - 1) * t))
     raise ValueError(f"unknown spending function {kind!r}; use obrien-fleming or pocock")
@@ -579,9 +674,19 @@ def sequential_decisions(p_values: np.ndarray, looks: Sequence[int], max_repetit
 # -- reading a study --------------------------------------------------------------------------
 
 
-def _data_stage(params: dict[str, Any]) -> str:
+def _data_stage(params: dict[str, Any], cache: dict[Any, str] | None = None) -> str:
     """The modules of the run's data_scheme types, without their keys: two runs with the same
     data stage and the same seed saw the same data."""
+    key = (params.get("pipeline"), params.get("data_scheme"))
+    if cache is not None and key in cache:
+        return cache[key]
+    stage = _parse_data_stage(params)
+    if cache is not None:
+        cache[key] = stage
+    return stage
+
+
+def _parse_data_stage(params: dict[str, Any]) -> str:
     import json
 
     from mosaic_client import analysis
@@ -620,7 +725,8 @@ def study_values(conn: Any, metric: str) -> StudyValues:
         f"SELECT run_id, nb_params, {column} FROM run_results")}
     sides: dict[str, dict[str, dict[int, Side]]] = {}
     skipped: dict[str, int] = {}
-    configs: dict[tuple[str, str, int], set[str]] = {}
+    configs: dict[tuple[str, str, int], set[Any]] = {}
+    stages: dict[Any, str] = {}
     for run_id in sorted(statuses):
         own = params.get(run_id, {})
         key = analysis.data_key(own)
@@ -646,9 +752,9 @@ def study_values(conn: Any, metric: str) -> StudyValues:
         side.values.append(float(row[1]))
         side.run_ids.append(run_id)
         side.seeds.append(own.get("seed"))
-        side.data_stages.append(_data_stage(own))
-        signature = repr(sorted((k, repr(v)) for k, v in own.items()
-                                if k not in ("seed", "owner", "owner_uid")))
+        side.data_stages.append(_data_stage(own, stages))
+        signature = frozenset((k, type(v).__name__, v) for k, v in own.items()
+                              if k not in ("seed", "owner", "owner_uid"))
         configs.setdefault((key, family, size), set()).add(signature)
     return StudyValues(metric, sides, skipped,
                        {k: len(v) for k, v in configs.items()})

@@ -163,6 +163,33 @@ def test_curve_difference_is_the_average_gap_of_the_interpolated_curves() -> Non
     assert v.curve_weights([10, 20], [30, 40]) is None
 
 
+def test_curve_line_against_scipy_bootstrap_and_contrast_by_hand() -> None:
+    rng = np.random.default_rng(13)
+    sizes_a, sizes_b = [10, 40, 160], [20, 80, 320]
+    a = [v.Side("A", s, list(rng.normal(1 / math.log(s), 0.05, 6))) for s in sizes_a]
+    b = [v.Side("B", s, list(rng.normal(1 / math.log(s), 0.05, 5))) for s in sizes_b]
+    line = v.curve_line(a, b, "data", v.LOWER)
+    wa, wb, _, _ = v.curve_weights(sizes_a, sizes_b)
+    groups = [np.array(s.values) for s in a + b]
+    weights = np.concatenate([wa, -wb])
+    used = [(w, g) for w, g in zip(weights, groups) if w != 0]
+
+    def contrast(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+        return sum(w * x.mean(axis=axis) for (w, _), x in zip(used, samples))
+
+    assert line.diff == pytest.approx(contrast(*(g for _, g in used)))
+    ref = stats.bootstrap(tuple(g for _, g in used), contrast, method="percentile",
+                          n_resamples=10_000, rng=np.random.default_rng(1)).confidence_interval
+    width = ref.high - ref.low
+    # independent resamples (different draws): equal up to Monte Carlo error
+    assert abs(line.ci[0] - ref.low) < 0.05 * width and abs(line.ci[1] - ref.high) < 0.05 * width
+    # the test: Welch-Satterthwaite for the contrast, by hand
+    var_terms = np.array([w ** 2 * g.var(ddof=1) / g.size for w, g in used])
+    t = line.diff / math.sqrt(var_terms.sum())
+    df = var_terms.sum() ** 2 / sum(vt ** 2 / (g.size - 1) for vt, (_, g) in zip(var_terms, used))
+    assert line.p_value == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
+
+
 def test_contrast_test_of_two_groups_is_welch() -> None:
     a, b = np.array([1.0, 1.2, 0.9, 1.4]), np.array([0.7, 0.8, 0.75])
     parts = np.array([[a.var(ddof=1) / 4, b.var(ddof=1) / 3]])
