@@ -17,6 +17,7 @@ choices in short:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ DIRECTIONS: dict[str, str] = {
 }
 NOT_OUTCOMES = {"nb_params": "it is the size axis the families are matched on",
                 "epochs": "it is fixed by the configuration, not an outcome of training"}
+
+# The params that differ between the repetitions of one configuration (docs/compare.md).
+REPETITION_PARAMS = ("seed", "owner", "owner_uid")
 
 A_BETTER, B_BETTER = "A better", "B better"
 NO_DIFFERENCE, TOO_FEW = "no detectable difference", "too few repetitions"
@@ -138,11 +142,13 @@ def _better_matrix(diff: np.ndarray, better: str) -> np.ndarray:
 
 
 def sign_patterns(n: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """(K, n) rows of +-1: all 2**n patterns for n <= SIGN_FLIP_EXACT_MAX, else the identity
-    followed by SIGN_FLIP_RANDOM random patterns."""
+    """(K, n) rows of +-1: for n <= SIGN_FLIP_EXACT_MAX the 2**(n-1) patterns whose first sign
+    is +1 (s and -s give the same |mean|, so half of all patterns carry the exact
+    distribution), else the identity followed by SIGN_FLIP_RANDOM random patterns."""
     if n <= SIGN_FLIP_EXACT_MAX:
-        bits = (np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1
-        return 1 - 2 * bits.astype(float)
+        # Numbers below 2**(n-1) have bit n-1 clear: reversed, the first sign is always +1.
+        bits = (np.arange(2 ** max(n - 1, 0))[:, None] >> np.arange(n)[None, :]) & 1
+        return 1 - 2 * bits[:, ::-1].astype(float)
     rng = rng or np.random.default_rng(SEED)
     random = rng.choice([-1.0, 1.0], size=(SIGN_FLIP_RANDOM, n))
     return np.vstack([np.ones((1, n)), random])
@@ -301,6 +307,18 @@ class Side:
     run_ids: list[int] = field(default_factory=list)
     seeds: list[Any] = field(default_factory=list)
     data_stages: list[str] = field(default_factory=list)
+
+    @functools.cached_property
+    def mean(self) -> float:
+        return math.fsum(self.values) / len(self.values)
+
+    @functools.cached_property
+    def var(self) -> float:
+        """Sample variance; nan for a single value."""
+        if len(self.values) < 2:
+            return math.nan
+        m = self.mean
+        return math.fsum((v - m) ** 2 for v in self.values) / (len(self.values) - 1)
 
 
 def pairing(a: Side, b: Side) -> tuple[bool, str]:
@@ -482,8 +500,15 @@ def curve_weights(xa: Sequence[float], xb: Sequence[float]) -> tuple[np.ndarray,
     trapezoid /= hi - lo
 
     def weights(logs: np.ndarray) -> np.ndarray:
-        basis = np.eye(logs.size)
-        return np.array([trapezoid @ np.interp(knots, logs, basis[i]) for i in range(logs.size)])
+        # np.interp(knots, logs, y) = M @ y with M the hat functions at the knots (logs sorted,
+        # knots inside their range): each knot mixes its two neighbouring nodes.
+        right = np.clip(np.searchsorted(logs, knots, side="right"), 1, logs.size - 1)
+        left = right - 1
+        share = (knots - logs[left]) / (logs[right] - logs[left])
+        out = np.zeros(logs.size)
+        np.add.at(out, left, trapezoid * (1 - share))
+        np.add.at(out, right, trapezoid * share)
+        return out
 
     return weights(la), weights(lb), float(math.exp(lo)), float(math.exp(hi))
 
@@ -497,8 +522,8 @@ def curve_line(a: Sequence[Side], b: Sequence[Side], dataset_key: str, better: s
     if found is None:
         return None
     wa, wb, lo, hi = found
-    means_a = np.array([np.mean(s.values) for s in a])
-    means_b = np.array([np.mean(s.values) for s in b])
+    means_a = np.array([s.mean for s in a])
+    means_b = np.array([s.mean for s in b])
     groups = [(w, s) for w, s in zip(wa, a) if w > 0] + [(-w, s) for w, s in zip(wb, b) if w > 0]
     diff = float(wa @ means_a - wb @ means_b)
     line = Line("curve", dataset_key, a[0].family, b[0].family, [round(lo), round(hi)],
@@ -509,8 +534,7 @@ def curve_line(a: Sequence[Side], b: Sequence[Side], dataset_key: str, better: s
     line.effect_kind = "difference / pooled sd"
     ns = np.array([len(s.values) for _, s in groups])
     line.testable = bool((ns >= 2).all())
-    variances = np.array([np.var(s.values, ddof=1) if len(s.values) > 1 else np.nan
-                          for _, s in groups])
+    variances = np.array([s.var for _, s in groups])
     if line.testable:
         ws = np.array([w for w, _ in groups])
         parts = (ws ** 2 * variances / ns)[None, :]
@@ -535,7 +559,9 @@ def curve_line(a: Sequence[Side], b: Sequence[Side], dataset_key: str, better: s
                 rng = np.random.default_rng([seed, x.size])
                 pool = cache[("pool", x.size)] = resample_weights(rng, x.size, n_resamples)
             offset = offsets.setdefault(id(side), len(offsets)) % n_resamples
-            boot += w * np.roll(pool @ x, -offset)
+            means = pool @ x  # replicate b gets row (b + offset) mod n_resamples
+            boot[:n_resamples - offset] += w * means[offset:]
+            boot[n_resamples - offset:] += w * means[:offset]
         low, high = percentile_ci(boot)
         line.ci = [float(low), float(high)]
     return line
@@ -753,8 +779,8 @@ def study_values(conn: Any, metric: str) -> StudyValues:
         side.run_ids.append(run_id)
         side.seeds.append(own.get("seed"))
         side.data_stages.append(_data_stage(own, stages))
-        signature = frozenset((k, type(v).__name__, v) for k, v in own.items()
-                              if k not in ("seed", "owner", "owner_uid"))
+        # Everything but the repetition's own params (set operations: fast on 10,000 runs).
+        signature = frozenset(own.items()) - {(k, own.get(k)) for k in REPETITION_PARAMS}
         configs.setdefault((key, family, size), set()).add(signature)
     return StudyValues(metric, sides, skipped,
                        {k: len(v) for k, v in configs.items()})

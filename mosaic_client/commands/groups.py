@@ -50,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mosaic: {exc}", file=sys.stderr)
         return BAD_INPUT
     if args.json:
-        json.dump(groups, sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(groups, indent=1) + "\n")
         return 0
     sys.stdout.write(render(groups, args.db))
     return 0
