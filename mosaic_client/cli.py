@@ -805,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spread", choices=["minmax", "std"], default="minmax",
                    help="error bars: min to max over runs (default) or standard deviation")
     p.add_argument("--ci", action="store_const", const="ci", dest="spread",
-                   help="95%% bootstrap confidence bands of the mean instead (issue 15)")
+                   help="bars: 95%% bootstrap confidence interval of each mean instead")
     p.add_argument("--data", metavar="OUT.json", help="also write the plotted points as JSON")
 
     p = add("rekey", cmd_rekey, "rewrite keys in DB from an edited pipelines file",

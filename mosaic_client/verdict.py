@@ -1,4 +1,5 @@
-"""The statistics behind `mosaic compare` and `mosaic groups`: pure functions over numbers.
+"""The statistics behind `mosaic compare` and `metaplot --ci`: pure functions over numbers,
+plus the reading of one metric's values from a study (study_values).
 
 Imported only by the commands that need it (numpy and scipy are slow to import; `mosaic status`
 must stay fast). docs/compare.md gives the procedure, the formulas and the references; the
@@ -823,6 +824,7 @@ def compare(values: StudyValues, db: str, data_keys: Sequence[str] | None = None
                 raise AnalysisError(f"no run has dataset key {key!r}; keys present: {listing}")
     keys = list(data_keys) if data_keys else present
     pairs: list[tuple[Side, Side]] = []
+    pair_keys: list[str] = []
     curves: list[tuple[list[Side], list[Side], str]] = []
     unmatched: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -849,13 +851,14 @@ def compare(values: StudyValues, db: str, data_keys: Sequence[str] | None = None
                 sa, sb = by_family[fa], by_family[fb]
                 matched, lonely_a, lonely_b = match_sizes(list(sa), list(sb), size_tolerance)
                 pairs.extend((sa[x], sb[y]) for x, y in matched)
+                pair_keys.extend(key for _ in matched)
                 for fam, other, sizes in ((fa, fb, lonely_a), (fb, fa, lonely_b)):
                     unmatched.extend({"dataset_key": key, "family": fam, "nb_params": s,
                                       "against": other} for s in sizes)
                 curves.append(([sa[s] for s in sorted(sa)], [sb[s] for s in sorted(sb)], key))
     lines = size_lines(pairs, "", better, alpha, n_resamples, seed)
-    for line, (a, _) in zip(lines, pairs):
-        line.dataset_key = _key_of(values, a)
+    for line, key in zip(lines, pair_keys):
+        line.dataset_key = key
     cache: dict[Any, np.ndarray] = {}
     for a, b, key in curves:
         if len(a) < 2 or len(b) < 2:
@@ -869,14 +872,10 @@ def compare(values: StudyValues, db: str, data_keys: Sequence[str] | None = None
         else:
             lines.append(line)
     decide(lines, alpha, better, min_effect)
+    if values.skipped:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(values.skipped.items()))
+        notes.append(f"left out {sum(values.skipped.values())} run(s): {reasons}")
     lines.sort(key=lambda ln: (ln.dataset_key, ln.a, ln.b, ln.kind == "curve",
                                str(ln.a_nb_params)))
     return Report(db, values.metric, better, alpha, size_tolerance, min_effect, n_resamples,
                   seed, lines, unmatched, notes)
-
-
-def _key_of(values: StudyValues, side: Side) -> str:
-    for key, families in values.sides.items():
-        if families.get(side.family, {}).get(side.nb_params) is side:
-            return key
-    return ""
