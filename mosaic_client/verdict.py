@@ -377,6 +377,12 @@ class Line:
     repetitions_note: str = ""
     sd: float | None = None  # the spread the power advice uses
 
+    @property
+    def key(self) -> tuple[str, ...]:
+        """What the line compares, stable across looks at a growing study."""
+        return (self.kind, self.dataset_key, self.a, self.b, str(self.a_nb_params),
+                str(self.b_nb_params))
+
     def as_json(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k != "sd"}
 
@@ -672,6 +678,7 @@ class SequentialPlan:
     max_repetitions: int
     spending: str = "obrien-fleming"
     looked_at: int = 0  # repetitions at the previous look
+    decided: dict[tuple[str, ...], Line] = field(default_factory=dict)
 
     def level(self, repetitions: int) -> float:
         """The level for a look at `repetitions` (then remembered as the previous look)."""
@@ -685,6 +692,19 @@ class SequentialPlan:
 
     def finished(self) -> bool:
         return self.looked_at >= self.max_repetitions
+
+    def look(self, values: StudyValues, repetitions: int, db: str = "",
+             **options: Any) -> Report:
+        """One look, between two rounds of repetitions: the report at this look's level
+        (`options` as for compare, alpha aside). Lines decided at an earlier look keep their
+        verdict and leave the Holm family; the command queues more repetitions for the lines
+        still undecided, up to max_repetitions, and looks again."""
+        level = self.level(repetitions)
+        report = compare(values, db, alpha=level, settled=self.decided, **options)
+        for line in report.lines:
+            if line.verdict in (A_BETTER, B_BETTER):
+                self.decided.setdefault(line.key, line)
+        return report
 
 
 def sequential_decisions(p_values: np.ndarray, looks: Sequence[int], max_repetitions: int,
@@ -811,8 +831,12 @@ class Report:
 def compare(values: StudyValues, db: str, data_keys: Sequence[str] | None = None,
             families: Sequence[str] | None = None, alpha: float = 0.05,
             size_tolerance: float = 1.5, min_effect: float | None = None,
-            n_resamples: int = N_RESAMPLES, seed: int = SEED) -> Report:
-    """Every pair of families on each dataset key: matched sizes and whole curves."""
+            n_resamples: int = N_RESAMPLES, seed: int = SEED,
+            settled: dict[tuple[str, ...], Line] | None = None) -> Report:
+    """Every pair of families on each dataset key: matched sizes and whole curves.
+
+    settled: lines decided earlier (SequentialPlan); they replace the new ones with the same key
+    and are not tested again."""
     from mosaic_client.analysis import AnalysisError
 
     better = direction(values.metric)
@@ -871,7 +895,10 @@ def compare(values: StudyValues, db: str, data_keys: Sequence[str] | None = None
                          "not overlap; no curve comparison")
         else:
             lines.append(line)
-    decide(lines, alpha, better, min_effect)
+    if settled:
+        lines = [settled.get(line.key, line) for line in lines]
+    decide([line for line in lines if not settled or line.key not in settled], alpha, better,
+           min_effect)
     if values.skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(values.skipped.items()))
         notes.append(f"left out {sum(values.skipped.values())} run(s): {reasons}")

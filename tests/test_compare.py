@@ -332,6 +332,31 @@ def test_sequential_plan_keeps_false_decisions_at_alpha() -> None:
     assert np.mean(when >= 0) > 0.9 and np.mean((when >= 0) & (when < 4)) > 0.5
 
 
+def test_sequential_looks_keep_earlier_decisions() -> None:
+    """What `--until-decided` does between rounds: look, keep what is decided, look again."""
+    def study(n: int, gap: float, rng: np.random.Generator) -> v.StudyValues:
+        seeds = list(range(n))
+        sides = {"data": {
+            fam: {10: v.Side(fam, 10, list(rng.normal(shift, 0.1, n)), seeds=seeds,
+                             data_stages=[""] * n)}
+            for fam, shift in (("A", 0.0), ("B", gap), ("C", 0.0))}}
+        return v.StudyValues("test_loss", sides, {}, {})
+
+    rng = np.random.default_rng(14)
+    plan = v.SequentialPlan(ALPHA, 20)
+    first = plan.look(study(12, 1.0, rng), 12)  # A and C far below B: decided at once
+    verdicts = {(ln.a, ln.b): ln.verdict for ln in first.lines}
+    assert verdicts == {("A", "B"): v.A_BETTER, ("A", "C"): v.NO_DIFFERENCE,
+                        ("B", "C"): v.B_BETTER}
+    assert first.alpha == pytest.approx(v.spent_alpha(0.6, ALPHA)) and first.alpha < 0.02
+    second = plan.look(study(20, 0.0, rng), 20)  # no difference left in the new data
+    kept = {(ln.a, ln.b): ln for ln in second.lines}
+    assert kept[("A", "B")] is plan.decided[kept[("A", "B")].key]  # not tested again
+    assert kept[("A", "B")].verdict == v.A_BETTER and kept[("A", "B")].n_a == 12
+    assert kept[("A", "C")].n_a == 20 and kept[("A", "C")].p_holm == kept[("A", "C")].p_value
+    assert plan.finished()
+
+
 def test_sequential_plan_spends_exactly_alpha() -> None:
     plan = v.SequentialPlan(ALPHA, 20)
     levels = [plan.level(n) for n in (5, 10, 20)]
