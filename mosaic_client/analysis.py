@@ -22,7 +22,7 @@ from mosaic_client import contract
 
 # Every column of run_results is a metaplot criterion (the shared contract names them once).
 CRITERIA: tuple[str, ...] = contract.RESULT_COLUMNS
-SPREADS = ("minmax", "std")
+SPREADS = ("minmax", "std", "ci")
 PLOT_EXTENSIONS = (".png", ".pdf", ".svg")
 
 
@@ -167,6 +167,9 @@ class MetaPoint:
     max: float
     std: float
     run_ids: list[int]
+    # metaplot --ci (issue 15): 95% percentile bootstrap CI of the mean; a point for one run.
+    ci_low: float | None = None
+    ci_high: float | None = None
 
 
 @dataclass
@@ -200,9 +203,11 @@ def check_criterion(criterion: str) -> None:
         raise AnalysisError(f"unknown criterion {criterion!r}; use one of: {', '.join(CRITERIA)}")
 
 
-def metaplot_data(conn: sqlite3.Connection, dataset_key: str, criterion: str) -> MetaData:
+def metaplot_data(conn: sqlite3.Connection, dataset_key: str, criterion: str,
+                  ci: bool = False) -> MetaData:
     """CRITERION per model key and nb_params over the runs of one dataset key: mean, min, max,
-    standard deviation (sample, 0 for a single run) over the runs of each point."""
+    standard deviation (sample, 0 for a single run) over the runs of each point; with ci, the
+    95% bootstrap confidence interval of each mean (numpy, imported only then)."""
     check_criterion(criterion)
     params = run_params(conn)
     statuses = dict(conn.execute("SELECT run_id, status FROM runs"))
@@ -246,16 +251,15 @@ def metaplot_data(conn: sqlite3.Connection, dataset_key: str, criterion: str) ->
     for (model, nb_params), members in sorted(groups.items()):
         values = [v for _, v in members]
         mean = sum(values) / len(values)
-        std = (
-            math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-            if len(values) > 1
-            else 0.0
-        )
-        series[model].append(
-            MetaPoint(
-                nb_params, len(values), mean, min(values), max(values), std, [i for i, _ in members]
-            )
-        )
+        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+               if len(values) > 1 else 0.0)
+        point = MetaPoint(nb_params, len(values), mean, min(values), max(values), std,
+                          [i for i, _ in members])
+        if ci:
+            from mosaic_client.verdict import mean_ci
+
+            point.ci_low, point.ci_high = mean_ci(values)
+        series[model].append(point)
     used = sum(len(m) for m in groups.values())
     return MetaData(dataset_key, criterion, dict(series), used, dict(skipped))
 

@@ -155,6 +155,9 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
         if spread == "std":
             low = [p.std for p in points]
             high = low
+        elif spread == "ci":  # issue 15: metaplot --ci
+            low = [p.mean - (p.ci_low if p.ci_low is not None else p.mean) for p in points]
+            high = [(p.ci_high if p.ci_high is not None else p.mean) - p.mean for p in points]
         else:
             low = [p.mean - p.min for p in points]
             high = [p.max - p.mean for p in points]
@@ -175,9 +178,9 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
     )
     label = CRITERION_LABELS.get(data.criterion, data.criterion)
     ax.set_ylabel(label + (" (log scale)" if log_y else ""), fontsize=10)
-    bars = (
-        "bars: ± standard deviation over runs" if spread == "std" else "bars: min to max over runs"
-    )
+    bars = {"std": "bars: ± standard deviation over runs",
+            "ci": "bars: 95% bootstrap CI of the mean\n(percentile, 10,000 resamples; "
+                  "none for a single run)"}.get(spread, "bars: min to max over runs")
     ax.legend(title=f"model key: mean, {bars}", fontsize=9, title_fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     note = f"{data.used} run(s)"

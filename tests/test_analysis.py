@@ -439,3 +439,85 @@ def test_client_imports_no_matplotlib() -> None:
             "bad = [m for m in ('matplotlib', 'torch') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+# -- compare, groups, metaplot --ci (issue 15) -------------------------------------------------
+# On this module's study: OR runs of 3 funnel and 2 brick widths, seeds 0 and 1 each.
+
+
+def test_compare_on_the_trained_study(study: Study) -> None:
+    result = study.cli("compare", study.db, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["metric"] == "test_loss" and report["better"] == "lower"
+    means = sql_means(study.db, "data_dataset_OR", "test_loss")
+    sizes = [ln for ln in report["lines"] if ln["kind"] == "size"]
+    assert sizes and all(ln["dataset_key"] == "data_dataset_OR" for ln in report["lines"])
+    for line in sizes:
+        assert line["a"] == "mlp_mlp_brick" and line["b"] == "mlp_mlp_funnel"
+        assert line["mean_a"] == pytest.approx(means[("mlp_mlp_brick", line["a_nb_params"])][0])
+        assert line["mean_b"] == pytest.approx(means[("mlp_mlp_funnel", line["b_nb_params"])][0])
+        # Same seeds (0, 1) on the same data stage: paired, but 2 pairs cannot reach 0.05.
+        assert line["paired"] and (line["n_a"], line["n_b"]) == (2, 2)
+        assert line["verdict"] == "too few repetitions"
+        if line["diff"]:
+            assert line["repetitions_needed"] >= 6
+        else:  # brick and funnel of width 2, length 1 are the same network: same results
+            assert line["repetitions_note"].startswith("no spread")
+        assert line["ci"][0] <= line["diff"] <= line["ci"][1]
+    sizes_of = {ln["a_nb_params"] for ln in sizes} | {ln["b_nb_params"] for ln in sizes} | {
+        u["nb_params"] for u in report["unmatched"]}
+    assert sizes_of == {size for _, size in means}  # every size compared or listed
+    (curve,) = [ln for ln in report["lines"] if ln["kind"] == "curve"]
+    assert curve["p_holm"] is not None and curve["verdict"] in (
+        "no detectable difference", "A better", "B better")
+    assert any("data_dataset_AND" in note for note in report["notes"])  # its one run failed
+    table = study.cli("compare", study.db, "--data", "data_dataset_OR")
+    assert table.returncode == 0, table.stderr
+    assert "A = mlp_mlp_brick, B = mlp_mlp_funnel" in table.stdout
+    assert "too few repetitions" in table.stdout and "paired" in table.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data", "data_nope"],
+     "no run has dataset key 'data_nope'; keys present: data_dataset_AND, data_dataset_OR"),
+    (["--metric", "accuracy"], "unknown criterion 'accuracy'; use one of: train_loss"),
+    (["--metric", "nb_params"], "cannot compare on nb_params"),
+    (["--families", "mlp_mlp_brick,mlp_nope", "--data", "data_dataset_OR"],
+     "no finished run of model key 'mlp_nope'"),
+    (["--alpha", "2"], "--alpha 2"),
+])
+def test_compare_errors(study: Study, args: list[str], message: str) -> None:
+    result = study.cli("compare", study.db, *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_groups_on_the_trained_study(study: Study) -> None:
+    result = study.cli("groups", study.db, "--json")
+    assert result.returncode == 0, result.stderr
+    groups = json.loads(result.stdout)
+    means = sql_means(study.db, "data_dataset_OR", "test_loss")
+    done = [g for g in groups if g["n"]]
+    assert {(g["model_key"], g["nb_params"]): g["mean_test_loss"] for g in done} == \
+        pytest.approx({key: value[0] for key, value in means.items()})
+    assert all(g["runs"] == g["n"] == 2 for g in done)
+    failed = [g for g in groups if not g["n"]]  # the width-0 submission: OR and AND, failed
+    assert sorted(g["dataset_key"] for g in failed) == ["data_dataset_AND", "data_dataset_OR"]
+    assert [g["group_id"] for g in groups] == list(range(1, len(groups) + 1))
+
+
+def test_metaplot_ci_bars_are_bootstrap_intervals(study: Study) -> None:
+    from mosaic_client import verdict
+
+    out, data = study.root / "ci.png", study.root / "ci.json"
+    result = study.cli("metaplot", study.db, str(out), "data_dataset_OR", "test_loss", "--ci",
+                       "--data", str(data))
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(b"\x89PNG")
+    for points in json.loads(data.read_text())["series"].values():
+        for p in points:
+            values = [query(study.db, "SELECT test_loss FROM run_results WHERE run_id=?",
+                            i)[0][0] for i in p["run_ids"]]
+            assert (p["ci_low"], p["ci_high"]) == pytest.approx(verdict.mean_ci(values))
+            assert p["ci_low"] <= p["mean"] <= p["ci_high"]

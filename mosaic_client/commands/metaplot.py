@@ -28,7 +28,9 @@ def run(args: argparse.Namespace) -> int:
     conn = common.analysis_db(args.db)
     try:
         with common.refused_as_bad_input(analysis.AnalysisError):
-            data = analysis.metaplot_data(conn, args.dataset_key, args.criterion)
+            data = analysis.metaplot_data(
+                conn, args.dataset_key, args.criterion, ci=args.spread == "ci"
+            )
     finally:
         conn.close()
     note = data.skipped_note()
@@ -61,5 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["minmax", "std"],
         default="minmax",
         help="error bars: min to max over runs (default) or standard deviation",
+    )
+    parser.add_argument(
+        "--ci",
+        action="store_const",
+        const="ci",
+        dest="spread",
+        help="bars: 95%% bootstrap confidence interval of each mean instead",
     )
     parser.add_argument("--data", metavar="OUT.json", help="also write the plotted points as JSON")
