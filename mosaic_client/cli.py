@@ -841,6 +841,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("completion", cmd_completion, "print a shell completion script (bash or zsh)",
             "mosaic completion bash > ~/.local/share/bash-completion/completions/mosaic")
     p.add_argument("shell", choices=["bash", "zsh"])
+
+    # integration hook: registers mosaic_client/commands/web.py (issue 20) until the
+    # per-command modules of issue 14 are registered in one place; the integrator replaces it.
+    from mosaic_client.commands import web as web_command
+
+    p = add(web_command.NAME, web_command.run, web_command.HELP, web_command.EXAMPLE)
+    web_command.add_arguments(p)
     return parser
 
 
