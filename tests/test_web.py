@@ -332,7 +332,9 @@ def shot(browser: Any, name: str) -> None:
 
 
 def test_the_server_listens_on_the_loopback_only(server: Server) -> None:
-    listening = [c for c in psutil.Process(server.proc.pid).net_connections(kind="inet")
+    proc = psutil.Process(server.proc.pid)
+    connections = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+    listening = [c for c in connections(kind="inet")
                  if c.status == psutil.CONN_LISTEN]
     assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}
     assert {c.laddr.port for c in listening} == {server.port}

@@ -69,7 +69,7 @@ def parse_filter(text: str) -> ParamFilter:
                      "NAME>=VALUE or NAME!=VALUE with a parameter name")
 
 
-def _where(query: RunQuery) -> tuple[str, list[Any]]:
+def _where(query: RunQuery, per_run: bool = True) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     args: list[Any] = []
     if query.states:
@@ -82,16 +82,23 @@ def _where(query: RunQuery) -> tuple[str, list[Any]]:
     for flt in query.filters:
         if flt.op not in FILTER_OPS:
             raise QueryError(f"unknown filter operator {flt.op!r}")
-        # The params_by_name index (param_name, param_value) answers each of these.
-        clauses.append("r.run_id IN (SELECT run_id FROM params WHERE param_name = ? AND "
-                       f"param_value {flt.op} ?)")
+        if per_run:
+            # A lookup in the params primary key (run_id, param_name) per run looked at: a page
+            # in run order stops after its rows instead of listing every matching run first.
+            clauses.append("EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.run_id AND "
+                           f"p.param_name = ? AND p.param_value {flt.op} ?)")
+        else:
+            # The matching runs listed once from the params_by_name index: cheaper when every
+            # run must be looked at anyway (a count).
+            clauses.append("r.run_id IN (SELECT run_id FROM params WHERE param_name = ? AND "
+                           f"param_value {flt.op} ?)")
         args.extend([flt.name, flt.value])
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
 def count_matching(conn: sqlite3.Connection, query: RunQuery) -> int:
     """How many runs the query's states and filters select (its sort and page aside)."""
-    where, args = _where(query)
+    where, args = _where(query, per_run=False)
     return int(conn.execute(f"SELECT count(*) FROM runs r{where}", args).fetchone()[0])
 
 
