@@ -119,6 +119,13 @@ def files_stamp(db: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def log_size(path: str | None) -> int:
+    try:
+        return os.stat(path).st_size if path else 0
+    except OSError:
+        return 0
+
+
 class WebState:
     """What the routes share: settings, the live hub and the daemon poller."""
 
@@ -296,10 +303,10 @@ def routes(state: WebState) -> list[Any]:
                         if run_state is not None:
                             yield live.sse("state", {"status": run_state[0],
                                                      "return_status": run_state[1]})
-                text, size = await run_in_threadpool(studies.log_tail, log_file)
-                if size != last_size:
-                    last_size = size
-                    yield live.sse("log", {"text": text, "size": size})
+                size = log_size(log_file)
+                if size != last_size:  # read the tail only when the file grew
+                    text, last_size = await run_in_threadpool(studies.log_tail, log_file)
+                    yield live.sse("log", {"text": text, "size": last_size})
                     idle = 0.0
                 await asyncio.sleep(RUN_POLL)
                 idle += RUN_POLL
