@@ -294,7 +294,11 @@ def routes(state: WebState) -> list[Any]:
                 now_stamp = await run_in_threadpool(files_stamp, db)
                 if now_stamp != stamp:
                     stamp = now_stamp
-                    new, run_state, log_file = await run_in_threadpool(look, last_epoch)
+                    try:
+                        new, run_state, log_file = await run_in_threadpool(look, last_epoch)
+                    except (NotFound, sqlite3.Error) as exc:  # the study went away
+                        yield live.sse("gone", {"error": str(exc)})
+                        return
                     if new:
                         last_epoch = new[-1]["epoch"]
                         yield live.sse("epochs", new)
@@ -439,7 +443,19 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(settings: Settings, sock: socket.socket) -> None:
     import uvicorn
 
-    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=1, lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    app = create_app(settings)
+    state: WebState = app.state.web
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn waits for open responses before it stops, and an event stream never
+            # ends by itself: end them all first, so Ctrl-C stops the server at once and
+            # cleanly. (A signal handler may only hand work to the loop this way.)
+            if state.loop is not None and not state.loop.is_closed():
+                state.loop.call_soon_threadsafe(state.hub.close)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=3, lifespan="on")
+    Server(config).run(sockets=[sock])
 
