@@ -71,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if security.is_loopback(args.host):
         print(f"From another machine: ssh -L {port}:127.0.0.1:{port} THIS_HOST, then open "
               "the same URL there. Ctrl-C stops the server.")
+    else:
+        _err(f"warning: listening on {args.host}, beyond this machine, over plain HTTP with "
+             "only the token to guard it; prefer the default 127.0.0.1 and `ssh -L` "
+             "(docs/web.md)")
     sys.stdout.flush()
     app.serve(settings, sock)
     return OK

@@ -43,6 +43,7 @@ KEEPALIVE = 15.0  # seconds between comments on an idle event stream (proxies dr
 RUN_POLL = 0.25  # seconds between two looks at a run's database and log
 CONTROL_TIMEOUT = 30.0
 COUNTS_KEPT = 128
+POINT_RUNS_SHOWN = 100  # run ids sent per comparison point (its size n is always sent)
 HEADERS = {
     # The pages load nothing from elsewhere (the chart library ships in the package), and no
     # other site may frame them or learn the URL (with its token) from a Referer.
@@ -139,6 +140,7 @@ class WebState:
         # filtered view of a large study does not count its runs again.
         self._counts: dict[tuple[Any, ...], int] = {}
         self._counts_lock = threading.Lock()
+        self.compare_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def cached_count(self, key: tuple[Any, ...]) -> int | None:
         with self._counts_lock:
@@ -323,7 +325,13 @@ def routes(state: WebState) -> list[Any]:
 
     def compare_api(request: Request) -> Response:
         q = request.query_params
-        with contextlib.closing(state.connect(q.get("db"))) as conn:
+        db = state.study_path(q.get("db"))
+        stamp = files_stamp(db)
+        cache_key = (db, stamp, q.get("dataset_key"), q.get("criterion"))
+        cached = state.compare_cache.get(cache_key)
+        if cached is not None:
+            return _json(cached)
+        with contextlib.closing(state.connect(db)) as conn:
             keys = studies.dataset_keys(conn)
             key = q.get("dataset_key") or (keys[0] if keys else "")
             criterion = q.get("criterion") or "test_loss"
@@ -331,9 +339,15 @@ def routes(state: WebState) -> list[Any]:
                                    "criterion": criterion,
                                    "criteria": list(analysis.CRITERIA)}
             try:
-                out["meta"] = analysis.metaplot_data(conn, key, criterion).as_json()
+                # The metaplot's own computation (mosaic metaplot draws the same points).
+                meta = analysis.metaplot_data(conn, key, criterion).as_json()
+                for points in meta["series"].values():
+                    for point in points:  # the page lists a point's runs, not thousands
+                        point["run_ids"] = point["run_ids"][:POINT_RUNS_SHOWN]
+                out["meta"] = meta
             except analysis.AnalysisError as exc:
                 out["meta"], out["error"] = None, str(exc)
+        state.compare_cache = {cache_key: out}  # the last one: re-reading a study is cheap
         return _json(out)
 
     def verdict_api(request: Request) -> Response:

@@ -503,6 +503,7 @@ function initCompare() {
     const rows = families.filter((f) => f.show && f.points[idx]).map((f) => {
       const p = f.points[idx];
       const runs = p.run_ids.map((r) => `<a class="run" href="${runUrl(db, r)}">${r}</a>`);
+      if (p.n > p.run_ids.length) runs.push(`… ${p.n - p.run_ids.length} more`);
       return `<tr><td><b style="color:${f.color}">${esc(f.name)}</b></td><td class="num">` +
         `${p.n}</td><td class="num">${fmt(p.mean)}</td><td class="num">${fmt(p.min)}</td>` +
         `<td class="num">${fmt(p.max)}</td><td class="num">${fmt(p.std)}</td>` +
