@@ -209,6 +209,13 @@ def main() -> int:
                 print(f"sort {name:<35} click to table {median(times):7.0f} ms "
                       f"(max {max(times):.0f})")
         figures["sort"] = sorts
+        # The comparison: the metaplot over every run of a dataset key (mosaic_client.analysis),
+        # then the same page again, served from the server's cache.
+        compare = f"{server.base}/compare?db={quote(str(db))}"
+        first, again = page_load(browser, compare), page_load(browser, compare)
+        figures["comparison"] = {"first_ms": first["table_ms"], "again_ms": again["table_ms"]}
+        print(f"{'comparison page (chart drawn)':<40} first visit {first['table_ms']:7.0f} ms   "
+              f"again {again['table_ms']:7.0f} ms")
         # The server alone: response times and payloads of the study page's requests.
         quoted = quote(str(db))
         requests = {
@@ -222,6 +229,7 @@ def main() -> int:
                                                   "lr%3C%3D0.01&filter=mlp_key%3Dmlp_mlp_brick"
                                                   "&sort=test_loss&desc=1",
             "/api/snapshot (the live state)": "/api/snapshot",
+            "/api/compare (cached)": f"/api/compare?db={quoted}",
         }
         served = {}
         for name, path in requests.items():

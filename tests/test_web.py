@@ -136,6 +136,28 @@ def test_runs_page_pages_sorts_and_filters_in_sql(tmp: Path) -> None:
     conn.close()
 
 
+def test_dataset_keys_and_log_tail(tmp: Path) -> None:
+    db = tmp / "k.db"
+    synthetic_study(db, 12)
+    conn = sqlite3.connect(db)
+    with conn:  # two data types joined, as analysis.data_key joins them
+        conn.executemany("INSERT INTO params VALUES (?, ?, ?)",
+                         [(i, n, v) for i in range(1, 13) for n, v in (
+                             ("data_scheme", "src, noise" if i % 2 else "src"),
+                             ("src_key", f"s{i % 3}"), ("noise_key", "n1"))])
+    from mosaic_client.analysis import data_key, run_params
+
+    expected = sorted({data_key(p) for p in run_params(conn).values()})
+    assert studies.dataset_keys(conn) == expected and len(expected) == 6
+    conn.close()
+    log = tmp / "out.log"
+    assert studies.log_tail(str(log)) == ("", 0)
+    log.write_text("".join(f"line {i}\n" for i in range(5000)))
+    text, size = studies.log_tail(str(log), max_bytes=1000)
+    assert size == log.stat().st_size and text.endswith("line 4999\n")
+    assert text.startswith("line ") and len(text) <= 1000  # no partial first line
+
+
 def test_a_diff_applied_to_the_old_snapshot_gives_the_new_one() -> None:
     def snap(paused: bool, epoch: int, dbs: tuple[str, ...]) -> dict[str, Any]:
         status = {"paused": paused, "queued": 1, "paused_owners": [], "workers": [
