@@ -181,6 +181,36 @@ def test_a_diff_applied_to_the_old_snapshot_gives_the_new_one() -> None:
     assert down["daemon"]["up"] is False and down["studies"]["/f.db"]["counts"] == {"done": 2}
 
 
+def test_the_hub_wakes_streams_and_replays_or_resends() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        hub = live.Hub()
+        hub.bind()
+        base = live.snapshot_of(None, "down", {}, 0.0)
+        hub.publish(base)
+        seen = hub.version
+        waiter = asyncio.ensure_future(hub.wait(seen, timeout=5))
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        hub.publish(live.snapshot_of(None, "still down", {}, 0.0))  # a change wakes it
+        await asyncio.wait_for(waiter, 1)
+        hub.publish(live.snapshot_of(None, "still down", {}, 0.0))  # no change, no version
+        assert hub.version == seen + 1
+        replayed = base
+        for change in hub.since(seen) or []:
+            replayed = live.apply_diff(replayed, change)
+        assert replayed == hub.snapshot
+        for i in range(live.KEPT_CHANGES + 1):
+            hub.publish(live.snapshot_of(None, f"error {i}", {}, 0.0))
+        assert hub.since(seen) is None  # too far behind: the stream sends a snapshot
+        assert hub.since(hub.version - 3) is not None
+        hub.close()
+        await asyncio.wait_for(hub.wait(hub.version, timeout=5), 1)
+
+    asyncio.run(scenario())
+
+
 # -- a real daemon, a trained study, a server and a browser ------------------------------------
 
 
