@@ -324,18 +324,23 @@ def server(daemon: Daemon, study: str, root: Path) -> Iterator[Server]:
     assert first.startswith("Mosaic web view: http://127.0.0.1:"), first
     server = Server(proc, first.split()[-1])
     yield server
-    # Ctrl-C while a page still holds an event stream: a prompt, clean stop, and the CLI's
-    # "interrupted" exit code.
-    stream = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    stream.request("GET", "/events", headers={"X-Mosaic-Token": server.token})
-    response = stream.getresponse()
-    assert response.status == 200 and response.read1(100).startswith(b"event: snapshot")
-    started = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(15) == 130
-    assert time.monotonic() - started < 5
-    assert "Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
-    stream.close()
+    try:
+        # Ctrl-C while a page still holds an event stream: a prompt, clean stop, and the CLI's
+        # "interrupted" exit code.
+        stream = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        stream.request("GET", "/events", headers={"X-Mosaic-Token": server.token})
+        response = stream.getresponse()
+        assert response.status == 200 and response.read1(100).startswith(b"event: snapshot")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 130
+        assert time.monotonic() - started < 5
+        assert "Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
+        stream.close()
+    finally:
+        if proc.poll() is None:  # a failed check above must not leave the server running
+            proc.kill()
+            proc.wait()
 
 
 def _screens() -> Path:
