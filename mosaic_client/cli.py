@@ -37,6 +37,7 @@ from mosaic_client.commands import (
     show,
     shutdown,
     status,
+    web,
 )
 from mosaic_client.commands import run as run_command
 from mosaic_client.commands.common import (
@@ -67,6 +68,7 @@ COMMANDS = (
     generate,
     show,
     logs,
+    web,
     shutdown,
     completion,
 )
