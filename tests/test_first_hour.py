@@ -74,7 +74,7 @@ def test_empty_optional_values_mean_not_set(tmp: Path) -> None:
         data_size = 20
         train_prop = 0.5
         batch_size = 5
-        key = data_{class}
+        key = data_{{class}}
 
         [mlp_funnel]
         type = mlp
@@ -82,7 +82,7 @@ def test_empty_optional_values_mean_not_set(tmp: Path) -> None:
         path_to_class = {EXAMPLE}/mlp.py
         length = 1,2
         width = 3
-        key = mlp_{class}
+        key = mlp_{{class}}
         """)
     result = cli(tmp, "generate", str(config), str(tmp / "out.json"))
     assert result.returncode == 0, result.stderr
