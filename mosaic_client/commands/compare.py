@@ -3,6 +3,8 @@
 Reads the study on a read-only connection (works on a live study and on a `savedb` copy); the
 statistics are in mosaic_client/verdict.py, imported only when the command runs. Exit 0
 whatever the verdict, 2 for input it cannot use (docs/compare.md).
+
+Sends no request: reads the study read-only.
 """
 
 from __future__ import annotations

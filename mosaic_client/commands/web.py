@@ -1,5 +1,8 @@
 """`mosaic web`: serve the live web view of the daemon and of study databases (docs/web.md).
 
+Sends `status` (polled for the live pages), `pause`, `resume` and `cancel` (the
+buttons), exactly as the CLI commands do; reads study databases read-only.
+
 The web stack is an optional extra, imported only inside `run`: the other commands never load
 it (a test checks `python -X importtime`).
 """
