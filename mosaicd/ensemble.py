@@ -338,6 +338,7 @@ class Stack:
         self.criterion = lead.criterion
         self.count = lead.count_correct
         self.counts = lead.user_accuracy is not None or lead.accuracy_mode != "none"
+        self.data_cache: dict[bool, tuple[list[torch.Tensor], bool] | None] = {}
         # stacked[s][name]: stage s's parameter or buffer, one slice per member.
         self.stacked: list[dict[str, torch.Tensor]] = []
         trainable: dict[int, tuple[int, str]] = {}
@@ -506,6 +507,66 @@ def _vmap_reason(exc: BaseException) -> str:
     return f"the pipeline cannot be vmapped ({text})"
 
 
+# Members' TensorDatasets are stacked once per group, so that a step cuts every member's batch
+# with one indexing operation, when they take at most this much memory.
+STACKED_DATA_MAX_BYTES = 256 * 2**20
+
+
+def _stacked_data(stack: Stack, sources: list[MemberBatches], train: bool,
+                  ) -> tuple[list[torch.Tensor], bool] | None:
+    """The members' dataset tensors stacked (and whether they are all identical), or None."""
+    if train in stack.data_cache:
+        return stack.data_cache[train]
+    found: tuple[list[torch.Tensor], bool] | None = None
+    datasets = [s.dataset for s in sources]
+    if all(d is not None and len(d.tensors) == 2 for d in datasets):  # (x, y) pairs only
+        first = datasets[0].tensors  # type: ignore[union-attr]
+        layouts = [[(t.shape, t.dtype, t.device) for t in d.tensors]  # type: ignore[union-attr]
+                   for d in datasets]
+        if all(layout == layouts[0] for layout in layouts) and \
+                sum(t.nbytes for t in first) * len(datasets) <= STACKED_DATA_MAX_BYTES:
+            tensors = [torch.stack([d.tensors[k] for d in datasets])  # type: ignore[union-attr]
+                       for k in range(len(first))]
+            identical = all(d is datasets[0] or all(
+                torch.equal(a, b) for a, b in zip(d.tensors, first))  # type: ignore[union-attr]
+                for d in datasets)
+            found = (tensors, identical)
+    stack.data_cache[train] = found
+    return found
+
+
+def _steps(stack: Stack, sources: list[MemberBatches], train: bool, device: torch.device,
+           ) -> Iterator[tuple[Any, Any, bool]]:
+    """A pass's steps as (x, y, shared): x and y stacked over the members, or one batch that
+    all members share (shared)."""
+    data = _stacked_data(stack, sources, train)
+    sizes = [len(b) for b in sources[0].indices] if sources[0].indices is not None else None
+    if data is None or any(s.indices is None or [len(b) for b in s.indices] != sizes
+                           for s in sources):
+        while (step := _step_batches(sources, device)) is not None:
+            yield step
+        return
+    tensors, identical = data
+    flat = [[i for batch in s.indices for i in batch] for s in sources]  # type: ignore[union-attr]
+    if identical and all(f == flat[0] for f in flat):
+        index = torch.as_tensor(flat[0])
+        start = 0
+        for size in sizes:  # type: ignore[union-attr]
+            batch = index[start:start + size]
+            start += size
+            yield (execution.to_device(tensors[0][0][batch], device),
+                   execution.to_device(tensors[1][0][batch], device), True)
+        return
+    index = torch.as_tensor(flat)
+    rows = torch.arange(len(sources)).unsqueeze(1)
+    start = 0
+    for size in sizes:  # type: ignore[union-attr]
+        batch = index[:, start:start + size]
+        start += size
+        yield (execution.to_device(tensors[0][rows, batch], device),
+               execution.to_device(tensors[1][rows, batch], device), False)
+
+
 # -- one epoch --------------------------------------------------------------------------------
 
 
@@ -516,15 +577,12 @@ def _pass(stack: Stack, members: list[Member], train: bool, first_step: bool,
     device = members[0].run.device
     sources = [MemberBatches(m.run.train_data if train else m.run.test_data, m.rng)
                for m in members]
+    steps = _steps(stack, sources, train, device)
     loss_sum = torch.zeros(len(members), device=device)
     correct: torch.Tensor | None = None
     n_batches = n_samples = 0
     with torch.set_grad_enabled(train):
-        while True:
-            step = _step_batches(sources, device)
-            if step is None:
-                break
-            x, y, shared = step
+        for x, y, shared in steps:
             check_buffers = train and first_step and n_batches == 0
             before = [b.clone() for b in stack.buffers()] if check_buffers else []
             try:

@@ -336,15 +336,14 @@ def test_or_example_members_equal_their_runs_alone(tmp_path: Path) -> None:
 def record_sharing(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether each step of the group ran on one shared batch or on stacked batches."""
     shared: list[bool] = []
-    step_batches = ensemble._step_batches
+    steps = ensemble._steps
 
-    def recording(*args: Any) -> Any:
-        step = step_batches(*args)
-        if step is not None:
+    def recording(*args: Any) -> Iterator[Any]:
+        for step in steps(*args):
             shared.append(step[2])
-        return step
+            yield step
 
-    monkeypatch.setattr(ensemble, "_step_batches", recording)
+    monkeypatch.setattr(ensemble, "_steps", recording)
     return shared
 
 
