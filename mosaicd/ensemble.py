@@ -20,7 +20,7 @@ API for the worker and the scheduler (the integrator wires these in)
 ``fallback_reason(specs) -> str | None``
     The checks that need no torch objects (keys differ, a single member, duplicate run ids).
     The scheduler may call it before sending a group; :func:`execute_group` calls it too.
-``execute_group(specs, channels) -> dict[run_id, Outcome]``
+``execute_group(specs, channels, *, max_params=AUTO_MAX_PARAMS) -> dict[run_id, Outcome]``
     ``specs``: the N specs the daemon would send as N "run" messages (same shape:
     run_id, seed, device, modules, process, epochs_target, start_epoch, run_files_path,
     checkpoint_every). ``channels``: ``{run_id: MemberChannel}``; each member's ``on_epoch``
@@ -33,6 +33,8 @@ API for the worker and the scheduler (the integrator wires these in)
     it is raised during set-up or the first epoch, before any epoch message was sent or any
     file written (but the reason line in each member's log), so the caller then simply runs
     each spec individually (``execution.execute``), exactly as without ensembles.
+    ``max_params`` is the `auto` rule: members with more trainable parameters than this fall
+    back, since above it training them together is no faster (:data:`AUTO_MAX_PARAMS`).
 
 Equivalence and its limits
 --------------------------
@@ -90,6 +92,11 @@ from mosaicd.execution import BuiltRun, History
 # state when (un)stacking).
 ELEMENTWISE_OPTIMIZERS = frozenset({"SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta",
                                     "Adamax", "NAdam", "RAdam", "Rprop"})
+
+# The `auto` rule: above this many trainable parameters per member, an ensemble no longer
+# pays on a CPU (benchmarks/ensemble.py, docs/ensembles.md: 16 members of 67k parameters
+# train 1.7x faster together, of 265k 0.7x), so such groups fall back.
+AUTO_MAX_PARAMS = 100_000
 
 Outcome = tuple[str, dict[str, Any]]
 
@@ -654,14 +661,15 @@ def _failure(exc: BaseException) -> Outcome:
     return ("failed", {"error": message, "traceback": text})
 
 
-def execute_group(specs: list[dict[str, Any]],
-                  channels: dict[int, MemberChannel]) -> dict[int, Outcome]:
-    """Train the members together; see the module docstring for the contract."""
+def execute_group(specs: list[dict[str, Any]], channels: dict[int, MemberChannel], *,
+                  max_params: int | None = AUTO_MAX_PARAMS) -> dict[int, Outcome]:
+    """Train the members together; see the module docstring for the contract. Members of more
+    than `max_params` trainable parameters fall back (None: no limit)."""
     reason = fallback_reason(specs)
     try:
         if reason is not None:
             raise Fallback(reason)
-        return _execute(specs, channels)
+        return _execute(specs, channels, max_params)
     except Fallback as fallback:
         for spec in specs:
             try:
@@ -672,11 +680,15 @@ def execute_group(specs: list[dict[str, Any]],
         raise
 
 
-def _execute(specs: list[dict[str, Any]],
-             channels: dict[int, MemberChannel]) -> dict[int, Outcome]:
+def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
+             max_params: int | None) -> dict[int, Outcome]:
     lr = float(specs[0]["process"]["lr"])
     try:
         members = _build_members(specs, channels)
+        nb_params = members[0].run.nb_params
+        if max_params is not None and nb_params > max_params:
+            raise Fallback(f"the model is too large to gain from an ensemble ({nb_params} "
+                           f"trainable parameters per member, more than {max_params})")
         _check_modules(members)
         stack = Stack(members, lr)
         _probe(stack, members)

@@ -490,6 +490,16 @@ def test_what_cannot_be_vmapped_falls_back_to_individual_runs(classes: str, tmp_
         assert_same_epochs(recorders[run_id].events, run_alone(spec, tmp_path / "alone"))
 
 
+def test_models_above_the_auto_size_fall_back(classes: str, tmp_path: Path) -> None:
+    specs = points_specs(classes, tmp_path / "group", n=2)  # 3*5+5 + 5+1 = 26 parameters
+    with pytest.raises(ensemble.Fallback, match=r"too large to gain from an ensemble \(26 "
+                                                r"trainable parameters per member, more than 25"):
+        ensemble.execute_group(specs, {10: Recorder().channel(), 11: Recorder().channel()},
+                               max_params=25)
+    outcomes, _ = run_group(specs)  # the default limit (AUTO_MAX_PARAMS) lets them group
+    assert {k: v[0] for k, v in outcomes.items()} == {10: "done", 11: "done"}
+
+
 def test_members_resuming_from_different_epochs_fall_back(classes: str, tmp_path: Path) -> None:
     specs = points_specs(classes, tmp_path / "group", n=2, epochs=3)
     outcomes, _ = run_group(specs, {10: Recorder(park_after=1), 11: Recorder(park_after=2)})
