@@ -346,6 +346,7 @@ class Stack:
         self.count = lead.count_correct
         self.counts = lead.user_accuracy is not None or lead.accuracy_mode != "none"
         self.data_cache: dict[bool, tuple[list[torch.Tensor], bool] | None] = {}
+        self.seed_forward(0, False)
         # stacked[s][name]: stage s's parameter or buffer, one slice per member.
         self.stacked: list[dict[str, torch.Tensor]] = []
         trainable: dict[int, tuple[int, str]] = {}
@@ -412,10 +413,23 @@ class Stack:
             out = functional_call(base, tensors, (out, self.run_info, info))
         return self.criterion(out, y), out
 
+    def seed_forward(self, epoch: int, train: bool) -> None:
+        """Start the pass's stream of forward randomness (dropout): from the members' seeds
+        and the epoch, so that a resumed group draws what an uninterrupted one would."""
+        seeds = tuple(int(m.spec["seed"]) for m in self.members)
+        generator = torch.Generator().manual_seed(hash((seeds, epoch, train)) % 2**63)
+        self.forward_rng = generator.get_state()
+
     def losses(self, x: Any, y: Any, shared: bool) -> tuple[torch.Tensor, Any]:
         dim = None if shared else 0
-        return vmap(self._forward, in_dims=(0, dim, dim), randomness="different")(
-            self.stacked, x, y)
+        # Random ops draw from the group's own stream, never from a member's loader stream;
+        # randomness="different" gives each member its own draws.
+        torch.set_rng_state(self.forward_rng)
+        try:
+            return vmap(self._forward, in_dims=(0, dim, dim), randomness="different")(
+                self.stacked, x, y)
+        finally:
+            self.forward_rng = torch.get_rng_state()
 
     def correct(self, out: Any, y: Any, shared: bool) -> torch.Tensor | None:
         if not self.counts:
@@ -581,6 +595,7 @@ def _pass(stack: Stack, members: list[Member], train: bool, first_step: bool,
           ) -> tuple[list[float], list[float | None]]:
     """One pass of all members over their loaders; their mean losses and accuracies."""
     stack.train(train)
+    stack.seed_forward(int(members[0].run.run_info["epoch"]), train)
     device = members[0].run.device
     sources = [MemberBatches(m.run.train_data if train else m.run.test_data, m.rng)
                for m in members]

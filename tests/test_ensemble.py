@@ -176,6 +176,12 @@ class bn_mlp(Saving):
         return self.net(data)
 
 
+class dropout_mlp(mlp):
+    def __init__(self, input_size, output_size, width):
+        super().__init__(input_size, output_size, width)
+        self.net.insert(2, nn.Dropout(0.5))
+
+
 class counting(mlp):
     """Counts its training batches in a buffer, in place."""
 
@@ -380,6 +386,20 @@ def test_a_member_with_a_nan_loss_fails_alone(classes: str, tmp_path: Path) -> N
     for run_id in (10, 12):
         assert outcomes[run_id][0] == "done"
         assert_same_epochs(events[run_id], run_alone(specs[run_id - 10], tmp_path / "alone"))
+
+
+@pytest.mark.parametrize("model", ["mlp", "dropout_mlp"])
+def test_dropout_draws_an_independent_stream_per_member(classes: str, tmp_path: Path,
+                                                        model: str) -> None:
+    # Two members with the same seed: same weights, same data; only their randomness differs.
+    specs = [dict(s, seed=0) for s in points_specs(classes, tmp_path / "a", model=model, n=2)]
+    _, events = run_group(specs)
+    _, again = run_group([dict(s, run_files_path=str(tmp_path / "b")) for s in specs])
+    for run_id in events:  # a group is reproducible, randomness included
+        assert [[e[k] for k in FIGURES] for e in events[run_id]] == \
+            [[e[k] for k in FIGURES] for e in again[run_id]]
+    same = [events[10][-1][k] == events[11][-1][k] for k in ("train_loss", "test_loss")]
+    assert same == ([True, True] if model == "mlp" else [False, False])
 
 
 def test_park_and_resume_of_a_group_gives_the_uninterrupted_numbers(classes: str,
