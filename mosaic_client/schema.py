@@ -126,6 +126,11 @@ class Key:
         return noun
 
 
+ENSEMBLE_MODES = ("auto", "off")
+# From benchmarks/ensemble.py (docs/ensembles.md): 16 tiny members train 5x faster together than
+# one by one, 32 barely more, and a larger group ties up one slot while the others idle.
+ENSEMBLE_MAX_DEFAULT = 16
+
 KEYS: tuple[Key, ...] = (
     # -- PROCESS: what every run of the study does -----------------------------------------
     Key(PROCESS, "lr", FLOAT, "the learning rate, e.g. lr = 0.001", required=True,
@@ -169,6 +174,12 @@ KEYS: tuple[Key, ...] = (
         minimum=0, maximum=MAX_COUNT),
     Key(MONITOR, "timeout", FLOAT, "a positive number of seconds per run, or None",
         minimum=0.0, maximum=MAX_TIMEOUT, exclusive_minimum=True, nullable=True),
+    Key(MONITOR, "ensemble", CHOICE,
+        "auto: train the repetitions of a pipeline together as one vmapped model where that "
+        "pays (docs/ensembles.md); off: every run alone", default="auto",
+        choices=ENSEMBLE_MODES),
+    Key(MONITOR, "ensemble_max", INT, "the most repetitions trained together in one ensemble",
+        default=ENSEMBLE_MAX_DEFAULT, minimum=1, maximum=MAX_COUNT),
 )
 
 BY_SECTION: dict[str, dict[str, Key]] = {

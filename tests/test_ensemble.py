@@ -527,3 +527,16 @@ def test_members_resuming_from_different_epochs_fall_back(classes: str, tmp_path
     resumed = [dict(s, start_epoch=1) for s in specs]
     with pytest.raises(ensemble.Fallback, match=r"resume from different epochs \(\[1, 2\]\)"):
         run_group(resumed)
+
+
+def test_the_monitor_keys_default_to_auto_and_the_benchmarked_size() -> None:
+    from mosaic_client import schema
+
+    assert schema.value(schema.MONITOR, {}, "ensemble") == "auto"
+    assert schema.value(schema.MONITOR, {}, "ensemble_max") == 16
+    assert schema.section_problem(schema.MONITOR, {"ensemble": "off", "ensemble_max": 4},
+                                  False) is None
+    assert schema.section_problem(schema.MONITOR, {"ensemble": "on"}, False) == \
+        "MONITOR ensemble expected one of auto, off, got 'on'"
+    assert "ensemble_max expected an integer of at least 1" in \
+        schema.section_problem(schema.MONITOR, {"ensemble_max": 0}, False)
