@@ -71,7 +71,9 @@ def time_loop(group: list[dict[str, Any]], files: str) -> float:
 def time_group(group: list[dict[str, Any]], files: str) -> float:
     _clean(files)
     started = time.perf_counter()
-    outcomes = ensemble.execute_group(group, {int(s["run_id"]): _channel() for s in group})
+    # No size limit: the curve measures the engine itself, where `auto` would not group.
+    outcomes = ensemble.execute_group(group, {int(s["run_id"]): _channel() for s in group},
+                                      max_params=None)
     elapsed = time.perf_counter() - started
     assert all(o[0] == "done" for o in outcomes.values()), outcomes
     return elapsed
@@ -93,7 +95,7 @@ def compare(m: int, width: int, epochs: int, repeat: int, device: str) -> tuple[
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="fewer sizes, one repeat")
@@ -112,12 +114,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{m:>4} {loop:>10.3f} {group:>13.3f} {loop / group:>6.1f}x {m / loop:>12.1f} "
               f"{m / group:>12.1f}", flush=True)
     print("\ncrossover: M = 16, width w (2-w-w-1)")
-    print(f"{'width':>6} {'params':>8} {'loop (s)':>10} {'ensemble (s)':>13} {'ratio':>7}")
+    print(f"{'width':>6} {'params':>8} {'loop (s)':>10} {'ensemble (s)':>13} {'ratio':>7} "
+          f"{'auto':>6}")
     for width in (16, 128, 512) if args.quick else (16, 32, 64, 128, 256, 512):
         loop, group = compare(16, width, args.epochs, repeat, args.device)
         params = 2 * width + width + width * width + width + width + 1
-        print(f"{width:>6} {params:>8} {loop:>10.3f} {group:>13.3f} {loop / group:>6.1f}x",
-              flush=True)
+        auto = "group" if params <= ensemble.AUTO_MAX_PARAMS else "alone"
+        print(f"{width:>6} {params:>8} {loop:>10.3f} {group:>13.3f} {loop / group:>6.1f}x "
+              f"{auto:>6}", flush=True)
 
 
 if __name__ == "__main__":
