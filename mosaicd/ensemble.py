@@ -36,6 +36,25 @@ API for the worker and the scheduler (the integrator wires these in)
     ``max_params`` is the `auto` rule: members with more trainable parameters than this fall
     back, since above it training them together is no faster (:data:`AUTO_MAX_PARAMS`).
 
+Wiring it in (for the integrator)
+---------------------------------
+Daemon: within a submission with ``[MONITOR] ensemble = auto``, runs whose ``group_key``
+matches (and whose specs pass ``fallback_reason``) form groups of at most ``ensemble_max``;
+a group goes to one worker as one ``run_group`` message carrying the N specs (each member
+transitions to RUNNING as it would alone; the worker is busy until every member has
+reported). Park and cancel of one member are messages naming its run id (``park`` as today,
+a new ``cancel`` instead of killing the worker, which would take the whole group). The worker
+reports each member with the usual ``epoch``/``done``/``parked``/``failed`` messages (plus
+``cancelled`` or simply nothing for a cancelled member, whose state the daemon already set).
+Worker: for ``run_group``, build one :class:`MemberChannel` per member (``on_epoch`` sends the
+epoch message, ``park_requested``/``cancel_requested`` poll the socket and look the run id up
+in sets of requested ids), redirect output to the first member's log (the engine writes each
+member's own ``[mosaic]`` lines into its log itself), call :func:`execute_group`, send each
+outcome; on :class:`Fallback`, run each spec through the usual ``run_one`` (the reason is
+already in each run's log; send it to the daemon too so that ``mosaic show`` can say it).
+Under ``--isolation process`` the forked child needs the park/cancel run ids through its pipe
+instead of SIGUSR1, which cannot name a member.
+
 Equivalence and its limits
 --------------------------
 Without randomness in the forward pass, a member's per-epoch losses and accuracies equal the
