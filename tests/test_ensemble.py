@@ -424,6 +424,21 @@ def test_park_and_resume_of_a_group_gives_the_uninterrupted_numbers(classes: str
     assert_same_epochs(first[12] + alone.events, want[12])
 
 
+def test_a_rerun_for_more_epochs_resends_what_the_database_missed(classes: str,
+                                                                   tmp_path: Path) -> None:
+    _, want = run_group(or_specs(tmp_path / "straight", epochs=4))
+    specs = or_specs(tmp_path / "rerun", epochs=2)
+    run_group(specs)
+    # The daemon stored only epoch 1 (a kill between the checkpoint and the database write),
+    # then asks for 4 epochs: each member sends epoch 2 again, then trains 3 and 4.
+    outcomes, got = run_group([dict(s, epochs_target=4, start_epoch=1) for s in specs])
+    for run_id in (10, 11, 12):
+        assert outcomes[run_id][0] == "done"
+        assert outcomes[run_id][1]["results"]["epochs"] == 4
+        assert_same_epochs(got[run_id], want[run_id][1:])
+        assert [e["checkpointed"] for e in got[run_id]] == [True, False, True]
+
+
 def test_cancelling_a_member_leaves_the_others_unchanged(classes: str, tmp_path: Path) -> None:
     _, want = run_group(or_specs(tmp_path / "straight"))
     outcomes, got = run_group(or_specs(tmp_path / "cancel"), {11: Recorder(cancel_after=1)})
