@@ -457,7 +457,7 @@ class Stack:
             count = vmap(self.count, in_dims=(0, None if shared else 0))(out, y)
         except Exception as exc:
             raise Fallback("the accuracy cannot take stacked outputs (the model's accuracy() "
-                           f"fails under vmap: {type(exc).__name__}: {exc})") from exc
+                           f"fails under vmap: {_short(exc)})") from exc
         if not isinstance(count, torch.Tensor):
             raise Fallback("the accuracy cannot take stacked outputs (it returned "
                            f"{type(count).__name__}, not a tensor)")
@@ -539,8 +539,14 @@ class _Fixed:
         return self.batch
 
 
+def _short(exc: BaseException) -> str:
+    """An exception's first sentence: torch's vmap errors go on to ask for a bug report."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text.split(". ")[0].rstrip(".")[:300]
+
+
 def _vmap_reason(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    text = _short(exc)
     if "data-dependent control flow" in text or "data dependent" in text.lower() or \
             ".item()" in text:
         return f"data-dependent control flow cannot be vmapped ({text})"
