@@ -310,12 +310,22 @@ def assert_same_epochs(got: list[dict[str, Any]], want: list[dict[str, Any]]) ->
                 assert a[key] == pytest.approx(b[key], rel=REL, abs=1e-7), (a["epoch"], key)
 
 
-def assert_models_alike(files_a: Path, files_b: Path, cls: str, run_id: int) -> None:
-    a = torch.load(contract.model_path(str(files_a), cls, run_id) + ".pt", weights_only=True)
-    b = torch.load(contract.model_path(str(files_b), cls, run_id) + ".pt", weights_only=True)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+def assert_models_alike(spec: dict[str, Any], files_a: Path, files_b: Path, cls: str) -> None:
+    """The model saved by the group and the one saved alone load into the run's model class
+    and predict the same on the run's test data (and not what the untrained model predicts)."""
+    run_id = int(spec["run_id"])
+    run = execution.build(spec)
+    model = run.models[-1]
+    model.eval()
+    x = next(iter(run.test_data))[0]
+    with torch.no_grad():
+        untrained = model(x, run.run_info, run.model_infos[-1])
+        predictions = []
+        for files in (files_a, files_b):
+            model.load_model(contract.model_path(str(files), cls, run_id))
+            predictions.append(model(x, run.run_info, run.model_infos[-1]))
+    assert torch.allclose(predictions[0], predictions[1], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(predictions[0], untrained, rtol=1e-4, atol=1e-6)
 
 
 def check_equivalence(specs: list[dict[str, Any]], tmp_path: Path, cls: str) -> None:
@@ -327,7 +337,7 @@ def check_equivalence(specs: list[dict[str, Any]], tmp_path: Path, cls: str) -> 
         alone = run_alone(spec, alone_dir)
         assert len(alone) == spec["epochs_target"]
         assert_same_epochs(events[run_id], alone)
-        assert_models_alike(Path(spec["run_files_path"]), alone_dir, cls, run_id)
+        assert_models_alike(spec, Path(spec["run_files_path"]), alone_dir, cls)
         history = torch.load(contract.history_path(spec["run_files_path"], run_id))
         assert history["test_loss"] == [e["test_loss"] for e in events[run_id]]
         assert outcomes[run_id][1]["results"]["epochs"] == spec["epochs_target"]
