@@ -738,9 +738,6 @@ def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
         # Whatever the user code does wrong, the individual runs report it the usual way.
         raise Fallback(f"the group could not be set up ({type(exc).__name__}: {exc})"[:400]
                        ) from exc
-    ids = [m.run_id for m in members]
-    for member in members:
-        _log(member.spec, f"[mosaic] run {member.run_id} trains in an ensemble with runs {ids}")
     outcomes: dict[int, Outcome] = {}
     target = int(specs[0]["epochs_target"])
     checkpoint_every = float(specs[0].get("checkpoint_every", 30.0))
@@ -767,7 +764,10 @@ def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
         duration = (time.perf_counter() - started) / len(members)
         if first:
             # Only now, with the first epoch computed, may anything reach the daemon.
+            ids = [m.run_id for m in members]
             for member in members:
+                _log(member.spec, f"[mosaic] run {member.run_id} trains in an ensemble with "
+                                  f"runs {ids}")
                 execution.resend_epochs(member.channel, member.run_id, member.history,
                                         member.resend_from, member.checkpoint_epoch)
             first = False

@@ -341,6 +341,9 @@ def check_equivalence(specs: list[dict[str, Any]], tmp_path: Path, cls: str) -> 
         history = torch.load(contract.history_path(spec["run_files_path"], run_id))
         assert history["test_loss"] == [e["test_loss"] for e in events[run_id]]
         assert outcomes[run_id][1]["results"]["epochs"] == spec["epochs_target"]
+        log = Path(contract.run_log_path(spec["run_files_path"], run_id)).read_text()
+        ids = [int(s["run_id"]) for s in specs]
+        assert f"[mosaic] run {run_id} trains in an ensemble with runs {ids}" in log
     # The members are different runs: their seeds gave them different numbers.
     assert len({events[int(s["run_id"])][-1]["train_loss"] for s in specs}) == len(specs)
 
@@ -525,6 +528,7 @@ def test_what_cannot_be_vmapped_falls_back_to_individual_runs(classes: str, tmp_
         assert not Path(contract.checkpoint_path(str(files), run_id)).exists()
         log = Path(contract.run_log_path(str(files), run_id)).read_text()
         assert FALLBACKS[case] in log and "the run trains individually" in log
+        assert "trains in an ensemble" not in log
     # The caller then trains them one by one, as without ensembles: they finish.
     outcomes = dict(ensemble.run_individually(specs, {k: r.channel()
                                                       for k, r in recorders.items()}))
