@@ -35,18 +35,46 @@ CLASSES = os.path.join(HERE, "bench_classes.py")
 
 
 def specs(m: int, width: int, epochs: int, files: str, device: str) -> list[dict[str, Any]]:
-    return [{
-        "run_id": 1 + i, "seed": i, "device": device, "run_files_path": files,
-        "epochs_target": epochs, "start_epoch": 0, "checkpoint_every": 1e9,
-        "process": {"data_scheme": ["data"], "pipeline_scheme": ["model"], "lr": 0.001,
-                    "loss_function": "BCELoss", "accuracy": "binary", "optimizer": "Adam"},
-        "modules": [
-            {"type": "data", "class": "synthetic_data", "path_to_class": CLASSES,
-             "n_batches": 80, "batch_size": 50, "n_features": 2, "key": "d", "name": "data"},
-            {"type": "model", "class": "small_mlp", "path_to_class": CLASSES, "width": width,
-             "key": "m", "name": "model"},
-        ],
-    } for i in range(m)]
+    return [
+        {
+            "run_id": 1 + i,
+            "seed": i,
+            "device": device,
+            "run_files_path": files,
+            "epochs_target": epochs,
+            "start_epoch": 0,
+            "checkpoint_every": 1e9,
+            "process": {
+                "data_scheme": ["data"],
+                "pipeline_scheme": ["model"],
+                "lr": 0.001,
+                "loss_function": "BCELoss",
+                "accuracy": "binary",
+                "optimizer": "Adam",
+            },
+            "modules": [
+                {
+                    "type": "data",
+                    "class": "synthetic_data",
+                    "path_to_class": CLASSES,
+                    "n_batches": 80,
+                    "batch_size": 50,
+                    "n_features": 2,
+                    "key": "d",
+                    "name": "data",
+                },
+                {
+                    "type": "model",
+                    "class": "small_mlp",
+                    "path_to_class": CLASSES,
+                    "width": width,
+                    "key": "m",
+                    "name": "model",
+                },
+            ],
+        }
+        for i in range(m)
+    ]
 
 
 def _channel() -> ensemble.MemberChannel:
@@ -72,8 +100,9 @@ def time_group(group: list[dict[str, Any]], files: str) -> float:
     _clean(files)
     started = time.perf_counter()
     # No size limit: the curve measures the engine itself, where `auto` would not group.
-    outcomes = ensemble.execute_group(group, {int(s["run_id"]): _channel() for s in group},
-                                      max_params=None)
+    outcomes = ensemble.execute_group(
+        group, {int(s["run_id"]): _channel() for s in group}, max_params=None
+    )
     elapsed = time.perf_counter() - started
     assert all(o[0] == "done" for o in outcomes.values()), outcomes
     return elapsed
@@ -104,24 +133,35 @@ def main(argv: list[str] | None = None) -> None:
     repeat = 1 if args.quick else args.repeat
     execution.warm_up()
     compare(2, 16, 1, 1, args.device)  # first-use costs of vmap and the optimizers
-    print(f"device {args.device}, {torch.get_num_threads()} thread(s), {args.epochs} epochs of "
-          "80 batches of 50, Adam, best of", repeat)
+    print(
+        f"device {args.device}, {torch.get_num_threads()} thread(s), {args.epochs} epochs of "
+        "80 batches of 50, Adam, best of",
+        repeat,
+    )
     print("\nstudy: tiny MLP 2-16-16-1, M repetitions")
-    print(f"{'M':>4} {'loop (s)':>10} {'ensemble (s)':>13} {'ratio':>7} {'runs/s loop':>12} "
-          f"{'runs/s ens.':>12}")
+    print(
+        f"{'M':>4} {'loop (s)':>10} {'ensemble (s)':>13} {'ratio':>7} {'runs/s loop':>12} "
+        f"{'runs/s ens.':>12}"
+    )
     for m in (8, 16) if args.quick else (8, 16, 32):
         loop, group = compare(m, 16, args.epochs, repeat, args.device)
-        print(f"{m:>4} {loop:>10.3f} {group:>13.3f} {loop / group:>6.1f}x {m / loop:>12.1f} "
-              f"{m / group:>12.1f}", flush=True)
+        print(
+            f"{m:>4} {loop:>10.3f} {group:>13.3f} {loop / group:>6.1f}x {m / loop:>12.1f} "
+            f"{m / group:>12.1f}",
+            flush=True,
+        )
     print("\ncrossover: M = 16, width w (2-w-w-1)")
-    print(f"{'width':>6} {'params':>8} {'loop (s)':>10} {'ensemble (s)':>13} {'ratio':>7} "
-          f"{'auto':>6}")
+    print(
+        f"{'width':>6} {'params':>8} {'loop (s)':>10} {'ensemble (s)':>13} {'ratio':>7} {'auto':>6}"
+    )
     for width in (16, 128, 512) if args.quick else (16, 32, 64, 128, 256, 512):
         loop, group = compare(16, width, args.epochs, repeat, args.device)
         params = 2 * width + width + width * width + width + width + 1
         auto = "group" if params <= ensemble.AUTO_MAX_PARAMS else "alone"
-        print(f"{width:>6} {params:>8} {loop:>10.3f} {group:>13.3f} {loop / group:>6.1f}x "
-              f"{auto:>6}", flush=True)
+        print(
+            f"{width:>6} {params:>8} {loop:>10.3f} {group:>13.3f} {loop / group:>6.1f}x {auto:>6}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

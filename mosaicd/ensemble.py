@@ -109,8 +109,9 @@ from mosaicd.execution import BuiltRun, History
 # Not LBFGS (global line search), not Adafactor (factored second moments of matrices), not
 # SparseAdam, and not ASGD (its scalar eta and mu cannot be told from a scalar parameter's
 # state when (un)stacking).
-ELEMENTWISE_OPTIMIZERS = frozenset({"SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta",
-                                    "Adamax", "NAdam", "RAdam", "Rprop"})
+ELEMENTWISE_OPTIMIZERS = frozenset(
+    {"SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "Rprop"}
+)
 
 # The `auto` rule: above this many trainable parameters per member, an ensemble no longer
 # pays on a CPU (benchmarks/ensemble.py, docs/ensembles.md: 16 members of 67k parameters
@@ -160,12 +161,15 @@ def fallback_reason(specs: list[dict[str, Any]]) -> str | None:
         return f"the group lists a run twice ({run_ids})"
     optimizer = schema.value(schema.PROCESS, specs[0]["process"], "optimizer")
     if optimizer not in ELEMENTWISE_OPTIMIZERS:
-        return (f"optimizer {optimizer} is not elementwise (ensembles support "
-                f"{', '.join(sorted(ELEMENTWISE_OPTIMIZERS))})")
+        return (
+            f"optimizer {optimizer} is not elementwise (ensembles support "
+            f"{', '.join(sorted(ELEMENTWISE_OPTIMIZERS))})"
+        )
     keys = {group_key(s) for s in specs}
     if len(keys) != 1:
-        return ("the members are not repetitions of one pipeline (pipeline, PROCESS or epochs "
-                "differ)")
+        return (
+            "the members are not repetitions of one pipeline (pipeline, PROCESS or epochs differ)"
+        )
     if len({str(s.get("device", "cpu")) for s in specs}) != 1:
         return "the members are on different devices"
     return None
@@ -179,8 +183,12 @@ def _tensor_loader(loader: Any) -> TensorDataset | None:
     batches can be cut from the tensors directly, with the loader's own sampler."""
     if type(loader) is not DataLoader or type(loader.dataset) is not TensorDataset:
         return None
-    if loader.num_workers != 0 or loader.collate_fn is not default_collate or \
-            loader.pin_memory or loader.batch_size is None:
+    if (
+        loader.num_workers != 0
+        or loader.collate_fn is not default_collate
+        or loader.pin_memory
+        or loader.batch_size is None
+    ):
         return None
     return loader.dataset
 
@@ -237,14 +245,22 @@ def _stack_tree(items: list[Any]) -> Any:
 
 def _same_tree(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and \
-            (a is b or bool(torch.equal(a, b)))
+        return (
+            isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and (a is b or bool(torch.equal(a, b)))
+        )
     if isinstance(a, (tuple, list)):
-        return isinstance(b, (tuple, list)) and len(a) == len(b) and \
-            all(_same_tree(x, y) for x, y in zip(a, b))
+        return (
+            isinstance(b, (tuple, list))
+            and len(a) == len(b)
+            and all(_same_tree(x, y) for x, y in zip(a, b))
+        )
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and \
-            all(_same_tree(a[k], b[k]) for k in a)
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+        )
     return a == b
 
 
@@ -258,8 +274,10 @@ def _shape_of(tree: Any) -> Any:
     return type(tree).__name__
 
 
-def _step_batches(sources: list[MemberBatches], device: torch.device,
-                  ) -> tuple[Any, Any, bool] | None:
+def _step_batches(
+    sources: list[MemberBatches],
+    device: torch.device,
+) -> tuple[Any, Any, bool] | None:
     """All members' next batches as (x, y, shared); None when the pass is over."""
     batches = [s.next() for s in sources]
     ended = [b is None for b in batches]
@@ -269,13 +287,16 @@ def _step_batches(sources: list[MemberBatches], device: torch.device,
         raise Fallback("the members' loaders yield different numbers of batches")
     for batch in batches:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise execution.UserCodeError("each batch must be an (x, y) pair; the data "
-                                          "module's loaders yielded " + type(batch).__name__)
+            raise execution.UserCodeError(
+                "each batch must be an (x, y) pair; the data "
+                "module's loaders yielded " + type(batch).__name__
+            )
     first = batches[0]
     if all(b is first for b in batches) or (
-            sources[0].indices is not None and
-            all(s.dataset is sources[0].dataset for s in sources) and
-            all(s.indices == sources[0].indices for s in sources)):
+        sources[0].indices is not None
+        and all(s.dataset is sources[0].dataset for s in sources)
+        and all(s.indices == sources[0].indices for s in sources)
+    ):
         shared = True
     else:
         shape = _shape_of(first)
@@ -319,25 +340,38 @@ def _check_modules(members: list[Member]) -> None:
     """Up-front fallbacks that need the built modules."""
     for obj, info in zip(members[0].run.models, members[0].run.model_infos):
         if not isinstance(obj, torch.nn.Module):
-            raise Fallback(f"model {type(obj).__name__} (section [{info.get('name')}]) is not "
-                           "a torch.nn.Module")
+            raise Fallback(
+                f"model {type(obj).__name__} (section [{info.get('name')}]) is not "
+                "a torch.nn.Module"
+            )
         for sub in obj.modules():
-            if isinstance(sub, torch.nn.modules.batchnorm._NormBase) and \
-                    sub.track_running_stats:
-                raise Fallback(f"in-place buffer updates: {type(sub).__name__} in "
-                               f"{type(obj).__name__} updates its running statistics in "
-                               "training mode")
+            if isinstance(sub, torch.nn.modules.batchnorm._NormBase) and sub.track_running_stats:
+                raise Fallback(
+                    f"in-place buffer updates: {type(sub).__name__} in "
+                    f"{type(obj).__name__} updates its running statistics in "
+                    "training mode"
+                )
     seen: set[int] = set()
     for obj in members[0].run.models:
         for param in obj.parameters():
             if id(param) in seen:
                 raise Fallback("a parameter is shared between modules of the pipeline")
             seen.add(id(param))
-    ref = [(list((n, p.shape) for n, p in m.named_parameters()),
-            list((n, b.shape) for n, b in m.named_buffers())) for m in members[0].run.models]
+    ref = [
+        (
+            list((n, p.shape) for n, p in m.named_parameters()),
+            list((n, b.shape) for n, b in m.named_buffers()),
+        )
+        for m in members[0].run.models
+    ]
     for member in members[1:]:
-        mine = [(list((n, p.shape) for n, p in m.named_parameters()),
-                 list((n, b.shape) for n, b in m.named_buffers())) for m in member.run.models]
+        mine = [
+            (
+                list((n, p.shape) for n, p in m.named_parameters()),
+                list((n, b.shape) for n, b in m.named_buffers()),
+            )
+            for m in member.run.models
+        ]
         if mine != ref:
             raise Fallback("the members' modules have different parameters or shapes")
     base_info = {k: v for k, v in members[0].run.run_info.items() if k not in ("run_id", "seed")}
@@ -348,8 +382,7 @@ def _check_modules(members: list[Member]) -> None:
         except (RuntimeError, TypeError, ValueError):  # tensors in run_info
             same = False
         if not same:
-            raise Fallback("the members' run_info differ (a module's info() depends on the "
-                           "seed)")
+            raise Fallback("the members' run_info differ (a module's info() depends on the seed)")
 
 
 class Stack:
@@ -373,14 +406,16 @@ class Stack:
             params, buffers = _named(base)
             per_stage: dict[str, torch.Tensor] = {}
             for name, param in params.items():
-                values = torch.stack([dict(m.run.models[s].named_parameters())[name].detach()
-                                      for m in members])
+                values = torch.stack(
+                    [dict(m.run.models[s].named_parameters())[name].detach() for m in members]
+                )
                 per_stage[name] = values.requires_grad_(param.requires_grad)
                 if param.requires_grad:
                     trainable[id(param)] = (s, name)
             for name in buffers:
-                per_stage[name] = torch.stack([dict(m.run.models[s].named_buffers())[name]
-                                               for m in members])
+                per_stage[name] = torch.stack(
+                    [dict(m.run.models[s].named_buffers())[name] for m in members]
+                )
             self.stacked.append(per_stage)
         # The optimizer's parameters in the order of the member's own optimizer, so that its
         # state dict maps index for index onto each member's.
@@ -399,11 +434,13 @@ class Stack:
             param = self.members[0].run.optimizer.param_groups[0]["params"][index]
             stacked_state[index] = {
                 key: torch.stack([st["state"][index][key] for st in states])
-                if key != "step" and isinstance(value, torch.Tensor)
-                and value.shape == param.shape else value
-                for key, value in entry.items()}
-        self.optimizer.load_state_dict({"state": stacked_state,
-                                        "param_groups": states[0]["param_groups"]})
+                if key != "step" and isinstance(value, torch.Tensor) and value.shape == param.shape
+                else value
+                for key, value in entry.items()
+            }
+        self.optimizer.load_state_dict(
+            {"state": stacked_state, "param_groups": states[0]["param_groups"]}
+        )
 
     def unstack(self) -> None:
         """Copy each member's slice back into its own modules and optimizer."""
@@ -418,15 +455,23 @@ class Stack:
                 for index, entry in stacked_state["state"].items():
                     shape = self.optimizer.param_groups[0]["params"][index].shape
                     state[index] = {
-                        key: value[i].clone() if key != "step" and
-                        isinstance(value, torch.Tensor) and value.shape == shape
+                        key: value[i].clone()
+                        if key != "step"
+                        and isinstance(value, torch.Tensor)
+                        and value.shape == shape
                         else (value.clone() if isinstance(value, torch.Tensor) else value)
-                        for key, value in entry.items()}
+                        for key, value in entry.items()
+                    }
                 member.run.optimizer.load_state_dict(
-                    {"state": state, "param_groups": stacked_state["param_groups"]})
+                    {"state": state, "param_groups": stacked_state["param_groups"]}
+                )
 
-    def _forward(self, stacked: list[dict[str, torch.Tensor]], x: Any, y: Any,
-                 ) -> tuple[torch.Tensor, Any]:
+    def _forward(
+        self,
+        stacked: list[dict[str, torch.Tensor]],
+        x: Any,
+        y: Any,
+    ) -> tuple[torch.Tensor, Any]:
         out = x
         for base, info, tensors in zip(self.bases, self.infos, stacked):
             out = functional_call(base, tensors, (out, self.run_info, info))
@@ -446,7 +491,8 @@ class Stack:
         torch.set_rng_state(self.forward_rng)
         try:
             return vmap(self._forward, in_dims=(0, dim, dim), randomness="different")(
-                self.stacked, x, y)
+                self.stacked, x, y
+            )
         finally:
             self.forward_rng = torch.get_rng_state()
 
@@ -456,11 +502,15 @@ class Stack:
         try:
             count = vmap(self.count, in_dims=(0, None if shared else 0))(out, y)
         except Exception as exc:
-            raise Fallback("the accuracy cannot take stacked outputs (the model's accuracy() "
-                           f"fails under vmap: {_short(exc)})") from exc
+            raise Fallback(
+                "the accuracy cannot take stacked outputs (the model's accuracy() "
+                f"fails under vmap: {_short(exc)})"
+            ) from exc
         if not isinstance(count, torch.Tensor):
-            raise Fallback("the accuracy cannot take stacked outputs (it returned "
-                           f"{type(count).__name__}, not a tensor)")
+            raise Fallback(
+                "the accuracy cannot take stacked outputs (it returned "
+                f"{type(count).__name__}, not a tensor)"
+            )
         return count
 
     def train(self, mode: bool) -> None:
@@ -468,8 +518,12 @@ class Stack:
             base.train(mode)
 
     def buffers(self) -> list[torch.Tensor]:
-        return [t for s, base in enumerate(self.bases) for n, _ in base.named_buffers()
-                for t in [self.stacked[s][n]]]
+        return [
+            t
+            for s, base in enumerate(self.bases)
+            for n, _ in base.named_buffers()
+            for t in [self.stacked[s][n]]
+        ]
 
 
 def _probe(stack: Stack, members: list[Member]) -> None:
@@ -512,17 +566,25 @@ def _probe(stack: Stack, members: list[Member]) -> None:
         for i, member in enumerate(members):
             if not isinstance(outs, torch.Tensor) or not isinstance(alone_outs[i], torch.Tensor):
                 raise Fallback("the model's output is not a tensor")
-            if not (torch.allclose(outs[i], alone_outs[i], rtol=1e-4, atol=1e-6, equal_nan=True)
-                    and torch.allclose(losses[i], alone_losses[i], rtol=1e-4, atol=1e-6,
-                                       equal_nan=True)):
-                raise Fallback(f"the vmapped model does not reproduce run {member.run_id}'s "
-                               "outputs (the forward depends on something vmap does not "
-                               "stack, e.g. run_info or non-tensor state)")
-            if counts is not None and alone_counts[i] is not None and \
-                    abs(float(counts[i]) - float(alone_counts[i])) > 0.5:
-                raise Fallback(f"the accuracy cannot take stacked outputs (run "
-                               f"{member.run_id}: {float(counts[i])} correct stacked, "
-                               f"{float(alone_counts[i])} alone)")
+            if not (
+                torch.allclose(outs[i], alone_outs[i], rtol=1e-4, atol=1e-6, equal_nan=True)
+                and torch.allclose(losses[i], alone_losses[i], rtol=1e-4, atol=1e-6, equal_nan=True)
+            ):
+                raise Fallback(
+                    f"the vmapped model does not reproduce run {member.run_id}'s "
+                    "outputs (the forward depends on something vmap does not "
+                    "stack, e.g. run_info or non-tensor state)"
+                )
+            if (
+                counts is not None
+                and alone_counts[i] is not None
+                and abs(float(counts[i]) - float(alone_counts[i])) > 0.5
+            ):
+                raise Fallback(
+                    f"the accuracy cannot take stacked outputs (run "
+                    f"{member.run_id}: {float(counts[i])} correct stacked, "
+                    f"{float(alone_counts[i])} alone)"
+                )
     finally:
         execution.set_rng_states(saved)
 
@@ -547,8 +609,11 @@ def _short(exc: BaseException) -> str:
 
 def _vmap_reason(exc: BaseException) -> str:
     text = _short(exc)
-    if "data-dependent control flow" in text or "data dependent" in text.lower() or \
-            ".item()" in text:
+    if (
+        "data-dependent control flow" in text
+        or "data dependent" in text.lower()
+        or ".item()" in text
+    ):
         return f"data-dependent control flow cannot be vmapped ({text})"
     return f"the pipeline cannot be vmapped ({text})"
 
@@ -558,8 +623,11 @@ def _vmap_reason(exc: BaseException) -> str:
 STACKED_DATA_MAX_BYTES = 256 * 2**20
 
 
-def _stacked_data(stack: Stack, sources: list[MemberBatches], train: bool,
-                  ) -> tuple[list[torch.Tensor], bool] | None:
+def _stacked_data(
+    stack: Stack,
+    sources: list[MemberBatches],
+    train: bool,
+) -> tuple[list[torch.Tensor], bool] | None:
     """The members' dataset tensors stacked (and whether they are all identical), or None."""
     if train in stack.data_cache:
         return stack.data_cache[train]
@@ -567,28 +635,40 @@ def _stacked_data(stack: Stack, sources: list[MemberBatches], train: bool,
     datasets = [s.dataset for s in sources]
     if all(d is not None and len(d.tensors) == 2 for d in datasets):  # (x, y) pairs only
         first = datasets[0].tensors  # type: ignore[union-attr]
-        layouts = [[(t.shape, t.dtype, t.device) for t in d.tensors]  # type: ignore[union-attr]
-                   for d in datasets]
-        if all(layout == layouts[0] for layout in layouts) and \
-                sum(t.nbytes for t in first) * len(datasets) <= STACKED_DATA_MAX_BYTES:
-            tensors = [torch.stack([d.tensors[k] for d in datasets])  # type: ignore[union-attr]
-                       for k in range(len(first))]
-            identical = all(d is datasets[0] or all(
-                torch.equal(a, b) for a, b in zip(d.tensors, first))  # type: ignore[union-attr]
-                for d in datasets)
+        layouts = [
+            [(t.shape, t.dtype, t.device) for t in d.tensors]  # type: ignore[union-attr]
+            for d in datasets
+        ]
+        if (
+            all(layout == layouts[0] for layout in layouts)
+            and sum(t.nbytes for t in first) * len(datasets) <= STACKED_DATA_MAX_BYTES
+        ):
+            tensors = [
+                torch.stack([d.tensors[k] for d in datasets])  # type: ignore[union-attr]
+                for k in range(len(first))
+            ]
+            identical = all(
+                d is datasets[0] or all(torch.equal(a, b) for a, b in zip(d.tensors, first))  # type: ignore[union-attr]
+                for d in datasets
+            )
             found = (tensors, identical)
     stack.data_cache[train] = found
     return found
 
 
-def _steps(stack: Stack, sources: list[MemberBatches], train: bool, device: torch.device,
-           ) -> Iterator[tuple[Any, Any, bool]]:
+def _steps(
+    stack: Stack,
+    sources: list[MemberBatches],
+    train: bool,
+    device: torch.device,
+) -> Iterator[tuple[Any, Any, bool]]:
     """A pass's steps as (x, y, shared): x and y stacked over the members, or one batch that
     all members share (shared)."""
     data = _stacked_data(stack, sources, train)
     sizes = [len(b) for b in sources[0].indices] if sources[0].indices is not None else None
-    if data is None or any(s.indices is None or [len(b) for b in s.indices] != sizes
-                           for s in sources):
+    if data is None or any(
+        s.indices is None or [len(b) for b in s.indices] != sizes for s in sources
+    ):
         while (step := _step_batches(sources, device)) is not None:
             yield step
         return
@@ -598,32 +678,43 @@ def _steps(stack: Stack, sources: list[MemberBatches], train: bool, device: torc
         index = torch.as_tensor(flat[0])
         start = 0
         for size in sizes:  # type: ignore[union-attr]
-            batch = index[start:start + size]
+            batch = index[start : start + size]
             start += size
-            yield (execution.to_device(tensors[0][0][batch], device),
-                   execution.to_device(tensors[1][0][batch], device), True)
+            yield (
+                execution.to_device(tensors[0][0][batch], device),
+                execution.to_device(tensors[1][0][batch], device),
+                True,
+            )
         return
     index = torch.as_tensor(flat)
     rows = torch.arange(len(sources)).unsqueeze(1)
     start = 0
     for size in sizes:  # type: ignore[union-attr]
-        batch = index[:, start:start + size]
+        batch = index[:, start : start + size]
         start += size
-        yield (execution.to_device(tensors[0][rows, batch], device),
-               execution.to_device(tensors[1][rows, batch], device), False)
+        yield (
+            execution.to_device(tensors[0][rows, batch], device),
+            execution.to_device(tensors[1][rows, batch], device),
+            False,
+        )
 
 
 # -- one epoch --------------------------------------------------------------------------------
 
 
-def _pass(stack: Stack, members: list[Member], train: bool, first_step: bool,
-          ) -> tuple[list[float], list[float | None]]:
+def _pass(
+    stack: Stack,
+    members: list[Member],
+    train: bool,
+    first_step: bool,
+) -> tuple[list[float], list[float | None]]:
     """One pass of all members over their loaders; their mean losses and accuracies."""
     stack.train(train)
     stack.seed_forward(int(members[0].run.run_info["epoch"]), train)
     device = members[0].run.device
-    sources = [MemberBatches(m.run.train_data if train else m.run.test_data, m.rng)
-               for m in members]
+    sources = [
+        MemberBatches(m.run.train_data if train else m.run.test_data, m.rng) for m in members
+    ]
     steps = _steps(stack, sources, train, device)
     loss_sum = torch.zeros(len(members), device=device)
     correct: torch.Tensor | None = None
@@ -644,23 +735,28 @@ def _pass(stack: Stack, members: list[Member], train: bool, first_step: bool,
                 stack.optimizer.zero_grad(set_to_none=True)
                 losses.sum().backward()
                 stack.optimizer.step()
-            if check_buffers and any(not torch.equal(a, b)
-                                     for a, b in zip(before, stack.buffers())):
-                raise Fallback("in-place buffer updates: a module changes its buffers while "
-                               "training")
+            if check_buffers and any(
+                not torch.equal(a, b) for a, b in zip(before, stack.buffers())
+            ):
+                raise Fallback(
+                    "in-place buffer updates: a module changes its buffers while training"
+                )
             loss_sum += losses.detach()
-            count = stack.correct(out.detach() if isinstance(out, torch.Tensor) else out,
-                                  y, shared)
+            count = stack.correct(out.detach() if isinstance(out, torch.Tensor) else out, y, shared)
             if count is not None:
                 correct = count if correct is None else correct + count
             n_batches += 1
             n_samples += execution._batch_size(y if shared else y[0])
     if n_batches == 0:
-        raise execution.UserCodeError("a data loader yielded no batch; check data_size and "
-                                      "train_prop")
+        raise execution.UserCodeError(
+            "a data loader yielded no batch; check data_size and train_prop"
+        )
     losses_out = [value / n_batches for value in loss_sum.tolist()]
-    accs: list[float | None] = ([None] * len(members) if correct is None else
-                                [value / n_samples for value in correct.double().tolist()])
+    accs: list[float | None] = (
+        [None] * len(members)
+        if correct is None
+        else [value / n_samples for value in correct.double().tolist()]
+    )
     return losses_out, accs
 
 
@@ -674,16 +770,22 @@ def _log(spec: dict[str, Any], text: str) -> None:
         fh.write(text + "\n")
 
 
-def _build_members(specs: list[dict[str, Any]],
-                   channels: dict[int, MemberChannel]) -> list[Member]:
+def _build_members(specs: list[dict[str, Any]], channels: dict[int, MemberChannel]) -> list[Member]:
     members = []
     for spec in specs:
         os.makedirs(spec["run_files_path"], exist_ok=True)
         run = execution.build(spec)
         history = History()
         start_epoch = int(spec.get("start_epoch") or 0)
-        member = Member(spec=spec, run=run, channel=channels[run.run_id], history=history,
-                        rng={}, resend_from=start_epoch, checkpoint_epoch=start_epoch)
+        member = Member(
+            spec=spec,
+            run=run,
+            channel=channels[run.run_id],
+            history=history,
+            rng={},
+            resend_from=start_epoch,
+            checkpoint_epoch=start_epoch,
+        )
         if start_epoch > 0:
             member.checkpoint_epoch, member.history = execution.restore(run, member.files_dir)
         member.rng = execution.rng_states()  # after build (and restore): the run's own state
@@ -696,13 +798,18 @@ def _build_members(specs: list[dict[str, Any]],
 
 def _failure(exc: BaseException) -> Outcome:
     text = traceback.format_exc()
-    message = (str(exc) if isinstance(exc, execution.UserCodeError)
-               else f"{type(exc).__name__}: {exc}")
+    message = (
+        str(exc) if isinstance(exc, execution.UserCodeError) else f"{type(exc).__name__}: {exc}"
+    )
     return ("failed", {"error": message, "traceback": text})
 
 
-def execute_group(specs: list[dict[str, Any]], channels: dict[int, MemberChannel], *,
-                  max_params: int | None = AUTO_MAX_PARAMS) -> dict[int, Outcome]:
+def execute_group(
+    specs: list[dict[str, Any]],
+    channels: dict[int, MemberChannel],
+    *,
+    max_params: int | None = AUTO_MAX_PARAMS,
+) -> dict[int, Outcome]:
     """Train the members together; see the module docstring for the contract. Members of more
     than `max_params` trainable parameters fall back (None: no limit)."""
     reason = fallback_reason(specs)
@@ -713,22 +820,28 @@ def execute_group(specs: list[dict[str, Any]], channels: dict[int, MemberChannel
     except Fallback as fallback:
         for spec in specs:
             try:
-                _log(spec, f"[mosaic] ensemble of runs {[int(s['run_id']) for s in specs]} not "
-                           f"used: {fallback.reason}; the run trains individually")
+                _log(
+                    spec,
+                    f"[mosaic] ensemble of runs {[int(s['run_id']) for s in specs]} not "
+                    f"used: {fallback.reason}; the run trains individually",
+                )
             except OSError:
                 pass
         raise
 
 
-def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
-             max_params: int | None) -> dict[int, Outcome]:
+def _execute(
+    specs: list[dict[str, Any]], channels: dict[int, MemberChannel], max_params: int | None
+) -> dict[int, Outcome]:
     lr = float(specs[0]["process"]["lr"])
     try:
         members = _build_members(specs, channels)
         nb_params = members[0].run.nb_params
         if max_params is not None and nb_params > max_params:
-            raise Fallback(f"the model is too large to gain from an ensemble ({nb_params} "
-                           f"trainable parameters per member, more than {max_params})")
+            raise Fallback(
+                f"the model is too large to gain from an ensemble ({nb_params} "
+                f"trainable parameters per member, more than {max_params})"
+            )
         _check_modules(members)
         stack = Stack(members, lr)
         _probe(stack, members)
@@ -736,8 +849,9 @@ def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
         raise
     except Exception as exc:
         # Whatever the user code does wrong, the individual runs report it the usual way.
-        raise Fallback(f"the group could not be set up ({type(exc).__name__}: {exc})"[:400]
-                       ) from exc
+        raise Fallback(
+            f"the group could not be set up ({type(exc).__name__}: {exc})"[:400]
+        ) from exc
     outcomes: dict[int, Outcome] = {}
     target = int(specs[0]["epochs_target"])
     checkpoint_every = float(specs[0].get("checkpoint_every", 30.0))
@@ -756,8 +870,9 @@ def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
             if first:
                 if isinstance(exc, Fallback):
                     raise
-                raise Fallback(f"the first ensemble epoch failed ({type(exc).__name__}: "
-                               f"{exc})"[:400]) from exc
+                raise Fallback(
+                    f"the first ensemble epoch failed ({type(exc).__name__}: {exc})"[:400]
+                ) from exc
             failure = _failure(exc)
             outcomes.update({m.run_id: failure for m in members})
             return outcomes
@@ -766,10 +881,17 @@ def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
             # Only now, with the first epoch computed, may anything reach the daemon.
             ids = [m.run_id for m in members]
             for member in members:
-                _log(member.spec, f"[mosaic] run {member.run_id} trains in an ensemble with "
-                                  f"runs {ids}")
-                execution.resend_epochs(member.channel, member.run_id, member.history,
-                                        member.resend_from, member.checkpoint_epoch)
+                _log(
+                    member.spec,
+                    f"[mosaic] run {member.run_id} trains in an ensemble with runs {ids}",
+                )
+                execution.resend_epochs(
+                    member.channel,
+                    member.run_id,
+                    member.history,
+                    member.resend_from,
+                    member.checkpoint_epoch,
+                )
             first = False
         survivors = []
         for i, member in enumerate(members):
@@ -778,13 +900,13 @@ def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
                     raise execution.UserCodeError(
                         f"loss is not finite at epoch {epoch} (train {train_loss[i]}, test "
                         f"{test_loss[i]}); lower lr, check the data for NaN, or use a "
-                        "numerically stable loss")
+                        "numerically stable loss"
+                    )
                 except execution.UserCodeError as exc:
                     outcomes[member.run_id] = _failure(exc)
                     _log(member.spec, outcomes[member.run_id][1]["traceback"])
                 continue
-            member.history.append(train_loss[i], test_loss[i], train_acc[i], test_acc[i],
-                                  duration)
+            member.history.append(train_loss[i], test_loss[i], train_acc[i], test_acc[i], duration)
             survivors.append(member)
         last = epoch == target
         decisions = []
@@ -793,8 +915,11 @@ def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
             cancel = member.channel.cancel_requested()
             decisions.append((member, park, cancel))
         checkpoint_all = last or time.monotonic() - last_checkpoint >= checkpoint_every
-        if checkpoint_all or len(survivors) != len(members) or \
-                any(park or cancel for _, park, cancel in decisions):
+        if (
+            checkpoint_all
+            or len(survivors) != len(members)
+            or any(park or cancel for _, park, cancel in decisions)
+        ):
             stack.unstack()
         if checkpoint_all:
             last_checkpoint = time.monotonic()
@@ -803,21 +928,29 @@ def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
             checkpointed = (checkpoint_all or park) and not cancel
             if checkpointed:
                 execution.set_rng_states(member.rng)
-                execution.save_checkpoint(member.run, member.history, epoch,
-                                          contract.checkpoint_path(member.files_dir,
-                                                                   member.run_id))
+                execution.save_checkpoint(
+                    member.run,
+                    member.history,
+                    epoch,
+                    contract.checkpoint_path(member.files_dir, member.run_id),
+                )
             history = member.history
-            _log(member.spec, f"[mosaic] run {member.run_id} epoch {epoch}/{target} "
-                              f"train_loss={history.train_loss[-1]:.6g} "
-                              f"test_loss={history.test_loss[-1]:.6g}")
+            _log(
+                member.spec,
+                f"[mosaic] run {member.run_id} epoch {epoch}/{target} "
+                f"train_loss={history.train_loss[-1]:.6g} "
+                f"test_loss={history.test_loss[-1]:.6g}",
+            )
             member.channel.on_epoch(history.event(member.run_id, epoch - 1, checkpointed))
             if cancel and not last:
                 outcomes[member.run_id] = ("cancelled", {"epoch": epoch})
                 _log(member.spec, f"[mosaic] run {member.run_id} cancelled after epoch {epoch}")
             elif last:
                 try:
-                    outcomes[member.run_id] = ("done", execution.finish(member.run, member.spec,
-                                                                         history))
+                    outcomes[member.run_id] = (
+                        "done",
+                        execution.finish(member.run, member.spec, history),
+                    )
                 except BaseException as exc:
                     outcomes[member.run_id] = _failure(exc)
             elif park:
@@ -830,15 +963,23 @@ def _execute(specs: list[dict[str, Any]], channels: dict[int, MemberChannel],
         members = remaining
     for member in members:  # already at the target when the group started
         if first:
-            execution.resend_epochs(member.channel, member.run_id, member.history,
-                                    member.resend_from, member.checkpoint_epoch)
-        outcomes[member.run_id] = ("done", execution.finish(member.run, member.spec,
-                                                            member.history))
+            execution.resend_epochs(
+                member.channel,
+                member.run_id,
+                member.history,
+                member.resend_from,
+                member.checkpoint_epoch,
+            )
+        outcomes[member.run_id] = (
+            "done",
+            execution.finish(member.run, member.spec, member.history),
+        )
     return outcomes
 
 
-def run_individually(specs: list[dict[str, Any]],
-                     channels: dict[int, execution.Channel]) -> Iterator[tuple[int, Outcome]]:
+def run_individually(
+    specs: list[dict[str, Any]], channels: dict[int, execution.Channel]
+) -> Iterator[tuple[int, Outcome]]:
     """The fallback path as the tests and the benchmark use it: each spec through
     execution.execute (the worker uses its own run_one instead, for logs and isolation)."""
     for spec in specs:

@@ -226,42 +226,82 @@ def classes(tmp_path: Path) -> Iterator[str]:
 
 
 def module(name: str, kind: str, path: str, **params: Any) -> dict[str, Any]:
-    return {"type": kind, "class": name, "path_to_class": path, "key": name, "name": name,
-            **params}
+    return {"type": kind, "class": name, "path_to_class": path, "key": name, "name": name, **params}
 
 
-def make_specs(files: Path, data: list[dict[str, Any]], model: dict[str, Any], *,
-               n: int = 3, epochs: int = 3, loss: str = "BCELoss", accuracy: str = "binary",
-               optimizer: str = "Adam", lr: float = 0.05) -> list[dict[str, Any]]:
-    return [{
-        "run_id": 10 + i, "seed": i, "device": "cpu", "run_files_path": str(files),
-        "epochs_target": epochs, "start_epoch": 0, "checkpoint_every": 30.0,
-        "process": {"data_scheme": [d["type"] for d in data], "pipeline_scheme": [model["type"]],
-                    "lr": lr, "loss_function": loss, "accuracy": accuracy,
-                    "optimizer": optimizer},
-        "modules": [*copy.deepcopy(data), copy.deepcopy(model)],
-    } for i in range(n)]
+def make_specs(
+    files: Path,
+    data: list[dict[str, Any]],
+    model: dict[str, Any],
+    *,
+    n: int = 3,
+    epochs: int = 3,
+    loss: str = "BCELoss",
+    accuracy: str = "binary",
+    optimizer: str = "Adam",
+    lr: float = 0.05,
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_id": 10 + i,
+            "seed": i,
+            "device": "cpu",
+            "run_files_path": str(files),
+            "epochs_target": epochs,
+            "start_epoch": 0,
+            "checkpoint_every": 30.0,
+            "process": {
+                "data_scheme": [d["type"] for d in data],
+                "pipeline_scheme": [model["type"]],
+                "lr": lr,
+                "loss_function": loss,
+                "accuracy": accuracy,
+                "optimizer": optimizer,
+            },
+            "modules": [*copy.deepcopy(data), copy.deepcopy(model)],
+        }
+        for i in range(n)
+    ]
 
 
 def or_specs(files: Path, **kw: Any) -> list[dict[str, Any]]:
-    data = module("dataset_OR", "dataset", str(OR_EXAMPLE / "dataset.py"), data_size=120,
-                  train_prop=0.8, batch_size=20)
+    data = module(
+        "dataset_OR",
+        "dataset",
+        str(OR_EXAMPLE / "dataset.py"),
+        data_size=120,
+        train_prop=0.8,
+        batch_size=20,
+    )
     model = module("mlp_funnel", "mlp", str(OR_EXAMPLE / "mlp.py"), length=2, width=4)
     return make_specs(files, [data], model, **kw)
 
 
 def two_stage_specs(classes: str, files: Path, **kw: Any) -> list[dict[str, Any]]:
-    return make_specs(files, [module("raw_points", "raw", classes, n=48, dims=3),
-                              module("split_loader", "split", classes, batch_size=8)],
-                      module("mlp", "model", classes, width=5), **kw)
+    return make_specs(
+        files,
+        [
+            module("raw_points", "raw", classes, n=48, dims=3),
+            module("split_loader", "split", classes, batch_size=8),
+        ],
+        module("mlp", "model", classes, width=5),
+        **kw,
+    )
 
 
-def points_specs(classes: str, files: Path, model: str = "mlp", **kw: Any,
-                 ) -> list[dict[str, Any]]:
+def points_specs(
+    classes: str,
+    files: Path,
+    model: str = "mlp",
+    **kw: Any,
+) -> list[dict[str, Any]]:
     data_params = {"nan_seed": kw.pop("nan_seed")} if "nan_seed" in kw else {}
-    return make_specs(files, [module(kw.pop("data", "tensor_points"), "data", classes, n=48,
-                                     dims=3, **data_params)],
-                      module(model, "model", classes, width=5), **kw)
+    return make_specs(
+        files,
+        [module(kw.pop("data", "tensor_points"), "data", classes, n=48, dims=3, **data_params)],
+        module(model, "model", classes, width=5),
+        **kw,
+    )
 
 
 class Recorder:
@@ -276,13 +316,17 @@ class Recorder:
         return lambda: epoch is not None and len(self.events) + 1 >= epoch
 
     def channel(self) -> ensemble.MemberChannel:
-        return ensemble.MemberChannel(on_epoch=self.events.append,
-                                      park_requested=self._at(self.park_after),
-                                      cancel_requested=self._at(self.cancel_after))
+        return ensemble.MemberChannel(
+            on_epoch=self.events.append,
+            park_requested=self._at(self.park_after),
+            cancel_requested=self._at(self.cancel_after),
+        )
 
 
-def run_group(specs: list[dict[str, Any]], recorders: dict[int, Recorder] | None = None,
-              ) -> tuple[dict[int, ensemble.Outcome], dict[int, list[dict[str, Any]]]]:
+def run_group(
+    specs: list[dict[str, Any]],
+    recorders: dict[int, Recorder] | None = None,
+) -> tuple[dict[int, ensemble.Outcome], dict[int, list[dict[str, Any]]]]:
     recorders = recorders or {}
     for spec in specs:
         recorders.setdefault(int(spec["run_id"]), Recorder())
@@ -366,28 +410,36 @@ def record_sharing(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return shared
 
 
-def test_two_stage_data_members_equal_their_runs_alone(classes: str, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_stage_data_members_equal_their_runs_alone(
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shared = record_sharing(monkeypatch)
     check_equivalence(two_stage_specs(classes, tmp_path / "group"), tmp_path, "mlp")
     assert shared and not any(shared)  # each member's own data: stacked batches
 
 
 def test_cnn_members_share_one_batch_and_equal_their_runs_alone(
-        classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shared = record_sharing(monkeypatch)
-    specs = make_specs(tmp_path / "group", [module("images", "data", classes, n=64)],
-                       module("cnn", "model", classes), loss="CrossEntropyLoss",
-                       accuracy="argmax")
+    specs = make_specs(
+        tmp_path / "group",
+        [module("images", "data", classes, n=64)],
+        module("cnn", "model", classes),
+        loss="CrossEntropyLoss",
+        accuracy="argmax",
+    )
     check_equivalence(specs, tmp_path, "cnn")
     assert shared and all(shared)  # the same images for every seed: one shared batch
 
 
 @pytest.mark.parametrize("optimizer", ["AdamW", "SGD", "RMSprop"])
-def test_weight_decay_and_other_optimizers_are_elementwise(classes: str, tmp_path: Path,
-                                                           optimizer: str) -> None:
-    check_equivalence(points_specs(classes, tmp_path / "group", optimizer=optimizer),
-                      tmp_path, "mlp")
+def test_weight_decay_and_other_optimizers_are_elementwise(
+    classes: str, tmp_path: Path, optimizer: str
+) -> None:
+    check_equivalence(
+        points_specs(classes, tmp_path / "group", optimizer=optimizer), tmp_path, "mlp"
+    )
 
 
 def test_a_member_with_a_nan_loss_fails_alone(classes: str, tmp_path: Path) -> None:
@@ -402,30 +454,35 @@ def test_a_member_with_a_nan_loss_fails_alone(classes: str, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("model", ["mlp", "dropout_mlp"])
-def test_dropout_draws_an_independent_stream_per_member(classes: str, tmp_path: Path,
-                                                        model: str) -> None:
+def test_dropout_draws_an_independent_stream_per_member(
+    classes: str, tmp_path: Path, model: str
+) -> None:
     # Two members with the same seed: same weights, same data; only their randomness differs.
     specs = [dict(s, seed=0) for s in points_specs(classes, tmp_path / "a", model=model, n=2)]
     _, events = run_group(specs)
     _, again = run_group([dict(s, run_files_path=str(tmp_path / "b")) for s in specs])
     for run_id in events:  # a group is reproducible, randomness included
-        assert [[e[k] for k in FIGURES] for e in events[run_id]] == \
-            [[e[k] for k in FIGURES] for e in again[run_id]]
+        assert [[e[k] for k in FIGURES] for e in events[run_id]] == [
+            [e[k] for k in FIGURES] for e in again[run_id]
+        ]
     same = [events[10][-1][k] == events[11][-1][k] for k in ("train_loss", "test_loss")]
     assert same == ([True, True] if model == "mlp" else [False, False])
 
 
-def test_park_and_resume_of_a_group_gives_the_uninterrupted_numbers(classes: str,
-                                                                    tmp_path: Path) -> None:
+def test_park_and_resume_of_a_group_gives_the_uninterrupted_numbers(
+    classes: str, tmp_path: Path
+) -> None:
     straight = two_stage_specs(classes, tmp_path / "straight", epochs=4)
     _, want = run_group(straight)
     specs = two_stage_specs(classes, tmp_path / "parked", epochs=4)
     # The whole group parks after epoch 2, except run 12, which parks after epoch 1.
-    recorders = {10: Recorder(park_after=2), 11: Recorder(park_after=2),
-                 12: Recorder(park_after=1)}
+    recorders = {10: Recorder(park_after=2), 11: Recorder(park_after=2), 12: Recorder(park_after=1)}
     outcomes, first = run_group(specs, recorders)
-    assert outcomes == {10: ("parked", {"epoch": 2}), 11: ("parked", {"epoch": 2}),
-                        12: ("parked", {"epoch": 1})}
+    assert outcomes == {
+        10: ("parked", {"epoch": 2}),
+        11: ("parked", {"epoch": 2}),
+        12: ("parked", {"epoch": 1}),
+    }
     # 10 and 11 resume together from their checkpoints; 12 resumes alone (same files).
     resumed = [dict(s, start_epoch=2) for s in specs[:2]]
     outcomes, second = run_group(resumed)
@@ -437,8 +494,9 @@ def test_park_and_resume_of_a_group_gives_the_uninterrupted_numbers(classes: str
     assert_same_epochs(first[12] + alone.events, want[12])
 
 
-def test_a_rerun_for_more_epochs_resends_what_the_database_missed(classes: str,
-                                                                   tmp_path: Path) -> None:
+def test_a_rerun_for_more_epochs_resends_what_the_database_missed(
+    classes: str, tmp_path: Path
+) -> None:
     _, want = run_group(or_specs(tmp_path / "straight", epochs=4))
     specs = or_specs(tmp_path / "rerun", epochs=2)
     run_group(specs)
@@ -503,7 +561,7 @@ FALLBACKS = {
     "not_module": "model plain_model (section [plain_model]) is not a torch.nn.Module",
     "control_flow": "data-dependent control flow cannot be vmapped",
     "batchnorm": "in-place buffer updates: BatchNorm1d in bn_mlp updates its running "
-                 "statistics in training mode",
+    "statistics in training mode",
     "buffer": "in-place buffer updates: a module changes its buffers while training",
     "ragged": "the members' batches differ in shape or structure",
     "optimizer": "optimizer ASGD is not elementwise",
@@ -513,8 +571,9 @@ FALLBACKS = {
 
 
 @pytest.mark.parametrize("case", sorted(FALLBACKS))
-def test_what_cannot_be_vmapped_falls_back_to_individual_runs(classes: str, tmp_path: Path,
-                                                              case: str) -> None:
+def test_what_cannot_be_vmapped_falls_back_to_individual_runs(
+    classes: str, tmp_path: Path, case: str
+) -> None:
     files = tmp_path / "group"
     specs = fallback_specs(classes, files, case)
     recorders = {int(s["run_id"]): Recorder() for s in specs}
@@ -530,8 +589,9 @@ def test_what_cannot_be_vmapped_falls_back_to_individual_runs(classes: str, tmp_
         assert FALLBACKS[case] in log and "the run trains individually" in log
         assert "trains in an ensemble" not in log
     # The caller then trains them one by one, as without ensembles: they finish.
-    outcomes = dict(ensemble.run_individually(specs, {k: r.channel()
-                                                      for k, r in recorders.items()}))
+    outcomes = dict(
+        ensemble.run_individually(specs, {k: r.channel() for k, r in recorders.items()})
+    )
     for spec in specs:
         run_id = int(spec["run_id"])
         assert outcomes[run_id][0] == "done", outcomes[run_id]
@@ -541,10 +601,14 @@ def test_what_cannot_be_vmapped_falls_back_to_individual_runs(classes: str, tmp_
 
 def test_models_above_the_auto_size_fall_back(classes: str, tmp_path: Path) -> None:
     specs = points_specs(classes, tmp_path / "group", n=2)  # 3*5+5 + 5+1 = 26 parameters
-    with pytest.raises(ensemble.Fallback, match=r"too large to gain from an ensemble \(26 "
-                                                r"trainable parameters per member, more than 25"):
-        ensemble.execute_group(specs, {10: Recorder().channel(), 11: Recorder().channel()},
-                               max_params=25)
+    with pytest.raises(
+        ensemble.Fallback,
+        match=r"too large to gain from an ensemble \(26 "
+        r"trainable parameters per member, more than 25",
+    ):
+        ensemble.execute_group(
+            specs, {10: Recorder().channel(), 11: Recorder().channel()}, max_params=25
+        )
     outcomes, _ = run_group(specs)  # the default limit (AUTO_MAX_PARAMS) lets them group
     assert {k: v[0] for k, v in outcomes.items()} == {10: "done", 11: "done"}
 
@@ -563,9 +627,14 @@ def test_the_monitor_keys_default_to_auto_and_the_benchmarked_size() -> None:
 
     assert schema.value(schema.MONITOR, {}, "ensemble") == "auto"
     assert schema.value(schema.MONITOR, {}, "ensemble_max") == 16
-    assert schema.section_problem(schema.MONITOR, {"ensemble": "off", "ensemble_max": 4},
-                                  False) is None
-    assert schema.section_problem(schema.MONITOR, {"ensemble": "on"}, False) == \
-        "MONITOR ensemble expected one of auto, off, got 'on'"
-    assert "ensemble_max expected an integer of at least 1" in \
-        schema.section_problem(schema.MONITOR, {"ensemble_max": 0}, False)
+    assert (
+        schema.section_problem(schema.MONITOR, {"ensemble": "off", "ensemble_max": 4}, False)
+        is None
+    )
+    assert (
+        schema.section_problem(schema.MONITOR, {"ensemble": "on"}, False)
+        == "MONITOR ensemble expected one of auto, off, got 'on'"
+    )
+    assert "ensemble_max expected an integer of at least 1" in schema.section_problem(
+        schema.MONITOR, {"ensemble_max": 0}, False
+    )
