@@ -1,0 +1,168 @@
+"""Ensembles: the repetitions of one pipeline trained as one vmapped model, against a loop.
+
+Part 1, the study: a tiny MLP (2-16-16-1, 80 batches of 50 per epoch, Adam, BCELoss, each seed
+its own data) repeated M times (M = 8, 16, 32): ``ensemble.execute_group`` on the M specs
+against ``execution.execute`` on each spec in turn — the engine alone, in this process, one
+thread, both ways alternated, best of --repeat; the ratio is the loop's wall time over the
+group's.
+
+Part 2, the crossover: the same study at M = 16 for widths 16 to 512 (three layers of that
+width): where the ensemble stops paying.
+
+    python benchmarks/ensemble.py [--epochs 2] [--repeat 2] [--quick] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from mosaicd import ensemble, execution  # noqa: E402
+
+CLASSES = os.path.join(HERE, "bench_classes.py")
+
+
+def specs(m: int, width: int, epochs: int, files: str, device: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_id": 1 + i,
+            "seed": i,
+            "device": device,
+            "run_files_path": files,
+            "epochs_target": epochs,
+            "start_epoch": 0,
+            "checkpoint_every": 1e9,
+            "process": {
+                "data_scheme": ["data"],
+                "pipeline_scheme": ["model"],
+                "lr": 0.001,
+                "loss_function": "BCELoss",
+                "accuracy": "binary",
+                "optimizer": "Adam",
+            },
+            "modules": [
+                {
+                    "type": "data",
+                    "class": "synthetic_data",
+                    "path_to_class": CLASSES,
+                    "n_batches": 80,
+                    "batch_size": 50,
+                    "n_features": 2,
+                    "key": "d",
+                    "name": "data",
+                },
+                {
+                    "type": "model",
+                    "class": "small_mlp",
+                    "path_to_class": CLASSES,
+                    "width": width,
+                    "key": "m",
+                    "name": "model",
+                },
+            ],
+        }
+        for i in range(m)
+    ]
+
+
+def _channel() -> ensemble.MemberChannel:
+    return ensemble.MemberChannel(on_epoch=lambda event: None, park_requested=lambda: False)
+
+
+def _clean(files: str) -> None:
+    shutil.rmtree(files, ignore_errors=True)
+    while execution.loaded_user_modules:
+        sys.modules.pop(execution.loaded_user_modules.pop(), None)
+
+
+def time_loop(group: list[dict[str, Any]], files: str) -> float:
+    _clean(files)
+    started = time.perf_counter()
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        for spec in group:  # execution prints each epoch, as into a run's log
+            execution.execute(spec, _channel())
+    return time.perf_counter() - started
+
+
+def time_group(group: list[dict[str, Any]], files: str) -> float:
+    _clean(files)
+    started = time.perf_counter()
+    # No size limit: the curve measures the engine itself, where `auto` would not group.
+    outcomes = ensemble.execute_group(
+        group, {int(s["run_id"]): _channel() for s in group}, max_params=None
+    )
+    elapsed = time.perf_counter() - started
+    assert all(o[0] == "done" for o in outcomes.values()), outcomes
+    return elapsed
+
+
+def compare(m: int, width: int, epochs: int, repeat: int, device: str) -> tuple[float, float]:
+    files = tempfile.mkdtemp(prefix="mosens-")
+    group = specs(m, width, epochs, files, device)
+    loop = best = float("inf")
+    try:
+        for _ in range(repeat):
+            loop = min(loop, time_loop(group, files))
+            best = min(best, time_group(group, files))
+    finally:
+        _clean(files)
+    return loop, best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, one repeat")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeat = 1 if args.quick else args.repeat
+    execution.warm_up()
+    compare(2, 16, 1, 1, args.device)  # first-use costs of vmap and the optimizers
+    print(
+        f"device {args.device}, {torch.get_num_threads()} thread(s), {args.epochs} epochs of "
+        "80 batches of 50, Adam, best of",
+        repeat,
+    )
+    print("\nstudy: tiny MLP 2-16-16-1, M repetitions")
+    print(
+        f"{'M':>4} {'loop (s)':>10} {'ensemble (s)':>13} {'ratio':>7} {'runs/s loop':>12} "
+        f"{'runs/s ens.':>12}"
+    )
+    for m in (8, 16) if args.quick else (8, 16, 32):
+        loop, group = compare(m, 16, args.epochs, repeat, args.device)
+        print(
+            f"{m:>4} {loop:>10.3f} {group:>13.3f} {loop / group:>6.1f}x {m / loop:>12.1f} "
+            f"{m / group:>12.1f}",
+            flush=True,
+        )
+    print("\ncrossover: M = 16, width w (2-w-w-1)")
+    print(
+        f"{'width':>6} {'params':>8} {'loop (s)':>10} {'ensemble (s)':>13} {'ratio':>7} {'auto':>6}"
+    )
+    for width in (16, 128, 512) if args.quick else (16, 32, 64, 128, 256, 512):
+        loop, group = compare(16, width, args.epochs, repeat, args.device)
+        params = 2 * width + width + width * width + width + width + 1
+        auto = "group" if params <= ensemble.AUTO_MAX_PARAMS else "alone"
+        print(
+            f"{width:>6} {params:>8} {loop:>10.3f} {group:>13.3f} {loop / group:>6.1f}x {auto:>6}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

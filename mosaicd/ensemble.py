@@ -1,0 +1,992 @@
+"""Ensembles: train the repetitions of one pipeline together, as one vmapped model.
+
+Imported by workers only (it imports torch). The runs of one pipeline that differ only by their
+repetition seed are trained in one pass per batch: every member is built exactly as an
+individual run (:func:`mosaicd.execution.build`, so the same seed gives the same initial weights
+and the same data), its trainable parameters and buffers are stacked along a new leading
+dimension, and each step evaluates all members at once with ``torch.func.functional_call``
+under ``torch.func.vmap``. The loss is computed per member; the sum of the members' losses is
+back-propagated, which leaves each member's gradient its own (the members' parameters are
+disjoint slices of the stacked tensors), and the run's optimizer steps the stacked parameters.
+Only elementwise optimizers (:data:`ELEMENTWISE_OPTIMIZERS`) are grouped: for them a stacked
+step is the members' individual steps side by side.
+
+API for the worker and the scheduler (the integrator wires these in)
+--------------------------------------------------------------------
+``group_key(spec) -> Hashable | None``
+    Runs whose keys are equal may be trained together: same pipeline (modules and their
+    parameters), same PROCESS, same epoch target and start epoch; run id, seed and device do
+    not count. ``None``: never group this run (e.g. a non-elementwise optimizer).
+``fallback_reason(specs) -> str | None``
+    The checks that need no torch objects (keys differ, a single member, duplicate run ids).
+    The scheduler may call it before sending a group; :func:`execute_group` calls it too.
+``execute_group(specs, channels, *, max_params=AUTO_MAX_PARAMS) -> dict[run_id, Outcome]``
+    ``specs``: the N specs the daemon would send as N "run" messages (same shape:
+    run_id, seed, device, modules, process, epochs_target, start_epoch, run_files_path,
+    checkpoint_every). ``channels``: ``{run_id: MemberChannel}``; each member's ``on_epoch``
+    receives exactly the epoch messages the run would send alone, its ``park_requested`` and
+    ``cancel_requested`` are asked at each epoch boundary. Returns one :data:`Outcome` per run
+    id: ``("done", {"results", "files"})``, ``("parked", {"epoch"})``,
+    ``("failed", {"error", "traceback"})`` or ``("cancelled", {"epoch"})`` — the first three
+    are what ``Worker.run_one`` sends today as "done"/"parked"/"failed" messages.
+    Raises :class:`Fallback` (``.reason``) when the group cannot be trained as an ensemble;
+    it is raised during set-up or the first epoch, before any epoch message was sent or any
+    file written (but the reason line in each member's log), so the caller then simply runs
+    each spec individually (``execution.execute``), exactly as without ensembles.
+    ``max_params`` is the `auto` rule: members with more trainable parameters than this fall
+    back, since above it training them together is no faster (:data:`AUTO_MAX_PARAMS`).
+
+Wiring it in (for the integrator)
+---------------------------------
+Daemon: within a submission with ``[MONITOR] ensemble = auto``, runs whose ``group_key``
+matches (and whose specs pass ``fallback_reason``) form groups of at most ``ensemble_max``;
+a group goes to one worker as one ``run_group`` message carrying the N specs (each member
+transitions to RUNNING as it would alone; the worker is busy until every member has
+reported). Park and cancel of one member are messages naming its run id (``park`` as today,
+a new ``cancel`` instead of killing the worker, which would take the whole group). The worker
+reports each member with the usual ``epoch``/``done``/``parked``/``failed`` messages (plus
+``cancelled`` or simply nothing for a cancelled member, whose state the daemon already set).
+Worker: for ``run_group``, build one :class:`MemberChannel` per member (``on_epoch`` sends the
+epoch message, ``park_requested``/``cancel_requested`` poll the socket and look the run id up
+in sets of requested ids), redirect output to the first member's log (the engine writes each
+member's own ``[mosaic]`` lines into its log itself), call :func:`execute_group`, send each
+outcome; on :class:`Fallback`, run each spec through the usual ``run_one`` (the reason is
+already in each run's log; send it to the daemon too so that ``mosaic show`` can say it).
+Under ``--isolation process`` the forked child needs the park/cancel run ids through its pipe
+instead of SIGUSR1, which cannot name a member.
+
+Equivalence and its limits
+--------------------------
+Without randomness in the forward pass, a member's per-epoch losses and accuracies equal the
+same run trained alone up to float rounding (vmapped kernels sum in another order; the tests
+check 1e-5 relative): the data loaders of each member draw from the member's own random
+state (the global generators are swapped in and out around each member's loader), the
+optimizer is the same elementwise update. With dropout or other random ops in the forward,
+``vmap(randomness="different")`` gives every member its own independent stream, but not the
+stream the run would have drawn alone: only independence is guaranteed, not equality.
+
+Per member: a non-finite epoch loss fails that member alone (same message as an individual
+run); park and cancel are honoured per member at epoch boundaries, the others continue with
+their numbers unchanged. Checkpoints, history, run_info and saved models are written by
+execution's own functions on each member's own modules (the stacked state is copied back
+first), so a member checkpointed in a group resumes alone or in another group, and the
+reverse. A group resumes when all its members resume from the same checkpoint epoch; members
+at different epochs fall back (the scheduler should not group them: ``start_epoch`` is part of
+the key). A member's ``duration`` per epoch is the group's epoch time divided by the number of
+members trained in it.
+
+Fallbacks (reason strings start with the cause): models that are not ``torch.nn.Module``;
+parameters shared between modules; BatchNorm-like modules in training mode (in-place buffer
+updates) and any buffer a training step changes; data-dependent control flow or any other
+error while vmapping the first step; members whose batches differ in structure or shape, or
+whose loaders differ in length; a user ``accuracy`` that cannot take stacked outputs;
+outputs of the vmapped model that differ from the members' own (checked on one batch in
+evaluation mode before training); members resuming from different epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import functional_call, vmap
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+from mosaic_client import contract, schema
+from mosaicd import execution
+from mosaicd.execution import BuiltRun, History
+
+# Optimizers whose step on a stacked tensor is the members' steps side by side: every state
+# entry is per element, or a scalar that depends on the step count only (NAdam's mu_product).
+# Not LBFGS (global line search), not Adafactor (factored second moments of matrices), not
+# SparseAdam, and not ASGD (its scalar eta and mu cannot be told from a scalar parameter's
+# state when (un)stacking).
+ELEMENTWISE_OPTIMIZERS = frozenset(
+    {"SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "Rprop"}
+)
+
+# The `auto` rule: above this many trainable parameters per member, an ensemble no longer
+# pays on a CPU (benchmarks/ensemble.py, docs/ensembles.md: 16 members of 67k parameters
+# train 1.7x faster together, of 265k 0.7x), so such groups fall back.
+AUTO_MAX_PARAMS = 100_000
+
+Outcome = tuple[str, dict[str, Any]]
+
+
+class Fallback(Exception):
+    """The group cannot be trained as an ensemble; run its members individually."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class MemberChannel(execution.Channel):
+    """A member's channel: an individual run's, plus a per-member cancel request."""
+
+    cancel_requested: Callable[[], bool] = field(default=lambda: False)
+
+
+# -- grouping ---------------------------------------------------------------------------------
+
+
+def group_key(spec: dict[str, Any]) -> Hashable | None:
+    """Equal for runs of one pipeline that differ only by run id, seed and device."""
+    process = spec["process"]
+    optimizer = schema.value(schema.PROCESS, process, "optimizer")
+    if optimizer not in ELEMENTWISE_OPTIMIZERS:
+        return None
+    try:
+        text = json.dumps([process, spec["modules"]], sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+    return (text, int(spec["epochs_target"]), int(spec.get("start_epoch") or 0))
+
+
+def fallback_reason(specs: list[dict[str, Any]]) -> str | None:
+    """Why these specs cannot form a group, from the specs alone; None when they can."""
+    if len(specs) < 2:
+        return "a group needs at least two members"
+    run_ids = [int(s["run_id"]) for s in specs]
+    if len(set(run_ids)) != len(run_ids):
+        return f"the group lists a run twice ({run_ids})"
+    optimizer = schema.value(schema.PROCESS, specs[0]["process"], "optimizer")
+    if optimizer not in ELEMENTWISE_OPTIMIZERS:
+        return (
+            f"optimizer {optimizer} is not elementwise (ensembles support "
+            f"{', '.join(sorted(ELEMENTWISE_OPTIMIZERS))})"
+        )
+    keys = {group_key(s) for s in specs}
+    if len(keys) != 1:
+        return (
+            "the members are not repetitions of one pipeline (pipeline, PROCESS or epochs differ)"
+        )
+    if len({str(s.get("device", "cpu")) for s in specs}) != 1:
+        return "the members are on different devices"
+    return None
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+def _tensor_loader(loader: Any) -> TensorDataset | None:
+    """The dataset of a plain single-process DataLoader over a TensorDataset, else None: its
+    batches can be cut from the tensors directly, with the loader's own sampler."""
+    if type(loader) is not DataLoader or type(loader.dataset) is not TensorDataset:
+        return None
+    if (
+        loader.num_workers != 0
+        or loader.collate_fn is not default_collate
+        or loader.pin_memory
+        or loader.batch_size is None
+    ):
+        return None
+    return loader.dataset
+
+
+class MemberBatches:
+    """One member's batches for one pass, drawn under the member's own random state, so that
+    its loader shuffles exactly as it would in the run alone."""
+
+    def __init__(self, loader: Any, rng: dict[str, Any]) -> None:
+        self.rng = rng
+        self.dataset = _tensor_loader(loader)
+        execution.set_rng_states(rng)
+        self.iterator = iter(loader)
+        self.indices: list[list[int]] | None = None
+        if self.dataset is not None:
+            # A DataLoader draws its random numbers when the iterator is made and at the first
+            # index: taking all the epoch's indices now draws exactly the same numbers.
+            self.indices = []
+            while True:
+                try:
+                    self.indices.append(list(self.iterator._next_index()))
+                except StopIteration:
+                    break
+            self.position = 0
+        self.rng.update(execution.rng_states())
+
+    def next(self) -> Any:
+        """The next batch, or None at the end of the pass."""
+        if self.indices is not None:
+            if self.position >= len(self.indices):
+                return None
+            index = torch.as_tensor(self.indices[self.position])
+            self.position += 1
+            return [t[index] for t in self.dataset.tensors]
+        execution.set_rng_states(self.rng)
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            batch = None
+        self.rng.update(execution.rng_states())
+        return batch
+
+
+def _stack_tree(items: list[Any]) -> Any:
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(items)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack_tree([it[i] for it in items]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _stack_tree([it[k] for it in items]) for k in first}
+    raise TypeError(f"a batch holds a {type(first).__name__}, which cannot be stacked")
+
+
+def _same_tree(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return (
+            isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and (a is b or bool(torch.equal(a, b)))
+        )
+    if isinstance(a, (tuple, list)):
+        return (
+            isinstance(b, (tuple, list))
+            and len(a) == len(b)
+            and all(_same_tree(x, y) for x, y in zip(a, b))
+        )
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+        )
+    return a == b
+
+
+def _shape_of(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return (tuple(tree.shape), tree.dtype)
+    if isinstance(tree, (tuple, list)):
+        return tuple(_shape_of(t) for t in tree)
+    if isinstance(tree, dict):
+        return tuple((k, _shape_of(v)) for k, v in sorted(tree.items()))
+    return type(tree).__name__
+
+
+def _step_batches(
+    sources: list[MemberBatches],
+    device: torch.device,
+) -> tuple[Any, Any, bool] | None:
+    """All members' next batches as (x, y, shared); None when the pass is over."""
+    batches = [s.next() for s in sources]
+    ended = [b is None for b in batches]
+    if all(ended):
+        return None
+    if any(ended):
+        raise Fallback("the members' loaders yield different numbers of batches")
+    for batch in batches:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise execution.UserCodeError(
+                "each batch must be an (x, y) pair; the data "
+                "module's loaders yielded " + type(batch).__name__
+            )
+    first = batches[0]
+    if all(b is first for b in batches) or (
+        sources[0].indices is not None
+        and all(s.dataset is sources[0].dataset for s in sources)
+        and all(s.indices == sources[0].indices for s in sources)
+    ):
+        shared = True
+    else:
+        shape = _shape_of(first)
+        if any(_shape_of(b) != shape for b in batches[1:]):
+            raise Fallback("the members' batches differ in shape or structure")
+        shared = all(_same_tree(first, b) for b in batches[1:])
+    if shared:
+        return execution.to_device(first[0], device), execution.to_device(first[1], device), True
+    x = _stack_tree([execution.to_device(b[0], device) for b in batches])
+    y = _stack_tree([execution.to_device(b[1], device) for b in batches])
+    return x, y, False
+
+
+# -- the stacked model ------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    spec: dict[str, Any]
+    run: BuiltRun
+    channel: MemberChannel
+    history: History
+    rng: dict[str, Any]
+    resend_from: int = 0  # stored epoch of a resumed run: epochs to send again first
+    checkpoint_epoch: int = 0
+
+    @property
+    def run_id(self) -> int:
+        return self.run.run_id
+
+    @property
+    def files_dir(self) -> str:
+        return str(self.spec["run_files_path"])
+
+
+def _named(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    return dict(model.named_parameters()), dict(model.named_buffers())
+
+
+def _check_modules(members: list[Member]) -> None:
+    """Up-front fallbacks that need the built modules."""
+    for obj, info in zip(members[0].run.models, members[0].run.model_infos):
+        if not isinstance(obj, torch.nn.Module):
+            raise Fallback(
+                f"model {type(obj).__name__} (section [{info.get('name')}]) is not "
+                "a torch.nn.Module"
+            )
+        for sub in obj.modules():
+            if isinstance(sub, torch.nn.modules.batchnorm._NormBase) and sub.track_running_stats:
+                raise Fallback(
+                    f"in-place buffer updates: {type(sub).__name__} in "
+                    f"{type(obj).__name__} updates its running statistics in "
+                    "training mode"
+                )
+    seen: set[int] = set()
+    for obj in members[0].run.models:
+        for param in obj.parameters():
+            if id(param) in seen:
+                raise Fallback("a parameter is shared between modules of the pipeline")
+            seen.add(id(param))
+    ref = [
+        (
+            list((n, p.shape) for n, p in m.named_parameters()),
+            list((n, b.shape) for n, b in m.named_buffers()),
+        )
+        for m in members[0].run.models
+    ]
+    for member in members[1:]:
+        mine = [
+            (
+                list((n, p.shape) for n, p in m.named_parameters()),
+                list((n, b.shape) for n, b in m.named_buffers()),
+            )
+            for m in member.run.models
+        ]
+        if mine != ref:
+            raise Fallback("the members' modules have different parameters or shapes")
+    base_info = {k: v for k, v in members[0].run.run_info.items() if k not in ("run_id", "seed")}
+    for member in members[1:]:
+        info = {k: v for k, v in member.run.run_info.items() if k not in ("run_id", "seed")}
+        try:
+            same = info == base_info
+        except (RuntimeError, TypeError, ValueError):  # tensors in run_info
+            same = False
+        if not same:
+            raise Fallback("the members' run_info differ (a module's info() depends on the seed)")
+
+
+class Stack:
+    """The members' parameters, buffers and optimizer state, stacked along dimension 0."""
+
+    def __init__(self, members: list[Member], lr: float) -> None:
+        self.members = members
+        lead = members[0].run
+        self.bases: list[torch.nn.Module] = lead.models
+        self.infos = lead.model_infos
+        self.run_info = lead.run_info
+        self.criterion = lead.criterion
+        self.count = lead.count_correct
+        self.counts = lead.user_accuracy is not None or lead.accuracy_mode != "none"
+        self.data_cache: dict[bool, tuple[list[torch.Tensor], bool] | None] = {}
+        self.seed_forward(0, False)
+        # stacked[s][name]: stage s's parameter or buffer, one slice per member.
+        self.stacked: list[dict[str, torch.Tensor]] = []
+        trainable: dict[int, tuple[int, str]] = {}
+        for s, base in enumerate(self.bases):
+            params, buffers = _named(base)
+            per_stage: dict[str, torch.Tensor] = {}
+            for name, param in params.items():
+                values = torch.stack(
+                    [dict(m.run.models[s].named_parameters())[name].detach() for m in members]
+                )
+                per_stage[name] = values.requires_grad_(param.requires_grad)
+                if param.requires_grad:
+                    trainable[id(param)] = (s, name)
+            for name in buffers:
+                per_stage[name] = torch.stack(
+                    [dict(m.run.models[s].named_buffers())[name] for m in members]
+                )
+            self.stacked.append(per_stage)
+        # The optimizer's parameters in the order of the member's own optimizer, so that its
+        # state dict maps index for index onto each member's.
+        self.slots = [trainable[id(p)] for p in lead.optimizer.param_groups[0]["params"]]
+        params = [self.stacked[s][n] for s, n in self.slots]
+        # Built as execution.make_optimizer builds the member's own.
+        self.optimizer = type(lead.optimizer)(params, lr=lr)
+        self._load_optimizer_state()
+
+    def _load_optimizer_state(self) -> None:
+        states = [m.run.optimizer.state_dict() for m in self.members]
+        if not states[0]["state"]:
+            return
+        stacked_state: dict[int, dict[str, Any]] = {}
+        for index, entry in states[0]["state"].items():
+            param = self.members[0].run.optimizer.param_groups[0]["params"][index]
+            stacked_state[index] = {
+                key: torch.stack([st["state"][index][key] for st in states])
+                if key != "step" and isinstance(value, torch.Tensor) and value.shape == param.shape
+                else value
+                for key, value in entry.items()
+            }
+        self.optimizer.load_state_dict(
+            {"state": stacked_state, "param_groups": states[0]["param_groups"]}
+        )
+
+    def unstack(self) -> None:
+        """Copy each member's slice back into its own modules and optimizer."""
+        stacked_state = self.optimizer.state_dict()
+        with torch.no_grad():
+            for i, member in enumerate(self.members):
+                for s, model in enumerate(member.run.models):
+                    params, buffers = _named(model)
+                    for name, tensor in {**params, **buffers}.items():
+                        tensor.copy_(self.stacked[s][name][i])
+                state = {}
+                for index, entry in stacked_state["state"].items():
+                    shape = self.optimizer.param_groups[0]["params"][index].shape
+                    state[index] = {
+                        key: value[i].clone()
+                        if key != "step"
+                        and isinstance(value, torch.Tensor)
+                        and value.shape == shape
+                        else (value.clone() if isinstance(value, torch.Tensor) else value)
+                        for key, value in entry.items()
+                    }
+                member.run.optimizer.load_state_dict(
+                    {"state": state, "param_groups": stacked_state["param_groups"]}
+                )
+
+    def _forward(
+        self,
+        stacked: list[dict[str, torch.Tensor]],
+        x: Any,
+        y: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        out = x
+        for base, info, tensors in zip(self.bases, self.infos, stacked):
+            out = functional_call(base, tensors, (out, self.run_info, info))
+        return self.criterion(out, y), out
+
+    def seed_forward(self, epoch: int, train: bool) -> None:
+        """Start the pass's stream of forward randomness (dropout): from the members' seeds
+        and the epoch, so that a resumed group draws what an uninterrupted one would."""
+        seeds = tuple(int(m.spec["seed"]) for m in self.members)
+        generator = torch.Generator().manual_seed(hash((seeds, epoch, train)) % 2**63)
+        self.forward_rng = generator.get_state()
+
+    def losses(self, x: Any, y: Any, shared: bool) -> tuple[torch.Tensor, Any]:
+        dim = None if shared else 0
+        # Random ops draw from the group's own stream, never from a member's loader stream;
+        # randomness="different" gives each member its own draws.
+        torch.set_rng_state(self.forward_rng)
+        try:
+            return vmap(self._forward, in_dims=(0, dim, dim), randomness="different")(
+                self.stacked, x, y
+            )
+        finally:
+            self.forward_rng = torch.get_rng_state()
+
+    def correct(self, out: Any, y: Any, shared: bool) -> torch.Tensor | None:
+        if not self.counts:
+            return None
+        try:
+            count = vmap(self.count, in_dims=(0, None if shared else 0))(out, y)
+        except Exception as exc:
+            raise Fallback(
+                "the accuracy cannot take stacked outputs (the model's accuracy() "
+                f"fails under vmap: {_short(exc)})"
+            ) from exc
+        if not isinstance(count, torch.Tensor):
+            raise Fallback(
+                "the accuracy cannot take stacked outputs (it returned "
+                f"{type(count).__name__}, not a tensor)"
+            )
+        return count
+
+    def train(self, mode: bool) -> None:
+        for base in self.bases:
+            base.train(mode)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [
+            t
+            for s, base in enumerate(self.bases)
+            for n, _ in base.named_buffers()
+            for t in [self.stacked[s][n]]
+        ]
+
+
+def _probe(stack: Stack, members: list[Member]) -> None:
+    """Check on one test batch, in evaluation mode, that the vmapped model gives each member
+    the outputs, losses and accuracy counts it computes alone; fall back otherwise."""
+    saved = execution.rng_states()
+    try:
+        batches = []
+        for member in members:
+            source = MemberBatches(member.run.test_data, dict(member.rng))
+            batch = source.next()
+            if batch is None:
+                return  # an empty loader: the run fails the same way alone, let it
+            batches.append(batch)
+        device = members[0].run.device
+        stack.train(False)
+        for member in members:
+            for model in member.run.models:
+                model.train(False)
+        with torch.no_grad():
+            alone_losses, alone_outs, alone_counts = [], [], []
+            for member, batch in zip(members, batches):
+                x = execution.to_device(batch[0], device)
+                y = execution.to_device(batch[1], device)
+                out = x
+                for model, info in zip(member.run.models, member.run.model_infos):
+                    out = execution._call(model, out, member.run.run_info, info)
+                alone_losses.append(member.run.criterion(out, y))
+                alone_outs.append(out)
+                alone_counts.append(member.run.count_correct(out, y))
+            source_list = [_Fixed(b) for b in batches]
+            x, y, shared = _step_batches(source_list, device)  # type: ignore[arg-type]
+            try:
+                losses, outs = stack.losses(x, y, shared)
+            except Fallback:
+                raise
+            except Exception as exc:
+                raise Fallback(_vmap_reason(exc)) from exc
+            counts = stack.correct(outs, y, shared)
+        for i, member in enumerate(members):
+            if not isinstance(outs, torch.Tensor) or not isinstance(alone_outs[i], torch.Tensor):
+                raise Fallback("the model's output is not a tensor")
+            if not (
+                torch.allclose(outs[i], alone_outs[i], rtol=1e-4, atol=1e-6, equal_nan=True)
+                and torch.allclose(losses[i], alone_losses[i], rtol=1e-4, atol=1e-6, equal_nan=True)
+            ):
+                raise Fallback(
+                    f"the vmapped model does not reproduce run {member.run_id}'s "
+                    "outputs (the forward depends on something vmap does not "
+                    "stack, e.g. run_info or non-tensor state)"
+                )
+            if (
+                counts is not None
+                and alone_counts[i] is not None
+                and abs(float(counts[i]) - float(alone_counts[i])) > 0.5
+            ):
+                raise Fallback(
+                    f"the accuracy cannot take stacked outputs (run "
+                    f"{member.run_id}: {float(counts[i])} correct stacked, "
+                    f"{float(alone_counts[i])} alone)"
+                )
+    finally:
+        execution.set_rng_states(saved)
+
+
+class _Fixed:
+    """A single known batch in place of a member's loader (for the probe)."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+        self.indices = None
+        self.dataset = None
+
+    def next(self) -> Any:
+        return self.batch
+
+
+def _short(exc: BaseException) -> str:
+    """An exception's first sentence: torch's vmap errors go on to ask for a bug report."""
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text.split(". ")[0].rstrip(".")[:300]
+
+
+def _vmap_reason(exc: BaseException) -> str:
+    text = _short(exc)
+    if (
+        "data-dependent control flow" in text
+        or "data dependent" in text.lower()
+        or ".item()" in text
+    ):
+        return f"data-dependent control flow cannot be vmapped ({text})"
+    return f"the pipeline cannot be vmapped ({text})"
+
+
+# Members' TensorDatasets are stacked once per group, so that a step cuts every member's batch
+# with one indexing operation, when they take at most this much memory.
+STACKED_DATA_MAX_BYTES = 256 * 2**20
+
+
+def _stacked_data(
+    stack: Stack,
+    sources: list[MemberBatches],
+    train: bool,
+) -> tuple[list[torch.Tensor], bool] | None:
+    """The members' dataset tensors stacked (and whether they are all identical), or None."""
+    if train in stack.data_cache:
+        return stack.data_cache[train]
+    found: tuple[list[torch.Tensor], bool] | None = None
+    datasets = [s.dataset for s in sources]
+    if all(d is not None and len(d.tensors) == 2 for d in datasets):  # (x, y) pairs only
+        first = datasets[0].tensors  # type: ignore[union-attr]
+        layouts = [
+            [(t.shape, t.dtype, t.device) for t in d.tensors]  # type: ignore[union-attr]
+            for d in datasets
+        ]
+        if (
+            all(layout == layouts[0] for layout in layouts)
+            and sum(t.nbytes for t in first) * len(datasets) <= STACKED_DATA_MAX_BYTES
+        ):
+            tensors = [
+                torch.stack([d.tensors[k] for d in datasets])  # type: ignore[union-attr]
+                for k in range(len(first))
+            ]
+            identical = all(
+                d is datasets[0] or all(torch.equal(a, b) for a, b in zip(d.tensors, first))  # type: ignore[union-attr]
+                for d in datasets
+            )
+            found = (tensors, identical)
+    stack.data_cache[train] = found
+    return found
+
+
+def _steps(
+    stack: Stack,
+    sources: list[MemberBatches],
+    train: bool,
+    device: torch.device,
+) -> Iterator[tuple[Any, Any, bool]]:
+    """A pass's steps as (x, y, shared): x and y stacked over the members, or one batch that
+    all members share (shared)."""
+    data = _stacked_data(stack, sources, train)
+    sizes = [len(b) for b in sources[0].indices] if sources[0].indices is not None else None
+    if data is None or any(
+        s.indices is None or [len(b) for b in s.indices] != sizes for s in sources
+    ):
+        while (step := _step_batches(sources, device)) is not None:
+            yield step
+        return
+    tensors, identical = data
+    flat = [[i for batch in s.indices for i in batch] for s in sources]  # type: ignore[union-attr]
+    if identical and all(f == flat[0] for f in flat):
+        index = torch.as_tensor(flat[0])
+        start = 0
+        for size in sizes:  # type: ignore[union-attr]
+            batch = index[start : start + size]
+            start += size
+            yield (
+                execution.to_device(tensors[0][0][batch], device),
+                execution.to_device(tensors[1][0][batch], device),
+                True,
+            )
+        return
+    index = torch.as_tensor(flat)
+    rows = torch.arange(len(sources)).unsqueeze(1)
+    start = 0
+    for size in sizes:  # type: ignore[union-attr]
+        batch = index[:, start : start + size]
+        start += size
+        yield (
+            execution.to_device(tensors[0][rows, batch], device),
+            execution.to_device(tensors[1][rows, batch], device),
+            False,
+        )
+
+
+# -- one epoch --------------------------------------------------------------------------------
+
+
+def _pass(
+    stack: Stack,
+    members: list[Member],
+    train: bool,
+    first_step: bool,
+) -> tuple[list[float], list[float | None]]:
+    """One pass of all members over their loaders; their mean losses and accuracies."""
+    stack.train(train)
+    stack.seed_forward(int(members[0].run.run_info["epoch"]), train)
+    device = members[0].run.device
+    sources = [
+        MemberBatches(m.run.train_data if train else m.run.test_data, m.rng) for m in members
+    ]
+    steps = _steps(stack, sources, train, device)
+    loss_sum = torch.zeros(len(members), device=device)
+    correct: torch.Tensor | None = None
+    n_batches = n_samples = 0
+    with torch.set_grad_enabled(train):
+        for x, y, shared in steps:
+            check_buffers = train and first_step and n_batches == 0
+            before = [b.clone() for b in stack.buffers()] if check_buffers else []
+            try:
+                losses, out = stack.losses(x, y, shared)
+            except (Fallback, execution.UserCodeError):
+                raise
+            except Exception as exc:
+                if first_step:
+                    raise Fallback(_vmap_reason(exc)) from exc
+                raise
+            if train:
+                stack.optimizer.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                stack.optimizer.step()
+            if check_buffers and any(
+                not torch.equal(a, b) for a, b in zip(before, stack.buffers())
+            ):
+                raise Fallback(
+                    "in-place buffer updates: a module changes its buffers while training"
+                )
+            loss_sum += losses.detach()
+            count = stack.correct(out.detach() if isinstance(out, torch.Tensor) else out, y, shared)
+            if count is not None:
+                correct = count if correct is None else correct + count
+            n_batches += 1
+            n_samples += execution._batch_size(y if shared else y[0])
+    if n_batches == 0:
+        raise execution.UserCodeError(
+            "a data loader yielded no batch; check data_size and train_prop"
+        )
+    losses_out = [value / n_batches for value in loss_sum.tolist()]
+    accs: list[float | None] = (
+        [None] * len(members)
+        if correct is None
+        else [value / n_samples for value in correct.double().tolist()]
+    )
+    return losses_out, accs
+
+
+# -- the group --------------------------------------------------------------------------------
+
+
+def _log(spec: dict[str, Any], text: str) -> None:
+    """Append a line to the run's log, as the worker's redirected output would."""
+    os.makedirs(spec["run_files_path"], exist_ok=True)
+    with open(contract.run_log_path(spec["run_files_path"], int(spec["run_id"])), "a") as fh:
+        fh.write(text + "\n")
+
+
+def _build_members(specs: list[dict[str, Any]], channels: dict[int, MemberChannel]) -> list[Member]:
+    members = []
+    for spec in specs:
+        os.makedirs(spec["run_files_path"], exist_ok=True)
+        run = execution.build(spec)
+        history = History()
+        start_epoch = int(spec.get("start_epoch") or 0)
+        member = Member(
+            spec=spec,
+            run=run,
+            channel=channels[run.run_id],
+            history=history,
+            rng={},
+            resend_from=start_epoch,
+            checkpoint_epoch=start_epoch,
+        )
+        if start_epoch > 0:
+            member.checkpoint_epoch, member.history = execution.restore(run, member.files_dir)
+        member.rng = execution.rng_states()  # after build (and restore): the run's own state
+        members.append(member)
+    epochs = {m.checkpoint_epoch for m in members}
+    if len(epochs) != 1:
+        raise Fallback(f"the members resume from different epochs ({sorted(epochs)})")
+    return members
+
+
+def _failure(exc: BaseException) -> Outcome:
+    text = traceback.format_exc()
+    message = (
+        str(exc) if isinstance(exc, execution.UserCodeError) else f"{type(exc).__name__}: {exc}"
+    )
+    return ("failed", {"error": message, "traceback": text})
+
+
+def execute_group(
+    specs: list[dict[str, Any]],
+    channels: dict[int, MemberChannel],
+    *,
+    max_params: int | None = AUTO_MAX_PARAMS,
+) -> dict[int, Outcome]:
+    """Train the members together; see the module docstring for the contract. Members of more
+    than `max_params` trainable parameters fall back (None: no limit)."""
+    reason = fallback_reason(specs)
+    try:
+        if reason is not None:
+            raise Fallback(reason)
+        return _execute(specs, channels, max_params)
+    except Fallback as fallback:
+        for spec in specs:
+            try:
+                _log(
+                    spec,
+                    f"[mosaic] ensemble of runs {[int(s['run_id']) for s in specs]} not "
+                    f"used: {fallback.reason}; the run trains individually",
+                )
+            except OSError:
+                pass
+        raise
+
+
+def _execute(
+    specs: list[dict[str, Any]], channels: dict[int, MemberChannel], max_params: int | None
+) -> dict[int, Outcome]:
+    lr = float(specs[0]["process"]["lr"])
+    try:
+        members = _build_members(specs, channels)
+        nb_params = members[0].run.nb_params
+        if max_params is not None and nb_params > max_params:
+            raise Fallback(
+                f"the model is too large to gain from an ensemble ({nb_params} "
+                f"trainable parameters per member, more than {max_params})"
+            )
+        _check_modules(members)
+        stack = Stack(members, lr)
+        _probe(stack, members)
+    except Fallback:
+        raise
+    except Exception as exc:
+        # Whatever the user code does wrong, the individual runs report it the usual way.
+        raise Fallback(
+            f"the group could not be set up ({type(exc).__name__}: {exc})"[:400]
+        ) from exc
+    outcomes: dict[int, Outcome] = {}
+    target = int(specs[0]["epochs_target"])
+    checkpoint_every = float(specs[0].get("checkpoint_every", 30.0))
+    last_checkpoint = time.monotonic()
+    first = True
+    epoch = members[0].checkpoint_epoch
+    while members and epoch < target:
+        epoch += 1
+        for member in members:
+            member.run.run_info["epoch"] = epoch
+        started = time.perf_counter()
+        try:
+            train_loss, train_acc = _pass(stack, members, True, first)
+            test_loss, test_acc = _pass(stack, members, False, first)
+        except BaseException as exc:
+            if first:
+                if isinstance(exc, Fallback):
+                    raise
+                raise Fallback(
+                    f"the first ensemble epoch failed ({type(exc).__name__}: {exc})"[:400]
+                ) from exc
+            failure = _failure(exc)
+            outcomes.update({m.run_id: failure for m in members})
+            return outcomes
+        duration = (time.perf_counter() - started) / len(members)
+        if first:
+            # Only now, with the first epoch computed, may anything reach the daemon.
+            ids = [m.run_id for m in members]
+            for member in members:
+                _log(
+                    member.spec,
+                    f"[mosaic] run {member.run_id} trains in an ensemble with runs {ids}",
+                )
+                execution.resend_epochs(
+                    member.channel,
+                    member.run_id,
+                    member.history,
+                    member.resend_from,
+                    member.checkpoint_epoch,
+                )
+            first = False
+        survivors = []
+        for i, member in enumerate(members):
+            if not (math.isfinite(train_loss[i]) and math.isfinite(test_loss[i])):
+                try:
+                    raise execution.UserCodeError(
+                        f"loss is not finite at epoch {epoch} (train {train_loss[i]}, test "
+                        f"{test_loss[i]}); lower lr, check the data for NaN, or use a "
+                        "numerically stable loss"
+                    )
+                except execution.UserCodeError as exc:
+                    outcomes[member.run_id] = _failure(exc)
+                    _log(member.spec, outcomes[member.run_id][1]["traceback"])
+                continue
+            member.history.append(train_loss[i], test_loss[i], train_acc[i], test_acc[i], duration)
+            survivors.append(member)
+        last = epoch == target
+        decisions = []
+        for member in survivors:
+            park = member.channel.park_requested()
+            cancel = member.channel.cancel_requested()
+            decisions.append((member, park, cancel))
+        checkpoint_all = last or time.monotonic() - last_checkpoint >= checkpoint_every
+        if (
+            checkpoint_all
+            or len(survivors) != len(members)
+            or any(park or cancel for _, park, cancel in decisions)
+        ):
+            stack.unstack()
+        if checkpoint_all:
+            last_checkpoint = time.monotonic()
+        remaining = []
+        for member, park, cancel in decisions:
+            checkpointed = (checkpoint_all or park) and not cancel
+            if checkpointed:
+                execution.set_rng_states(member.rng)
+                execution.save_checkpoint(
+                    member.run,
+                    member.history,
+                    epoch,
+                    contract.checkpoint_path(member.files_dir, member.run_id),
+                )
+            history = member.history
+            _log(
+                member.spec,
+                f"[mosaic] run {member.run_id} epoch {epoch}/{target} "
+                f"train_loss={history.train_loss[-1]:.6g} "
+                f"test_loss={history.test_loss[-1]:.6g}",
+            )
+            member.channel.on_epoch(history.event(member.run_id, epoch - 1, checkpointed))
+            if cancel and not last:
+                outcomes[member.run_id] = ("cancelled", {"epoch": epoch})
+                _log(member.spec, f"[mosaic] run {member.run_id} cancelled after epoch {epoch}")
+            elif last:
+                try:
+                    outcomes[member.run_id] = (
+                        "done",
+                        execution.finish(member.run, member.spec, history),
+                    )
+                except BaseException as exc:
+                    outcomes[member.run_id] = _failure(exc)
+            elif park:
+                outcomes[member.run_id] = ("parked", {"epoch": epoch})
+                _log(member.spec, f"[mosaic] run {member.run_id} parked after epoch {epoch}")
+            else:
+                remaining.append(member)
+        if remaining and len(remaining) != len(members):
+            stack = Stack(remaining, lr)
+        members = remaining
+    for member in members:  # already at the target when the group started
+        if first:
+            execution.resend_epochs(
+                member.channel,
+                member.run_id,
+                member.history,
+                member.resend_from,
+                member.checkpoint_epoch,
+            )
+        outcomes[member.run_id] = (
+            "done",
+            execution.finish(member.run, member.spec, member.history),
+        )
+    return outcomes
+
+
+def run_individually(
+    specs: list[dict[str, Any]], channels: dict[int, execution.Channel]
+) -> Iterator[tuple[int, Outcome]]:
+    """The fallback path as the tests and the benchmark use it: each spec through
+    execution.execute (the worker uses its own run_one instead, for logs and isolation)."""
+    for spec in specs:
+        run_id = int(spec["run_id"])
+        try:
+            yield run_id, ("done", execution.execute(spec, channels[run_id]))
+        except execution.Parked as parked:
+            yield run_id, ("parked", {"epoch": parked.epoch})
+        except Exception as exc:
+            yield run_id, _failure(exc)

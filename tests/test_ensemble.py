@@ -1,0 +1,639 @@
+"""Ensembles (mosaicd/ensemble.py): the members of a group train to the numbers of the same runs
+trained alone, fail, park, resume and cancel alone, and whatever cannot be vmapped falls back
+to individual runs. Real torch on tiny data, one thread."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mosaic_client import contract
+from mosaicd import ensemble, execution
+
+ROOT = Path(__file__).resolve().parent.parent
+OR_EXAMPLE = ROOT / "examples" / "or_mlp"
+REL = 1e-5
+
+CLASSES = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+
+class raw_points:
+    """Stage 1 of a two-stage data scheme: points drawn from the run's seeded generator."""
+
+    def __init__(self, n, dims, nan_seed=-1):
+        self.n, self.dims, self.nan_seed = n, dims, nan_seed
+
+    def prepare(self, data, run_info, module_info):
+        x = torch.randn(self.n, self.dims)
+        y = (x.sum(dim=1, keepdim=True) > 0).float()
+        return x, y
+
+    def info(self):
+        return {"input_size": self.dims, "output_size": 1}
+
+
+class _Pairs(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class split_loader:
+    """Stage 2: shuffle, split, and serve through a DataLoader over a custom Dataset."""
+
+    def __init__(self, batch_size):
+        self.batch_size = batch_size
+
+    def prepare(self, data, run_info, module_info):
+        x, y = data
+        perm = torch.randperm(len(x))
+        x, y = x[perm], y[perm]
+        k = len(x) * 3 // 4
+        return (DataLoader(_Pairs(x[:k], y[:k]), batch_size=self.batch_size, shuffle=True),
+                DataLoader(_Pairs(x[k:], y[k:]), batch_size=self.batch_size))
+
+    def info(self):
+        return {}
+
+
+class tensor_points(raw_points):
+    """One stage: TensorDataset loaders (train shuffled); NaN inputs for one seed."""
+
+    def prepare(self, data, run_info, module_info):
+        x, y = super().prepare(data, run_info, module_info)
+        k = self.n * 3 // 4
+        train_x = x[:k].clone()
+        if run_info["seed"] == self.nan_seed:
+            train_x[:] = float("nan")
+        return (DataLoader(TensorDataset(train_x, y[:k]), batch_size=8, shuffle=True),
+                DataLoader(TensorDataset(x[k:], y[k:]), batch_size=8))
+
+
+class ragged_points(raw_points):
+    """Three batches whose size depends on the seed: the members' batches differ in shape."""
+
+    def prepare(self, data, run_info, module_info):
+        x, y = super().prepare(data, run_info, module_info)
+        n = 24 + run_info["seed"] % 2
+        train = list(zip(torch.tensor_split(x[:n], 3), torch.tensor_split(y[:n], 3)))
+        return train, [(x[n:n + 8], y[n:n + 8])]
+
+
+class images:
+    """Fixed images, the same for every seed: the members share one batch."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def prepare(self, data, run_info, module_info):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.n, 1, 8, 8, generator=g)
+        y = (x.mean(dim=(1, 2, 3)) > 0).long()
+        k = self.n * 3 // 4
+        return (DataLoader(TensorDataset(x[:k], y[:k]), batch_size=8),
+                DataLoader(TensorDataset(x[k:], y[k:]), batch_size=8))
+
+    def info(self):
+        return {"classes": 2}
+
+
+class Saving(nn.Module):
+    def info(self):
+        return {}
+
+    def save_model(self, path):
+        torch.save(self.state_dict(), path + ".pt")
+
+    def load_model(self, path):
+        self.load_state_dict(torch.load(path + ".pt", weights_only=True))
+
+
+class mlp(Saving):
+    def __init__(self, input_size, output_size, width):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(input_size, width), nn.Tanh(),
+                                 nn.Linear(width, output_size), nn.Sigmoid())
+
+    def forward(self, data, run_info, module_info):
+        return self.net(data)
+
+
+class cnn(Saving):
+    def __init__(self, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4 * 3 * 3, classes)
+
+    def forward(self, data, run_info, module_info):
+        h = torch.nn.functional.max_pool2d(torch.relu(self.conv(data)), 2)
+        return self.head(h.flatten(1))
+
+
+class plain_model:
+    """Not an nn.Module: a weight tensor and parameters()."""
+
+    def __init__(self, input_size):
+        self.w = torch.zeros(input_size, 1, requires_grad=True)
+
+    def parameters(self):
+        return [self.w]
+
+    def forward(self, data, run_info, module_info):
+        return torch.sigmoid(data @ self.w)
+
+    def info(self):
+        return {}
+
+
+class branchy(mlp):
+    def forward(self, data, run_info, module_info):
+        if data.sum() > 0:
+            return self.net(data)
+        return self.net(-data)
+
+
+class bn_mlp(Saving):
+    def __init__(self, input_size, output_size, width):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(input_size, width), nn.BatchNorm1d(width),
+                                 nn.Linear(width, output_size), nn.Sigmoid())
+
+    def forward(self, data, run_info, module_info):
+        return self.net(data)
+
+
+class dropout_mlp(mlp):
+    def __init__(self, input_size, output_size, width):
+        super().__init__(input_size, output_size, width)
+        self.net.insert(2, nn.Dropout(0.5))
+
+
+class counting(mlp):
+    """Counts its training batches in a buffer, in place."""
+
+    def __init__(self, input_size, output_size, width):
+        super().__init__(input_size, output_size, width)
+        self.register_buffer("batches", torch.zeros(()))
+
+    def forward(self, data, run_info, module_info):
+        if self.training:
+            self.batches.add_(1)
+        return self.net(data)
+
+
+class scalar_accuracy(mlp):
+    def accuracy(self, y_pred, y):
+        return int(((y_pred > 0.5) == (y > 0.5)).sum().item())
+
+
+class seed_shift(mlp):
+    def forward(self, data, run_info, module_info):
+        return torch.sigmoid(self.net[:3](data) + 0.1 * run_info["seed"])
+'''
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def classes(tmp_path: Path) -> Iterator[str]:
+    path = tmp_path / "classes.py"
+    path.write_text(CLASSES)
+    saved_path = list(sys.path)
+    yield str(path)
+    sys.path[:] = saved_path
+    while execution.loaded_user_modules:
+        sys.modules.pop(execution.loaded_user_modules.pop(), None)
+
+
+def module(name: str, kind: str, path: str, **params: Any) -> dict[str, Any]:
+    return {"type": kind, "class": name, "path_to_class": path, "key": name, "name": name, **params}
+
+
+def make_specs(
+    files: Path,
+    data: list[dict[str, Any]],
+    model: dict[str, Any],
+    *,
+    n: int = 3,
+    epochs: int = 3,
+    loss: str = "BCELoss",
+    accuracy: str = "binary",
+    optimizer: str = "Adam",
+    lr: float = 0.05,
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_id": 10 + i,
+            "seed": i,
+            "device": "cpu",
+            "run_files_path": str(files),
+            "epochs_target": epochs,
+            "start_epoch": 0,
+            "checkpoint_every": 30.0,
+            "process": {
+                "data_scheme": [d["type"] for d in data],
+                "pipeline_scheme": [model["type"]],
+                "lr": lr,
+                "loss_function": loss,
+                "accuracy": accuracy,
+                "optimizer": optimizer,
+            },
+            "modules": [*copy.deepcopy(data), copy.deepcopy(model)],
+        }
+        for i in range(n)
+    ]
+
+
+def or_specs(files: Path, **kw: Any) -> list[dict[str, Any]]:
+    data = module(
+        "dataset_OR",
+        "dataset",
+        str(OR_EXAMPLE / "dataset.py"),
+        data_size=120,
+        train_prop=0.8,
+        batch_size=20,
+    )
+    model = module("mlp_funnel", "mlp", str(OR_EXAMPLE / "mlp.py"), length=2, width=4)
+    return make_specs(files, [data], model, **kw)
+
+
+def two_stage_specs(classes: str, files: Path, **kw: Any) -> list[dict[str, Any]]:
+    return make_specs(
+        files,
+        [
+            module("raw_points", "raw", classes, n=48, dims=3),
+            module("split_loader", "split", classes, batch_size=8),
+        ],
+        module("mlp", "model", classes, width=5),
+        **kw,
+    )
+
+
+def points_specs(
+    classes: str,
+    files: Path,
+    model: str = "mlp",
+    **kw: Any,
+) -> list[dict[str, Any]]:
+    data_params = {"nan_seed": kw.pop("nan_seed")} if "nan_seed" in kw else {}
+    return make_specs(
+        files,
+        [module(kw.pop("data", "tensor_points"), "data", classes, n=48, dims=3, **data_params)],
+        module(model, "model", classes, width=5),
+        **kw,
+    )
+
+
+class Recorder:
+    """One run's channel: records its epoch messages, parks/cancels after chosen epochs."""
+
+    def __init__(self, park_after: int | None = None, cancel_after: int | None = None) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.park_after = park_after
+        self.cancel_after = cancel_after
+
+    def _at(self, epoch: int | None) -> Callable[[], bool]:
+        return lambda: epoch is not None and len(self.events) + 1 >= epoch
+
+    def channel(self) -> ensemble.MemberChannel:
+        return ensemble.MemberChannel(
+            on_epoch=self.events.append,
+            park_requested=self._at(self.park_after),
+            cancel_requested=self._at(self.cancel_after),
+        )
+
+
+def run_group(
+    specs: list[dict[str, Any]],
+    recorders: dict[int, Recorder] | None = None,
+) -> tuple[dict[int, ensemble.Outcome], dict[int, list[dict[str, Any]]]]:
+    recorders = recorders or {}
+    for spec in specs:
+        recorders.setdefault(int(spec["run_id"]), Recorder())
+    outcomes = ensemble.execute_group(specs, {k: r.channel() for k, r in recorders.items()})
+    return outcomes, {k: r.events for k, r in recorders.items()}
+
+
+def run_alone(spec: dict[str, Any], files: Path) -> list[dict[str, Any]]:
+    spec = dict(spec, run_files_path=str(files))
+    recorder = Recorder()
+    execution.execute(spec, recorder.channel())
+    return recorder.events
+
+
+FIGURES = ("train_loss", "test_loss", "train_acc", "test_acc")
+
+
+def assert_same_epochs(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    assert [e["epoch"] for e in got] == [e["epoch"] for e in want]
+    for a, b in zip(got, want):
+        for key in FIGURES:
+            if b[key] is None:
+                assert a[key] is None
+            else:
+                assert a[key] == pytest.approx(b[key], rel=REL, abs=1e-7), (a["epoch"], key)
+
+
+def assert_models_alike(spec: dict[str, Any], files_a: Path, files_b: Path, cls: str) -> None:
+    """The model saved by the group and the one saved alone load into the run's model class
+    and predict the same on the run's test data (and not what the untrained model predicts)."""
+    run_id = int(spec["run_id"])
+    run = execution.build(spec)
+    model = run.models[-1]
+    model.eval()
+    x = next(iter(run.test_data))[0]
+    with torch.no_grad():
+        untrained = model(x, run.run_info, run.model_infos[-1])
+        predictions = []
+        for files in (files_a, files_b):
+            model.load_model(contract.model_path(str(files), cls, run_id))
+            predictions.append(model(x, run.run_info, run.model_infos[-1]))
+    assert torch.allclose(predictions[0], predictions[1], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(predictions[0], untrained, rtol=1e-4, atol=1e-6)
+
+
+def check_equivalence(specs: list[dict[str, Any]], tmp_path: Path, cls: str) -> None:
+    outcomes, events = run_group(specs)
+    assert {k: v[0] for k, v in outcomes.items()} == {s["run_id"]: "done" for s in specs}
+    alone_dir = tmp_path / "alone"
+    for spec in specs:
+        run_id = int(spec["run_id"])
+        alone = run_alone(spec, alone_dir)
+        assert len(alone) == spec["epochs_target"]
+        assert_same_epochs(events[run_id], alone)
+        assert_models_alike(spec, Path(spec["run_files_path"]), alone_dir, cls)
+        history = torch.load(contract.history_path(spec["run_files_path"], run_id))
+        assert history["test_loss"] == [e["test_loss"] for e in events[run_id]]
+        assert outcomes[run_id][1]["results"]["epochs"] == spec["epochs_target"]
+        log = Path(contract.run_log_path(spec["run_files_path"], run_id)).read_text()
+        ids = [int(s["run_id"]) for s in specs]
+        assert f"[mosaic] run {run_id} trains in an ensemble with runs {ids}" in log
+    # The members are different runs: their seeds gave them different numbers.
+    assert len({events[int(s["run_id"])][-1]["train_loss"] for s in specs}) == len(specs)
+
+
+def test_or_example_members_equal_their_runs_alone(tmp_path: Path) -> None:
+    check_equivalence(or_specs(tmp_path / "group"), tmp_path, "mlp_funnel")
+
+
+def record_sharing(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each step of the group ran on one shared batch or on stacked batches."""
+    shared: list[bool] = []
+    steps = ensemble._steps
+
+    def recording(*args: Any) -> Iterator[Any]:
+        for step in steps(*args):
+            shared.append(step[2])
+            yield step
+
+    monkeypatch.setattr(ensemble, "_steps", recording)
+    return shared
+
+
+def test_two_stage_data_members_equal_their_runs_alone(
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = record_sharing(monkeypatch)
+    check_equivalence(two_stage_specs(classes, tmp_path / "group"), tmp_path, "mlp")
+    assert shared and not any(shared)  # each member's own data: stacked batches
+
+
+def test_cnn_members_share_one_batch_and_equal_their_runs_alone(
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = record_sharing(monkeypatch)
+    specs = make_specs(
+        tmp_path / "group",
+        [module("images", "data", classes, n=64)],
+        module("cnn", "model", classes),
+        loss="CrossEntropyLoss",
+        accuracy="argmax",
+    )
+    check_equivalence(specs, tmp_path, "cnn")
+    assert shared and all(shared)  # the same images for every seed: one shared batch
+
+
+@pytest.mark.parametrize("optimizer", ["AdamW", "SGD", "RMSprop"])
+def test_weight_decay_and_other_optimizers_are_elementwise(
+    classes: str, tmp_path: Path, optimizer: str
+) -> None:
+    check_equivalence(
+        points_specs(classes, tmp_path / "group", optimizer=optimizer), tmp_path, "mlp"
+    )
+
+
+def test_a_member_with_a_nan_loss_fails_alone(classes: str, tmp_path: Path) -> None:
+    specs = points_specs(classes, tmp_path / "group", nan_seed=1, loss="MSELoss")
+    outcomes, events = run_group(specs)
+    assert outcomes[11][0] == "failed"
+    assert "loss is not finite at epoch 1" in outcomes[11][1]["error"]
+    assert events[11] == []
+    for run_id in (10, 12):
+        assert outcomes[run_id][0] == "done"
+        assert_same_epochs(events[run_id], run_alone(specs[run_id - 10], tmp_path / "alone"))
+
+
+@pytest.mark.parametrize("model", ["mlp", "dropout_mlp"])
+def test_dropout_draws_an_independent_stream_per_member(
+    classes: str, tmp_path: Path, model: str
+) -> None:
+    # Two members with the same seed: same weights, same data; only their randomness differs.
+    specs = [dict(s, seed=0) for s in points_specs(classes, tmp_path / "a", model=model, n=2)]
+    _, events = run_group(specs)
+    _, again = run_group([dict(s, run_files_path=str(tmp_path / "b")) for s in specs])
+    for run_id in events:  # a group is reproducible, randomness included
+        assert [[e[k] for k in FIGURES] for e in events[run_id]] == [
+            [e[k] for k in FIGURES] for e in again[run_id]
+        ]
+    same = [events[10][-1][k] == events[11][-1][k] for k in ("train_loss", "test_loss")]
+    assert same == ([True, True] if model == "mlp" else [False, False])
+
+
+def test_park_and_resume_of_a_group_gives_the_uninterrupted_numbers(
+    classes: str, tmp_path: Path
+) -> None:
+    straight = two_stage_specs(classes, tmp_path / "straight", epochs=4)
+    _, want = run_group(straight)
+    specs = two_stage_specs(classes, tmp_path / "parked", epochs=4)
+    # The whole group parks after epoch 2, except run 12, which parks after epoch 1.
+    recorders = {10: Recorder(park_after=2), 11: Recorder(park_after=2), 12: Recorder(park_after=1)}
+    outcomes, first = run_group(specs, recorders)
+    assert outcomes == {
+        10: ("parked", {"epoch": 2}),
+        11: ("parked", {"epoch": 2}),
+        12: ("parked", {"epoch": 1}),
+    }
+    # 10 and 11 resume together from their checkpoints; 12 resumes alone (same files).
+    resumed = [dict(s, start_epoch=2) for s in specs[:2]]
+    outcomes, second = run_group(resumed)
+    assert {k: v[0] for k, v in outcomes.items()} == {10: "done", 11: "done"}
+    alone = Recorder()
+    execution.execute(dict(specs[2], start_epoch=1), alone.channel())
+    for run_id in (10, 11):
+        assert_same_epochs(first[run_id] + second[run_id], want[run_id])
+    assert_same_epochs(first[12] + alone.events, want[12])
+
+
+def test_a_rerun_for_more_epochs_resends_what_the_database_missed(
+    classes: str, tmp_path: Path
+) -> None:
+    _, want = run_group(or_specs(tmp_path / "straight", epochs=4))
+    specs = or_specs(tmp_path / "rerun", epochs=2)
+    run_group(specs)
+    # The daemon stored only epoch 1 (a kill between the checkpoint and the database write),
+    # then asks for 4 epochs: each member sends epoch 2 again, then trains 3 and 4.
+    outcomes, got = run_group([dict(s, epochs_target=4, start_epoch=1) for s in specs])
+    for run_id in (10, 11, 12):
+        assert outcomes[run_id][0] == "done"
+        assert outcomes[run_id][1]["results"]["epochs"] == 4
+        assert_same_epochs(got[run_id], want[run_id][1:])
+        assert [e["checkpointed"] for e in got[run_id]] == [True, False, True]
+
+
+def test_cancelling_a_member_leaves_the_others_unchanged(classes: str, tmp_path: Path) -> None:
+    _, want = run_group(or_specs(tmp_path / "straight"))
+    outcomes, got = run_group(or_specs(tmp_path / "cancel"), {11: Recorder(cancel_after=1)})
+    assert outcomes[11] == ("cancelled", {"epoch": 1})
+    assert len(got[11]) == 1
+    for run_id in (10, 12):
+        assert outcomes[run_id][0] == "done"
+        assert_same_epochs(got[run_id], want[run_id])
+
+
+def test_group_keys_ignore_only_run_id_seed_and_device(tmp_path: Path) -> None:
+    specs = or_specs(tmp_path)
+    keys = {ensemble.group_key(dict(s, device=f"cuda:{i}")) for i, s in enumerate(specs)}
+    assert len(keys) == 1 and None not in keys
+    wider = dict(copy.deepcopy(specs[0]), run_id=99)
+    wider["modules"][1]["width"] = 3
+    assert ensemble.group_key(wider) not in keys
+    assert ensemble.group_key(dict(specs[0], start_epoch=2)) not in keys
+    lbfgs = dict(copy.deepcopy(specs[0]), run_id=98)
+    lbfgs["process"]["optimizer"] = "LBFGS"
+    assert ensemble.group_key(lbfgs) is None
+    assert ensemble.fallback_reason(specs) is None
+    assert ensemble.fallback_reason(specs[:1]) == "a group needs at least two members"
+    assert "not repetitions of one pipeline" in ensemble.fallback_reason([specs[0], wider])
+    assert "LBFGS is not elementwise" in ensemble.fallback_reason([lbfgs, specs[1]])
+
+
+def fallback_specs(classes: str, files: Path, case: str) -> list[dict[str, Any]]:
+    if case == "not_module":
+        return points_specs(classes, files, model="plain_model")
+    if case == "control_flow":
+        return points_specs(classes, files, model="branchy")
+    if case == "batchnorm":
+        return points_specs(classes, files, model="bn_mlp")
+    if case == "buffer":
+        return points_specs(classes, files, model="counting")
+    if case == "ragged":
+        return points_specs(classes, files, data="ragged_points")
+    if case == "optimizer":
+        return points_specs(classes, files, optimizer="ASGD")
+    if case == "accuracy":
+        return points_specs(classes, files, model="scalar_accuracy")
+    if case == "run_info":
+        return points_specs(classes, files, model="seed_shift")
+    raise AssertionError(case)
+
+
+FALLBACKS = {
+    "not_module": "model plain_model (section [plain_model]) is not a torch.nn.Module",
+    "control_flow": "data-dependent control flow cannot be vmapped",
+    "batchnorm": "in-place buffer updates: BatchNorm1d in bn_mlp updates its running "
+    "statistics in training mode",
+    "buffer": "in-place buffer updates: a module changes its buffers while training",
+    "ragged": "the members' batches differ in shape or structure",
+    "optimizer": "optimizer ASGD is not elementwise",
+    "accuracy": "the accuracy cannot take stacked outputs",
+    "run_info": "the vmapped model does not reproduce run 11's outputs",
+}
+
+
+@pytest.mark.parametrize("case", sorted(FALLBACKS))
+def test_what_cannot_be_vmapped_falls_back_to_individual_runs(
+    classes: str, tmp_path: Path, case: str
+) -> None:
+    files = tmp_path / "group"
+    specs = fallback_specs(classes, files, case)
+    recorders = {int(s["run_id"]): Recorder() for s in specs}
+    with pytest.raises(ensemble.Fallback) as caught:
+        ensemble.execute_group(specs, {k: r.channel() for k, r in recorders.items()})
+    assert FALLBACKS[case] in caught.value.reason
+    # Nothing reached the daemon nor the run files, but the reason in each run's log.
+    assert all(r.events == [] for r in recorders.values())
+    for spec in specs:
+        run_id = int(spec["run_id"])
+        assert not Path(contract.checkpoint_path(str(files), run_id)).exists()
+        log = Path(contract.run_log_path(str(files), run_id)).read_text()
+        assert FALLBACKS[case] in log and "the run trains individually" in log
+        assert "trains in an ensemble" not in log
+    # The caller then trains them one by one, as without ensembles: they finish.
+    outcomes = dict(
+        ensemble.run_individually(specs, {k: r.channel() for k, r in recorders.items()})
+    )
+    for spec in specs:
+        run_id = int(spec["run_id"])
+        assert outcomes[run_id][0] == "done", outcomes[run_id]
+        assert [e["epoch"] for e in recorders[run_id].events] == [1, 2, 3]
+        assert_same_epochs(recorders[run_id].events, run_alone(spec, tmp_path / "alone"))
+
+
+def test_models_above_the_auto_size_fall_back(classes: str, tmp_path: Path) -> None:
+    specs = points_specs(classes, tmp_path / "group", n=2)  # 3*5+5 + 5+1 = 26 parameters
+    with pytest.raises(
+        ensemble.Fallback,
+        match=r"too large to gain from an ensemble \(26 "
+        r"trainable parameters per member, more than 25",
+    ):
+        ensemble.execute_group(
+            specs, {10: Recorder().channel(), 11: Recorder().channel()}, max_params=25
+        )
+    outcomes, _ = run_group(specs)  # the default limit (AUTO_MAX_PARAMS) lets them group
+    assert {k: v[0] for k, v in outcomes.items()} == {10: "done", 11: "done"}
+
+
+def test_members_resuming_from_different_epochs_fall_back(classes: str, tmp_path: Path) -> None:
+    specs = points_specs(classes, tmp_path / "group", n=2, epochs=3)
+    outcomes, _ = run_group(specs, {10: Recorder(park_after=1), 11: Recorder(park_after=2)})
+    assert outcomes == {10: ("parked", {"epoch": 1}), 11: ("parked", {"epoch": 2})}
+    resumed = [dict(s, start_epoch=1) for s in specs]
+    with pytest.raises(ensemble.Fallback, match=r"resume from different epochs \(\[1, 2\]\)"):
+        run_group(resumed)
+
+
+def test_the_monitor_keys_default_to_auto_and_the_benchmarked_size() -> None:
+    from mosaic_client import schema
+
+    assert schema.value(schema.MONITOR, {}, "ensemble") == "auto"
+    assert schema.value(schema.MONITOR, {}, "ensemble_max") == 16
+    assert (
+        schema.section_problem(schema.MONITOR, {"ensemble": "off", "ensemble_max": 4}, False)
+        is None
+    )
+    wrong_mode = schema.section_problem(schema.MONITOR, {"ensemble": "on"}, False)
+    assert wrong_mode is not None and "MONITOR ensemble" in wrong_mode
+    assert "auto, off" in wrong_mode and "'on'" in wrong_mode
+    too_small = schema.section_problem(schema.MONITOR, {"ensemble_max": 0}, False)
+    assert too_small is not None and "MONITOR ensemble_max" in too_small
+    assert "at least 1" in too_small
