@@ -45,11 +45,13 @@ def refused_as_bad_input(*errors: type[Exception]) -> Iterator[None]:
 
 
 def socket_path(args: argparse.Namespace) -> str:
-    return args.socket or paths.default_socket_path()
+    """The daemon's socket; a URL or relative --socket / $MOSAIC_SOCKET is bad input."""
+    with refused_as_bad_input(paths.SocketPathError):
+        return paths.socket_path(args.socket)
 
 
 def client(args: argparse.Namespace) -> Client:
-    return Client(args.socket)
+    return Client(socket_path(args))
 
 
 def call(args: argparse.Namespace, name: str, **fields: Any) -> Any:
