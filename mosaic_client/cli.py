@@ -129,6 +129,17 @@ def _stdout_closed() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        # Flushed here, where a reader gone away (`mosaic status | head -1`) is still caught.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Anywhere: in a command, in --help, in an error path that prints a table first.
+        return _stdout_closed()
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -136,10 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return BAD_INPUT
     try:
         code = args.func(args)
-        # Flushed here, where a reader gone away (`mosaic status | head -1`) is still caught.
         sys.stdout.flush()
     except BrokenPipeError:
-        return _stdout_closed()
+        raise  # not an OSError about a path: main() ends the command quietly
     except CommandError as exc:
         _err(exc.message)
         code = exc.code
