@@ -40,8 +40,8 @@ def checked_socket_path(value: str, source: str) -> str:
     "ipc:", and a relative path names a different socket from every directory: both would
     start a second daemon where the user never looks, so they are refused."""
     if "://" in value:
-        scheme = value.split("://", 1)[0]
-        hint = value.split("://", 1)[1] if scheme == "ipc" else "/run/user/UID/mosaic/d.sock"
+        scheme, rest = value.split("://", 1)
+        hint = rest if scheme == "ipc" and os.path.isabs(rest) else "/tmp/mosaic/d.sock"
         raise SocketPathError(
             f"{source}={value!r} is a URL; it must be an absolute file path such as {hint} "
             "(mosaic adds the ipc:// itself and listens on this machine only); "
