@@ -203,8 +203,9 @@ def check_criterion(criterion: str) -> None:
         raise AnalysisError(f"unknown criterion {criterion!r}; use one of: {', '.join(CRITERIA)}")
 
 
-def metaplot_data(conn: sqlite3.Connection, dataset_key: str, criterion: str,
-                  ci: bool = False) -> MetaData:
+def metaplot_data(
+    conn: sqlite3.Connection, dataset_key: str, criterion: str, ci: bool = False
+) -> MetaData:
     """CRITERION per model key and nb_params over the runs of one dataset key: mean, min, max,
     standard deviation (sample, 0 for a single run) over the runs of each point; with ci, the
     95% bootstrap confidence interval of each mean (numpy, imported only then)."""
@@ -251,10 +252,14 @@ def metaplot_data(conn: sqlite3.Connection, dataset_key: str, criterion: str,
     for (model, nb_params), members in sorted(groups.items()):
         values = [v for _, v in members]
         mean = sum(values) / len(values)
-        std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-               if len(values) > 1 else 0.0)
-        point = MetaPoint(nb_params, len(values), mean, min(values), max(values), std,
-                          [i for i, _ in members])
+        std = (
+            math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            if len(values) > 1
+            else 0.0
+        )
+        point = MetaPoint(
+            nb_params, len(values), mean, min(values), max(values), std, [i for i, _ in members]
+        )
         if ci:
             from mosaic_client.verdict import mean_ci
 
@@ -421,3 +426,65 @@ def export_table(conn: sqlite3.Connection) -> tuple[list[str], list[list[Any]]]:
         result = results.get(run_id, (None,) * len(CRITERIA))
         rows.append([run_id, status, pipeline, *(own.get(n) for n in names), *result])
     return fixed + [headers[n] for n in names] + list(CRITERIA), rows
+
+
+def describe_run(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None:
+    """Everything the study holds about one run, shaped as the daemon's `show` reply
+    (`protocol.ShowReply`, without its live fields), for `mosaic show` and `mosaic logs` when
+    no daemon answers. None when the study has no such run."""
+    row = conn.execute(
+        "SELECT status, pipeline, return_status FROM runs WHERE run_id=?", (run_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    params = dict(
+        conn.execute(
+            "SELECT param_name, param_value FROM params WHERE run_id=? ORDER BY param_name",
+            (run_id,),
+        ).fetchall()
+    )
+    columns = ", ".join(_quoted(c) for c in contract.RESULT_COLUMNS)
+    results = conn.execute(
+        f"SELECT {columns} FROM run_results WHERE run_id=?", (run_id,)
+    ).fetchone()
+    events: list[dict[str, Any]] = []
+    if "run_events" in tables:
+        events = [
+            {"at": at, "from": f, "to": t, "detail": d}
+            for at, f, t, d in conn.execute(
+                "SELECT at, from_status, to_status, detail FROM run_events WHERE run_id=? "
+                "ORDER BY event_id",
+                (run_id,),
+            )
+        ]
+    history: list[dict[str, Any]] = []
+    if "run_epochs" in tables:
+        keys = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc", "duration")
+        history = [
+            dict(zip(keys, r))
+            for r in conn.execute(
+                'SELECT epoch, train_loss, test_loss, train_acc, test_acc, "duration(s)" '
+                "FROM run_epochs WHERE run_id=? ORDER BY epoch",
+                (run_id,),
+            )
+        ]
+    meta = None
+    if "run_meta" in tables:
+        meta = conn.execute(
+            "SELECT seed, epochs_target, checkpoint_epoch FROM run_meta WHERE run_id=?",
+            (run_id,),
+        ).fetchone()
+    return {
+        "run_id": run_id,
+        "status": row[0],
+        "pipeline": row[1],
+        "return_status": row[2],
+        "params": params,
+        "results": dict(zip(contract.RESULT_COLUMNS, results)) if results else None,
+        "events": events,
+        "history": history,
+        "seed": meta[0] if meta else None,
+        "epochs_target": meta[1] if meta else None,
+        "checkpoint_epoch": meta[2] if meta else None,
+    }

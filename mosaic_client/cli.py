@@ -13,11 +13,12 @@ Start-up must stay fast: no torch anywhere here, and matplotlib only inside the 
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 
-from mosaic_client import protocol
+from mosaic_client import paths, protocol
 from mosaic_client.commands import (
     cancel,
     common,
@@ -46,6 +47,7 @@ from mosaic_client.commands.common import (
     FAILED,
     INTERRUPTED,
     NO_DAEMON,
+    OK,
     CommandError,
 )
 from mosaic_client.connection import DaemonUnavailable, socket_denied
@@ -113,7 +115,31 @@ def _err(message: str) -> None:
     print(f"mosaic: {message}", file=sys.stderr)
 
 
+def _stdout_closed() -> int:
+    """A closed stdout ends a command quietly, like any Unix filter: the reader (`head -1`)
+    has all it wanted. stdout is pointed at /dev/null so the interpreter's last flush of what
+    is still buffered does not report the broken pipe on its way out."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        # Flushed here, where a reader gone away (`mosaic status | head -1`) is still caught.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Anywhere: in a command, in --help, in an error path that prints a table first.
+        return _stdout_closed()
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -121,9 +147,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return BAD_INPUT
     try:
         code = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise  # not an OSError about a path: main() ends the command quietly
     except CommandError as exc:
         _err(exc.message)
         code = exc.code
+    except paths.SocketPathError as exc:
+        _err(str(exc))
+        code = BAD_INPUT
     except DaemonUnavailable as exc:
         denied = socket_denied(common.socket_path(args))
         _err(denied or str(exc))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mosaic_client import contract, schema
+from mosaic_client.class_files import class_file_problem
 from mosaic_client.schema import ACCURACY_MODES, TORCH_LOSSES, TORCH_OPTIMIZERS
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "Problem",
     "TORCH_LOSSES",
     "TORCH_OPTIMIZERS",
+    "count_text",
     "load_config",
     "parse_value",
     "pipelines_to_json",
@@ -545,10 +547,20 @@ def _read_section(place: _Place, required: Iterable[str]) -> dict[str, Any]:
 _LOSS_KEYS = ("loss_function", "class_loss_function", "path_to_class_loss_function")
 
 
+def _given(section: _Section, name: str) -> _Entry | None:
+    """The key's entry, or None when it is absent or an optional key left empty ("key =" or
+    "key = None"): the seed's own config.ini lists its unused optional keys that way."""
+    entry = section.entries.get(name)
+    key = schema.BY_SECTION[section.name].get(name)
+    if entry is not None and key is not None and key.nullable and _is_none(entry.value):
+        return None
+    return entry
+
+
 def _check_loss(place: _Place) -> None:
     """The loss is given one way: a torch.nn class, or a class of the user's with its file."""
     section = place.section
-    builtin, *own = (section.entries.get(name) for name in _LOSS_KEYS)
+    builtin, *own = (_given(section, name) for name in _LOSS_KEYS)
     if builtin is not None and any(e is not None for e in own):
         place.report.entry_error(
             section,
@@ -581,7 +593,16 @@ def _check_process(
         # Only now can the loss be known and a leftover None be told apart from a mistake.
         problem = schema.loss_problem(process)
         if problem:
-            report.entry_error(section, section.entries["loss_function"], problem)
+            entry = section.entries.get("loss_function")
+            if entry is not None:
+                report.entry_error(section, entry, problem)
+            else:
+                report.error(problem, section=section.name, line=section.line)
+    own_loss = process.get("class_loss_function"), process.get("path_to_class_loss_function")
+    if None not in own_loss:
+        problem = class_file_problem(own_loss[1], own_loss[0])
+        if problem:
+            report.entry_error(section, section.entries["path_to_class_loss_function"], problem)
     if process["accuracy"] is None:
         process["accuracy"] = schema.default_accuracy(process["loss_function"])
     # A loss class of the user's is sent only when it is the way the loss is given.
@@ -778,6 +799,11 @@ def _check_class_section(
         ]
         template = _check_key_template(report, section, key_entry, available)
 
+    if cls is not None and path is not None and path_entry is not None:
+        problem = class_file_problem(path, cls)
+        if problem:
+            report.entry_error(section, path_entry, problem)
+
     if len(report.problems) != start or cls is None or path is None or template is None:
         return type_name, None
     return type_name, _ClassSection(section.name, type_name, cls, path, template, params)
@@ -942,6 +968,20 @@ def _quiet_scheme(entry: _Entry | None) -> list[str] | None:
         return None
     names = _split_names(entry.value)
     return names if all(_is_type_name(name) for name in names) else None
+
+
+def count_text(runs: int, multiplicity: int) -> str:
+    """What a config expands to, in words: "16 distinct pipelines × multiplicity 2 = 32 runs"
+    (each distinct pipeline is repeated `multiplicity` times, with successive seeds)."""
+    distinct = runs // multiplicity if multiplicity > 0 else runs
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    return (
+        f"{plural(distinct, 'distinct pipeline')} × multiplicity {multiplicity} = "
+        f"{plural(runs, 'run')}"
+    )
 
 
 def pipelines_to_json(pipelines: Sequence[Sequence[dict[str, Any]]]) -> str:

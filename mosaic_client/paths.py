@@ -29,11 +29,45 @@ def runtime_dir() -> Path:
     return Path(f"/tmp/mosaic-{os.getuid()}")
 
 
-def default_socket_path() -> str:
+class SocketPathError(ValueError):
+    """A socket setting that is not an absolute file path; the message says what to do."""
+
+
+def checked_socket_path(value: str, source: str) -> str:
+    """`value` (from `source`: MOSAIC_SOCKET or --socket) when it is an absolute file path.
+
+    A URL form (ipc:///path, tcp://host:port) would be taken as a relative directory named
+    "ipc:", and a relative path names a different socket from every directory: both would
+    start a second daemon where the user never looks, so they are refused."""
+    if "://" in value:
+        scheme, rest = value.split("://", 1)
+        hint = rest if scheme == "ipc" and os.path.isabs(rest) else "/tmp/mosaic/d.sock"
+        raise SocketPathError(
+            f"{source}={value!r} is a URL; it must be an absolute file path such as {hint} "
+            "(mosaic adds the ipc:// itself and listens on this machine only); "
+            f"set {source} to a file path, or leave it out for the per-user socket"
+        )
+    if not os.path.isabs(os.path.expanduser(value)):
+        raise SocketPathError(
+            f"{source}={value!r} is a relative path, which names a different socket from every "
+            f"directory; it must be an absolute file path such as {os.path.abspath(value)}"
+        )
+    return os.path.normpath(os.path.expanduser(value))
+
+
+def socket_path(option: str | None = None) -> str:
+    """The socket to use: `--socket` when given, else $MOSAIC_SOCKET, else the per-user one.
+    Raises SocketPathError for a URL or a relative path."""
+    if option:
+        return checked_socket_path(option, "--socket")
     override = os.environ.get(SOCKET_ENV)
     if override:
-        return os.path.abspath(override)
+        return checked_socket_path(override, SOCKET_ENV)
     return str(runtime_dir() / "mosaicd.sock")
+
+
+def default_socket_path() -> str:
+    return socket_path(None)
 
 
 def ensure_socket_dir(socket_path: str) -> None:

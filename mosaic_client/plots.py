@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mosaic_client.analysis import MetaData, RunLosses, pages_needed, spans_decades  # noqa: E402
+from mosaic_client.render import fmt  # noqa: E402
 
 TRAIN_COLOR, TEST_COLOR = "tab:blue", "tab:orange"
 PAGE_SIZE = (11.69, 8.27)  # A4 landscape, in inches
@@ -40,7 +41,8 @@ CRITERION_LABELS = {
 
 
 def _fmt(value: object) -> str:
-    return "-" if value is None else format(value, ".3g")
+    # The client's one number format (4 significant digits: 0.9499 stays 0.9499, 1.0 is 1.000).
+    return fmt(value)
 
 
 def _title(run: RunLosses, width: int) -> str:
@@ -178,9 +180,11 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
     )
     label = CRITERION_LABELS.get(data.criterion, data.criterion)
     ax.set_ylabel(label + (" (log scale)" if log_y else ""), fontsize=10)
-    bars = {"std": "bars: ± standard deviation over runs",
-            "ci": "bars: 95% bootstrap CI of the mean\n(percentile, 10,000 resamples; "
-                  "none for a single run)"}.get(spread, "bars: min to max over runs")
+    bars = {
+        "std": "bars: ± standard deviation over runs",
+        "ci": "bars: 95% bootstrap CI of the mean\n(percentile, 10,000 resamples; "
+        "none for a single run)",
+    }.get(spread, "bars: min to max over runs")
     ax.legend(title=f"model key: mean, {bars}", fontsize=9, title_fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     note = f"{data.used} run(s)"

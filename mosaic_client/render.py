@@ -7,9 +7,12 @@ terminal; `commands/status.py` and `watch.py` print what these return.
 from __future__ import annotations
 
 import getpass
+import math
 import os
 import pwd
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from mosaic_client import contract
@@ -17,9 +20,29 @@ from mosaic_client import contract
 INTERVAL = 1.0
 
 
-def fmt(value: Any, spec: str = ".4g") -> str:
-    """A number as shown in tables, "-" where there is none yet."""
-    return "-" if value is None else format(value, spec)
+# One format for every measured value the client shows (losses, accuracies, `plotloss`
+# titles): 4 significant digits, trailing zeros kept, so 0.9499 is not "0.95", 1.0 reads
+# "1.000" and a column of losses keeps its width.
+NUMBER = "#.4g"
+
+
+def fmt(value: Any, spec: str = NUMBER) -> str:
+    """A number as shown in tables, "-" where there is none yet; counts stay integers."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or (isinstance(value, int) and spec == NUMBER):
+        return str(value)
+    if isinstance(value, float) and spec == NUMBER and not math.isfinite(value):
+        return str(value)  # nan, inf: "#" would not change them, but say so plainly
+    return format(value, spec)
+
+
+def accuracy(run: dict[str, Any]) -> str:
+    """ "  acc train 0.9500 / test 0.9375" for a run whose study measures accuracy, else ""."""
+    train, test = run.get("train_acc"), run.get("test_acc")
+    if train is None and test is None:
+        return ""
+    return f"  acc train {fmt(train)} / test {fmt(test)}"
 
 
 def clock(seconds: float | None) -> str:
@@ -47,21 +70,58 @@ def first_line(text: str | None) -> str:
     return lines[0] if lines else ""
 
 
+@dataclass(frozen=True)
+class Eta:
+    """The `--follow` estimate of the time left: `seconds` as of `elapsed`, made when
+    `finished` runs had ended (None: nothing to extrapolate from yet)."""
+
+    elapsed: float
+    finished: int
+    seconds: float | None
+
+
+def next_eta(
+    previous: Eta | None,
+    elapsed: float,
+    finished: int,
+    total: int,
+    running_fractions: Sequence[float] = (),
+) -> Eta:
+    """The time left, from the work done so far: finished runs count 1, running runs the
+    fraction of their epochs done. While no run finishes the estimate only counts down (an
+    extrapolation from elapsed time alone rises between epochs); a run that ends brings a
+    fresh estimate, which may be higher."""
+    if finished >= total:
+        return Eta(elapsed, finished, 0.0)
+    work = finished + sum(min(1.0, max(0.0, f)) for f in running_fractions)
+    fresh = None
+    if work > 0 and elapsed > 0:
+        fresh = max(0.0, elapsed * (total - work) / work)
+    if previous is None or previous.seconds is None or previous.finished != finished:
+        return Eta(elapsed, finished, fresh)
+    countdown = max(0.0, previous.seconds - max(0.0, elapsed - previous.elapsed))
+    return Eta(elapsed, finished, countdown if fresh is None else min(countdown, fresh))
+
+
 def progress_line(
-    done: int, failed: int, cancelled: int, running: int, total: int, elapsed: float, paused: bool
+    done: int,
+    failed: int,
+    cancelled: int,
+    running: int,
+    total: int,
+    paused: bool,
+    eta: float | None = None,
 ) -> str:
     """`mosaic run --follow`: one line, redrawn in place on a terminal."""
     finished = done + failed + cancelled
     width = 30
     filled = int(width * finished / total) if total else width
-    eta = ""
-    if 0 < finished < total:
-        remaining = elapsed / finished * (total - finished)
-        eta = f", ETA {int(remaining // 60)}:{int(remaining % 60):02d}"
+    # Paused, nothing moves: a countdown would only mislead.
+    shown = f", ETA {clock(eta)}" if eta is not None and finished < total and not paused else ""
     flag = " [paused]" if paused else ""
     return (
         f"[{'#' * filled}{'.' * (width - filled)}] {finished}/{total} "
-        f"({done} done, {failed} failed, {running} running){eta}{flag}"
+        f"({done} done, {failed} failed, {running} running){shown}{flag}"
     )
 
 
@@ -97,7 +157,8 @@ def _worker_line(worker: dict[str, Any]) -> str:
 
 
 def status_text(status: dict[str, Any], limit: int) -> str:
-    """The plain `mosaic status` text (also what `status --watch` prints when not on a tty)."""
+    """The plain `mosaic status` text (also what `status --watch` prints when not on a tty).
+    A heading is shown only over the runs it lists."""
     lines = [
         f"mosaicd: {'PAUSED' if status['paused'] else 'running'}, "
         f"{len(status['workers'])} worker(s), {status['queued']} queued"
@@ -107,21 +168,24 @@ def status_text(status: dict[str, Any], limit: int) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in study["counts"].items() if n) or "empty"
         lines.append("")
         lines.append(f"study {study['db']}: {counts}")
-        lines.append("  Running:")
+        if study["running"]:
+            lines.append("  Running:")
         for run in study["running"]:
             lines.append(
                 f"    {run['run_id']:>5}  epoch {run['epoch']}/{run['epochs']}  "
                 f"train_loss {fmt(run['train_loss'])}  test_loss "
                 f"{fmt(run['test_loss'])}  {run['pipeline']}{_others(run)}"
             )
-        lines.append(f"  Done (latest {limit}):")
+        if study["done"]:
+            lines.append(f"  Done (latest {limit}):")
         for run in study["done"]:
             lines.append(
                 f"    {run['run_id']:>5}  train_loss {fmt(run['train_loss'])}  "
-                f"test_loss {fmt(run['test_loss'])}  duration "
+                f"test_loss {fmt(run['test_loss'])}{accuracy(run)}  duration "
                 f"{fmt(run['duration'], '.2f')}s  {run['pipeline']}{_others(run)}"
             )
-        lines.append(f"  Error (latest {limit}):")
+        if study["failed"]:
+            lines.append(f"  Error (latest {limit}):")
         for run in study["failed"]:
             lines.append(f"    {run['run_id']:>5}  {run['pipeline']}{_others(run)}")
             lines.append(f"           {first_line(run['return_status'])}")
@@ -250,10 +314,9 @@ def screen(
         lines.append("  none")
     lines.append("Latest done" + (f" ({show_done} shown)" if done else ""))
     for name, run in done[:show_done]:
-        acc = f"  acc {fmt(run.get('test_acc'), '.3f')}" if run.get("test_acc") is not None else ""
         lines.append(
             f"  {prefix(name, run['run_id']):>6}  train {fmt(run.get('train_loss'))}"
-            f"  test {fmt(run.get('test_loss'))}{acc}"
+            f"  test {fmt(run.get('test_loss'))}{accuracy(run)}"
             f"  {fmt(run.get('duration'), '.2f')}s  {run['pipeline']}"
         )
     if not done:

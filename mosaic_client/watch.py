@@ -127,7 +127,7 @@ def watch(args: argparse.Namespace, fields: dict[str, Any]) -> int:
     # Below a fifth of a second the view would only load the daemon, not show more.
     interval = max(0.2, float(getattr(args, "interval", None) or render.INTERVAL))
     limit = int(fields.get("limit") or 10)
-    with Client(args.socket, timeout=10.0) as client:
+    with Client(common.socket_path(args), timeout=10.0) as client:
         # The first answer decides whether there is anything to watch: no daemon is exit 3
         # with the usual how-to-start message, before the screen is touched.
         status = client.request("status", **fields)

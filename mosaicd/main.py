@@ -22,8 +22,13 @@ def detect_gpus() -> list[str]:
     if not shutil.which("nvidia-smi"):
         return []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (subprocess.SubprocessError, OSError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
@@ -35,8 +40,10 @@ def _group(name: str | None) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        raise SystemExit(f"mosaicd: group {name!r} does not exist; create it (groupadd {name}) "
-                         "or leave the option out") from None
+        raise SystemExit(
+            f"mosaicd: group {name!r} does not exist; create it (groupadd {name}) "
+            "or leave the option out"
+        ) from None
 
 
 def _runtime_env(text: str | None) -> dict[str, Any] | None:
@@ -51,12 +58,15 @@ def _runtime_env(text: str | None) -> dict[str, Any] | None:
                 text = fh.read()
         value = json.loads(text)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"mosaicd: cannot read the Ray runtime_env from {where}: {exc}; give "
-                         'a JSON object such as \'{"env_vars": {"OMP_NUM_THREADS": "4"}}\'') \
-            from None
+        raise SystemExit(
+            f"mosaicd: cannot read the Ray runtime_env from {where}: {exc}; give "
+            'a JSON object such as \'{"env_vars": {"OMP_NUM_THREADS": "4"}}\''
+        ) from None
     if not isinstance(value, dict):
-        raise SystemExit(f"mosaicd: the Ray runtime_env from {where} must be a JSON object, "
-                         f"not {type(value).__name__}")
+        raise SystemExit(
+            f"mosaicd: the Ray runtime_env from {where} must be a JSON object, "
+            f"not {type(value).__name__}"
+        )
     return value
 
 
@@ -65,65 +75,123 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mosaicd",
         description="The Mosaic daemon: owns the queue, the worker pool and the study databases.",
         epilog="examples:\n  mosaicd --workers 4\n  mosaicd --gpus 0,1 --runs-per-gpu 2\n"
-               "  MOSAIC_SOCKET=/tmp/m.sock mosaicd",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--socket", default=None,
-                        help="socket path (default: $MOSAIC_SOCKET, else "
-                             "$XDG_RUNTIME_DIR/mosaic/mosaicd.sock)")
-    parser.add_argument("--state-dir", default=None,
-                        help="where the daemon keeps its own state (default: $MOSAIC_STATE_DIR, "
-                             "else ~/.local/state/mosaic)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="CPU worker slots (default: the number of CPUs)")
-    parser.add_argument("--gpus", default=None,
-                        help="GPU ids to use, e.g. 0,1 ('' for none; default: nvidia-smi's)")
-    parser.add_argument("--runs-per-gpu", type=int, default=1,
-                        help="worker slots per GPU, for small models (default 1)")
-    parser.add_argument("--max-runs-per-worker", type=int, default=0,
-                        help="recycle a worker after this many runs (0: never); a worker is "
-                             "always recycled after a failed run")
-    parser.add_argument("--isolation", default="state", choices=["state", "none", "process"],
-                        help="what separates the runs of one worker: 'state' (default) restores "
-                             "global state (cwd, environment, sys.path, torch defaults) after "
-                             "each run; 'process' runs each pipeline in a fresh forked process; "
-                             "'none' restores nothing (trusted code). See docs/workers.md")
-    parser.add_argument("--checkpoint-every", type=float, default=30.0,
-                        help="seconds between epoch checkpoints of a run (default 30)")
-    parser.add_argument("--stop-timeout", type=float, default=60.0,
-                        help="seconds to checkpoint running runs on SIGTERM (default 60)")
-    parser.add_argument("--admin-group", default=None,
-                        help="members of this group may act on everyone's runs")
-    parser.add_argument("--socket-group", default=None,
-                        help="make the socket 0660 for this group (system service)")
-    parser.add_argument("--executor", default="local", choices=["local", "ray"],
-                        help="who runs the workers: 'local' processes (default) or 'ray' "
-                             "actors on a Ray cluster (pip install 'mosaic-compare[ray]'; "
-                             "docs/cluster.md)")
-    parser.add_argument("--ray-address", default=None,
-                        help="with --executor ray: the cluster to use ('auto' for the one "
-                             "`ray start` runs on this machine, or HOST:PORT); default: a "
-                             "local Ray started by mosaicd")
-    parser.add_argument("--ray-runtime-env", default=None, metavar="JSON",
-                        help="with --executor ray: Ray runtime_env for the workers, as JSON or "
-                             "@FILE.json (e.g. env_vars, py_modules, pip)")
-    parser.add_argument("--worker-bind", default=None, metavar="ENDPOINT",
-                        help="where the workers' socket listens, e.g. tcp://0.0.0.0:5560 "
-                             "for Ray workers on other machines (default: a private ipc socket)")
-    parser.add_argument("--worker-advertise", default=None, metavar="ENDPOINT",
-                        help="the address workers connect to when it differs from "
-                             "--worker-bind, e.g. tcp://head-node:5560")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+        "  MOSAIC_SOCKET=/tmp/m.sock mosaicd",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--socket",
+        default=None,
+        help="socket path (default: $MOSAIC_SOCKET, else $XDG_RUNTIME_DIR/mosaic/mosaicd.sock)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="where the daemon keeps its own state (default: $MOSAIC_STATE_DIR, "
+        "else ~/.local/state/mosaic)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="CPU worker slots (default: the number of CPUs)"
+    )
+    parser.add_argument(
+        "--gpus", default=None, help="GPU ids to use, e.g. 0,1 ('' for none; default: nvidia-smi's)"
+    )
+    parser.add_argument(
+        "--runs-per-gpu",
+        type=int,
+        default=1,
+        help="worker slots per GPU, for small models (default 1)",
+    )
+    parser.add_argument(
+        "--max-runs-per-worker",
+        type=int,
+        default=0,
+        help="recycle a worker after this many runs (0: never); a worker is "
+        "always recycled after a failed run",
+    )
+    parser.add_argument(
+        "--isolation",
+        default="state",
+        choices=["state", "none", "process"],
+        help="what separates the runs of one worker: 'state' (default) restores "
+        "global state (cwd, environment, sys.path, torch defaults) after "
+        "each run; 'process' runs each pipeline in a fresh forked process; "
+        "'none' restores nothing (trusted code). See docs/workers.md",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=30.0,
+        help="seconds between epoch checkpoints of a run (default 30)",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to checkpoint running runs on SIGTERM (default 60)",
+    )
+    parser.add_argument(
+        "--admin-group", default=None, help="members of this group may act on everyone's runs"
+    )
+    parser.add_argument(
+        "--socket-group", default=None, help="make the socket 0660 for this group (system service)"
+    )
+    parser.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="who runs the workers: 'local' processes (default) or 'ray' "
+        "actors on a Ray cluster (pip install 'mosaic-compare[ray]'; "
+        "docs/cluster.md)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --executor ray: the cluster to use ('auto' for the one "
+        "`ray start` runs on this machine, or HOST:PORT); default: a "
+        "local Ray started by mosaicd",
+    )
+    parser.add_argument(
+        "--ray-runtime-env",
+        default=None,
+        metavar="JSON",
+        help="with --executor ray: Ray runtime_env for the workers, as JSON or "
+        "@FILE.json (e.g. env_vars, py_modules, pip)",
+    )
+    parser.add_argument(
+        "--worker-bind",
+        default=None,
+        metavar="ENDPOINT",
+        help="where the workers' socket listens, e.g. tcp://0.0.0.0:5560 "
+        "for Ray workers on other machines (default: a private ipc socket)",
+    )
+    parser.add_argument(
+        "--worker-advertise",
+        default=None,
+        metavar="ENDPOINT",
+        help="the address workers connect to when it differs from "
+        "--worker-bind, e.g. tcp://head-node:5560",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+        level=getattr(logging, args.log_level.upper()),
+        stream=sys.stderr,
         # journald adds its own timestamps; a terminal user wants them.
         format=("%(asctime)s " if sys.stderr.isatty() else "")
-        + "mosaicd %(levelname)s %(message)s")
+        + "mosaicd %(levelname)s %(message)s",
+    )
+    # Before anything is started or created: a URL or relative path names no socket.
+    try:
+        socket_path = paths.socket_path(args.socket)
+    except paths.SocketPathError as exc:
+        print(f"mosaicd: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.workers is not None and args.workers < 0:
         raise SystemExit("mosaicd: --workers must be 0 or more")
     if args.runs_per_gpu < 1:
@@ -140,8 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("worker_bind", "worker_advertise"):
         value = getattr(args, name)
         if value is not None and not value.startswith(("tcp://", "ipc://")):
-            raise SystemExit(f"mosaicd: --{name.replace('_', '-')} {value!r}: give a ZeroMQ "
-                             "endpoint such as tcp://0.0.0.0:5560 or ipc:///path/w.sock")
+            raise SystemExit(
+                f"mosaicd: --{name.replace('_', '-')} {value!r}: give a ZeroMQ "
+                "endpoint such as tcp://0.0.0.0:5560 or ipc:///path/w.sock"
+            )
     runtime_env = _runtime_env(args.ray_runtime_env) if ray else None
     if ray:
         from mosaicd.ray_executor import require_ray
@@ -149,22 +219,32 @@ def main(argv: list[str] | None = None) -> None:
         require_ray()  # exits with the install command when Ray is missing
     # With Ray, the cluster's GPUs (not this machine's nvidia-smi) are the default.
     gpus: list[str] | None = (
-        [g for g in args.gpus.split(",") if g.strip()] if args.gpus is not None
-        else None if ray else detect_gpus())
-    socket_path = os.path.abspath(args.socket) if args.socket else paths.default_socket_path()
+        [g for g in args.gpus.split(",") if g.strip()]
+        if args.gpus is not None
+        else None
+        if ray
+        else detect_gpus()
+    )
     options = Options(
         socket=socket_path,
         state_dir=os.path.abspath(args.state_dir) if args.state_dir else paths.default_state_dir(),
-        workers=(args.workers if args.workers is not None
-                 else None if ray else (os.cpu_count() or 1)),
+        workers=(
+            args.workers if args.workers is not None else None if ray else (os.cpu_count() or 1)
+        ),
         gpus=None if gpus is None else [g.strip() for g in gpus],
         runs_per_gpu=args.runs_per_gpu,
-        max_runs_per_worker=args.max_runs_per_worker, isolation=args.isolation,
+        max_runs_per_worker=args.max_runs_per_worker,
+        isolation=args.isolation,
         checkpoint_every=args.checkpoint_every,
-        stop_timeout=args.stop_timeout, admin_gid=_group(args.admin_group),
-        socket_group=_group(args.socket_group), executor=args.executor,
-        ray_address=args.ray_address, ray_runtime_env=runtime_env,
-        worker_bind=args.worker_bind, worker_advertise=args.worker_advertise)
+        stop_timeout=args.stop_timeout,
+        admin_gid=_group(args.admin_group),
+        socket_group=_group(args.socket_group),
+        executor=args.executor,
+        ray_address=args.ray_address,
+        ray_runtime_env=runtime_env,
+        worker_bind=args.worker_bind,
+        worker_advertise=args.worker_advertise,
+    )
     try:
         code = Daemon(options).run()
     except AlreadyRunning as exc:

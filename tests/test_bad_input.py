@@ -65,7 +65,9 @@ class Setup:
         for db, rows in self.before.items():
             assert dump(db) == rows, f"{db} changed"
         assert query(self.ref, "SELECT status, count(*) FROM runs GROUP BY status") == [
-            ("done", 2), ("queued", 2)]
+            ("done", 2),
+            ("queued", 2),
+        ]
         status = self.paused.request("status", db=self.ref)
         assert status["paused"] is True and status["queued"] == 2
         assert self.live.request("ping")["pid"] == self.live.proc.pid  # type: ignore[union-attr]
@@ -130,9 +132,18 @@ class data:
 }
 
 
-def project(root: Path, name: str, *, model: str | None = None, model_class: str = "good",
-            data: str | None = None, loss: str = "BCELoss", lr: str = "0.01",
-            run_files: str | None = None, drop: str = "") -> Path:
+def project(
+    root: Path,
+    name: str,
+    *,
+    model: str | None = None,
+    model_class: str = "good",
+    data: str | None = None,
+    loss: str = "BCELoss",
+    lr: str = "0.01",
+    run_files: str | None = None,
+    drop: str = "",
+) -> Path:
     """A one-run project in root/name: the example data and a small model unless replaced."""
     where = root / name
     where.mkdir()
@@ -140,22 +151,30 @@ def project(root: Path, name: str, *, model: str | None = None, model_class: str
         (where / "model.py").write_text(textwrap.dedent(model))
     if data is not None:
         (where / "data.py").write_text(textwrap.dedent(data))
-    data_section = (f"[data]\ntype = dataset\nclass = data\npath_to_class = {where}/data.py\n"
-                    "key = d\n" if data is not None else
-                    f"[dataset_OR]\ntype = dataset\nclass = dataset_OR\n"
-                    f"path_to_class = {EXAMPLE}/dataset.py\ndata_size = 40\ntrain_prop = 0.5\n"
-                    "batch_size = 10\nkey = d\n")
-    model_section = (f"[{model_class}]\ntype = mlp\nclass = {model_class}\n"
-                     f"path_to_class = {where}/model.py\nkey = m\n" if model is not None else
-                     f"[mlp_funnel]\ntype = mlp\nclass = mlp_funnel\npath_to_class = "
-                     f"{EXAMPLE}/mlp.py\nlength = 2\nwidth = 3\nkey = m\n")
-    text = (f"[PROCESS]\nlr = {lr}\nepochs = 1\ndata_scheme = dataset\npipeline_scheme = mlp\n"
-            f"loss_function = {loss}\nrun_files_path = {run_files or where / 'runs'}\nseed = 1\n\n"
-            "[MONITOR]\nneed_gpu = false\ngpu_available = None\nnb_processus = 1\n"
-            f"multiplicity = 1\n\n{data_section}\n{model_section}")
+    data_section = (
+        f"[data]\ntype = dataset\nclass = data\npath_to_class = {where}/data.py\nkey = d\n"
+        if data is not None
+        else f"[dataset_OR]\ntype = dataset\nclass = dataset_OR\n"
+        f"path_to_class = {EXAMPLE}/dataset.py\ndata_size = 40\ntrain_prop = 0.5\n"
+        "batch_size = 10\nkey = d\n"
+    )
+    model_section = (
+        f"[{model_class}]\ntype = mlp\nclass = {model_class}\n"
+        f"path_to_class = {where}/model.py\nkey = m\n"
+        if model is not None
+        else f"[mlp_funnel]\ntype = mlp\nclass = mlp_funnel\npath_to_class = "
+        f"{EXAMPLE}/mlp.py\nlength = 2\nwidth = 3\nkey = m\n"
+    )
+    text = (
+        f"[PROCESS]\nlr = {lr}\nepochs = 1\ndata_scheme = dataset\npipeline_scheme = mlp\n"
+        f"loss_function = {loss}\nrun_files_path = {run_files or where / 'runs'}\nseed = 1\n\n"
+        "[MONITOR]\nneed_gpu = false\ngpu_available = None\nnb_processus = 1\n"
+        f"multiplicity = 1\n\n{data_section}\n{model_section}"
+    )
     if drop:
         text = text.split(f"[{drop}]")[0] + "".join(
-            "[" + part for part in text.split(f"[{drop}]")[1].split("[")[1:])
+            "[" + part for part in text.split(f"[{drop}]")[1].split("[")[1:]
+        )
     path = where / "config.ini"
     path.write_text(text)
     return path
@@ -168,8 +187,12 @@ def full_disk(s: Setup, where: Path) -> str:
     link to /dev/full, which fails every write with ENOSPC the same way."""
     mount = where / "full"
     mount.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        == 0
+    )
     if mounted:
         s.mounts.append(mount)
         fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
@@ -218,16 +241,32 @@ def live_results(s: Setup) -> dict[str, subprocess.CompletedProcess[str]]:
         where = s.root / case.dirname
         where.mkdir()
         cfg = case.live(s, where)
-        procs[case.name] = (cfg.parent / "case.db", subprocess.Popen(
-            [sys.executable, "-m", "mosaic_client.cli", "run", str(cfg),
-             str(cfg.parent / "case.db"), "--follow"], env=s.live.env, cwd=where,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs[case.name] = (
+            cfg.parent / "case.db",
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mosaic_client.cli",
+                    "run",
+                    str(cfg),
+                    str(cfg.parent / "case.db"),
+                    "--follow",
+                ],
+                env=s.live.env,
+                cwd=where,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
     for name, (db, proc) in procs.items():
         out, err = proc.communicate(timeout=300)
         shown = s.live.cli("show", "1", "--db", str(db))
         assert query(db, "SELECT status FROM runs") == [("failed",)], name
-        s.live_done[name] = subprocess.CompletedProcess(proc.args, proc.returncode,
-                                                        out + shown.stdout, err + shown.stderr)
+        s.live_done[name] = subprocess.CompletedProcess(
+            proc.args, proc.returncode, out + shown.stdout, err + shown.stderr
+        )
     return s.live_done
 
 
@@ -259,73 +298,166 @@ def missing_class_file(s: Setup, where: Path) -> subprocess.CompletedProcess[str
 
 
 CASES = [
-    Case("config: value of the wrong type",
-         lambda s, w: cli(s, "run", str(project(w, "c", lr="fast")), s.ref), BAD_INPUT,
-         ("lr", "expected a number", "nothing was queued")),
-    Case("config: mandatory section missing",
-         lambda s, w: cli(s, "run", str(project(w, "c", drop="MONITOR")), s.ref), BAD_INPUT,
-         ("MONITOR", "nothing was queued")),
-    Case("config: loss that is not in torch.nn",
-         lambda s, w: cli(s, "run", str(project(w, "c", loss="MSELos")), s.ref), BAD_INPUT,
-         ("MSELos", "loss", "nothing was queued")),
-    Case("config file that does not exist",
-         lambda s, w: cli(s, "run", str(w / "x.ini"), s.ref), BAD_INPUT, ("x.ini",)),
-    Case("config: class file that does not exist", missing_class_file, BAD_INPUT,
-         ("model.py", "file not found", "nothing was queued")),
-    Case("selection that matches nothing",
-         lambda s, w: cli(s, "cancel", s.ref, "-id", "999"), BAD_INPUT,
-         ("matches no", "nothing was cancelled")),
-    Case("selection that is not a range",
-         lambda s, w: cli(s, "cancel", s.ref, "-id", "3-1"), BAD_INPUT, ("backwards",)),
-    Case("SQL that writes (cancel)",
-         lambda s, w: cli(s, "cancel", s.ref, "-request", "DELETE FROM runs"), BAD_INPUT,
-         ("refused", "read-only SELECT")),
-    Case("SQL that writes (plot, read by the client)",
-         lambda s, w: cli(s, "plotloss", s.ref, str(w / "p.pdf"), "-request",
-                          "UPDATE runs SET status='failed'"), BAD_INPUT,
-         ("refused", "SELECT")),
-    Case("SQL that never ends",
-         lambda s, w: cli(s, "cancel", s.ref, "-request", "WITH RECURSIVE c(x) AS (SELECT 1 "
-                          "UNION ALL SELECT x + 1 FROM c) SELECT x FROM c"), BAD_INPUT,
-         ("took more than", "simpler query")),
-    Case("database file that is not SQLite", not_sqlite, BAD_INPUT,
-         ("not a usable SQLite database",)),
-    Case("database of a newer schema version", newer_schema, BAD_INPUT,
-         ("schema version 999", "upgrade Mosaic")),
-    Case("database in a directory that does not exist",
-         lambda s, w: cli(s, "run", str(s.cfg), str(w / "missing" / "s.db")), BAD_INPUT,
-         ("does not exist",)),
-    Case("database that does not exist (status)",
-         lambda s, w: cli(s, "status", "--db", str(w / "nope.db")), BAD_INPUT,
-         ("no database at",)),
-    Case("run_files_path that is a regular file",
-         lambda s, w: cli(s, "run", str(project(w, "c", run_files=str(s.cfg))), s.ref),
-         BAD_INPUT, ("run_files_path", "not a directory", "nothing was queued")),
-    Case("pause file that is not a pause file",
-         lambda s, w: cli(s, "resume", str(s.cfg)), BAD_INPUT, ("cannot read",)),
+    Case(
+        "config: value of the wrong type",
+        lambda s, w: cli(s, "run", str(project(w, "c", lr="fast")), s.ref),
+        BAD_INPUT,
+        ("lr", "expected a number", "nothing was queued"),
+    ),
+    Case(
+        "config: mandatory section missing",
+        lambda s, w: cli(s, "run", str(project(w, "c", drop="MONITOR")), s.ref),
+        BAD_INPUT,
+        ("MONITOR", "nothing was queued"),
+    ),
+    Case(
+        "config: loss that is not in torch.nn",
+        lambda s, w: cli(s, "run", str(project(w, "c", loss="MSELos")), s.ref),
+        BAD_INPUT,
+        ("MSELos", "loss", "nothing was queued"),
+    ),
+    Case(
+        "config file that does not exist",
+        lambda s, w: cli(s, "run", str(w / "x.ini"), s.ref),
+        BAD_INPUT,
+        ("x.ini",),
+    ),
+    Case(
+        "config: class file that does not exist",
+        missing_class_file,
+        BAD_INPUT,
+        ("model.py", "file not found", "nothing was queued"),
+    ),
+    Case(
+        "selection that matches nothing",
+        lambda s, w: cli(s, "cancel", s.ref, "-id", "999"),
+        BAD_INPUT,
+        ("matches no", "nothing was cancelled"),
+    ),
+    Case(
+        "selection that is not a range",
+        lambda s, w: cli(s, "cancel", s.ref, "-id", "3-1"),
+        BAD_INPUT,
+        ("backwards",),
+    ),
+    Case(
+        "SQL that writes (cancel)",
+        lambda s, w: cli(s, "cancel", s.ref, "-request", "DELETE FROM runs"),
+        BAD_INPUT,
+        ("refused", "read-only SELECT"),
+    ),
+    Case(
+        "SQL that writes (plot, read by the client)",
+        lambda s, w: cli(
+            s, "plotloss", s.ref, str(w / "p.pdf"), "-request", "UPDATE runs SET status='failed'"
+        ),
+        BAD_INPUT,
+        ("refused", "SELECT"),
+    ),
+    Case(
+        "SQL that never ends",
+        lambda s, w: cli(
+            s,
+            "cancel",
+            s.ref,
+            "-request",
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c",
+        ),
+        BAD_INPUT,
+        ("took more than", "simpler query"),
+    ),
+    Case(
+        "database file that is not SQLite", not_sqlite, BAD_INPUT, ("not a usable SQLite database",)
+    ),
+    Case(
+        "database of a newer schema version",
+        newer_schema,
+        BAD_INPUT,
+        ("schema version 999", "upgrade Mosaic"),
+    ),
+    Case(
+        "database in a directory that does not exist",
+        lambda s, w: cli(s, "run", str(s.cfg), str(w / "missing" / "s.db")),
+        BAD_INPUT,
+        ("does not exist",),
+    ),
+    Case(
+        "database that does not exist (status)",
+        lambda s, w: cli(s, "status", "--db", str(w / "nope.db")),
+        BAD_INPUT,
+        ("no database at",),
+    ),
+    Case(
+        "run_files_path that is a regular file",
+        lambda s, w: cli(s, "run", str(project(w, "c", run_files=str(s.cfg))), s.ref),
+        BAD_INPUT,
+        ("run_files_path", "not a directory", "nothing was queued"),
+    ),
+    Case(
+        "pause file that is not a pause file",
+        lambda s, w: cli(s, "resume", str(s.cfg)),
+        BAD_INPUT,
+        ("cannot read",),
+    ),
     # Mistakes that show only when a run executes: the run fails with the cause, exit code 1.
-    Case("class file with a syntax error", None, FAILED, ("SyntaxError", "model.py"),
-         live=lambda s, w: project(w, "c", model=SOURCES["syntax"])),
-    Case("class that is not in its file", None, FAILED, ("defines no class named 'nothere'",),
-         live=lambda s, w: project(w, "c", model=MODEL_OK, model_class="nothere")),
-    Case("model class without forward", None, FAILED, ("lacks required method(s) forward",),
-         live=lambda s, w: project(w, "c", model=SOURCES["no_forward"])),
-    Case("data class without prepare", None, FAILED, ("lacks required method(s) prepare",),
-         live=lambda s, w: project(w, "c", data=SOURCES["no_prepare"])),
-    Case("prepare returning the wrong shape", None, FAILED,
-         ("must return (train, test)", "DataLoader"),
-         live=lambda s, w: project(w, "c", data=SOURCES["one_loader"])),
-    Case("NaN loss", None, FAILED, ("loss is not finite", "epoch 1"),
-         live=lambda s, w: project(w, "c", model=SOURCES["nan"], loss="MSELoss")),
-    Case("full disk for run files", None, FAILED, ("No space left on device",),
-         live=lambda s, w: project(w, "c", run_files=full_disk(s, w))),
+    # Refused when the config is checked (issue 18): the file is compiled and read, not run.
+    Case(
+        "class file with a syntax error",
+        lambda s, w: cli(s, "run", str(project(w, "c", model=SOURCES["syntax"])), s.ref),
+        BAD_INPUT,
+        ("model.py:3: SyntaxError", "nothing was queued"),
+    ),
+    Case(
+        "class that is not in its file",
+        lambda s, w: cli(
+            s, "run", str(project(w, "c", model=MODEL_OK, model_class="nothere")), s.ref
+        ),
+        BAD_INPUT,
+        ("model.py defines no class nothere", "good", "nothing was queued"),
+    ),
+    Case(
+        "model class without forward",
+        None,
+        FAILED,
+        ("lacks required method(s) forward",),
+        live=lambda s, w: project(w, "c", model=SOURCES["no_forward"]),
+    ),
+    Case(
+        "data class without prepare",
+        None,
+        FAILED,
+        ("lacks required method(s) prepare",),
+        live=lambda s, w: project(w, "c", data=SOURCES["no_prepare"]),
+    ),
+    Case(
+        "prepare returning the wrong shape",
+        None,
+        FAILED,
+        ("must return (train, test)", "DataLoader"),
+        live=lambda s, w: project(w, "c", data=SOURCES["one_loader"]),
+    ),
+    Case(
+        "NaN loss",
+        None,
+        FAILED,
+        ("loss is not finite", "epoch 1"),
+        live=lambda s, w: project(w, "c", model=SOURCES["nan"], loss="MSELoss"),
+    ),
+    Case(
+        "full disk for run files",
+        None,
+        FAILED,
+        ("No space left on device",),
+        live=lambda s, w: project(w, "c", run_files=full_disk(s, w)),
+    ),
 ]
 
 
 # The mistakes that show only when a run executes cost a fresh worker each (their failures
 # recycle it), so they belong to the slow set; the default run keeps the up-front refusals.
-@pytest.mark.parametrize("case", [
-    pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.live else []) for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.live else []) for c in CASES]
+)
 def test_user_mistake(setup: Setup, case: Case) -> None:
     if case.live is not None:
         result = live_results(setup)[case.name]

@@ -45,11 +45,13 @@ def refused_as_bad_input(*errors: type[Exception]) -> Iterator[None]:
 
 
 def socket_path(args: argparse.Namespace) -> str:
-    return args.socket or paths.default_socket_path()
+    """The daemon's socket; a URL or relative --socket / $MOSAIC_SOCKET is bad input."""
+    with refused_as_bad_input(paths.SocketPathError):
+        return paths.socket_path(args.socket)
 
 
 def client(args: argparse.Namespace) -> Client:
-    return Client(args.socket)
+    return Client(socket_path(args))
 
 
 def call(args: argparse.Namespace, name: str, **fields: Any) -> Any:
@@ -218,6 +220,54 @@ def analysis_db(path: str) -> sqlite3.Connection:
 
     with refused_as_bad_input(analysis.AnalysisError):
         return analysis.open_readonly(os.path.abspath(path))
+
+
+def only_known_study() -> str | None:
+    """The study a stopped daemon served, when it served exactly one: read from its own state
+    database (read-only), so `mosaic logs RUN` needs no --db in the usual one-study case."""
+    path = os.path.join(paths.default_state_dir(), "daemon.db")
+    if not os.path.isfile(path):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+        try:
+            rows = conn.execute("SELECT path FROM studies").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return str(rows[0][0]) if len(rows) == 1 else None
+
+
+# Said when `show` and `logs` read a study because no daemon answers.
+OFFLINE_NOTE = "(daemon not running: read from the study)"
+
+
+def run_info(args: argparse.Namespace, purpose: str) -> tuple[str, dict[str, Any], bool]:
+    """(db, the `show` reply for args.run, whether a daemon gave it). With no daemon and
+    --db given, the study is read read-only instead: what it holds is the truth once no
+    daemon is running, short of the live fields (epoch, worker) only a daemon knows."""
+    try:
+        db = db_or_only(args, purpose)
+        return db, call(args, "show", db=db, run_id=args.run), True
+    except connection.DaemonUnavailable as exc:
+        known = args.db or only_known_study()
+        if not known:
+            raise connection.DaemonUnavailable(
+                f"{exc} Without a daemon give the study with --db DB to read it directly."
+            ) from None
+    from mosaic_client import analysis
+
+    db = existing_db(known)
+    conn = analysis_db(db)
+    try:
+        info = analysis.describe_run(conn, args.run)
+    finally:
+        conn.close()
+    if info is None:
+        raise CommandError(f"no run {args.run} in {db}; `mosaic export` lists its runs", BAD_INPUT)
+    print(f"mosaic: {OFFLINE_NOTE}", file=sys.stderr)
+    return db, info, False
 
 
 def out_dir_exists(out: str) -> None:

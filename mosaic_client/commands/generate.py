@@ -15,12 +15,13 @@ EXAMPLE = "mosaic generate examples/or_mlp/config.ini out.json"
 
 
 def run(args: argparse.Namespace) -> int:
-    from mosaic_client.config import pipelines_to_json
+    from mosaic_client.config import count_text, pipelines_to_json
 
     expanded = load_config(args.config)
     with open(args.out, "w") as fh:
         fh.write(pipelines_to_json(expanded.pipelines))
-    print(f"wrote {len(expanded.pipelines)} pipeline(s) to {args.out}")
+    runs = len(expanded.pipelines)
+    print(f"{count_text(runs, expanded.monitor['multiplicity'])}; wrote them to {args.out}")
     return OK
 
 

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.follow:
         print("watch them with `mosaic status` (or `mosaic status --watch`)")
         return OK
-    return follow(args, db, reply["submission_id"], len(ids))
+    return follow(args, db, reply["submission_id"], ids)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,11 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_autostart(parser)
 
 
-def follow(args: argparse.Namespace, db: str, submission_id: int, total: int) -> int:
+def follow(args: argparse.Namespace, db: str, submission_id: int, ids: list[int]) -> int:
     """Redraw one progress line until every run of the submission has ended."""
     tty = sys.stderr.isatty()
     started = time.monotonic()
     last_line = ""
+    total, mine = len(ids), set(ids)
+    eta: render.Eta | None = None
     try:
         with common.client(args) as client:
             while True:
@@ -66,14 +68,22 @@ def follow(args: argparse.Namespace, db: str, submission_id: int, total: int) ->
                 done, failed = counts.get(contract.DONE, 0), counts.get(contract.FAILED, 0)
                 cancelled = counts.get(contract.CANCELLED, 0)
                 finished = done + failed + cancelled
+                # The running runs of this submission, by the share of their epochs done.
+                fractions = [
+                    run["epoch"] / run["epochs"]
+                    for study in status.get("studies", [])
+                    for run in study.get("running", [])
+                    if run["run_id"] in mine and run.get("epochs")
+                ]
+                eta = render.next_eta(eta, time.monotonic() - started, finished, total, fractions)
                 line = render.progress_line(
                     done,
                     failed,
                     cancelled,
                     counts.get(contract.RUNNING, 0),
                     total,
-                    time.monotonic() - started,
                     status.get("paused", False),
+                    eta.seconds,
                 )
                 if tty:
                     print("\r" + line.ljust(len(last_line)), end="", file=sys.stderr, flush=True)

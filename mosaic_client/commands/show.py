@@ -1,6 +1,7 @@
 """`mosaic show RUN [--db DB] [--json]`: everything known about one run.
 
-Sends `show` (and `studies` when --db is not given).
+Sends `show` (and `studies` when --db is not given). With no daemon answering and --db given,
+reads the run from the study database instead, and says so.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ EXAMPLE = "mosaic show 3 --db results.db"
 
 
 def run(args: argparse.Namespace) -> int:
-    info = common.call(args, "show", db=common.db_or_only(args, "the run is in"), run_id=args.run)
+    _, info, _ = common.run_info(args, "the run is in")
     if args.json:
         print(json.dumps(info, indent=1))
     else:
