@@ -16,27 +16,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 2
+from mosaic_client.contract import (
+    DONE,
+    FINAL_STATES,
+    QUEUED,
+    RESULT_COLUMNS,
+    RUN_STATES,
+    RUNNING,
+    TRANSITIONS,
+)
+
+SCHEMA_VERSION = 3
 log = logging.getLogger("mosaicd")
-
-# Run states. "paused" is a run parked at an epoch boundary with a checkpoint.
-QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = (
-    "queued", "running", "paused", "done", "failed", "cancelled")
-STATES = (QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED)
-FINAL_STATES = (DONE, FAILED, CANCELLED)
-
-# Allowed transitions; anything else is a bug in the daemon and raises.
-TRANSITIONS: dict[str, tuple[str, ...]] = {
-    QUEUED: (RUNNING, CANCELLED, PAUSED),
-    RUNNING: (DONE, FAILED, CANCELLED, PAUSED, QUEUED),
-    PAUSED: (QUEUED, CANCELLED),
-    DONE: (QUEUED,),  # rerun
-    FAILED: (QUEUED,),  # rerun
-    CANCELLED: (QUEUED,),  # rerun
-}
-
-RESULT_COLUMNS = ("train_loss", "test_loss", "train_acc", "test_acc", "nb_params", "duration(s)",
-                  "epochs", "overfit", "trainability", "slope")
 
 # Forward migrations, by the version they bring the database to. Version 1 holds the seed's four
 # tables, unchanged so users' SQL keeps working, plus the daemon's own tables.
@@ -77,6 +68,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # Per-submission pause: on a shared daemon a user pauses only their own submissions.
     2: ("ALTER TABLE submissions ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",),
+    # An owner's hold is kept once, in the daemon's state database (DaemonState.held_owners),
+    # which also covers the submissions made while held; the per-submission copy goes.
+    3: ("ALTER TABLE submissions DROP COLUMN paused",),
 }
 
 
@@ -222,7 +216,7 @@ class Store:
             self._in_tx = False
 
     def _load_counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(RUN_STATES, 0)
         for status, n in self.conn.execute("SELECT status, count(*) FROM runs GROUP BY status"):
             counts[status] = n
         return counts
@@ -300,22 +294,13 @@ class Store:
 
     def submission(self, submission_id: int) -> dict[str, Any]:
         row = self.conn.execute(
-            "SELECT owner_uid, owner, config_path, process, monitor, paused FROM submissions "
+            "SELECT owner_uid, owner, config_path, process, monitor FROM submissions "
             "WHERE submission_id=?", (submission_id,)).fetchone()
         if row is None:
             raise StoreError(f"submission {submission_id} missing from {self.path}")
         return {"submission_id": submission_id, "owner_uid": row[0], "owner": row[1],
                 "config_path": row[2], "process": json.loads(row[3]),
-                "monitor": json.loads(row[4]), "paused": bool(row[5])}
-
-    def set_paused(self, paused: bool, owner_uid: int | None = None) -> None:
-        """Pause or resume the submissions of one owner (all submissions when None)."""
-        with self.transaction() as conn:
-            if owner_uid is None:
-                conn.execute("UPDATE submissions SET paused=?", (int(paused),))
-            else:
-                conn.execute("UPDATE submissions SET paused=? WHERE owner_uid=?",
-                             (int(paused), owner_uid))
+                "monitor": json.loads(row[4])}
 
     def _record(self, row: tuple[Any, ...]) -> RunRecord:
         return RunRecord(run_id=row[0], submission_id=row[1], modules=json.loads(row[2]),
@@ -454,7 +439,7 @@ class Store:
 
 
 class DaemonState:
-    """The daemon's own small database: which studies it serves and whether it is paused."""
+    """The daemon's own small database: which studies it serves, and its holds."""
 
     def __init__(self, state_dir: str) -> None:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -482,3 +467,18 @@ class DaemonState:
     def set(self, name: str, value: Any) -> None:
         self.conn.execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT(name) "
                           "DO UPDATE SET value=excluded.value", (name, value))
+
+    # The holds (mosaicd.holds). The setting names are those of earlier releases, so a hold
+    # survives an upgrade.
+
+    def hold_all(self) -> bool:
+        return bool(self.get("paused", 0))
+
+    def set_hold_all(self, held: bool) -> None:
+        self.set("paused", int(held))
+
+    def held_owners(self) -> set[int]:
+        return set(json.loads(self.get("paused_owners", "[]")))
+
+    def set_held_owners(self, owners: set[int]) -> None:
+        self.set("paused_owners", json.dumps(sorted(owners)))
