@@ -27,13 +27,9 @@ from mosaic_client.protocol import (
     RerunReply,
     ResumeReply,
 )
-from mosaicd.dispatch import ActiveRun, Sender
 from mosaicd.errors import Refused
-from mosaicd.executor import Executor
-from mosaicd.holds import Holds
-from mosaicd.run_queue import RunQueue
+from mosaicd.scheduler_core import SchedulerCore
 from mosaicd.store import Store, connect_readonly
-from mosaicd.studies import Studies
 
 SELECT_TIMEOUT = 5.0  # seconds a selection's SQL may run in the daemon's loop
 
@@ -43,15 +39,8 @@ SELECT_TIMEOUT = 5.0  # seconds a selection's SQL may run in the daemon's loop
 OwnerCheck = Callable[[list[tuple[int, int | None, str | None]]], None] | None
 
 
-class Control:
+class Control(SchedulerCore):
     """The scheduler's control requests (a part of mosaicd.scheduler.Scheduler)."""
-
-    _studies: Studies
-    _queue: RunQueue
-    _active: dict[tuple[str, int], ActiveRun]
-    _executor: Executor
-    _holds: Holds
-    _send: Sender
 
     # -- holds and parking --------------------------------------------------------------------
 

@@ -4,52 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from mosaic_client.contract import RUNNING, checkpoint_path
-from mosaicd.executor import BUSY, Executor, WorkerHandle
-from mosaicd.holds import Holds
-from mosaicd.run_queue import RunQueue
+from mosaicd.executor import BUSY, WorkerHandle
+from mosaicd.scheduler_core import ActiveRun, SchedulerCore
 from mosaicd.store import RunRecord
-from mosaicd.studies import Studies
 from mosaicd.submissions import Submission
 
 log = logging.getLogger("mosaicd")
 
-# How the scheduler sends a message to a worker: send(worker, name)(**fields).
-Sender = Callable[[WorkerHandle, str], Callable[..., None]]
-
-
-@dataclass
-class ActiveRun:
-    """A run a worker is training, with its latest progress (for `status` and `show`)."""
-
-    study: str
-    record: RunRecord
-    submission: Submission
-    worker: WorkerHandle
-    pipeline: str
-    started: float = field(default_factory=time.time)
-    epoch: int = 0
-    train_loss: float | None = None
-    test_loss: float | None = None
-    park_sent: bool = False
-
-
-class Dispatch:
+class Dispatch(SchedulerCore):
     """The scheduler's dispatch step (a part of mosaicd.scheduler.Scheduler)."""
-
-    _studies: Studies
-    _queue: RunQueue
-    _active: dict[tuple[str, int], ActiveRun]
-    _executor: Executor
-    _holds: Holds
-    _send: Sender
-    _checkpoint_every: float
-    shutting_down: bool
 
     def dispatch(self) -> None:
         if self._holds.all or self.shutting_down:

@@ -170,6 +170,9 @@ class Executor(ABC):
         """Ask every worker to exit, kill those still there after `grace` seconds."""
 
 
+EXECUTORS = ("local", "ray")  # mosaicd --executor
+
+
 def make_executor(ctx: zmq.Context[Any], address: str, options: Options) -> Executor:
     """The executor the daemon's options name (mosaicd --executor)."""
     if options.executor == "ray":

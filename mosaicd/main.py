@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from mosaic_client import paths
+from mosaicd.executor import EXECUTORS
 from mosaicd.server import AlreadyRunning, Daemon, Options
 
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="members of this group may act on everyone's runs")
     parser.add_argument("--socket-group", default=None,
                         help="make the socket 0660 for this group (system service)")
-    parser.add_argument("--executor", default="local", choices=["local", "ray"],
+    parser.add_argument("--executor", default="local", choices=EXECUTORS,
                         help="who runs the workers: 'local' processes (default) or 'ray' "
                              "actors on a Ray cluster (pip install 'mosaic-compare[ray]'; "
                              "docs/cluster.md)")

@@ -1,7 +1,8 @@
 """The scheduler: the one object request handlers and the server's loop call.
 
-It owns the daemon's registries (private): the open studies (mosaicd.studies), the queue
-(mosaicd.run_queue), the runs being trained and the holds (mosaicd.holds). Its parts live in
+It owns the daemon's registries (private, declared in mosaicd.scheduler_core): the open studies
+(mosaicd.studies), the queue (mosaicd.run_queue), the runs being trained and the holds
+(mosaicd.holds). Its parts live in
 their own modules: submission checks and building (mosaicd.submissions), dispatch
 (mosaicd.dispatch), worker events (mosaicd.worker_events), control requests (mosaicd.control)
 and the replies that describe the state (mosaicd.views).
@@ -27,12 +28,7 @@ from mosaic_client.protocol import (
 )
 from mosaicd import views
 from mosaicd.control import Control
-from mosaicd.dispatch import ActiveRun, Dispatch, Sender
-from mosaicd.executor import Executor
-from mosaicd.holds import Holds
-from mosaicd.run_queue import RunQueue
-from mosaicd.store import DaemonState
-from mosaicd.studies import Studies
+from mosaicd.dispatch import Dispatch
 from mosaicd.submissions import build_runs, check_submission
 from mosaicd.worker_events import WorkerEvents
 
@@ -40,17 +36,7 @@ log = logging.getLogger("mosaicd")
 
 
 class Scheduler(Dispatch, WorkerEvents, Control):
-    def __init__(self, state: DaemonState, executor: Executor, send: Sender,
-                 checkpoint_every: float) -> None:
-        self._executor = executor
-        self._send = send
-        self._checkpoint_every = checkpoint_every
-        self._studies = Studies(state)
-        self._queue = RunQueue()
-        self._active: dict[tuple[str, int], ActiveRun] = {}
-        self._pending_epochs: dict[str, list[dict[str, Any]]] = {}
-        self._holds = Holds(state)
-        self.shutting_down = False
+    """The queue and the life of runs; its registries are declared in mosaicd.scheduler_core."""
 
     def recover(self) -> None:
         """Reopen the known studies; runs that were running go back to the queue."""

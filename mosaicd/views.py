@@ -18,11 +18,11 @@ from mosaic_client.protocol import (
     StudyView,
     WorkerView,
 )
-from mosaicd.dispatch import ActiveRun
 from mosaicd.errors import Refused
-from mosaicd.executor import Executor
+from mosaicd.executor import Executor, WorkerHandle
 from mosaicd.holds import Holds
 from mosaicd.run_queue import RunQueue
+from mosaicd.scheduler_core import ActiveRun
 from mosaicd.store import Store
 from mosaicd.studies import Studies
 
@@ -48,9 +48,10 @@ def _finished(store: Store, state: str, limit: int, uid: int | None,
     return rows
 
 
-def _worker(executor: Executor, worker: Any) -> WorkerView:
+def _worker(executor: Executor, worker: WorkerHandle) -> WorkerView:
     return {"id": worker.worker_id, "slot": worker.slot.label, "state": worker.state,
             "pid": worker.pid, "run_id": worker.run[1] if worker.run else None,
+            # The Ray executor adds the actor's node.
             "runs_done": worker.runs_done, **executor.resources(worker)}  # type: ignore[typeddict-item]
 
 

@@ -9,25 +9,15 @@ import time
 from typing import Any
 
 from mosaic_client.contract import FAILED, PARKED, QUEUED, RUNNING, run_log_path
-from mosaicd.dispatch import ActiveRun, Sender
-from mosaicd.executor import IDLE, STOPPING, Executor, WorkerHandle
+from mosaicd.executor import IDLE, STOPPING, WorkerHandle
 from mosaicd.pool import describe_exit
-from mosaicd.run_queue import RunQueue
-from mosaicd.studies import Studies
+from mosaicd.scheduler_core import ActiveRun, SchedulerCore
 
 log = logging.getLogger("mosaicd")
 
 
-class WorkerEvents:
+class WorkerEvents(SchedulerCore):
     """The scheduler's worker events (a part of mosaicd.scheduler.Scheduler)."""
-
-    _studies: Studies
-    _queue: RunQueue
-    _active: dict[tuple[str, int], ActiveRun]
-    _executor: Executor
-    _send: Sender
-    _pending_epochs: dict[str, list[dict[str, Any]]]
-    shutting_down: bool
 
     def on_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         """One message of mosaic_client.protocol.WORKER_MESSAGES from a worker."""
@@ -48,6 +38,13 @@ class WorkerEvents:
             log.warning("worker %s reported run %s it is not running", worker.worker_id, run_id)
             return None
         return self._active.get(worker.run)
+
+    def _ended(self, worker: WorkerHandle, message: dict[str, Any]) -> ActiveRun | None:
+        """The run a worker says has ended (done, failed, parked), its epochs written first."""
+        run = self._active_for(worker, message["run_id"])
+        if run is not None:
+            self.flush_epochs()
+        return run
 
     def _on_epoch(self, worker: WorkerHandle, event: dict[str, Any]) -> None:
         run = self._active_for(worker, event["run_id"])
@@ -77,10 +74,9 @@ class WorkerEvents:
             worker.become(IDLE)
 
     def _on_done(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        run = self._active_for(worker, message["run_id"])
+        run = self._ended(worker, message)
         if run is None:
             return
-        self.flush_epochs()
         results = message["results"]
         summary = (f"done: {results.get('epochs')} epochs, train_loss "
                    f"{results.get('train_loss'):.6g}, test_loss {results.get('test_loss'):.6g}")
@@ -88,10 +84,9 @@ class WorkerEvents:
         self._finish(run, worker, recycle=False)
 
     def _on_failed(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        run = self._active_for(worker, message["run_id"])
+        run = self._ended(worker, message)
         if run is None:
             return
-        self.flush_epochs()
         text = f"{message['error']}\n\n{message['traceback']}"
         self._studies[run.study].transition(run.record.run_id, FAILED, message["error"][:500],
                                             return_status=text)
@@ -99,10 +94,9 @@ class WorkerEvents:
         self._finish(run, worker, recycle=True)
 
     def _on_parked(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        run = self._active_for(worker, message["run_id"])
+        run = self._ended(worker, message)
         if run is None:
             return
-        self.flush_epochs()
         store = self._studies[run.study]
         run_id = run.record.run_id
         store.set_checkpoint_epoch(run_id, message["epoch"])

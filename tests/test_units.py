@@ -219,3 +219,43 @@ def test_a_version_2_study_loses_its_per_submission_pause(tmp_path) -> None:  # 
     assert (info["owner_uid"], info["owner"], info["process"], info["monitor"]) == (
         1234, "ann", {"epochs": 3}, {"retries": 1})
     store.close()
+
+
+def test_holds_are_stored_once_and_survive_a_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mosaicd.holds import Holds
+    from mosaicd.store import DaemonState
+
+    holds = Holds(DaemonState(str(tmp_path)))
+    holds.hold(1001)
+    assert holds.keeps(1001) and not holds.keeps(1002) and not holds.keeps(None)
+    assert holds.holds_submissions_of(1001) and not holds.holds_submissions_of(1002)
+    again = Holds(DaemonState(str(tmp_path)))  # a restarted daemon
+    assert again.owners == {1001} and not again.all
+    again.hold(None)
+    assert again.holds_submissions_of(1002)
+    again.release(None)  # releases every hold: the daemon's and each owner's
+    restarted = Holds(DaemonState(str(tmp_path)))
+    assert not restarted.all and restarted.owners == set()
+
+
+def test_a_worker_changes_state_only_along_its_lifecycle() -> None:
+    from mosaicd.executor import (
+        BUSY,
+        IDLE,
+        STARTING,
+        STOPPING,
+        WORKER_TRANSITIONS,
+        Slot,
+        WorkerHandle,
+    )
+
+    handle = WorkerHandle("w1", Slot("cpu", 0), proc=None)
+    assert handle.state == STARTING
+    with pytest.raises(RuntimeError, match="cannot go from starting to busy"):
+        handle.become(BUSY)
+    for state in (IDLE, BUSY, IDLE, BUSY, STOPPING):
+        before = handle.state
+        handle.become(state)
+        assert state in WORKER_TRANSITIONS[before]
+    with pytest.raises(RuntimeError, match="cannot go from stopping to idle"):
+        handle.become(IDLE)
