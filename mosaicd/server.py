@@ -44,7 +44,7 @@ class Options:
     stop_timeout: float = 60.0
     admin_gid: int | None = None
     socket_group: int | None = None
-    # "local" (worker processes) or "ray" (Ray actors, mosaicd/ray_executor.py). With Ray,
+    # One of mosaicd.executor.EXECUTORS, made by mosaicd.executor.make_executor. With "ray",
     # workers/gpus None mean "as many as the Ray cluster has".
     executor: str = "local"
     ray_address: str | None = None
@@ -173,8 +173,8 @@ class Daemon:
         self.state = DaemonState(self.options.state_dir)
         self._bind()
         self.executor = make_executor(self.ctx, self.worker_address, self.options)
-        # After the executor: ray.init installs a SIGTERM handler of its own, which must not replace
-        # the daemon's checkpoint-then-stop.
+        # After the executor: one may install a SIGTERM handler of its own (ray.init does), which
+        # must not replace the daemon's checkpoint-then-stop.
         self._install_signals()
         self.scheduler = Scheduler(self.state, self.executor, self._sender,
                                    self.options.checkpoint_every)
