@@ -1,5 +1,8 @@
 """The daemon's request handlers: one per request type of mosaic_client.protocol.REQUESTS,
-named like the client command that sends it, and the one dispatch table that routes them."""
+named like the client command that sends it, and the one dispatch table that routes them.
+
+The rule: a handler checks the caller's rights, shapes the arguments and makes one call to the
+scheduler (mosaicd.scheduler.Scheduler), whose registries are its own."""
 
 from __future__ import annotations
 
@@ -9,9 +12,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mosaic_client.protocol import PROTOCOL_VERSION, REQUESTS
-from mosaicd.scheduler import Refused
-from mosaicd.store import QUEUED
+from mosaic_client.protocol import (
+    PROTOCOL_VERSION,
+    REQUESTS,
+    CancelReply,
+    ErrorCode,
+    PauseReply,
+    PendingItem,
+    PingReply,
+    RekeyReply,
+    RerunReply,
+    ResumeReply,
+    ShowReply,
+    ShutdownReply,
+    StatusReply,
+    StudyItem,
+    SubmitReply,
+)
+from mosaicd.control import OwnerCheck
+from mosaicd.errors import Refused
 
 if TYPE_CHECKING:
     from mosaicd.server import Daemon
@@ -51,7 +70,8 @@ class Caller:
 def _study(args: dict[str, Any]) -> str:
     db = args["db"]
     if not os.path.isabs(db):
-        raise Refused("invalid", f"database path {db!r} must be absolute (the client sends it so)")
+        raise Refused(ErrorCode.INVALID,
+                      f"database path {db!r} must be absolute (the client sends it so)")
     return db
 
 
@@ -90,7 +110,7 @@ def _not_daemon_state(daemon: Daemon, path: str, what: str) -> str:
     state = os.path.realpath(daemon.options.state_dir)
     socket_files = {os.path.realpath(daemon.options.socket + suffix) for suffix in ("", ".lock")}
     if real == state or real.startswith(state.rstrip("/") + "/") or real in socket_files:
-        raise Refused("permission", f"{what} {path} is part of the daemon's own state "
+        raise Refused(ErrorCode.PERMISSION, f"{what} {path} is part of the daemon's own state "
                       f"({state}, its socket); choose a path in your project directory")
     return real
 
@@ -106,7 +126,8 @@ def _check_client_path(daemon: Daemon, caller: Caller, path: str, what: str) -> 
     if caller.uid == 0 or caller.uid == os.getuid():
         return  # root, or the daemon's own user: the kernel applies the same rules to both
     if caller.uid is None:
-        raise Refused("permission", "the daemon could not learn who you are; nothing was done")
+        raise Refused(ErrorCode.PERMISSION,
+                      "the daemon could not learn who you are; nothing was done")
     try:
         user = pwd.getpwuid(caller.uid)
         groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
@@ -126,23 +147,27 @@ def _check_client_path(daemon: Daemon, caller: Caller, path: str, what: str) -> 
         if not _may(caller, groups, os.stat(parent), 0o1):
             blocked = parent
     if blocked is not None:
-        raise Refused("permission", f"{what} {path}: you ({caller.name}) may not write in "
+        raise Refused(ErrorCode.PERMISSION, f"{what} {path}: you ({caller.name}) may not write in "
                       f"{blocked}, so the daemon will not write there for you; choose a "
                       "directory you can write. Nothing was queued.")
 
 
-def _check_owner(daemon: Daemon, caller: Caller, db: str, run_ids: list[int], verb: str) -> None:
+def _owner_check(daemon: Daemon, caller: Caller, verb: str) -> OwnerCheck:
+    """The caller's rights over the runs a request changes: the scheduler hands it each run's
+    owner before it changes anything. None: an administrator may change every run."""
     if caller.is_admin(daemon.options.admin_gid):
-        return
-    store = daemon.scheduler.stores[db]
-    for run_id in run_ids:
-        owner_uid, owner = store.owner_of(run_id)
-        # A run whose owner the daemon could not learn is left to administrators.
-        if owner_uid is None or owner_uid != caller.uid:
-            who = owner or owner_uid or "an unknown user"
-            raise Refused("permission", f"run {run_id} belongs to {who}; only its "
-                          f"owner or an administrator ({_admins(daemon)}) may {verb} it. "
-                          "Nothing was changed.")
+        return None
+
+    def check(owners: list[tuple[int, int | None, str | None]]) -> None:
+        for run_id, owner_uid, owner in owners:
+            # A run whose owner the daemon could not learn is left to administrators.
+            if owner_uid is None or owner_uid != caller.uid:
+                who = owner or owner_uid or "an unknown user"
+                raise Refused(ErrorCode.PERMISSION, f"run {run_id} belongs to {who}; only its "
+                              f"owner or an administrator ({_admins(daemon)}) may {verb} it. "
+                              "Nothing was changed.")
+
+    return check
 
 
 def _pause_scope(daemon: Daemon, caller: Caller, args: dict[str, Any], verb: str) -> int | None:
@@ -151,22 +176,23 @@ def _pause_scope(daemon: Daemon, caller: Caller, args: dict[str, Any], verb: str
     caller's uid: on a shared daemon a user pauses and resumes only their own submissions."""
     if args.get("all"):
         if not caller.is_admin(daemon.options.admin_gid):
-            raise Refused("permission", f"only {_admins(daemon)} may {verb} the whole daemon "
-                          f"(--all); you are {caller.name}. Nothing was changed.")
+            raise Refused(ErrorCode.PERMISSION, f"only {_admins(daemon)} may {verb} the whole "
+                          f"daemon (--all); you are {caller.name}. Nothing was changed.")
         return None
     if caller.uid == os.getuid():
         return None
     if caller.uid is None:
-        raise Refused("permission", "the daemon could not tell who you are; nothing was changed")
+        raise Refused(ErrorCode.PERMISSION,
+                      "the daemon could not tell who you are; nothing was changed")
     return caller.uid
 
 
-def handle_ping(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_ping(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> PingReply:
     return {"pid": os.getpid(), "version": PROTOCOL_VERSION, "socket": daemon.options.socket,
             "caller": caller.name, "uid": caller.uid}
 
 
-def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> SubmitReply:
     _check_client_path(daemon, caller, _study(args), "database")
     run_files = args["process"].get("run_files_path")
     if isinstance(run_files, str) and run_files:
@@ -175,114 +201,71 @@ def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
                                    args["monitor"], args["pipelines"], caller.uid, caller.name)
 
 
-def handle_status(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_status(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> StatusReply:
     limit = max(0, min(int(args.get("limit", 10)), 1000))
-    reply = daemon.scheduler.status(args.get("db"), limit, caller.uid, bool(args.get("mine")))
-    if args.get("db") and args.get("submission") is not None:
-        store = daemon.scheduler.open_study(args["db"], create=False)
-        reply["submission_counts"] = store.submission_counts(args["submission"])
-    # Owners of the listed finished runs, and --mine for them (the scheduler filters running).
-    for study in reply.get("studies", []):
-        store = daemon.scheduler.stores.get(study.get("db"))
-        if store is None:
-            continue
-        for key in ("done", "failed"):
-            kept = []
-            for row in study.get(key) or []:
-                owner_uid, row["owner"] = store.owner_of(row["run_id"])
-                if not args.get("mine") or owner_uid == caller.uid:
-                    kept.append(row)
-            study[key] = kept
-    return reply
+    return daemon.scheduler.status(args.get("db"), limit, caller.uid, bool(args.get("mine")),
+                                   args.get("submission"))
 
 
-def handle_pause(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_pause(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> PauseReply:
     scope = _pause_scope(daemon, caller, args, "pause")
-    return daemon.scheduler.pause(bool(args.get("now")), scope)
+    return daemon.scheduler.hold(bool(args.get("now")), scope)
 
 
-def handle_resume(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_resume(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> ResumeReply:
     scope = _pause_scope(daemon, caller, args, "resume")
-    return daemon.scheduler.resume(scope)
+    return daemon.scheduler.release(scope)
 
 
-def handle_pending(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_pending(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> list[PendingItem]:
     """The not-yet-run pipelines with their PROCESS/MONITOR, for `pause FILE.json`."""
-    out = []
-    for (study, submission_id), queue in daemon.scheduler.queues.items():
-        if args.get("db") and study != args["db"]:
-            continue
-        submission = daemon.scheduler.submissions[(study, submission_id)]
-        if submission.owner_uid != caller.uid and not caller.is_admin(daemon.options.admin_gid):
-            continue  # other users' pipelines are theirs to save
-        out.append({"db": study, "process": submission.process, "monitor": submission.monitor,
-                    "run_ids": [r.run_id for r in queue],
-                    "pipelines": [r.modules for r in queue]})
-    return out
+    return daemon.scheduler.pending(args.get("db"), caller.uid,
+                                    everyone=caller.is_admin(daemon.options.admin_gid))
 
 
-def handle_cancel(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_cancel(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> CancelReply:
     db = _study(args)
     _not_daemon_state(daemon, db, "database")
-    run_ids = daemon.scheduler.select(db, args["selection"])
-    _check_owner(daemon, caller, db, run_ids, "cancel")
     reason = str(args.get("reason") or "cancelled by request")[:300]
-    return {"selected": run_ids, **daemon.scheduler.cancel(db, run_ids, reason)}
+    return daemon.scheduler.cancel(db, args["selection"], reason,
+                                   _owner_check(daemon, caller, "cancel"))
 
 
-def handle_rerun(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_rerun(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RerunReply:
     db = _study(args)
     _not_daemon_state(daemon, db, "database")
-    run_ids = daemon.scheduler.select(db, args["selection"])
-    _check_owner(daemon, caller, db, run_ids, "rerun")
-    return {"selected": run_ids, **daemon.scheduler.rerun(db, run_ids, int(args["epochs"]))}
+    return daemon.scheduler.rerun(db, args["selection"], int(args["epochs"]),
+                                  _owner_check(daemon, caller, "rerun"))
 
 
-def handle_rekey(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_rekey(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RekeyReply:
     """Write `{type}_key` params: keys is a list of [run_id, param_name, key]."""
     db = _study(args)
     _not_daemon_state(daemon, db, "database")
-    store = daemon.scheduler.open_study(db, create=False)
     changes = []
     for item in args["keys"]:
         if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)
                 and isinstance(item[1], str) and item[1].endswith("_key")
                 and isinstance(item[2], str)):
-            raise Refused("invalid", "rekey items must be [run_id, '<type>_key', key]")
+            raise Refused(ErrorCode.INVALID, "rekey items must be [run_id, '<type>_key', key]")
         changes.append((item[0], item[1], item[2]))
-    unknown = sorted({c[0] for c in changes if store.status_of(c[0]) is None})
-    if unknown:
-        raise Refused("not_found", f"no run {', '.join(map(str, unknown[:10]))} in {db}; "
-                      "nothing was changed")
-    _check_owner(daemon, caller, db, sorted({c[0] for c in changes}), "rekey")
-    store.set_params(changes)
-    return {"changed": len(changes)}
+    return daemon.scheduler.rekey(db, changes, _owner_check(daemon, caller, "rekey"))
 
 
-def handle_show(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_show(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> ShowReply:
     db = _study(args)
     _not_daemon_state(daemon, db, "database")
-    store = daemon.scheduler.open_study(db, create=False)
-    info = store.describe(args["run_id"])
-    if info is None:
-        raise Refused("not_found", f"no run {args['run_id']} in {db}")
-    active = daemon.scheduler.active.get((db, args["run_id"]))
-    if active is not None:
-        info["live"] = {"epoch": active.epoch, "worker": active.worker.worker_id,
-                        "slot": active.worker.slot.label, "pid": active.worker.pid}
-    if info["status"] == QUEUED:
-        info["queued_ahead"] = daemon.scheduler.queued_ahead(db, args["run_id"])
-    return info
+    return daemon.scheduler.show(db, args["run_id"])
 
 
-def handle_studies(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
-    return [{"db": path, "counts": store.counts}
-            for path, store in daemon.scheduler.stores.items()]
+def handle_studies(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> list[StudyItem]:
+    return daemon.scheduler.studies()
 
 
-def handle_shutdown(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Any:
+def handle_shutdown(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> ShutdownReply:
     if not caller.is_admin(daemon.options.admin_gid):
-        raise Refused("permission", "only the daemon's user or an administrator may stop it")
+        raise Refused(ErrorCode.PERMISSION, "only the daemon's user or an administrator may "
+                      "stop it")
     daemon.request_stop()
     return {"stopping": True}
 

@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from mosaic_client import paths
+from mosaicd.executor import EXECUTORS
 from mosaicd.server import AlreadyRunning, Daemon, Options
 
 
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--executor",
         default="local",
-        choices=["local", "ray"],
+        choices=EXECUTORS,
         help="who runs the workers: 'local' processes (default) or 'ray' "
         "actors on a Ray cluster (pip install 'mosaic-compare[ray]'; "
         "docs/cluster.md)",

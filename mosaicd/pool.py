@@ -1,4 +1,4 @@
-"""The worker pool: persistent worker processes, one per slot (a CPU slot or a GPU slot)."""
+"""The local executor: persistent worker processes, one per slot (a CPU slot or a GPU slot)."""
 
 from __future__ import annotations
 
@@ -9,66 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 import zmq
 
-from mosaic_client import protocol
+from mosaicd.executor import STARTING, Executor, Slot, WorkerHandle, worker_environment
 
-STARTING, IDLE, BUSY, STOPPING = "starting", "idle", "busy", "stopping"
 log = logging.getLogger("mosaicd")
-
-
-@dataclass(frozen=True)
-class Slot:
-    kind: str  # "cpu" or "cuda"
-    index: int  # CPU slot number, or the physical GPU id for CUDA slots
-    gpu: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"cpu {self.index}" if self.kind == "cpu" else f"cuda:{self.gpu}"
-
-    @property
-    def device(self) -> str:
-        # The worker sees only its GPU through CUDA_VISIBLE_DEVICES, so it is always cuda:0.
-        return "cpu" if self.kind == "cpu" else "cuda:0"
-
-
-def make_slots(workers: int, gpus: list[str], runs_per_gpu: int) -> list[Slot]:
-    slots = [Slot("cpu", i) for i in range(workers)]
-    for n, gpu in enumerate(gpus):
-        slots.extend(Slot("cuda", n * runs_per_gpu + k, gpu) for k in range(runs_per_gpu))
-    return slots
-
-
-def worker_environment(slot: Slot, cpu_threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    # CPU workers must not grab a GPU; GPU workers see exactly their own card.
-    env["CUDA_VISIBLE_DEVICES"] = slot.gpu if slot.kind == "cuda" and slot.gpu else ""
-    # One slot = its share of the cores: N workers x all-core BLAS would oversubscribe.
-    env.setdefault("OMP_NUM_THREADS", str(cpu_threads))
-    env["MOSAIC_WORKER_SLOT"] = slot.label
-    return env
-
-
-@dataclass
-class WorkerHandle:
-    worker_id: str
-    slot: Slot
-    proc: subprocess.Popen[bytes]
-    state: str = STARTING
-    run: tuple[str, int] | None = None  # (study path, run id)
-    runs_done: int = 0
-    started_at: float = field(default_factory=time.time)
-    run_started: float = 0.0
-    killed_for: str | None = None  # why the daemon killed it, if it did
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
 
 class ResourceMeter:
@@ -177,15 +125,15 @@ class ResourceMeter:
         return out
 
 
-class Pool:
+class Pool(Executor):
+    """Workers as child processes of the daemon (`python -m mosaicd.worker`)."""
+
     def __init__(self, ctx: zmq.Context[Any], address: str, slots: list[Slot],
-                 max_runs_per_worker: int = 0, log_file: Any = None,
-                 isolation: str = "state") -> None:
+                 max_runs_per_worker: int = 0, isolation: str = "state") -> None:
         self.ctx = ctx
         self.address = address
         self.slots = slots
         self.max_runs = max_runs_per_worker
-        self.log_file = log_file
         self.isolation = isolation
         # Only in process isolation do workers have children (the run processes) to count.
         self.meter = ResourceMeter(with_children=isolation == "process")
@@ -205,8 +153,10 @@ class Pool:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mosaicd.worker", "--connect", self.address,
              "--id", worker_id, "--slot", slot.label, "--isolation", self.isolation],
+            # Workers inherit the daemon's stderr (journald under systemd) for what they print
+            # outside a run; a run's own output goes to its run log (contract.run_log_path).
             env=worker_environment(slot, self.cpu_threads), stdin=subprocess.DEVNULL,
-            stdout=self.log_file, stderr=self.log_file, close_fds=True)
+            close_fds=True)
         handle = WorkerHandle(worker_id, slot, proc)
         self.workers[worker_id] = handle
         return handle
@@ -242,21 +192,12 @@ class Pool:
         for slot in due:
             self.spawn(slot)
 
-    def send(self, sock: zmq.Socket[Any], handle: WorkerHandle, name: str,
-             **fields: Any) -> None:
-        sock.send_multipart([handle.worker_id.encode(), protocol.worker_message(name, **fields)])
-
-    def idle(self, kind: str) -> list[WorkerHandle]:
-        # A worker the daemon has killed may still report its run's end before it is reaped;
-        # it must not be handed another run in that window.
-        return [w for w in self.workers.values()
-                if w.state == IDLE and w.slot.kind == kind and w.killed_for is None]
-
     def resources(self, handle: WorkerHandle) -> dict[str, Any]:
         return self.meter.measure(handle)
 
-    def slot_count(self, kind: str) -> int:
-        return sum(1 for s in self.slots if s.kind == kind)
+    def check_submission(self, process: dict[str, Any], pipelines: list[Any]) -> None:
+        """Nothing to add: local workers see the daemon's own files, which the daemon's
+        submission checks (mosaicd.submissions) already cover."""
 
     def kill(self, handle: WorkerHandle, reason: str) -> None:
         handle.killed_for = reason

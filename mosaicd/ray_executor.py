@@ -1,11 +1,12 @@
 """Run the worker pool on Ray: one long-lived Ray actor per slot instead of one local process.
 
 Everything above the process stays as with the local pool (mosaicd/pool.py): each actor runs the
-same ``Worker(...).serve()`` loop as ``python -m mosaicd.worker``, connected back to the daemon's
-private worker socket over ZeroMQ, so runs, epoch events, results, park (pause --now) and exit
-messages travel exactly as before and the daemon stays the only writer of the study databases.
-The scheduler sees the usual ``WorkerHandle``s; their ``proc`` is a ``RayProcess``, which gives an
-actor the part of the ``subprocess.Popen`` interface the pool and the scheduler use.
+same start-up and loop (``mosaicd.worker.start``) as ``python -m mosaicd.worker``, connected back
+to the daemon's private worker socket over ZeroMQ, so runs, epoch events, results, park (pause
+--now) and exit messages travel exactly as before and the daemon stays the only writer of the
+study databases. The scheduler sees the usual ``WorkerHandle``s; their ``proc`` is a
+``RayProcess``, which gives an actor the part of the ``subprocess.Popen`` interface the pool and
+the scheduler use.
 
 An actor's death (its process killed, its node lost) surfaces as a ``RayActorError`` from the
 actor's ``serve()`` call; the pool turns it into a crashed worker with Ray's cause, which the
@@ -29,8 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from mosaicd.pool import Pool, Slot, WorkerHandle, make_slots
-from mosaicd.scheduler import Refused
+from mosaic_client.protocol import ErrorCode
+from mosaicd.errors import Refused
+from mosaicd.executor import Slot, WorkerHandle, make_slots, worker_environment
+from mosaicd.pool import Pool
 
 if TYPE_CHECKING:
     from mosaicd.server import Options
@@ -77,14 +80,12 @@ class MosaicWorker:
                 "ip": ray.util.get_node_ip_address(), "host": socket.gethostname()}
 
     def serve(self, address: str, worker_id: str, slot: str, isolation: str) -> int:
-        # The daemon stops its workers itself; a Ctrl-C reaching the actor's process group must
-        # not kill a run before the daemon has checkpointed it.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        import torch  # noqa: F401  -- imported once per actor, not once per run
+        # The whole worker start-up (SIGINT ignored, the CUDA check, torch imported once per
+        # actor, warm-up) is the same as `python -m mosaicd.worker`'s. The actor is not the
+        # daemon's child: it must not die with its parent process (Ray's raylet).
+        from mosaicd.worker import start
 
-        from mosaicd.worker import Worker
-
-        Worker(address, worker_id, slot, isolation).serve()
+        start(address, worker_id, slot, isolation, die_with_parent=False)
         return 0
 
 
@@ -211,8 +212,10 @@ def summarize_actor_error(exc: BaseException) -> str:
 class RayPool(Pool):
     """The local pool's bookkeeping, with one Ray actor per slot instead of a child process."""
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, options: Options,
-                 log_file: Any = None) -> None:
+    # Ray actors are not the daemon's children: no SIGCHLD tells of their end.
+    reap_every = 0.25
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, options: Options) -> None:
         ray = require_ray()
         self.ray = ray
         self.ray_address = options.ray_address
@@ -243,7 +246,7 @@ class RayPool(Pool):
         gpus = (options.gpus if options.gpus is not None
                 else [str(i) for i in range(int(resources.get("GPU", 0)))])
         slots = make_slots(workers, gpus, options.runs_per_gpu)
-        super().__init__(ctx, address, slots, options.max_runs_per_worker, log_file,
+        super().__init__(ctx, address, slots, options.max_runs_per_worker,
                          isolation=options.isolation)
         self.runs_per_gpu = options.runs_per_gpu
         # A Ray the daemon started shares this machine as the local pool would: the same
@@ -272,11 +275,10 @@ class RayPool(Pool):
 
     def spawn(self, slot: Slot) -> WorkerHandle:
         worker_id = f"w{next(self._ids)}{self.id_suffix}"
-        env = {"MOSAIC_WORKER_SLOT": slot.label}
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)
+        # The actor keeps its node's environment (base {}); Ray sets CUDA_VISIBLE_DEVICES
+        # itself for the actors that hold a GPU.
+        env = worker_environment(slot, self.threads, base={}, gpu_set_by_executor=True)
         if slot.kind == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""  # Ray sets it only for actors that hold a GPU
             options: dict[str, Any] = {"num_cpus": 1}
         else:
             # GPU slots come on top of the CPU slots, as in the local pool: they reserve no CPU,
@@ -322,13 +324,12 @@ class RayPool(Pool):
         out["node"] = info.get("ip") if info else None
         return out
 
-    def check_submission(self, args: dict[str, Any]) -> None:
+    def check_submission(self, process: dict[str, Any], pipelines: list[Any]) -> None:
         """Refuse a submission whose files the Ray nodes cannot reach (docs/cluster.md)."""
-        process = args.get("process") or {}
         read: list[tuple[str, str]] = []
         if isinstance(process.get("path_to_class_loss_function"), str):
             read.append(("path_to_class_loss_function", process["path_to_class_loss_function"]))
-        for pipeline in args.get("pipelines") or []:
+        for pipeline in pipelines or []:
             for module in pipeline if isinstance(pipeline, list) else []:
                 if isinstance(module, dict) and isinstance(module.get("path_to_class"), str):
                     read.append((f"path_to_class of [{module.get('class')}]",
@@ -342,10 +343,10 @@ class RayPool(Pool):
                 continue
             seen.add(path)
             if not os.path.isabs(path):
-                raise Refused("invalid", f"{what} {path!r} is a relative path: with --executor "
-                              "ray the runs execute on Ray nodes, not in your directory, so "
-                              "every path must be absolute (the mosaic client makes config "
-                              "paths absolute for you). Nothing was queued.")
+                raise Refused(ErrorCode.INVALID, f"{what} {path!r} is a relative path: with "
+                              "--executor ray the runs execute on Ray nodes, not in your "
+                              "directory, so every path must be absolute (the mosaic client "
+                              "makes config paths absolute for you). Nothing was queued.")
         nodes = self._other_nodes()
         if not nodes:
             return  # every node is this machine: the daemon's own checks cover its files
@@ -354,7 +355,7 @@ class RayPool(Pool):
             try:
                 reads.append((what, path, os.path.getsize(path)))
             except OSError:
-                raise Refused("invalid", f"{what} {path} does not exist on the daemon's "
+                raise Refused(ErrorCode.INVALID, f"{what} {path} does not exist on the daemon's "
                               "machine. Nothing was queued.") from None
         # A run files directory need not exist yet: its nearest existing parent here must exist
         # and be writable on every node too, i.e. be on the shared filesystem.
@@ -369,7 +370,7 @@ class RayPool(Pool):
             return
         problems = [f"on node {ip}: {p}" for ip, found in answers.items() for p in found]
         if problems:
-            raise Refused("invalid", "the Ray nodes cannot reach this submission's files: "
+            raise Refused(ErrorCode.INVALID, "the Ray nodes cannot reach this submission's files: "
                           + "; ".join(problems[:5])
                           + ". Put the classes and run_files_path on a filesystem every node "
                           "mounts at the same path (docs/cluster.md). Nothing was queued.")

@@ -14,7 +14,6 @@ import signal
 import socket
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +21,10 @@ import zmq
 
 from mosaic_client import paths, protocol
 from mosaicd import notify
+from mosaicd.errors import Refused
+from mosaicd.executor import make_executor
 from mosaicd.handlers import DISPATCH, Caller
-from mosaicd.pool import Pool, make_slots
-from mosaicd.scheduler import Refused, Scheduler
+from mosaicd.scheduler import Scheduler
 from mosaicd.store import DaemonState, StoreError
 
 log = logging.getLogger("mosaicd")
@@ -44,7 +44,7 @@ class Options:
     stop_timeout: float = 60.0
     admin_gid: int | None = None
     socket_group: int | None = None
-    # "local" (worker processes) or "ray" (Ray actors, mosaicd/ray_executor.py). With Ray,
+    # One of mosaicd.executor.EXECUTORS, made by mosaicd.executor.make_executor. With "ray",
     # workers/gpus None mean "as many as the Ray cluster has".
     executor: str = "local"
     ray_address: str | None = None
@@ -172,41 +172,30 @@ class Daemon:
         self._acquire_lock()
         self.state = DaemonState(self.options.state_dir)
         self._bind()
-        # Workers inherit the daemon's stderr (journald under systemd) for what they print
-        # outside a run; a run's own output goes to its output_{id}.log.
-        if self.options.executor == "ray":
-            from mosaicd.ray_executor import RayPool  # imports ray: only for --executor ray
-
-            self.pool = RayPool(self.ctx, self.worker_address, self.options)
-        else:
-            self.pool = Pool(self.ctx, self.worker_address,
-                             make_slots(self.options.workers or 0, self.options.gpus or [],
-                                        self.options.runs_per_gpu),
-                             self.options.max_runs_per_worker,
-                             isolation=self.options.isolation)
-        # After the pool: ray.init installs a SIGTERM handler of its own, which must not replace
-        # the daemon's checkpoint-then-stop.
+        self.executor = make_executor(self.ctx, self.worker_address, self.options)
+        # After the executor: one may install a SIGTERM handler of its own (ray.init does), which
+        # must not replace the daemon's checkpoint-then-stop.
         self._install_signals()
-        self.scheduler = Scheduler(self.state, self.pool, self._sender,
+        self.scheduler = Scheduler(self.state, self.executor, self._sender,
                                    self.options.checkpoint_every)
         self.scheduler.recover()
-        self.pool.start_all()
+        self.executor.start_all()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.workers_sock, zmq.POLLIN)
         poller.register(self.zap, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         log.info("mosaicd %d ready on %s with %d slot(s): %s", os.getpid(), self.options.socket,
-                 len(self.pool.slots), ", ".join(s.label for s in self.pool.slots))
-        notify.notify("READY=1", self._status_line())
+                 len(self.executor.slots), ", ".join(s.label for s in self.executor.slots))
+        notify.notify("READY=1", self.scheduler.status_line())
         last_status_note = 0.0
         last_socket_check = time.monotonic()
-        # Ray actors are not our children: no SIGCHLD tells of their death, so poll for it.
-        poll_workers = self.options.executor == "ray"
+        # Workers that are not our children (Ray actors): no SIGCHLD tells of their end.
+        reap_every = self.executor.reap_every
         last_reap = 0.0
         while not self.stop_requested:
-            events = dict(poller.poll(250 if poll_workers else 1000))
-            if poll_workers and time.monotonic() - last_reap >= 0.25:
+            events = dict(poller.poll(int(reap_every * 1000) if reap_every else 1000))
+            if reap_every and time.monotonic() - last_reap >= reap_every:
                 self.child_exited = True
                 last_reap = time.monotonic()
             if self._wake_r.fileno() in events:
@@ -219,28 +208,21 @@ class Daemon:
                 self._serve_clients()
             if self.child_exited:
                 self.child_exited = False
-                for handle, code in self.pool.reap():
+                for handle, code in self.executor.reap():
                     self.scheduler.on_worker_exit(handle, code)
             if not self.scheduler.shutting_down:
-                self.pool.respawn_due()  # slots whose worker died while starting
+                self.executor.respawn_due()  # slots whose worker died while starting
             self.scheduler.flush_epochs()
             self.scheduler.check_timeouts()
             self.scheduler.dispatch()
             now = time.monotonic()
             if now - last_status_note > 5:
-                notify.notify(self._status_line())
+                notify.notify(self.scheduler.status_line())
                 last_status_note = now
             if now - last_socket_check > 5:
                 self._check_socket()
                 last_socket_check = now
         return self._shutdown()
-
-    def _status_line(self) -> str:
-        counts: Counter[str] = Counter()
-        for store in self.scheduler.stores.values():
-            counts.update(store.counts)
-        text = ", ".join(f"{n} {state}" for state, n in counts.items() if n) or "no runs"
-        return f"STATUS={'paused; ' if self.scheduler.paused else ''}{text}"
 
     def _check_socket(self) -> None:
         """Someone may delete the socket file (a /tmp cleaner): re-create it, and say so."""
@@ -302,8 +284,6 @@ class Daemon:
         except protocol.ProtocolError as exc:
             return protocol.error_reply(exc.code, exc.message)
         try:
-            if name == "submit" and self.options.executor == "ray":
-                self.pool.check_submission(args)  # type: ignore[attr-defined]
             data = DISPATCH[name](self, caller, args)
             return protocol.ok_reply(data)
         except Refused as exc:
@@ -319,7 +299,7 @@ class Daemon:
 
     def _sender(self, worker: Any, name: str) -> Any:
         def send(**fields: Any) -> None:
-            self.pool.send(self.workers_sock, worker, name, **fields)
+            self.executor.send(self.workers_sock, worker, name, **fields)
         return send
 
     def _serve_workers(self) -> None:
@@ -330,7 +310,7 @@ class Daemon:
                 return
             except ValueError:
                 continue
-            worker = self.pool.workers.get(identity.decode(errors="replace"))
+            worker = self.executor.workers.get(identity.decode(errors="replace"))
             if worker is None:
                 continue  # a worker we already wrote off
             try:
@@ -338,21 +318,11 @@ class Daemon:
             except Exception as exc:
                 log.error("bad message from worker %s: %s", worker.worker_id, exc)
                 continue
-            kind = message["type"]
             try:
-                if kind == "hello":
-                    if worker.state == "starting":
-                        worker.state = "idle"
-                elif kind == "epoch":
-                    self.scheduler.on_epoch(worker, message)
-                elif kind == "done":
-                    self.scheduler.on_done(worker, message)
-                elif kind == "failed":
-                    self.scheduler.on_failed(worker, message)
-                elif kind == "parked":
-                    self.scheduler.on_parked(worker, message)
+                self.scheduler.on_message(worker, message)
             except StoreError as exc:
-                log.error("could not record %s from %s: %s", kind, worker.worker_id, exc)
+                log.error("could not record %s from %s: %s", message["type"], worker.worker_id,
+                          exc)
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -365,25 +335,23 @@ class Daemon:
 
     def _shutdown(self) -> int:
         notify.notify("STOPPING=1", f"STATUS=stopping: checkpointing "
-                      f"{len(self.scheduler.active)} running run(s)")
-        log.info("stopping: checkpointing %d running run(s)", len(self.scheduler.active))
-        self.scheduler.shutting_down = True
+                      f"{self.scheduler.running()} running run(s)")
+        log.info("stopping: checkpointing %d running run(s)", self.scheduler.running())
         # Stop serving clients first: one that connects now must hear "no daemon" at once
         # instead of waiting for a reply that would never come.
         self.router.close()
         self._unlink_socket()
-        self.scheduler.park_all()
+        self.scheduler.begin_shutdown()
         deadline = time.monotonic() + self.options.stop_timeout
-        while self.scheduler.active and time.monotonic() < deadline:
+        while self.scheduler.running() and time.monotonic() < deadline:
             if self.workers_sock.poll(200):
                 self._serve_workers()
-            for handle, code in self.pool.reap():
+            for handle, code in self.executor.reap():
                 self.scheduler.on_worker_exit(handle, code)
         self.scheduler.flush_epochs()
-        self.pool.stop_all(self.workers_sock, grace=5.0)
+        self.executor.stop_all(self.workers_sock, grace=5.0)
         # Runs still marked running resume from their last checkpoint at the next start.
-        for store in self.scheduler.stores.values():
-            store.close()
+        self.scheduler.close()
         self.workers_sock.close()
         self.zap.close()
         self.ctx.term()

@@ -16,71 +16,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 4  # issue 15: 4 adds the run_groups view (3 may be taken by issue 14)
+from mosaic_client.contract import (
+    DONE,
+    FINAL_STATES,
+    QUEUED,
+    RESULT_COLUMNS,
+    RUN_STATES,
+    RUNNING,
+    TRANSITIONS,
+)
+
+SCHEMA_VERSION = 4
 log = logging.getLogger("mosaicd")
 
-# Run states. "paused" is a run parked at an epoch boundary with a checkpoint.
-QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED = (
-    "queued", "running", "paused", "done", "failed", "cancelled")
-STATES = (QUEUED, RUNNING, PAUSED, DONE, FAILED, CANCELLED)
-FINAL_STATES = (DONE, FAILED, CANCELLED)
-
-# Allowed transitions; anything else is a bug in the daemon and raises.
-TRANSITIONS: dict[str, tuple[str, ...]] = {
-    QUEUED: (RUNNING, CANCELLED, PAUSED),
-    RUNNING: (DONE, FAILED, CANCELLED, PAUSED, QUEUED),
-    PAUSED: (QUEUED, CANCELLED),
-    DONE: (QUEUED,),  # rerun
-    FAILED: (QUEUED,),  # rerun
-    CANCELLED: (QUEUED,),  # rerun
-}
-
-RESULT_COLUMNS = ("train_loss", "test_loss", "train_acc", "test_acc", "nb_params", "duration(s)",
-                  "epochs", "overfit", "trainability", "slope")
-
-# Forward migrations, by the version they bring the database to. Version 1 holds the seed's four
-# tables, unchanged so users' SQL keeps working, plus the daemon's own tables.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        "CREATE TABLE IF NOT EXISTS system (param_name TEXT PRIMARY KEY, param_value)",
-        """CREATE TABLE IF NOT EXISTS params (
-            run_id INTEGER NOT NULL, param_name TEXT NOT NULL, param_value,
-            PRIMARY KEY (run_id, param_name))""",
-        "CREATE INDEX IF NOT EXISTS params_by_name ON params (param_name, param_value)",
-        """CREATE TABLE IF NOT EXISTS runs (
-            run_id INTEGER PRIMARY KEY, status TEXT NOT NULL, pipeline TEXT NOT NULL,
-            return_status TEXT)""",
-        "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, run_id)",
-        """CREATE TABLE IF NOT EXISTS run_results (
-            run_id INTEGER PRIMARY KEY, train_loss REAL, test_loss REAL, train_acc REAL,
-            test_acc REAL, nb_params INTEGER, "duration(s)" REAL, epochs INTEGER, overfit REAL,
-            trainability REAL, slope REAL)""",
-        """CREATE TABLE IF NOT EXISTS run_epochs (
-            run_id INTEGER NOT NULL, epoch INTEGER NOT NULL, train_loss REAL, test_loss REAL,
-            train_acc REAL, test_acc REAL, "duration(s)" REAL,
-            PRIMARY KEY (run_id, epoch)) WITHOUT ROWID""",
-        """CREATE TABLE IF NOT EXISTS submissions (
-            submission_id INTEGER PRIMARY KEY, created_at REAL NOT NULL, owner_uid INTEGER,
-            owner TEXT, config_path TEXT, process TEXT NOT NULL, monitor TEXT NOT NULL)""",
-        """CREATE TABLE IF NOT EXISTS run_meta (
-            run_id INTEGER PRIMARY KEY, submission_id INTEGER NOT NULL, modules TEXT NOT NULL,
-            seed INTEGER NOT NULL, epochs_target INTEGER NOT NULL,
-            checkpoint_epoch INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
-            queue_seq INTEGER NOT NULL, queued_at REAL, started_at REAL, finished_at REAL,
-            worker TEXT)""",
-        "CREATE INDEX IF NOT EXISTS run_meta_by_queue ON run_meta (queue_seq)",
-        "CREATE INDEX IF NOT EXISTS run_meta_by_submission ON run_meta (submission_id)",
-        """CREATE TABLE IF NOT EXISTS run_events (
-            event_id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, at REAL NOT NULL,
-            from_status TEXT, to_status TEXT NOT NULL, detail TEXT)""",
-        "CREATE INDEX IF NOT EXISTS run_events_by_run ON run_events (run_id, event_id)",
-    ),
-    # Per-submission pause: on a shared daemon a user pauses only their own submissions.
-    2: ("ALTER TABLE submissions ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",),
-}
-
-
-# -- issue 15: the configuration groups view (migration 4) -----------------------------------
 def run_groups_view() -> str:
     """CREATE VIEW run_groups: runs that share every param but the repetition's (seed, and the
     owner who queued it) form one configuration group; one row per group with its dataset key,
@@ -152,9 +100,54 @@ FROM grp g JOIN spread s ON s.sig = g.sig
 ORDER BY g.first_run"""
 
 
-# Issue 15 (renumbered at merge if 3 is taken): the configuration groups, for `mosaic groups`.
-MIGRATIONS[4] = (run_groups_view(),)
-# -- end issue 15 ---------------------------------------------------------------------------
+# Forward migrations, by the version they bring the database to. Version 1 holds the seed's four
+# tables, unchanged so users' SQL keeps working, plus the daemon's own tables.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        "CREATE TABLE IF NOT EXISTS system (param_name TEXT PRIMARY KEY, param_value)",
+        """CREATE TABLE IF NOT EXISTS params (
+            run_id INTEGER NOT NULL, param_name TEXT NOT NULL, param_value,
+            PRIMARY KEY (run_id, param_name))""",
+        "CREATE INDEX IF NOT EXISTS params_by_name ON params (param_name, param_value)",
+        """CREATE TABLE IF NOT EXISTS runs (
+            run_id INTEGER PRIMARY KEY, status TEXT NOT NULL, pipeline TEXT NOT NULL,
+            return_status TEXT)""",
+        "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, run_id)",
+        """CREATE TABLE IF NOT EXISTS run_results (
+            run_id INTEGER PRIMARY KEY, train_loss REAL, test_loss REAL, train_acc REAL,
+            test_acc REAL, nb_params INTEGER, "duration(s)" REAL, epochs INTEGER, overfit REAL,
+            trainability REAL, slope REAL)""",
+        """CREATE TABLE IF NOT EXISTS run_epochs (
+            run_id INTEGER NOT NULL, epoch INTEGER NOT NULL, train_loss REAL, test_loss REAL,
+            train_acc REAL, test_acc REAL, "duration(s)" REAL,
+            PRIMARY KEY (run_id, epoch)) WITHOUT ROWID""",
+        """CREATE TABLE IF NOT EXISTS submissions (
+            submission_id INTEGER PRIMARY KEY, created_at REAL NOT NULL, owner_uid INTEGER,
+            owner TEXT, config_path TEXT, process TEXT NOT NULL, monitor TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS run_meta (
+            run_id INTEGER PRIMARY KEY, submission_id INTEGER NOT NULL, modules TEXT NOT NULL,
+            seed INTEGER NOT NULL, epochs_target INTEGER NOT NULL,
+            checkpoint_epoch INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
+            queue_seq INTEGER NOT NULL, queued_at REAL, started_at REAL, finished_at REAL,
+            worker TEXT)""",
+        "CREATE INDEX IF NOT EXISTS run_meta_by_queue ON run_meta (queue_seq)",
+        "CREATE INDEX IF NOT EXISTS run_meta_by_submission ON run_meta (submission_id)",
+        """CREATE TABLE IF NOT EXISTS run_events (
+            event_id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, at REAL NOT NULL,
+            from_status TEXT, to_status TEXT NOT NULL, detail TEXT)""",
+        "CREATE INDEX IF NOT EXISTS run_events_by_run ON run_events (run_id, event_id)",
+    ),
+    # Per-submission pause: on a shared daemon a user pauses only their own submissions.
+    2: ("ALTER TABLE submissions ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",),
+    # An owner's hold is kept once, in the daemon's state database (DaemonState.held_owners),
+    # which also covers the submissions made while held; the per-submission copy goes.
+    3: ("ALTER TABLE submissions DROP COLUMN paused",),
+    # The configuration groups (runs that differ only by their repetition), for `mosaic groups`
+    # and `mosaic compare`.
+    4: (run_groups_view(),),
+}
+
+
 
 
 class StoreError(Exception):
@@ -299,7 +292,7 @@ class Store:
             self._in_tx = False
 
     def _load_counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(RUN_STATES, 0)
         for status, n in self.conn.execute("SELECT status, count(*) FROM runs GROUP BY status"):
             counts[status] = n
         return counts
@@ -377,22 +370,13 @@ class Store:
 
     def submission(self, submission_id: int) -> dict[str, Any]:
         row = self.conn.execute(
-            "SELECT owner_uid, owner, config_path, process, monitor, paused FROM submissions "
+            "SELECT owner_uid, owner, config_path, process, monitor FROM submissions "
             "WHERE submission_id=?", (submission_id,)).fetchone()
         if row is None:
             raise StoreError(f"submission {submission_id} missing from {self.path}")
         return {"submission_id": submission_id, "owner_uid": row[0], "owner": row[1],
                 "config_path": row[2], "process": json.loads(row[3]),
-                "monitor": json.loads(row[4]), "paused": bool(row[5])}
-
-    def set_paused(self, paused: bool, owner_uid: int | None = None) -> None:
-        """Pause or resume the submissions of one owner (all submissions when None)."""
-        with self.transaction() as conn:
-            if owner_uid is None:
-                conn.execute("UPDATE submissions SET paused=?", (int(paused),))
-            else:
-                conn.execute("UPDATE submissions SET paused=? WHERE owner_uid=?",
-                             (int(paused), owner_uid))
+                "monitor": json.loads(row[4])}
 
     def _record(self, row: tuple[Any, ...]) -> RunRecord:
         return RunRecord(run_id=row[0], submission_id=row[1], modules=json.loads(row[2]),
@@ -531,7 +515,7 @@ class Store:
 
 
 class DaemonState:
-    """The daemon's own small database: which studies it serves and whether it is paused."""
+    """The daemon's own small database: which studies it serves, and its holds."""
 
     def __init__(self, state_dir: str) -> None:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -559,3 +543,18 @@ class DaemonState:
     def set(self, name: str, value: Any) -> None:
         self.conn.execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT(name) "
                           "DO UPDATE SET value=excluded.value", (name, value))
+
+    # The holds (mosaicd.holds). The setting names are those of earlier releases, so a hold
+    # survives an upgrade.
+
+    def hold_all(self) -> bool:
+        return bool(self.get("paused", 0))
+
+    def set_hold_all(self, held: bool) -> None:
+        self.set("paused", int(held))
+
+    def held_owners(self) -> set[int]:
+        return set(json.loads(self.get("paused_owners", "[]")))
+
+    def set_held_owners(self, owners: set[int]) -> None:
+        self.set("paused_owners", json.dumps(sorted(owners)))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLE, Daemon, query, write_project
 
-from mosaicd import pool as poolmod
+from mosaicd import executor
 
 # Models that misbehave on purpose. Each prints a marker first, so the test can check that the
 # run's last log lines reach return_status.
@@ -224,11 +224,11 @@ def environ_of(pid: int) -> dict[str, str]:
 
 
 def test_make_slots_and_worker_environment() -> None:
-    slots = poolmod.make_slots(2, ["3", "5"], 2)
+    slots = executor.make_slots(2, ["3", "5"], 2)
     assert [s.label for s in slots] == ["cpu 0", "cpu 1", "cuda:3", "cuda:3", "cuda:5", "cuda:5"]
     assert [s.device for s in slots] == ["cpu", "cpu"] + ["cuda:0"] * 4
     assert len(set(slots)) == len(slots)  # two slots on one GPU are still distinct
-    envs = [poolmod.worker_environment(s, cpu_threads=3) for s in slots]
+    envs = [executor.worker_environment(s, cpu_threads=3) for s in slots]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["", "", "3", "3", "5", "5"]
     assert all(e["MOSAIC_WORKER_SLOT"] == s.label for e, s in zip(envs, slots))
 

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from mosaic_client import protocol
 from mosaic_client import selection as sel
+from mosaic_client.contract import TRANSITIONS
 from mosaicd import metrics
-from mosaicd.scheduler import readable_pipeline, run_params
-from mosaicd.store import TRANSITIONS, Store, StoreError
+from mosaicd.store import Store, StoreError
+from mosaicd.submissions import readable_pipeline, run_params
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 
@@ -225,6 +226,71 @@ def test_a_version_1_study_is_migrated_forward(tmp_path) -> None:  # type: ignor
     conn.commit()
     conn.close()
     store = Store(str(path))
-    assert store._version() == SCHEMA_VERSION >= 2
-    assert store.submission(1)["paused"] is False
+    assert store._version() == SCHEMA_VERSION >= 3
+    assert store.submission(1)["process"] == {} and "paused" not in store.submission(1)
     store.close()
+
+
+def test_a_version_2_study_loses_its_per_submission_pause(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Migration 3: an owner's hold lives in the daemon's state only; the study's copy goes,
+    # and nothing else of the submission is lost.
+    from mosaicd.store import MIGRATIONS
+
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path)
+    for version in (1, 2):
+        for statement in MIGRATIONS[version]:
+            conn.execute(statement)
+    conn.execute("INSERT INTO system VALUES ('schema_version', 2), ('next_run_id', 1)")
+    conn.execute("INSERT INTO submissions (created_at, owner_uid, owner, process, monitor, paused)"
+                 " VALUES (0, 1234, 'ann', '{\"epochs\": 3}', '{\"retries\": 1}', 1)")
+    conn.commit()
+    conn.close()
+    store = Store(str(path))
+    assert store._version() == 3
+    columns = [row[1] for row in store.conn.execute("PRAGMA table_info(submissions)")]
+    assert "paused" not in columns and "owner_uid" in columns
+    info = store.submission(1)
+    assert (info["owner_uid"], info["owner"], info["process"], info["monitor"]) == (
+        1234, "ann", {"epochs": 3}, {"retries": 1})
+    store.close()
+
+
+def test_holds_are_stored_once_and_survive_a_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mosaicd.holds import Holds
+    from mosaicd.store import DaemonState
+
+    holds = Holds(DaemonState(str(tmp_path)))
+    holds.hold(1001)
+    assert holds.keeps(1001) and not holds.keeps(1002) and not holds.keeps(None)
+    assert holds.holds_submissions_of(1001) and not holds.holds_submissions_of(1002)
+    again = Holds(DaemonState(str(tmp_path)))  # a restarted daemon
+    assert again.owners == {1001} and not again.all
+    again.hold(None)
+    assert again.holds_submissions_of(1002)
+    again.release(None)  # releases every hold: the daemon's and each owner's
+    restarted = Holds(DaemonState(str(tmp_path)))
+    assert not restarted.all and restarted.owners == set()
+
+
+def test_a_worker_changes_state_only_along_its_lifecycle() -> None:
+    from mosaicd.executor import (
+        BUSY,
+        IDLE,
+        STARTING,
+        STOPPING,
+        WORKER_TRANSITIONS,
+        Slot,
+        WorkerHandle,
+    )
+
+    handle = WorkerHandle("w1", Slot("cpu", 0), proc=None)
+    assert handle.state == STARTING
+    with pytest.raises(RuntimeError, match="cannot go from starting to busy"):
+        handle.become(BUSY)
+    for state in (IDLE, BUSY, IDLE, BUSY, STOPPING):
+        before = handle.state
+        handle.become(state)
+        assert state in WORKER_TRANSITIONS[before]
+    with pytest.raises(RuntimeError, match="cannot go from stopping to idle"):
+        handle.become(IDLE)

@@ -1,0 +1,172 @@
+"""Control of runs and holds on request: hold/release (pause/resume), park, cancel, rerun and
+rekey. Every change goes through a study's Store (one transaction each)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mosaic_client import selection as selections
+from mosaic_client.contract import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    HOLD_ALL,
+    HOLD_OWNER,
+    PARKED,
+    QUEUED,
+    RUNNING,
+)
+from mosaic_client.protocol import (
+    CancelReply,
+    ErrorCode,
+    PauseReply,
+    RekeyReply,
+    RerunReply,
+    ResumeReply,
+)
+from mosaicd.errors import Refused
+from mosaicd.scheduler_core import SchedulerCore
+from mosaicd.store import Store, connect_readonly
+
+SELECT_TIMEOUT = 5.0  # seconds a selection's SQL may run in the daemon's loop
+
+# The caller's rights over runs, checked by the request handler: given each selected run's
+# (run id, owner uid, owner name), it raises Refused when the caller may not change one. None:
+# the caller may change every run (an administrator).
+OwnerCheck = Callable[[list[tuple[int, int | None, str | None]]], None] | None
+
+
+class Control(SchedulerCore):
+    """The scheduler's control requests (a part of mosaicd.scheduler.Scheduler)."""
+
+    # -- holds and parking --------------------------------------------------------------------
+
+    def hold(self, now: bool, owner_uid: int | None = None) -> PauseReply:
+        """Start no new runs: of anyone (None), or of one owner's submissions; `now` also parks
+        the runs training."""
+        self._holds.hold(owner_uid)
+        parked = self.park_all(owner_uid) if now else 0
+        return {"paused": True, "parking": parked,
+                "scope": HOLD_ALL if owner_uid is None else HOLD_OWNER}
+
+    def park_all(self, owner_uid: int | None = None) -> int:
+        """Ask the runs training (of one owner, or all) to park at their next epoch boundary."""
+        count = 0
+        for run in self._active.values():
+            if owner_uid is not None and run.submission.owner_uid != owner_uid:
+                continue
+            if not run.park_sent:
+                self._send(run.worker, "park")(run_id=run.record.run_id)
+                run.park_sent = True
+                count += 1
+        return count
+
+    def release(self, owner_uid: int | None = None) -> ResumeReply:
+        """Release the holds (every hold, or one owner's) and queue the parked runs again."""
+        self._holds.release(owner_uid)
+        resumed = 0
+        for path, store in self._studies.items():
+            for record in store.runs_in_state(PARKED):
+                owner = self._queue.submission(path, store, record.submission_id).owner_uid
+                if owner_uid is not None and owner != owner_uid:
+                    continue
+                store.transition(record.run_id, QUEUED, "resumed")
+                fresh = store.run_record(record.run_id)
+                if fresh:
+                    self._queue.add(path, store, fresh)
+                resumed += 1
+        return {"paused": self._holds.all, "resumed": resumed,
+                "scope": HOLD_ALL if owner_uid is None else HOLD_OWNER}
+
+    # -- runs chosen by a selection -----------------------------------------------------------
+
+    def _select(self, db: str, selection: dict[str, Any], check: OwnerCheck) -> list[int]:
+        """The selected run ids, once the caller's rights over each are checked."""
+        store = self._studies.open(db, create=False)
+        conn = connect_readonly(db)
+        # A user's -request runs inside the daemon's single loop: an endless recursive CTE
+        # would stop the daemon for everyone. Interrupt it after SELECT_TIMEOUT seconds.
+        deadline = time.monotonic() + SELECT_TIMEOUT
+        conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10000)
+        try:
+            run_ids = selections.resolve(conn, selection)
+        except selections.SelectionError as exc:
+            if time.monotonic() > deadline:
+                raise Refused(ErrorCode.INVALID, f"the selection took more than "
+                              f"{SELECT_TIMEOUT:g} s and was stopped; select run ids with a "
+                              "simpler query") from None
+            raise Refused(ErrorCode.INVALID, str(exc)) from None
+        except (sqlite3.Error, OverflowError, TypeError) as exc:
+            # A hand-made selection value SQLite cannot bind (a map, a 70-bit integer).
+            raise Refused(ErrorCode.INVALID,
+                          f"unusable selection {selection!r:.200}: {exc}") from None
+        finally:
+            conn.close()
+        _check_owners(store, run_ids, check)
+        return run_ids
+
+    def cancel(self, db: str, selection: dict[str, Any], reason: str,
+               check: OwnerCheck) -> CancelReply:
+        run_ids = self._select(db, selection, check)
+        store = self._studies[db]
+        cancelled, skipped = [], []
+        for run_id in run_ids:
+            status = store.status_of(run_id)
+            if status in (QUEUED, PARKED):
+                store.transition(run_id, CANCELLED, reason)
+                self._queue.drop(db, run_id)
+                cancelled.append(run_id)
+            elif status == RUNNING and (db, run_id) in self._active:
+                run = self._active[(db, run_id)]
+                store.transition(run_id, CANCELLED, f"{reason} (while running)")
+                self._executor.kill(run.worker, "cancelled")
+                cancelled.append(run_id)
+            else:
+                skipped.append(run_id)
+        return {"selected": run_ids, "cancelled": cancelled, "skipped": skipped}
+
+    def rerun(self, db: str, selection: dict[str, Any], epochs: int,
+              check: OwnerCheck) -> RerunReply:
+        run_ids = self._select(db, selection, check)
+        if epochs < 1:
+            raise Refused(ErrorCode.INVALID, f"-epochs must be at least 1, got {epochs}")
+        store = self._studies[db]
+        queued, skipped = [], []
+        for run_id in run_ids:
+            status = store.status_of(run_id)
+            if status in (DONE, FAILED, CANCELLED):
+                with store.transaction():
+                    record = store.run_record(run_id)
+                    assert record is not None
+                    # Continue from the last checkpoint: the target is what was trained so far
+                    # plus the extra epochs.
+                    done_epochs = record.checkpoint_epoch
+                    store.extend_target(run_id, done_epochs + epochs - record.epochs_target)
+                    store.transition(run_id, QUEUED, f"rerun for {epochs} more epochs")
+                fresh = store.run_record(run_id)
+                if fresh:
+                    self._queue.add(db, store, fresh)
+                queued.append(run_id)
+            else:
+                skipped.append(run_id)
+        return {"selected": run_ids, "queued": queued, "skipped": skipped}
+
+    def rekey(self, db: str, changes: list[tuple[int, str, str]],
+              check: OwnerCheck) -> RekeyReply:
+        """Write `{type}_key` params: each change is (run id, param name, key)."""
+        store = self._studies.open(db, create=False)
+        unknown = sorted({c[0] for c in changes if store.status_of(c[0]) is None})
+        if unknown:
+            raise Refused(ErrorCode.NOT_FOUND, f"no run {', '.join(map(str, unknown[:10]))} in "
+                          f"{db}; nothing was changed")
+        _check_owners(store, sorted({c[0] for c in changes}), check)
+        store.set_params(changes)
+        return {"changed": len(changes)}
+
+
+def _check_owners(store: Store, run_ids: list[int], check: OwnerCheck) -> None:
+    if check is not None:
+        check([(run_id, *store.owner_of(run_id)) for run_id in run_ids])

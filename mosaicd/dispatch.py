@@ -1,0 +1,62 @@
+"""Dispatch: which queued run goes to which idle worker, and starting it there."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from mosaic_client.contract import RUNNING, checkpoint_path
+from mosaicd.executor import BUSY, WorkerHandle
+from mosaicd.scheduler_core import ActiveRun, SchedulerCore
+from mosaicd.store import RunRecord
+from mosaicd.submissions import Submission
+
+log = logging.getLogger("mosaicd")
+
+class Dispatch(SchedulerCore):
+    """The scheduler's dispatch step (a part of mosaicd.scheduler.Scheduler)."""
+
+    def dispatch(self) -> None:
+        if self._holds.all or self.shutting_down:
+            return
+        for kind in ("cpu", "cuda"):
+            for worker in self._executor.idle(kind):
+                # No `break` when one worker finds nothing: gpu_available may rule out this
+                # GPU's slots and allow the next GPU's.
+                self._start_next(worker)
+
+    def _start_next(self, worker: WorkerHandle) -> bool:
+        def startable(submission: Submission) -> bool:
+            return (not self._holds.keeps(submission.owner_uid)
+                    and submission.running < submission.cap and submission.allows(worker.slot))
+
+        found = self._queue.take_next(startable)
+        if found is None:
+            return False
+        self._start(worker, *found)
+        return True
+
+    def _start(self, worker: WorkerHandle, submission: Submission, record: RunRecord) -> None:
+        store = self._studies[submission.study]
+        run_files = submission.process["run_files_path"]
+        from_epoch = record.checkpoint_epoch
+        if from_epoch and not os.path.exists(checkpoint_path(run_files, record.run_id)):
+            from_epoch = 0
+        with store.transaction():
+            store.truncate_history(record.run_id, from_epoch)
+            store.transition(record.run_id, RUNNING,
+                             f"on {worker.slot.label} (worker {worker.worker_id}, pid "
+                             f"{worker.pid}) from epoch {from_epoch}")
+        spec: dict[str, Any] = {
+            "run_id": record.run_id, "process": submission.process, "modules": record.modules,
+            "seed": record.seed, "device": worker.slot.device, "run_files_path": run_files,
+            "epochs_target": record.epochs_target, "start_epoch": from_epoch,
+            "checkpoint_every": self._checkpoint_every}
+        worker.become(BUSY)
+        worker.run = (submission.study, record.run_id)
+        submission.running += 1
+        self._active[(submission.study, record.run_id)] = ActiveRun(
+            submission.study, record, submission, worker, store.pipeline_text(record.run_id),
+            epoch=from_epoch)
+        self._send(worker, "run")(spec=spec)

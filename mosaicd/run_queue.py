@@ -1,0 +1,71 @@
+"""The queue: the queued runs of every submission, in submission order, and the submissions
+they belong to. Rebuilt from the study databases at start-up (Scheduler.recover)."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from mosaicd.store import RunRecord, Store
+from mosaicd.submissions import Submission
+
+Key = tuple[str, int]  # (study path, submission id)
+
+
+class RunQueue:
+    def __init__(self) -> None:
+        self._submissions: dict[Key, Submission] = {}
+        self._queues: dict[Key, deque[RunRecord]] = {}
+
+    def submission(self, study: str, store: Store, submission_id: int) -> Submission:
+        """The submission, loaded from its study the first time it is needed."""
+        key = (study, submission_id)
+        if key not in self._submissions:
+            info = store.submission(submission_id)
+            self._submissions[key] = Submission(study, submission_id, info["owner_uid"],
+                                                info["owner"], info["process"], info["monitor"])
+        return self._submissions[key]
+
+    def add(self, study: str, store: Store, record: RunRecord) -> None:
+        self.submission(study, store, record.submission_id)
+        self._queues.setdefault((study, record.submission_id), deque()).append(record)
+
+    def drop(self, study: str, run_id: int) -> None:
+        for key, queue in list(self._queues.items()):
+            if key[0] == study:
+                for record in queue:
+                    if record.run_id == run_id:
+                        queue.remove(record)
+                        if not queue:
+                            del self._queues[key]
+                        return
+
+    def take_next(self, startable: Callable[[Submission], bool],
+                  ) -> tuple[Submission, RunRecord] | None:
+        """The oldest queued run whose submission may start one now, taken off the queue."""
+        candidates = sorted((q[0].queue_seq, key) for key, q in self._queues.items() if q)
+        for _, key in candidates:
+            submission = self._submissions[key]
+            if not startable(submission):
+                continue
+            record = self._queues[key].popleft()
+            if not self._queues[key]:
+                del self._queues[key]
+            return submission, record
+        return None
+
+    def ahead_of(self, study: str, run_id: int) -> int | None:
+        """How many queued runs start before this one (None when it is not queued)."""
+        queues = [q for (path, _), q in self._queues.items() if path == study]
+        seq = next((r.queue_seq for q in queues for r in q if r.run_id == run_id), None)
+        if seq is None:
+            return None
+        return sum(1 for q in queues for r in q if r.queue_seq < seq)
+
+    def total(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def waiting(self) -> Iterator[tuple[Submission, list[RunRecord]]]:
+        """Each submission with queued runs, and those runs in order."""
+        for key, queue in self._queues.items():
+            yield self._submissions[key], list(queue)

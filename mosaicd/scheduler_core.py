@@ -1,0 +1,50 @@
+"""The scheduler's registries, declared once for all its parts (mosaicd.scheduler.Scheduler is
+made of mosaicd.dispatch, mosaicd.worker_events and mosaicd.control on top of this core). They
+are private: request handlers reach them only through the scheduler's methods."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mosaicd.executor import Executor, WorkerHandle
+from mosaicd.holds import Holds
+from mosaicd.run_queue import RunQueue
+from mosaicd.store import DaemonState, RunRecord
+from mosaicd.studies import Studies
+from mosaicd.submissions import Submission
+
+# How the scheduler sends a message to a worker: send(worker, name)(**fields).
+Sender = Callable[[WorkerHandle, str], Callable[..., None]]
+
+
+@dataclass
+class ActiveRun:
+    """A run a worker is training, with its latest progress (for `status` and `show`)."""
+
+    study: str
+    record: RunRecord
+    submission: Submission
+    worker: WorkerHandle
+    pipeline: str
+    started: float = field(default_factory=time.time)
+    epoch: int = 0
+    train_loss: float | None = None
+    test_loss: float | None = None
+    park_sent: bool = False
+
+
+class SchedulerCore:
+    def __init__(self, state: DaemonState, executor: Executor, send: Sender,
+                 checkpoint_every: float) -> None:
+        self._executor = executor
+        self._send = send
+        self._checkpoint_every = checkpoint_every
+        self._studies = Studies(state)  # the open study databases
+        self._queue = RunQueue()  # queued runs and their submissions
+        self._active: dict[tuple[str, int], ActiveRun] = {}  # (study, run id) -> training run
+        self._pending_epochs: dict[str, list[dict[str, Any]]] = {}  # study -> epochs to write
+        self._holds = Holds(state)
+        self.shutting_down = False

@@ -1,0 +1,77 @@
+"""The study registry: the study databases the daemon serves, opened once and kept open."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+
+from mosaic_client.protocol import ErrorCode
+from mosaicd.errors import Refused
+from mosaicd.store import DaemonState, Store, StoreError
+
+log = logging.getLogger("mosaicd")
+
+
+class Studies:
+    """Open stores by path; the daemon's state database remembers them across restarts."""
+
+    def __init__(self, state: DaemonState) -> None:
+        self._state = state
+        self._stores: dict[str, Store] = {}
+
+    def open(self, path: str, create: bool) -> Store:
+        store = self._stores.get(path)
+        if store is not None:
+            return store
+        if not create and not os.path.exists(path):
+            raise Refused(ErrorCode.NOT_FOUND, f"no study database at {path}")
+        if os.path.exists(path) and not os.path.isfile(path):
+            # A directory, /dev/null, a FIFO: SQLite would create journals beside it.
+            raise Refused(ErrorCode.INVALID, f"{path} is not a regular file; give the path of a "
+                          "study database file")
+        try:
+            store = Store(path, create=create)
+        except StoreError as exc:
+            raise Refused(ErrorCode.INVALID, str(exc)) from None
+        self._stores[path] = store
+        self._state.add_study(path)
+        return store
+
+    def reopen_known(self) -> Iterator[tuple[str, Store]]:
+        """The studies of the previous daemon, opened again; vanished ones are forgotten."""
+        for path in self._state.studies():
+            if not os.path.exists(path):
+                log.warning("study %s has disappeared; forgetting it", path)
+                self._state.remove_study(path)
+                continue
+            try:
+                store = self.open(path, create=False)
+            except Refused as exc:
+                log.error("cannot reopen study %s: %s", path, exc.message)
+                continue
+            yield path, store
+
+    def __getitem__(self, path: str) -> Store:
+        return self._stores[path]
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._stores
+
+    def get(self, path: str) -> Store | None:
+        return self._stores.get(path)
+
+    def items(self) -> list[tuple[str, Store]]:
+        return list(self._stores.items())
+
+    def counts(self) -> Counter[str]:
+        """Runs per state over every open study."""
+        total: Counter[str] = Counter()
+        for store in self._stores.values():
+            total.update(store.counts)
+        return total
+
+    def close_all(self) -> None:
+        for store in self._stores.values():
+            store.close()

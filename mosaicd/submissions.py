@@ -1,0 +1,157 @@
+"""A submission: the daemon's checks of a submit request, and the runs it becomes.
+
+The PROCESS/MONITOR rules are the shared schema's (mosaic_client.schema), so the client's config
+checks and these agree; what is checked here besides is what only the daemon can check (the
+pipelines as sent, the run files directory on this machine, the slots it has).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from mosaic_client import schema
+from mosaic_client.contract import MODULE_FIELDS
+from mosaic_client.protocol import ErrorCode
+from mosaicd.errors import Refused
+from mosaicd.pool import Slot
+
+_SCALAR = (str, int, float, bool, type(None))
+# The module keys every pipeline stage must name (the others of MODULE_FIELDS are optional).
+_MODULE_NAMES = ("type", "class", "path_to_class")
+
+
+@dataclass
+class Submission:
+    """One submission of a study, as the scheduler keeps it in memory while it has runs."""
+
+    study: str
+    submission_id: int
+    owner_uid: int | None
+    owner: str | None
+    process: dict[str, Any]
+    monitor: dict[str, Any]
+    running: int = 0
+
+    @property
+    def cap(self) -> int:
+        return max(1, int(schema.value(schema.MONITOR, self.monitor, "nb_processus")))
+
+    @property
+    def retries(self) -> int:
+        return int(schema.value(schema.MONITOR, self.monitor, "retries"))
+
+    @property
+    def timeout(self) -> float | None:
+        timeout = schema.value(schema.MONITOR, self.monitor, "timeout")
+        return float(timeout) if timeout else None
+
+    @property
+    def slot_kind(self) -> str:
+        return "cuda" if schema.value(schema.MONITOR, self.monitor, "need_gpu") else "cpu"
+
+    def allows(self, slot: Slot) -> bool:
+        if slot.kind != self.slot_kind:
+            return False
+        wanted = [str(g).replace("cuda:", "")
+                  for g in schema.value(schema.MONITOR, self.monitor, "gpu_available") or []]
+        return slot.kind == "cpu" or not wanted or slot.gpu in wanted
+
+
+def submission_problem(process: dict[str, Any], monitor: dict[str, Any],
+                       pipelines: list[Any]) -> str | None:
+    """What makes a submission unusable, or None. The CLI's config checks do not protect the
+    daemon from a hand-made request, and a bad value found later (at dispatch, in the timeout
+    check) would fail every run or stop the loop: refuse it here, before anything is written."""
+    problem = schema.submission_problem(process, monitor)
+    if problem:
+        return problem
+    run_files = process["run_files_path"]
+    existing = run_files
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        # Else every run would fail in its worker before it could write its log.
+        return (f"run_files_path {run_files}: {existing} exists and is not a directory; give "
+                "a directory (it is created if missing)")
+    schemes = [*process["data_scheme"], *process["pipeline_scheme"]]
+    for pipeline in pipelines:
+        if len(pipeline) != len(schemes):
+            return (f"each pipeline must have one module per scheme type ({len(schemes)}), "
+                    f"got {len(pipeline)}")
+        for module in pipeline:
+            for name in _MODULE_NAMES:
+                if not isinstance(module.get(name), str) or not module[name]:
+                    return f"each module needs a {name!r} string; got {module!r:.120}"
+            if not all(isinstance(k, str) and isinstance(v, _SCALAR) for k, v in module.items()):
+                return f"module values must be numbers or strings; got {module!r:.120}"
+    return None
+
+
+def check_submission(process: dict[str, Any], monitor: dict[str, Any], pipelines: list[Any],
+                     gpu_slots: int) -> None:
+    """Refuse a submission the daemon cannot run; nothing is written before this passes."""
+    if not pipelines:
+        raise Refused(ErrorCode.INVALID, "the submission has no pipeline")
+    for pipeline in pipelines:
+        if not isinstance(pipeline, list) or not all(isinstance(m, dict) for m in pipeline):
+            raise Refused(ErrorCode.INVALID, "each pipeline must be a list of module maps")
+    problem = submission_problem(process, monitor, pipelines)
+    if problem:
+        raise Refused(ErrorCode.INVALID, f"{problem}; nothing was queued")
+    if schema.value(schema.MONITOR, monitor, "need_gpu") and not gpu_slots:
+        raise Refused(ErrorCode.INVALID, "this submission needs a GPU (MONITOR need_gpu = true) "
+                      "but this daemon has no GPU slots; start mosaicd with --gpus 0,... on a "
+                      "GPU machine, or set need_gpu = false")
+
+
+def readable_pipeline(modules: list[dict[str, Any]]) -> str:
+    """`dataset_OR(200,0.8,20) | mlp_funnel(2,3)`: the seed's readable form."""
+    parts = []
+    for module in modules:
+        values = ",".join(str(v) for k, v in module.items() if k not in MODULE_FIELDS)
+        parts.append(f"{module.get('class')}({values})")
+    return " | ".join(parts)
+
+
+def run_params(process: dict[str, Any], modules: list[dict[str, Any]], seed: int,
+               owner_uid: int | None, owner: str | None) -> dict[str, Any]:
+    """The seed's params naming: PROCESS values, pipeline, {type}_key, {class}_{param}."""
+    params: dict[str, Any] = {}
+    for name, value in process.items():
+        if value is None:
+            continue
+        params[name] = ",".join(value) if isinstance(value, list) else value
+    params["pipeline"] = json.dumps(modules)
+    for module in modules:
+        params[f"{module.get('type')}_key"] = module.get("key")
+        for name, value in module.items():
+            if name not in MODULE_FIELDS:
+                params[f"{module.get('class')}_{name}"] = value
+    params["seed"] = seed
+    params["owner"] = owner
+    params["owner_uid"] = owner_uid
+    return params
+
+
+Run = tuple[list[dict[str, Any]], int, str, dict[str, Any]]  # modules, seed, readable, params
+
+
+def build_runs(process: dict[str, Any], monitor: dict[str, Any], pipelines: list[Any],
+               owner_uid: int | None, owner: str | None) -> list[Run]:
+    """The runs of a checked submission, as Store.add_submission takes them: repetition i of a
+    pipeline gets seed + i (random seeds without a PROCESS seed)."""
+    base_seed = process.get("seed")
+    multiplicity = max(1, int(schema.value(schema.MONITOR, monitor, "multiplicity")))
+    runs = []
+    for index, modules in enumerate(pipelines):
+        if isinstance(base_seed, int):
+            seed = base_seed + index % multiplicity
+        else:
+            seed = secrets.randbelow(2**31)
+        runs.append((modules, seed, readable_pipeline(modules),
+                     run_params(process, modules, seed, owner_uid, owner)))
+    return runs
