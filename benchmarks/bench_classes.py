@@ -30,12 +30,17 @@ class small_mlp(torch.nn.Module):
     def __init__(self, input_size: int, output_size: int, width: int = 64) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(input_size, width), torch.nn.ReLU(),
-            torch.nn.Linear(width, width), torch.nn.ReLU(),
-            torch.nn.Linear(width, output_size), torch.nn.Sigmoid())
+            torch.nn.Linear(input_size, width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, output_size),
+            torch.nn.Sigmoid(),
+        )
 
-    def forward(self, data: torch.Tensor, run_info: dict[str, Any],
-                module_info: dict[str, Any]) -> torch.Tensor:
+    def forward(
+        self, data: torch.Tensor, run_info: dict[str, Any], module_info: dict[str, Any]
+    ) -> torch.Tensor:
         return self.net(data)
 
     def info(self) -> dict[str, Any]:

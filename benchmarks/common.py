@@ -31,15 +31,34 @@ class BenchDaemon:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "MOSAIC_SOCKET": self.socket, "MOSAIC_STATE_DIR": self.state_dir,
-                "PYTHONPATH": str(REPO)}
+        return {
+            **os.environ,
+            "MOSAIC_SOCKET": self.socket,
+            "MOSAIC_STATE_DIR": self.state_dir,
+            "PYTHONPATH": str(REPO),
+        }
 
     def start(self) -> BenchDaemon:
         started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mosaicd", "--socket", self.socket, "--state-dir",
-             self.state_dir, "--workers", str(self.workers), "--gpus", "", *self.extra],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "mosaicd",
+                "--socket",
+                self.socket,
+                "--state-dir",
+                self.state_dir,
+                "--workers",
+                str(self.workers),
+                "--gpus",
+                "",
+                *self.extra,
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         while True:
             try:
                 self.request("ping", timeout=0.5)
@@ -56,8 +75,13 @@ class BenchDaemon:
             return client.request(name, **args)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "mosaic_client.cli", *args], env=self.env,
-                              capture_output=True, text=True, check=True)
+        return subprocess.run(
+            [sys.executable, "-m", "mosaic_client.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -32,28 +32,54 @@ def build_study(path: str, families: int, sizes: int, reps: int) -> int:
     import numpy as np
 
     rng = np.random.default_rng(0)
-    process = {"lr": 0.01, "epochs": 5, "data_scheme": "dataset", "pipeline_scheme": "mlp",
-               "loss_function": "BCELoss", "run_files_path": "/tmp/none"}
+    process = {
+        "lr": 0.01,
+        "epochs": 5,
+        "data_scheme": "dataset",
+        "pipeline_scheme": "mlp",
+        "loss_function": "BCELoss",
+        "run_files_path": "/tmp/none",
+    }
     runs, results = [], []
     for f in range(families):
         for s in range(sizes):
             width = 10 + 3 * s + f  # nb_params close across families: sizes match
             for seed in range(reps):
-                modules = [{"type": "dataset", "class": "D", "path_to_class": "/d.py",
-                            "data_size": 200, "key": "data"},
-                           {"type": "mlp", "class": f"fam{f}", "path_to_class": "/m.py",
-                            "width": width, "key": f"fam{f}"}]
-                runs.append((modules, seed, f"D | fam{f}({width})",
-                             run_params(process, modules, seed, 0, "bench")))
+                modules = [
+                    {
+                        "type": "dataset",
+                        "class": "D",
+                        "path_to_class": "/d.py",
+                        "data_size": 200,
+                        "key": "data",
+                    },
+                    {
+                        "type": "mlp",
+                        "class": f"fam{f}",
+                        "path_to_class": "/m.py",
+                        "width": width,
+                        "key": f"fam{f}",
+                    },
+                ]
+                runs.append(
+                    (
+                        modules,
+                        seed,
+                        f"D | fam{f}({width})",
+                        run_params(process, modules, seed, 0, "bench"),
+                    )
+                )
                 loss = 1 / np.log(width) + 0.01 * f + rng.normal(0, 0.05)
                 results.append((width * 10, float(loss)))
     store = Store(path)
     _, ids = store.add_submission(0, "bench", "/bench.ini", process, {}, runs)
     with store.transaction() as conn:
         conn.execute("UPDATE runs SET status='done'")
-        conn.executemany("INSERT INTO run_results (run_id, nb_params, test_loss, train_loss) "
-                         "VALUES (?, ?, ?, ?)",
-                         [(i, nb, loss, loss * 0.9) for i, (nb, loss) in zip(ids, results)])
+        conn.executemany(
+            "INSERT INTO run_results (run_id, nb_params, test_loss, train_loss) "
+            "VALUES (?, ?, ?, ?)",
+            [(i, nb, loss, loss * 0.9) for i, (nb, loss) in zip(ids, results)],
+        )
     store.close()
     return len(ids)
 
@@ -66,8 +92,13 @@ def timed(args: list[str], repeat: int) -> tuple[float, float, str]:
     for _ in range(repeat):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "mosaic_client.cli", *args], env=env,
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "mosaic_client.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         walls.append(time.perf_counter() - start)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
@@ -76,8 +107,9 @@ def timed(args: list[str], repeat: int) -> tuple[float, float, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--families", type=int, default=5)
     parser.add_argument("--sizes", type=int, default=200)
     parser.add_argument("--reps", type=int, default=10)
@@ -91,12 +123,16 @@ def main() -> None:
         groups_s, groups_cpu, _ = timed(["groups", db, "--json"], args.repeat)
         bare_s, bare_cpu, _ = timed(["--help"], args.repeat)
         lines = len(report["lines"])
-        print(f"study: {n} runs ({args.families} families x {args.sizes} sizes x {args.reps} "
-              f"seeds); compare: {lines} comparisons ({report['decided']} decided), "
-              f"{report['n_resamples']} bootstrap resamples each; load average "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        print(f"mosaic compare --json: {compare_s:.2f} s wall, {compare_cpu:.2f} s CPU (target "
-              f"< 2 s: {'met' if compare_s < 2 else 'NOT met'})")
+        print(
+            f"study: {n} runs ({args.families} families x {args.sizes} sizes x {args.reps} "
+            f"seeds); compare: {lines} comparisons ({report['decided']} decided), "
+            f"{report['n_resamples']} bootstrap resamples each; load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
+        print(
+            f"mosaic compare --json: {compare_s:.2f} s wall, {compare_cpu:.2f} s CPU (target "
+            f"< 2 s: {'met' if compare_s < 2 else 'NOT met'})"
+        )
         print(f"mosaic groups --json: {groups_s:.2f} s wall, {groups_cpu:.2f} s CPU")
         print(f"mosaic --help (start-up alone): {bare_s:.2f} s wall, {bare_cpu:.2f} s CPU")
 

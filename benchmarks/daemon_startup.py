@@ -1,6 +1,6 @@
 """The daemon's start-to-ready time and the idle RSS of its main process (no torch in it).
 
-    python benchmarks/daemon_startup.py
+python benchmarks/daemon_startup.py
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ def measure(repeat: int = 5) -> dict[str, float]:
             torch_loaded |= any("libtorch" in m.path for m in process.memory_maps())
         finally:
             daemon.stop()
-    return {"ready_ms": 1000 * median(ready), "idle_rss_mib": median(rss),
-            "main_process_imports_torch": torch_loaded}
+    return {
+        "ready_ms": 1000 * median(ready),
+        "idle_rss_mib": median(rss),
+        "main_process_imports_torch": torch_loaded,
+    }
 
 
 if __name__ == "__main__":

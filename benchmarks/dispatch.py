@@ -31,15 +31,40 @@ HERE = Path(__file__).resolve().parent
 def spec(root: str, run_id: int) -> dict[str, Any]:
     classes = str(HERE / "bench_classes.py")
     return {
-        "run_id": run_id, "seed": run_id, "device": "cpu", "run_files_path": root,
-        "epochs_target": 1, "start_epoch": 0, "checkpoint_every": 30.0,
-        "process": {"data_scheme": ["data"], "pipeline_scheme": ["model"], "lr": 0.001,
-                    "optimizer": "Adam", "loss_function": "BCELoss", "accuracy": "binary"},
+        "run_id": run_id,
+        "seed": run_id,
+        "device": "cpu",
+        "run_files_path": root,
+        "epochs_target": 1,
+        "start_epoch": 0,
+        "checkpoint_every": 30.0,
+        "process": {
+            "data_scheme": ["data"],
+            "pipeline_scheme": ["model"],
+            "lr": 0.001,
+            "optimizer": "Adam",
+            "loss_function": "BCELoss",
+            "accuracy": "binary",
+        },
         "modules": [
-            {"type": "data", "class": "synthetic_data", "path_to_class": classes,
-             "n_batches": 4, "batch_size": 16, "n_features": 8, "key": "d", "name": "data"},
-            {"type": "model", "class": "small_mlp", "path_to_class": classes, "width": 8,
-             "key": "m", "name": "model"},
+            {
+                "type": "data",
+                "class": "synthetic_data",
+                "path_to_class": classes,
+                "n_batches": 4,
+                "batch_size": 16,
+                "n_features": 8,
+                "key": "d",
+                "name": "data",
+            },
+            {
+                "type": "model",
+                "class": "small_mlp",
+                "path_to_class": classes,
+                "width": 8,
+                "key": "m",
+                "name": "model",
+            },
         ],
     }
 
@@ -67,10 +92,14 @@ def mosaic(runs: int, workers: int) -> float:
 def fresh_processes(runs: int, workers: int) -> float:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as root:
+
         def one(run_id: int) -> None:
-            subprocess.run([sys.executable, str(HERE / "one_run.py"),
-                            json.dumps(spec(root, run_id))], env=env, check=True,
-                           stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [sys.executable, str(HERE / "one_run.py"), json.dumps(spec(root, run_id))],
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
 
         started = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
@@ -83,17 +112,30 @@ def ideal(runs: int, workers: int) -> float:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     share = [runs // workers + (1 if i < runs % workers else 0) for i in range(workers)]
     with tempfile.TemporaryDirectory() as root:
-        procs = [subprocess.Popen([sys.executable, str(HERE / "plain_loop.py"), root,
-                                   str(first), str(n)], env=env, stdout=subprocess.PIPE,
-                                  text=True)
-                 for first, n in zip(itertools.accumulate([1, *share[:-1]]), share)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(HERE / "plain_loop.py"), root, str(first), str(n)],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for first, n in zip(itertools.accumulate([1, *share[:-1]]), share)
+        ]
         # Each process times its own loop after its warm-up; the ideal spans from the first
         # start to the last end, as the pool's figure spans from submit to the last result.
         outputs = [p.communicate()[0] for p in procs]
-    spans = [float(line.split()[1]) for out in outputs for line in out.splitlines()
-             if line.startswith("span ")]
-    starts = [float(line.split()[1]) for out in outputs for line in out.splitlines()
-              if line.startswith("start ")]
+    spans = [
+        float(line.split()[1])
+        for out in outputs
+        for line in out.splitlines()
+        if line.startswith("span ")
+    ]
+    starts = [
+        float(line.split()[1])
+        for out in outputs
+        for line in out.splitlines()
+        if line.startswith("start ")
+    ]
     ends = [s + d for s, d in zip(starts, spans)]
     return max(ends) - min(starts)
 
@@ -102,11 +144,17 @@ def measure(runs: int, workers: int, fresh_sample: int) -> dict[str, float]:
     ideal_s = ideal(runs, workers)
     mosaic_s = mosaic(runs, workers)
     fresh_s = fresh_processes(fresh_sample, workers) * runs / fresh_sample
-    return {"runs": runs, "workers": workers, "mosaic_s": mosaic_s, "ideal_s": ideal_s,
-            "fresh_process_s": fresh_s, "mosaic_vs_ideal": mosaic_s / ideal_s,
-            "fresh_vs_mosaic": fresh_s / mosaic_s,
-            "mosaic_overhead_ms_per_run": 1000 * (mosaic_s - ideal_s) * workers / runs,
-            "fresh_overhead_ms_per_run": 1000 * (fresh_s - ideal_s) * workers / runs}
+    return {
+        "runs": runs,
+        "workers": workers,
+        "mosaic_s": mosaic_s,
+        "ideal_s": ideal_s,
+        "fresh_process_s": fresh_s,
+        "mosaic_vs_ideal": mosaic_s / ideal_s,
+        "fresh_vs_mosaic": fresh_s / mosaic_s,
+        "mosaic_overhead_ms_per_run": 1000 * (mosaic_s - ideal_s) * workers / runs,
+        "fresh_overhead_ms_per_run": 1000 * (fresh_s - ideal_s) * workers / runs,
+    }
 
 
 def main() -> None:

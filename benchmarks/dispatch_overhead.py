@@ -111,16 +111,29 @@ key = mlp
 
 def config_text(root: Path, runs: int) -> str:
     """The benchmark's sweep: `runs` repetitions of one tiny one-epoch pipeline."""
-    return CONFIG.format(root=root, runs=runs, example=EXAMPLE, data_size=DATA_SIZE,
-                         train_prop=TRAIN_PROP, batch=BATCH, length=LENGTH, width=WIDTH)
+    return CONFIG.format(
+        root=root,
+        runs=runs,
+        example=EXAMPLE,
+        data_size=DATA_SIZE,
+        train_prop=TRAIN_PROP,
+        batch=BATCH,
+        length=LENGTH,
+        width=WIDTH,
+    )
 
 
 def measure_baseline(runs: int) -> dict[str, float]:
     walls, trains = [], []
     for seed in range(runs):
         started = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", BASELINE, str(seed)], check=True,
-                             capture_output=True, text=True, env=_cpu_env()).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", BASELINE, str(seed)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=_cpu_env(),
+        ).stdout
         walls.append(time.perf_counter() - started)
         trains.append(json.loads(out.strip().splitlines()[-1])["train_s"])
     return _summary(walls, trains, sum(walls))
@@ -135,9 +148,12 @@ def _cpu_env() -> dict[str, str]:
 
 def _summary(walls: list[float], trains: list[float], total: float) -> dict[str, float]:
     overheads = [w - t for w, t in zip(walls, trains)]
-    return {"wall": total / len(walls), "train": statistics.mean(trains),
-            "overhead": statistics.mean(overheads),
-            "overhead_median": statistics.median(overheads)}
+    return {
+        "wall": total / len(walls),
+        "train": statistics.mean(trains),
+        "overhead": statistics.mean(overheads),
+        "overhead_median": statistics.median(overheads),
+    }
 
 
 def measure_pool(runs: int, isolation: str, work: Path) -> dict[str, float]:
@@ -147,9 +163,26 @@ def measure_pool(runs: int, isolation: str, work: Path) -> dict[str, float]:
     socket = str(daemon_dir / "d.sock")
     log = open(root / "mosaicd.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mosaicd", "--socket", socket, "--state-dir",
-         str(daemon_dir / "state"), "--workers", "1", "--gpus", "", "--isolation", isolation],
-        env=_cpu_env(), stdout=log, stderr=log, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mosaicd",
+            "--socket",
+            socket,
+            "--state-dir",
+            str(daemon_dir / "state"),
+            "--workers",
+            "1",
+            "--gpus",
+            "",
+            "--isolation",
+            isolation,
+        ],
+        env=_cpu_env(),
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     try:
         wait_ready(socket, proc)
         config = root / "config.ini"
@@ -157,13 +190,19 @@ def measure_pool(runs: int, isolation: str, work: Path) -> dict[str, float]:
         db = str(root / "study.db")
         env = _cpu_env()
         env["MOSAIC_SOCKET"] = socket
-        subprocess.run([sys.executable, "-m", "mosaic_client.cli", "--socket", socket, "run",
-                        str(config), db], check=True, capture_output=True, env=env)
+        subprocess.run(
+            [sys.executable, "-m", "mosaic_client.cli", "--socket", socket, "run", str(config), db],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
         wait_done(socket, db, runs)
         conn = sqlite3.connect(db)
-        rows = conn.execute('SELECT m.started_at, m.finished_at, r."duration(s)", r2.status '
-                            "FROM run_meta m JOIN run_results r USING (run_id) "
-                            "JOIN runs r2 USING (run_id) ORDER BY m.started_at").fetchall()
+        rows = conn.execute(
+            'SELECT m.started_at, m.finished_at, r."duration(s)", r2.status '
+            "FROM run_meta m JOIN run_results r USING (run_id) "
+            "JOIN runs r2 USING (run_id) ORDER BY m.started_at"
+        ).fetchall()
         conn.close()
         if len(rows) != runs or any(r[3] != "done" for r in rows):
             raise SystemExit(f"pool ({isolation}): not every run finished; see {root}")
@@ -216,10 +255,17 @@ def wait_done(socket: str, db: str, runs: int, timeout: float = 3600.0) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200, help="runs per mode (default 200)")
-    parser.add_argument("--baseline-runs", type=int, default=None,
-                        help="fresh-process runs (default: --runs); each costs seconds")
-    parser.add_argument("--modes", default="none,state,process",
-                        help="pool isolation modes to measure (default none,state,process)")
+    parser.add_argument(
+        "--baseline-runs",
+        type=int,
+        default=None,
+        help="fresh-process runs (default: --runs); each costs seconds",
+    )
+    parser.add_argument(
+        "--modes",
+        default="none,state,process",
+        help="pool isolation modes to measure (default none,state,process)",
+    )
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     if args.runs < 2:
@@ -237,16 +283,22 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = results["fresh process per run"]
-    print(f"{args.runs} one-epoch runs of dataset_OR({DATA_SIZE}) | mlp_funnel({LENGTH},{WIDTH})"
-          f" on one CPU slot; python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
-    header = (f"{'mode':<28} {'wall/run':>10} {'train/run':>10} {'overhead/run':>13} "
-              f"{'(median)':>10} {'overhead ratio':>15} {'wall ratio':>11}")
+    print(
+        f"{args.runs} one-epoch runs of dataset_OR({DATA_SIZE}) | mlp_funnel({LENGTH},{WIDTH})"
+        f" on one CPU slot; python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'mode':<28} {'wall/run':>10} {'train/run':>10} {'overhead/run':>13} "
+        f"{'(median)':>10} {'overhead ratio':>15} {'wall ratio':>11}"
+    )
     print(header)
     print("-" * len(header))
     for name, r in results.items():
-        print(f"{name:<28} {r['wall'] * 1e3:>8.1f}ms {r['train'] * 1e3:>8.1f}ms "
-              f"{r['overhead'] * 1e3:>11.1f}ms {r['overhead_median'] * 1e3:>8.1f}ms "
-              f"{r['overhead'] / base['overhead']:>15.4f} {r['wall'] / base['wall']:>11.4f}")
+        print(
+            f"{name:<28} {r['wall'] * 1e3:>8.1f}ms {r['train'] * 1e3:>8.1f}ms "
+            f"{r['overhead'] * 1e3:>11.1f}ms {r['overhead_median'] * 1e3:>8.1f}ms "
+            f"{r['overhead'] / base['overhead']:>15.4f} {r['wall'] / base['wall']:>11.4f}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"runs": args.runs, "results": results}, fh, indent=1)

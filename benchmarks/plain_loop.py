@@ -1,6 +1,6 @@
 """The ideal of the dispatch benchmark: N trainings in a plain loop in one warm process.
 
-    python plain_loop.py RUN_FILES FIRST_RUN_ID N   (prints "start T" and "span S")
+python plain_loop.py RUN_FILES FIRST_RUN_ID N   (prints "start T" and "span S")
 """
 
 import contextlib

@@ -49,9 +49,24 @@ def measure(executor: str, runs: int, work: Path, ray_address: str | None) -> di
         extra += ["--ray-address", ray_address]
     log = open(root / "mosaicd.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mosaicd", "--socket", socket, "--state-dir",
-         str(daemon_dir / "state"), "--workers", "1", "--gpus", "", *extra],
-        stdout=log, stderr=log, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mosaicd",
+            "--socket",
+            socket,
+            "--state-dir",
+            str(daemon_dir / "state"),
+            "--workers",
+            "1",
+            "--gpus",
+            "",
+            *extra,
+        ],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     try:
         started = time.monotonic()
         wait_ready(socket, proc, timeout=300.0)
@@ -59,13 +74,18 @@ def measure(executor: str, runs: int, work: Path, ray_address: str | None) -> di
         config = root / "config.ini"
         config.write_text(config_text(root, runs))
         db = str(root / "study.db")
-        subprocess.run([sys.executable, "-m", "mosaic_client.cli", "--socket", socket, "run",
-                        str(config), db], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "mosaic_client.cli", "--socket", socket, "run", str(config), db],
+            check=True,
+            capture_output=True,
+        )
         wait_done(socket, db, runs)
         conn = sqlite3.connect(db)
-        rows = conn.execute('SELECT m.finished_at, r."duration(s)", r2.status '
-                            "FROM run_meta m JOIN run_results r USING (run_id) "
-                            "JOIN runs r2 USING (run_id) ORDER BY m.finished_at").fetchall()
+        rows = conn.execute(
+            'SELECT m.finished_at, r."duration(s)", r2.status '
+            "FROM run_meta m JOIN run_results r USING (run_id) "
+            "JOIN runs r2 USING (run_id) ORDER BY m.finished_at"
+        ).fetchall()
         conn.close()
         if len(rows) != runs or any(r[2] != "done" for r in rows):
             raise SystemExit(f"{executor}: not every run finished; see {root}/mosaicd.log")
@@ -74,9 +94,13 @@ def measure(executor: str, runs: int, work: Path, ray_address: str | None) -> di
         walls = [b - a for a, b in zip(ends, ends[1:])]
         trains = [r[1] for r in rows[1:]]
         overheads = [w - t for w, t in zip(walls, trains)]
-        return {"wall": statistics.mean(walls), "train": statistics.mean(trains),
-                "overhead": statistics.mean(overheads),
-                "overhead_median": statistics.median(overheads), "ready": ready}
+        return {
+            "wall": statistics.mean(walls),
+            "train": statistics.mean(trains),
+            "overhead": statistics.mean(overheads),
+            "overhead_median": statistics.median(overheads),
+            "ready": ready,
+        }
     finally:
         proc.terminate()
         try:
@@ -89,10 +113,17 @@ def measure(executor: str, runs: int, work: Path, ray_address: str | None) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=40, help="runs per daemon (default 40)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="alternate the two daemons this many times; best of each")
-    parser.add_argument("--ray-address", default=None,
-                        help="measure Ray on this existing cluster ('auto', HOST:PORT)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate the two daemons this many times; best of each",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="measure Ray on this existing cluster ('auto', HOST:PORT)",
+    )
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args()
     if args.runs < 3:
@@ -107,22 +138,36 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = {name: min(rounds, key=lambda r: r["wall"]) for name, rounds in results.items()}
-    print(f"{args.runs} one-epoch runs of dataset_OR | mlp_funnel(2,3), one CPU slot, "
-          f"best of {args.rounds} round(s)")
-    print(f"{'executor':<10}{'ready s':>9}{'wall/run ms':>13}{'train ms':>10}"
-          f"{'overhead ms':>13}{'median ms':>11}")
+    print(
+        f"{args.runs} one-epoch runs of dataset_OR | mlp_funnel(2,3), one CPU slot, "
+        f"best of {args.rounds} round(s)"
+    )
+    print(
+        f"{'executor':<10}{'ready s':>9}{'wall/run ms':>13}{'train ms':>10}"
+        f"{'overhead ms':>13}{'median ms':>11}"
+    )
     for name, row in best.items():
-        print(f"{name:<10}{row['ready']:>9.1f}{1000 * row['wall']:>13.1f}"
-              f"{1000 * row['train']:>10.1f}{1000 * row['overhead']:>13.1f}"
-              f"{1000 * row['overhead_median']:>11.1f}")
+        print(
+            f"{name:<10}{row['ready']:>9.1f}{1000 * row['wall']:>13.1f}"
+            f"{1000 * row['train']:>10.1f}{1000 * row['overhead']:>13.1f}"
+            f"{1000 * row['overhead_median']:>11.1f}"
+        )
     ratio_wall = best["ray"]["wall"] / best["local"]["wall"]
     ratio_overhead = best["ray"]["overhead"] / best["local"]["overhead"]
     print(f"ray / local: wall per run x{ratio_wall:.2f}, overhead per run x{ratio_overhead:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"runs": args.runs, "rounds": results, "best": best,
-                       "ratio_wall": ratio_wall, "ratio_overhead": ratio_overhead}, fh,
-                      indent=2)
+            json.dump(
+                {
+                    "runs": args.runs,
+                    "rounds": results,
+                    "best": best,
+                    "ratio_wall": ratio_wall,
+                    "ratio_overhead": ratio_overhead,
+                },
+                fh,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -22,17 +22,32 @@ from mosaicd.store import DaemonState, Store
 
 def build_study(path: str, n: int) -> None:
     store = Store(path)
-    module = [{"type": "data", "class": "d", "path_to_class": "/x.py", "key": "d", "name": "d"},
-              {"type": "model", "class": "m", "path_to_class": "/y.py", "width": 8,
-               "key": "m", "name": "m"}]
-    process = {"epochs": 1, "lr": 0.001, "data_scheme": ["data"], "pipeline_scheme": ["model"],
-               "run_files_path": "/tmp/none"}
+    module = [
+        {"type": "data", "class": "d", "path_to_class": "/x.py", "key": "d", "name": "d"},
+        {
+            "type": "model",
+            "class": "m",
+            "path_to_class": "/y.py",
+            "width": 8,
+            "key": "m",
+            "name": "m",
+        },
+    ]
+    process = {
+        "epochs": 1,
+        "lr": 0.001,
+        "data_scheme": ["data"],
+        "pipeline_scheme": ["model"],
+        "run_files_path": "/tmp/none",
+    }
     runs = [(module, i, "d() | m(8)", {"m_width": 8, "seed": i}) for i in range(n)]
     store.add_submission(0, "bench", "/bench.ini", process, {"nb_processus": 1}, runs)
     with store.transaction() as conn:
         conn.execute("UPDATE runs SET status='done' WHERE run_id % 2 = 0")
-        conn.execute('INSERT INTO run_results (run_id, train_loss, test_loss, "duration(s)", '
-                     "epochs) SELECT run_id, 0.1, 0.2, 1.0, 1 FROM runs WHERE status='done'")
+        conn.execute(
+            'INSERT INTO run_results (run_id, train_loss, test_loss, "duration(s)", '
+            "epochs) SELECT run_id, 0.1, 0.2, 1.0, 1 FROM runs WHERE status='done'"
+        )
     store.close()
 
 
@@ -57,17 +72,25 @@ def measure(n: int) -> dict[str, float]:
         wall = []
         for _ in range(10):
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "mosaic_client.cli", "status"],
-                           env=daemon.env, check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "mosaic_client.cli", "status"],
+                env=daemon.env,
+                check=True,
+                capture_output=True,
+            )
             wall.append(time.perf_counter() - t)
         bare = []
         for _ in range(10):
             t = time.perf_counter()
             subprocess.run([sys.executable, "-c", "pass"], check=True)
             bare.append(time.perf_counter() - t)
-        return {"runs": n, "rtt_p50_ms": 1000 * median(times),
-                "rtt_p99_ms": 1000 * percentile(times, 99),
-                "process_ms": 1000 * median(wall), "python_startup_ms": 1000 * median(bare)}
+        return {
+            "runs": n,
+            "rtt_p50_ms": 1000 * median(times),
+            "rtt_p99_ms": 1000 * percentile(times, 99),
+            "process_ms": 1000 * median(wall),
+            "python_startup_ms": 1000 * median(bare),
+        }
     finally:
         daemon.stop()
 

@@ -57,28 +57,51 @@ def hand_written(epochs: int, batches: int, device: str, batch_size: int) -> flo
 
 def mosaic(epochs: int, batches: int, device: str, files: str, batch_size: int) -> float:
     spec: dict[str, Any] = {
-        "run_id": 1, "seed": 0, "device": device, "run_files_path": files,
-        "epochs_target": epochs, "start_epoch": 0, "checkpoint_every": 30.0,
-        "process": {"data_scheme": ["data"], "pipeline_scheme": ["model"], "lr": 0.001,
-                    "optimizer": "Adam", "loss_function": "BCELoss", "accuracy": "binary"},
+        "run_id": 1,
+        "seed": 0,
+        "device": device,
+        "run_files_path": files,
+        "epochs_target": epochs,
+        "start_epoch": 0,
+        "checkpoint_every": 30.0,
+        "process": {
+            "data_scheme": ["data"],
+            "pipeline_scheme": ["model"],
+            "lr": 0.001,
+            "optimizer": "Adam",
+            "loss_function": "BCELoss",
+            "accuracy": "binary",
+        },
         "modules": [
-            {"type": "data", "class": "synthetic_data",
-             "path_to_class": os.path.join(HERE, "bench_classes.py"), "n_batches": batches,
-             "batch_size": batch_size, "key": "data", "name": "data"},
-            {"type": "model", "class": "small_mlp",
-             "path_to_class": os.path.join(HERE, "bench_classes.py"), "key": "mlp",
-             "name": "mlp"},
+            {
+                "type": "data",
+                "class": "synthetic_data",
+                "path_to_class": os.path.join(HERE, "bench_classes.py"),
+                "n_batches": batches,
+                "batch_size": batch_size,
+                "key": "data",
+                "name": "data",
+            },
+            {
+                "type": "model",
+                "class": "small_mlp",
+                "path_to_class": os.path.join(HERE, "bench_classes.py"),
+                "key": "mlp",
+                "name": "mlp",
+            },
         ],
     }
     durations: list[float] = []
-    channel = execution.Channel(on_epoch=lambda e: durations.append(e["duration"]),
-                                park_requested=lambda: False)
+    channel = execution.Channel(
+        on_epoch=lambda e: durations.append(e["duration"]), park_requested=lambda: False
+    )
     execution.execute(spec, channel)
     return sum(durations)
 
 
-def measure(epochs: int, batches: int, device: str, repeat: int,
-            batch_size: int = 64) -> tuple[float, float]:
+def measure(
+    epochs: int, batches: int, device: str, repeat: int, batch_size: int = 64
+) -> tuple[float, float]:
     best_hand, best_mosaic = float("inf"), float("inf")
     with tempfile.TemporaryDirectory() as files:
         for _ in range(repeat):
@@ -94,14 +117,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads, as a worker of a one-slot-per-core pool has")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, as a worker of a one-slot-per-core pool has",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     m, h = measure(args.epochs, args.batches, args.device, args.repeat, args.batch_size)
-    print(f"training loop on {args.device} (batch {args.batch_size}): mosaic {m:.3f} s, "
-          f"hand-written {h:.3f} s, "
-          f"ratio {m / h:.3f} (target <= 1.05)")
+    print(
+        f"training loop on {args.device} (batch {args.batch_size}): mosaic {m:.3f} s, "
+        f"hand-written {h:.3f} s, "
+        f"ratio {m / h:.3f} (target <= 1.05)"
+    )
 
 
 if __name__ == "__main__":

@@ -49,12 +49,31 @@ def build_study(path: Path, n: int) -> float:
         runs.append((i, state, f"{data}(200,0.8,20) | {family}({length},{width})"))
         if state == "done":
             loss = rng.random()
-            results.append((i, loss * 1.1, loss, 1 - loss / 2, 1 - loss / 3, 10 * width * length,
-                            rng.random() * 5, 10, 0.1, 0.2, -0.01))
-        params += [(i, "lr", (0.1, 0.01, 0.001)[i % 3]), (i, "seed", i),
-                   (i, "epochs", 10), (i, "data_scheme", "dataset"),
-                   (i, "pipeline_scheme", "mlp"), (i, "dataset_key", f"data_{data}"),
-                   (i, "mlp_key", f"mlp_{family}"), (i, f"{family}_width", width)]
+            results.append(
+                (
+                    i,
+                    loss * 1.1,
+                    loss,
+                    1 - loss / 2,
+                    1 - loss / 3,
+                    10 * width * length,
+                    rng.random() * 5,
+                    10,
+                    0.1,
+                    0.2,
+                    -0.01,
+                )
+            )
+        params += [
+            (i, "lr", (0.1, 0.01, 0.001)[i % 3]),
+            (i, "seed", i),
+            (i, "epochs", 10),
+            (i, "data_scheme", "dataset"),
+            (i, "pipeline_scheme", "mlp"),
+            (i, "dataset_key", f"data_{data}"),
+            (i, "mlp_key", f"mlp_{family}"),
+            (i, f"{family}_width", width),
+        ]
     with conn:
         conn.executemany("INSERT INTO runs VALUES (?, ?, ?, NULL)", runs)
         conn.executemany(f"INSERT INTO run_results VALUES ({', '.join('?' * 11)})", results)
@@ -67,10 +86,16 @@ class WebServer:
     def __init__(self, env: dict[str, str], db: Path) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mosaic_client.cli", "web", "--port", "0", str(db)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()),  # type: ignore
-                         daemon=True).start()
+        threading.Thread(
+            target=lambda: lines.put(self.proc.stdout.readline()),  # type: ignore
+            daemon=True,
+        ).start()
         self.url = lines.get(timeout=60).split()[-1]
         parts = urlsplit(self.url)
         self.port = parts.port or 0
@@ -97,11 +122,17 @@ def chromium() -> Any:
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,900"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+    ):
         options.add_argument(arg)
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "chromedriver"),
-                            options=options)
+    return webdriver.Chrome(
+        service=Service(shutil.which("chromedriver") or "chromedriver"), options=options
+    )
 
 
 def wait_js(browser: Any, script: str, timeout: float = 30.0) -> Any:
@@ -138,8 +169,11 @@ def sort_click(browser: Any, column: str) -> float:
 def event_latency(browser: Any, daemon: BenchDaemon, base: str, repeat: int) -> list[float]:
     """Seconds from a pause/resume request sent to the daemon to the page showing it."""
     browser.get(base + "/")
-    wait_js(browser, "const e = document.getElementById('daemon-state');"
-                     "return e && e.dataset.state === 'running'")
+    wait_js(
+        browser,
+        "const e = document.getElementById('daemon-state');"
+        "return e && e.dataset.state === 'running'",
+    )
     browser.execute_script("""
       window.seen = [];
       new MutationObserver(() => {
@@ -153,8 +187,11 @@ def event_latency(browser: Any, daemon: BenchDaemon, base: str, repeat: int) -> 
         time.sleep(0.3 + random.random() * 0.2)  # land anywhere in the poll interval
         sent = time.time()
         daemon.request("pause" if want == "paused" else "resume")
-        shown = wait_js(browser, f"const s = window.seen.filter(x => x[0] === '{want}' && "
-                                 f"x[1] >= {sent * 1000 - 5}); return s.length ? s[0][1] : null")
+        shown = wait_js(
+            browser,
+            f"const s = window.seen.filter(x => x[0] === '{want}' && "
+            f"x[1] >= {sent * 1000 - 5}); return s.length ? s[0][1] : null",
+        )
         out.append(shown / 1000 - sent)
     return out
 
@@ -169,19 +206,25 @@ def main() -> int:
     daemon = BenchDaemon(workers=1).start()
     db = daemon.root / "big.db"
     build_s = build_study(db, args.runs)
-    print(f"study: {args.runs:,} runs, {db.stat().st_size / 2**20:.0f} MiB, built in "
-          f"{build_s:.1f} s")
+    print(
+        f"study: {args.runs:,} runs, {db.stat().st_size / 2**20:.0f} MiB, built in {build_s:.1f} s"
+    )
     server = WebServer(daemon.env, db)
     browser = chromium()
     figures: dict[str, Any] = {"runs": args.runs}
     try:
         browser.get(server.url)  # the cookie
         study = f"{server.base}/study?db={quote(str(db))}"
-        sorted_filtered = (f"{study}&status=done&filter=lr%3C%3D0.01&filter=mlp_key%3D"
-                           "mlp_mlp_brick&sort=test_loss&desc=1")
-        pages = {"study page": study, "sorted + filtered study page": sorted_filtered,
-                 "study page, last page (offset 99,950)": f"{study}&offset={args.runs - 50}",
-                 "overview": f"{server.base}/"}
+        sorted_filtered = (
+            f"{study}&status=done&filter=lr%3C%3D0.01&filter=mlp_key%3D"
+            "mlp_mlp_brick&sort=test_loss&desc=1"
+        )
+        pages = {
+            "study page": study,
+            "sorted + filtered study page": sorted_filtered,
+            "study page, last page (offset 99,950)": f"{study}&offset={args.runs - 50}",
+            "overview": f"{server.base}/",
+        }
         page_load(browser, study)  # warm the caches once, as a second visit would be
         for name, url in pages.items():
             if name == "overview":
@@ -195,10 +238,15 @@ def main() -> int:
             loads = [page_load(browser, url) for _ in range(args.repeat)]
             fp = median([x["first_paint_ms"] for x in loads])
             table = median([x["table_ms"] for x in loads])
-            figures[name] = {"first_paint_ms": fp, "table_ms": table,
-                             "table_max_ms": max(x["table_ms"] for x in loads)}
-            print(f"{name:<40} first paint {fp:7.0f} ms   table shown {table:7.0f} ms "
-                  f"(max {figures[name]['table_max_ms']:.0f})")
+            figures[name] = {
+                "first_paint_ms": fp,
+                "table_ms": table,
+                "table_max_ms": max(x["table_ms"] for x in loads),
+            }
+            print(
+                f"{name:<40} first paint {fp:7.0f} ms   table shown {table:7.0f} ms "
+                f"(max {figures[name]['table_max_ms']:.0f})"
+            )
         sorts = {}
         for view, url in (("all runs", study), ("done + 2 filters", sorted_filtered)):
             page_load(browser, url)
@@ -206,28 +254,32 @@ def main() -> int:
                 times = [sort_click(browser, column) for _ in range(args.repeat)]
                 name = f"{view}, by {column}"
                 sorts[name] = {"median_ms": median(times), "max_ms": max(times)}
-                print(f"sort {name:<35} click to table {median(times):7.0f} ms "
-                      f"(max {max(times):.0f})")
+                print(
+                    f"sort {name:<35} click to table {median(times):7.0f} ms (max {max(times):.0f})"
+                )
         figures["sort"] = sorts
         # The comparison: the metaplot over every run of a dataset key (mosaic_client.analysis),
         # then the same page again, served from the server's cache.
         compare = f"{server.base}/compare?db={quote(str(db))}"
         first, again = page_load(browser, compare), page_load(browser, compare)
         figures["comparison"] = {"first_ms": first["table_ms"], "again_ms": again["table_ms"]}
-        print(f"{'comparison page (chart drawn)':<40} first visit {first['table_ms']:7.0f} ms   "
-              f"again {again['table_ms']:7.0f} ms")
+        print(
+            f"{'comparison page (chart drawn)':<40} first visit {first['table_ms']:7.0f} ms   "
+            f"again {again['table_ms']:7.0f} ms"
+        )
         # The server alone: response times and payloads of the study page's requests.
         quoted = quote(str(db))
         requests = {
             "page HTML": f"/study?db={quoted}",
-            "app.js": "/static/app.js", "app.css": "/static/app.css",
+            "app.js": "/static/app.js",
+            "app.css": "/static/app.css",
             "uPlot.iife.min.js (run, compare pages)": "/static/uPlot.iife.min.js",
             "/api/study (counts, params, keys)": f"/api/study?db={quoted}",
             "/api/runs, 50 rows": f"/api/runs?db={quoted}&show=dataset_key,mlp_key",
             "/api/runs, sorted by test_loss desc": f"/api/runs?db={quoted}&sort=test_loss&desc=1",
             "/api/runs, done + 2 filters + sort": f"/api/runs?db={quoted}&status=done&filter="
-                                                  "lr%3C%3D0.01&filter=mlp_key%3Dmlp_mlp_brick"
-                                                  "&sort=test_loss&desc=1",
+            "lr%3C%3D0.01&filter=mlp_key%3Dmlp_mlp_brick"
+            "&sort=test_loss&desc=1",
             "/api/snapshot (the live state)": "/api/snapshot",
             "/api/compare (cached)": f"/api/compare?db={quoted}",
         }
@@ -243,8 +295,10 @@ def main() -> int:
         figures["server"] = served
         latency = event_latency(browser, daemon, server.base, args.repeat)
         figures["event_to_page_s"] = {"median": median(latency), "max": max(latency)}
-        print(f"daemon event (pause/resume) to page: median {median(latency) * 1000:.0f} ms, "
-              f"max {max(latency) * 1000:.0f} ms over {len(latency)} events")
+        print(
+            f"daemon event (pause/resume) to page: median {median(latency) * 1000:.0f} ms, "
+            f"max {max(latency) * 1000:.0f} ms over {len(latency)} events"
+        )
     finally:
         browser.quit()
         server.stop()
@@ -252,11 +306,13 @@ def main() -> int:
     fp = figures["study page"]["first_paint_ms"]
     table = figures["study page"]["table_ms"]
     worst_sort = max(s["median_ms"] for s in figures["sort"].values())
-    print(f"targets: study page first paint {fp:.0f} ms (< 1000: "
-          f"{'met' if fp < 1000 else 'NOT met'}), table {table:.0f} ms; slowest sort "
-          f"{worst_sort:.0f} ms (< 300: {'met' if worst_sort < 300 else 'NOT met'}); event to "
-          f"page {figures['event_to_page_s']['max'] * 1000:.0f} ms max (<= 1000: "
-          f"{'met' if figures['event_to_page_s']['max'] <= 1 else 'NOT met'})")
+    print(
+        f"targets: study page first paint {fp:.0f} ms (< 1000: "
+        f"{'met' if fp < 1000 else 'NOT met'}), table {table:.0f} ms; slowest sort "
+        f"{worst_sort:.0f} ms (< 300: {'met' if worst_sort < 300 else 'NOT met'}); event to "
+        f"page {figures['event_to_page_s']['max'] * 1000:.0f} ms max (<= 1000: "
+        f"{'met' if figures['event_to_page_s']['max'] <= 1 else 'NOT met'})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0

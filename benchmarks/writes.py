@@ -53,8 +53,12 @@ def through_daemon(epochs: int) -> dict[str, float]:
         stored = conn.execute("SELECT count(*) FROM run_epochs").fetchone()[0]
         conn.close()
         assert stored == 2 * epochs, stored
-        return {"events": stored, "wall_s": wall, "events_per_s": stored / wall,
-                "status_polls": polls}
+        return {
+            "events": stored,
+            "wall_s": wall,
+            "events_per_s": stored / wall,
+            "status_polls": polls,
+        }
     finally:
         stop.set()
         daemon.stop()
@@ -67,8 +71,14 @@ def in_process(n: int = 3000) -> dict[str, float]:
         store.add_submission(0, "b", "/b.ini", {"epochs": n}, {}, [(module, 0, "m()", {})] * 2)
 
         def event(run_id: int, epoch: int) -> dict[str, object]:
-            return {"run_id": run_id, "epoch": epoch, "train_loss": 0.1, "test_loss": 0.2,
-                    "duration": 0.01, "checkpointed": False}
+            return {
+                "run_id": run_id,
+                "epoch": epoch,
+                "train_loss": 0.1,
+                "test_loss": 0.2,
+                "duration": 0.01,
+                "checkpointed": False,
+            }
 
         t = time.perf_counter()
         for start in range(0, n, 100):
@@ -79,8 +89,11 @@ def in_process(n: int = 3000) -> dict[str, float]:
             store.record_epochs([event(2, e)])
         single = time.perf_counter() - t
         store.close()
-    return {"batched_per_s": n / batched, "single_per_s": n / single,
-            "batching_gain": single / batched}
+    return {
+        "batched_per_s": n / batched,
+        "single_per_s": n / single,
+        "batching_gain": single / batched,
+    }
 
 
 def main() -> None:

@@ -36,14 +36,19 @@ MAX_REPETITIONS_ADVISED = 100_000
 # Which way is better, per run_results column (docs/compare.md, "Direction").
 LOWER, HIGHER = "lower", "higher"
 DIRECTIONS: dict[str, str] = {
-    "train_loss": LOWER, "test_loss": LOWER, "train_acc": HIGHER, "test_acc": HIGHER,
+    "train_loss": LOWER,
+    "test_loss": LOWER,
+    "train_acc": HIGHER,
+    "test_acc": HIGHER,
     "duration(s)": LOWER,  # cheaper to train
     "overfit": LOWER,  # a smaller gap between the final train and test losses
     "trainability": LOWER,  # the mean test loss over all epochs: learns sooner and better
     "slope": LOWER,  # a more negative final slope: the train loss still falls faster
 }
-NOT_OUTCOMES = {"nb_params": "it is the size axis the families are matched on",
-                "epochs": "it is fixed by the configuration, not an outcome of training"}
+NOT_OUTCOMES = {
+    "nb_params": "it is the size axis the families are matched on",
+    "epochs": "it is fixed by the configuration, not an outcome of training",
+}
 
 # The params that differ between the repetitions of one configuration (docs/compare.md).
 REPETITION_PARAMS = ("seed", "owner", "owner_uid")
@@ -58,8 +63,10 @@ class VerdictError(ValueError):
 
 def direction(metric: str) -> str:
     if metric in NOT_OUTCOMES:
-        raise VerdictError(f"cannot compare on {metric}: {NOT_OUTCOMES[metric]}; use one of: "
-                           f"{', '.join(DIRECTIONS)}")
+        raise VerdictError(
+            f"cannot compare on {metric}: {NOT_OUTCOMES[metric]}; use one of: "
+            f"{', '.join(DIRECTIONS)}"
+        )
     return DIRECTIONS[metric]
 
 
@@ -104,8 +111,9 @@ def _spots(size: int, confidence: float) -> list[tuple[int, int, float]]:
     return spots
 
 
-def counted_percentile_ci(numerators: np.ndarray, top: int, scale: float,
-                          confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+def counted_percentile_ci(
+    numerators: np.ndarray, top: int, scale: float, confidence: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
     """percentile_ci of bootstrap values numerators / scale, where numerators (L, B) are
     integers in [0, top] (a probability of improvement): from a histogram per row, no sort."""
     rows, size = numerators.shape
@@ -117,13 +125,16 @@ def counted_percentile_ci(numerators: np.ndarray, top: int, scale: float,
     def order(k: int) -> np.ndarray:  # the k-th smallest (0-based) of each row
         return (cum <= k).sum(axis=1) / scale
 
-    low, high = (order(b) + (order(a) - order(b)) * frac
-                 for b, a, frac in _spots(size, confidence))
+    low, high = (order(b) + (order(a) - order(b)) * frac for b, a, frac in _spots(size, confidence))
     return low, high
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = N_RESAMPLES,
-            seed: int = SEED) -> tuple[float, float]:
+def mean_ci(
+    values: Sequence[float],
+    confidence: float = 0.95,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+) -> tuple[float, float]:
     """Percentile bootstrap CI of one group's mean (metaplot --ci); a point for one value."""
     x = np.asarray(values, dtype=float)
     if x.size < 2:
@@ -168,11 +179,12 @@ def sign_flip_p(d: np.ndarray, patterns: np.ndarray | None = None) -> np.ndarray
     # A relative tolerance so that float rounding never hides a tie with the observed value.
     tol = 1e-9 * np.maximum(np.abs(d).max(axis=1), 1e-300)
     counts = np.zeros(d.shape[0])
-    chunk = max(1, 2 ** 24 // max(1, patterns.shape[0]))
+    chunk = max(1, 2**24 // max(1, patterns.shape[0]))
     for start in range(0, d.shape[0], chunk):
-        means = np.abs(patterns @ d[start:start + chunk].T) / n  # (K, chunk)
-        counts[start:start + chunk] = (means >= observed[start:start + chunk]
-                                       - tol[start:start + chunk]).sum(axis=0)
+        means = np.abs(patterns @ d[start : start + chunk].T) / n  # (K, chunk)
+        counts[start : start + chunk] = (
+            means >= observed[start : start + chunk] - tol[start : start + chunk]
+        ).sum(axis=0)
     # Sampled patterns start with the identity, so this is (1 + count) / (1 + K) then.
     return counts / patterns.shape[0]
 
@@ -191,8 +203,9 @@ def welch(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return contrast_test(diff, np.stack([va, vb], axis=1), np.array([na - 1, nb - 1]))
 
 
-def contrast_test(diff: np.ndarray, parts: np.ndarray,
-                  dofs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def contrast_test(
+    diff: np.ndarray, parts: np.ndarray, dofs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Welch-Satterthwaite t test of a linear contrast of group means.
 
     diff: the contrast (L,); parts: (L, G) its variance terms w_g**2 s_g**2 / n_g; dofs: (G,)
@@ -201,7 +214,7 @@ def contrast_test(diff: np.ndarray, parts: np.ndarray,
 
     var = parts.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        df = var ** 2 / (parts ** 2 / dofs).sum(axis=1)
+        df = var**2 / (parts**2 / dofs).sum(axis=1)
         t = diff / np.sqrt(var)
     p = 2 * special.stdtr(df, -np.abs(t))
     degenerate = ~(var > 0)
@@ -262,8 +275,9 @@ def power_paired(effect: Any, sd: Any, n: Any, level: float) -> Any:
     return float(power) if power.ndim == 0 else power
 
 
-def repetitions_needed_many(effect: np.ndarray, sd: np.ndarray, paired: bool, level: float,
-                            power: float = POWER) -> np.ndarray:
+def repetitions_needed_many(
+    effect: np.ndarray, sd: np.ndarray, paired: bool, level: float, power: float = POWER
+) -> np.ndarray:
     """repetitions_needed for many lines at once; 0 where it cannot be said.
 
     Starts from the normal approximation (a z test needs no more repetitions than the t test
@@ -286,12 +300,12 @@ def repetitions_needed_many(effect: np.ndarray, sd: np.ndarray, paired: bool, le
     return np.where(valid & (n <= MAX_REPETITIONS_ADVISED), n, 0).astype(int)
 
 
-def repetitions_needed(effect: float, sd: float, paired: bool, level: float,
-                       power: float = POWER) -> int | None:
+def repetitions_needed(
+    effect: float, sd: float, paired: bool, level: float, power: float = POWER
+) -> int | None:
     """The smallest repetitions per group (pairs when paired) giving `power` against `effect`
     at `level`; None when it cannot be said (no spread estimate, or no difference to find)."""
-    n = int(repetitions_needed_many(np.array([effect]), np.array([sd]), paired, level,
-                                    power)[0])
+    n = int(repetitions_needed_many(np.array([effect]), np.array([sd]), paired, level, power)[0])
     return n or None
 
 
@@ -327,8 +341,11 @@ def pairing(a: Side, b: Side) -> tuple[bool, str]:
     on the same data stage: then repetition i of A and of B saw the same data."""
     if len(a.values) != len(b.values) or len(a.values) < 2:
         return False, "unpaired: different numbers of repetitions"
-    if any(s is None for s in a.seeds + b.seeds) or len(a.seeds) != len(a.values) \
-            or len(b.seeds) != len(b.values):
+    if (
+        any(s is None for s in a.seeds + b.seeds)
+        or len(a.seeds) != len(a.values)
+        or len(b.seeds) != len(b.values)
+    ):
         return False, "unpaired: seeds unknown"
     if len(set(a.seeds)) != len(a.seeds) or set(a.seeds) != set(b.seeds):
         return False, "unpaired: the two sides ran different seeds"
@@ -380,15 +397,27 @@ class Line:
     @property
     def key(self) -> tuple[str, ...]:
         """What the line compares, stable across looks at a growing study."""
-        return (self.kind, self.dataset_key, self.a, self.b, str(self.a_nb_params),
-                str(self.b_nb_params))
+        return (
+            self.kind,
+            self.dataset_key,
+            self.a,
+            self.b,
+            str(self.a_nb_params),
+            str(self.b_nb_params),
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if k != "sd"}
 
 
-def size_lines(pairs: Sequence[tuple[Side, Side]], dataset_key: str, better: str,
-               alpha: float, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> list[Line]:
+def size_lines(
+    pairs: Sequence[tuple[Side, Side]],
+    dataset_key: str,
+    better: str,
+    alpha: float,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+) -> list[Line]:
     """Statistics of matched-size comparisons, batched by shape so that thousands of lines
     share one set of bootstrap draws per (paired, n_a, n_b): a matrix product each."""
     lines: list[Line | None] = [None] * len(pairs)
@@ -401,9 +430,21 @@ def size_lines(pairs: Sequence[tuple[Side, Side]], dataset_key: str, better: str
         else:
             xa, xb = np.asarray(a.values, float), np.asarray(b.values, float)
         arrays.append((xa, xb))
-        lines[index] = Line("size", dataset_key, a.family, b.family, a.nb_params, b.nb_params,
-                            len(xa), len(xb), paired, how, float(xa.mean()), float(xb.mean()),
-                            float(xa.mean() - xb.mean()))
+        lines[index] = Line(
+            "size",
+            dataset_key,
+            a.family,
+            b.family,
+            a.nb_params,
+            b.nb_params,
+            len(xa),
+            len(xb),
+            paired,
+            how,
+            float(xa.mean()),
+            float(xb.mean()),
+            float(xa.mean() - xb.mean()),
+        )
         shapes.setdefault((paired, len(xa), len(xb)), []).append(index)
     for (paired, _, _), members in shapes.items():
         xa = np.stack([arrays[i][0] for i in members])
@@ -412,8 +453,16 @@ def size_lines(pairs: Sequence[tuple[Side, Side]], dataset_key: str, better: str
     return [line for line in lines if line is not None]
 
 
-def _fill(paired: bool, xa: np.ndarray, xb: np.ndarray, lines: list[Any], better: str,
-          alpha: float, n_resamples: int, seed: int) -> None:
+def _fill(
+    paired: bool,
+    xa: np.ndarray,
+    xb: np.ndarray,
+    lines: list[Any],
+    better: str,
+    alpha: float,
+    n_resamples: int,
+    seed: int,
+) -> None:
     na, nb = xa.shape[1], xb.shape[1]
     rng = np.random.default_rng(seed)
     ci = pi_ci = None
@@ -428,11 +477,16 @@ def _fill(paired: bool, xa: np.ndarray, xb: np.ndarray, lines: list[Any], better
         if n_resamples and na >= 2:
             counts = resample_counts(rng, na, n_resamples)
             weights, counts32 = counts.T / na, counts.T.astype(np.float32)
-            ci, pi_ci = _chunked(len(lines), lambda part: (
-                percentile_ci(d[part] @ weights),
-                # 2 x wins (ties count 1): small integers, exact in float32
-                counted_percentile_ci((2 * wins[part]).astype(np.float32) @ counts32,
-                                      2 * na, 2 * na)))
+            ci, pi_ci = _chunked(
+                len(lines),
+                lambda part: (
+                    percentile_ci(d[part] @ weights),
+                    # 2 x wins (ties count 1): small integers, exact in float32
+                    counted_percentile_ci(
+                        (2 * wins[part]).astype(np.float32) @ counts32, 2 * na, 2 * na
+                    ),
+                ),
+            )
         pi = wins.mean(axis=1)
     else:
         testable = na >= 2 and nb >= 2
@@ -440,8 +494,9 @@ def _fill(paired: bool, xa: np.ndarray, xb: np.ndarray, lines: list[Any], better
         pi = wins.mean(axis=(1, 2))
         if testable:
             _, _, p = welch(xa, xb)
-            pooled = ((na - 1) * xa.var(axis=1, ddof=1) + (nb - 1) * xb.var(axis=1, ddof=1)) \
-                / (na + nb - 2)
+            pooled = ((na - 1) * xa.var(axis=1, ddof=1) + (nb - 1) * xb.var(axis=1, ddof=1)) / (
+                na + nb - 2
+            )
             sd = np.sqrt(pooled)
             correction = 1 - 3 / (4 * (na + nb) - 9)  # Hedges' small-sample correction
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -461,8 +516,13 @@ def _fill(paired: bool, xa: np.ndarray, xb: np.ndarray, lines: list[Any], better
                     return counted_percentile_ci(won, top, top)
                 return percentile_ci(won / top)
 
-            ci, pi_ci = _chunked(len(lines), lambda part: (
-                percentile_ci(xa[part] @ (ca.T / na) - xb[part] @ (cb.T / nb)), part_pi(part)))
+            ci, pi_ci = _chunked(
+                len(lines),
+                lambda part: (
+                    percentile_ci(xa[part] @ (ca.T / na) - xb[part] @ (cb.T / nb)),
+                    part_pi(part),
+                ),
+            )
     for k, line in enumerate(lines):
         line.p_improvement = float(pi[k])
         line.sd = float(sd[k]) if np.isfinite(sd[k]) else None
@@ -479,15 +539,17 @@ def _chunked(rows: int, func: Any, chunk: int = 256) -> tuple[tuple[np.ndarray, 
     """func(slice) -> (ci, pi_ci) over chunks of lines, concatenated: the bootstrap matrices
     of a chunk (chunk x resamples) stay small enough for the caches."""
     results = [func(slice(start, start + chunk)) for start in range(0, rows, chunk)]
-    return tuple(tuple(np.concatenate([r[i][j] for r in results]) for j in range(2))
-                 for i in range(2))
+    return tuple(
+        tuple(np.concatenate([r[i][j] for r in results]) for j in range(2)) for i in range(2)
+    )
 
 
 # -- curves -----------------------------------------------------------------------------------
 
 
-def curve_weights(xa: Sequence[float], xb: Sequence[float]) -> tuple[np.ndarray, np.ndarray,
-                                                                     float, float] | None:
+def curve_weights(
+    xa: Sequence[float], xb: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, float, float] | None:
     """Weights wa, wb with mean over the overlap of (curve A - curve B) = wa.mean_a - wb.mean_b.
 
     Each curve is the piecewise-linear interpolation of its group means in log nb_params; their
@@ -520,9 +582,15 @@ def curve_weights(xa: Sequence[float], xb: Sequence[float]) -> tuple[np.ndarray,
     return weights(la), weights(lb), float(math.exp(lo)), float(math.exp(hi))
 
 
-def curve_line(a: Sequence[Side], b: Sequence[Side], dataset_key: str, better: str,
-               n_resamples: int = N_RESAMPLES, seed: int = SEED,
-               boot_cache: dict[Any, np.ndarray] | None = None) -> Line | None:
+def curve_line(
+    a: Sequence[Side],
+    b: Sequence[Side],
+    dataset_key: str,
+    better: str,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+    boot_cache: dict[Any, np.ndarray] | None = None,
+) -> Line | None:
     """The whole curves of A and B over their overlapping nb_params range (sides sorted by
     size); None when they do not overlap over an interval."""
     found = curve_weights([s.nb_params for s in a], [s.nb_params for s in b])
@@ -533,18 +601,28 @@ def curve_line(a: Sequence[Side], b: Sequence[Side], dataset_key: str, better: s
     means_b = np.array([s.mean for s in b])
     groups = [(w, s) for w, s in zip(wa, a) if w > 0] + [(-w, s) for w, s in zip(wb, b) if w > 0]
     diff = float(wa @ means_a - wb @ means_b)
-    line = Line("curve", dataset_key, a[0].family, b[0].family, [round(lo), round(hi)],
-                [round(lo), round(hi)], sum(len(s.values) for w, s in zip(wa, a) if w > 0),
-                sum(len(s.values) for w, s in zip(wb, b) if w > 0), False,
-                "unpaired (curves: groups resampled independently)",
-                float(wa @ means_a), float(wb @ means_b), diff)
+    line = Line(
+        "curve",
+        dataset_key,
+        a[0].family,
+        b[0].family,
+        [round(lo), round(hi)],
+        [round(lo), round(hi)],
+        sum(len(s.values) for w, s in zip(wa, a) if w > 0),
+        sum(len(s.values) for w, s in zip(wb, b) if w > 0),
+        False,
+        "unpaired (curves: groups resampled independently)",
+        float(wa @ means_a),
+        float(wb @ means_b),
+        diff,
+    )
     line.effect_kind = "difference / pooled sd"
     ns = np.array([len(s.values) for _, s in groups])
     line.testable = bool((ns >= 2).all())
     variances = np.array([s.var for _, s in groups])
     if line.testable:
         ws = np.array([w for w, _ in groups])
-        parts = (ws ** 2 * variances / ns)[None, :]
+        parts = (ws**2 * variances / ns)[None, :]
         _, _, p = contrast_test(np.array([diff]), parts, (ns - 1)[None, :])
         line.p_value = float(p[0])
         pooled = math.sqrt(float(np.mean(variances)))
@@ -567,8 +645,8 @@ def curve_line(a: Sequence[Side], b: Sequence[Side], dataset_key: str, better: s
                 pool = cache[("pool", x.size)] = resample_weights(rng, x.size, n_resamples)
             offset = offsets.setdefault(id(side), len(offsets)) % n_resamples
             means = pool @ x  # replicate b gets row (b + offset) mod n_resamples
-            boot[:n_resamples - offset] += w * means[offset:]
-            boot[n_resamples - offset:] += w * means[:offset]
+            boot[: n_resamples - offset] += w * means[offset:]
+            boot[n_resamples - offset :] += w * means[:offset]
         low, high = percentile_ci(boot)
         line.ci = [float(low), float(high)]
     return line
@@ -577,8 +655,9 @@ def curve_line(a: Sequence[Side], b: Sequence[Side], dataset_key: str, better: s
 # -- the report -------------------------------------------------------------------------------
 
 
-def match_sizes(sizes_a: Sequence[int], sizes_b: Sequence[int],
-                tolerance: float) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+def match_sizes(
+    sizes_a: Sequence[int], sizes_b: Sequence[int], tolerance: float
+) -> tuple[list[tuple[int, int]], list[int], list[int]]:
     """Each size of A with the nearest size of B (in log) within a factor `tolerance`; on a
     tie, the smaller.
 
@@ -590,7 +669,7 @@ def match_sizes(sizes_a: Sequence[int], sizes_b: Sequence[int],
     matched, lonely_a = [], []
     for a in sorted(sizes_a):
         at = bisect.bisect_left(ordered, a)
-        near = ordered[max(0, at - 1):at + 1]  # the neighbours below and above
+        near = ordered[max(0, at - 1) : at + 1]  # the neighbours below and above
         best = min(near, key=lambda b: (abs(math.log(a / b)), b), default=None)
         if best is not None and max(a, best) / min(a, best) <= tolerance:
             matched.append((a, best))
@@ -600,8 +679,9 @@ def match_sizes(sizes_a: Sequence[int], sizes_b: Sequence[int],
     return matched, lonely_a, [b for b in ordered if b not in used]
 
 
-def decide(lines: Sequence[Line], alpha: float, better: str,
-           min_effect: float | None = None) -> None:
+def decide(
+    lines: Sequence[Line], alpha: float, better: str, min_effect: float | None = None
+) -> None:
     """Holm across every testable line, then the verdict words and the repetitions advice.
 
     The rule: a testable line whose Holm-adjusted p-value is <= alpha is decided for the side
@@ -628,9 +708,9 @@ def decide(lines: Sequence[Line], alpha: float, better: str,
         if not some:
             continue
         targets = [abs(min_effect) if min_effect else abs(line.diff) for line in some]
-        needed = repetitions_needed_many(np.array(targets),
-                                         np.array([line.sd or 0.0 for line in some]), paired,
-                                         level)
+        needed = repetitions_needed_many(
+            np.array(targets), np.array([line.sd or 0.0 for line in some]), paired, level
+        )
         for line, n in zip(some, needed):
             line.repetitions_needed = int(n) or None
     for line in undecided:
@@ -687,14 +767,14 @@ class SequentialPlan:
         now = min(repetitions, self.max_repetitions) / self.max_repetitions
         before = self.looked_at / self.max_repetitions
         self.looked_at = repetitions
-        return spent_alpha(now, self.alpha, self.spending) - spent_alpha(before, self.alpha,
-                                                                        self.spending)
+        return spent_alpha(now, self.alpha, self.spending) - spent_alpha(
+            before, self.alpha, self.spending
+        )
 
     def finished(self) -> bool:
         return self.looked_at >= self.max_repetitions
 
-    def look(self, values: StudyValues, repetitions: int, db: str = "",
-             **options: Any) -> Report:
+    def look(self, values: StudyValues, repetitions: int, db: str = "", **options: Any) -> Report:
         """One look, between two rounds of repetitions: the report at this look's level
         (`options` as for compare, alpha aside). Lines decided at an earlier look keep their
         verdict and leave the Holm family; the command queues more repetitions for the lines
@@ -707,8 +787,13 @@ class SequentialPlan:
         return report
 
 
-def sequential_decisions(p_values: np.ndarray, looks: Sequence[int], max_repetitions: int,
-                         alpha: float, spending: str = "obrien-fleming") -> np.ndarray:
+def sequential_decisions(
+    p_values: np.ndarray,
+    looks: Sequence[int],
+    max_repetitions: int,
+    alpha: float,
+    spending: str = "obrien-fleming",
+) -> np.ndarray:
     """For p-values (S, K) of S sequences at K looks (repetitions `looks`), the look index at
     which each sequence is decided, or -1: what the plan does, vectorised for simulation."""
     plan = SequentialPlan(alpha, max_repetitions, spending)
@@ -745,8 +830,11 @@ def _parse_data_stage(params: dict[str, Any]) -> str:
         return ""
     if not isinstance(modules, list):
         return ""
-    stage = [{k: v for k, v in m.items() if k != "key"} for m in modules
-             if isinstance(m, dict) and m.get("type") in types]
+    stage = [
+        {k: v for k, v in m.items() if k != "key"}
+        for m in modules
+        if isinstance(m, dict) and m.get("type") in types
+    ]
     return json.dumps(stage, sort_keys=True)
 
 
@@ -768,8 +856,10 @@ def study_values(conn: Any, metric: str) -> StudyValues:
     params = analysis.run_params(conn)
     statuses = dict(conn.execute("SELECT run_id, status FROM runs"))
     column = analysis._quoted(metric)
-    results = {row[0]: row[1:] for row in conn.execute(
-        f"SELECT run_id, nb_params, {column} FROM run_results")}
+    results = {
+        row[0]: row[1:]
+        for row in conn.execute(f"SELECT run_id, nb_params, {column} FROM run_results")
+    }
     sides: dict[str, dict[str, dict[int, Side]]] = {}
     skipped: dict[str, int] = {}
     configs: dict[tuple[str, str, int], set[Any]] = {}
@@ -794,8 +884,11 @@ def study_values(conn: Any, metric: str) -> StudyValues:
             continue
         family = analysis.model_key(own) or "(no model key)"
         size = int(row[0])
-        side = sides.setdefault(key, {}).setdefault(family, {}).setdefault(
-            size, Side(family, size, []))
+        side = (
+            sides.setdefault(key, {})
+            .setdefault(family, {})
+            .setdefault(size, Side(family, size, []))
+        )
         side.values.append(float(row[1]))
         side.run_ids.append(run_id)
         side.seeds.append(own.get("seed"))
@@ -803,8 +896,7 @@ def study_values(conn: Any, metric: str) -> StudyValues:
         # Everything but the repetition's own params (set operations: fast on 10,000 runs).
         signature = frozenset(own.items()) - {(k, own.get(k)) for k in REPETITION_PARAMS}
         configs.setdefault((key, family, size), set()).add(signature)
-    return StudyValues(metric, sides, skipped,
-                       {k: len(v) for k, v in configs.items()})
+    return StudyValues(metric, sides, skipped, {k: len(v) for k, v in configs.items()})
 
 
 @dataclass
@@ -828,11 +920,18 @@ class Report:
         return out
 
 
-def compare(values: StudyValues, db: str, data_keys: Sequence[str] | None = None,
-            families: Sequence[str] | None = None, alpha: float = 0.05,
-            size_tolerance: float = 1.5, min_effect: float | None = None,
-            n_resamples: int = N_RESAMPLES, seed: int = SEED,
-            settled: dict[tuple[str, ...], Line] | None = None) -> Report:
+def compare(
+    values: StudyValues,
+    db: str,
+    data_keys: Sequence[str] | None = None,
+    families: Sequence[str] | None = None,
+    alpha: float = 0.05,
+    size_tolerance: float = 1.5,
+    min_effect: float | None = None,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+    settled: dict[tuple[str, ...], Line] | None = None,
+) -> Report:
     """Every pair of families on each dataset key: matched sizes and whole curves.
 
     settled: lines decided earlier (SequentialPlan); they replace the new ones with the same key
@@ -860,25 +959,29 @@ def compare(values: StudyValues, db: str, data_keys: Sequence[str] | None = None
             if missing:
                 raise AnalysisError(
                     f"no finished run of model key {', '.join(map(repr, missing))} on dataset key "
-                    f"{key!r}; model keys present: {', '.join(names) or 'none'}")
+                    f"{key!r}; model keys present: {', '.join(names) or 'none'}"
+                )
             names = list(families)
         if len(names) < 2:
-            notes.append(f"{key}: {len(names)} model key(s) with finished runs; nothing to "
-                         "compare")
+            notes.append(f"{key}: {len(names)} model key(s) with finished runs; nothing to compare")
             continue
         for (k, fam, size), count in sorted(values.configurations.items()):
             if k == key and fam in names and count > 1:
-                notes.append(f"{key}: {fam} at {size} parameters pools {count} configurations "
-                             "that differ in more than the seed")
+                notes.append(
+                    f"{key}: {fam} at {size} parameters pools {count} configurations "
+                    "that differ in more than the seed"
+                )
         for i, fa in enumerate(names):
-            for fb in names[i + 1:]:
+            for fb in names[i + 1 :]:
                 sa, sb = by_family[fa], by_family[fb]
                 matched, lonely_a, lonely_b = match_sizes(list(sa), list(sb), size_tolerance)
                 pairs.extend((sa[x], sb[y]) for x, y in matched)
                 pair_keys.extend(key for _ in matched)
                 for fam, other, sizes in ((fa, fb, lonely_a), (fb, fa, lonely_b)):
-                    unmatched.extend({"dataset_key": key, "family": fam, "nb_params": s,
-                                      "against": other} for s in sizes)
+                    unmatched.extend(
+                        {"dataset_key": key, "family": fam, "nb_params": s, "against": other}
+                        for s in sizes
+                    )
                 curves.append(([sa[s] for s in sorted(sa)], [sb[s] for s in sorted(sb)], key))
     lines = size_lines(pairs, "", better, alpha, n_resamples, seed)
     for line, key in zip(lines, pair_keys):
@@ -886,23 +989,41 @@ def compare(values: StudyValues, db: str, data_keys: Sequence[str] | None = None
     cache: dict[Any, np.ndarray] = {}
     for a, b, key in curves:
         if len(a) < 2 or len(b) < 2:
-            notes.append(f"{key}: no curve comparison of {a[0].family} and {b[0].family}: each "
-                         "needs at least 2 sizes")
+            notes.append(
+                f"{key}: no curve comparison of {a[0].family} and {b[0].family}: each "
+                "needs at least 2 sizes"
+            )
             continue
         line = curve_line(a, b, key, better, n_resamples, seed, cache)
         if line is None:
-            notes.append(f"{key}: the nb_params ranges of {a[0].family} and {b[0].family} do "
-                         "not overlap; no curve comparison")
+            notes.append(
+                f"{key}: the nb_params ranges of {a[0].family} and {b[0].family} do "
+                "not overlap; no curve comparison"
+            )
         else:
             lines.append(line)
     if settled:
         lines = [settled.get(line.key, line) for line in lines]
-    decide([line for line in lines if not settled or line.key not in settled], alpha, better,
-           min_effect)
+    decide(
+        [line for line in lines if not settled or line.key not in settled],
+        alpha,
+        better,
+        min_effect,
+    )
     if values.skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in sorted(values.skipped.items()))
         notes.append(f"left out {sum(values.skipped.values())} run(s): {reasons}")
-    lines.sort(key=lambda ln: (ln.dataset_key, ln.a, ln.b, ln.kind == "curve",
-                               str(ln.a_nb_params)))
-    return Report(db, values.metric, better, alpha, size_tolerance, min_effect, n_resamples,
-                  seed, lines, unmatched, notes)
+    lines.sort(key=lambda ln: (ln.dataset_key, ln.a, ln.b, ln.kind == "curve", str(ln.a_nb_params)))
+    return Report(
+        db,
+        values.metric,
+        better,
+        alpha,
+        size_tolerance,
+        min_effect,
+        n_resamples,
+        seed,
+        lines,
+        unmatched,
+        notes,
+    )

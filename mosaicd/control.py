@@ -49,8 +49,11 @@ class Control(SchedulerCore):
         the runs training."""
         self._holds.hold(owner_uid)
         parked = self.park_all(owner_uid) if now else 0
-        return {"paused": True, "parking": parked,
-                "scope": HOLD_ALL if owner_uid is None else HOLD_OWNER}
+        return {
+            "paused": True,
+            "parking": parked,
+            "scope": HOLD_ALL if owner_uid is None else HOLD_OWNER,
+        }
 
     def park_all(self, owner_uid: int | None = None) -> int:
         """Ask the runs training (of one owner, or all) to park at their next epoch boundary."""
@@ -78,8 +81,11 @@ class Control(SchedulerCore):
                 if fresh:
                     self._queue.add(path, store, fresh)
                 resumed += 1
-        return {"paused": self._holds.all, "resumed": resumed,
-                "scope": HOLD_ALL if owner_uid is None else HOLD_OWNER}
+        return {
+            "paused": self._holds.all,
+            "resumed": resumed,
+            "scope": HOLD_ALL if owner_uid is None else HOLD_OWNER,
+        }
 
     # -- runs chosen by a selection -----------------------------------------------------------
 
@@ -95,21 +101,26 @@ class Control(SchedulerCore):
             run_ids = selections.resolve(conn, selection)
         except selections.SelectionError as exc:
             if time.monotonic() > deadline:
-                raise Refused(ErrorCode.INVALID, f"the selection took more than "
-                              f"{SELECT_TIMEOUT:g} s and was stopped; select run ids with a "
-                              "simpler query") from None
+                raise Refused(
+                    ErrorCode.INVALID,
+                    f"the selection took more than "
+                    f"{SELECT_TIMEOUT:g} s and was stopped; select run ids with a "
+                    "simpler query",
+                ) from None
             raise Refused(ErrorCode.INVALID, str(exc)) from None
         except (sqlite3.Error, OverflowError, TypeError) as exc:
             # A hand-made selection value SQLite cannot bind (a map, a 70-bit integer).
-            raise Refused(ErrorCode.INVALID,
-                          f"unusable selection {selection!r:.200}: {exc}") from None
+            raise Refused(
+                ErrorCode.INVALID, f"unusable selection {selection!r:.200}: {exc}"
+            ) from None
         finally:
             conn.close()
         _check_owners(store, run_ids, check)
         return run_ids
 
-    def cancel(self, db: str, selection: dict[str, Any], reason: str,
-               check: OwnerCheck) -> CancelReply:
+    def cancel(
+        self, db: str, selection: dict[str, Any], reason: str, check: OwnerCheck
+    ) -> CancelReply:
         run_ids = self._select(db, selection, check)
         store = self._studies[db]
         cancelled, skipped = [], []
@@ -128,8 +139,9 @@ class Control(SchedulerCore):
                 skipped.append(run_id)
         return {"selected": run_ids, "cancelled": cancelled, "skipped": skipped}
 
-    def rerun(self, db: str, selection: dict[str, Any], epochs: int,
-              check: OwnerCheck) -> RerunReply:
+    def rerun(
+        self, db: str, selection: dict[str, Any], epochs: int, check: OwnerCheck
+    ) -> RerunReply:
         run_ids = self._select(db, selection, check)
         if epochs < 1:
             raise Refused(ErrorCode.INVALID, f"-epochs must be at least 1, got {epochs}")
@@ -154,14 +166,15 @@ class Control(SchedulerCore):
                 skipped.append(run_id)
         return {"selected": run_ids, "queued": queued, "skipped": skipped}
 
-    def rekey(self, db: str, changes: list[tuple[int, str, str]],
-              check: OwnerCheck) -> RekeyReply:
+    def rekey(self, db: str, changes: list[tuple[int, str, str]], check: OwnerCheck) -> RekeyReply:
         """Write `{type}_key` params: each change is (run id, param name, key)."""
         store = self._studies.open(db, create=False)
         unknown = sorted({c[0] for c in changes if store.status_of(c[0]) is None})
         if unknown:
-            raise Refused(ErrorCode.NOT_FOUND, f"no run {', '.join(map(str, unknown[:10]))} in "
-                          f"{db}; nothing was changed")
+            raise Refused(
+                ErrorCode.NOT_FOUND,
+                f"no run {', '.join(map(str, unknown[:10]))} in {db}; nothing was changed",
+            )
         _check_owners(store, sorted({c[0] for c in changes}), check)
         store.set_params(changes)
         return {"changed": len(changes)}

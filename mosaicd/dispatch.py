@@ -14,6 +14,7 @@ from mosaicd.submissions import Submission
 
 log = logging.getLogger("mosaicd")
 
+
 class Dispatch(SchedulerCore):
     """The scheduler's dispatch step (a part of mosaicd.scheduler.Scheduler)."""
 
@@ -28,8 +29,11 @@ class Dispatch(SchedulerCore):
 
     def _start_next(self, worker: WorkerHandle) -> bool:
         def startable(submission: Submission) -> bool:
-            return (not self._holds.keeps(submission.owner_uid)
-                    and submission.running < submission.cap and submission.allows(worker.slot))
+            return (
+                not self._holds.keeps(submission.owner_uid)
+                and submission.running < submission.cap
+                and submission.allows(worker.slot)
+            )
 
         found = self._queue.take_next(startable)
         if found is None:
@@ -45,18 +49,32 @@ class Dispatch(SchedulerCore):
             from_epoch = 0
         with store.transaction():
             store.truncate_history(record.run_id, from_epoch)
-            store.transition(record.run_id, RUNNING,
-                             f"on {worker.slot.label} (worker {worker.worker_id}, pid "
-                             f"{worker.pid}) from epoch {from_epoch}")
+            store.transition(
+                record.run_id,
+                RUNNING,
+                f"on {worker.slot.label} (worker {worker.worker_id}, pid "
+                f"{worker.pid}) from epoch {from_epoch}",
+            )
         spec: dict[str, Any] = {
-            "run_id": record.run_id, "process": submission.process, "modules": record.modules,
-            "seed": record.seed, "device": worker.slot.device, "run_files_path": run_files,
-            "epochs_target": record.epochs_target, "start_epoch": from_epoch,
-            "checkpoint_every": self._checkpoint_every}
+            "run_id": record.run_id,
+            "process": submission.process,
+            "modules": record.modules,
+            "seed": record.seed,
+            "device": worker.slot.device,
+            "run_files_path": run_files,
+            "epochs_target": record.epochs_target,
+            "start_epoch": from_epoch,
+            "checkpoint_every": self._checkpoint_every,
+        }
         worker.become(BUSY)
         worker.run = (submission.study, record.run_id)
         submission.running += 1
         self._active[(submission.study, record.run_id)] = ActiveRun(
-            submission.study, record, submission, worker, store.pipeline_text(record.run_id),
-            epoch=from_epoch)
+            submission.study,
+            record,
+            submission,
+            worker,
+            store.pipeline_text(record.run_id),
+            epoch=from_epoch,
+        )
         self._send(worker, "run")(spec=spec)

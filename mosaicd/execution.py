@@ -64,12 +64,22 @@ class History:
     duration: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[Any]]:
-        return {"train_loss": self.train_loss, "test_loss": self.test_loss,
-                "train_acc": self.train_acc, "test_acc": self.test_acc,
-                "duration": self.duration}
+        return {
+            "train_loss": self.train_loss,
+            "test_loss": self.test_loss,
+            "train_acc": self.train_acc,
+            "test_acc": self.test_acc,
+            "duration": self.duration,
+        }
 
-    def append(self, train_loss: float, test_loss: float, train_acc: float | None,
-               test_acc: float | None, duration: float) -> None:
+    def append(
+        self,
+        train_loss: float,
+        test_loss: float,
+        train_acc: float | None,
+        test_acc: float | None,
+        duration: float,
+    ) -> None:
         self.train_loss.append(train_loss)
         self.test_loss.append(test_loss)
         self.train_acc.append(train_acc)
@@ -78,16 +88,27 @@ class History:
 
     def truncate(self, epochs: int) -> None:
         """Keep the first `epochs` epochs (a checkpoint's history may run past its epoch)."""
-        for values in (self.train_loss, self.test_loss, self.train_acc, self.test_acc,
-                       self.duration):
+        for values in (
+            self.train_loss,
+            self.test_loss,
+            self.train_acc,
+            self.test_acc,
+            self.duration,
+        ):
             del values[epochs:]
 
     def event(self, run_id: int, index: int, checkpointed: bool) -> dict[str, Any]:
         """The epoch message for the epoch at `index` (0-based) sent to the daemon."""
-        return {"run_id": run_id, "epoch": index + 1,
-                "train_loss": self.train_loss[index], "test_loss": self.test_loss[index],
-                "train_acc": self.train_acc[index], "test_acc": self.test_acc[index],
-                "duration": self.duration[index], "checkpointed": checkpointed}
+        return {
+            "run_id": run_id,
+            "epoch": index + 1,
+            "train_loss": self.train_loss[index],
+            "test_loss": self.test_loss[index],
+            "train_acc": self.train_acc[index],
+            "test_acc": self.test_acc[index],
+            "duration": self.duration[index],
+            "checkpointed": checkpointed,
+        }
 
 
 def load_user_class(path: str, class_name: str, run_id: int) -> type:
@@ -116,8 +137,9 @@ def module_params(module: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in module.items() if k not in contract.MODULE_FIELDS}
 
 
-def construct(cls: type, module: dict[str, Any], run_info: dict[str, Any],
-              pipeline: list[dict[str, Any]]) -> Any:
+def construct(
+    cls: type, module: dict[str, Any], run_info: dict[str, Any], pipeline: list[dict[str, Any]]
+) -> Any:
     """Fill each __init__ parameter by name: run_info, own section, then other sections."""
     own = module_params(module)
     others: dict[str, Any] = {}
@@ -144,7 +166,8 @@ def construct(cls: type, module: dict[str, Any], run_info: dict[str, Any],
             f"parameter(s) {', '.join(missing)} not found in run_info (keys: "
             f"{', '.join(sorted(run_info)) or 'none'}), in section [{module.get('name')}], or in "
             "the other sections of the pipeline; add them to the section or to a previous "
-            "module's info()")
+            "module's info()"
+        )
     return cls(**kwargs)
 
 
@@ -160,8 +183,9 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 def make_loss(process: dict[str, Any], run_id: int) -> Any:
     if process.get("class_loss_function"):
-        cls = load_user_class(process["path_to_class_loss_function"],
-                              process["class_loss_function"], run_id)
+        cls = load_user_class(
+            process["path_to_class_loss_function"], process["class_loss_function"], run_id
+        )
         return cls()
     name = process.get("loss_function") or "MSELoss"
     loss_cls = getattr(torch.nn, name, None)
@@ -178,7 +202,7 @@ def correct_count(mode: str, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Ten
         threshold = 0.5 if mode == "binary" else 0.0
         pred = y_pred > threshold
         truth = y > 0.5
-        agree = (pred == truth.reshape(pred.shape))
+        agree = pred == truth.reshape(pred.shape)
         return agree.reshape(agree.shape[0], -1).all(dim=1).sum()
     if mode == "argmax":
         pred = y_pred.argmax(dim=1)
@@ -275,13 +299,18 @@ def _unique_parameters(modules: Iterable[Any]) -> list[torch.nn.Parameter]:
 def _check_methods(obj: Any, names: tuple[str, ...], module: dict[str, Any]) -> None:
     missing = [n for n in names if not callable(getattr(obj, n, None))]
     # nn.Module defines a placeholder forward that fails only when first called, mid-epoch.
-    if "forward" in names and isinstance(obj, torch.nn.Module) and \
-            type(obj).forward is torch.nn.Module.forward:
+    if (
+        "forward" in names
+        and isinstance(obj, torch.nn.Module)
+        and type(obj).forward is torch.nn.Module.forward
+    ):
         missing.append("forward")
     if missing:
-        raise UserCodeError(f"class {type(obj).__name__} (section [{module.get('name')}]) lacks "
-                            f"required method(s) {', '.join(missing)}; see the class contracts "
-                            "in docs/classes.md")
+        raise UserCodeError(
+            f"class {type(obj).__name__} (section [{module.get('name')}]) lacks "
+            f"required method(s) {', '.join(missing)}; see the class contracts "
+            "in docs/classes.md"
+        )
 
 
 def warm_up() -> None:
@@ -328,16 +357,25 @@ class BuiltRun:
         return correct_count(self.accuracy_mode, y_pred, y)
 
 
-def _instantiate(module: dict[str, Any], run_info: dict[str, Any],
-                 pipeline: list[dict[str, Any]], run_id: int, methods: tuple[str, ...]) -> Any:
+def _instantiate(
+    module: dict[str, Any],
+    run_info: dict[str, Any],
+    pipeline: list[dict[str, Any]],
+    run_id: int,
+    methods: tuple[str, ...],
+) -> Any:
     cls = load_user_class(module["path_to_class"], module["class"], run_id)
     obj = construct(cls, module, run_info, pipeline)
     _check_methods(obj, methods, module)
     return obj
 
 
-def prepare_data(data_modules: list[dict[str, Any]], run_info: dict[str, Any],
-                 pipeline: list[dict[str, Any]], run_id: int) -> tuple[Any, Any]:
+def prepare_data(
+    data_modules: list[dict[str, Any]],
+    run_info: dict[str, Any],
+    pipeline: list[dict[str, Any]],
+    run_id: int,
+) -> tuple[Any, Any]:
     """Chain the data modules' prepare(); the last one returns the (train, test) loaders."""
     data: Any = None
     for module in data_modules:
@@ -346,13 +384,20 @@ def prepare_data(data_modules: list[dict[str, Any]], run_info: dict[str, Any],
         run_info.update(obj.info() or {})
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         last = data_modules[-1].get("name") if data_modules else None
-        raise UserCodeError(f"the last data module [{last}] must return (train, test) from "
-                            f"prepare(), got {type(data).__name__}")
+        raise UserCodeError(
+            f"the last data module [{last}] must return (train, test) from "
+            f"prepare(), got {type(data).__name__}"
+        )
     return data[0], data[1]
 
 
-def build_models(model_modules: list[dict[str, Any]], run_info: dict[str, Any],
-                 pipeline: list[dict[str, Any]], run_id: int, device: torch.device) -> list[Any]:
+def build_models(
+    model_modules: list[dict[str, Any]],
+    run_info: dict[str, Any],
+    pipeline: list[dict[str, Any]],
+    run_id: int,
+    device: torch.device,
+) -> list[Any]:
     """Construct the model modules in order, on the run's device."""
     models: list[Any] = []
     for module in model_modules:
@@ -368,8 +413,10 @@ def make_optimizer(process: dict[str, Any], models: list[Any]) -> tuple[Any, int
     """The PROCESS optimizer over the models' trainable parameters, and their number."""
     params = _unique_parameters(models)
     if not params:
-        raise UserCodeError("the pipeline has no trainable parameters: pipeline classes must be "
-                            "torch.nn.Module or define parameters()")
+        raise UserCodeError(
+            "the pipeline has no trainable parameters: pipeline classes must be "
+            "torch.nn.Module or define parameters()"
+        )
     nb_params = sum(p.numel() for p in params)
     name = schema.value(schema.PROCESS, process, "optimizer")
     optimizer_cls = getattr(torch.optim, name, None)
@@ -387,8 +434,7 @@ def build(spec: dict[str, Any]) -> BuiltRun:
     seed = int(spec["seed"])
     # Before anything is constructed: initial weights and data splits depend on it.
     seed_everything(seed)
-    run_info: dict[str, Any] = {"run_id": run_id, "device": str(device), "seed": seed,
-                                "epoch": 0}
+    run_info: dict[str, Any] = {"run_id": run_id, "device": str(device), "seed": seed, "epoch": 0}
     n_data = len(process["data_scheme"])
     train_data, test_data = prepare_data(pipeline[:n_data], run_info, pipeline, run_id)
     model_infos = pipeline[n_data:]
@@ -399,25 +445,43 @@ def build(spec: dict[str, Any]) -> BuiltRun:
         criterion.to(device)
     # No accuracy given (a hand-made request): none, as the client would have said explicitly.
     mode = schema.value(schema.PROCESS, process, "accuracy") or "none"
-    return BuiltRun(run_id=run_id, device=device, run_info=run_info, train_data=train_data,
-                    test_data=test_data, models=models, model_infos=model_infos,
-                    optimizer=optimizer, criterion=criterion, accuracy_mode=mode,
-                    user_accuracy=getattr(models[-1], "accuracy", None), nb_params=nb_params)
+    return BuiltRun(
+        run_id=run_id,
+        device=device,
+        run_info=run_info,
+        train_data=train_data,
+        test_data=test_data,
+        models=models,
+        model_infos=model_infos,
+        optimizer=optimizer,
+        criterion=criterion,
+        accuracy_mode=mode,
+        user_accuracy=getattr(models[-1], "accuracy", None),
+        nb_params=nb_params,
+    )
 
 
 # -- restore ----------------------------------------------------------------------------------
 
 
 def save_checkpoint(run: BuiltRun, history: History, epoch: int, path: str) -> None:
-    atomic_save({"epoch": epoch, "models": [_state_of(m) for m in run.models],
-                 "optimizer": run.optimizer.state_dict(), "rng": rng_states(),
-                 "history": history.as_dict()}, path)
+    atomic_save(
+        {
+            "epoch": epoch,
+            "models": [_state_of(m) for m in run.models],
+            "optimizer": run.optimizer.state_dict(),
+            "rng": rng_states(),
+            "history": history.as_dict(),
+        },
+        path,
+    )
 
 
 def restore(run: BuiltRun, files_dir: str) -> tuple[int, History]:
     """Load the run's checkpoint into the built run; return its epoch and the history so far."""
-    checkpoint = torch.load(contract.checkpoint_path(files_dir, run.run_id),
-                            map_location=run.device, weights_only=False)
+    checkpoint = torch.load(
+        contract.checkpoint_path(files_dir, run.run_id), map_location=run.device, weights_only=False
+    )
     epoch = int(checkpoint["epoch"])
     for obj, state, module in zip(run.models, checkpoint["models"], run.model_infos):
         if state is None and callable(getattr(obj, "load_model", None)):
@@ -431,8 +495,9 @@ def restore(run: BuiltRun, files_dir: str) -> tuple[int, History]:
     return epoch, history
 
 
-def resend_epochs(channel: Channel, run_id: int, history: History, stored_epoch: int,
-                  checkpoint_epoch: int) -> None:
+def resend_epochs(
+    channel: Channel, run_id: int, history: History, stored_epoch: int, checkpoint_epoch: int
+) -> None:
     """Send again the epochs the database lacks: it may lag the checkpoint file by a few epochs
     (a kill between the two writes), and the stored history must have no gap."""
     for index in range(stored_epoch, checkpoint_epoch):
@@ -455,8 +520,10 @@ def run_pass(run: BuiltRun, batches: Iterable[Any], train: bool) -> tuple[float,
     with torch.set_grad_enabled(train):
         for batch in batches:
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise UserCodeError("each batch must be an (x, y) pair; the data module's "
-                                    "loaders yielded " + type(batch).__name__)
+                raise UserCodeError(
+                    "each batch must be an (x, y) pair; the data module's "
+                    "loaders yielded " + type(batch).__name__
+                )
             x, y = to_device(batch[0], device), to_device(batch[1], device)
             out = x
             for model, info in zip(run.models, run.model_infos):
@@ -489,20 +556,30 @@ def run_epoch(run: BuiltRun, history: History, epoch: int) -> None:
     if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
         raise UserCodeError(
             f"loss is not finite at epoch {epoch} (train {train_loss}, test {test_loss});"
-            " lower lr, check the data for NaN, or use a numerically stable loss")
+            " lower lr, check the data for NaN, or use a numerically stable loss"
+        )
     history.append(train_loss, test_loss, train_acc, test_acc, duration)
 
 
-def train(run: BuiltRun, history: History, channel: Channel, first_epoch: int, target: int,
-          checkpoint_every: float, checkpoint_file: str) -> None:
+def train(
+    run: BuiltRun,
+    history: History,
+    channel: Channel,
+    first_epoch: int,
+    target: int,
+    checkpoint_every: float,
+    checkpoint_file: str,
+) -> None:
     """Run the epochs after `first_epoch` up to `target`, reporting each one; checkpoint every
     `checkpoint_every` seconds, at the end, and before raising Parked when the daemon asks."""
     last_checkpoint = time.monotonic()
     for epoch in range(first_epoch + 1, target + 1):
         run_epoch(run, history, epoch)
-        print(f"[mosaic] run {run.run_id} epoch {epoch}/{target} "
-              f"train_loss={history.train_loss[-1]:.6g} test_loss={history.test_loss[-1]:.6g}",
-              flush=True)
+        print(
+            f"[mosaic] run {run.run_id} epoch {epoch}/{target} "
+            f"train_loss={history.train_loss[-1]:.6g} test_loss={history.test_loss[-1]:.6g}",
+            flush=True,
+        )
         park = channel.park_requested()
         last = epoch == target
         checkpointed = park or last or time.monotonic() - last_checkpoint >= checkpoint_every
@@ -524,7 +601,8 @@ def run_results(history: History, nb_params: int) -> dict[str, Any]:
         "test_loss": history.test_loss[-1] if history.test_loss else None,
         "train_acc": history.train_acc[-1] if history.train_acc else None,
         "test_acc": history.test_acc[-1] if history.test_acc else None,
-        "nb_params": nb_params, "duration(s)": sum(history.duration),
+        "nb_params": nb_params,
+        "duration(s)": sum(history.duration),
         "epochs": len(history.train_loss),
         **metrics.derived(history.train_loss, history.test_loss),
     }
@@ -547,11 +625,23 @@ def finish(run: BuiltRun, spec: dict[str, Any], history: History) -> dict[str, A
     results = run_results(history, run.nb_params)
     info_file = run_info_path(files_dir, run.run_id)
     with open(info_file, "w") as fh:
-        json.dump({"run_id": run.run_id, "seed": int(spec["seed"]), "device": str(run.device),
-                   "pipeline": spec["modules"], "process": spec["process"],
-                   "results": results}, fh, indent=1, default=str)
-    return {"results": results,
-            "files": [history_file, info_file, contract.checkpoint_path(files_dir, run.run_id)]}
+        json.dump(
+            {
+                "run_id": run.run_id,
+                "seed": int(spec["seed"]),
+                "device": str(run.device),
+                "pipeline": spec["modules"],
+                "process": spec["process"],
+                "results": results,
+            },
+            fh,
+            indent=1,
+            default=str,
+        )
+    return {
+        "results": results,
+        "files": [history_file, info_file, contract.checkpoint_path(files_dir, run.run_id)],
+    }
 
 
 def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
@@ -565,7 +655,13 @@ def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
         checkpoint_epoch, history = restore(run, files_dir)
         resend_epochs(channel, run.run_id, history, start_epoch, checkpoint_epoch)
         start_epoch = checkpoint_epoch
-    train(run, history, channel, start_epoch, int(spec["epochs_target"]),
-          float(spec.get("checkpoint_every", 30.0)),
-          contract.checkpoint_path(files_dir, run.run_id))
+    train(
+        run,
+        history,
+        channel,
+        start_epoch,
+        int(spec["epochs_target"]),
+        float(spec.get("checkpoint_every", 30.0)),
+        contract.checkpoint_path(files_dir, run.run_id),
+    )
     return finish(run, spec, history)

@@ -48,9 +48,12 @@ def make_slots(workers: int, gpus: list[str], runs_per_gpu: int) -> list[Slot]:
     return slots
 
 
-def worker_environment(slot: Slot, cpu_threads: int | None,
-                       base: Mapping[str, str] | None = None,
-                       gpu_set_by_executor: bool = False) -> dict[str, str]:
+def worker_environment(
+    slot: Slot,
+    cpu_threads: int | None,
+    base: Mapping[str, str] | None = None,
+    gpu_set_by_executor: bool = False,
+) -> dict[str, str]:
     """The environment a slot's worker starts with: `base` (default: the daemon's own; a Ray
     actor passes {} and keeps its node's) with the slot's settings on top. Both executors use
     this, so a run sees the same variables under either."""
@@ -129,8 +132,7 @@ class Executor(ABC):
     def respawn_due(self) -> None:
         """Start the replacements whose delay has passed (called from the daemon's loop)."""
 
-    def send(self, sock: zmq.Socket[Any], handle: WorkerHandle, name: str,
-             **fields: Any) -> None:
+    def send(self, sock: zmq.Socket[Any], handle: WorkerHandle, name: str, **fields: Any) -> None:
         """Send a message (mosaic_client.protocol.DAEMON_TO_WORKER) to a worker."""
         sock.send_multipart([handle.worker_id.encode(), protocol.worker_message(name, **fields)])
 
@@ -143,8 +145,11 @@ class Executor(ABC):
         """Workers of a slot kind ready for a run."""
         # A worker the daemon has killed may still report its run's end before it is reaped;
         # it must not be handed another run in that window.
-        return [w for w in self.workers.values()
-                if w.state == IDLE and w.slot.kind == kind and w.killed_for is None]
+        return [
+            w
+            for w in self.workers.values()
+            if w.state == IDLE and w.slot.kind == kind and w.killed_for is None
+        ]
 
     def slot_count(self, kind: str) -> int:
         return sum(1 for s in self.slots if s.kind == kind)
@@ -181,6 +186,10 @@ def make_executor(ctx: zmq.Context[Any], address: str, options: Options) -> Exec
         return RayPool(ctx, address, options)
     from mosaicd.pool import Pool
 
-    return Pool(ctx, address, make_slots(options.workers or 0, options.gpus or [],
-                                         options.runs_per_gpu),
-                options.max_runs_per_worker, isolation=options.isolation)
+    return Pool(
+        ctx,
+        address,
+        make_slots(options.workers or 0, options.gpus or [], options.runs_per_gpu),
+        options.max_runs_per_worker,
+        isolation=options.isolation,
+    )

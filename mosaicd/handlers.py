@@ -70,8 +70,9 @@ class Caller:
 def _study(args: dict[str, Any]) -> str:
     db = args["db"]
     if not os.path.isabs(db):
-        raise Refused(ErrorCode.INVALID,
-                      f"database path {db!r} must be absolute (the client sends it so)")
+        raise Refused(
+            ErrorCode.INVALID, f"database path {db!r} must be absolute (the client sends it so)"
+        )
     return db
 
 
@@ -110,8 +111,11 @@ def _not_daemon_state(daemon: Daemon, path: str, what: str) -> str:
     state = os.path.realpath(daemon.options.state_dir)
     socket_files = {os.path.realpath(daemon.options.socket + suffix) for suffix in ("", ".lock")}
     if real == state or real.startswith(state.rstrip("/") + "/") or real in socket_files:
-        raise Refused(ErrorCode.PERMISSION, f"{what} {path} is part of the daemon's own state "
-                      f"({state}, its socket); choose a path in your project directory")
+        raise Refused(
+            ErrorCode.PERMISSION,
+            f"{what} {path} is part of the daemon's own state "
+            f"({state}, its socket); choose a path in your project directory",
+        )
     return real
 
 
@@ -126,8 +130,9 @@ def _check_client_path(daemon: Daemon, caller: Caller, path: str, what: str) -> 
     if caller.uid == 0 or caller.uid == os.getuid():
         return  # root, or the daemon's own user: the kernel applies the same rules to both
     if caller.uid is None:
-        raise Refused(ErrorCode.PERMISSION,
-                      "the daemon could not learn who you are; nothing was done")
+        raise Refused(
+            ErrorCode.PERMISSION, "the daemon could not learn who you are; nothing was done"
+        )
     try:
         user = pwd.getpwuid(caller.uid)
         groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
@@ -147,9 +152,12 @@ def _check_client_path(daemon: Daemon, caller: Caller, path: str, what: str) -> 
         if not _may(caller, groups, os.stat(parent), 0o1):
             blocked = parent
     if blocked is not None:
-        raise Refused(ErrorCode.PERMISSION, f"{what} {path}: you ({caller.name}) may not write in "
-                      f"{blocked}, so the daemon will not write there for you; choose a "
-                      "directory you can write. Nothing was queued.")
+        raise Refused(
+            ErrorCode.PERMISSION,
+            f"{what} {path}: you ({caller.name}) may not write in "
+            f"{blocked}, so the daemon will not write there for you; choose a "
+            "directory you can write. Nothing was queued.",
+        )
 
 
 def _owner_check(daemon: Daemon, caller: Caller, verb: str) -> OwnerCheck:
@@ -163,9 +171,12 @@ def _owner_check(daemon: Daemon, caller: Caller, verb: str) -> OwnerCheck:
             # A run whose owner the daemon could not learn is left to administrators.
             if owner_uid is None or owner_uid != caller.uid:
                 who = owner or owner_uid or "an unknown user"
-                raise Refused(ErrorCode.PERMISSION, f"run {run_id} belongs to {who}; only its "
-                              f"owner or an administrator ({_admins(daemon)}) may {verb} it. "
-                              "Nothing was changed.")
+                raise Refused(
+                    ErrorCode.PERMISSION,
+                    f"run {run_id} belongs to {who}; only its "
+                    f"owner or an administrator ({_admins(daemon)}) may {verb} it. "
+                    "Nothing was changed.",
+                )
 
     return check
 
@@ -176,20 +187,29 @@ def _pause_scope(daemon: Daemon, caller: Caller, args: dict[str, Any], verb: str
     caller's uid: on a shared daemon a user pauses and resumes only their own submissions."""
     if args.get("all"):
         if not caller.is_admin(daemon.options.admin_gid):
-            raise Refused(ErrorCode.PERMISSION, f"only {_admins(daemon)} may {verb} the whole "
-                          f"daemon (--all); you are {caller.name}. Nothing was changed.")
+            raise Refused(
+                ErrorCode.PERMISSION,
+                f"only {_admins(daemon)} may {verb} the whole "
+                f"daemon (--all); you are {caller.name}. Nothing was changed.",
+            )
         return None
     if caller.uid == os.getuid():
         return None
     if caller.uid is None:
-        raise Refused(ErrorCode.PERMISSION,
-                      "the daemon could not tell who you are; nothing was changed")
+        raise Refused(
+            ErrorCode.PERMISSION, "the daemon could not tell who you are; nothing was changed"
+        )
     return caller.uid
 
 
 def handle_ping(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> PingReply:
-    return {"pid": os.getpid(), "version": PROTOCOL_VERSION, "socket": daemon.options.socket,
-            "caller": caller.name, "uid": caller.uid}
+    return {
+        "pid": os.getpid(),
+        "version": PROTOCOL_VERSION,
+        "socket": daemon.options.socket,
+        "caller": caller.name,
+        "uid": caller.uid,
+    }
 
 
 def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> SubmitReply:
@@ -197,14 +217,22 @@ def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Submi
     run_files = args["process"].get("run_files_path")
     if isinstance(run_files, str) and run_files:
         _check_client_path(daemon, caller, run_files, "run_files_path")
-    return daemon.scheduler.submit(_study(args), args["config_path"], args["process"],
-                                   args["monitor"], args["pipelines"], caller.uid, caller.name)
+    return daemon.scheduler.submit(
+        _study(args),
+        args["config_path"],
+        args["process"],
+        args["monitor"],
+        args["pipelines"],
+        caller.uid,
+        caller.name,
+    )
 
 
 def handle_status(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> StatusReply:
     limit = max(0, min(int(args.get("limit", 10)), 1000))
-    return daemon.scheduler.status(args.get("db"), limit, caller.uid, bool(args.get("mine")),
-                                   args.get("submission"))
+    return daemon.scheduler.status(
+        args.get("db"), limit, caller.uid, bool(args.get("mine")), args.get("submission")
+    )
 
 
 def handle_pause(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> PauseReply:
@@ -219,23 +247,26 @@ def handle_resume(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Resum
 
 def handle_pending(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> list[PendingItem]:
     """The not-yet-run pipelines with their PROCESS/MONITOR, for `pause FILE.json`."""
-    return daemon.scheduler.pending(args.get("db"), caller.uid,
-                                    everyone=caller.is_admin(daemon.options.admin_gid))
+    return daemon.scheduler.pending(
+        args.get("db"), caller.uid, everyone=caller.is_admin(daemon.options.admin_gid)
+    )
 
 
 def handle_cancel(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> CancelReply:
     db = _study(args)
     _not_daemon_state(daemon, db, "database")
     reason = str(args.get("reason") or "cancelled by request")[:300]
-    return daemon.scheduler.cancel(db, args["selection"], reason,
-                                   _owner_check(daemon, caller, "cancel"))
+    return daemon.scheduler.cancel(
+        db, args["selection"], reason, _owner_check(daemon, caller, "cancel")
+    )
 
 
 def handle_rerun(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RerunReply:
     db = _study(args)
     _not_daemon_state(daemon, db, "database")
-    return daemon.scheduler.rerun(db, args["selection"], int(args["epochs"]),
-                                  _owner_check(daemon, caller, "rerun"))
+    return daemon.scheduler.rerun(
+        db, args["selection"], int(args["epochs"]), _owner_check(daemon, caller, "rerun")
+    )
 
 
 def handle_rekey(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RekeyReply:
@@ -244,9 +275,14 @@ def handle_rekey(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RekeyR
     _not_daemon_state(daemon, db, "database")
     changes = []
     for item in args["keys"]:
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], int)
-                and isinstance(item[1], str) and item[1].endswith("_key")
-                and isinstance(item[2], str)):
+        if not (
+            isinstance(item, list)
+            and len(item) == 3
+            and isinstance(item[0], int)
+            and isinstance(item[1], str)
+            and item[1].endswith("_key")
+            and isinstance(item[2], str)
+        ):
             raise Refused(ErrorCode.INVALID, "rekey items must be [run_id, '<type>_key', key]")
         changes.append((item[0], item[1], item[2]))
     return daemon.scheduler.rekey(db, changes, _owner_check(daemon, caller, "rekey"))
@@ -264,8 +300,9 @@ def handle_studies(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> list
 
 def handle_shutdown(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> ShutdownReply:
     if not caller.is_admin(daemon.options.admin_gid):
-        raise Refused(ErrorCode.PERMISSION, "only the daemon's user or an administrator may "
-                      "stop it")
+        raise Refused(
+            ErrorCode.PERMISSION, "only the daemon's user or an administrator may stop it"
+        )
     daemon.request_stop()
     return {"stopping": True}
 

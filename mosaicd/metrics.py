@@ -37,10 +37,13 @@ def slope(train: Sequence[float]) -> float | None:
     if len(train) < 2 or not _finite(train):
         return None
     steps = max(1, int(round(0.1 * (len(train) - 1))))
-    tail = train[-(steps + 1):]
+    tail = train[-(steps + 1) :]
     return (tail[-1] - tail[0]) / steps
 
 
 def derived(train: Sequence[float], test: Sequence[float]) -> dict[str, float | None]:
-    return {"overfit": overfit(train, test), "trainability": trainability(test),
-            "slope": slope(train)}
+    return {
+        "overfit": overfit(train, test),
+        "trainability": trainability(test),
+        "slope": slope(train),
+    }

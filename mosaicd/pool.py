@@ -98,15 +98,21 @@ class ResourceMeter:
         return self._nvml
 
     def _gpu_memory(self, handle: WorkerHandle) -> dict[str, Any]:
-        out: dict[str, Any] = {"gpu_memory": None, "gpu_memory_device": None,
-                               "gpu_memory_total": None}
+        out: dict[str, Any] = {
+            "gpu_memory": None,
+            "gpu_memory_device": None,
+            "gpu_memory_total": None,
+        }
         nvml = self._nvml_module()
         if nvml is None or handle.slot.gpu is None:
             return out
         try:
             gpu = handle.slot.gpu
-            device = (nvml.nvmlDeviceGetHandleByIndex(int(gpu)) if gpu.isdigit()
-                      else nvml.nvmlDeviceGetHandleByUUID(gpu))
+            device = (
+                nvml.nvmlDeviceGetHandleByIndex(int(gpu))
+                if gpu.isdigit()
+                else nvml.nvmlDeviceGetHandleByUUID(gpu)
+            )
             info = nvml.nvmlDeviceGetMemoryInfo(device)
             out["gpu_memory_device"] = int(info.used)
             out["gpu_memory_total"] = int(info.total)
@@ -115,8 +121,11 @@ class ResourceMeter:
                 pids.update(p.pid for p in self._processes(handle.pid))
             except psutil.Error:
                 pass
-            used = [p.usedGpuMemory for p in nvml.nvmlDeviceGetComputeRunningProcesses(device)
-                    if p.pid in pids and p.usedGpuMemory is not None]
+            used = [
+                p.usedGpuMemory
+                for p in nvml.nvmlDeviceGetComputeRunningProcesses(device)
+                if p.pid in pids and p.usedGpuMemory is not None
+            ]
             # Inside a container NVML reports host pids, which match none of ours: then only
             # the card's total is known.
             out["gpu_memory"] = sum(used) if used else None
@@ -128,8 +137,14 @@ class ResourceMeter:
 class Pool(Executor):
     """Workers as child processes of the daemon (`python -m mosaicd.worker`)."""
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, slots: list[Slot],
-                 max_runs_per_worker: int = 0, isolation: str = "state") -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        address: str,
+        slots: list[Slot],
+        max_runs_per_worker: int = 0,
+        isolation: str = "state",
+    ) -> None:
         self.ctx = ctx
         self.address = address
         self.slots = slots
@@ -151,12 +166,25 @@ class Pool(Executor):
     def spawn(self, slot: Slot) -> WorkerHandle:
         worker_id = f"w{next(self._ids)}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mosaicd.worker", "--connect", self.address,
-             "--id", worker_id, "--slot", slot.label, "--isolation", self.isolation],
+            [
+                sys.executable,
+                "-m",
+                "mosaicd.worker",
+                "--connect",
+                self.address,
+                "--id",
+                worker_id,
+                "--slot",
+                slot.label,
+                "--isolation",
+                self.isolation,
+            ],
             # Workers inherit the daemon's stderr (journald under systemd) for what they print
             # outside a run; a run's own output goes to its run log (contract.run_log_path).
-            env=worker_environment(slot, self.cpu_threads), stdin=subprocess.DEVNULL,
-            close_fds=True)
+            env=worker_environment(slot, self.cpu_threads),
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
         handle = WorkerHandle(worker_id, slot, proc)
         self.workers[worker_id] = handle
         return handle
@@ -176,10 +204,16 @@ class Pool(Executor):
         failures = self._early_deaths.get(slot, 0) + 1
         self._early_deaths[slot] = failures
         delay = min(60.0, 0.5 * 2 ** (failures - 1))
-        log.error("worker %s (%s) %s while starting (%d time(s) in a row); next try in %g s. "
-                  "Its error is above in this log; check the Python and torch install that "
-                  "mosaicd runs with", handle.worker_id, slot.label, describe_exit(code),
-                  failures, delay)
+        log.error(
+            "worker %s (%s) %s while starting (%d time(s) in a row); next try in %g s. "
+            "Its error is above in this log; check the Python and torch install that "
+            "mosaicd runs with",
+            handle.worker_id,
+            slot.label,
+            describe_exit(code),
+            failures,
+            delay,
+        )
         self._respawn.append((time.monotonic() + delay, slot))
 
     def respawn_due(self) -> None:
@@ -238,8 +272,10 @@ def describe_exit(code: int) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        hint = {"SIGSEGV": " (segmentation fault in native code)",
-                "SIGKILL": " (killed: out of memory, or by someone)",
-                "SIGABRT": " (aborted)"}.get(name, "")
+        hint = {
+            "SIGSEGV": " (segmentation fault in native code)",
+            "SIGKILL": " (killed: out of memory, or by someone)",
+            "SIGABRT": " (aborted)",
+        }.get(name, "")
         return f"killed by {name}{hint}"
     return f"exited with code {code}"

@@ -52,9 +52,11 @@ def require_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise SystemExit(f"mosaicd: --executor ray needs Ray, which is not installed in this "
-                         f"Python environment ({exc}); install the extra with:\n"
-                         f"  {INSTALL_HINT}") from None
+        raise SystemExit(
+            f"mosaicd: --executor ray needs Ray, which is not installed in this "
+            f"Python environment ({exc}); install the extra with:\n"
+            f"  {INSTALL_HINT}"
+        ) from None
     return ray
 
 
@@ -76,8 +78,12 @@ class MosaicWorker:
         import ray
 
         context = ray.get_runtime_context()
-        return {"pid": os.getpid(), "node_id": context.get_node_id(),
-                "ip": ray.util.get_node_ip_address(), "host": socket.gethostname()}
+        return {
+            "pid": os.getpid(),
+            "node_id": context.get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "host": socket.gethostname(),
+        }
 
     def serve(self, address: str, worker_id: str, slot: str, isolation: str) -> int:
         # The whole worker start-up (SIGINT ignored, the CUDA check, torch imported once per
@@ -98,8 +104,10 @@ def _probe_paths(read: list[tuple[str, str, int]], write: list[tuple[str, str]])
         elif not os.access(path, os.R_OK):
             problems.append(f"{what} {path} is not readable there")
         elif os.path.getsize(path) != size:
-            problems.append(f"{what} {path} differs from the daemon's copy "
-                            f"({os.path.getsize(path)} bytes there, {size} here)")
+            problems.append(
+                f"{what} {path} differs from the daemon's copy "
+                f"({os.path.getsize(path)} bytes there, {size} here)"
+            )
     for what, directory in write:
         if not os.path.isdir(directory):
             problems.append(f"{what}: directory {directory} does not exist there")
@@ -114,8 +122,9 @@ def _probe_paths(read: list[tuple[str, str, int]], write: list[tuple[str, str]])
 class RayProcess:
     """A slot's actor seen as a process: poll(), pid, send_signal(), kill(), wait()."""
 
-    def __init__(self, ray: Any, actor: Any, address: str, worker_id: str, slot: Slot,
-                 isolation: str) -> None:
+    def __init__(
+        self, ray: Any, actor: Any, address: str, worker_id: str, slot: Slot, isolation: str
+    ) -> None:
         self._ray = ray
         self.actor = actor
         # Actor calls run in order: info() answers as soon as the actor is up, then serve()
@@ -201,7 +210,7 @@ def summarize_actor_error(exc: BaseException) -> str:
         start = text.find(marker)
         if start >= 0:
             end = text.find(". ", start)
-            parts.append(text[start:end + 1 if end > 0 else len(text)])
+            parts.append(text[start : end + 1 if end > 0 else len(text)])
     summary = " ".join(parts) or text
     return summary[:400]
 
@@ -222,39 +231,53 @@ class RayPool(Pool):
         runtime_env = options.ray_runtime_env or None
         try:
             if options.ray_address:
-                ray.init(address=options.ray_address, runtime_env=runtime_env,
-                         namespace="mosaic", logging_level=logging.WARNING)
+                ray.init(
+                    address=options.ray_address,
+                    runtime_env=runtime_env,
+                    namespace="mosaic",
+                    logging_level=logging.WARNING,
+                )
             else:
                 gpus = options.gpus
                 if gpus:  # Ray finds its GPUs through CUDA_VISIBLE_DEVICES
                     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-                workers = (options.workers if options.workers is not None
-                           else os.cpu_count() or 1)
-                ray.init(address="local", num_cpus=max(1, workers),
-                         num_gpus=None if gpus is None else len(gpus),
-                         include_dashboard=False, runtime_env=runtime_env,
-                         object_store_memory=LOCAL_OBJECT_STORE_BYTES, namespace="mosaic",
-                         logging_level=logging.WARNING)
+                workers = options.workers if options.workers is not None else os.cpu_count() or 1
+                ray.init(
+                    address="local",
+                    num_cpus=max(1, workers),
+                    num_gpus=None if gpus is None else len(gpus),
+                    include_dashboard=False,
+                    runtime_env=runtime_env,
+                    object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                    namespace="mosaic",
+                    logging_level=logging.WARNING,
+                )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = options.ray_address or "a local Ray"
-            raise SystemExit(f"mosaicd: cannot start on Ray ({where}): {exc}\nStart the cluster "
-                             "first (`ray start --head` on the head node, then `ray status`), or "
-                             "leave --ray-address out for a Ray started by the daemon.") from None
+            raise SystemExit(
+                f"mosaicd: cannot start on Ray ({where}): {exc}\nStart the cluster "
+                "first (`ray start --head` on the head node, then `ray status`), or "
+                "leave --ray-address out for a Ray started by the daemon."
+            ) from None
         resources = ray.cluster_resources()
-        workers = (options.workers if options.workers is not None
-                   else int(resources.get("CPU", 0)))
-        gpus = (options.gpus if options.gpus is not None
-                else [str(i) for i in range(int(resources.get("GPU", 0)))])
+        workers = options.workers if options.workers is not None else int(resources.get("CPU", 0))
+        gpus = (
+            options.gpus
+            if options.gpus is not None
+            else [str(i) for i in range(int(resources.get("GPU", 0)))]
+        )
         slots = make_slots(workers, gpus, options.runs_per_gpu)
-        super().__init__(ctx, address, slots, options.max_runs_per_worker,
-                         isolation=options.isolation)
+        super().__init__(
+            ctx, address, slots, options.max_runs_per_worker, isolation=options.isolation
+        )
         self.runs_per_gpu = options.runs_per_gpu
         # A Ray the daemon started shares this machine as the local pool would: the same
         # threads per run, hence the same results. On a cluster Ray's own setting stays (the
         # actor's one CPU, or what --ray-runtime-env's env_vars say).
         self.threads = None if options.ray_address else self.cpu_threads
-        self.address = advertised_address(address, options.worker_advertise,
-                                          ray.util.get_node_ip_address())
+        self.address = advertised_address(
+            address, options.worker_advertise, ray.util.get_node_ip_address()
+        )
         # Over tcp anyone on the network could connect: worker ids the daemon accepts are not
         # guessable then (docs/cluster.md also says to keep the port inside the cluster).
         self.id_suffix = "" if address.startswith("ipc://") else f"-{secrets.token_hex(8)}"
@@ -265,13 +288,23 @@ class RayPool(Pool):
         needed_cpu = sum(1 for s in slots if s.kind == "cpu")
         needed_gpu = sum(1 for s in slots if s.kind == "cuda") / self.runs_per_gpu
         if needed_cpu > resources.get("CPU", 0) or needed_gpu > resources.get("GPU", 0):
-            log.warning("the %d slot(s) need %d CPU(s) and %g GPU(s), the Ray cluster has %g "
-                        "and %g: the extra actors wait until Ray finds room", len(slots),
-                        needed_cpu, needed_gpu, resources.get("CPU", 0),
-                        resources.get("GPU", 0))
-        log.info("executor: Ray %s (%s), %g CPU(s) and %g GPU(s) in the cluster; workers "
-                 "connect to %s", ray.__version__, options.ray_address or "started by mosaicd",
-                 resources.get("CPU", 0), resources.get("GPU", 0), self.address)
+            log.warning(
+                "the %d slot(s) need %d CPU(s) and %g GPU(s), the Ray cluster has %g "
+                "and %g: the extra actors wait until Ray finds room",
+                len(slots),
+                needed_cpu,
+                needed_gpu,
+                resources.get("CPU", 0),
+                resources.get("GPU", 0),
+            )
+        log.info(
+            "executor: Ray %s (%s), %g CPU(s) and %g GPU(s) in the cluster; workers connect to %s",
+            ray.__version__,
+            options.ray_address or "started by mosaicd",
+            resources.get("CPU", 0),
+            resources.get("GPU", 0),
+            self.address,
+        )
 
     def spawn(self, slot: Slot) -> WorkerHandle:
         worker_id = f"w{next(self._ids)}{self.id_suffix}"
@@ -332,8 +365,9 @@ class RayPool(Pool):
         for pipeline in pipelines or []:
             for module in pipeline if isinstance(pipeline, list) else []:
                 if isinstance(module, dict) and isinstance(module.get("path_to_class"), str):
-                    read.append((f"path_to_class of [{module.get('class')}]",
-                                 module["path_to_class"]))
+                    read.append(
+                        (f"path_to_class of [{module.get('class')}]", module["path_to_class"])
+                    )
         write: list[tuple[str, str]] = []
         if isinstance(process.get("run_files_path"), str):
             write.append(("run_files_path", process["run_files_path"]))
@@ -343,10 +377,13 @@ class RayPool(Pool):
                 continue
             seen.add(path)
             if not os.path.isabs(path):
-                raise Refused(ErrorCode.INVALID, f"{what} {path!r} is a relative path: with "
-                              "--executor ray the runs execute on Ray nodes, not in your "
-                              "directory, so every path must be absolute (the mosaic client "
-                              "makes config paths absolute for you). Nothing was queued.")
+                raise Refused(
+                    ErrorCode.INVALID,
+                    f"{what} {path!r} is a relative path: with "
+                    "--executor ray the runs execute on Ray nodes, not in your "
+                    "directory, so every path must be absolute (the mosaic client "
+                    "makes config paths absolute for you). Nothing was queued.",
+                )
         nodes = self._other_nodes()
         if not nodes:
             return  # every node is this machine: the daemon's own checks cover its files
@@ -355,14 +392,19 @@ class RayPool(Pool):
             try:
                 reads.append((what, path, os.path.getsize(path)))
             except OSError:
-                raise Refused(ErrorCode.INVALID, f"{what} {path} does not exist on the daemon's "
-                              "machine. Nothing was queued.") from None
+                raise Refused(
+                    ErrorCode.INVALID,
+                    f"{what} {path} does not exist on the daemon's machine. Nothing was queued.",
+                ) from None
         # A run files directory need not exist yet: its nearest existing parent here must exist
         # and be writable on every node too, i.e. be on the shared filesystem.
         write_dirs = [(what, _nearest_existing(path)) for what, path in write]
-        refs = {node["NodeManagerAddress"]: self._probe.options(
-            num_cpus=0, scheduling_strategy=self._on_node(node["NodeID"])).remote(
-                reads, write_dirs) for node in nodes}
+        refs = {
+            node["NodeManagerAddress"]: self._probe.options(
+                num_cpus=0, scheduling_strategy=self._on_node(node["NodeID"])
+            ).remote(reads, write_dirs)
+            for node in nodes
+        }
         try:
             answers = dict(zip(refs, self.ray.get(list(refs.values()), timeout=PROBE_TIMEOUT)))
         except Exception as exc:  # a node that does not answer must not block submissions
@@ -370,10 +412,13 @@ class RayPool(Pool):
             return
         problems = [f"on node {ip}: {p}" for ip, found in answers.items() for p in found]
         if problems:
-            raise Refused(ErrorCode.INVALID, "the Ray nodes cannot reach this submission's files: "
-                          + "; ".join(problems[:5])
-                          + ". Put the classes and run_files_path on a filesystem every node "
-                          "mounts at the same path (docs/cluster.md). Nothing was queued.")
+            raise Refused(
+                ErrorCode.INVALID,
+                "the Ray nodes cannot reach this submission's files: "
+                + "; ".join(problems[:5])
+                + ". Put the classes and run_files_path on a filesystem every node "
+                "mounts at the same path (docs/cluster.md). Nothing was queued.",
+            )
 
     def _other_nodes(self) -> list[dict[str, Any]]:
         host = socket.gethostname()
@@ -384,8 +429,10 @@ class RayPool(Pool):
             resources = node.get("Resources") or {}
             if not (resources.get("CPU") or resources.get("GPU")):
                 continue  # actors never go there
-            if (node.get("NodeManagerAddress") == self.node_ip
-                    and node.get("NodeManagerHostname") == host):
+            if (
+                node.get("NodeManagerAddress") == self.node_ip
+                and node.get("NodeManagerHostname") == host
+            ):
                 continue  # a second Ray node on this very machine sees the same files
             out.append(node)
         return out
@@ -415,7 +462,7 @@ def advertised_address(bound: str, advertise: str | None, node_ip: str) -> str:
     if advertise:
         return advertise
     if bound.startswith("tcp://"):
-        host, _, port = bound[len("tcp://"):].rpartition(":")
+        host, _, port = bound[len("tcp://") :].rpartition(":")
         if host in ("0.0.0.0", "*", "[::]", "::", ""):
             return f"tcp://{node_ip}:{port}"
     return bound

@@ -22,8 +22,14 @@ class RunQueue:
         key = (study, submission_id)
         if key not in self._submissions:
             info = store.submission(submission_id)
-            self._submissions[key] = Submission(study, submission_id, info["owner_uid"],
-                                                info["owner"], info["process"], info["monitor"])
+            self._submissions[key] = Submission(
+                study,
+                submission_id,
+                info["owner_uid"],
+                info["owner"],
+                info["process"],
+                info["monitor"],
+            )
         return self._submissions[key]
 
     def add(self, study: str, store: Store, record: RunRecord) -> None:
@@ -40,8 +46,10 @@ class RunQueue:
                             del self._queues[key]
                         return
 
-    def take_next(self, startable: Callable[[Submission], bool],
-                  ) -> tuple[Submission, RunRecord] | None:
+    def take_next(
+        self,
+        startable: Callable[[Submission], bool],
+    ) -> tuple[Submission, RunRecord] | None:
         """The oldest queued run whose submission may start one now, taken off the queue."""
         candidates = sorted((q[0].queue_seq, key) for key, q in self._queues.items() if q)
         for _, key in candidates:

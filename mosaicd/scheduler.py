@@ -42,41 +42,66 @@ class Scheduler(Dispatch, WorkerEvents, Control):
         """Reopen the known studies; runs that were running go back to the queue."""
         for path, store in self._studies.reopen_known():
             for record in store.runs_in_state(RUNNING):
-                store.transition(record.run_id, QUEUED,
-                                 f"daemon restarted; resumes after epoch {record.checkpoint_epoch}")
+                store.transition(
+                    record.run_id,
+                    QUEUED,
+                    f"daemon restarted; resumes after epoch {record.checkpoint_epoch}",
+                )
             for record in store.runs_in_state(QUEUED):
                 self._queue.add(path, store, record)
             log.info("study %s: %s", path, store.counts)
 
-    def submit(self, db: str, config_path: str, process: dict[str, Any],
-               monitor: dict[str, Any], pipelines: list[Any], owner_uid: int | None,
-               owner: str | None) -> SubmitReply:
+    def submit(
+        self,
+        db: str,
+        config_path: str,
+        process: dict[str, Any],
+        monitor: dict[str, Any],
+        pipelines: list[Any],
+        owner_uid: int | None,
+        owner: str | None,
+    ) -> SubmitReply:
         """Check a submission, then queue its runs in one transaction."""
         self._executor.check_submission(process, pipelines)
         check_submission(process, monitor, pipelines, self._executor.slot_count("cuda"))
         runs = build_runs(process, monitor, pipelines, owner_uid, owner)
         store = self._studies.open(db, create=True)
-        submission_id, run_ids = store.add_submission(owner_uid, owner or "", config_path,
-                                                      process, monitor, runs)
+        submission_id, run_ids = store.add_submission(
+            owner_uid, owner or "", config_path, process, monitor, runs
+        )
         for run_id in run_ids:
             record = store.run_record(run_id)
             assert record is not None
             self._queue.add(db, store, record)
-        return {"db": db, "submission_id": submission_id, "run_ids": run_ids,
-                "paused": self._holds.holds_submissions_of(owner_uid)}
+        return {
+            "db": db,
+            "submission_id": submission_id,
+            "run_ids": run_ids,
+            "paused": self._holds.holds_submissions_of(owner_uid),
+        }
 
     # -- replies that describe the state (mosaicd.views) --------------------------------------
 
-    def status(self, db: str | None, limit: int, uid: int | None, mine: bool,
-               submission: int | None = None) -> StatusReply:
-        return views.status(self._studies, self._active, self._queue, self._executor,
-                            self._holds, db, limit, uid, mine, submission)
+    def status(
+        self, db: str | None, limit: int, uid: int | None, mine: bool, submission: int | None = None
+    ) -> StatusReply:
+        return views.status(
+            self._studies,
+            self._active,
+            self._queue,
+            self._executor,
+            self._holds,
+            db,
+            limit,
+            uid,
+            mine,
+            submission,
+        )
 
     def show(self, db: str, run_id: int) -> ShowReply:
         return views.show(self._studies, self._active, self._queue, db, run_id)
 
-    def pending(self, db: str | None, owner_uid: int | None,
-                everyone: bool) -> list[PendingItem]:
+    def pending(self, db: str | None, owner_uid: int | None, everyone: bool) -> list[PendingItem]:
         return views.pending(self._queue, db, owner_uid, everyone)
 
     def studies(self) -> list[StudyItem]:
@@ -84,8 +109,10 @@ class Scheduler(Dispatch, WorkerEvents, Control):
 
     def status_line(self) -> str:
         """The one-line state for systemd (sd_notify STATUS=)."""
-        text = ", ".join(f"{n} {state}" for state, n in self._studies.counts().items()
-                         if n) or "no runs"
+        text = (
+            ", ".join(f"{n} {state}" for state, n in self._studies.counts().items() if n)
+            or "no runs"
+        )
         return f"STATUS={'paused; ' if self._holds.all else ''}{text}"
 
     # -- the daemon's end ---------------------------------------------------------------------

@@ -37,8 +37,9 @@ class ActiveRun:
 
 
 class SchedulerCore:
-    def __init__(self, state: DaemonState, executor: Executor, send: Sender,
-                 checkpoint_every: float) -> None:
+    def __init__(
+        self, state: DaemonState, executor: Executor, send: Sender, checkpoint_every: float
+    ) -> None:
         self._executor = executor
         self._send = send
         self._checkpoint_every = checkpoint_every

@@ -104,7 +104,8 @@ class Daemon:
             raise AlreadyRunning(
                 f"a mosaicd is already running on {self.options.socket}"
                 f"{f' (pid {pid})' if pid else ''}; use it, stop it with `mosaic shutdown`, or "
-                "start this one with another --socket") from None
+                "start this one with another --socket"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
@@ -125,8 +126,7 @@ class Daemon:
             os.unlink(self.options.socket)  # stale: we hold the lock, so nobody serves it
         self._bind_client_socket()
         self.worker_dir = tempfile.mkdtemp(prefix="mosaicd-workers-")
-        self.worker_address = (self.options.worker_bind
-                               or f"ipc://{self.worker_dir}/workers.sock")
+        self.worker_address = self.options.worker_bind or f"ipc://{self.worker_dir}/workers.sock"
         self.workers_sock = self.ctx.socket(zmq.ROUTER)
         self.workers_sock.linger = 1000
         self.workers_sock.bind(self.worker_address)
@@ -176,8 +176,9 @@ class Daemon:
         # After the executor: one may install a SIGTERM handler of its own (ray.init does), which
         # must not replace the daemon's checkpoint-then-stop.
         self._install_signals()
-        self.scheduler = Scheduler(self.state, self.executor, self._sender,
-                                   self.options.checkpoint_every)
+        self.scheduler = Scheduler(
+            self.state, self.executor, self._sender, self.options.checkpoint_every
+        )
         self.scheduler.recover()
         self.executor.start_all()
         poller = zmq.Poller()
@@ -185,8 +186,13 @@ class Daemon:
         poller.register(self.workers_sock, zmq.POLLIN)
         poller.register(self.zap, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        log.info("mosaicd %d ready on %s with %d slot(s): %s", os.getpid(), self.options.socket,
-                 len(self.executor.slots), ", ".join(s.label for s in self.executor.slots))
+        log.info(
+            "mosaicd %d ready on %s with %d slot(s): %s",
+            os.getpid(),
+            self.options.socket,
+            len(self.executor.slots),
+            ", ".join(s.label for s in self.executor.slots),
+        )
         notify.notify("READY=1", self.scheduler.status_line())
         last_status_note = 0.0
         last_socket_check = time.monotonic()
@@ -269,8 +275,9 @@ class Daemon:
                 user_id = ""
             caller = parse_zap_address(f"x:{user_id}") if user_id else Caller(None, None, None)
             if len(frames) != 3 or frames[1].bytes != b"":
-                reply = protocol.error_reply(protocol.ErrorCode.BAD_MESSAGE,
-                                             "expected frames [empty delimiter, payload]")
+                reply = protocol.error_reply(
+                    protocol.ErrorCode.BAD_MESSAGE, "expected frames [empty delimiter, payload]"
+                )
             else:
                 reply = self._handle(frames[2].bytes, caller)
             try:
@@ -294,12 +301,15 @@ class Daemon:
             return protocol.error_reply(exc.code, exc.message)
         except Exception as exc:  # a daemon bug must not take the daemon down
             log.exception("request %s failed", name)
-            return protocol.error_reply(protocol.ErrorCode.INTERNAL,
-                                        f"internal error in {name}: {type(exc).__name__}: {exc}")
+            return protocol.error_reply(
+                protocol.ErrorCode.INTERNAL,
+                f"internal error in {name}: {type(exc).__name__}: {exc}",
+            )
 
     def _sender(self, worker: Any, name: str) -> Any:
         def send(**fields: Any) -> None:
             self.executor.send(self.workers_sock, worker, name, **fields)
+
         return send
 
     def _serve_workers(self) -> None:
@@ -321,8 +331,7 @@ class Daemon:
             try:
                 self.scheduler.on_message(worker, message)
             except StoreError as exc:
-                log.error("could not record %s from %s: %s", message["type"], worker.worker_id,
-                          exc)
+                log.error("could not record %s from %s: %s", message["type"], worker.worker_id, exc)
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -334,8 +343,10 @@ class Daemon:
             pass
 
     def _shutdown(self) -> int:
-        notify.notify("STOPPING=1", f"STATUS=stopping: checkpointing "
-                      f"{self.scheduler.running()} running run(s)")
+        notify.notify(
+            "STOPPING=1",
+            f"STATUS=stopping: checkpointing {self.scheduler.running()} running run(s)",
+        )
         log.info("stopping: checkpointing %d running run(s)", self.scheduler.running())
         # Stop serving clients first: one that connects now must hear "no daemon" at once
         # instead of waiting for a reply that would never come.

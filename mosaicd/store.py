@@ -29,6 +29,7 @@ from mosaic_client.contract import (
 SCHEMA_VERSION = 4
 log = logging.getLogger("mosaicd")
 
+
 def run_groups_view() -> str:
     """CREATE VIEW run_groups: runs that share every param but the repetition's (seed, and the
     owner who queued it) form one configuration group; one row per group with its dataset key,
@@ -49,13 +50,19 @@ def run_groups_view() -> str:
                    count(*) OVER (PARTITION BY sig) AS cnt
             FROM (SELECT sig, {q(c)} AS x FROM member WHERE {q(c)} IS NOT NULL))
           WHERE rn IN ((cnt + 1) / 2, (cnt + 2) / 2) GROUP BY sig)"""
-        for i, c in enumerate(cols))
+        for i, c in enumerate(cols)
+    )
     means = ", ".join(f"avg({q(c)}) AS {q('mean_' + c)}" for c in cols)
-    squares = ", ".join(f"sum((m.{q(c)} - {q('mean_' + c)}) * (m.{q(c)} - {q('mean_' + c)})) "
-                        f"/ (count(m.{q(c)}) - 1) AS {q('var_' + c)}" for c in cols)
+    squares = ", ".join(
+        f"sum((m.{q(c)} - {q('mean_' + c)}) * (m.{q(c)} - {q('mean_' + c)})) "
+        f"/ (count(m.{q(c)}) - 1) AS {q('var_' + c)}"
+        for c in cols
+    )
     stats = ",\n       ".join(
         f"g.{q('mean_' + c)}, sqrt(s.{q('var_' + c)}) AS {q('sd_' + c)}, "
-        f"med{i}.v AS {q('median_' + c)}" for i, c in enumerate(cols))
+        f"med{i}.v AS {q('median_' + c)}"
+        for i, c in enumerate(cols)
+    )
     joins = "\n".join(f"LEFT JOIN med{i} ON med{i}.sig = g.sig" for i in range(len(cols)))
     return f"""CREATE VIEW IF NOT EXISTS run_groups AS
 WITH RECURSIVE
@@ -148,8 +155,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 
-
-
 class StoreError(Exception):
     """A study database that cannot be used, with a message that says what to do."""
 
@@ -189,8 +194,10 @@ class Store:
                 # An existing empty file (or empty SQLite database) named in a request that
                 # only reads or changes runs must not be turned into a study.
                 self.conn.close()
-                raise StoreError(f"{path} is not a Mosaic study database (it holds no runs); "
-                                 "give the database that `mosaic run` created")
+                raise StoreError(
+                    f"{path} is not a Mosaic study database (it holds no runs); "
+                    "give the database that `mosaic run` created"
+                )
             self.conn.execute("PRAGMA journal_mode = WAL")
             # WAL + NORMAL is durable across process crashes (kill -9); only a power loss
             # may drop the last transactions, never corrupt the file.
@@ -200,7 +207,8 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"{path} is not a usable SQLite database ({exc}); give a new file name or "
-                "a database created by Mosaic") from None
+                "a database created by Mosaic"
+            ) from None
         self._in_tx = False
         self.counts = self._load_counts()
 
@@ -208,16 +216,21 @@ class Store:
 
     def _version(self) -> int:
         has_system = self.conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='system'").fetchone()
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='system'"
+        ).fetchone()
         if not has_system:
             tables = self.conn.execute(
-                "SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+                "SELECT count(*) FROM sqlite_master WHERE type='table'"
+            ).fetchone()[0]
             if tables:
-                raise StoreError(f"{self.path} is an SQLite database but not a Mosaic study "
-                                 "(no 'system' table); give another file name")
+                raise StoreError(
+                    f"{self.path} is an SQLite database but not a Mosaic study "
+                    "(no 'system' table); give another file name"
+                )
             return 0
         row = self.conn.execute(
-            "SELECT param_value FROM system WHERE param_name='schema_version'").fetchone()
+            "SELECT param_value FROM system WHERE param_name='schema_version'"
+        ).fetchone()
         return int(row[0]) if row else 0
 
     def _migrate(self) -> None:
@@ -225,7 +238,8 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema version {version}, newer than this Mosaic "
-                f"({SCHEMA_VERSION}); upgrade Mosaic to use it")
+                f"({SCHEMA_VERSION}); upgrade Mosaic to use it"
+            )
         for target in sorted(v for v in MIGRATIONS if v > version):
             self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -241,14 +255,16 @@ class Store:
 
     def _get_system(self, name: str) -> Any:
         row = self.conn.execute(
-            "SELECT param_value FROM system WHERE param_name=?", (name,)).fetchone()
+            "SELECT param_value FROM system WHERE param_name=?", (name,)
+        ).fetchone()
         return row[0] if row else None
 
     def _set_system(self, name: str, value: Any) -> None:
         self.conn.execute(
             "INSERT INTO system (param_name, param_value) VALUES (?, ?) "
             "ON CONFLICT(param_name) DO UPDATE SET param_value=excluded.param_value",
-            (name, value))
+            (name, value),
+        )
 
     def close(self) -> None:
         self.conn.close()
@@ -269,9 +285,12 @@ class Store:
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
-                log.warning("%s is locked by another process (%s); waiting for it to finish its "
-                            "transaction: only mosaicd should write a study database", self.path,
-                            exc)
+                log.warning(
+                    "%s is locked by another process (%s); waiting for it to finish its "
+                    "transaction: only mosaicd should write a study database",
+                    self.path,
+                    exc,
+                )
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -297,8 +316,13 @@ class Store:
             counts[status] = n
         return counts
 
-    def transition(self, run_id: int, to_status: str, detail: str | None = None,
-                   return_status: str | None = None) -> str:
+    def transition(
+        self,
+        run_id: int,
+        to_status: str,
+        detail: str | None = None,
+        return_status: str | None = None,
+    ) -> str:
         """The one function that changes a run's state; returns the previous state."""
         with self.transaction() as conn:
             row = conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
@@ -308,19 +332,27 @@ class Store:
             if to_status not in TRANSITIONS.get(from_status, ()):
                 raise StoreError(f"run {run_id}: cannot go from {from_status} to {to_status}")
             now = time.time()
-            conn.execute("UPDATE runs SET status=?, return_status=? WHERE run_id=?",
-                         (to_status, return_status, run_id))
+            conn.execute(
+                "UPDATE runs SET status=?, return_status=? WHERE run_id=?",
+                (to_status, return_status, run_id),
+            )
             conn.execute(
                 "INSERT INTO run_events (run_id, at, from_status, to_status, detail) "
-                "VALUES (?, ?, ?, ?, ?)", (run_id, now, from_status, to_status, detail))
+                "VALUES (?, ?, ?, ?, ?)",
+                (run_id, now, from_status, to_status, detail),
+            )
             if to_status == RUNNING:
-                conn.execute("UPDATE run_meta SET started_at=?, attempts=attempts+1 "
-                             "WHERE run_id=?", (now, run_id))
+                conn.execute(
+                    "UPDATE run_meta SET started_at=?, attempts=attempts+1 WHERE run_id=?",
+                    (now, run_id),
+                )
             elif to_status in FINAL_STATES:
                 conn.execute("UPDATE run_meta SET finished_at=? WHERE run_id=?", (now, run_id))
             elif to_status == QUEUED:
-                conn.execute("UPDATE run_meta SET queued_at=?, queue_seq=? WHERE run_id=?",
-                             (now, self._next_queue_seq(), run_id))
+                conn.execute(
+                    "UPDATE run_meta SET queued_at=?, queue_seq=? WHERE run_id=?",
+                    (now, self._next_queue_seq(), run_id),
+                )
             self.counts[from_status] -= 1
             self.counts[to_status] += 1
             return from_status
@@ -331,17 +363,23 @@ class Store:
 
     # -- submissions --------------------------------------------------------------------------
 
-    def add_submission(self, owner_uid: int | None, owner: str, config_path: str,
-                       process: dict[str, Any], monitor: dict[str, Any],
-                       runs: list[tuple[list[dict[str, Any]], int, str, dict[str, Any]]],
-                       ) -> tuple[int, list[int]]:
+    def add_submission(
+        self,
+        owner_uid: int | None,
+        owner: str,
+        config_path: str,
+        process: dict[str, Any],
+        monitor: dict[str, Any],
+        runs: list[tuple[list[dict[str, Any]], int, str, dict[str, Any]]],
+    ) -> tuple[int, list[int]]:
         """Queue one submission atomically. Each run is (modules, seed, readable, params)."""
         now = time.time()
         with self.transaction() as conn:
             cur = conn.execute(
                 "INSERT INTO submissions (created_at, owner_uid, owner, config_path, process,"
                 " monitor) VALUES (?, ?, ?, ?, ?, ?)",
-                (now, owner_uid, owner, config_path, json.dumps(process), json.dumps(monitor)))
+                (now, owner_uid, owner, config_path, json.dumps(process), json.dumps(monitor)),
+            )
             submission_id = int(cur.lastrowid or 0)
             next_id = int(self._get_system("next_run_id") or 1)
             row = conn.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()
@@ -351,19 +389,33 @@ class Store:
             for offset, (modules, seed, readable, params) in enumerate(runs):
                 run_id = next_id + offset
                 run_ids.append(run_id)
-                conn.execute("INSERT INTO runs (run_id, status, pipeline, return_status) "
-                             "VALUES (?, ?, ?, NULL)", (run_id, QUEUED, readable))
+                conn.execute(
+                    "INSERT INTO runs (run_id, status, pipeline, return_status) "
+                    "VALUES (?, ?, ?, NULL)",
+                    (run_id, QUEUED, readable),
+                )
                 conn.execute(
                     "INSERT INTO run_meta (run_id, submission_id, modules, seed, epochs_target,"
                     " queue_seq, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (run_id, submission_id, json.dumps(modules), seed, int(process["epochs"]),
-                     seq + offset, now))
+                    (
+                        run_id,
+                        submission_id,
+                        json.dumps(modules),
+                        seed,
+                        int(process["epochs"]),
+                        seq + offset,
+                        now,
+                    ),
+                )
                 conn.executemany(
                     "INSERT INTO params (run_id, param_name, param_value) VALUES (?, ?, ?)",
-                    [(run_id, name, value) for name, value in params.items()])
-                conn.execute("INSERT INTO run_events (run_id, at, from_status, to_status, detail)"
-                             " VALUES (?, ?, NULL, ?, ?)",
-                             (run_id, now, QUEUED, f"submitted by {owner}"))
+                    [(run_id, name, value) for name, value in params.items()],
+                )
+                conn.execute(
+                    "INSERT INTO run_events (run_id, at, from_status, to_status, detail)"
+                    " VALUES (?, ?, NULL, ?, ?)",
+                    (run_id, now, QUEUED, f"submitted by {owner}"),
+                )
             self._set_system("next_run_id", next_id + len(runs))
             self.counts[QUEUED] += len(runs)
         return submission_id, run_ids
@@ -371,31 +423,49 @@ class Store:
     def submission(self, submission_id: int) -> dict[str, Any]:
         row = self.conn.execute(
             "SELECT owner_uid, owner, config_path, process, monitor FROM submissions "
-            "WHERE submission_id=?", (submission_id,)).fetchone()
+            "WHERE submission_id=?",
+            (submission_id,),
+        ).fetchone()
         if row is None:
             raise StoreError(f"submission {submission_id} missing from {self.path}")
-        return {"submission_id": submission_id, "owner_uid": row[0], "owner": row[1],
-                "config_path": row[2], "process": json.loads(row[3]),
-                "monitor": json.loads(row[4])}
+        return {
+            "submission_id": submission_id,
+            "owner_uid": row[0],
+            "owner": row[1],
+            "config_path": row[2],
+            "process": json.loads(row[3]),
+            "monitor": json.loads(row[4]),
+        }
 
     def _record(self, row: tuple[Any, ...]) -> RunRecord:
-        return RunRecord(run_id=row[0], submission_id=row[1], modules=json.loads(row[2]),
-                         seed=row[3], epochs_target=row[4], checkpoint_epoch=row[5],
-                         attempts=row[6], queue_seq=row[7])
+        return RunRecord(
+            run_id=row[0],
+            submission_id=row[1],
+            modules=json.loads(row[2]),
+            seed=row[3],
+            epochs_target=row[4],
+            checkpoint_epoch=row[5],
+            attempts=row[6],
+            queue_seq=row[7],
+        )
 
-    _RECORD_COLUMNS = ("m.run_id, m.submission_id, m.modules, m.seed, m.epochs_target, "
-                       "m.checkpoint_epoch, m.attempts, m.queue_seq")
+    _RECORD_COLUMNS = (
+        "m.run_id, m.submission_id, m.modules, m.seed, m.epochs_target, "
+        "m.checkpoint_epoch, m.attempts, m.queue_seq"
+    )
 
     def runs_in_state(self, status: str) -> list[RunRecord]:
         rows = self.conn.execute(
             f"SELECT {self._RECORD_COLUMNS} FROM run_meta m JOIN runs r USING (run_id) "
-            "WHERE r.status=? ORDER BY m.queue_seq", (status,))
+            "WHERE r.status=? ORDER BY m.queue_seq",
+            (status,),
+        )
         return [self._record(row) for row in rows]
 
     def run_record(self, run_id: int) -> RunRecord | None:
         row = self.conn.execute(
-            f"SELECT {self._RECORD_COLUMNS} FROM run_meta m WHERE m.run_id=?",
-            (run_id,)).fetchone()
+            f"SELECT {self._RECORD_COLUMNS} FROM run_meta m WHERE m.run_id=?", (run_id,)
+        ).fetchone()
         return self._record(row) if row else None
 
     def status_of(self, run_id: int) -> str | None:
@@ -405,7 +475,9 @@ class Store:
     def owner_of(self, run_id: int) -> tuple[int | None, str | None]:
         row = self.conn.execute(
             "SELECT s.owner_uid, s.owner FROM run_meta m JOIN submissions s "
-            "USING (submission_id) WHERE m.run_id=?", (run_id,)).fetchone()
+            "USING (submission_id) WHERE m.run_id=?",
+            (run_id,),
+        ).fetchone()
         return (row[0], row[1]) if row else (None, None)
 
     # -- progress and results -----------------------------------------------------------------
@@ -415,13 +487,23 @@ class Store:
         with self.transaction() as conn:
             for ev in events:
                 conn.execute(
-                    'INSERT OR REPLACE INTO run_epochs (run_id, epoch, train_loss, test_loss,'
+                    "INSERT OR REPLACE INTO run_epochs (run_id, epoch, train_loss, test_loss,"
                     ' train_acc, test_acc, "duration(s)") VALUES (?, ?, ?, ?, ?, ?, ?)',
-                    (ev["run_id"], ev["epoch"], ev["train_loss"], ev["test_loss"],
-                     ev.get("train_acc"), ev.get("test_acc"), ev["duration"]))
+                    (
+                        ev["run_id"],
+                        ev["epoch"],
+                        ev["train_loss"],
+                        ev["test_loss"],
+                        ev.get("train_acc"),
+                        ev.get("test_acc"),
+                        ev["duration"],
+                    ),
+                )
                 if ev.get("checkpointed"):
-                    conn.execute("UPDATE run_meta SET checkpoint_epoch=? WHERE run_id=?",
-                                 (ev["epoch"], ev["run_id"]))
+                    conn.execute(
+                        "UPDATE run_meta SET checkpoint_epoch=? WHERE run_id=?",
+                        (ev["epoch"], ev["run_id"]),
+                    )
 
     def set_checkpoint_epoch(self, run_id: int, epoch: int) -> None:
         with self.transaction() as conn:
@@ -430,13 +512,14 @@ class Store:
     def truncate_history(self, run_id: int, after_epoch: int) -> None:
         """Drop epochs recorded after the checkpoint a run resumes from: no repeats, no gaps."""
         with self.transaction() as conn:
-            conn.execute("DELETE FROM run_epochs WHERE run_id=? AND epoch>?",
-                         (run_id, after_epoch))
+            conn.execute("DELETE FROM run_epochs WHERE run_id=? AND epoch>?", (run_id, after_epoch))
 
     def history(self, run_id: int) -> list[dict[str, Any]]:
         rows = self.conn.execute(
             'SELECT epoch, train_loss, test_loss, train_acc, test_acc, "duration(s)" '
-            "FROM run_epochs WHERE run_id=? ORDER BY epoch", (run_id,))
+            "FROM run_epochs WHERE run_id=? ORDER BY epoch",
+            (run_id,),
+        )
         keys = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc", "duration")
         return [dict(zip(keys, row)) for row in rows]
 
@@ -446,13 +529,16 @@ class Store:
                 f"INSERT OR REPLACE INTO run_results (run_id, "
                 f"{', '.join(chr(34) + c + chr(34) for c in RESULT_COLUMNS)}) "
                 f"VALUES (?{', ?' * len(RESULT_COLUMNS)})",
-                (run_id, *(results.get(c) for c in RESULT_COLUMNS)))
+                (run_id, *(results.get(c) for c in RESULT_COLUMNS)),
+            )
             self.transition(run_id, DONE, "finished", return_status=summary)
 
     def extend_target(self, run_id: int, extra_epochs: int) -> None:
         with self.transaction() as conn:
-            conn.execute("UPDATE run_meta SET epochs_target=epochs_target+? WHERE run_id=?",
-                         (extra_epochs, run_id))
+            conn.execute(
+                "UPDATE run_meta SET epochs_target=epochs_target+? WHERE run_id=?",
+                (extra_epochs, run_id),
+            )
 
     def recent(self, status: str, limit: int) -> list[dict[str, Any]]:
         if status == DONE:
@@ -460,20 +546,33 @@ class Store:
                 'SELECT r.run_id, r.pipeline, rr.train_loss, rr.test_loss, rr."duration(s)", '
                 "rr.train_acc, rr.test_acc, rr.epochs FROM runs r LEFT JOIN run_results rr "
                 "USING (run_id) WHERE r.status=? ORDER BY r.run_id DESC LIMIT ?",
-                (status, limit))
-            keys = ("run_id", "pipeline", "train_loss", "test_loss", "duration", "train_acc",
-                    "test_acc", "epochs")
+                (status, limit),
+            )
+            keys = (
+                "run_id",
+                "pipeline",
+                "train_loss",
+                "test_loss",
+                "duration",
+                "train_acc",
+                "test_acc",
+                "epochs",
+            )
         else:
             rows = self.conn.execute(
                 "SELECT run_id, pipeline, return_status FROM runs WHERE status=? "
-                "ORDER BY run_id DESC LIMIT ?", (status, limit))
+                "ORDER BY run_id DESC LIMIT ?",
+                (status, limit),
+            )
             keys = ("run_id", "pipeline", "return_status")
         return [dict(zip(keys, row)) for row in rows]
 
     def submission_counts(self, submission_id: int) -> dict[str, int]:
         rows = self.conn.execute(
             "SELECT r.status, count(*) FROM run_meta m JOIN runs r USING (run_id) "
-            "WHERE m.submission_id=? GROUP BY r.status", (submission_id,))
+            "WHERE m.submission_id=? GROUP BY r.status",
+            (submission_id,),
+        )
         return {status: n for status, n in rows}
 
     def pipeline_text(self, run_id: int) -> str:
@@ -485,29 +584,46 @@ class Store:
             conn.executemany(
                 "INSERT INTO params (run_id, param_name, param_value) VALUES (?, ?, ?) "
                 "ON CONFLICT(run_id, param_name) DO UPDATE SET param_value=excluded.param_value",
-                changes)
+                changes,
+            )
 
     def describe(self, run_id: int) -> dict[str, Any] | None:
         """Everything known about one run, for `mosaic show`."""
-        row = self.conn.execute("SELECT status, pipeline, return_status FROM runs WHERE run_id=?",
-                                (run_id,)).fetchone()
+        row = self.conn.execute(
+            "SELECT status, pipeline, return_status FROM runs WHERE run_id=?", (run_id,)
+        ).fetchone()
         if row is None:
             return None
-        params = {n: v for n, v in self.conn.execute(
-            "SELECT param_name, param_value FROM params WHERE run_id=? ORDER BY param_name",
-            (run_id,))}
+        params = {
+            n: v
+            for n, v in self.conn.execute(
+                "SELECT param_name, param_value FROM params WHERE run_id=? ORDER BY param_name",
+                (run_id,),
+            )
+        }
         results_row = self.conn.execute(
             f"SELECT {', '.join(chr(34) + c + chr(34) for c in RESULT_COLUMNS)} "
-            "FROM run_results WHERE run_id=?", (run_id,)).fetchone()
-        events = [{"at": at, "from": f, "to": t, "detail": d} for at, f, t, d in self.conn.execute(
-            "SELECT at, from_status, to_status, detail FROM run_events WHERE run_id=? "
-            "ORDER BY event_id", (run_id,))]
+            "FROM run_results WHERE run_id=?",
+            (run_id,),
+        ).fetchone()
+        events = [
+            {"at": at, "from": f, "to": t, "detail": d}
+            for at, f, t, d in self.conn.execute(
+                "SELECT at, from_status, to_status, detail FROM run_events WHERE run_id=? "
+                "ORDER BY event_id",
+                (run_id,),
+            )
+        ]
         record = self.run_record(run_id)
         return {
-            "run_id": run_id, "status": row[0], "pipeline": row[1], "return_status": row[2],
+            "run_id": run_id,
+            "status": row[0],
+            "pipeline": row[1],
+            "return_status": row[2],
             "params": params,
             "results": dict(zip(RESULT_COLUMNS, results_row)) if results_row else None,
-            "events": events, "history": self.history(run_id),
+            "events": events,
+            "history": self.history(run_id),
             "seed": record.seed if record else None,
             "epochs_target": record.epochs_target if record else None,
             "checkpoint_epoch": record.checkpoint_epoch if record else None,
@@ -519,19 +635,22 @@ class DaemonState:
 
     def __init__(self, state_dir: str) -> None:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        self.conn = sqlite3.connect(os.path.join(state_dir, "daemon.db"), isolation_level=None,
-                                    timeout=10.0)
+        self.conn = sqlite3.connect(
+            os.path.join(state_dir, "daemon.db"), isolation_level=None, timeout=10.0
+        )
         self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("CREATE TABLE IF NOT EXISTS studies (path TEXT PRIMARY KEY, "
-                          "added_at REAL NOT NULL)")
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS studies (path TEXT PRIMARY KEY, added_at REAL NOT NULL)"
+        )
         self.conn.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value)")
 
     def studies(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT path FROM studies ORDER BY added_at")]
 
     def add_study(self, path: str) -> None:
-        self.conn.execute("INSERT OR IGNORE INTO studies (path, added_at) VALUES (?, ?)",
-                          (path, time.time()))
+        self.conn.execute(
+            "INSERT OR IGNORE INTO studies (path, added_at) VALUES (?, ?)", (path, time.time())
+        )
 
     def remove_study(self, path: str) -> None:
         self.conn.execute("DELETE FROM studies WHERE path=?", (path,))
@@ -541,8 +660,11 @@ class DaemonState:
         return row[0] if row else default
 
     def set(self, name: str, value: Any) -> None:
-        self.conn.execute("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT(name) "
-                          "DO UPDATE SET value=excluded.value", (name, value))
+        self.conn.execute(
+            "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT(name) "
+            "DO UPDATE SET value=excluded.value",
+            (name, value),
+        )
 
     # The holds (mosaicd.holds). The setting names are those of earlier releases, so a hold
     # survives an upgrade.

@@ -29,8 +29,10 @@ class Studies:
             raise Refused(ErrorCode.NOT_FOUND, f"no study database at {path}")
         if os.path.exists(path) and not os.path.isfile(path):
             # A directory, /dev/null, a FIFO: SQLite would create journals beside it.
-            raise Refused(ErrorCode.INVALID, f"{path} is not a regular file; give the path of a "
-                          "study database file")
+            raise Refused(
+                ErrorCode.INVALID,
+                f"{path} is not a regular file; give the path of a study database file",
+            )
         try:
             store = Store(path, create=create)
         except StoreError as exc:

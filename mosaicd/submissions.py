@@ -56,13 +56,16 @@ class Submission:
     def allows(self, slot: Slot) -> bool:
         if slot.kind != self.slot_kind:
             return False
-        wanted = [str(g).replace("cuda:", "")
-                  for g in schema.value(schema.MONITOR, self.monitor, "gpu_available") or []]
+        wanted = [
+            str(g).replace("cuda:", "")
+            for g in schema.value(schema.MONITOR, self.monitor, "gpu_available") or []
+        ]
         return slot.kind == "cpu" or not wanted or slot.gpu in wanted
 
 
-def submission_problem(process: dict[str, Any], monitor: dict[str, Any],
-                       pipelines: list[Any]) -> str | None:
+def submission_problem(
+    process: dict[str, Any], monitor: dict[str, Any], pipelines: list[Any]
+) -> str | None:
     """What makes a submission unusable, or None. The CLI's config checks do not protect the
     daemon from a hand-made request, and a bad value found later (at dispatch, in the timeout
     check) would fail every run or stop the loop: refuse it here, before anything is written."""
@@ -75,13 +78,17 @@ def submission_problem(process: dict[str, Any], monitor: dict[str, Any],
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         # Else every run would fail in its worker before it could write its log.
-        return (f"run_files_path {run_files}: {existing} exists and is not a directory; give "
-                "a directory (it is created if missing)")
+        return (
+            f"run_files_path {run_files}: {existing} exists and is not a directory; give "
+            "a directory (it is created if missing)"
+        )
     schemes = [*process["data_scheme"], *process["pipeline_scheme"]]
     for pipeline in pipelines:
         if len(pipeline) != len(schemes):
-            return (f"each pipeline must have one module per scheme type ({len(schemes)}), "
-                    f"got {len(pipeline)}")
+            return (
+                f"each pipeline must have one module per scheme type ({len(schemes)}), "
+                f"got {len(pipeline)}"
+            )
         for module in pipeline:
             for name in _MODULE_NAMES:
                 if not isinstance(module.get(name), str) or not module[name]:
@@ -91,8 +98,9 @@ def submission_problem(process: dict[str, Any], monitor: dict[str, Any],
     return None
 
 
-def check_submission(process: dict[str, Any], monitor: dict[str, Any], pipelines: list[Any],
-                     gpu_slots: int) -> None:
+def check_submission(
+    process: dict[str, Any], monitor: dict[str, Any], pipelines: list[Any], gpu_slots: int
+) -> None:
     """Refuse a submission the daemon cannot run; nothing is written before this passes."""
     if not pipelines:
         raise Refused(ErrorCode.INVALID, "the submission has no pipeline")
@@ -103,9 +111,12 @@ def check_submission(process: dict[str, Any], monitor: dict[str, Any], pipelines
     if problem:
         raise Refused(ErrorCode.INVALID, f"{problem}; nothing was queued")
     if schema.value(schema.MONITOR, monitor, "need_gpu") and not gpu_slots:
-        raise Refused(ErrorCode.INVALID, "this submission needs a GPU (MONITOR need_gpu = true) "
-                      "but this daemon has no GPU slots; start mosaicd with --gpus 0,... on a "
-                      "GPU machine, or set need_gpu = false")
+        raise Refused(
+            ErrorCode.INVALID,
+            "this submission needs a GPU (MONITOR need_gpu = true) "
+            "but this daemon has no GPU slots; start mosaicd with --gpus 0,... on a "
+            "GPU machine, or set need_gpu = false",
+        )
 
 
 def readable_pipeline(modules: list[dict[str, Any]]) -> str:
@@ -117,8 +128,13 @@ def readable_pipeline(modules: list[dict[str, Any]]) -> str:
     return " | ".join(parts)
 
 
-def run_params(process: dict[str, Any], modules: list[dict[str, Any]], seed: int,
-               owner_uid: int | None, owner: str | None) -> dict[str, Any]:
+def run_params(
+    process: dict[str, Any],
+    modules: list[dict[str, Any]],
+    seed: int,
+    owner_uid: int | None,
+    owner: str | None,
+) -> dict[str, Any]:
     """The seed's params naming: PROCESS values, pipeline, {type}_key, {class}_{param}."""
     params: dict[str, Any] = {}
     for name, value in process.items():
@@ -140,8 +156,13 @@ def run_params(process: dict[str, Any], modules: list[dict[str, Any]], seed: int
 Run = tuple[list[dict[str, Any]], int, str, dict[str, Any]]  # modules, seed, readable, params
 
 
-def build_runs(process: dict[str, Any], monitor: dict[str, Any], pipelines: list[Any],
-               owner_uid: int | None, owner: str | None) -> list[Run]:
+def build_runs(
+    process: dict[str, Any],
+    monitor: dict[str, Any],
+    pipelines: list[Any],
+    owner_uid: int | None,
+    owner: str | None,
+) -> list[Run]:
     """The runs of a checked submission, as Store.add_submission takes them: repetition i of a
     pipeline gets seed + i (random seeds without a PROCESS seed)."""
     base_seed = process.get("seed")
@@ -152,6 +173,12 @@ def build_runs(process: dict[str, Any], monitor: dict[str, Any], pipelines: list
             seed = base_seed + index % multiplicity
         else:
             seed = secrets.randbelow(2**31)
-        runs.append((modules, seed, readable_pipeline(modules),
-                     run_params(process, modules, seed, owner_uid, owner)))
+        runs.append(
+            (
+                modules,
+                seed,
+                readable_pipeline(modules),
+                run_params(process, modules, seed, owner_uid, owner),
+            )
+        )
     return runs

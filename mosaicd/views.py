@@ -30,15 +30,23 @@ Active = dict[tuple[str, int], ActiveRun]
 
 
 def _running(run: ActiveRun, now: float) -> RunningRunView:
-    return {"run_id": run.record.run_id, "pipeline": run.pipeline, "epoch": run.epoch,
-            "epochs": run.record.epochs_target, "train_loss": run.train_loss,
-            "test_loss": run.test_loss, "worker": run.worker.worker_id,
-            "slot": run.worker.slot.label, "owner": run.submission.owner,
-            "elapsed": now - run.started}
+    return {
+        "run_id": run.record.run_id,
+        "pipeline": run.pipeline,
+        "epoch": run.epoch,
+        "epochs": run.record.epochs_target,
+        "train_loss": run.train_loss,
+        "test_loss": run.test_loss,
+        "worker": run.worker.worker_id,
+        "slot": run.worker.slot.label,
+        "owner": run.submission.owner,
+        "elapsed": now - run.started,
+    }
 
 
-def _finished(store: Store, state: str, limit: int, uid: int | None,
-              mine: bool) -> list[FinishedRunView]:
+def _finished(
+    store: Store, state: str, limit: int, uid: int | None, mine: bool
+) -> list[FinishedRunView]:
     """The latest finished runs of a state, each with its owner (only the caller's: mine)."""
     rows: list[Any] = []
     for row in store.recent(state, limit):
@@ -49,30 +57,57 @@ def _finished(store: Store, state: str, limit: int, uid: int | None,
 
 
 def _worker(executor: Executor, worker: WorkerHandle) -> WorkerView:
-    return {"id": worker.worker_id, "slot": worker.slot.label, "state": worker.state,
-            "pid": worker.pid, "run_id": worker.run[1] if worker.run else None,
-            # The Ray executor adds the actor's node.
-            "runs_done": worker.runs_done, **executor.resources(worker)}  # type: ignore[typeddict-item]
+    return {
+        "id": worker.worker_id,
+        "slot": worker.slot.label,
+        "state": worker.state,
+        "pid": worker.pid,
+        "run_id": worker.run[1] if worker.run else None,
+        # The Ray executor adds the actor's node.
+        "runs_done": worker.runs_done,
+        **executor.resources(worker),
+    }  # type: ignore[typeddict-item]
 
 
-def status(studies: Studies, active: Active, queue: RunQueue, executor: Executor, holds: Holds,
-           db: str | None, limit: int, uid: int | None, mine: bool,
-           submission: int | None) -> StatusReply:
+def status(
+    studies: Studies,
+    active: Active,
+    queue: RunQueue,
+    executor: Executor,
+    holds: Holds,
+    db: str | None,
+    limit: int,
+    uid: int | None,
+    mine: bool,
+    submission: int | None,
+) -> StatusReply:
     """`mosaic status` (and `status --watch`, `status --json`, `run --follow`)."""
     now = time.time()
     study_views: list[StudyView] = []
     for path, store in studies.items():
         if db and path != db:
             continue
-        running = [_running(r, now) for r in active.values()
-                   if r.study == path and (not mine or r.submission.owner_uid == uid)]
-        study_views.append({"db": path, "counts": dict(store.counts), "running": running,
-                            "done": _finished(store, DONE, limit, uid, mine),
-                            "failed": _finished(store, FAILED, limit, uid, mine)})
+        running = [
+            _running(r, now)
+            for r in active.values()
+            if r.study == path and (not mine or r.submission.owner_uid == uid)
+        ]
+        study_views.append(
+            {
+                "db": path,
+                "counts": dict(store.counts),
+                "running": running,
+                "done": _finished(store, DONE, limit, uid, mine),
+                "failed": _finished(store, FAILED, limit, uid, mine),
+            }
+        )
     reply: StatusReply = {
         "paused": holds.all,
         "workers": [_worker(executor, w) for w in executor.workers.values()],
-        "studies": study_views, "queued": queue.total(), "paused_owners": sorted(holds.owners)}
+        "studies": study_views,
+        "queued": queue.total(),
+        "paused_owners": sorted(holds.owners),
+    }
     if db and submission is not None:
         reply["submission_counts"] = studies.open(db, create=False).submission_counts(submission)
     return reply
@@ -87,15 +122,20 @@ def show(studies: Studies, active: Active, queue: RunQueue, db: str, run_id: int
     reply: ShowReply = info
     run = active.get((db, run_id))
     if run is not None:
-        reply["live"] = {"epoch": run.epoch, "worker": run.worker.worker_id,
-                         "slot": run.worker.slot.label, "pid": run.worker.pid}
+        reply["live"] = {
+            "epoch": run.epoch,
+            "worker": run.worker.worker_id,
+            "slot": run.worker.slot.label,
+            "pid": run.worker.pid,
+        }
     if reply["status"] == QUEUED:
         reply["queued_ahead"] = queue.ahead_of(db, run_id)
     return reply
 
 
-def pending(queue: RunQueue, db: str | None, owner_uid: int | None,
-            everyone: bool) -> list[PendingItem]:
+def pending(
+    queue: RunQueue, db: str | None, owner_uid: int | None, everyone: bool
+) -> list[PendingItem]:
     """The not-yet-run pipelines with their PROCESS/MONITOR, for `pause FILE.json`: the
     owner's only, unless `everyone` (an administrator)."""
     out: list[PendingItem] = []
@@ -104,9 +144,15 @@ def pending(queue: RunQueue, db: str | None, owner_uid: int | None,
             continue
         if submission.owner_uid != owner_uid and not everyone:
             continue  # other users' pipelines are theirs to save
-        out.append({"db": submission.study, "process": submission.process,
-                    "monitor": submission.monitor, "run_ids": [r.run_id for r in records],
-                    "pipelines": [r.modules for r in records]})
+        out.append(
+            {
+                "db": submission.study,
+                "process": submission.process,
+                "monitor": submission.monitor,
+                "run_ids": [r.run_id for r in records],
+                "pipelines": [r.modules for r in records],
+            }
+        )
     return out
 
 

@@ -109,11 +109,13 @@ class GlobalState:
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         torch.set_grad_enabled(self.grad)
-        if (torch.are_deterministic_algorithms_enabled() != self.deterministic
-                or torch.is_deterministic_algorithms_warn_only_enabled()
-                != self.deterministic_warn):
-            torch.use_deterministic_algorithms(self.deterministic,
-                                               warn_only=self.deterministic_warn)
+        if (
+            torch.are_deterministic_algorithms_enabled() != self.deterministic
+            or torch.is_deterministic_algorithms_warn_only_enabled() != self.deterministic_warn
+        ):
+            torch.use_deterministic_algorithms(
+                self.deterministic, warn_only=self.deterministic_warn
+            )
         torch.set_float32_matmul_precision(self.matmul_precision)
         torch.autograd.set_detect_anomaly(self.anomaly)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = self.cudnn
@@ -126,7 +128,7 @@ _FRAME_HEADER = 4  # big-endian length before each message a forked run sends it
 def _write_frame(fd: int, payload: bytes) -> None:
     data = len(payload).to_bytes(_FRAME_HEADER, "big") + payload
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 def _die_like(status: int) -> NoReturn:
@@ -142,8 +144,7 @@ def _die_like(status: int) -> NoReturn:
 
 
 class Worker:
-    def __init__(self, address: str, worker_id: str, slot: str,
-                 isolation: str = "state") -> None:
+    def __init__(self, address: str, worker_id: str, slot: str, isolation: str = "state") -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
@@ -182,8 +183,7 @@ class Worker:
         if self.pipe_out is not None:  # a forked run: the worker relays a park as SIGUSR1
             return self.park_signalled
         while self.sock.poll(0):
-            message = protocol.decode_worker_message(self.sock.recv(),
-                                                     protocol.DAEMON_TO_WORKER)
+            message = protocol.decode_worker_message(self.sock.recv(), protocol.DAEMON_TO_WORKER)
             self._handle_control(message, run_id)
         return self.park_for == run_id
 
@@ -192,8 +192,11 @@ class Worker:
 
         self.send("hello", pid=os.getpid(), slot=self.slot)
         while not self.exit_requested:
-            message = (self.pending.pop(0) if self.pending else
-                       protocol.decode_worker_message(self.sock.recv(), protocol.DAEMON_TO_WORKER))
+            message = (
+                self.pending.pop(0)
+                if self.pending
+                else protocol.decode_worker_message(self.sock.recv(), protocol.DAEMON_TO_WORKER)
+            )
             if message["type"] != "run":
                 self._handle_control(message, None)
                 continue
@@ -213,8 +216,9 @@ class Worker:
         with warnings.catch_warnings():
             # The warning is about zmq's I/O threads: the child never touches zmq (it talks
             # through the pipe and ends with os._exit), and glibc's malloc is fork-safe.
-            warnings.filterwarnings("ignore", "This process .* is multi-threaded",
-                                    DeprecationWarning)
+            warnings.filterwarnings(
+                "ignore", "This process .* is multi-threaded", DeprecationWarning
+            )
             pid = os.fork()
         if pid == 0:  # the run process
             code = 0
@@ -244,12 +248,13 @@ class Worker:
                         size = int.from_bytes(buffer[:_FRAME_HEADER], "big")
                         if len(buffer) < _FRAME_HEADER + size:
                             break
-                        self.sock.send(buffer[_FRAME_HEADER:_FRAME_HEADER + size])
-                        buffer = buffer[_FRAME_HEADER + size:]
+                        self.sock.send(buffer[_FRAME_HEADER : _FRAME_HEADER + size])
+                        buffer = buffer[_FRAME_HEADER + size :]
                 else:
                     while self.sock.poll(0):
-                        message = protocol.decode_worker_message(self.sock.recv(),
-                                                                 protocol.DAEMON_TO_WORKER)
+                        message = protocol.decode_worker_message(
+                            self.sock.recv(), protocol.DAEMON_TO_WORKER
+                        )
                         if message["type"] == "park" and message["run_id"] == run_id:
                             os.kill(pid, signal.SIGUSR1)
                         else:
@@ -272,7 +277,8 @@ class Worker:
         log_path = contract.run_log_path(spec["run_files_path"], run_id)
         channel = execution.Channel(
             on_epoch=lambda event: self.send("epoch", **event),
-            park_requested=lambda: self.park_requested(run_id))
+            park_requested=lambda: self.park_requested(run_id),
+        )
         outcome: tuple[str, dict[str, Any]]
         try:
             with RedirectedOutput(log_path):
@@ -285,12 +291,17 @@ class Worker:
                 except BaseException as exc:  # user code may raise anything, even SystemExit
                     text = traceback.format_exc()
                     print(text, file=sys.stderr, flush=True)
-                    message = (str(exc) if isinstance(exc, execution.UserCodeError)
-                               else f"{type(exc).__name__}: {exc}")
+                    message = (
+                        str(exc)
+                        if isinstance(exc, execution.UserCodeError)
+                        else f"{type(exc).__name__}: {exc}"
+                    )
                     outcome = ("failed", {"error": message, "traceback": text})
         except OSError as exc:  # the log file itself could not be written (disk full, perms)
-            outcome = ("failed", {"error": f"cannot write run files: {exc}",
-                                  "traceback": traceback.format_exc()})
+            outcome = (
+                "failed",
+                {"error": f"cannot write run files: {exc}", "traceback": traceback.format_exc()},
+            )
         finally:
             if state is not None:
                 state.restore()
@@ -316,8 +327,9 @@ def warms_up(isolation: str, slot: str) -> bool:
     return not (isolation == "process" and slot.startswith("cuda"))
 
 
-def start(address: str, worker_id: str, slot: str, isolation: str, *,
-          die_with_parent: bool) -> None:
+def start(
+    address: str, worker_id: str, slot: str, isolation: str, *, die_with_parent: bool
+) -> None:
     """Set up this process as a worker and serve the daemon at `address` until it says exit.
 
     The one start-up of every worker: ``python -m mosaicd.worker`` (through :func:`main`, with
@@ -325,8 +337,9 @@ def start(address: str, worker_id: str, slot: str, isolation: str, *,
     with its own environment: nothing set there is overridden).
     """
     if isolation not in ISOLATION_MODES:
-        raise ValueError(f"unknown isolation {isolation!r}; expected one of "
-                         f"{', '.join(ISOLATION_MODES)}")
+        raise ValueError(
+            f"unknown isolation {isolation!r}; expected one of {', '.join(ISOLATION_MODES)}"
+        )
     if die_with_parent:
         _die_with_parent()
     # The daemon stops workers itself; a Ctrl-C in the daemon's terminal must not kill a run

@@ -50,8 +50,11 @@ class WorkerEvents(SchedulerCore):
         run = self._active_for(worker, event["run_id"])
         if run is None:
             return
-        run.epoch, run.train_loss, run.test_loss = (event["epoch"], event["train_loss"],
-                                                    event["test_loss"])
+        run.epoch, run.train_loss, run.test_loss = (
+            event["epoch"],
+            event["train_loss"],
+            event["test_loss"],
+        )
         self._pending_epochs.setdefault(run.study, []).append(event)
 
     def flush_epochs(self) -> None:
@@ -78,8 +81,10 @@ class WorkerEvents(SchedulerCore):
         if run is None:
             return
         results = message["results"]
-        summary = (f"done: {results.get('epochs')} epochs, train_loss "
-                   f"{results.get('train_loss'):.6g}, test_loss {results.get('test_loss'):.6g}")
+        summary = (
+            f"done: {results.get('epochs')} epochs, train_loss "
+            f"{results.get('train_loss'):.6g}, test_loss {results.get('test_loss'):.6g}"
+        )
         self._studies[run.study].finish_run(run.record.run_id, results, summary)
         self._finish(run, worker, recycle=False)
 
@@ -88,8 +93,9 @@ class WorkerEvents(SchedulerCore):
         if run is None:
             return
         text = f"{message['error']}\n\n{message['traceback']}"
-        self._studies[run.study].transition(run.record.run_id, FAILED, message["error"][:500],
-                                            return_status=text)
+        self._studies[run.study].transition(
+            run.record.run_id, FAILED, message["error"][:500], return_status=text
+        )
         # A failed run may have left the process in any state: start the next one fresh.
         self._finish(run, worker, recycle=True)
 
@@ -101,8 +107,9 @@ class WorkerEvents(SchedulerCore):
         run_id = run.record.run_id
         store.set_checkpoint_epoch(run_id, message["epoch"])
         if self.shutting_down:
-            store.transition(run_id, QUEUED, f"daemon stopping; checkpointed at epoch "
-                             f"{message['epoch']}")
+            store.transition(
+                run_id, QUEUED, f"daemon stopping; checkpointed at epoch {message['epoch']}"
+            )
         else:
             store.transition(run_id, PARKED, f"parked at epoch {message['epoch']}")
         self._finish(run, worker, recycle=False)
@@ -114,8 +121,7 @@ class WorkerEvents(SchedulerCore):
         if not self.shutting_down:
             self._executor.replace(worker, code)
 
-    def _settle_run_of_dead_worker(self, run: ActiveRun, worker: WorkerHandle,
-                                   code: int) -> None:
+    def _settle_run_of_dead_worker(self, run: ActiveRun, worker: WorkerHandle, code: int) -> None:
         run.submission.running -= 1
         self.flush_epochs()
         store = self._studies[run.study]
@@ -128,8 +134,11 @@ class WorkerEvents(SchedulerCore):
         status = store.status_of(run_id)
         if status != RUNNING:
             pass  # cancelled or otherwise settled by the daemon before the kill
-        elif (not worker.killed_for or worker.killed_for.startswith("worker")) and \
-                run.record.attempts < run.submission.retries and not self.shutting_down:
+        elif (
+            (not worker.killed_for or worker.killed_for.startswith("worker"))
+            and run.record.attempts < run.submission.retries
+            and not self.shutting_down
+        ):
             store.transition(run_id, QUEUED, f"{cause}; retrying")
             record = store.run_record(run_id)
             if record:
@@ -137,8 +146,12 @@ class WorkerEvents(SchedulerCore):
         elif self.shutting_down:
             store.transition(run_id, QUEUED, "daemon stopping")
         else:
-            store.transition(run_id, FAILED, cause, return_status=(
-                f"{cause}\n\nlast lines of the run's output:\n{tail}"))
+            store.transition(
+                run_id,
+                FAILED,
+                cause,
+                return_status=(f"{cause}\n\nlast lines of the run's output:\n{tail}"),
+            )
 
     def check_timeouts(self) -> None:
         now = time.time()
@@ -150,8 +163,10 @@ class WorkerEvents(SchedulerCore):
                 continue
             if timeout and now - run.started > timeout:
                 # on_worker_exit records the failure, with the run's last output lines.
-                reason = (f"timed out after {timeout:g} s (MONITOR timeout); its worker "
-                          f"(pid {run.worker.pid}, {run.worker.slot.label}) was killed")
+                reason = (
+                    f"timed out after {timeout:g} s (MONITOR timeout); its worker "
+                    f"(pid {run.worker.pid}, {run.worker.slot.label}) was killed"
+                )
                 self._executor.kill(run.worker, reason)
 
 

@@ -49,9 +49,25 @@ class Daemon:
         os.makedirs(os.path.dirname(self.socket), exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mosaicd", "--socket", self.socket, "--state-dir",
-             self.state_dir, "--workers", str(self.workers), "--gpus", "", *self.extra],
-            env=self.env, stdout=log, stderr=log, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mosaicd",
+                "--socket",
+                self.socket,
+                "--state-dir",
+                self.state_dir,
+                "--workers",
+                str(self.workers),
+                "--gpus",
+                "",
+                *self.extra,
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -83,18 +99,31 @@ class Daemon:
         os.killpg(self.proc.pid, signal.SIGKILL)  # the daemon and its workers, like OOM/power
         self.proc.wait()
 
-    def cli(self, *args: str, cwd: Path | None = None, timeout: float = 300,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "mosaic_client.cli", *args],
-                                env=self.env, cwd=cwd or self.root, capture_output=True,
-                                text=True, timeout=timeout)
+    def cli(
+        self, *args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "mosaic_client.cli", *args],
+            env=self.env,
+            cwd=cwd or self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"mosaic {' '.join(args)} failed ({result.returncode}):\n"
-                                 f"{result.stdout}\n{result.stderr}")
+            raise AssertionError(
+                f"mosaic {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
         return result
 
-    def wait_for(self, db: str, states: tuple[str, ...] = ("done", "failed", "cancelled"),
-                 total: int | None = None, timeout: float = 180.0) -> dict[str, int]:
+    def wait_for(
+        self,
+        db: str,
+        states: tuple[str, ...] = ("done", "failed", "cancelled"),
+        total: int | None = None,
+        timeout: float = 180.0,
+    ) -> dict[str, int]:
         """Wait until every run of the study is in one of `states`; return the counts."""
         deadline = time.monotonic() + timeout
         counts: dict[str, int] = {}
@@ -133,11 +162,20 @@ def write_project(root: Path, config: str, files: dict[str, str] | None = None) 
     return path
 
 
-def example_config(root: Path, epochs: int = 3, multiplicity: int = 1, nb_processus: int = 2,
-                   extra_monitor: str = "", mlp_length: str = "2", mlp_width: str = "3",
-                   seed: int = 0) -> Path:
+def example_config(
+    root: Path,
+    epochs: int = 3,
+    multiplicity: int = 1,
+    nb_processus: int = 2,
+    extra_monitor: str = "",
+    mlp_length: str = "2",
+    mlp_width: str = "3",
+    seed: int = 0,
+) -> Path:
     """A small sweep over the OR/AND example classes."""
-    return write_project(root, f"""
+    return write_project(
+        root,
+        f"""
         [PROCESS]
         lr = 0.01
         epochs = {epochs}
@@ -170,7 +208,8 @@ def example_config(root: Path, epochs: int = 3, multiplicity: int = 1, nb_proces
         length = {mlp_length}
         width = {mlp_width}
         key = mlp_{{class}}
-        """)
+        """,
+    )
 
 
 def query(db: str | Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:

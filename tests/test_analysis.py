@@ -26,13 +26,30 @@ from conftest import EXAMPLE, REPO, Daemon, query, write_project
 
 from mosaic_client import analysis
 
-CRITERIA = ("train_loss", "test_loss", "train_acc", "test_acc", "nb_params", "duration(s)",
-            "epochs", "overfit", "trainability", "slope")
+CRITERIA = (
+    "train_loss",
+    "test_loss",
+    "train_acc",
+    "test_acc",
+    "nb_params",
+    "duration(s)",
+    "epochs",
+    "overfit",
+    "trainability",
+    "slope",
+)
 
 
-def _config(root: Path, name: str, datasets: tuple[str, ...], funnel_width: str,
-            brick_width: str | None, multiplicity: int) -> Path:
-    sections = "".join(f"""
+def _config(
+    root: Path,
+    name: str,
+    datasets: tuple[str, ...],
+    funnel_width: str,
+    brick_width: str | None,
+    multiplicity: int,
+) -> Path:
+    sections = "".join(
+        f"""
         [dataset_{d}]
         type = dataset
         class = dataset_{d}
@@ -41,8 +58,11 @@ def _config(root: Path, name: str, datasets: tuple[str, ...], funnel_width: str,
         train_prop = 0.8
         batch_size = 12
         key = data_{{class}}
-        """ for d in datasets)
-    brick = f"""
+        """
+        for d in datasets
+    )
+    brick = (
+        f"""
         [mlp_brick]
         type = mlp
         class = mlp_brick
@@ -50,10 +70,15 @@ def _config(root: Path, name: str, datasets: tuple[str, ...], funnel_width: str,
         length = 1
         width = {brick_width}
         key = mlp_{{class}}
-        """ if brick_width else ""
+        """
+        if brick_width
+        else ""
+    )
     project = root / name
     project.mkdir()
-    return write_project(project, f"""
+    return write_project(
+        project,
+        f"""
         [PROCESS]
         lr = 0.01
         epochs = 2
@@ -76,7 +101,8 @@ def _config(root: Path, name: str, datasets: tuple[str, ...], funnel_width: str,
         length = 1
         width = {funnel_width}
         key = mlp_{{class}}
-        {brick}""")
+        {brick}""",
+    )
 
 
 class Study:
@@ -121,16 +147,20 @@ def pdf_pages(path: Path) -> int:
 # -- plotloss ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("selection", "size", "runs", "pages"), [
-    (["-id", "all"], 2, 12, 3),
-    (["-id", "all"], 3, 12, 2),
-    (["-id", "1-4"], 2, 4, 1),
-    (["-id", "1-3"], 1, 3, 3),
-    (["-request", "SELECT run_id FROM runs WHERE status='done'"], 4, 10, 1),
-    (["-param_name_and_value", "mlp_key", "mlp_mlp_brick"], 2, 4, 1),
-])
-def test_plotloss_pages(study: Study, selection: list[str], size: int, runs: int,
-                        pages: int) -> None:
+@pytest.mark.parametrize(
+    ("selection", "size", "runs", "pages"),
+    [
+        (["-id", "all"], 2, 12, 3),
+        (["-id", "all"], 3, 12, 2),
+        (["-id", "1-4"], 2, 4, 1),
+        (["-id", "1-3"], 1, 3, 3),
+        (["-request", "SELECT run_id FROM runs WHERE status='done'"], 4, 10, 1),
+        (["-param_name_and_value", "mlp_key", "mlp_mlp_brick"], 2, 4, 1),
+    ],
+)
+def test_plotloss_pages(
+    study: Study, selection: list[str], size: int, runs: int, pages: int
+) -> None:
     out = study.root / f"loss_{size}_{runs}.pdf"
     result = study.cli("plotloss", study.db, str(out), *selection, "-plot_size", str(size))
     assert result.returncode == 0, result.stderr
@@ -147,10 +177,26 @@ def test_plotloss_reads_history_from_the_database_alone(study: Study) -> None:
         shutil.move(str(copy), moved)
         out, png = elsewhere / "l.pdf", elsewhere / "l.png"
         result = subprocess.run(
-            [sys.executable, "-m", "mosaic_client.cli", "plotloss", str(moved), str(out),
-             "-id", "all", "-plot_size", "4", "--png", str(png)],
-            capture_output=True, text=True, timeout=120, cwd=REPO,
-            env={**study.daemon.env, "MOSAIC_SOCKET": str(elsewhere / "none.sock")})
+            [
+                sys.executable,
+                "-m",
+                "mosaic_client.cli",
+                "plotloss",
+                str(moved),
+                str(out),
+                "-id",
+                "all",
+                "-plot_size",
+                "4",
+                "--png",
+                str(png),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            env={**study.daemon.env, "MOSAIC_SOCKET": str(elsewhere / "none.sock")},
+        )
         assert result.returncode == 0, result.stderr
         assert pdf_pages(out) == 1
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -166,21 +212,27 @@ def test_loss_histories_match_run_epochs(study: Study) -> None:
         conn.close()
     assert [r.run_id for r in runs] == list(range(1, 13))
     for run in runs:
-        rows = query(study.db, "SELECT epoch, train_loss, test_loss FROM run_epochs "
-                     "WHERE run_id=? ORDER BY epoch", run.run_id)
+        rows = query(
+            study.db,
+            "SELECT epoch, train_loss, test_loss FROM run_epochs WHERE run_id=? ORDER BY epoch",
+            run.run_id,
+        )
         assert run.epochs == [r[0] for r in rows]
         assert run.train_loss == [r[1] for r in rows]
         assert run.test_loss == [r[2] for r in rows]
         assert (run.status == "done") == (len(rows) == 2)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["-id", "999"], "matches no run"),
-    (["-id", "5-2"], "goes backwards"),
-    (["-request", "DELETE FROM runs"], "refused"),
-    (["-id", "all", "-plot_size", "0"], "-plot_size 0"),
-    ([], "give exactly one selection"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-id", "999"], "matches no run"),
+        (["-id", "5-2"], "goes backwards"),
+        (["-request", "DELETE FROM runs"], "refused"),
+        (["-id", "all", "-plot_size", "0"], "-plot_size 0"),
+        ([], "give exactly one selection"),
+    ],
+)
 def test_plotloss_errors(study: Study, args: list[str], message: str) -> None:
     out = study.root / "err.pdf"
     result = study.cli("plotloss", study.db, str(out), *args)
@@ -193,8 +245,9 @@ def test_plotloss_errors(study: Study, args: list[str], message: str) -> None:
 def test_plotloss_bad_files(study: Study) -> None:
     result = study.cli("plotloss", study.db, str(study.root / "x.png"), "-id", "all")
     assert result.returncode == 2 and "end the name with .pdf" in result.stderr
-    result = study.cli("plotloss", str(study.root / "missing.db"), str(study.root / "x.pdf"),
-                       "-id", "all")
+    result = study.cli(
+        "plotloss", str(study.root / "missing.db"), str(study.root / "x.pdf"), "-id", "all"
+    )
     assert result.returncode == 2 and "no database at" in result.stderr
     other = study.root / "other.db"
     sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
@@ -209,7 +262,9 @@ def test_plotloss_bad_files(study: Study) -> None:
 
 def sql_means(db: str, dataset_key: str, criterion: str) -> dict[tuple[str, int], tuple]:
     """The same aggregation, independently, in SQL over run_results and params."""
-    rows = query(db, f"""
+    rows = query(
+        db,
+        f"""
         SELECT mk.param_value, rr.nb_params, avg(rr."{criterion}"), min(rr."{criterion}"),
                max(rr."{criterion}"), count(*)
         FROM run_results rr
@@ -217,13 +272,18 @@ def sql_means(db: str, dataset_key: str, criterion: str) -> dict[tuple[str, int]
         JOIN params dk ON dk.run_id = rr.run_id AND dk.param_name = 'dataset_key'
         JOIN params mk ON mk.run_id = rr.run_id AND mk.param_name = 'mlp_key'
         WHERE dk.param_value = ?
-        GROUP BY mk.param_value, rr.nb_params""", dataset_key)
+        GROUP BY mk.param_value, rr.nb_params""",
+        dataset_key,
+    )
     return {(r[0], r[1]): r[2:] for r in rows}
 
 
 def assert_points_match(plotted: dict[str, Any], expected: dict[tuple[str, int], tuple]) -> None:
-    points = {(model, p["nb_params"]): (p["mean"], p["min"], p["max"], p["n"])
-              for model, series in plotted["series"].items() for p in series}
+    points = {
+        (model, p["nb_params"]): (p["mean"], p["min"], p["max"], p["n"])
+        for model, series in plotted["series"].items()
+        for p in series
+    }
     assert set(points) == set(expected)
     for key, (mean, low, high, n) in points.items():
         assert mean == pytest.approx(expected[key][0], rel=1e-12)
@@ -235,8 +295,7 @@ def test_metaplot_aggregation_every_criterion(study: Study) -> None:
     try:
         for criterion in CRITERIA:
             data = analysis.metaplot_data(conn, "data_dataset_OR", criterion)
-            assert_points_match(data.as_json(), sql_means(study.db, "data_dataset_OR",
-                                                          criterion))
+            assert_points_match(data.as_json(), sql_means(study.db, "data_dataset_OR", criterion))
             assert data.skipped == {"failed": [11]}
     finally:
         conn.close()
@@ -245,8 +304,9 @@ def test_metaplot_aggregation_every_criterion(study: Study) -> None:
 @pytest.mark.parametrize("criterion", ["test_loss", "duration(s)", "train_acc"])
 def test_metaplot_points_equal_sql_means(study: Study, criterion: str) -> None:
     out, data = study.root / "meta.svg", study.root / f"meta_{criterion}.json"
-    result = study.cli("metaplot", study.db, str(out), "data_dataset_OR", criterion,
-                       "--data", str(data))
+    result = study.cli(
+        "metaplot", study.db, str(out), "data_dataset_OR", criterion, "--data", str(data)
+    )
     assert result.returncode == 0, result.stderr
     assert out.read_text().lstrip().startswith(("<?xml", "<svg"))
     # One OR run of the bad submission failed: counted in a note, not silently dropped.
@@ -267,31 +327,44 @@ def test_metaplot_std_and_formats(study: Study) -> None:
     finally:
         conn.close()
     for point in (p for s in data.series.values() for p in s):
-        values = [query(study.db, "SELECT test_loss FROM run_results WHERE run_id=?", i)[0][0]
-                  for i in point.run_ids]
+        values = [
+            query(study.db, "SELECT test_loss FROM run_results WHERE run_id=?", i)[0][0]
+            for i in point.run_ids
+        ]
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
         assert point.std == pytest.approx(std)
     for ext, magic in ((".png", b"\x89PNG"), (".pdf", b"%PDF")):
         out = study.root / f"m{ext}"
-        result = study.cli("metaplot", study.db, str(out), "data_dataset_OR", "test_acc",
-                           "--spread", "std")
+        result = study.cli(
+            "metaplot", study.db, str(out), "data_dataset_OR", "test_acc", "--spread", "std"
+        )
         assert result.returncode == 0, result.stderr
         assert out.read_bytes().startswith(magic)
 
 
-@pytest.mark.parametrize(("out", "key", "criterion", "message"), [
-    ("m.png", "data_dataset_OR", "accuracy",
-     "unknown criterion 'accuracy'; use one of: train_loss, test_loss"),
-    ("m.png", "data_nope", "test_loss",
-     "no run has dataset key 'data_nope'; keys present: data_dataset_AND, data_dataset_OR"),
-    ("m.jpg", "data_dataset_OR", "test_loss", "end it with .png, .pdf, .svg"),
-    ("m", "data_dataset_OR", "test_loss", "cannot tell the image format"),
-    # Its only run failed: nothing to plot, said so with the count.
-    ("m.png", "data_dataset_AND", "test_loss", "(1 failed)"),
-])
-def test_metaplot_errors(study: Study, out: str, key: str, criterion: str,
-                         message: str) -> None:
+@pytest.mark.parametrize(
+    ("out", "key", "criterion", "message"),
+    [
+        (
+            "m.png",
+            "data_dataset_OR",
+            "accuracy",
+            "unknown criterion 'accuracy'; use one of: train_loss, test_loss",
+        ),
+        (
+            "m.png",
+            "data_nope",
+            "test_loss",
+            "no run has dataset key 'data_nope'; keys present: data_dataset_AND, data_dataset_OR",
+        ),
+        ("m.jpg", "data_dataset_OR", "test_loss", "end it with .png, .pdf, .svg"),
+        ("m", "data_dataset_OR", "test_loss", "cannot tell the image format"),
+        # Its only run failed: nothing to plot, said so with the count.
+        ("m.png", "data_dataset_AND", "test_loss", "(1 failed)"),
+    ],
+)
+def test_metaplot_errors(study: Study, out: str, key: str, criterion: str, message: str) -> None:
     target = study.root / "errs" / out
     target.parent.mkdir(exist_ok=True)
     result = study.cli("metaplot", study.db, str(target), key, criterion)
@@ -330,15 +403,27 @@ def test_rekey_writes_keys_through_the_daemon(study: Study) -> None:
     assert "dataset_key = data_dataset_OR: 10 run(s), 0 changed" in result.stdout
     after = keys_of(db)
     changed = {i for i in after if after[i] != before[i]}
-    funnels = {r[0] for r in query(db, "SELECT r.run_id FROM runs r WHERE r.status='done' AND "
-                                   "r.pipeline LIKE '%mlp_funnel%'")}
+    funnels = {
+        r[0]
+        for r in query(
+            db,
+            "SELECT r.run_id FROM runs r WHERE r.status='done' AND r.pipeline LIKE '%mlp_funnel%'",
+        )
+    }
     assert changed == funnels and all(after[i] == "funnel_renamed" for i in changed)
     # The failed width-0 runs are other pipelines: untouched.
     assert {after[i] for i in (11, 12)} == {"mlp_mlp_funnel"}
     # metaplot groups by the new key at once.
     data = study.root / "rekeyed.json"
-    study.cli("metaplot", db, str(study.root / "rk.png"), "data_dataset_OR", "test_loss",
-              "--data", str(data))
+    study.cli(
+        "metaplot",
+        db,
+        str(study.root / "rk.png"),
+        "data_dataset_OR",
+        "test_loss",
+        "--data",
+        str(data),
+    )
     assert set(json.loads(data.read_text())["series"]) == {"funnel_renamed", "mlp_mlp_brick"}
     # Again: everything already matches, nothing is sent.
     again = study.cli("rekey", str(path), db)
@@ -366,8 +451,11 @@ def test_rekey_errors(study: Study) -> None:
     assert result.returncode == 2
     assert "pipelines #1 and #2 are the same pipeline" in result.stderr
 
-    for text, message in (("{not json", "is not valid JSON"), ("[]", "non-empty JSON list"),
-                          ('[[{"class": "x"}]]', "pipeline #1")):
+    for text, message in (
+        ("{not json", "is not valid JSON"),
+        ("[]", "non-empty JSON list"),
+        ('[[{"class": "x"}]]', "pipeline #1"),
+    ):
         path.write_text(text)
         result = study.cli("rekey", str(path), db)
         assert result.returncode == 2 and message in result.stderr
@@ -399,10 +487,12 @@ def test_export_csv_and_json(study: Study) -> None:
     header, body = rows[0], rows[1:]
     assert len(body) == 12
     assert header[:3] == ["run_id", "status", "pipeline"]
-    assert header[-len(CRITERIA):] == list(CRITERIA)
+    assert header[-len(CRITERIA) :] == list(CRITERIA)
     # Params clashing with a fixed or result column get a prefix; none is lost.
-    exported = {h.removeprefix("param_") if h in ("param_epochs", "param_pipeline") else h
-                for h in header[3:-len(CRITERIA)]}
+    exported = {
+        h.removeprefix("param_") if h in ("param_epochs", "param_pipeline") else h
+        for h in header[3 : -len(CRITERIA)]
+    }
     assert exported == params
     assert "param_epochs" in header and "param_pipeline" in header
     by_id = {int(r[0]): dict(zip(header, r)) for r in body}
@@ -415,12 +505,16 @@ def test_export_csv_and_json(study: Study) -> None:
     assert result.returncode == 0 and "wrote 12 run(s)" in result.stdout
     records = json.loads(out.read_text())
     assert len(records) == 12 and list(records[0]) == header
-    assert records[0]["nb_params"] == query(study.db, "SELECT nb_params FROM run_results "
-                                            "WHERE run_id=1")[0][0]
+    assert (
+        records[0]["nb_params"]
+        == query(study.db, "SELECT nb_params FROM run_results WHERE run_id=1")[0][0]
+    )
     # The format follows OUT's extension unless --format says otherwise, wherever OUT stands.
-    for args, kind in (([str(study.root / "e.json")], "json"),
-                       ([str(study.root / "e2.json"), "--format", "csv"], "csv"),
-                       (["--format", "csv", str(study.root / "e.csv")], "csv")):
+    for args, kind in (
+        ([str(study.root / "e.json")], "json"),
+        ([str(study.root / "e2.json"), "--format", "csv"], "csv"),
+        (["--format", "csv", str(study.root / "e.csv")], "csv"),
+    ):
         result = study.cli("export", study.db, *args)
         assert result.returncode == 0, result.stderr
         written = Path(next(a for a in args if a.startswith("/"))).read_text()
@@ -435,9 +529,11 @@ def test_export_errors(study: Study) -> None:
 
 
 def test_client_imports_no_matplotlib() -> None:
-    code = ("import sys, mosaic_client.cli, mosaic_client.analysis; "
-            "bad = [m for m in ('matplotlib', 'torch') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, mosaic_client.cli, mosaic_client.analysis; "
+        "bad = [m for m in ('matplotlib', 'torch') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
 
 
@@ -465,12 +561,18 @@ def test_compare_on_the_trained_study(study: Study) -> None:
         else:  # brick and funnel of width 2, length 1 are the same network: same results
             assert line["repetitions_note"].startswith("no spread")
         assert line["ci"][0] <= line["diff"] <= line["ci"][1]
-    sizes_of = {ln["a_nb_params"] for ln in sizes} | {ln["b_nb_params"] for ln in sizes} | {
-        u["nb_params"] for u in report["unmatched"]}
+    sizes_of = (
+        {ln["a_nb_params"] for ln in sizes}
+        | {ln["b_nb_params"] for ln in sizes}
+        | {u["nb_params"] for u in report["unmatched"]}
+    )
     assert sizes_of == {size for _, size in means}  # every size compared or listed
     (curve,) = [ln for ln in report["lines"] if ln["kind"] == "curve"]
     assert curve["p_holm"] is not None and curve["verdict"] in (
-        "no detectable difference", "A better", "B better")
+        "no detectable difference",
+        "A better",
+        "B better",
+    )
     assert any("data_dataset_AND" in note for note in report["notes"])  # its one run failed
     table = study.cli("compare", study.db, "--data", "data_dataset_OR")
     assert table.returncode == 0, table.stderr
@@ -478,15 +580,22 @@ def test_compare_on_the_trained_study(study: Study) -> None:
     assert "too few repetitions" in table.stdout and "paired" in table.stdout
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--data", "data_nope"],
-     "no run has dataset key 'data_nope'; keys present: data_dataset_AND, data_dataset_OR"),
-    (["--metric", "accuracy"], "unknown criterion 'accuracy'; use one of: train_loss"),
-    (["--metric", "nb_params"], "cannot compare on nb_params"),
-    (["--families", "mlp_mlp_brick,mlp_nope", "--data", "data_dataset_OR"],
-     "no finished run of model key 'mlp_nope'"),
-    (["--alpha", "2"], "--alpha 2"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--data", "data_nope"],
+            "no run has dataset key 'data_nope'; keys present: data_dataset_AND, data_dataset_OR",
+        ),
+        (["--metric", "accuracy"], "unknown criterion 'accuracy'; use one of: train_loss"),
+        (["--metric", "nb_params"], "cannot compare on nb_params"),
+        (
+            ["--families", "mlp_mlp_brick,mlp_nope", "--data", "data_dataset_OR"],
+            "no finished run of model key 'mlp_nope'",
+        ),
+        (["--alpha", "2"], "--alpha 2"),
+    ],
+)
 def test_compare_errors(study: Study, args: list[str], message: str) -> None:
     result = study.cli("compare", study.db, *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -499,8 +608,9 @@ def test_groups_on_the_trained_study(study: Study) -> None:
     groups = json.loads(result.stdout)
     means = sql_means(study.db, "data_dataset_OR", "test_loss")
     done = [g for g in groups if g["n"]]
-    assert {(g["model_key"], g["nb_params"]): g["mean_test_loss"] for g in done} == \
-        pytest.approx({key: value[0] for key, value in means.items()})
+    assert {(g["model_key"], g["nb_params"]): g["mean_test_loss"] for g in done} == pytest.approx(
+        {key: value[0] for key, value in means.items()}
+    )
     assert all(g["runs"] == g["n"] == 2 for g in done)
     failed = [g for g in groups if not g["n"]]  # the width-0 submission: OR and AND, failed
     assert sorted(g["dataset_key"] for g in failed) == ["data_dataset_AND", "data_dataset_OR"]
@@ -511,13 +621,16 @@ def test_metaplot_ci_bars_are_bootstrap_intervals(study: Study) -> None:
     from mosaic_client import verdict
 
     out, data = study.root / "ci.png", study.root / "ci.json"
-    result = study.cli("metaplot", study.db, str(out), "data_dataset_OR", "test_loss", "--ci",
-                       "--data", str(data))
+    result = study.cli(
+        "metaplot", study.db, str(out), "data_dataset_OR", "test_loss", "--ci", "--data", str(data)
+    )
     assert result.returncode == 0, result.stderr
     assert out.read_bytes().startswith(b"\x89PNG")
     for points in json.loads(data.read_text())["series"].values():
         for p in points:
-            values = [query(study.db, "SELECT test_loss FROM run_results WHERE run_id=?",
-                            i)[0][0] for i in p["run_ids"]]
+            values = [
+                query(study.db, "SELECT test_loss FROM run_results WHERE run_id=?", i)[0][0]
+                for i in p["run_ids"]
+            ]
             assert (p["ci_low"], p["ci_high"]) == pytest.approx(verdict.mean_ci(values))
             assert p["ci_low"] <= p["mean"] <= p["ci_high"]

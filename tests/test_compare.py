@@ -35,8 +35,9 @@ def lower_better_pi(x: np.ndarray, axis: int = -1) -> np.ndarray:
 def one_line(a: np.ndarray, b: np.ndarray, paired: bool, better: str = v.LOWER) -> v.Line:
     seeds = list(range(len(a))) if paired else [None] * len(a)
     side_a = v.Side("A", 10, list(a), seeds=seeds, data_stages=[""] * len(a))
-    side_b = v.Side("B", 10, list(b), seeds=seeds if paired else [None] * len(b),
-                    data_stages=[""] * len(b))
+    side_b = v.Side(
+        "B", 10, list(b), seeds=seeds if paired else [None] * len(b), data_stages=[""] * len(b)
+    )
     (line,) = v.size_lines([(side_a, side_b)], "data", better, ALPHA)
     assert line.paired is paired
     return line
@@ -50,8 +51,13 @@ def test_paired_bootstrap_cis_are_scipy_percentile_with_the_same_seed() -> None:
     a, b = rng.normal(0, 1, 8), rng.normal(0.4, 1, 8)
     line = one_line(a, b, paired=True)
     for statistic, ours in ((np.mean, line.ci), (lower_better_pi, line.p_improvement_ci)):
-        ref = stats.bootstrap((a - b,), statistic, method="percentile", n_resamples=10_000,
-                              rng=np.random.default_rng(v.SEED)).confidence_interval
+        ref = stats.bootstrap(
+            (a - b,),
+            statistic,
+            method="percentile",
+            n_resamples=10_000,
+            rng=np.random.default_rng(v.SEED),
+        ).confidence_interval
         assert ours == pytest.approx([ref.low, ref.high], rel=1e-9, abs=1e-12)
     assert line.diff == pytest.approx(np.mean(a) - np.mean(b))
     assert line.p_improvement == pytest.approx(np.mean(a < b))
@@ -70,8 +76,13 @@ def test_unpaired_bootstrap_cis_are_scipy_percentile_with_the_same_seed() -> Non
 
     line = one_line(a, b, paired=False)
     for statistic, ours in ((diff, line.ci), (pi, line.p_improvement_ci)):
-        ref = stats.bootstrap((a, b), statistic, method="percentile", n_resamples=10_000,
-                              rng=np.random.default_rng(v.SEED)).confidence_interval
+        ref = stats.bootstrap(
+            (a, b),
+            statistic,
+            method="percentile",
+            n_resamples=10_000,
+            rng=np.random.default_rng(v.SEED),
+        ).confidence_interval
         assert ours == pytest.approx([ref.low, ref.high], rel=1e-9, abs=1e-12)
     # P(A better) is the Mann-Whitney U of B against A over all pairs (lower is better).
     u = stats.mannwhitneyu(b, a).statistic
@@ -80,8 +91,13 @@ def test_unpaired_bootstrap_cis_are_scipy_percentile_with_the_same_seed() -> Non
 
 def test_mean_ci_for_metaplot_is_scipy_percentile() -> None:
     x = [0.31, 0.29, 0.40, 0.35, 0.33]
-    ref = stats.bootstrap((np.array(x),), np.mean, method="percentile", n_resamples=10_000,
-                          rng=np.random.default_rng(v.SEED)).confidence_interval
+    ref = stats.bootstrap(
+        (np.array(x),),
+        np.mean,
+        method="percentile",
+        n_resamples=10_000,
+        rng=np.random.default_rng(v.SEED),
+    ).confidence_interval
     assert v.mean_ci(x) == pytest.approx((ref.low, ref.high), rel=1e-9)
     assert v.mean_ci([0.5]) == (0.5, 0.5)
 
@@ -92,15 +108,17 @@ def test_sign_flip_p_is_scipy_exact_permutation_test(n: int) -> None:
     d = np.round(rng.normal(0.3, 1, (4, n)), 1)  # rounding makes ties among |d|
     d[1, 0] = 0.0
     for row, p in zip(d, v.sign_flip_p(d)):
-        ref = stats.permutation_test((row,), np.mean, permutation_type="samples",
-                                     n_resamples=np.inf).pvalue
+        ref = stats.permutation_test(
+            (row,), np.mean, permutation_type="samples", n_resamples=np.inf
+        ).pvalue
         assert p == pytest.approx(ref, rel=1e-9)
 
 
 def test_sign_flip_beyond_exact_enumeration_is_close_to_exact() -> None:
     d = np.random.default_rng(7).normal(0.4, 1, 18)
-    ref = stats.permutation_test((d,), np.mean, permutation_type="samples",
-                                 n_resamples=np.inf).pvalue
+    ref = stats.permutation_test(
+        (d,), np.mean, permutation_type="samples", n_resamples=np.inf
+    ).pvalue
     (p,) = v.sign_flip_p(d[None, :])
     assert abs(p - ref) < 0.01
     assert v.sign_flip_p(np.ones((1, 5)))[0] == pytest.approx(v.smallest_sign_flip_p(5))
@@ -126,7 +144,8 @@ def test_effect_sizes_follow_their_definitions() -> None:
     assert one_line(a, b, paired=False).effect_size == pytest.approx(g, rel=1e-12)
     d = a - b
     assert one_line(a, b, paired=True).effect_size == pytest.approx(
-        d.mean() / np.std(d, ddof=1), rel=1e-12)
+        d.mean() / np.std(d, ddof=1), rel=1e-12
+    )
 
 
 def test_holm_matches_a_hand_checked_case() -> None:
@@ -178,15 +197,20 @@ def test_curve_line_against_scipy_bootstrap_and_contrast_by_hand() -> None:
         return sum(w * x.mean(axis=axis) for (w, _), x in zip(used, samples))
 
     assert line.diff == pytest.approx(contrast(*(g for _, g in used)))
-    ref = stats.bootstrap(tuple(g for _, g in used), contrast, method="percentile",
-                          n_resamples=10_000, rng=np.random.default_rng(1)).confidence_interval
+    ref = stats.bootstrap(
+        tuple(g for _, g in used),
+        contrast,
+        method="percentile",
+        n_resamples=10_000,
+        rng=np.random.default_rng(1),
+    ).confidence_interval
     width = ref.high - ref.low
     # independent resamples (different draws): equal up to Monte Carlo error
     assert abs(line.ci[0] - ref.low) < 0.05 * width and abs(line.ci[1] - ref.high) < 0.05 * width
     # the test: Welch-Satterthwaite for the contrast, by hand
-    var_terms = np.array([w ** 2 * g.var(ddof=1) / g.size for w, g in used])
+    var_terms = np.array([w**2 * g.var(ddof=1) / g.size for w, g in used])
     t = line.diff / math.sqrt(var_terms.sum())
-    df = var_terms.sum() ** 2 / sum(vt ** 2 / (g.size - 1) for vt, (_, g) in zip(var_terms, used))
+    df = var_terms.sum() ** 2 / sum(vt**2 / (g.size - 1) for vt, (_, g) in zip(var_terms, used))
     assert line.p_value == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9)
 
 
@@ -212,8 +236,7 @@ def test_pairing_needs_the_same_seeds_on_the_same_data() -> None:
     def side(seeds: list[Any], stages: list[str]) -> v.Side:
         return v.Side("f", 1, [0.0] * len(seeds), seeds=seeds, data_stages=stages)
 
-    assert v.pairing(side([0, 1], ["d", "d"]), side([1, 0], ["d", "d"])) == (True,
-                                                                             "paired by seed")
+    assert v.pairing(side([0, 1], ["d", "d"]), side([1, 0], ["d", "d"])) == (True, "paired by seed")
     assert not v.pairing(side([0, 1], ["d", "d"]), side([0, 2], ["d", "d"]))[0]
     assert not v.pairing(side([0, 1], ["d", "d"]), side([0, 1], ["d", "e"]))[0]
     assert not v.pairing(side([0, 0], ["d", "d"]), side([0, 0], ["d", "d"]))[0]
@@ -245,9 +268,13 @@ def simulated_lines(a: np.ndarray, b: np.ndarray, paired: bool) -> list[v.Line]:
     rests on the p-value alone)."""
     n = a.shape[1]
     seeds = list(range(n)) if paired else [None] * n
-    pairs = [(v.Side("A", 1, list(x), seeds=seeds, data_stages=[""] * n),
-              v.Side("B", 1, list(y), seeds=seeds, data_stages=[""] * n))
-             for x, y in zip(a, b)]
+    pairs = [
+        (
+            v.Side("A", 1, list(x), seeds=seeds, data_stages=[""] * n),
+            v.Side("B", 1, list(y), seeds=seeds, data_stages=[""] * n),
+        )
+        for x, y in zip(a, b)
+    ]
     return v.size_lines(pairs, "sim", v.LOWER, ALPHA, n_resamples=0)
 
 
@@ -296,8 +323,7 @@ def test_following_the_repetitions_advice_reaches_the_power() -> None:
     estimated from the pilot); a new study of that size then decides >= 75% of the time."""
     rng = np.random.default_rng(10)
     effect = 0.7
-    pilots = simulated_lines(rng.normal(0, 1, (600, 10)), rng.normal(effect, 1, (600, 10)),
-                             False)
+    pilots = simulated_lines(rng.normal(0, 1, (600, 10)), rng.normal(effect, 1, (600, 10)), False)
     advice = []
     for line in pilots:
         v.decide([line], ALPHA, v.LOWER, min_effect=effect)
@@ -334,20 +360,26 @@ def test_sequential_plan_keeps_false_decisions_at_alpha() -> None:
 
 def test_sequential_looks_keep_earlier_decisions() -> None:
     """What `--until-decided` does between rounds: look, keep what is decided, look again."""
+
     def study(n: int, gap: float, rng: np.random.Generator) -> v.StudyValues:
         seeds = list(range(n))
-        sides = {"data": {
-            fam: {10: v.Side(fam, 10, list(rng.normal(shift, 0.1, n)), seeds=seeds,
-                             data_stages=[""] * n)}
-            for fam, shift in (("A", 0.0), ("B", gap), ("C", 0.0))}}
+        sides = {
+            "data": {
+                fam: {
+                    10: v.Side(
+                        fam, 10, list(rng.normal(shift, 0.1, n)), seeds=seeds, data_stages=[""] * n
+                    )
+                }
+                for fam, shift in (("A", 0.0), ("B", gap), ("C", 0.0))
+            }
+        }
         return v.StudyValues("test_loss", sides, {}, {})
 
     rng = np.random.default_rng(14)
     plan = v.SequentialPlan(ALPHA, 20)
     first = plan.look(study(12, 1.0, rng), 12)  # A and C far below B: decided at once
     verdicts = {(ln.a, ln.b): ln.verdict for ln in first.lines}
-    assert verdicts == {("A", "B"): v.A_BETTER, ("A", "C"): v.NO_DIFFERENCE,
-                        ("B", "C"): v.B_BETTER}
+    assert verdicts == {("A", "B"): v.A_BETTER, ("A", "C"): v.NO_DIFFERENCE, ("B", "C"): v.B_BETTER}
     assert first.alpha == pytest.approx(v.spent_alpha(0.6, ALPHA)) and first.alpha < 0.02
     second = plan.look(study(20, 0.0, rng), 20)  # no difference left in the new data
     kept = {(ln.a, ln.b): ln for ln in second.lines}
@@ -375,21 +407,39 @@ def synthetic_study(path: Path) -> list[dict[str, Any]]:
     """A study written through the daemon's Store: three configurations of two families, a
     two-type data scheme, one failed run and one NULL result; returns what each run got."""
     store = Store(str(path))
-    process = {"lr": 0.01, "epochs": 2, "data_scheme": "dataset,split",
-               "pipeline_scheme": "mlp", "loss_function": "BCELoss", "run_files_path": "r"}
+    process = {
+        "lr": 0.01,
+        "epochs": 2,
+        "data_scheme": "dataset,split",
+        "pipeline_scheme": "mlp",
+        "loss_function": "BCELoss",
+        "run_files_path": "r",
+    }
     truth = []
     runs = []
     configs = [("funnel", 3, 4), ("funnel", 5, 3), ("brick", 2, 5)]
     rng = np.random.default_rng(1)
     for family, width, reps in configs:
         for seed in range(reps):
-            modules = [{"type": "dataset", "class": "D", "path_to_class": "d.py", "key": "OR"},
-                       {"type": "split", "class": "S", "path_to_class": "s.py", "key": "half"},
-                       {"type": "mlp", "class": family, "path_to_class": "m.py",
-                        "width": width, "key": family}]
+            modules = [
+                {"type": "dataset", "class": "D", "path_to_class": "d.py", "key": "OR"},
+                {"type": "split", "class": "S", "path_to_class": "s.py", "key": "half"},
+                {
+                    "type": "mlp",
+                    "class": family,
+                    "path_to_class": "m.py",
+                    "width": width,
+                    "key": family,
+                },
+            ]
             runs.append((modules, seed, family, run_params(process, modules, seed, 1000, "me")))
-            truth.append({"family": family, "width": width,
-                          "results": {c: float(rng.normal()) for c in RESULT_COLUMNS}})
+            truth.append(
+                {
+                    "family": family,
+                    "width": width,
+                    "results": {c: float(rng.normal()) for c in RESULT_COLUMNS},
+                }
+            )
     _, ids = store.add_submission(1000, "me", "c.ini", process, {}, runs)
     for run_id, t in zip(ids, truth):
         store.transition(run_id, "running")
@@ -415,7 +465,10 @@ def test_run_groups_view_matches_python_statistics(tmp_path: Path) -> None:
     rows = [dict(zip(names, r)) for r in cursor]
     conn.close()
     assert [(r["model_key"], r["nb_params"], r["runs"], r["n"]) for r in rows] == [
-        ("funnel", 30, 4, 3), ("funnel", 50, 3, 3), ("brick", 20, 5, 5)]
+        ("funnel", 30, 4, 3),
+        ("funnel", 50, 3, 3),
+        ("brick", 20, 5, 5),
+    ]
     assert {r["dataset_key"] for r in rows} == {"OR_half"}  # both data types' keys, joined
     for row, width in zip(rows, (3, 5, 2)):
         done = [t["results"] for t in truth if t["width"] == width and t["status"] == "done"]
@@ -429,28 +482,58 @@ def test_run_groups_view_matches_python_statistics(tmp_path: Path) -> None:
 def test_groups_command_reads_the_view_and_explains_an_old_database(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     synthetic_study(db)
-    result = subprocess.run([sys.executable, "-m", "mosaic_client.cli", "groups", str(db),
-                             "--json"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "mosaic_client.cli", "groups", str(db), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert [g["n"] for g in json.loads(result.stdout)] == [3, 3, 5]
-    table = subprocess.run([sys.executable, "-m", "mosaic_client.cli", "groups", str(db)],
-                           capture_output=True, text=True, cwd=REPO, timeout=60).stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "mosaic_client.cli", "groups", str(db)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    ).stdout
     assert "3 group(s)" in table and "OR_half" in table
     conn = sqlite3.connect(db)
     conn.execute("DROP VIEW run_groups")  # as a database written before migration 4
     conn.commit()
     conn.close()
-    result = subprocess.run([sys.executable, "-m", "mosaic_client.cli", "groups", str(db)],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "mosaic_client.cli", "groups", str(db)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 2 and "no run_groups view" in result.stderr
 
 
 def test_compare_on_a_synthetic_study_reports_unpaired_and_unmatched(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     synthetic_study(db)
-    result = subprocess.run([sys.executable, "-m", "mosaic_client.cli", "compare", str(db),
-                             "--json", "--metric", "test_acc", "--size-tolerance", "2"],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mosaic_client.cli",
+            "compare",
+            str(db),
+            "--json",
+            "--metric",
+            "test_acc",
+            "--size-tolerance",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["better"] == "higher"
@@ -459,15 +542,19 @@ def test_compare_on_a_synthetic_study_reports_unpaired_and_unmatched(tmp_path: P
     (line,) = report["lines"]
     # brick ran seeds 0-4, funnel 30 seeds 0,1,3 (run 3 failed): not the same seeds
     assert not line["paired"] and line["n_a"] == 5 and line["n_b"] == 3
-    assert report["unmatched"] == [{"dataset_key": "OR_half", "family": "funnel",
-                                    "nb_params": 50, "against": "brick"}]
+    assert report["unmatched"] == [
+        {"dataset_key": "OR_half", "family": "funnel", "nb_params": 50, "against": "brick"}
+    ]
     assert any("curve" in note for note in report["notes"])  # brick has one size
 
 
 def test_status_import_does_not_load_numpy_or_scipy() -> None:
-    code = ("import sys, mosaic_client.cli as c; c.build_parser(); "
-            "print([m for m in ('numpy', 'scipy', 'mosaic_client.verdict') if m in sys.modules])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=REPO, timeout=60)
+    code = (
+        "import sys, mosaic_client.cli as c; c.build_parser(); "
+        "print([m for m in ('numpy', 'scipy', 'mosaic_client.verdict') if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -11,15 +11,19 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, example_config, query
 
-METRICS = "train_loss, test_loss, train_acc, test_acc, nb_params, epochs, overfit, " \
-          "trainability, slope"
+METRICS = (
+    "train_loss, test_loss, train_acc, test_acc, nb_params, epochs, overfit, trainability, slope"
+)
 
 
 def slow_config(root: Path, epochs: int = 12, seed: int = 5, **kw: object) -> Path:
     """One run whose epochs take long enough (~0.1 s) to be caught mid-way."""
     cfg = example_config(root, epochs=epochs, seed=seed, **kw)  # type: ignore[arg-type]
-    text = cfg.read_text().replace("data_size = 200", "data_size = 3000").replace(
-        "batch_size = 20", "batch_size = 10")
+    text = (
+        cfg.read_text()
+        .replace("data_size = 200", "data_size = 3000")
+        .replace("batch_size = 20", "batch_size = 10")
+    )
     cfg.write_text(text)
     return cfg
 
@@ -28,20 +32,22 @@ def wait_epoch(daemon: Daemon, db: str, at_least: int, timeout: float = 60) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = daemon.request("status", db=db)
-        if status["studies"] and any(r["epoch"] >= at_least
-                                     for r in status["studies"][0]["running"]):
+        if status["studies"] and any(
+            r["epoch"] >= at_least for r in status["studies"][0]["running"]
+        ):
             return
         time.sleep(0.02)
     raise AssertionError(f"no run reached epoch {at_least}")
 
 
 def epochs_of(db: str, run_id: int) -> list[int]:
-    return [e for (e,) in query(db, "SELECT epoch FROM run_epochs WHERE run_id=? ORDER BY epoch",
-                                run_id)]
+    return [
+        e
+        for (e,) in query(db, "SELECT epoch FROM run_epochs WHERE run_id=? ORDER BY epoch", run_id)
+    ]
 
 
-def test_pause_is_seen_from_another_client_and_resume_restarts(daemon: Daemon,
-                                                               tmp: Path) -> None:
+def test_pause_is_seen_from_another_client_and_resume_restarts(daemon: Daemon, tmp: Path) -> None:
     assert daemon.cli("pause", check=True).returncode == 0
     status = json.loads(daemon.cli("status", "--json", check=True).stdout)
     assert status["paused"] is True
@@ -87,10 +93,12 @@ def test_pause_now_and_resume_give_the_uninterrupted_results(daemon: Daemon, tmp
     daemon.cli("resume", check=True)
     daemon.wait_for(db_b)
     assert epochs_of(db_b, 1) == list(range(1, 13))
-    assert query(db_a, f"SELECT {METRICS} FROM run_results") == \
-        query(db_b, f"SELECT {METRICS} FROM run_results")
-    assert query(db_a, "SELECT train_loss, test_loss FROM run_epochs ORDER BY epoch") == \
-        query(db_b, "SELECT train_loss, test_loss FROM run_epochs ORDER BY epoch")
+    assert query(db_a, f"SELECT {METRICS} FROM run_results") == query(
+        db_b, f"SELECT {METRICS} FROM run_results"
+    )
+    assert query(db_a, "SELECT train_loss, test_loss FROM run_epochs ORDER BY epoch") == query(
+        db_b, "SELECT train_loss, test_loss FROM run_epochs ORDER BY epoch"
+    )
     events = [t for (t,) in query(db_b, "SELECT to_status FROM run_events ORDER BY event_id")]
     assert events == ["queued", "running", "paused", "queued", "running", "done"]
 
@@ -104,7 +112,10 @@ def test_cancel_queued_and_running(daemon: Daemon, tmp: Path) -> None:
     assert "cancelled 2 run(s): 1,3" in result.stdout
     daemon.wait_for(db, states=("done", "cancelled"), timeout=120)
     assert dict(query(db, "SELECT run_id, status FROM runs")) == {
-        1: "cancelled", 2: "done", 3: "cancelled"}
+        1: "cancelled",
+        2: "done",
+        3: "cancelled",
+    }
     empty = daemon.cli("cancel", db, "-id", "99")
     assert empty.returncode == 2 and "matches no run" in empty.stderr
 
@@ -123,8 +134,9 @@ def test_rerun_accumulates_epochs_like_one_long_run(daemon: Daemon, tmp: Path) -
     assert epochs_of(db_s, 1) == [1, 2, 3, 4, 5]
     assert query(db_s, "SELECT epochs FROM run_results") == [(5,)]
     # Same seed, same total: the continued run equals one uninterrupted 5-epoch run.
-    assert query(db_s, f"SELECT {METRICS} FROM run_results") == \
-        query(db_l, f"SELECT {METRICS} FROM run_results")
+    assert query(db_s, f"SELECT {METRICS} FROM run_results") == query(
+        db_l, f"SELECT {METRICS} FROM run_results"
+    )
 
 
 def test_selections_for_rerun(daemon: Daemon, tmp: Path) -> None:
@@ -132,33 +144,71 @@ def test_selections_for_rerun(daemon: Daemon, tmp: Path) -> None:
     db = str(tmp / "s.db")
     daemon.cli("run", str(cfg), db, "--follow", check=True)
     before = query(db, "SELECT * FROM runs")
-    for sql in ("DROP TABLE runs", "UPDATE runs SET status='x'",
-                "SELECT 1; DROP TABLE runs", "ATTACH DATABASE '/tmp/x.db' AS x"):
+    for sql in (
+        "DROP TABLE runs",
+        "UPDATE runs SET status='x'",
+        "SELECT 1; DROP TABLE runs",
+        "ATTACH DATABASE '/tmp/x.db' AS x",
+    ):
         refused = daemon.cli("rerun", str(cfg), db, "-request", sql, "-epochs", "1")
         assert refused.returncode == 2, sql
         assert "refused" in refused.stderr or "read-only" in refused.stderr, refused.stderr
     assert query(db, "SELECT * FROM runs") == before
     # Numeric comparison: 10 >= 5 although "10" < "5" as text.
-    high = daemon.cli("rerun", str(cfg), db, "-param_name_and_value_high_threshold",
-                      "mlp_funnel_width", "5", "-epochs", "1", check=True)
+    high = daemon.cli(
+        "rerun",
+        str(cfg),
+        db,
+        "-param_name_and_value_high_threshold",
+        "mlp_funnel_width",
+        "5",
+        "-epochs",
+        "1",
+        check=True,
+    )
     assert ": 2" in high.stdout.splitlines()[0]
     daemon.wait_for(db)
-    low = daemon.cli("rerun", str(cfg), db, "-param_name_and_value_low_threshold",
-                     "mlp_funnel_width", "5", "-epochs", "1", check=True)
+    low = daemon.cli(
+        "rerun",
+        str(cfg),
+        db,
+        "-param_name_and_value_low_threshold",
+        "mlp_funnel_width",
+        "5",
+        "-epochs",
+        "1",
+        check=True,
+    )
     assert ": 1" in low.stdout.splitlines()[0]
     daemon.wait_for(db)
-    eq = daemon.cli("rerun", str(cfg), db, "-param_name_and_value", "mlp_funnel_width", "10",
-                    "-epochs", "1", check=True)
+    eq = daemon.cli(
+        "rerun",
+        str(cfg),
+        db,
+        "-param_name_and_value",
+        "mlp_funnel_width",
+        "10",
+        "-epochs",
+        "1",
+        check=True,
+    )
     assert ": 2" in eq.stdout.splitlines()[0]
     daemon.wait_for(db)
-    sql = daemon.cli("rerun", str(cfg), db, "-request",
-                     "SELECT run_id FROM run_results WHERE nb_params > (SELECT min(nb_params) "
-                     "FROM run_results)", "-epochs", "1",
-                     check=True)
+    sql = daemon.cli(
+        "rerun",
+        str(cfg),
+        db,
+        "-request",
+        "SELECT run_id FROM run_results WHERE nb_params > (SELECT min(nb_params) FROM run_results)",
+        "-epochs",
+        "1",
+        check=True,
+    )
     assert "run(s)" in sql.stdout
     daemon.wait_for(db)
-    none = daemon.cli("rerun", str(cfg), db, "-param_name_and_value", "mlp_funnel_width", "77",
-                      "-epochs", "1")
+    none = daemon.cli(
+        "rerun", str(cfg), db, "-param_name_and_value", "mlp_funnel_width", "77", "-epochs", "1"
+    )
     assert none.returncode == 2 and "matches no run" in none.stderr
     assert query(db, "SELECT run_id, epochs FROM run_results ORDER BY run_id") == [(1, 2), (2, 4)]
 
@@ -203,7 +253,10 @@ def test_seed_pause_and_resume_files(daemon: Daemon, tmp: Path) -> None:
     assert "queued 1 pipeline(s)" in out
     daemon.wait_for(db)
     assert query(db, "SELECT run_id, status FROM runs ORDER BY run_id") == [
-        (1, "cancelled"), (2, "cancelled"), (3, "done")]
+        (1, "cancelled"),
+        (2, "cancelled"),
+        (3, "done"),
+    ]
     bad = tmp / "bad.json"
     bad.write_text('{"not": "a pause file"}')
     result = daemon.cli("resume", str(bad))

@@ -19,8 +19,19 @@ SEED_TABLES = {
     "system": ["param_name", "param_value"],
     "params": ["run_id", "param_name", "param_value"],
     "runs": ["run_id", "status", "pipeline", "return_status"],
-    "run_results": ["run_id", "train_loss", "test_loss", "train_acc", "test_acc", "nb_params",
-                    "duration(s)", "epochs", "overfit", "trainability", "slope"],
+    "run_results": [
+        "run_id",
+        "train_loss",
+        "test_loss",
+        "train_acc",
+        "test_acc",
+        "nb_params",
+        "duration(s)",
+        "epochs",
+        "overfit",
+        "trainability",
+        "slope",
+    ],
 }
 
 
@@ -44,23 +55,31 @@ def test_sweep_fills_the_seed_tables(daemon: Daemon, tmp: Path) -> None:
     assert params["mlp_key"] == "mlp_mlp_funnel"
     assert params["mlp_funnel_width"] == 3
     assert json.loads(params["pipeline"])[1]["class"] == "mlp_funnel"
-    seeds = [s for (s,) in query(db, "SELECT param_value FROM params WHERE param_name='seed' "
-                                     "ORDER BY run_id")]
+    seeds = [
+        s
+        for (s,) in query(
+            db, "SELECT param_value FROM params WHERE param_name='seed' ORDER BY run_id"
+        )
+    ]
     assert seeds[0] != seeds[1]
     assert query(db, "SELECT pipeline FROM runs WHERE run_id=1")[0][0].startswith(
-        "dataset_OR(200,0.8,20) | mlp_funnel(")
+        "dataset_OR(200,0.8,20) | mlp_funnel("
+    )
     # Files of SPEC §5.
     runs = tmp / "runs"
     for name in ("output_1.log", "history_1.pt", "model_mlp_funnel_1.pt", "run_info_1.mdt"):
         assert (runs / name).exists(), name
     assert "epoch 3/3" in (runs / "output_1.log").read_text()
     # Derived metrics are consistent with the stored history.
-    train = [r[0] for r in query(db, "SELECT train_loss FROM run_epochs WHERE run_id=1 "
-                                     "ORDER BY epoch")]
-    test = [r[0] for r in query(db, "SELECT test_loss FROM run_epochs WHERE run_id=1 "
-                                    "ORDER BY epoch")]
-    overfit, trainability = query(db, "SELECT overfit, trainability FROM run_results "
-                                      "WHERE run_id=1")[0]
+    train = [
+        r[0] for r in query(db, "SELECT train_loss FROM run_epochs WHERE run_id=1 ORDER BY epoch")
+    ]
+    test = [
+        r[0] for r in query(db, "SELECT test_loss FROM run_epochs WHERE run_id=1 ORDER BY epoch")
+    ]
+    overfit, trainability = query(
+        db, "SELECT overfit, trainability FROM run_results WHERE run_id=1"
+    )[0]
     assert trainability == pytest.approx(sum(test) / 3)
     spread = max(train + test) - min(train + test)
     assert overfit == pytest.approx(abs(test[-1] - train[-1]) / spread)
@@ -123,7 +142,9 @@ class needs_depth(torch.nn.Module):
 
 
 def _two_model_config(root: Path, model_class: str) -> Path:
-    return write_project(root, f"""
+    return write_project(
+        root,
+        f"""
         [PROCESS]
         lr = 0.01
         epochs = 2
@@ -161,7 +182,9 @@ def _two_model_config(root: Path, model_class: str) -> Path:
         length = 2
         width = 3
         key = good
-        """, {"models.py": RAISING})
+        """,
+        {"models.py": RAISING},
+    )
 
 
 def test_a_raising_class_fails_only_its_run(daemon: Daemon, tmp: Path) -> None:
@@ -202,7 +225,9 @@ class tiny(torch.nn.Module):
     def info(self):
         return {{}}
 """
-    cfg = write_project(tmp, f"""
+    cfg = write_project(
+        tmp,
+        f"""
         [PROCESS]
         lr = 0.01
         epochs = 1
@@ -231,7 +256,9 @@ class tiny(torch.nn.Module):
         class = tiny
         path_to_class = {tmp}/models.py
         key = tiny
-        """, {"models.py": model.format(v=1)})
+        """,
+        {"models.py": model.format(v=1)},
+    )
     db = str(tmp / "s.db")
     daemon.cli("run", str(cfg), db, "--follow", check=True)
     (tmp / "models.py").write_text(model.format(v=2))
@@ -242,9 +269,24 @@ class tiny(torch.nn.Module):
 
 def test_second_daemon_on_the_same_socket_is_refused(daemon: Daemon) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mosaicd", "--socket", daemon.socket, "--state-dir",
-         daemon.state_dir, "--workers", "1", "--gpus", ""],
-        capture_output=True, text=True, timeout=60, env=daemon.env)
+        [
+            sys.executable,
+            "-m",
+            "mosaicd",
+            "--socket",
+            daemon.socket,
+            "--state-dir",
+            daemon.state_dir,
+            "--workers",
+            "1",
+            "--gpus",
+            "",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=daemon.env,
+    )
     assert result.returncode == 1
     assert "already running" in result.stderr and daemon.socket in result.stderr
     assert daemon.request("ping")["pid"] == daemon.proc.pid  # type: ignore[union-attr]
@@ -313,8 +355,11 @@ def test_bad_config_queues_nothing(daemon: Daemon, tmp: Path) -> None:
     cfg = example_config(tmp, epochs=1)
     db = str(tmp / "s.db")
     daemon.cli("run", str(cfg), db, "--follow", check=True)
-    cfg.write_text(cfg.read_text().replace("lr = 0.01", "lr = fast").replace(
-        "multiplicity = 1", "multiplicity = 0"))
+    cfg.write_text(
+        cfg.read_text()
+        .replace("lr = 0.01", "lr = fast")
+        .replace("multiplicity = 1", "multiplicity = 0")
+    )
     result = daemon.cli("run", str(cfg), db)
     assert result.returncode == 2
     assert "lr" in result.stderr and "multiplicity" in result.stderr
@@ -323,10 +368,18 @@ def test_bad_config_queues_nothing(daemon: Daemon, tmp: Path) -> None:
 
 
 def test_client_imports_neither_torch_nor_matplotlib() -> None:
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import mosaic_client.cli"],
-                            capture_output=True, text=True, cwd=REPO, check=True)
-    modules = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
-               if "|" in line}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import mosaic_client.cli"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    modules = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if "|" in line
+    }
     assert "torch" not in modules and "matplotlib" not in modules
 
 

@@ -115,8 +115,11 @@ class SharedDaemon:
         if not self.answering():
             return
         for study in self.daemon.request("studies"):
-            if study["counts"].get("queued") or study["counts"].get("running") or \
-                    study["counts"].get("paused"):
+            if (
+                study["counts"].get("queued")
+                or study["counts"].get("running")
+                or study["counts"].get("paused")
+            ):
                 self.daemon.request("cancel", db=study["db"], selection={"kind": "all"})
 
     def close(self) -> None:
@@ -142,18 +145,26 @@ def test_commands_in_doc_run_as_written(doc: Path, tmp: Path, shared: SharedDaem
     # with the daemon's socket and state out of the way in their own directory.
     root = tmp / "repo"
     for part in ("examples", "docs"):  # docs: a command may write an image into docs/images
-        shutil.copytree(REPO / part, root / part,
-                        ignore=shutil.ignore_patterns(".runs", "__pycache__", "*.db*"))
+        shutil.copytree(
+            REPO / part, root / part, ignore=shutil.ignore_patterns(".runs", "__pycache__", "*.db*")
+        )
     shared.ready()
     try:
         for command, expected in commands_of(doc.read_text()):
             started = time.monotonic()
-            result = subprocess.run(["bash", "-c", command], cwd=root, env=shared.env,
-                                    capture_output=True, text=True, timeout=300,
-                                    stdin=subprocess.DEVNULL)
+            result = subprocess.run(
+                ["bash", "-c", command],
+                cwd=root,
+                env=shared.env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                stdin=subprocess.DEVNULL,
+            )
             assert result.returncode == expected, (
                 f"{doc.name}: `{command}` exited {result.returncode}, expected {expected}\n"
-                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
             # Shown with -s, and in the report of a failure: which command is slow.
             print(f"{time.monotonic() - started:6.2f}s  {command}")
     finally:
@@ -161,12 +172,29 @@ def test_commands_in_doc_run_as_written(doc: Path, tmp: Path, shared: SharedDaem
 
 
 def test_commands_are_extracted_as_a_reader_sees_them() -> None:
-    text = "\n".join([
-        "```sh", "mosaic run a.ini a.db --follow", "sqlite3 a.db 'SELECT 1'",
-        "mosaic show 99 --db a.db   # exits 2", "mosaic plotloss a.db out.pdf \\", "  -id all",
-        "```", "```text", "mosaic never runs", "```", "```console",
-        "$ mosaic status", "mosaicd: running, 2 worker(s)", "$ mosaic_run a.ini a.db", "```"])
+    text = "\n".join(
+        [
+            "```sh",
+            "mosaic run a.ini a.db --follow",
+            "sqlite3 a.db 'SELECT 1'",
+            "mosaic show 99 --db a.db   # exits 2",
+            "mosaic plotloss a.db out.pdf \\",
+            "  -id all",
+            "```",
+            "```text",
+            "mosaic never runs",
+            "```",
+            "```console",
+            "$ mosaic status",
+            "mosaicd: running, 2 worker(s)",
+            "$ mosaic_run a.ini a.db",
+            "```",
+        ]
+    )
     assert commands_of(text) == [
-        ("mosaic run a.ini a.db --follow", 0), ("mosaic show 99 --db a.db   # exits 2", 2),
-        ("mosaic plotloss a.db out.pdf    -id all", 0), ("mosaic status", 0),
-        ("mosaic_run a.ini a.db", 0)]
+        ("mosaic run a.ini a.db --follow", 0),
+        ("mosaic show 99 --db a.db   # exits 2", 2),
+        ("mosaic plotloss a.db out.pdf    -id all", 0),
+        ("mosaic status", 0),
+        ("mosaic_run a.ini a.db", 0),
+    ]

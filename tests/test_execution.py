@@ -94,18 +94,48 @@ def classes(tmp_path: Path) -> Iterator[str]:
         sys.modules.pop(execution.loaded_user_modules.pop(), None)
 
 
-def make_spec(classes: str, files: Path, *, data: str = "points", model: str = "linear",
-              epochs: int = 2, **process: Any) -> dict[str, Any]:
+def make_spec(
+    classes: str,
+    files: Path,
+    *,
+    data: str = "points",
+    model: str = "linear",
+    epochs: int = 2,
+    **process: Any,
+) -> dict[str, Any]:
     return {
-        "run_id": 7, "seed": 3, "device": "cpu", "run_files_path": str(files),
-        "epochs_target": epochs, "start_epoch": 0, "checkpoint_every": 30.0,
-        "process": {"data_scheme": ["data"], "pipeline_scheme": ["model"], "lr": 0.05,
-                    "loss_function": "BCELoss", "accuracy": "binary", **process},
+        "run_id": 7,
+        "seed": 3,
+        "device": "cpu",
+        "run_files_path": str(files),
+        "epochs_target": epochs,
+        "start_epoch": 0,
+        "checkpoint_every": 30.0,
+        "process": {
+            "data_scheme": ["data"],
+            "pipeline_scheme": ["model"],
+            "lr": 0.05,
+            "loss_function": "BCELoss",
+            "accuracy": "binary",
+            **process,
+        },
         "modules": [
-            {"type": "data", "class": data, "path_to_class": classes, "n": 64, "dims": 3,
-             "key": "data", "name": "data"},
-            {"type": "model", "class": model, "path_to_class": classes, "key": "m",
-             "name": "model"},
+            {
+                "type": "data",
+                "class": data,
+                "path_to_class": classes,
+                "n": 64,
+                "dims": 3,
+                "key": "data",
+                "name": "data",
+            },
+            {
+                "type": "model",
+                "class": model,
+                "path_to_class": classes,
+                "key": "m",
+                "name": "model",
+            },
         ],
     }
 
@@ -118,9 +148,12 @@ class Recorder:
         self.park_after = park_after
 
     def channel(self) -> Channel:
-        return Channel(on_epoch=self.events.append,
-                       park_requested=lambda: self.park_after is not None
-                       and len(self.events) + 1 >= self.park_after)
+        return Channel(
+            on_epoch=self.events.append,
+            park_requested=lambda: (
+                self.park_after is not None and len(self.events) + 1 >= self.park_after
+            ),
+        )
 
 
 def test_module_params_leave_out_the_module_fields() -> None:
@@ -140,8 +173,15 @@ def test_build_constructs_the_pipeline_from_a_spec(classes: str, tmp_path: Path)
     assert run.nb_params == 3 + 1
     assert run.model_infos == [spec["modules"][1]]
     # Each module's info() reaches the run_info of the next ones.
-    assert run.run_info == {"run_id": 7, "device": "cpu", "seed": 3, "epoch": 0,
-                            "input_size": 3, "output_size": 1, "hidden": 0}
+    assert run.run_info == {
+        "run_id": 7,
+        "device": "cpu",
+        "seed": 3,
+        "epoch": 0,
+        "input_size": 3,
+        "output_size": 1,
+        "hidden": 0,
+    }
     assert (len(run.train_data), len(run.test_data)) == (6, 2)
     assert run.accuracy_mode == "binary" and run.user_accuracy is None
     # Seeded: the same spec builds the same initial weights.
@@ -149,8 +189,9 @@ def test_build_constructs_the_pipeline_from_a_spec(classes: str, tmp_path: Path)
     assert torch.equal(again.models[0].layer.weight, model.layer.weight)
 
 
-def test_build_uses_the_optimizer_and_defaults_accuracy_to_none(classes: str,
-                                                                  tmp_path: Path) -> None:
+def test_build_uses_the_optimizer_and_defaults_accuracy_to_none(
+    classes: str, tmp_path: Path
+) -> None:
     spec = make_spec(classes, tmp_path, optimizer="SGD")
     del spec["process"]["accuracy"]
     run = execution.build(spec)
@@ -158,30 +199,41 @@ def test_build_uses_the_optimizer_and_defaults_accuracy_to_none(classes: str,
     assert run.accuracy_mode == "none"
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"optimizer": "Nope"}, "optimizer 'Nope' is not in torch.optim"),
-    ({"data": "one_set"}, "the last data module [data] must return (train, test)"),
-    ({"model": "frozen"}, "the pipeline has no trainable parameters"),
-    ({"loss_function": "Nope"}, "loss_function 'Nope' is not a torch.nn loss class"),
-])
-def test_build_names_what_is_wrong(classes: str, tmp_path: Path, change: dict[str, str],
-                                   message: str) -> None:
-    with pytest.raises(UserCodeError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"optimizer": "Nope"}, "optimizer 'Nope' is not in torch.optim"),
+        ({"data": "one_set"}, "the last data module [data] must return (train, test)"),
+        ({"model": "frozen"}, "the pipeline has no trainable parameters"),
+        ({"loss_function": "Nope"}, "loss_function 'Nope' is not a torch.nn loss class"),
+    ],
+)
+def test_build_names_what_is_wrong(
+    classes: str, tmp_path: Path, change: dict[str, str], message: str
+) -> None:
+    with pytest.raises(
+        UserCodeError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]"),
+    ):
         execution.build(make_spec(classes, tmp_path, **change))
 
 
-def test_test_pass_matches_a_plain_computation_and_changes_nothing(classes: str,
-                                                                   tmp_path: Path) -> None:
+def test_test_pass_matches_a_plain_computation_and_changes_nothing(
+    classes: str, tmp_path: Path
+) -> None:
     run = execution.build(make_spec(classes, tmp_path))
     model = run.models[0]
     before = copy.deepcopy(model.state_dict())
     loss, acc = execution.run_pass(run, run.test_data, train=False)
     with torch.no_grad():
-        losses = [torch.nn.functional.binary_cross_entropy(model(x, {}, {}), y).item()
-                  for x, y in run.test_data]
-        correct = sum(int(((model(x, {}, {}) > 0.5) == (y > 0.5)).sum())
-                      for x, y in run.test_data)
+        losses = [
+            torch.nn.functional.binary_cross_entropy(model(x, {}, {}), y).item()
+            for x, y in run.test_data
+        ]
+        correct = sum(int(((model(x, {}, {}) > 0.5) == (y > 0.5)).sum()) for x, y in run.test_data)
     assert loss == pytest.approx(sum(losses) / len(losses), rel=1e-6)
     assert acc == correct / sum(len(y) for _, y in run.test_data)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -206,20 +258,25 @@ def test_train_pass_steps_like_a_plain_training_loop(classes: str, tmp_path: Pat
         assert torch.allclose(mine, theirs)
 
 
-@pytest.mark.parametrize(("batches", "message"), [
-    ([], "a data loader yielded no batch"),
-    ([torch.zeros(8, 3)], "each batch must be an (x, y) pair"),
-])
-def test_pass_refuses_bad_loaders(classes: str, tmp_path: Path, batches: list[Any],
-                                  message: str) -> None:
+@pytest.mark.parametrize(
+    ("batches", "message"),
+    [
+        ([], "a data loader yielded no batch"),
+        ([torch.zeros(8, 3)], "each batch must be an (x, y) pair"),
+    ],
+)
+def test_pass_refuses_bad_loaders(
+    classes: str, tmp_path: Path, batches: list[Any], message: str
+) -> None:
     run = execution.build(make_spec(classes, tmp_path))
     with pytest.raises(UserCodeError) as error:
         execution.run_pass(run, batches, train=True)
     assert message in str(error.value)
 
 
-def test_epoch_appends_its_figures_and_stops_on_a_non_finite_loss(classes: str,
-                                                                  tmp_path: Path) -> None:
+def test_epoch_appends_its_figures_and_stops_on_a_non_finite_loss(
+    classes: str, tmp_path: Path
+) -> None:
     run = execution.build(make_spec(classes, tmp_path))
     history = History()
     execution.run_epoch(run, history, 1)
@@ -228,8 +285,9 @@ def test_epoch_appends_its_figures_and_stops_on_a_non_finite_loss(classes: str,
     assert len(history.train_loss) == len(history.test_acc) == len(history.duration) == 2
     assert history.train_loss[1] < history.train_loss[0]  # it learns
     # MSELoss passes NaN through where BCELoss would refuse it.
-    nan_run = execution.build(make_spec(classes, tmp_path, data="nan_points",
-                                        loss_function="MSELoss"))
+    nan_run = execution.build(
+        make_spec(classes, tmp_path, data="nan_points", loss_function="MSELoss")
+    )
     with pytest.raises(UserCodeError, match="loss is not finite at epoch 1"):
         execution.run_epoch(nan_run, History(), 1)
 
@@ -239,17 +297,29 @@ def test_history_truncates_and_describes_an_epoch() -> None:
     for epoch in range(3):
         history.append(1.0 + epoch, 2.0 + epoch, None, 0.5, 0.1)
     history.truncate(2)
-    assert history.as_dict() == {"train_loss": [1.0, 2.0], "test_loss": [2.0, 3.0],
-                                 "train_acc": [None, None], "test_acc": [0.5, 0.5],
-                                 "duration": [0.1, 0.1]}
+    assert history.as_dict() == {
+        "train_loss": [1.0, 2.0],
+        "test_loss": [2.0, 3.0],
+        "train_acc": [None, None],
+        "test_acc": [0.5, 0.5],
+        "duration": [0.1, 0.1],
+    }
     assert history.event(4, 1, True) == {
-        "run_id": 4, "epoch": 2, "train_loss": 2.0, "test_loss": 3.0, "train_acc": None,
-        "test_acc": 0.5, "duration": 0.1, "checkpointed": True}
+        "run_id": 4,
+        "epoch": 2,
+        "train_loss": 2.0,
+        "test_loss": 3.0,
+        "train_acc": None,
+        "test_acc": 0.5,
+        "duration": 0.1,
+        "checkpointed": True,
+    }
 
 
 def test_run_results_follow_the_history() -> None:
-    history = History([0.9, 0.5, 0.4], [1.0, 0.7, 0.6], [0.5, 0.6, 0.7], [0.4, 0.5, 0.6],
-                      [0.25, 0.25, 0.5])
+    history = History(
+        [0.9, 0.5, 0.4], [1.0, 0.7, 0.6], [0.5, 0.6, 0.7], [0.4, 0.5, 0.6], [0.25, 0.25, 0.5]
+    )
     results = execution.run_results(history, nb_params=12)
     assert set(results) == set(contract.RESULT_COLUMNS)
     assert results["train_loss"] == 0.4 and results["test_acc"] == 0.6
@@ -260,8 +330,9 @@ def test_run_results_follow_the_history() -> None:
     assert empty["train_loss"] is None and empty["epochs"] == 0
 
 
-def test_a_parked_run_resumes_to_the_numbers_of_an_uninterrupted_one(classes: str,
-                                                                     tmp_path: Path) -> None:
+def test_a_parked_run_resumes_to_the_numbers_of_an_uninterrupted_one(
+    classes: str, tmp_path: Path
+) -> None:
     whole = Recorder()
     result = execution.execute(make_spec(classes, tmp_path / "whole", epochs=3), whole.channel())
 
@@ -272,23 +343,28 @@ def test_a_parked_run_resumes_to_the_numbers_of_an_uninterrupted_one(classes: st
     assert parked.value.epoch == 1 and first.events[0]["checkpointed"]
     assert os.path.exists(contract.checkpoint_path(str(files), 7))
     second = Recorder()
-    resumed = execution.execute(make_spec(classes, files, epochs=3) | {"start_epoch": 1},
-                                second.channel())
+    resumed = execution.execute(
+        make_spec(classes, files, epochs=3) | {"start_epoch": 1}, second.channel()
+    )
     assert [e["epoch"] for e in second.events] == [2, 3]
     numbers = ("train_loss", "test_loss", "train_acc", "test_acc")
-    assert [[e[k] for k in numbers] for e in first.events + second.events] == \
-        [[e[k] for k in numbers] for e in whole.events]
+    assert [[e[k] for k in numbers] for e in first.events + second.events] == [
+        [e[k] for k in numbers] for e in whole.events
+    ]
     assert resumed["results"]["train_loss"] == result["results"]["train_loss"]
     # The run's files, named by the contract.
-    assert resumed["files"] == [contract.history_path(str(files), 7),
-                                execution.run_info_path(str(files), 7),
-                                contract.checkpoint_path(str(files), 7)]
+    assert resumed["files"] == [
+        contract.history_path(str(files), 7),
+        execution.run_info_path(str(files), 7),
+        contract.checkpoint_path(str(files), 7),
+    ]
     assert all(os.path.exists(path) for path in resumed["files"])
     assert os.path.exists(contract.model_path(str(files), "linear", 7) + ".pt")
     info = json.loads(Path(execution.run_info_path(str(files), 7)).read_text())
     assert info["seed"] == 3 and info["results"]["epochs"] == 3
-    assert torch.load(contract.history_path(str(files), 7))["train_loss"] == \
-        [e["train_loss"] for e in whole.events]
+    assert torch.load(contract.history_path(str(files), 7))["train_loss"] == [
+        e["train_loss"] for e in whole.events
+    ]
 
 
 def test_resume_resends_the_epochs_the_database_missed(classes: str, tmp_path: Path) -> None:
@@ -296,8 +372,7 @@ def test_resume_resends_the_epochs_the_database_missed(classes: str, tmp_path: P
     execution.execute(make_spec(classes, tmp_path, epochs=2), first.channel())
     # The daemon recorded epoch 1 only, but the checkpoint holds epoch 2.
     later = Recorder()
-    execution.execute(make_spec(classes, tmp_path, epochs=3) | {"start_epoch": 1},
-                      later.channel())
+    execution.execute(make_spec(classes, tmp_path, epochs=3) | {"start_epoch": 1}, later.channel())
     assert [e["epoch"] for e in later.events] == [2, 3]
     assert later.events[0] == first.events[1]  # sent again as it was, with checkpointed set
     assert later.events[0]["checkpointed"]

@@ -26,8 +26,11 @@ REPEATS = int(os.environ.get("MOSAIC_FAULT_REPEATS", "3"))
 def slow_config(root: Path, epochs: int, extra_monitor: str = "", **kw: Any) -> Path:
     """Runs whose epochs take ~0.1-0.3 s, so that they can be caught mid-way."""
     cfg = example_config(root, epochs=epochs, extra_monitor=extra_monitor, **kw)
-    cfg.write_text(cfg.read_text().replace("data_size = 200", "data_size = 3000").replace(
-        "batch_size = 20", "batch_size = 10"))
+    cfg.write_text(
+        cfg.read_text()
+        .replace("data_size = 200", "data_size = 3000")
+        .replace("batch_size = 20", "batch_size = 10")
+    )
     return cfg
 
 
@@ -35,8 +38,9 @@ def busy_workers(d: Daemon) -> list[dict[str, Any]]:
     return [w for w in d.request("status")["workers"] if w["run_id"] is not None]
 
 
-def wait_busy(d: Daemon, db: str, min_epoch: int = 1, timeout: float = 60,
-              exclude: tuple[int, ...] = ()) -> dict[str, Any]:
+def wait_busy(
+    d: Daemon, db: str, min_epoch: int = 1, timeout: float = 60, exclude: tuple[int, ...] = ()
+) -> dict[str, Any]:
     """A worker whose run has finished at least min_epoch epochs (not one of `exclude`: a
     killed worker stays listed until the daemon has reaped it)."""
     deadline = time.monotonic() + timeout
@@ -44,16 +48,21 @@ def wait_busy(d: Daemon, db: str, min_epoch: int = 1, timeout: float = 60,
         status = d.request("status", db=db)
         epochs = {r["run_id"]: r["epoch"] for s in status["studies"] for r in s["running"]}
         for worker in status["workers"]:
-            if worker["run_id"] is not None and epochs.get(worker["run_id"], 0) >= min_epoch \
-                    and worker["pid"] not in exclude:
+            if (
+                worker["run_id"] is not None
+                and epochs.get(worker["run_id"], 0) >= min_epoch
+                and worker["pid"] not in exclude
+            ):
                 return worker
         time.sleep(0.05)
     raise AssertionError("no run got going")
 
 
 def epochs_of(db: str, run_id: int) -> list[int]:
-    return [e for (e,) in query(db, "SELECT epoch FROM run_epochs WHERE run_id=? ORDER BY epoch",
-                                run_id)]
+    return [
+        e
+        for (e,) in query(db, "SELECT epoch FROM run_epochs WHERE run_id=? ORDER BY epoch", run_id)
+    ]
 
 
 @pytest.mark.slow
@@ -63,8 +72,20 @@ def test_seeded_worker_sigkills_retry_and_the_pool_refills(tmp: Path) -> None:
     db = str(tmp / "s.db")
     killed: list[int] = []
     try:
-        d.cli("run", str(slow_config(tmp, epochs=8, multiplicity=2, mlp_width="3, 4",
-                                     extra_monitor=f"retries = {REPEATS}")), db, check=True)
+        d.cli(
+            "run",
+            str(
+                slow_config(
+                    tmp,
+                    epochs=8,
+                    multiplicity=2,
+                    mlp_width="3, 4",
+                    extra_monitor=f"retries = {REPEATS}",
+                )
+            ),
+            db,
+            check=True,
+        )
         for _ in range(REPEATS):
             # Early enough in an 8-epoch run that the kill lands before the run ends.
             worker = wait_busy(d, db, min_epoch=rng.choice([0, 1, 2]), exclude=tuple(killed))
@@ -112,8 +133,7 @@ def test_a_stopped_worker_is_killed_by_the_monitor_timeout(tmp: Path) -> None:
     d = Daemon(tmp, workers=1).start()
     db = str(tmp / "s.db")
     try:
-        d.cli("run", str(slow_config(tmp, epochs=200, extra_monitor="timeout = 4")), db,
-              check=True)
+        d.cli("run", str(slow_config(tmp, epochs=200, extra_monitor="timeout = 4")), db, check=True)
         worker = wait_busy(d, db, min_epoch=1)
         os.kill(worker["pid"], signal.SIGSTOP)
         stopped = time.monotonic()

@@ -32,19 +32,44 @@ from hypothesis import strategies as st
 from mosaic_client import protocol
 from mosaic_client.protocol import PROTOCOL_VERSION, REQUESTS
 
-ERRORS = {"bad_message", "bad_version", "unknown_request", "bad_arguments", "invalid",
-          "not_found", "permission"}
+ERRORS = {
+    "bad_message",
+    "bad_version",
+    "unknown_request",
+    "bad_arguments",
+    "invalid",
+    "not_found",
+    "permission",
+}
 SENT: Counter[str] = Counter()  # messages sent, by category
-FUZZ = settings(max_examples=int(os.environ.get("MOSAIC_FUZZ_EXAMPLES", "250")), deadline=None,
-                derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("MOSAIC_FUZZ_EXAMPLES", "250")),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 
 # Any msgpack value, small: the material wrong-typed fields and unknown fields are made of.
-SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-           | st.floats(allow_nan=True) | st.text(max_size=40) | st.binary(max_size=40))
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=5)
-                      | st.dictionaries(st.text(max_size=10), inner, max_size=5), max_leaves=20)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=40)
+    | st.binary(max_size=40)
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
 
 
 class Study:
@@ -73,8 +98,10 @@ class Study:
         self.sock.send_multipart(list(frames))
         SENT[category] += 1
         if not self.sock.poll(int(timeout * 1000)):
-            raise AssertionError(f"no reply to a {category} message within {timeout} s; "
-                                 f"daemon alive: {self.daemon.proc.poll() is None}")  # type: ignore[union-attr]
+            raise AssertionError(
+                f"no reply to a {category} message within {timeout} s; "
+                f"daemon alive: {self.daemon.proc.poll() is None}"
+            )  # type: ignore[union-attr]
         reply = self.sock.recv_multipart()
         assert len(reply) == 2 and reply[0] == b"", reply[:3]
         decoded = msgpack.unpackb(reply[1], raw=False)
@@ -101,8 +128,13 @@ class Study:
             for volatile in ("cpu_percent", "rss", "state", "pid", "id"):
                 worker.pop(volatile, None)
         studies = self.daemon.request("studies")
-        return {"dump": dump, "status": status, "pending": self.daemon.request("pending"),
-                "studies": studies, "run_files": sorted(os.listdir(self.root / "runs"))}
+        return {
+            "dump": dump,
+            "status": status,
+            "pending": self.daemon.request("pending"),
+            "studies": studies,
+            "run_files": sorted(os.listdir(self.root / "runs")),
+        }
 
     def check_unchanged(self) -> None:
         assert self.daemon.proc.poll() is None, "the daemon died"  # type: ignore[union-attr]
@@ -140,8 +172,13 @@ def valid_args(study: Study, name: str) -> dict[str, Any]:
     """Well-formed arguments for each request; their wrong-typed variants are the fuzz."""
     selection = {"kind": "ids", "ids": [10**6]}  # matches nothing: never changes a run
     return {
-        "submit": {"db": study.db, "config_path": "/x.ini", "process": {}, "monitor": {},
-                   "pipelines": []},
+        "submit": {
+            "db": study.db,
+            "config_path": "/x.ini",
+            "process": {},
+            "monitor": {},
+            "pipelines": [],
+        },
         "status": {"db": study.db, "limit": 3, "mine": False, "states": [], "submission": 1},
         "pause": {"now": False, "db": study.db, "all": False},
         "resume": {"db": study.db, "all": False},
@@ -166,8 +203,7 @@ def wrong_for(kind: type | tuple[type, ...]) -> st.SearchStrategy[Any]:
     return VALUES.filter(wrong)
 
 
-FIELDS = [(name, field.name, field.kind) for name, fields in REQUESTS.items()
-          for field in fields]
+FIELDS = [(name, field.name, field.kind) for name, fields in REQUESTS.items() for field in fields]
 
 
 # -- bytes that are not a request ---------------------------------------------------------------
@@ -181,13 +217,18 @@ def test_random_bytes(check: Study, payload: bytes) -> None:
 
 
 @FUZZ
-@given(name=st.sampled_from(sorted(REQUESTS)), cut=st.floats(0, 1, exclude_max=True),
-       garbage=st.binary(min_size=1, max_size=8))
-def test_truncated_and_trailing_msgpack(check: Study, name: str, cut: float,
-                                        garbage: bytes) -> None:
-    whole = msgpack.packb({"v": PROTOCOL_VERSION, "type": name,
-                           "args": valid_args(check, name)}, use_bin_type=True)
-    truncated = whole[:int(len(whole) * cut)]
+@given(
+    name=st.sampled_from(sorted(REQUESTS)),
+    cut=st.floats(0, 1, exclude_max=True),
+    garbage=st.binary(min_size=1, max_size=8),
+)
+def test_truncated_and_trailing_msgpack(
+    check: Study, name: str, cut: float, garbage: bytes
+) -> None:
+    whole = msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": name, "args": valid_args(check, name)}, use_bin_type=True
+    )
+    truncated = whole[: int(len(whole) * cut)]
     assert check.send("truncated msgpack", b"", truncated)["error"]["code"] == "bad_message"
     assert check.send("trailing bytes", b"", whole + garbage)["error"]["code"] == "bad_message"
 
@@ -197,8 +238,9 @@ def test_truncated_and_trailing_msgpack(check: Study, name: str, cut: float,
 
 @FUZZ
 @given(field=st.sampled_from(FIELDS), data=st.data())
-def test_each_field_of_each_request_with_a_wrong_type(check: Study, field: tuple[str, str, Any],
-                                                      data: st.DataObject) -> None:
+def test_each_field_of_each_request_with_a_wrong_type(
+    check: Study, field: tuple[str, str, Any], data: st.DataObject
+) -> None:
     name, field_name, kind = field
     args = dict(valid_args(check, name))
     args[field_name] = data.draw(wrong_for(kind))
@@ -208,28 +250,37 @@ def test_each_field_of_each_request_with_a_wrong_type(check: Study, field: tuple
 
 
 @FUZZ
-@given(name=st.sampled_from(sorted(REQUESTS)), args=VALUES.filter(
-    lambda v: not isinstance(v, dict) and v is not None))
+@given(
+    name=st.sampled_from(sorted(REQUESTS)),
+    args=VALUES.filter(lambda v: not isinstance(v, dict) and v is not None),
+)
 def test_arguments_that_are_not_a_map(check: Study, name: str, args: Any) -> None:
     reply = check.request("args not a map", {"v": PROTOCOL_VERSION, "type": name, "args": args})
     assert reply["error"]["code"] == "bad_arguments"
 
 
 @FUZZ
-@given(version=VALUES.filter(lambda v: v != PROTOCOL_VERSION), name=st.sampled_from(
-    sorted(REQUESTS)))
+@given(
+    version=VALUES.filter(lambda v: v != PROTOCOL_VERSION), name=st.sampled_from(sorted(REQUESTS))
+)
 def test_wrong_protocol_version(check: Study, version: Any, name: str) -> None:
-    reply = check.request("wrong version", {"v": version, "type": name,
-                                            "args": valid_args(check, name)})
+    reply = check.request(
+        "wrong version", {"v": version, "type": name, "args": valid_args(check, name)}
+    )
     assert reply["error"]["code"] == "bad_version"
 
 
 @FUZZ
-@given(message=st.dictionaries(st.text(max_size=8), VALUES, max_size=6)
-       | VALUES.filter(lambda v: not isinstance(v, dict)))
+@given(
+    message=st.dictionaries(st.text(max_size=8), VALUES, max_size=6)
+    | VALUES.filter(lambda v: not isinstance(v, dict))
+)
 def test_random_maps_and_values(check: Study, message: Any) -> None:
-    if isinstance(message, dict) and message.get("v") == PROTOCOL_VERSION \
-            and message.get("type") in ("shutdown", "resume", "pause"):
+    if (
+        isinstance(message, dict)
+        and message.get("v") == PROTOCOL_VERSION
+        and message.get("type") in ("shutdown", "resume", "pause")
+    ):
         message["v"] = "fuzz"  # the only random maps that could be valid state changes
     check.request("random map", message)
 
@@ -240,13 +291,21 @@ READ_ONLY = ("ping", "status", "pending", "show", "studies")
 
 
 @FUZZ
-@given(name=st.sampled_from(sorted(REQUESTS)),
-       extra=st.dictionaries(st.text(min_size=1, max_size=12).filter(
-           lambda k: k not in {f.name for fs in REQUESTS.values() for f in fs}), VALUES,
-           min_size=1, max_size=5),
-       envelope=st.dictionaries(st.text(min_size=2, max_size=8), VALUES, max_size=3))
-def test_unknown_fields(check: Study, name: str, extra: dict[str, Any],
-                        envelope: dict[str, Any]) -> None:
+@given(
+    name=st.sampled_from(sorted(REQUESTS)),
+    extra=st.dictionaries(
+        st.text(min_size=1, max_size=12).filter(
+            lambda k: k not in {f.name for fs in REQUESTS.values() for f in fs}
+        ),
+        VALUES,
+        min_size=1,
+        max_size=5,
+    ),
+    envelope=st.dictionaries(st.text(min_size=2, max_size=8), VALUES, max_size=3),
+)
+def test_unknown_fields(
+    check: Study, name: str, extra: dict[str, Any], envelope: dict[str, Any]
+) -> None:
     args = {**valid_args(check, name), **extra}
     if name not in READ_ONLY:
         required = [f.name for f in REQUESTS[name] if f.required]
@@ -262,16 +321,24 @@ def test_unknown_fields(check: Study, name: str, extra: dict[str, Any],
 
 
 @FUZZ
-@given(frames=st.lists(st.binary(max_size=64), min_size=1, max_size=300).filter(
-    lambda f: not (len(f) == 2 and f[0] == b"")))
+@given(
+    frames=st.lists(st.binary(max_size=64), min_size=1, max_size=300).filter(
+        lambda f: not (len(f) == 2 and f[0] == b"")
+    )
+)
 def test_wrong_frame_counts(check: Study, frames: list[bytes]) -> None:
     reply = check.send("frames", *frames)
     assert reply["error"]["code"] == "bad_message"
 
 
 def test_empty_and_many_frames(check: Study) -> None:
-    for frames in ([b""], [b"", b""], [b"", b"", b""], [b""] * 10_000,
-                   [b"", protocol.make_request("ping")] + [b"x"] * 5_000):
+    for frames in (
+        [b""],
+        [b"", b""],
+        [b"", b"", b""],
+        [b""] * 10_000,
+        [b"", protocol.make_request("ping")] + [b"x"] * 5_000,
+    ):
         reply = check.send("frames", *frames)
         assert reply["error"]["code"] == "bad_message", len(frames)
 
@@ -287,8 +354,14 @@ def _nested(depth: int, opener: bytes) -> bytes:
 def test_deep_nesting(check: Study, depth: int, opener: bytes) -> None:
     head = msgpack.packb({"v": PROTOCOL_VERSION, "type": "status"}, use_bin_type=True)
     # A map of three entries: the two above plus args={"states": <nested>}.
-    payload = (b"\x83" + head[1:] + msgpack.packb("args") + b"\x81"
-               + msgpack.packb("states") + _nested(depth, opener))
+    payload = (
+        b"\x83"
+        + head[1:]
+        + msgpack.packb("args")
+        + b"\x81"
+        + msgpack.packb("states")
+        + _nested(depth, opener)
+    )
     reply = check.send("deep nesting", b"", payload)
     if depth > 1000:
         assert reply["error"]["code"] == "bad_message"  # msgpack's C stack limit
@@ -297,14 +370,24 @@ def test_deep_nesting(check: Study, depth: int, opener: bytes) -> None:
     for name in ("submit", "rekey", "cancel"):
         args = valid_args(check, name)
         key = {"submit": "process", "rekey": "keys", "cancel": "selection"}[name]
-        body = msgpack.packb({"v": PROTOCOL_VERSION, "type": name,
-                              "args": {k: v for k, v in args.items() if k != key}},
-                             use_bin_type=True)
+        body = msgpack.packb(
+            {
+                "v": PROTOCOL_VERSION,
+                "type": name,
+                "args": {k: v for k, v in args.items() if k != key},
+            },
+            use_bin_type=True,
+        )
         # Re-open the args map with one more entry whose value is the nested structure.
         at = body.index(msgpack.packb("args")) + len(msgpack.packb("args"))
         count = body[at] - 0x80 + 1
-        payload = (body[:at] + bytes([0x80 + count]) + body[at + 1:]
-                   + msgpack.packb(key) + _nested(min(depth, 900), opener))
+        payload = (
+            body[:at]
+            + bytes([0x80 + count])
+            + body[at + 1 :]
+            + msgpack.packb(key)
+            + _nested(min(depth, 900), opener)
+        )
         check.send("deep nesting", b"", payload)
 
 
@@ -315,14 +398,32 @@ def test_huge_strings_and_lists_below_the_limit(check: Study) -> None:
         ("status", {"db": "/" + big}, None),
         ("status", {"states": list(range(2_000_000))}, None),
         ("show", {"db": "/" + big, "run_id": 1}, "not_found"),
-        ("cancel", {"db": check.db, "selection": {"kind": "request", "sql": "SELECT " + big}},
-         "invalid"),
-        ("cancel", {"db": check.db, "selection": {"kind": "ids",
-                                                  "ids": list(range(10**6, 3 * 10**6))}}, None),
-        ("rekey", {"db": check.db, "keys": [[10**6 + i, "mlp_key", "k"] for i in range(200_000)]},
-         "not_found"),
-        ("submit", {"db": check.db, "config_path": big, "process": {}, "monitor": {},
-                    "pipelines": [[1]] * 1_000_000}, "invalid"),
+        (
+            "cancel",
+            {"db": check.db, "selection": {"kind": "request", "sql": "SELECT " + big}},
+            "invalid",
+        ),
+        (
+            "cancel",
+            {"db": check.db, "selection": {"kind": "ids", "ids": list(range(10**6, 3 * 10**6))}},
+            None,
+        ),
+        (
+            "rekey",
+            {"db": check.db, "keys": [[10**6 + i, "mlp_key", "k"] for i in range(200_000)]},
+            "not_found",
+        ),
+        (
+            "submit",
+            {
+                "db": check.db,
+                "config_path": big,
+                "process": {},
+                "monitor": {},
+                "pipelines": [[1]] * 1_000_000,
+            },
+            "invalid",
+        ),
         ("ping", {"pad": big}, None),
     ]
     for name, args, code in cases:
@@ -345,14 +446,26 @@ def hostile_requests(study: Study) -> list[tuple[str, dict[str, Any], str]]:
     daemon_dir = os.path.dirname(study.daemon.socket)
     empty = study.root / "empty.db"
     empty.touch()
-    process = {"lr": 0.01, "epochs": 1, "data_scheme": ["dataset"], "pipeline_scheme": ["mlp"],
-               "loss_function": "BCELoss", "run_files_path": str(study.root / "runs")}
+    process = {
+        "lr": 0.01,
+        "epochs": 1,
+        "data_scheme": ["dataset"],
+        "pipeline_scheme": ["mlp"],
+        "loss_function": "BCELoss",
+        "run_files_path": str(study.root / "runs"),
+    }
     module = {"type": "dataset", "class": "dataset_OR", "path_to_class": "/x.py", "key": "k"}
     ok_pipeline = [module, {**module, "type": "mlp"}]
 
     def submit(**changes: Any) -> dict[str, Any]:
-        return {"db": db, "config_path": "/x.ini", "process": process, "monitor": {},
-                "pipelines": [ok_pipeline], **changes}
+        return {
+            "db": db,
+            "config_path": "/x.ini",
+            "process": process,
+            "monitor": {},
+            "pipelines": [ok_pipeline],
+            **changes,
+        }
 
     def request_sql(sql: str) -> dict[str, Any]:
         return {"db": db, "selection": {"kind": "request", "sql": sql}}
@@ -384,16 +497,27 @@ def hostile_requests(study: Study) -> list[tuple[str, dict[str, Any], str]]:
         ("cancel", request_sql("ATTACH DATABASE '/tmp/x.db' AS x"), "invalid"),
         ("cancel", request_sql("PRAGMA journal_mode=DELETE"), "invalid"),
         ("cancel", request_sql("INSERT INTO runs VALUES (99, 'done', 'x', NULL)"), "invalid"),
-        ("cancel", request_sql("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)"
-                               " SELECT x FROM c"), "invalid"),
+        (
+            "cancel",
+            request_sql(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c"
+            ),
+            "invalid",
+        ),
         ("cancel", request_sql("SELECT 'a'"), "invalid"),
         ("cancel", {"db": db, "selection": {"kind": "request"}}, "invalid"),
         ("cancel", {"db": db, "selection": {"kind": "nope"}}, "invalid"),
         ("cancel", {"db": db, "selection": {"kind": "ids", "ids": ["1"]}}, "invalid"),
-        ("cancel", {"db": db, "selection": {"kind": "param", "name": "lr",
-                                            "value": {"a": 1}}}, "invalid"),
-        ("cancel", {"db": db, "selection": {"kind": "low", "name": "lr",
-                                            "value": 2**64 - 1}}, "invalid"),
+        (
+            "cancel",
+            {"db": db, "selection": {"kind": "param", "name": "lr", "value": {"a": 1}}},
+            "invalid",
+        ),
+        (
+            "cancel",
+            {"db": db, "selection": {"kind": "low", "name": "lr", "value": 2**64 - 1}},
+            "invalid",
+        ),
         ("cancel", {"db": "relative.db", "selection": {"kind": "all"}}, "invalid"),
         ("cancel", {"db": "/dev/null", "selection": {"kind": "all"}}, "invalid"),
         ("cancel", {"db": str(study.root), "selection": {"kind": "all"}}, "invalid"),
@@ -423,8 +547,10 @@ def test_hostile_but_well_formed_requests(check: Study) -> None:
         assert not reply["ok"], (name, args, reply)
         assert reply["error"]["code"] == code, (name, str(args)[:200], reply)
     for limit in (-5, 0, 10**9):
-        reply = check.request("hostile", {"v": PROTOCOL_VERSION, "type": "status",
-                                          "args": {"limit": limit, "db": check.db}})
+        reply = check.request(
+            "hostile",
+            {"v": PROTOCOL_VERSION, "type": "status", "args": {"limit": limit, "db": check.db}},
+        )
         assert reply["ok"] and len(reply["data"]["studies"][0]["done"]) <= 2
     assert not os.path.exists("/dev/null-wal") and not os.path.exists("/dev/null-journal")
     assert os.path.getsize(check.root / "empty.db") == 0
@@ -452,8 +578,9 @@ def test_oversized_message_is_refused_at_the_transport(check: Study) -> None:
     # A message just below the limit is still read and answered.
     body = msgpack.packb({"v": PROTOCOL_VERSION, "type": "ping", "args": {"pad": ""}})
     pad = protocol.MAX_MESSAGE_BYTES - len(body) - 16
-    reply = check.request("near the limit", {"v": PROTOCOL_VERSION, "type": "ping",
-                                             "args": {"pad": b"\x00" * pad}})
+    reply = check.request(
+        "near the limit", {"v": PROTOCOL_VERSION, "type": "ping", "args": {"pad": b"\x00" * pad}}
+    )
     assert reply["ok"]
 
 

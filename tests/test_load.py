@@ -64,9 +64,15 @@ def test_ten_thousand_queued_runs_and_fifty_pollers(tmp: Path) -> None:
         d.request("pause")
         started = time.monotonic()
         for _ in range(RUNS // CHUNK):
-            d.request("submit", timeout=120, db=db, config_path=expanded.config_path,
-                      process=expanded.process, monitor=expanded.monitor,
-                      pipelines=expanded.pipelines * CHUNK)
+            d.request(
+                "submit",
+                timeout=120,
+                db=db,
+                config_path=expanded.config_path,
+                process=expanded.process,
+                monitor=expanded.monitor,
+                pipelines=expanded.pipelines * CHUNK,
+            )
         queue_seconds = time.monotonic() - started
         status = d.request("status", db=db)
         assert status["queued"] == RUNS and status["studies"][0]["counts"]["queued"] == RUNS
@@ -78,9 +84,16 @@ def test_ten_thousand_queued_runs_and_fifty_pollers(tmp: Path) -> None:
 
         d.request("resume")
         env = {**d.env, "PYTHONPATH": str(REPO)}
-        pollers = [subprocess.Popen([sys.executable, "-c", POLLER, d.socket, db, str(POLLS)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                    text=True) for _ in range(CLIENTS)]
+        pollers = [
+            subprocess.Popen(
+                [sys.executable, "-c", POLLER, d.socket, db, str(POLLS)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                text=True,
+            )
+            for _ in range(CLIENTS)
+        ]
         latencies: list[float] = []
         failures: list[str] = []
         for proc in pollers:
@@ -91,8 +104,12 @@ def test_ten_thousand_queued_runs_and_fifty_pollers(tmp: Path) -> None:
             failures += result["failures"]
 
         d.request("pause")
-        cancelled = d.request("cancel", timeout=300, db=db, selection={
-            "kind": "request", "sql": "SELECT run_id FROM runs WHERE status='queued'"})
+        cancelled = d.request(
+            "cancel",
+            timeout=300,
+            db=db,
+            selection={"kind": "request", "sql": "SELECT run_id FROM runs WHERE status='queued'"},
+        )
         deadline = time.monotonic() + 120
         while d.request("status", db=db)["studies"][0]["counts"]["running"]:
             assert time.monotonic() < deadline, "running runs did not finish"
@@ -108,25 +125,34 @@ def test_ten_thousand_queued_runs_and_fifty_pollers(tmp: Path) -> None:
     assert done + counts["cancelled"] == RUNS and len(cancelled["cancelled"]) == counts["cancelled"]
     # Lost or duplicated results: every done run has exactly one result row, one epoch and one
     # "done" event; no other run has any.
-    lost = query(db, "SELECT count(*) FROM runs r WHERE status='done' AND NOT EXISTS "
-                     "(SELECT 1 FROM run_results x WHERE x.run_id=r.run_id)")[0][0]
-    stray = query(db, "SELECT count(*) FROM run_results x JOIN runs r USING (run_id) "
-                      "WHERE r.status!='done'")[0][0]
-    assert query(db, "SELECT count(*), count(DISTINCT run_id) FROM run_results") == [
-        (done, done)]
+    lost = query(
+        db,
+        "SELECT count(*) FROM runs r WHERE status='done' AND NOT EXISTS "
+        "(SELECT 1 FROM run_results x WHERE x.run_id=r.run_id)",
+    )[0][0]
+    stray = query(
+        db, "SELECT count(*) FROM run_results x JOIN runs r USING (run_id) WHERE r.status!='done'"
+    )[0][0]
+    assert query(db, "SELECT count(*), count(DISTINCT run_id) FROM run_results") == [(done, done)]
     epochs = query(db, "SELECT count(*), count(DISTINCT run_id), max(epoch) FROM run_epochs")
     assert epochs == [(done, done, 1)]
-    events = query(db, "SELECT count(*), count(DISTINCT run_id) FROM run_events "
-                       "WHERE to_status='done'")
+    events = query(
+        db, "SELECT count(*), count(DISTINCT run_id) FROM run_events WHERE to_status='done'"
+    )
     assert events == [(done, done)]
     duplicated = events[0][0] - events[0][1]
     assert lost == 0 and stray == 0 and duplicated == 0
     assert query(db, "PRAGMA integrity_check") == [("ok",)]
 
     figures = {
-        "queued_runs": RUNS, "queue_seconds": round(queue_seconds, 2),
-        "clients": CLIENTS, "status_requests": len(latencies), "failed_requests": len(failures),
-        "runs_completed": done, "runs_cancelled": counts["cancelled"], "lost": lost,
+        "queued_runs": RUNS,
+        "queue_seconds": round(queue_seconds, 2),
+        "clients": CLIENTS,
+        "status_requests": len(latencies),
+        "failed_requests": len(failures),
+        "runs_completed": done,
+        "runs_cancelled": counts["cancelled"],
+        "lost": lost,
         "duplicated": duplicated,
         "status_p50_ms": round(1000 * percentile(latencies, 50), 2),
         "status_p99_ms": round(1000 * percentile(latencies, 99), 2),

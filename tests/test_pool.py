@@ -129,18 +129,31 @@ class recorder(_Base):
 '''
 
 
-def project(root: Path, models: list[str], epochs: int = 1, monitor: str = "",
-            name: str = "config.ini", need_gpu: str = "false", gpu_available: str = "None",
-            nb_processus: int = 1, multiplicity: int = 1) -> Path:
+def project(
+    root: Path,
+    models: list[str],
+    epochs: int = 1,
+    monitor: str = "",
+    name: str = "config.ini",
+    need_gpu: str = "false",
+    gpu_available: str = "None",
+    nb_processus: int = 1,
+    multiplicity: int = 1,
+) -> Path:
     """A config whose pipelines are dataset_OR followed by each probe model, in this order."""
-    sections = "\n".join(f"""
+    sections = "\n".join(
+        f"""
         [{model}_{i}]
         type = model
         class = {model}
         path_to_class = {root}/probes.py
         key = {model}_{i}
-        """ for i, model in enumerate(models))
-    path = write_project(root, f"""
+        """
+        for i, model in enumerate(models)
+    )
+    path = write_project(
+        root,
+        f"""
         [PROCESS]
         lr = 0.01
         epochs = {epochs}
@@ -165,7 +178,10 @@ def project(root: Path, models: list[str], epochs: int = 1, monitor: str = "",
         train_prop = 0.5
         batch_size = 10
         key = data
-        """ + sections, {"probes.py": PROBES})
+        """
+        + sections,
+        {"probes.py": PROBES},
+    )
     return path.rename(root / name)
 
 
@@ -178,14 +194,23 @@ def submit(daemon: Daemon, config: Path, db: str) -> list[int]:
 
 
 def runs(db: str) -> dict[int, tuple[str, str | None]]:
-    return {r[0]: (r[1], r[2]) for r in query(db, "SELECT run_id, status, return_status "
-                                                  "FROM runs ORDER BY run_id")}
+    return {
+        r[0]: (r[1], r[2])
+        for r in query(db, "SELECT run_id, status, return_status FROM runs ORDER BY run_id")
+    }
 
 
 def worker_pid_of(db: str, run_id: int, attempt: int = -1) -> int:
     """The worker pid a run was started on (the daemon writes it in the running event)."""
-    details = [d for (d,) in query(db, "SELECT detail FROM run_events WHERE run_id=? AND "
-                                       "to_status='running' ORDER BY event_id", run_id)]
+    details = [
+        d
+        for (d,) in query(
+            db,
+            "SELECT detail FROM run_events WHERE run_id=? AND "
+            "to_status='running' ORDER BY event_id",
+            run_id,
+        )
+    ]
     match = re.search(r"pid (\d+)", details[attempt])
     assert match, details
     return int(match.group(1))
@@ -196,8 +221,7 @@ def wait_running(daemon: Daemon, db: str, run_id: int, timeout: float = 60.0) ->
     deadline = time.monotonic() + timeout
     log = Path(db).parent / "runs" / f"output_{run_id}.log"
     while time.monotonic() < deadline:
-        workers = [w for w in daemon.request("status", limit=0)["workers"]
-                   if w["run_id"] == run_id]
+        workers = [w for w in daemon.request("status", limit=0)["workers"] if w["run_id"] == run_id]
         if workers and log.exists() and "probe:" in log.read_text():
             return workers[0]
         time.sleep(0.1)
@@ -239,22 +263,34 @@ def test_gpu_workers_see_only_their_device(tmp: Path) -> None:
     d = Daemon(tmp, "--gpus", "3,5", "--runs-per-gpu", "2", workers=1).start()
     try:
         workers = wait_idle(d, 5)
-        seen = sorted((w["slot"], environ_of(w["pid"])["CUDA_VISIBLE_DEVICES"],
-                       environ_of(w["pid"])["MOSAIC_WORKER_SLOT"]) for w in workers)
-        assert seen == [("cpu 0", "", "cpu 0"), ("cuda:3", "3", "cuda:3"),
-                        ("cuda:3", "3", "cuda:3"), ("cuda:5", "5", "cuda:5"),
-                        ("cuda:5", "5", "cuda:5")]
+        seen = sorted(
+            (
+                w["slot"],
+                environ_of(w["pid"])["CUDA_VISIBLE_DEVICES"],
+                environ_of(w["pid"])["MOSAIC_WORKER_SLOT"],
+            )
+            for w in workers
+        )
+        assert seen == [
+            ("cpu 0", "", "cpu 0"),
+            ("cuda:3", "3", "cuda:3"),
+            ("cuda:3", "3", "cuda:3"),
+            ("cuda:5", "5", "cuda:5"),
+            ("cuda:5", "5", "cuda:5"),
+        ]
         assert all(w["state"] == "idle" for w in workers)
         # A GPU submission limited to GPU 5: both runs go to cuda:5 slots (where, without a
         # real card, torch refuses the device), never to the CPU or to GPU 3.
         db = str(tmp / "gpu.db")
-        cfg = project(tmp, ["good", "good"], need_gpu="true", gpu_available="cuda:5",
-                      nb_processus=2)
+        cfg = project(
+            tmp, ["good", "good"], need_gpu="true", gpu_available="cuda:5", nb_processus=2
+        )
         ids = submit(d, cfg, db)
         d.wait_for(db, timeout=120)
         for run_id in ids:
-            detail = query(db, "SELECT detail FROM run_events WHERE run_id=? AND "
-                               "to_status='running'", run_id)[0][0]
+            detail = query(
+                db, "SELECT detail FROM run_events WHERE run_id=? AND to_status='running'", run_id
+            )[0][0]
             assert detail.startswith("on cuda:5 "), detail
         assert {status for status, _ in runs(db).values()} == {"failed"}
     finally:
@@ -281,16 +317,17 @@ def test_submissions_share_the_pool_within_their_nb_processus(tmp: Path) -> None
         # Queued while paused, so that both submissions compete for the pool from the start
         # (tiny runs would otherwise finish before the second submission arrives).
         d.cli("pause", check=True)
-        one = submit(d, project(tmp, ["good"] * 4, epochs=2, nb_processus=1,
-                                name="one.ini"), db)
-        two = submit(d, project(tmp, ["good"] * 4, epochs=2, nb_processus=2,
-                                name="two.ini"), db)
+        one = submit(d, project(tmp, ["good"] * 4, epochs=2, nb_processus=1, name="one.ini"), db)
+        two = submit(d, project(tmp, ["good"] * 4, epochs=2, nb_processus=2, name="two.ini"), db)
         d.cli("resume", check=True)
         assert d.wait_for(db, timeout=240)["done"] == 8
     finally:
         d.stop()
-    events = query(db, "SELECT e.run_id, e.at, e.to_status, m.submission_id FROM run_events e "
-                       "JOIN run_meta m USING (run_id) ORDER BY e.at, e.event_id")
+    events = query(
+        db,
+        "SELECT e.run_id, e.at, e.to_status, m.submission_id FROM run_events e "
+        "JOIN run_meta m USING (run_id) ORDER BY e.at, e.event_id",
+    )
     running: dict[int, set[int]] = {}
     peak: dict[int, int] = {}
     overall = 0
@@ -309,8 +346,7 @@ def test_submissions_share_the_pool_within_their_nb_processus(tmp: Path) -> None
     assert overall == 3  # both submissions ran side by side on the 3 slots
     # Same check from the run_meta timestamps: never more than nb_processus overlapping.
     for sub, cap in ((sub_one, 1), (sub_two, 2)):
-        spans = query(db, "SELECT started_at, finished_at FROM run_meta WHERE submission_id=?",
-                      sub)
+        spans = query(db, "SELECT started_at, finished_at FROM run_meta WHERE submission_id=?", sub)
         for start, _ in spans:
             overlapping = sum(1 for s, f in spans if s <= start < f)
             assert overlapping <= cap
@@ -321,7 +357,8 @@ def test_submissions_share_the_pool_within_their_nb_processus(tmp: Path) -> None
 
 @pytest.mark.parametrize("isolation", ["state", "process"])
 def test_crashing_runs_fail_with_their_cause_and_the_next_runs_complete(
-        tmp: Path, isolation: str) -> None:
+    tmp: Path, isolation: str
+) -> None:
     d = Daemon(tmp, "--isolation", isolation, workers=1).start()
     try:
         db = str(tmp / "s.db")
@@ -386,8 +423,9 @@ def test_run_over_its_timeout_is_stopped(tmp: Path) -> None:
     if printed:
         assert printed[-1] in (text or ""), text
     assert result[fine[0]][0] == "done"
-    started_at, finished_at = query(db, "SELECT started_at, finished_at FROM run_meta "
-                                        "WHERE run_id=?", slow[0])[0]
+    started_at, finished_at = query(
+        db, "SELECT started_at, finished_at FROM run_meta WHERE run_id=?", slow[0]
+    )[0]
     assert 2 <= finished_at - started_at < 30
 
 
@@ -395,8 +433,9 @@ def test_retries_requeue_a_run_that_crashed_its_worker(tmp: Path) -> None:
     d = Daemon(tmp, workers=1).start()
     try:
         db = str(tmp / "s.db")
-        retried = submit(d, project(tmp, ["crash_once"], monitor="retries = 1",
-                                    name="retried.ini"), db)
+        retried = submit(
+            d, project(tmp, ["crash_once"], monitor="retries = 1", name="retried.ini"), db
+        )
         no_retry = submit(d, project(tmp, ["exit3"], name="once.ini"), db)
         d.wait_for(db, total=2, timeout=120)
     finally:
@@ -404,8 +443,14 @@ def test_retries_requeue_a_run_that_crashed_its_worker(tmp: Path) -> None:
     result = runs(db)
     assert result[retried[0]][0] == "done"
     assert query(db, "SELECT attempts FROM run_meta WHERE run_id=?", retried[0]) == [(2,)]
-    path = [(s, d) for s, d in query(db, "SELECT to_status, detail FROM run_events WHERE "
-                                         "run_id=? ORDER BY event_id", retried[0])]
+    path = [
+        (s, d)
+        for s, d in query(
+            db,
+            "SELECT to_status, detail FROM run_events WHERE run_id=? ORDER BY event_id",
+            retried[0],
+        )
+    ]
     assert [s for s, _ in path] == ["queued", "running", "queued", "running", "done"]
     assert "exited with code 3; retrying" in path[2][1]
     # Without retries, the same crash fails the run at once.
@@ -434,11 +479,12 @@ def test_global_state_changes_do_not_reach_the_next_run(tmp: Path, isolation: st
     for key in ("dtype", "threads", "cwd", "polluted_env", "polluted_path", "matmul_precision"):
         assert after[key] == before[key], key
     # The user modules of earlier runs are gone too.
-    assert after["user_modules"] == [m for m in after["user_modules"]
-                                     if m.startswith(f"mosaic_user_{ids[2]}_")]
+    assert after["user_modules"] == [
+        m for m in after["user_modules"] if m.startswith(f"mosaic_user_{ids[2]}_")
+    ]
     pids = {worker_pid_of(db, i) for i in ids}
     assert pids == {worker_pid}  # one worker served all three: the state was restored, not
-    if isolation == "state":     # left behind with a recycled process
+    if isolation == "state":  # left behind with a recycled process
         assert before["pid"] == after["pid"] == worker_pid
     else:
         # Each run had a process of its own, forked from the worker.
@@ -462,9 +508,15 @@ def test_process_isolation_parks_and_resumes_a_run(tmp: Path) -> None:
         d.stop()
     assert runs(db)[ids[0]][0] == "done"
     assert query(db, "SELECT epochs FROM run_results WHERE run_id=?", ids[0]) == [(30,)]
-    details = [x for (x,) in query(db, "SELECT detail FROM run_events WHERE run_id=? AND "
-                                       "to_status IN ('paused', 'running') ORDER BY event_id",
-                                   ids[0])]
+    details = [
+        x
+        for (x,) in query(
+            db,
+            "SELECT detail FROM run_events WHERE run_id=? AND "
+            "to_status IN ('paused', 'running') ORDER BY event_id",
+            ids[0],
+        )
+    ]
     assert details[1].startswith("parked at epoch "), details
     parked_at = int(details[1].split()[-1])
     assert 0 < parked_at < 30

@@ -24,8 +24,9 @@ from conftest import REPO, Daemon, example_config, query
 
 from mosaic_client.protocol import ProtocolError
 
-METRICS = ("train_loss, test_loss, train_acc, test_acc, nb_params, epochs, overfit, "
-           "trainability, slope")
+METRICS = (
+    "train_loss, test_loss, train_acc, test_acc, nb_params, epochs, overfit, trainability, slope"
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +49,20 @@ def study(ray_daemon: Daemon) -> Path:
     return path
 
 
-def wait_workers(d: Daemon, count: int, timeout: float = 120,
-                 gone: str | None = None) -> list[dict[str, Any]]:
+def wait_workers(
+    d: Daemon, count: int, timeout: float = 120, gone: str | None = None
+) -> list[dict[str, Any]]:
     """Wait until `count` workers are idle or busy (their actors are up), none of them the
     worker `gone`; return them."""
     deadline = time.monotonic() + timeout
     workers: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         workers = d.request("status", limit=0)["workers"]
-        if (len(workers) == count and all(w["state"] in ("idle", "busy") for w in workers)
-                and gone not in {w["id"] for w in workers}):
+        if (
+            len(workers) == count
+            and all(w["state"] in ("idle", "busy") for w in workers)
+            and gone not in {w["id"] for w in workers}
+        ):
             return workers
         time.sleep(0.2)
     raise AssertionError(f"the Ray workers did not come up: {workers}")
@@ -66,9 +71,13 @@ def wait_workers(d: Daemon, count: int, timeout: float = 120,
 def slow_config(root: Path, epochs: int, seed: int = 5, extra_monitor: str = "") -> Path:
     """One run whose epochs take long enough (~0.1 s) to be caught mid-way."""
     cfg = example_config(root, epochs=epochs, seed=seed, extra_monitor=extra_monitor)
-    cfg.write_text(cfg.read_text().replace("data_size = 200", "data_size = 3000")
-                   .replace("batch_size = 20", "batch_size = 10")
-                   .replace("length = 2", "length = 3").replace("width = 3", "width = 8"))
+    cfg.write_text(
+        cfg.read_text()
+        .replace("data_size = 200", "data_size = 3000")
+        .replace("batch_size = 20", "batch_size = 10")
+        .replace("length = 2", "length = 3")
+        .replace("width = 3", "width = 8")
+    )
     return cfg
 
 
@@ -77,7 +86,7 @@ def running(d: Daemon, db: str, at_least: int, timeout: float = 120) -> dict[str
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = d.request("status", db=db)
-        for run in (status["studies"][0]["running"] if status["studies"] else []):
+        for run in status["studies"][0]["running"] if status["studies"] else []:
             if run["epoch"] >= at_least:
                 return run
         time.sleep(0.05)
@@ -92,15 +101,23 @@ def snapshot(db: str) -> dict[str, list[tuple[Any, ...]]]:
     """What a study holds, but for what legitimately differs between two daemons: timings
     and the workers' names."""
     return {
-        "runs": query(db, "SELECT run_id, status, pipeline, return_status FROM runs "
-                          "ORDER BY run_id"),
+        "runs": query(
+            db, "SELECT run_id, status, pipeline, return_status FROM runs ORDER BY run_id"
+        ),
         "results": query(db, f"SELECT run_id, {METRICS} FROM run_results ORDER BY run_id"),
-        "epochs": query(db, "SELECT run_id, epoch, train_loss, test_loss, train_acc, test_acc "
-                            "FROM run_epochs ORDER BY run_id, epoch"),
-        "params": query(db, "SELECT run_id, param_name, param_value FROM params "
-                            "ORDER BY run_id, param_name"),
-        "meta": query(db, "SELECT run_id, modules, seed, epochs_target, checkpoint_epoch, "
-                          "attempts FROM run_meta ORDER BY run_id"),
+        "epochs": query(
+            db,
+            "SELECT run_id, epoch, train_loss, test_loss, train_acc, test_acc "
+            "FROM run_epochs ORDER BY run_id, epoch",
+        ),
+        "params": query(
+            db, "SELECT run_id, param_name, param_value FROM params ORDER BY run_id, param_name"
+        ),
+        "meta": query(
+            db,
+            "SELECT run_id, modules, seed, epochs_target, checkpoint_epoch, "
+            "attempts FROM run_meta ORDER BY run_id",
+        ),
     }
 
 
@@ -114,21 +131,48 @@ def test_without_ray_installed_the_daemon_says_how_to_install_it(tmp: Path) -> N
     (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
     d = Daemon(tmp)
     env = {**d.env, "PYTHONPATH": f"{tmp / 'noray'}{os.pathsep}{REPO}"}
-    result = subprocess.run([sys.executable, "-m", "mosaicd", "--socket", d.socket,
-                             "--state-dir", d.state_dir, "--executor", "ray"], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mosaicd",
+            "--socket",
+            d.socket,
+            "--state-dir",
+            d.state_dir,
+            "--executor",
+            "ray",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "pip install 'mosaic-compare[ray]'" in result.stderr, result.stderr
     assert not os.path.exists(d.socket)  # it never started serving
 
-    for args, expected in ((["--ray-address", "auto"], "--ray-address needs --executor ray"),
-                           (["--executor", "ray", "--worker-bind", "0.0.0.0:5560"],
-                            "give a ZeroMQ endpoint"),
-                           (["--executor", "ray", "--ray-runtime-env", "[1]"],
-                            "must be a JSON object")):
-        result = subprocess.run([sys.executable, "-m", "mosaicd", "--socket", d.socket,
-                                 "--state-dir", d.state_dir, *args], env=d.env,
-                                capture_output=True, text=True, timeout=60)
+    for args, expected in (
+        (["--ray-address", "auto"], "--ray-address needs --executor ray"),
+        (["--executor", "ray", "--worker-bind", "0.0.0.0:5560"], "give a ZeroMQ endpoint"),
+        (["--executor", "ray", "--ray-runtime-env", "[1]"], "must be a JSON object"),
+    ):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mosaicd",
+                "--socket",
+                d.socket,
+                "--state-dir",
+                d.state_dir,
+                *args,
+            ],
+            env=d.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode != 0 and expected in result.stderr, (args, result.stderr)
 
 
@@ -136,14 +180,16 @@ def test_the_advertised_address_replaces_a_wildcard_host() -> None:
     from mosaicd.ray_executor import advertised_address
 
     assert advertised_address("tcp://0.0.0.0:5560", None, "10.0.0.7") == "tcp://10.0.0.7:5560"
-    assert advertised_address("tcp://0.0.0.0:5560", "tcp://head:5560", "10.0.0.7") == \
-        "tcp://head:5560"
+    assert (
+        advertised_address("tcp://0.0.0.0:5560", "tcp://head:5560", "10.0.0.7") == "tcp://head:5560"
+    )
     assert advertised_address("tcp://10.0.0.2:41000", None, "10.0.0.7") == "tcp://10.0.0.2:41000"
     assert advertised_address("ipc:///tmp/x/w.sock", None, "10.0.0.7") == "ipc:///tmp/x/w.sock"
 
 
 def test_runtime_env_reaches_the_workers_and_a_worker_that_cannot_start_is_retried_slowly(
-        tmp: Path) -> None:
+    tmp: Path,
+) -> None:
     # --ray-runtime-env's env_vars put a broken torch first on the workers' path (only
     # theirs: the daemon never imports torch): each actor fails at start-up, with its cause in
     # the daemon's log, and the slot is retried with a growing delay, not in a loop.
@@ -155,8 +201,7 @@ def test_runtime_env_reaches_the_workers_and_a_worker_that_cannot_start_is_retri
     try:
         d.start(wait=180)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "3 time(s) in a row" not in \
-                d.log_path.read_text():
+        while time.monotonic() < deadline and "3 time(s) in a row" not in d.log_path.read_text():
             time.sleep(0.5)
         # No worker ever came up to take runs.
         assert all(w["state"] == "starting" for w in d.request("status", limit=0)["workers"])
@@ -170,15 +215,26 @@ def test_runtime_env_reaches_the_workers_and_a_worker_that_cannot_start_is_retri
 # -- the Ray-backed daemon ------------------------------------------------------------------------
 
 
-def test_example_sweep_gives_the_same_database_as_the_local_pool(ray_daemon: Daemon,
-                                                                 study: Path) -> None:
+def test_example_sweep_gives_the_same_database_as_the_local_pool(
+    ray_daemon: Daemon, study: Path
+) -> None:
     # Both daemons run the example from the same directory, as a user would: the stored
     # paths (classes, run files) are then the same too.
-    shutil.copytree(REPO / "examples", study / "examples",
-                    ignore=shutil.ignore_patterns(".runs", "__pycache__", "*.db*"))
+    shutil.copytree(
+        REPO / "examples",
+        study / "examples",
+        ignore=shutil.ignore_patterns(".runs", "__pycache__", "*.db*"),
+    )
     started = time.monotonic()
-    ray_daemon.cli("run", "examples/or_mlp/config.ini", "ray.db", "--follow", cwd=study,
-                   timeout=600, check=True)
+    ray_daemon.cli(
+        "run",
+        "examples/or_mlp/config.ini",
+        "ray.db",
+        "--follow",
+        cwd=study,
+        timeout=600,
+        check=True,
+    )
     ray_seconds = time.monotonic() - started
     ray_db = str(study / "ray.db")
     status = ray_daemon.request("status", db=ray_db, limit=0)
@@ -195,8 +251,15 @@ def test_example_sweep_gives_the_same_database_as_the_local_pool(ray_daemon: Dae
     (study / "localdaemon").mkdir()
     local.start()
     try:
-        local.cli("run", "examples/or_mlp/config.ini", "local.db", "--follow", cwd=study,
-                  timeout=600, check=True)
+        local.cli(
+            "run",
+            "examples/or_mlp/config.ini",
+            "local.db",
+            "--follow",
+            cwd=study,
+            timeout=600,
+            check=True,
+        )
     finally:
         local.stop()
     local_db = str(study / "local.db")
@@ -220,16 +283,22 @@ def test_pause_now_and_resume_through_ray(ray_daemon: Daemon, study: Path) -> No
     assert 2 <= checkpoint < 12
     assert (study / "runs" / "checkpoint_1.pt").exists()
     assert nonzero(ray_daemon.wait_for(db, timeout=240)) == {"done": 1}
-    events = [d for (d,) in query(db, "SELECT detail FROM run_events WHERE to_status='running' "
-                                      "ORDER BY event_id")]
+    events = [
+        d
+        for (d,) in query(
+            db, "SELECT detail FROM run_events WHERE to_status='running' ORDER BY event_id"
+        )
+    ]
     assert len(events) == 2 and events[1].endswith(f"from epoch {checkpoint}"), events
     # Every epoch once, in order: the resumed run continued from its checkpoint.
-    assert [e for (e,) in query(db, "SELECT epoch FROM run_epochs ORDER BY epoch")] == \
-        list(range(1, 13))
+    assert [e for (e,) in query(db, "SELECT epoch FROM run_epochs ORDER BY epoch")] == list(
+        range(1, 13)
+    )
 
 
 def test_cancel_through_ray_kills_the_actor_and_a_fresh_one_takes_the_slot(
-        ray_daemon: Daemon, study: Path) -> None:
+    ray_daemon: Daemon, study: Path
+) -> None:
     db = str(study / "s.db")
     ray_daemon.cli("run", str(slow_config(study, epochs=200)), db, check=True)
     run = running(ray_daemon, db, 1)
@@ -245,14 +314,16 @@ def test_cancel_through_ray_kills_the_actor_and_a_fresh_one_takes_the_slot(
     assert query(db, "SELECT status FROM runs ORDER BY run_id") == [("cancelled",), ("done",)]
 
 
-def test_a_killed_ray_actor_fails_its_run_or_retries_it(ray_daemon: Daemon,
-                                                        study: Path) -> None:
+def test_a_killed_ray_actor_fails_its_run_or_retries_it(ray_daemon: Daemon, study: Path) -> None:
     db = str(study / "s.db")
     # Without retries: the run fails with Ray's cause, and the slot gets a new actor.
     ray_daemon.cli("run", str(slow_config(study, epochs=200)), db, check=True)
     run = running(ray_daemon, db, 1)
-    pid = next(w["pid"] for w in ray_daemon.request("status", limit=0)["workers"]
-               if w["id"] == run["worker"])
+    pid = next(
+        w["pid"]
+        for w in ray_daemon.request("status", limit=0)["workers"]
+        if w["id"] == run["worker"]
+    )
     os.kill(pid, signal.SIGKILL)  # the actor's process dies, as on a lost node
     assert nonzero(ray_daemon.wait_for(db, timeout=120)) == {"failed": 1}
     (text,) = query(db, "SELECT return_status FROM runs WHERE run_id=1")[0]
@@ -262,18 +333,24 @@ def test_a_killed_ray_actor_fails_its_run_or_retries_it(ray_daemon: Daemon,
 
     # With MONITOR retries = 1: the same death puts the run back in the queue, and it completes.
     (study / "retry").mkdir()
-    ray_daemon.cli("run", str(slow_config(study / "retry", epochs=20,
-                                          extra_monitor="retries = 1")), db, check=True)
+    ray_daemon.cli(
+        "run",
+        str(slow_config(study / "retry", epochs=20, extra_monitor="retries = 1")),
+        db,
+        check=True,
+    )
     run = running(ray_daemon, db, 1)
     assert run["run_id"] == 2
-    pid = next(w["pid"] for w in ray_daemon.request("status", limit=0)["workers"]
-               if w["id"] == run["worker"])
+    pid = next(
+        w["pid"]
+        for w in ray_daemon.request("status", limit=0)["workers"]
+        if w["id"] == run["worker"]
+    )
     os.kill(pid, signal.SIGKILL)
     ray_daemon.wait_for(db, total=2, timeout=240)
     assert query(db, "SELECT status FROM runs ORDER BY run_id") == [("failed",), ("done",)]
     assert query(db, "SELECT attempts FROM run_meta WHERE run_id=2") == [(2,)]
-    path = query(db, "SELECT to_status, detail FROM run_events WHERE run_id=2 "
-                     "ORDER BY event_id")
+    path = query(db, "SELECT to_status, detail FROM run_events WHERE run_id=2 ORDER BY event_id")
     assert [s for s, _ in path] == ["queued", "running", "queued", "running", "done"], path
     assert "Ray actor died" in path[2][1] and "retrying" in path[2][1], path
 
@@ -286,13 +363,18 @@ def test_relative_paths_are_refused_at_submit(ray_daemon: Daemon, study: Path) -
     expanded = load_config(str(example_config(study, epochs=1)))
     good = expanded.pipelines[0]
     bad = [{**good[0], "path_to_class": "dataset.py"}, *good[1:]]
-    submission = {"db": db, "config_path": expanded.config_path, "process": expanded.process,
-                  "monitor": expanded.monitor}
+    submission = {
+        "db": db,
+        "config_path": expanded.config_path,
+        "process": expanded.process,
+        "monitor": expanded.monitor,
+    }
     with pytest.raises(ProtocolError) as refused:
         ray_daemon.request("submit", **submission, pipelines=[bad])
     assert refused.value.code == "invalid"
-    assert "path_to_class of [dataset_OR] 'dataset.py' is a relative path" in \
-        refused.value.message, refused.value.message
+    assert (
+        "path_to_class of [dataset_OR] 'dataset.py' is a relative path" in refused.value.message
+    ), refused.value.message
     assert not os.path.exists(db)  # nothing was stored
     # The same submission with absolute paths is accepted, and its run trains to done.
     assert ray_daemon.request("submit", **submission, pipelines=[good])["run_ids"] == [1]

@@ -38,8 +38,13 @@ def test_readme_main_command_on_a_fresh_copy() -> None:
     command = readme_commands()[0]
     root = Path(tempfile.mkdtemp(prefix="mos-readme-"))
     try:
-        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.split()
+        files = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         copy = root / "mosaic"
         for name in files:
             source = REPO / name
@@ -48,11 +53,19 @@ def test_readme_main_command_on_a_fresh_copy() -> None:
                 shutil.copy2(source, copy / name)
         (root / "daemon").mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
-        env.update(MOSAIC_SOCKET=str(root / "daemon" / "d.sock"),
-                   MOSAIC_STATE_DIR=str(root / "daemon" / "state"))
+        env.update(
+            MOSAIC_SOCKET=str(root / "daemon" / "d.sock"),
+            MOSAIC_STATE_DIR=str(root / "daemon" / "state"),
+        )
         try:
-            result = subprocess.run(["bash", "-c", command], cwd=copy, env=env,
-                                    capture_output=True, text=True, timeout=900)
+            result = subprocess.run(
+                ["bash", "-c", command],
+                cwd=copy,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
             assert "finished: 32 done, 0 failed" in result.stdout
             conn = sqlite3.connect(copy / "results.db")
@@ -61,7 +74,11 @@ def test_readme_main_command_on_a_fresh_copy() -> None:
             assert conn.execute("SELECT count(*) FROM run_epochs").fetchone() == (320,)
             conn.close()
         finally:
-            subprocess.run([str(copy / ".venv" / "bin" / "mosaic"), "shutdown"], env=env,
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                [str(copy / ".venv" / "bin" / "mosaic"), "shutdown"],
+                env=env,
+                capture_output=True,
+                timeout=120,
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -68,8 +68,10 @@ def user_python() -> tuple[str, list[str]]:
     candidate = shutil.which(version, path="/usr/local/bin:/usr/bin:/bin")
     if candidate and _usable_by_anyone(candidate):
         return candidate, [p for p in site.getsitepackages() if os.path.isdir(p)]
-    pytest.fail(f"no {version} that unprivileged users may run: {sys.executable} is not "
-                "reachable by them; install one (apt-get install -y python3)")
+    pytest.fail(
+        f"no {version} that unprivileged users may run: {sys.executable} is not "
+        "reachable by them; install one (apt-get install -y python3)"
+    )
 
 
 def _run(*argv: str) -> None:
@@ -92,19 +94,27 @@ class Box:
         return self.root / role
 
     def env(self, role: str) -> dict[str, str]:
-        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(self.home(role)),
-                "USER": self.users[role], "LANG": "C.UTF-8",
-                "MOSAIC_SOCKET": self.daemon.socket,
-                "PYTHONPATH": os.pathsep.join([str(REPO), *self.pythonpath])}
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(self.home(role)),
+            "USER": self.users[role],
+            "LANG": "C.UTF-8",
+            "MOSAIC_SOCKET": self.daemon.socket,
+            "PYTHONPATH": os.pathsep.join([str(REPO), *self.pythonpath]),
+        }
 
-    def as_user(self, role: str, *argv: str,
-                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def as_user(
+        self, role: str, *argv: str, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         user = self.users[role]
         result = subprocess.run(
-            ["setpriv", f"--reuid={user}", f"--regid={USERS_GID}", "--init-groups", "--",
-             *argv],
-            env=self.env(role), cwd=self.home(role), capture_output=True, text=True,
-            timeout=timeout)
+            ["setpriv", f"--reuid={user}", f"--regid={USERS_GID}", "--init-groups", "--", *argv],
+            env=self.env(role),
+            cwd=self.home(role),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         return result
 
     def cli(self, role: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -112,15 +122,17 @@ class Box:
 
     def request(self, role: str, name: str, **fields: Any) -> dict[str, Any]:
         """Send one raw request as `role`, bypassing the CLI's own checks (a hostile client)."""
-        code = ("import json, sys\n"
-                "from mosaic_client.connection import Client\n"
-                "from mosaic_client.protocol import ProtocolError\n"
-                "name, fields = json.loads(sys.argv[1])\n"
-                "try:\n"
-                "    with Client() as c:\n"
-                "        print(json.dumps({'ok': c.request(name, **fields)}))\n"
-                "except ProtocolError as e:\n"
-                "    print(json.dumps({'code': e.code, 'message': e.message}))\n")
+        code = (
+            "import json, sys\n"
+            "from mosaic_client.connection import Client\n"
+            "from mosaic_client.protocol import ProtocolError\n"
+            "name, fields = json.loads(sys.argv[1])\n"
+            "try:\n"
+            "    with Client() as c:\n"
+            "        print(json.dumps({'ok': c.request(name, **fields)}))\n"
+            "except ProtocolError as e:\n"
+            "    print(json.dumps({'code': e.code, 'message': e.message}))\n"
+        )
         result = self.as_user(role, self.python, "-c", code, json.dumps([name, fields]))
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
@@ -129,12 +141,22 @@ class Box:
 def _make_box(root: Path) -> Box:
     tag = secrets.token_hex(3)
     group, admin_group = f"mosu{tag}", f"mosa{tag}"
-    users = {"a": f"mosa{tag}a", "b": f"mosa{tag}b", "adm": f"mosa{tag}m",
-             "outsider": f"mosa{tag}o"}
+    users = {
+        "a": f"mosa{tag}a",
+        "b": f"mosa{tag}b",
+        "adm": f"mosa{tag}m",
+        "outsider": f"mosa{tag}o",
+    }
     python, pythonpath = user_python()
-    box = Box(root, group, admin_group, users, Daemon(root, "--socket-group", group,
-                                                      "--admin-group", admin_group, workers=1),
-              python, pythonpath)
+    box = Box(
+        root,
+        group,
+        admin_group,
+        users,
+        Daemon(root, "--socket-group", group, "--admin-group", admin_group, workers=1),
+        python,
+        pythonpath,
+    )
     for g in (group, admin_group):
         _run("groupadd", g)
         box.made_groups.append(g)
@@ -150,8 +172,11 @@ def _make_box(root: Path) -> Box:
     # The layout of /run/mosaic under systemd: a 0750 directory of the users' group.
     sock_dir = root / "run"
     sock_dir.mkdir(mode=0o750)
-    os.chown(sock_dir, 0, int(subprocess.check_output(["getent", "group", group],
-                                                      text=True).split(":")[2]))
+    os.chown(
+        sock_dir,
+        0,
+        int(subprocess.check_output(["getent", "group", group], text=True).split(":")[2]),
+    )
     sock_dir.chmod(0o750)
     box.daemon.socket = str(sock_dir / "mosaicd.sock")
     return box
@@ -195,8 +220,10 @@ def settled(box: Box, db: str) -> dict[str, int]:
 
 def snapshot(db: str) -> list[Any]:
     """Everything a refused request must leave untouched."""
-    return [query(db, f"SELECT * FROM {table} ORDER BY 1, 2")
-            for table in ("runs", "run_events", "run_meta", "params", "submissions")]
+    return [
+        query(db, f"SELECT * FROM {table} ORDER BY 1, 2")
+        for table in ("runs", "run_events", "run_meta", "params", "submissions")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +251,13 @@ def test_each_run_records_its_owner(box: Box, finished: dict[str, tuple[str, str
     for role, (_, db) in finished.items():
         user = box.users[role]
         uid = int(subprocess.check_output(["id", "-u", user]))
-        params = dict(query(db, "SELECT param_name, param_value FROM params WHERE run_id=1 "
-                                "AND param_name IN ('owner', 'owner_uid')"))
+        params = dict(
+            query(
+                db,
+                "SELECT param_name, param_value FROM params WHERE run_id=1 "
+                "AND param_name IN ('owner', 'owner_uid')",
+            )
+        )
         assert params == {"owner": user, "owner_uid": uid}
         assert query(db, "SELECT owner_uid, owner FROM submissions") == [(uid, user)]
     # `status --mine` as a: a's finished run, none of b's; every listed run names its owner.
@@ -243,14 +275,16 @@ def test_each_run_records_its_owner(box: Box, finished: dict[str, tuple[str, str
     assert result.returncode == 0, result.stderr
     assert copy.stat().st_uid == int(subprocess.check_output(["id", "-u", box.users["a"]]))
     assert query(copy, "SELECT param_value FROM params WHERE param_name='owner'") == [
-        (box.users["a"],)]
+        (box.users["a"],)
+    ]
     # b cannot plant a copy in a's directory through the daemon either: it never writes it.
     result = box.cli("b", "savedb", str(box.home("a") / "stolen.db"), "--db", finished["a"][1])
     assert result.returncode != 0 and not (box.home("a") / "stolen.db").exists()
 
 
-def test_other_users_runs_are_refused_admins_may(box: Box,
-                                                 finished: dict[str, tuple[str, str]]) -> None:
+def test_other_users_runs_are_refused_admins_may(
+    box: Box, finished: dict[str, tuple[str, str]]
+) -> None:
     a_config, a_db = finished["a"]
     before = snapshot(a_db)
     result = box.cli("b", "rerun", a_config, a_db, "-id", "all", "-epochs", "1")
@@ -291,8 +325,7 @@ def test_other_users_runs_are_refused_admins_may(box: Box,
         assert result.returncode == 0, result.stderr
         result = box.cli("a", "cancel", db, "-id", "2")
         assert result.returncode == 0, result.stderr
-        assert query(db, "SELECT run_id, status FROM runs") == [(1, "cancelled"),
-                                                                (2, "cancelled")]
+        assert query(db, "SELECT run_id, status FROM runs") == [(1, "cancelled"), (2, "cancelled")]
         # Root may rerun a's finished run.
         result = box.daemon.cli("rerun", a_config, a_db, "-id", "all", "-epochs", "1")
         assert result.returncode == 0, result.stderr
@@ -315,21 +348,32 @@ def test_a_user_pauses_only_their_own_submissions(box: Box) -> None:
         assert query(a_db, "SELECT status FROM runs") == [("queued",)]
         status = box.daemon.request("status", limit=0)
         assert status["paused"] is False
-        assert status["paused_owners"] == [int(subprocess.check_output(["id", "-u",
-                                                                         box.users["a"]]))]
+        assert status["paused_owners"] == [
+            int(subprocess.check_output(["id", "-u", box.users["a"]]))
+        ]
     finally:
         result = box.cli("a", "resume")
     assert result.returncode == 0 and "your submissions" in result.stdout
     assert settled(box, a_db) == {"done": 1}
 
 
-def test_daemon_writes_only_where_the_caller_may(box: Box,
-                                                 finished: dict[str, tuple[str, str]]) -> None:
+def test_daemon_writes_only_where_the_caller_may(
+    box: Box, finished: dict[str, tuple[str, str]]
+) -> None:
     a_config, _ = finished["a"]
-    process = {"epochs": 1, "lr": 0.01, "data_scheme": "dataset", "pipeline_scheme": "mlp",
-               "run_files_path": str(box.home("b") / "runs")}
-    fields = {"config_path": a_config, "process": process, "monitor": {},
-              "pipelines": [[{"type": "dataset", "class": "x", "path_to_class": a_config}]]}
+    process = {
+        "epochs": 1,
+        "lr": 0.01,
+        "data_scheme": "dataset",
+        "pipeline_scheme": "mlp",
+        "run_files_path": str(box.home("b") / "runs"),
+    }
+    fields = {
+        "config_path": a_config,
+        "process": process,
+        "monitor": {},
+        "pipelines": [[{"type": "dataset", "class": "x", "path_to_class": a_config}]],
+    }
     # A hostile client (no CLI checks) names a database in a's directory: refused.
     target = box.home("a") / "planted.db"
     reply = box.request("b", "submit", db=str(target), **fields)
@@ -337,8 +381,12 @@ def test_daemon_writes_only_where_the_caller_may(box: Box,
     assert "may not write in" in reply["message"] and str(box.home("a")) in reply["message"]
     assert not target.exists()
     # ... or run files there.
-    reply = box.request("b", "submit", db=str(box.home("b") / "mine.db"),
-                        **{**fields, "process": {**process, "run_files_path": str(target)}})
+    reply = box.request(
+        "b",
+        "submit",
+        db=str(box.home("b") / "mine.db"),
+        **{**fields, "process": {**process, "run_files_path": str(target)}},
+    )
     assert reply["code"] == "permission", reply
     assert not (box.home("b") / "mine.db").exists()
     # ... or a path into the daemon's own state (even root may not).
@@ -365,9 +413,11 @@ def test_outsider_cannot_connect(box: Box) -> None:
     assert result.returncode == DENIED and "permission denied" in result.stderr
     assert "started mosaicd" not in result.stderr
     # Below the CLI: the kernel refuses the connection itself.
-    probe = ("import socket, sys\n"
-             "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
-             "s.connect(sys.argv[1])\n")
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        "s.connect(sys.argv[1])\n"
+    )
     result = box.as_user("outsider", box.python, "-c", probe, box.daemon.socket)
     assert result.returncode != 0 and "PermissionError" in result.stderr
     result = box.as_user("a", box.python, "-c", probe, box.daemon.socket)
@@ -398,9 +448,24 @@ def test_sd_notify_ready_status_stopping() -> None:
     env = {**daemon.env, "NOTIFY_SOCKET": str(root / "notify.sock")}
     log = open(daemon.log_path, "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mosaicd", "--socket", daemon.socket, "--state-dir",
-         daemon.state_dir, "--workers", "1", "--gpus", ""],
-        env=env, stdout=log, stderr=log, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mosaicd",
+            "--socket",
+            daemon.socket,
+            "--state-dir",
+            daemon.state_dir,
+            "--workers",
+            "1",
+            "--gpus",
+            "",
+        ],
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     log.close()
     try:
         messages = _datagrams(listener, "READY=1", timeout=60)
@@ -441,21 +506,35 @@ def test_unit_files_verify_and_score(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze is missing: apt-get update && apt-get install -y systemd")
     units = _units_with_real_binary(tmp_path)
-    result = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *map(str, units)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "mosaicd" not in result.stdout + result.stderr  # no warning about our units
     text = (SYSTEMD_DIR / "mosaicd.service").read_text()
-    for line in ("Type=notify", "NotifyAccess=main", "User=mosaic", "RuntimeDirectory=mosaic",
-                 "RuntimeDirectoryMode=0750", "StateDirectory=mosaic", "Restart=on-failure",
-                 "KillSignal=SIGTERM", "NoNewPrivileges=yes", "PrivateTmp=yes"):
+    for line in (
+        "Type=notify",
+        "NotifyAccess=main",
+        "User=mosaic",
+        "RuntimeDirectory=mosaic",
+        "RuntimeDirectoryMode=0750",
+        "StateDirectory=mosaic",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+    ):
         assert re.search(f"^{line}$", text, flags=re.M), line
     # Hidden GPUs or a JIT that cannot map executable memory would break CUDA and triton.
     assert not re.search(r"^(PrivateDevices|MemoryDenyWriteExecute)=", text, flags=re.M)
     stop = float(re.search(r"^TimeoutStopSec=(\d+)", text, flags=re.M).group(1))
     assert stop >= 60 + 5 + 10  # --stop-timeout's default, the workers' grace, a margin
-    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(units[0])],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(units[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     score = re.search(r"Overall exposure level for mosaicd\.service: ([\d.]+)", result.stdout)
     assert score, result.stdout + result.stderr
     assert float(score.group(1)) <= 4.0  # docs/deployment.md quotes it

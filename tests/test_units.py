@@ -61,8 +61,12 @@ def test_parse_ids_round_trips(ids: list[int]) -> None:
 def test_parse_ids_ranges_and_errors() -> None:
     assert sel.parse_ids("1-3,7") == [1, 2, 3, 7]
     assert sel.parse_ids("all") is None
-    for bad, word in (("3-1", "backwards"), ("a", "not a run id"), ("1,,2", "empty"),
-                      ("1-x", "range")):
+    for bad, word in (
+        ("3-1", "backwards"),
+        ("a", "not a run id"),
+        ("1,,2", "empty"),
+        ("1-x", "range"),
+    ):
         with pytest.raises(sel.SelectionError, match=word):
             sel.parse_ids(bad)
 
@@ -72,8 +76,11 @@ def test_make_selection_needs_exactly_one() -> None:
         sel.make_selection()
     with pytest.raises(sel.SelectionError, match="exactly one"):
         sel.make_selection(ids="1", request="SELECT 1")
-    assert sel.make_selection(param=["width", "3"]) == {"kind": "param", "name": "width",
-                                                        "value": 3}
+    assert sel.make_selection(param=["width", "3"]) == {
+        "kind": "param",
+        "name": "width",
+        "value": 3,
+    }
 
 
 @pytest.fixture
@@ -81,8 +88,10 @@ def study(tmp_path) -> sqlite3.Connection:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "s.db")
     store = Store(path)
     module = [{"type": "m", "class": "c", "path_to_class": "/c.py", "key": "k", "name": "c"}]
-    runs = [(module, i, "c()", {"width": w, "act": a})
-            for i, (w, a) in enumerate([(3, "relu"), (10, "tanh"), (5, "relu")])]
+    runs = [
+        (module, i, "c()", {"width": w, "act": a})
+        for i, (w, a) in enumerate([(3, "relu"), (10, "tanh"), (5, "relu")])
+    ]
     store.add_submission(0, "me", "/c.ini", {"epochs": 1}, {}, runs)
     store.close()
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -96,15 +105,27 @@ def test_resolve_selections(study: sqlite3.Connection) -> None:
     assert sel.resolve(study, {"kind": "param", "name": "act", "value": "relu"}) == [1, 3]
     assert sel.resolve(study, {"kind": "low", "name": "width", "value": 5}) == [1, 3]
     assert sel.resolve(study, {"kind": "high", "name": "width", "value": 5}) == [2, 3]
-    assert sel.resolve(study, {"kind": "request",
-                               "sql": "SELECT run_id FROM params WHERE param_name='width' "
-                                      "AND param_value > 4"}) == [2, 3]
+    assert sel.resolve(
+        study,
+        {
+            "kind": "request",
+            "sql": "SELECT run_id FROM params WHERE param_name='width' AND param_value > 4",
+        },
+    ) == [2, 3]
 
 
-@pytest.mark.parametrize("sql", ["DELETE FROM runs", "DROP TABLE params",
-                                 "INSERT INTO runs VALUES (9, 'x', 'y', NULL)",
-                                 "PRAGMA writable_schema = 1", "SELECT 1; SELECT 2",
-                                 "CREATE TABLE t (x)", "SELECT 'text'"])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM runs",
+        "DROP TABLE params",
+        "INSERT INTO runs VALUES (9, 'x', 'y', NULL)",
+        "PRAGMA writable_schema = 1",
+        "SELECT 1; SELECT 2",
+        "CREATE TABLE t (x)",
+        "SELECT 'text'",
+    ],
+)
 def test_request_refuses_anything_but_reading_ids(study: sqlite3.Connection, sql: str) -> None:
     with pytest.raises(sel.SelectionError):
         sel.resolve(study, {"kind": "request", "sql": sql})
@@ -125,13 +146,30 @@ def test_protocol_round_trip_and_validation() -> None:
 
 
 def test_readable_pipeline_and_params() -> None:
-    modules = [{"type": "dataset", "class": "dataset_OR", "path_to_class": "/d.py",
-                "data_size": 200, "train_prop": 0.8, "key": "data_dataset_OR", "name": "d"},
-               {"type": "mlp", "class": "mlp_funnel", "path_to_class": "/m.py", "length": 4,
-                "width": 3, "key": "mlp", "name": "m"}]
+    modules = [
+        {
+            "type": "dataset",
+            "class": "dataset_OR",
+            "path_to_class": "/d.py",
+            "data_size": 200,
+            "train_prop": 0.8,
+            "key": "data_dataset_OR",
+            "name": "d",
+        },
+        {
+            "type": "mlp",
+            "class": "mlp_funnel",
+            "path_to_class": "/m.py",
+            "length": 4,
+            "width": 3,
+            "key": "mlp",
+            "name": "m",
+        },
+    ]
     assert readable_pipeline(modules) == "dataset_OR(200,0.8) | mlp_funnel(4,3)"
-    params = run_params({"lr": 0.1, "data_scheme": ["dataset"], "seed": None}, modules, 7, 1000,
-                        "alice")
+    params = run_params(
+        {"lr": 0.1, "data_scheme": ["dataset"], "seed": None}, modules, 7, 1000, "alice"
+    )
     assert params["dataset_key"] == "data_dataset_OR" and params["mlp_key"] == "mlp"
     assert params["mlp_funnel_width"] == 3 and params["dataset_OR_data_size"] == 200
     assert params["data_scheme"] == "dataset" and "seed" in params and params["seed"] == 7
@@ -160,8 +198,9 @@ def test_store_refuses_foreign_and_newer_databases(tmp_path) -> None:  # type: i
 def test_every_transition_is_recorded(tmp_path) -> None:  # type: ignore[no-untyped-def]
     store = Store(str(tmp_path / "s.db"))
     module = [{"type": "m", "class": "c", "path_to_class": "/c.py", "key": "k", "name": "c"}]
-    _, (run_id,) = store.add_submission(0, "me", "/c.ini", {"epochs": 1}, {},
-                                        [(module, 0, "c()", {})])
+    _, (run_id,) = store.add_submission(
+        0, "me", "/c.ini", {"epochs": 1}, {}, [(module, 0, "c()", {})]
+    )
     for state in ("running", "paused", "queued", "running", "done", "queued"):
         store.transition(run_id, state, "test")
     with pytest.raises(StoreError, match="cannot go from queued to done"):
@@ -174,15 +213,20 @@ def test_every_transition_is_recorded(tmp_path) -> None:  # type: ignore[no-unty
 
 
 def test_ruff_is_clean() -> None:
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "."], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format_is_clean() -> None:
     # One formatter for the whole tree ([tool.ruff.format] in pyproject.toml).
-    result = subprocess.run([sys.executable, "-m", "ruff", "format", "--check", "."], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "."],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -242,8 +286,10 @@ def test_a_version_2_study_loses_its_per_submission_pause(tmp_path) -> None:  # 
         for statement in MIGRATIONS[version]:
             conn.execute(statement)
     conn.execute("INSERT INTO system VALUES ('schema_version', 2), ('next_run_id', 1)")
-    conn.execute("INSERT INTO submissions (created_at, owner_uid, owner, process, monitor, paused)"
-                 " VALUES (0, 1234, 'ann', '{\"epochs\": 3}', '{\"retries\": 1}', 1)")
+    conn.execute(
+        "INSERT INTO submissions (created_at, owner_uid, owner, process, monitor, paused)"
+        " VALUES (0, 1234, 'ann', '{\"epochs\": 3}', '{\"retries\": 1}', 1)"
+    )
     conn.commit()
     conn.close()
     store = Store(str(path))
@@ -252,7 +298,11 @@ def test_a_version_2_study_loses_its_per_submission_pause(tmp_path) -> None:  # 
     assert "paused" not in columns and "owner_uid" in columns
     info = store.submission(1)
     assert (info["owner_uid"], info["owner"], info["process"], info["monitor"]) == (
-        1234, "ann", {"epochs": 3}, {"retries": 1})
+        1234,
+        "ann",
+        {"epochs": 3},
+        {"retries": 1},
+    )
     store.close()
 
 

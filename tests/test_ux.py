@@ -27,8 +27,13 @@ class Tmux:
         self.socket = str(root / "tmux.sock")
 
     def __call__(self, *args: str) -> str:
-        return subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True,
-                              text=True, check=True, timeout=30).stdout
+        return subprocess.run(
+            ["tmux", "-S", self.socket, *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
 
     def start(self, name: str, command: str, width: int = 140, height: int = 30) -> None:
         self("new-session", "-d", "-s", name, "-x", str(width), "-y", str(height), command)
@@ -47,8 +52,7 @@ class Tmux:
         raise AssertionError(f"the screen never became ready; last screen:\n{screen}")
 
     def kill(self) -> None:
-        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True,
-                       timeout=30)
+        subprocess.run(["tmux", "-S", self.socket, "kill-server"], capture_output=True, timeout=30)
 
 
 @pytest.fixture
@@ -78,11 +82,14 @@ def tmux(tmp: Path) -> Iterator[Tmux]:
 
 def _mosaic_in_terminal(d: Daemon, args: str, exit_file: Path) -> str:
     """A shell command for tmux: the CLI with the daemon's env, recording its exit code."""
-    env = " ".join(f"{k}={shlex.quote(d.env[k])}" for k in
-                   ("MOSAIC_SOCKET", "MOSAIC_STATE_DIR", "PYTHONPATH"))
+    env = " ".join(
+        f"{k}={shlex.quote(d.env[k])}" for k in ("MOSAIC_SOCKET", "MOSAIC_STATE_DIR", "PYTHONPATH")
+    )
     # The pane stays open after the command so the screen can be read once it has quit.
-    return (f"env {env} TERM=xterm-256color {shlex.quote(sys.executable)} -m mosaic_client.cli "
-            f"{args}; echo $? > {shlex.quote(str(exit_file))}; sleep 60")
+    return (
+        f"env {env} TERM=xterm-256color {shlex.quote(sys.executable)} -m mosaic_client.cli "
+        f"{args}; echo $? > {shlex.quote(str(exit_file))}; sleep 60"
+    )
 
 
 def _wait_file(path: Path, timeout: float = 20) -> str:
@@ -95,7 +102,8 @@ def _wait_file(path: Path, timeout: float = 20) -> str:
 
 
 def test_watch_shows_workers_and_running_runs_and_q_quits(
-        daemon: Daemon, tmp: Path, proj: Path, tmux: Tmux) -> None:
+    daemon: Daemon, tmp: Path, proj: Path, tmux: Tmux
+) -> None:
     # Long enough runs (a few seconds each) that the screen catches them mid-training.
     config = example_config(proj, epochs=400, multiplicity=2)
     db = str(proj / "watch.db")
@@ -127,7 +135,8 @@ def test_watch_shows_workers_and_running_runs_and_q_quits(
 
 
 def test_watch_ctrl_c_quits_cleanly_and_fits_a_10000_run_study(
-        daemon: Daemon, tmp: Path, proj: Path, tmux: Tmux) -> None:
+    daemon: Daemon, tmp: Path, proj: Path, tmux: Tmux
+) -> None:
     daemon.cli("pause", check=True)  # nothing starts: 10,000 runs stay queued
     config = example_config(proj, epochs=1, multiplicity=10000)
     db = str(proj / "big.db")
@@ -135,8 +144,12 @@ def test_watch_ctrl_c_quits_cleanly_and_fits_a_10000_run_study(
     assert "queued 10000 pipeline(s)" in result.stdout
     exit_file = tmp / "exit"
     height = 20
-    tmux.start("big", _mosaic_in_terminal(daemon, f"status --watch --db {db}", exit_file),
-               width=100, height=height)
+    tmux.start(
+        "big",
+        _mosaic_in_terminal(daemon, f"status --watch --db {db}", exit_file),
+        width=100,
+        height=height,
+    )
     screen = tmux.wait_screen("big", lambda s: "10000 queued" in s)
     lines = screen.rstrip("\n").splitlines()
     assert len(lines) <= height
@@ -150,7 +163,8 @@ def test_watch_ctrl_c_quits_cleanly_and_fits_a_10000_run_study(
 
 
 def test_watch_without_a_terminal_prints_plain_frames_until_the_sweep_ends(
-        daemon: Daemon, proj: Path) -> None:
+    daemon: Daemon, proj: Path
+) -> None:
     config = example_config(proj, epochs=20, multiplicity=2)
     db = str(proj / "plain.db")
     daemon.cli("run", str(config), db, check=True)
@@ -228,35 +242,51 @@ def test_completion_scripts_mention_every_command() -> None:
     names = _commands()
     assert {"run", "status", "logs", "show", "completion"} <= set(names)
     for shell in ("bash", "zsh"):
-        result = subprocess.run([sys.executable, "-m", "mosaic_client.cli", "completion", shell],
-                                capture_output=True, text=True, cwd=REPO, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "mosaic_client.cli", "completion", shell],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         script = result.stdout
         assert script.strip()
         for name in names:
             assert name in script, (shell, name)
-    zsh = subprocess.run([sys.executable, "-m", "mosaic_client.cli", "completion", "zsh"],
-                         capture_output=True, text=True, timeout=60).stdout
+    zsh = subprocess.run(
+        [sys.executable, "-m", "mosaic_client.cli", "completion", "zsh"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     assert zsh.startswith("#compdef mosaic mosaic_run")
 
 
 def _bash_complete(script: Path, words: list[str]) -> list[str]:
     """What bash offers for `words` (the last one being completed), using the real script."""
     array = " ".join(shlex.quote(w) for w in words)
-    program = (f"source {shlex.quote(str(script))}\n"
-               f"COMP_WORDS=({array}); COMP_CWORD={len(words) - 1}\n"
-               "_mosaic\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n")
-    result = subprocess.run(["bash", "-c", program], capture_output=True, text=True,
-                            timeout=30)
+    program = (
+        f"source {shlex.quote(str(script))}\n"
+        f"COMP_WORDS=({array}); COMP_CWORD={len(words) - 1}\n"
+        "_mosaic\nprintf '%s\\n' \"${COMPREPLY[@]}\"\n"
+    )
+    result = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return result.stdout.split()
 
 
 def test_bash_completion_is_valid_and_completes(tmp: Path) -> None:
     script = tmp / "mosaic.bash"
-    script.write_text(subprocess.run([sys.executable, "-m", "mosaic_client.cli", "completion",
-                                      "bash"], capture_output=True, text=True, timeout=60,
-                                     check=True).stdout)
+    script.write_text(
+        subprocess.run(
+            [sys.executable, "-m", "mosaic_client.cli", "completion", "bash"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    )
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
     assert _bash_complete(script, ["mosaic", "sta"]) == ["status"]
     assert set(_bash_complete(script, ["mosaic", ""])) == set(_commands())

@@ -41,8 +41,9 @@ def test_token_host_and_origin_rules() -> None:
     token, port = "s3cret", 8765
     good = {"host": "127.0.0.1:8765"}
 
-    def refused(method: str, headers: dict[str, str], qs: str = "", bind: str = "127.0.0.1"
-                ) -> bool:
+    def refused(
+        method: str, headers: dict[str, str], qs: str = "", bind: str = "127.0.0.1"
+    ) -> bool:
         return security.refusal(method, "/", qs, headers, token, port, bind) is not None
 
     assert refused("GET", good)
@@ -58,8 +59,9 @@ def test_token_host_and_origin_rules() -> None:
     # POST: the header token, never the cookie or the query, and the same origin.
     post = {**good, security.TOKEN_HEADER: "s3cret"}
     assert not refused("POST", post)
-    assert not refused("POST", {**post, "origin": "http://127.0.0.1:8765",
-                                "sec-fetch-site": "same-origin"})
+    assert not refused(
+        "POST", {**post, "origin": "http://127.0.0.1:8765", "sec-fetch-site": "same-origin"}
+    )
     assert refused("POST", {**good, "cookie": f"mosaic_token_{port}=s3cret"})
     assert refused("POST", good, "token=s3cret")
     assert refused("POST", {**post, "origin": "http://evil.example"})
@@ -77,35 +79,54 @@ def synthetic_study(path: Path, n: int) -> None:
     conn = sqlite3.connect(path)
     states = ["done", "done", "done", "failed", "running", "queued"]
     with conn:
-        conn.executemany("INSERT INTO runs VALUES (?, ?, ?, NULL)",
-                         [(i, states[i % 6], f"p{i % 7}") for i in range(1, n + 1)])
-        conn.executemany('INSERT INTO run_results (run_id, test_loss, "duration(s)") '
-                         "VALUES (?, ?, ?)",
-                         [(i, ((i * 7919) % 1000) / 1000, float(i)) for i in range(1, n + 1)
-                          if states[i % 6] == "done"])
-        conn.executemany("INSERT INTO params VALUES (?, ?, ?)",
-                         [(i, name, value) for i in range(1, n + 1) for name, value in
-                          (("lr", [0.1, 0.01, 0.001][i % 3]), ("mlp_key", f"m{i % 4}"))
-                          if name != "mlp_key" or i % 10])  # every 10th run has no key
+        conn.executemany(
+            "INSERT INTO runs VALUES (?, ?, ?, NULL)",
+            [(i, states[i % 6], f"p{i % 7}") for i in range(1, n + 1)],
+        )
+        conn.executemany(
+            'INSERT INTO run_results (run_id, test_loss, "duration(s)") VALUES (?, ?, ?)',
+            [
+                (i, ((i * 7919) % 1000) / 1000, float(i))
+                for i in range(1, n + 1)
+                if states[i % 6] == "done"
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO params VALUES (?, ?, ?)",
+            [
+                (i, name, value)
+                for i in range(1, n + 1)
+                for name, value in (("lr", [0.1, 0.01, 0.001][i % 3]), ("mlp_key", f"m{i % 4}"))
+                if name != "mlp_key" or i % 10
+            ],
+        )  # every 10th run has no key
 
 
 def test_runs_page_pages_sorts_and_filters_in_sql(tmp: Path) -> None:
     db = tmp / "s.db"
     synthetic_study(db, 300)
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    rows = conn.execute("SELECT r.run_id, r.status, rr.test_loss FROM runs r LEFT JOIN "
-                        "run_results rr USING (run_id)").fetchall()
+    rows = conn.execute(
+        "SELECT r.run_id, r.status, rr.test_loss FROM runs r LEFT JOIN "
+        "run_results rr USING (run_id)"
+    ).fetchall()
     lr = dict(conn.execute("SELECT run_id, param_value FROM params WHERE param_name='lr'"))
-    key = dict(conn.execute("SELECT run_id, param_value FROM params WHERE "
-                            "param_name='mlp_key'"))
+    key = dict(conn.execute("SELECT run_id, param_value FROM params WHERE param_name='mlp_key'"))
     # The independent computation: filter and sort in Python, NULLs last, run_id breaking ties.
-    wanted = [r for r in rows if r[1] in ("done", "failed") and lr[r[0]] <= 0.01
-              and r[0] in key and key[r[0]] != "m2"]
+    wanted = [
+        r
+        for r in rows
+        if r[1] in ("done", "failed") and lr[r[0]] <= 0.01 and r[0] in key and key[r[0]] != "m2"
+    ]
     wanted.sort(key=lambda r: (r[2] is None, -(r[2] or 0), r[0]))
-    q = studies.RunQuery(states=["done", "failed"],
-                         filters=[studies.parse_filter("lr<=0.01"),
-                                  studies.parse_filter("mlp_key!=m2")],
-                         sort="test_loss", descending=True, offset=10, limit=25)
+    q = studies.RunQuery(
+        states=["done", "failed"],
+        filters=[studies.parse_filter("lr<=0.01"), studies.parse_filter("mlp_key!=m2")],
+        sort="test_loss",
+        descending=True,
+        offset=10,
+        limit=25,
+    )
     page = studies.runs_page(conn, q, ["mlp_key", "lr"])
     assert page["total"] == len(wanted)
     assert [r["run_id"] for r in page["rows"]] == [r[0] for r in wanted[10:35]]
@@ -114,21 +135,29 @@ def test_runs_page_pages_sorts_and_filters_in_sql(tmp: Path) -> None:
     without = sorted(r[0] for r in rows if r[0] not in key)
     for desc in (False, True):
         with_key = sorted(key, key=lambda i: (key[i], i), reverse=desc)
-        for states, expected in ((["done", "failed", "queued", "running"], with_key + without),
-                                 (["failed"], [i for i in with_key + without
-                                               if i % 6 == 3])):
+        for states, expected in (
+            (["done", "failed", "queued", "running"], with_key + without),
+            (["failed"], [i for i in with_key + without if i % 6 == 3]),
+        ):
             seen = []
             for offset in range(0, 320, 7):
-                page = studies.runs_page(conn, studies.RunQuery(
-                    states=states, sort="param:mlp_key", descending=desc, offset=offset,
-                    limit=7), [])
+                page = studies.runs_page(
+                    conn,
+                    studies.RunQuery(
+                        states=states, sort="param:mlp_key", descending=desc, offset=offset, limit=7
+                    ),
+                    [],
+                )
                 seen += [r["run_id"] for r in page["rows"]]
             assert seen == expected
     assert studies.counts(conn)["done"] == sum(1 for r in rows if r[1] == "done")
     assert studies.param_names(conn) == ["lr", "mlp_key"]
     assert studies.count_matching(conn, q) == len(wanted)
-    for bad in (studies.RunQuery(sort="nope"), studies.RunQuery(states=["lost"]),
-                studies.RunQuery(limit=0)):
+    for bad in (
+        studies.RunQuery(sort="nope"),
+        studies.RunQuery(states=["lost"]),
+        studies.RunQuery(limit=0),
+    ):
         with pytest.raises(studies.QueryError):
             studies.runs_page(conn, bad, [])
     with pytest.raises(studies.QueryError, match="NAME=VALUE"):
@@ -141,10 +170,18 @@ def test_dataset_keys_and_log_tail(tmp: Path) -> None:
     synthetic_study(db, 12)
     conn = sqlite3.connect(db)
     with conn:  # two data types joined, as analysis.data_key joins them
-        conn.executemany("INSERT INTO params VALUES (?, ?, ?)",
-                         [(i, n, v) for i in range(1, 13) for n, v in (
-                             ("data_scheme", "src, noise" if i % 2 else "src"),
-                             ("src_key", f"s{i % 3}"), ("noise_key", "n1"))])
+        conn.executemany(
+            "INSERT INTO params VALUES (?, ?, ?)",
+            [
+                (i, n, v)
+                for i in range(1, 13)
+                for n, v in (
+                    ("data_scheme", "src, noise" if i % 2 else "src"),
+                    ("src_key", f"s{i % 3}"),
+                    ("noise_key", "n1"),
+                )
+            ],
+        )
     from mosaic_client.analysis import data_key, run_params
 
     expected = sorted({data_key(p) for p in run_params(conn).values()})
@@ -160,20 +197,56 @@ def test_dataset_keys_and_log_tail(tmp: Path) -> None:
 
 def test_a_diff_applied_to_the_old_snapshot_gives_the_new_one() -> None:
     def snap(paused: bool, epoch: int, dbs: tuple[str, ...]) -> dict[str, Any]:
-        status = {"paused": paused, "queued": 1, "paused_owners": [], "workers": [
-            {"id": "w1", "slot": "cpu0", "state": "busy", "pid": 1, "run_id": 3, "runs_done": 0,
-             "cpu_percent": 99.4, "rss": 50 * 2**20}],
-            "studies": [{"db": db, "counts": {"running": 1}, "done": [], "failed": [],
-                         "running": [{"run_id": 3, "pipeline": "p", "epoch": epoch, "epochs": 9,
-                                      "train_loss": 0.1, "test_loss": 0.2, "worker": "w1",
-                                      "slot": "cpu0", "owner": "me", "elapsed": 10.2}]}
-                        for db in dbs]}
+        status = {
+            "paused": paused,
+            "queued": 1,
+            "paused_owners": [],
+            "workers": [
+                {
+                    "id": "w1",
+                    "slot": "cpu0",
+                    "state": "busy",
+                    "pid": 1,
+                    "run_id": 3,
+                    "runs_done": 0,
+                    "cpu_percent": 99.4,
+                    "rss": 50 * 2**20,
+                }
+            ],
+            "studies": [
+                {
+                    "db": db,
+                    "counts": {"running": 1},
+                    "done": [],
+                    "failed": [],
+                    "running": [
+                        {
+                            "run_id": 3,
+                            "pipeline": "p",
+                            "epoch": epoch,
+                            "epochs": 9,
+                            "train_loss": 0.1,
+                            "test_loss": 0.2,
+                            "worker": "w1",
+                            "slot": "cpu0",
+                            "owner": "me",
+                            "elapsed": 10.2,
+                        }
+                    ],
+                }
+                for db in dbs
+            ],
+        }
         return live.snapshot_of(status, None, {}, 1000.0)
 
     a = snap(False, 1, ("/a.db", "/b.db"))
     assert live.diff(a, snap(False, 1, ("/a.db", "/b.db"))) == {}
-    for b in (snap(True, 1, ("/a.db", "/b.db")), snap(False, 2, ("/a.db", "/b.db")),
-              snap(False, 1, ("/b.db",)), snap(False, 3, ("/c.db", "/a.db"))):
+    for b in (
+        snap(True, 1, ("/a.db", "/b.db")),
+        snap(False, 2, ("/a.db", "/b.db")),
+        snap(False, 1, ("/b.db",)),
+        snap(False, 3, ("/c.db", "/a.db")),
+    ):
         change = live.diff(a, b)
         assert change and live.apply_diff(a, change) == b
         assert "workers" not in change  # unchanged parts are not sent
@@ -230,7 +303,9 @@ def daemon(root: Path) -> Iterator[Daemon]:
 
 def family_config(root: Path) -> Path:
     """Two families (model keys) on one dataset, two runs per point: a metaplot to compare."""
-    return write_project(root, f"""
+    return write_project(
+        root,
+        f"""
         [PROCESS]
         lr = 0.01
         epochs = 2
@@ -270,7 +345,8 @@ def family_config(root: Path) -> Path:
         length = 2
         width = 2, 4
         key = mlp_{{class}}
-        """)
+        """,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +372,13 @@ class Server:
         self.port = parts.port or 0
         self.token = url.rsplit("token=", 1)[1]
 
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None,
-                body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             conn.request(method, path, body=body, headers=headers or {})
@@ -310,12 +391,19 @@ class Server:
 @pytest.fixture(scope="module")
 def server(daemon: Daemon, study: str, root: Path) -> Iterator[Server]:
     """`mosaic web` as a user starts it, on any free port, showing the daemon's studies."""
-    proc = subprocess.Popen([sys.executable, "-m", "mosaic_client.cli", "web", "--port", "0"],
-                            env=daemon.env, cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mosaic_client.cli", "web", "--port", "0"],
+        env=daemon.env,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout],  # type: ignore[union-attr]
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: [lines.put(x) for x in proc.stdout],  # type: ignore[union-attr]
+        daemon=True,
+    ).start()
     try:
         first = lines.get(timeout=30)
     except queue.Empty:
@@ -356,13 +444,21 @@ def browser(server: Server) -> Iterator[Any]:
     from selenium.webdriver.chrome.service import Service
 
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_path, ("the browser tests need Debian's chromium and "
-                                      "chromium-driver: apt-get install chromium chromium-driver "
-                                      "(.ci/run installs them)")
+    assert chromium and driver_path, (
+        "the browser tests need Debian's chromium and "
+        "chromium-driver: apt-get install chromium chromium-driver "
+        "(.ci/run installs them)"
+    )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,900", "--force-device-scale-factor=1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        "--force-device-scale-factor=1",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     driver.set_page_load_timeout(30)
@@ -401,8 +497,7 @@ def shot(browser: Any, name: str) -> None:
 def test_the_server_listens_on_the_loopback_only(server: Server) -> None:
     proc = psutil.Process(server.proc.pid)
     connections = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
-    listening = [c for c in connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN]
+    listening = [c for c in connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert listening and {c.laddr.ip for c in listening} == {"127.0.0.1"}
     assert {c.laddr.port for c in listening} == {server.port}
 
@@ -420,18 +515,28 @@ def test_requests_without_the_token_are_refused(server: Server) -> None:
     value = cookie.split(";")[0]
     assert server.request("GET", "/api/snapshot", {"Cookie": value})[0] == 200
     # DNS rebinding: the right token under another site's name is still refused.
-    assert server.request("GET", "/api/snapshot", {"Host": f"evil.example:{server.port}",
-                                                   "X-Mosaic-Token": server.token})[0] == 403
+    assert (
+        server.request(
+            "GET",
+            "/api/snapshot",
+            {"Host": f"evil.example:{server.port}", "X-Mosaic-Token": server.token},
+        )[0]
+        == 403
+    )
 
 
-def test_cross_site_posts_are_refused(server: Server, daemon: Daemon, browser: Any,
-                                      root: Path) -> None:
+def test_cross_site_posts_are_refused(
+    server: Server, daemon: Daemon, browser: Any, root: Path
+) -> None:
     cookie = f"{security.cookie_name(server.port)}={server.token}"
-    for headers in ({"Cookie": cookie},  # what a cross-site form carries: the cookie, no header
-                    {"X-Mosaic-Token": server.token, "Origin": "http://evil.example"},
-                    {"X-Mosaic-Token": server.token, "Sec-Fetch-Site": "cross-site"}):
-        status, _, _ = server.request("POST", "/api/pause", {**headers,
-                                      "Content-Type": "application/json"}, b"{}")
+    for headers in (
+        {"Cookie": cookie},  # what a cross-site form carries: the cookie, no header
+        {"X-Mosaic-Token": server.token, "Origin": "http://evil.example"},
+        {"X-Mosaic-Token": server.token, "Sec-Fetch-Site": "cross-site"},
+    ):
+        status, _, _ = server.request(
+            "POST", "/api/pause", {**headers, "Content-Type": "application/json"}, b"{}"
+        )
         assert status == 403, headers
     # A real page of another origin (another port of this host: same site, other origin)
     # posting to the server from the browser that holds the cookie.
@@ -439,12 +544,14 @@ def test_cross_site_posts_are_refused(server: Server, daemon: Daemon, browser: A
 
     class Evil(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            page = (f'<form id="f" method="post" action="{server.base}/api/pause" '
-                    'enctype="text/plain"><input name=\'{"now": true, "x":"\' value=\'"}\'>'
-                    "</form><script>fetch('" + server.base + "/api/resume', {method: 'POST', "
-                    "mode: 'no-cors', credentials: 'include', body: '{}'}).then("
-                    "() => document.title = 'sent').catch(() => document.title = 'sent');"
-                    "document.getElementById('f').submit();</script>")
+            page = (
+                f'<form id="f" method="post" action="{server.base}/api/pause" '
+                'enctype="text/plain"><input name=\'{"now": true, "x":"\' value=\'"}\'>'
+                "</form><script>fetch('" + server.base + "/api/resume', {method: 'POST', "
+                "mode: 'no-cors', credentials: 'include', body: '{}'}).then("
+                "() => document.title = 'sent').catch(() => document.title = 'sent');"
+                "document.getElementById('f').submit();</script>"
+            )
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
             self.end_headers()
@@ -468,29 +575,42 @@ def test_cross_site_posts_are_refused(server: Server, daemon: Daemon, browser: A
 # -- the pages ---------------------------------------------------------------------------------
 
 
-def test_overview_shows_daemon_workers_and_studies(server: Server, browser: Any,
-                                                   study: str) -> None:
+def test_overview_shows_daemon_workers_and_studies(
+    server: Server, browser: Any, study: str
+) -> None:
     from selenium.webdriver.common.by import By
 
     browser.get(server.base + "/")
-    wait_until(lambda: browser.find_element(By.ID, "daemon-state").get_attribute("data-state")
-               == "running", message="daemon state")
-    rows = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
-                      if len(browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == 2
-                      else None, message="two workers")
+    wait_until(
+        lambda: (
+            browser.find_element(By.ID, "daemon-state").get_attribute("data-state") == "running"
+        ),
+        message="daemon state",
+    )
+    rows = wait_until(
+        lambda: (
+            browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
+            if len(browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == 2
+            else None
+        ),
+        message="two workers",
+    )
     assert all("cpu" in r.text for r in rows)  # the slot names
     studies_text = text_of(browser, "#studies tbody")
     assert study in studies_text and "8 done" in studies_text and "1 failed" in studies_text
 
 
-def test_study_page_sorts_filters_and_pages_in_the_server(server: Server, browser: Any,
-                                                          study: str) -> None:
+def test_study_page_sorts_filters_and_pages_in_the_server(
+    server: Server, browser: Any, study: str
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     def ids() -> list[int]:
-        return [int(tr.get_attribute("data-run")) for tr in
-                browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]")]
+        return [
+            int(tr.get_attribute("data-run"))
+            for tr in browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]")
+        ]
 
     def settled(why: str, before: float | None) -> bool:
         stamp = browser.execute_script(f"return window.mosaic.timing.{why} || null")
@@ -504,17 +624,29 @@ def test_study_page_sorts_filters_and_pages_in_the_server(server: Server, browse
     assert ids() == list(range(1, 10))
     assert "8 done" in text_of(browser, "#counts") and "1 failed" in text_of(browser, "#counts")
     # Sort by test_loss, ascending then descending: the order SQLite gives, failed run last.
-    expected = [r for (r,) in query(study, "SELECT r.run_id FROM runs r LEFT JOIN run_results rr "
-                                    "USING (run_id) ORDER BY rr.test_loss IS NULL, "
-                                    "rr.test_loss, r.run_id")]
+    expected = [
+        r
+        for (r,) in query(
+            study,
+            "SELECT r.run_id FROM runs r LEFT JOIN run_results rr "
+            "USING (run_id) ORDER BY rr.test_loss IS NULL, "
+            "rr.test_loss, r.run_id",
+        )
+    ]
     before = stamp("sorted")
     browser.find_element(By.CSS_SELECTOR, 'th[data-sort="test_loss"]').click()
     wait_until(lambda: settled("sorted", before) and ids() == expected, message="sorted asc")
     before = stamp("sorted")
     browser.find_element(By.CSS_SELECTOR, 'th[data-sort="test_loss"]').click()
-    desc = [r for (r,) in query(study, "SELECT r.run_id FROM runs r LEFT JOIN run_results rr "
-                                "USING (run_id) ORDER BY rr.test_loss IS NULL, "
-                                "rr.test_loss DESC, r.run_id")]
+    desc = [
+        r
+        for (r,) in query(
+            study,
+            "SELECT r.run_id FROM runs r LEFT JOIN run_results rr "
+            "USING (run_id) ORDER BY rr.test_loss IS NULL, "
+            "rr.test_loss DESC, r.run_id",
+        )
+    ]
     wait_until(lambda: settled("sorted", before) and ids() == desc, message="sorted desc")
     shot(browser, "study")
     # Filter by state, then by a key, then by a parameter.
@@ -522,16 +654,28 @@ def test_study_page_sorts_filters_and_pages_in_the_server(server: Server, browse
     wait_until(lambda: ids() == [9], message="only the failed run")
     browser.find_element(By.CSS_SELECTOR, '#states input[value="failed"]').click()
     browser.find_element(By.CSS_SELECTOR, '#states input[value="done"]').click()
-    Select(browser.find_element(By.CSS_SELECTOR, 'select[data-key="mlp_key"]')) \
-        .select_by_visible_text("mlp_mlp_brick")
-    bricks = [r for (r,) in query(study, "SELECT run_id FROM params WHERE param_name='mlp_key' "
-                                  "AND param_value='mlp_mlp_brick'")]
-    wait_until(lambda: sorted(ids()) == sorted(bricks) and len(bricks) == 4,
-               message="the brick family")
+    Select(
+        browser.find_element(By.CSS_SELECTOR, 'select[data-key="mlp_key"]')
+    ).select_by_visible_text("mlp_mlp_brick")
+    bricks = [
+        r
+        for (r,) in query(
+            study,
+            "SELECT run_id FROM params WHERE param_name='mlp_key' AND param_value='mlp_mlp_brick'",
+        )
+    ]
+    wait_until(
+        lambda: sorted(ids()) == sorted(bricks) and len(bricks) == 4, message="the brick family"
+    )
     field = browser.find_element(By.ID, "param-filter")
     field.send_keys("mlp_brick_width>=3\n")
-    wide = [r for (r,) in query(study, "SELECT run_id FROM params WHERE param_name="
-                                "'mlp_brick_width' AND param_value >= 3")]
+    wide = [
+        r
+        for (r,) in query(
+            study,
+            "SELECT run_id FROM params WHERE param_name='mlp_brick_width' AND param_value >= 3",
+        )
+    ]
     wait_until(lambda: sorted(ids()) == sorted(wide) and len(wide) == 2, message="param filter")
     assert "mlp_brick_width>=3" in text_of(browser, "#chips")
     # Paging: 25 rows a page of 9 runs is one page; the next button is off.
@@ -542,28 +686,36 @@ def test_failed_run_page_shows_the_traceback(server: Server, browser: Any, study
     from selenium.webdriver.common.by import By
 
     browser.get(f"{server.base}/run?db={quote(study)}&id=9")
-    wait_until(lambda: browser.find_element(By.ID, "run-status").get_attribute("data-state")
-               == "failed", message="failed state")
+    wait_until(
+        lambda: browser.find_element(By.ID, "run-status").get_attribute("data-state") == "failed",
+        message="failed state",
+    )
     trace = text_of(browser, "#traceback")
     assert "Traceback" in trace and "width must be at least 1" in trace
     assert "mlp_funnel_width" in text_of(browser, "#params")
 
 
-def test_run_page_curve_grows_as_epochs_arrive_and_cancel(server: Server, browser: Any,
-                                                          daemon: Daemon, study: str,
-                                                          root: Path) -> None:
+def test_run_page_curve_grows_as_epochs_arrive_and_cancel(
+    server: Server, browser: Any, daemon: Daemon, study: str, root: Path
+) -> None:
     from selenium.webdriver.common.by import By
 
     # A run slow enough to watch (about 0.2 s an epoch), in the study the page already shows.
     slow = root / "slow"
     slow.mkdir()
     cfg = example_config(slow, epochs=200, seed=3)
-    cfg.write_text(cfg.read_text().replace("data_size = 200", "data_size = 4000")
-                   .replace("batch_size = 20", "batch_size = 10"))
+    cfg.write_text(
+        cfg.read_text()
+        .replace("data_size = 200", "data_size = 4000")
+        .replace("batch_size = 20", "batch_size = 10")
+    )
     daemon.cli("run", str(cfg), study, check=True)
     run_id = 10
-    wait_until(lambda: query(study, "SELECT count(*) FROM run_epochs WHERE run_id=?",
-                             run_id)[0][0] >= 1, timeout=60, message="first epoch")
+    wait_until(
+        lambda: query(study, "SELECT count(*) FROM run_epochs WHERE run_id=?", run_id)[0][0] >= 1,
+        timeout=60,
+        message="first epoch",
+    )
     browser.get(f"{server.base}/run?db={quote(study)}&id={run_id}")
 
     def points() -> int:
@@ -577,27 +729,38 @@ def test_run_page_curve_grows_as_epochs_arrive_and_cancel(server: Server, browse
     shot(browser, "run")
     # The overview while it trains: its progress under the study, its worker busy.
     browser.get(server.base + "/")
-    wait_until(lambda: f"run {run_id}" in text_of(browser, "#studies tbody"),
-               message="the running run on the overview")
+    wait_until(
+        lambda: f"run {run_id}" in text_of(browser, "#studies tbody"),
+        message="the running run on the overview",
+    )
     assert str(run_id) in text_of(browser, "#workers tbody")
     shot(browser, "overview")
     browser.back()
-    wait_until(lambda: browser.find_element(By.ID, "run-status").get_attribute("data-state")
-               == "running", message="back on the run page")
+    wait_until(
+        lambda: browser.find_element(By.ID, "run-status").get_attribute("data-state") == "running",
+        message="back on the run page",
+    )
     browser.find_element(By.ID, "cancel-run").click()
-    wait_until(lambda: browser.find_element(By.ID, "run-status").get_attribute("data-state")
-               == "cancelled", message="cancelled on the page")
+    wait_until(
+        lambda: (
+            browser.find_element(By.ID, "run-status").get_attribute("data-state") == "cancelled"
+        ),
+        message="cancelled on the page",
+    )
     assert query(study, "SELECT status FROM runs WHERE run_id=?", run_id) == [("cancelled",)]
 
 
-def test_comparison_hover_shows_the_runs_and_families_toggle(server: Server, browser: Any,
-                                                             study: str) -> None:
+def test_comparison_hover_shows_the_runs_and_families_toggle(
+    server: Server, browser: Any, study: str
+) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     browser.get(f"{server.base}/compare?db={quote(study)}")
-    wait_until(lambda: browser.find_element(By.ID, "meta-chart").get_attribute("data-families")
-               == "2", message="two families")
+    wait_until(
+        lambda: browser.find_element(By.ID, "meta-chart").get_attribute("data-families") == "2",
+        message="two families",
+    )
     over = browser.find_element(By.CSS_SELECTOR, "#meta-chart .u-over")
 
     def hover(family: int, index: int) -> None:
@@ -606,9 +769,12 @@ def test_comparison_hover_shows_the_runs_and_families_toggle(server: Server, bro
             "const r = u.over.getBoundingClientRect();"
             "return [u.valToPos(c.xs[arguments[1]], 'x'), "
             "u.valToPos(f.points[arguments[1]].mean, 'y'), r.width, r.height];",
-            family, index)
+            family,
+            index,
+        )
         ActionChains(browser).move_to_element_with_offset(
-            over, int(x - w / 2), int(y - h / 2)).perform()
+            over, int(x - w / 2), int(y - h / 2)
+        ).perform()
 
     meta = browser.execute_script("return window.mosaic.last.meta")
     name, points = sorted(meta["series"].items())[0]
@@ -623,8 +789,10 @@ def test_comparison_hover_shows_the_runs_and_families_toggle(server: Server, bro
     # Hide that family from the legend: its points leave the chart and the hover panel.
     legend = browser.find_elements(By.CSS_SELECTOR, ".u-legend .u-series")[family + 1]
     legend.click()
-    assert browser.execute_script(f"return window.mosaic.charts.meta.series[{family + 1}].show") \
+    assert (
+        browser.execute_script(f"return window.mosaic.charts.meta.series[{family + 1}].show")
         is False
+    )
     ActionChains(browser).move_to_element_with_offset(over, 0, 0).perform()
     hover(family, index)
     wait_until(lambda: name not in text_of(browser, "#point"), message="family hidden")
@@ -633,8 +801,9 @@ def test_comparison_hover_shows_the_runs_and_families_toggle(server: Server, bro
     assert "verdict" in text_of(browser, "#verdict").lower()
 
 
-def test_pause_and_resume_buttons_drive_the_daemon(server: Server, browser: Any,
-                                                   daemon: Daemon) -> None:
+def test_pause_and_resume_buttons_drive_the_daemon(
+    server: Server, browser: Any, daemon: Daemon
+) -> None:
     from selenium.webdriver.common.by import By
 
     def page_state() -> str:
@@ -652,11 +821,19 @@ def test_pause_and_resume_buttons_drive_the_daemon(server: Server, browser: Any,
 
 
 def test_other_commands_do_not_import_the_web_stack(daemon: Daemon) -> None:
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "mosaic_client.cli",
-                             "status"], env=daemon.env, capture_output=True, text=True,
-                            timeout=60, check=True)
-    modules = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
-               if "|" in line}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mosaic_client.cli", "status"],
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    modules = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if "|" in line
+    }
     assert "mosaic_client" in modules or "json" in modules  # importtime did report
     assert not modules & {"starlette", "uvicorn", "anyio", "selenium"}, modules
     assert "mosaic_client.web" not in result.stderr
@@ -671,16 +848,18 @@ def test_web_refuses_a_file_that_is_not_a_study(daemon: Daemon, root: Path) -> N
     assert missing.returncode == 2 and "no database at" in missing.stderr
 
 
-def test_json_of_the_snapshot_matches_the_daemon(server: Server, daemon: Daemon,
-                                                 study: str) -> None:
+def test_json_of_the_snapshot_matches_the_daemon(
+    server: Server, daemon: Daemon, study: str
+) -> None:
     def same() -> bool:
-        status, _, body = server.request("GET", "/api/snapshot",
-                                         {"X-Mosaic-Token": server.token})
+        status, _, body = server.request("GET", "/api/snapshot", {"X-Mosaic-Token": server.token})
         assert status == 200
         snap = json.loads(body)
         reply = daemon.request("status", limit=0)
-        return (snap["daemon"]["paused"] == reply["paused"]
-                and [w["id"] for w in snap["workers"]] == [w["id"] for w in reply["workers"]]
-                and snap["studies"][study]["counts"] == reply["studies"][0]["counts"])
+        return (
+            snap["daemon"]["paused"] == reply["paused"]
+            and [w["id"] for w in snap["workers"]] == [w["id"] for w in reply["workers"]]
+            and snap["studies"][study]["counts"] == reply["studies"][0]["counts"]
+        )
 
     wait_until(same, timeout=5, message="the snapshot agrees with `status`")

@@ -49,17 +49,22 @@ def test_start_refuses_an_unknown_isolation() -> None:
         worker.start("ipc:///nonexistent", "w", "cpu", "forked", die_with_parent=False)
 
 
-@pytest.mark.parametrize(("isolation", "preset", "seen"), [
-    ("process", None, "NVML=1"),
-    ("process", "0", "NVML=0"),  # what the starting process set is kept (a Ray runtime env)
-])  # start() in state isolation, through main(), is what every daemon test's workers run
-def test_start_serves_runs_until_told_to_exit(tmp_path: Path, isolation: str,
-                                              preset: str | None, seen: str) -> None:
+@pytest.mark.parametrize(
+    ("isolation", "preset", "seen"),
+    [
+        ("process", None, "NVML=1"),
+        ("process", "0", "NVML=0"),  # what the starting process set is kept (a Ray runtime env)
+    ],
+)  # start() in state isolation, through main(), is what every daemon test's workers run
+def test_start_serves_runs_until_told_to_exit(
+    tmp_path: Path, isolation: str, preset: str | None, seen: str
+) -> None:
     (tmp_path / "classes.py").write_text(CLASSES)
     (tmp_path / "probe.py").write_text(PROBE)
     spec = make_spec(str(tmp_path / "classes.py"), tmp_path / "runs", epochs=1)
-    spec["modules"][0].update({"class": "probed_points",
-                               "path_to_class": str(tmp_path / "probe.py")})
+    spec["modules"][0].update(
+        {"class": "probed_points", "path_to_class": str(tmp_path / "probe.py")}
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     if preset is not None:
@@ -68,10 +73,16 @@ def test_start_serves_runs_until_told_to_exit(tmp_path: Path, isolation: str,
     sock = ctx.socket(zmq.ROUTER)
     address = f"ipc://{tmp_path}/w.sock"
     sock.bind(address)
-    proc = subprocess.Popen([sys.executable, "-c", STARTER, address, "w1", isolation],
-                            env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STARTER, address, "w1", isolation],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+
         def receive() -> dict:
             assert sock.poll(60_000), "the worker sent nothing within 60 s"
             identity, payload = sock.recv_multipart()

@@ -48,8 +48,10 @@ class train_test_split:
         n_train = min(max(round(len(x) * self.train_prop), 1), len(x) - 1)
         train = TensorDataset(x[:n_train], y[:n_train])
         test = TensorDataset(x[n_train:], y[n_train:])
-        return (DataLoader(train, batch_size=self.batch_size, shuffle=True),
-                DataLoader(test, batch_size=self.batch_size))
+        return (
+            DataLoader(train, batch_size=self.batch_size, shuffle=True),
+            DataLoader(test, batch_size=self.batch_size),
+        )
 
     def info(self) -> dict:
         return {"batch_size": self.batch_size}

@@ -42,8 +42,9 @@ class mlp_regressor(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(input_size, hidden), nn.Tanh(),
-                                 nn.Linear(hidden, output_size))
+        self.net = nn.Sequential(
+            nn.Linear(input_size, hidden), nn.Tanh(), nn.Linear(hidden, output_size)
+        )
 
     def forward(self, data: torch.Tensor, run_info: dict, module_info: dict) -> torch.Tensor:
         return self.net(data)

@@ -22,19 +22,22 @@ SHOWN = ("test_loss", "test_acc")  # the table's columns; --json has every run_r
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("db", help="study database (read only)")
-    parser.add_argument("--json", action="store_true",
-                        help="machine-readable output, with every run_results column")
+    parser.add_argument(
+        "--json", action="store_true", help="machine-readable output, with every run_results column"
+    )
 
 
 def read_groups(conn: sqlite3.Connection, db: str) -> list[dict[str, Any]]:
     from mosaic_client.analysis import AnalysisError
 
-    has_view = conn.execute("SELECT 1 FROM sqlite_master WHERE type='view' AND "
-                            "name='run_groups'").fetchone()
+    has_view = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='view' AND name='run_groups'"
+    ).fetchone()
     if not has_view:
         raise AnalysisError(
             f"{db} has no run_groups view: an older mosaicd wrote it. Let the current daemon "
-            f"open it once (for instance `mosaic show 1 --db {db}`), then run this again")
+            f"open it once (for instance `mosaic show 1 --db {db}`), then run this again"
+        )
     cursor = conn.execute("SELECT * FROM run_groups ORDER BY group_id")
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row)) for row in cursor]
@@ -72,15 +75,32 @@ def _stat(group: dict[str, Any], column: str) -> str:
 def render(groups: list[dict[str, Any]], db: str) -> str:
     if not groups:
         return f"{db} has no run yet\n"
-    header = ("group", "dataset key", "model key", "nb_params", "runs", "n",
-              *(f"{c}: mean ± sd (median)" for c in SHOWN))
+    header = (
+        "group",
+        "dataset key",
+        "model key",
+        "nb_params",
+        "runs",
+        "n",
+        *(f"{c}: mean ± sd (median)" for c in SHOWN),
+    )
     rows = [header]
     for g in groups:
-        rows.append((str(g["group_id"]), str(g["dataset_key"]), str(g["model_key"]),
-                     "-" if g["nb_params"] is None else str(g["nb_params"]), str(g["runs"]),
-                     str(g["n"]), *(_stat(g, c) for c in SHOWN)))
+        rows.append(
+            (
+                str(g["group_id"]),
+                str(g["dataset_key"]),
+                str(g["model_key"]),
+                "-" if g["nb_params"] is None else str(g["nb_params"]),
+                str(g["runs"]),
+                str(g["n"]),
+                *(_stat(g, c) for c in SHOWN),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.append(f"{len(groups)} group(s); n counts finished runs with results; --json gives "
-                 "mean, sd and median of every run_results column")
+    lines.append(
+        f"{len(groups)} group(s); n counts finished runs with results; --json gives "
+        "mean, sd and median of every run_results column"
+    )
     return "\n".join(lines) + "\n"

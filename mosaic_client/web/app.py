@@ -48,7 +48,7 @@ HEADERS = {
     # The pages load nothing from elsewhere (the chart library ships in the package), and no
     # other site may frame them or learn the URL (with its token) from a Referer.
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self' "
-                               "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+    "'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -81,23 +81,40 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", [])}
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
         query = scope.get("query_string", b"").decode("latin-1")
-        why = security.refusal(scope["method"], scope["path"], query, headers,
-                               self.settings.token, self.settings.port, self.settings.host)
+        why = security.refusal(
+            scope["method"],
+            scope["path"],
+            query,
+            headers,
+            self.settings.token,
+            self.settings.port,
+            self.settings.host,
+        )
         if why is not None:
-            await PlainTextResponse(f"403 Forbidden: {why}\n", status_code=403,
-                                    headers=HEADERS)(scope, receive, send)
+            await PlainTextResponse(f"403 Forbidden: {why}\n", status_code=403, headers=HEADERS)(
+                scope, receive, send
+            )
             return
-        if (scope["method"] == "GET" and security.matches(self.settings.token,
-                                                          security.query_token(query))
-                and not scope["path"].startswith(("/api/", "/events", "/static/"))):
+        if (
+            scope["method"] == "GET"
+            and security.matches(self.settings.token, security.query_token(query))
+            and not scope["path"].startswith(("/api/", "/events", "/static/"))
+        ):
             rest = urlencode([(k, v) for k, v in parse_qsl(query) if k != "token"])
-            response = RedirectResponse(scope["path"] + (f"?{rest}" if rest else ""), 303,
-                                        headers=HEADERS)
-            response.set_cookie(security.cookie_name(self.settings.port), self.settings.token,
-                                httponly=True, samesite="strict", path="/")
+            response = RedirectResponse(
+                scope["path"] + (f"?{rest}" if rest else ""), 303, headers=HEADERS
+            )
+            response.set_cookie(
+                security.cookie_name(self.settings.port),
+                self.settings.token,
+                httponly=True,
+                samesite="strict",
+                path="/",
+            )
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -133,8 +150,9 @@ class WebState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.hub = live.Hub()
-        self.poller = live.Poller(settings.socket_path, live.LocalStudies(settings.dbs),
-                                  self._publish_threadsafe)
+        self.poller = live.Poller(
+            settings.socket_path, live.LocalStudies(settings.dbs), self._publish_threadsafe
+        )
         self.loop: asyncio.AbstractEventLoop | None = None
         # Run counts of filtered views, by database state and filter: paging or re-sorting a
         # filtered view of a large study does not count its runs again.
@@ -164,8 +182,10 @@ class WebState:
         path = os.path.realpath(db)
         known = set(self.settings.dbs) | set(self.hub.snapshot.get("studies", {}))
         if path not in known and db not in known:
-            raise NotFound(f"{db} is not a study of this server: the daemon does not serve it "
-                           "and it was not named on `mosaic web`'s command line")
+            raise NotFound(
+                f"{db} is not a study of this server: the daemon does not serve it "
+                "and it was not named on `mosaic web`'s command line"
+            )
         return db if db in known else path
 
     def connect(self, db: str | None) -> sqlite3.Connection:
@@ -235,8 +255,9 @@ def routes(state: WebState) -> list[Any]:
                     for change in pending:
                         yield live.sse("diff", change)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={**HEADERS, "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={**HEADERS, "X-Accel-Buffering": "no"}
+        )
 
     def study_api(request: Request) -> Response:
         db = state.study_path(request.query_params.get("db"))
@@ -248,12 +269,19 @@ def routes(state: WebState) -> list[Any]:
         query = studies.RunQuery(
             states=[s for s in q.get("status", "").split(",") if s],
             filters=[studies.parse_filter(f) for f in q.getlist("filter") if f.strip()],
-            sort=q.get("sort", "run_id"), descending=q.get("desc") in ("1", "true"),
-            offset=_int(q.get("offset"), 0, "offset"), limit=_int(q.get("limit"), 50, "limit"))
+            sort=q.get("sort", "run_id"),
+            descending=q.get("desc") in ("1", "true"),
+            offset=_int(q.get("offset"), 0, "offset"),
+            limit=_int(q.get("limit"), 50, "limit"),
+        )
         shown = [s for s in q.get("show", "").split(",") if s]
         db = state.study_path(q.get("db"))
-        key = (db, files_stamp(db), tuple(query.states),
-               tuple((f.name, f.op, repr(f.value)) for f in query.filters))
+        key = (
+            db,
+            files_stamp(db),
+            tuple(query.states),
+            tuple((f.name, f.op, repr(f.value)) for f in query.filters),
+        )
         with contextlib.closing(state.connect(db)) as conn:
             page = studies.runs_page(conn, query, shown, state.cached_count(key))
         state.remember_count(key, page["total"])
@@ -278,14 +306,19 @@ def routes(state: WebState) -> list[Any]:
         run_id = _int(q.get("id"), 0, "id")
         after = _int(q.get("after"), 0, "after")
 
-        def look(last: int) -> tuple[list[dict[str, Any]], tuple[str, str | None] | None,
-                                      str | None]:
+        def look(
+            last: int,
+        ) -> tuple[list[dict[str, Any]], tuple[str, str | None] | None, str | None]:
             with contextlib.closing(state.connect(db)) as conn:
                 new = studies.epochs_after(conn, run_id, last)
                 run_state = studies.run_state(conn, run_id)
-                params = dict(conn.execute(
-                    "SELECT param_name, param_value FROM params WHERE run_id = ? AND "
-                    "param_name = 'run_files_path'", (run_id,)).fetchall())
+                params = dict(
+                    conn.execute(
+                        "SELECT param_name, param_value FROM params WHERE run_id = ? AND "
+                        "param_name = 'run_files_path'",
+                        (run_id,),
+                    ).fetchall()
+                )
             return new, run_state, studies.log_path(params, run_id)
 
         async def stream() -> AsyncIterator[str]:
@@ -307,8 +340,9 @@ def routes(state: WebState) -> list[Any]:
                     if run_state != last_state:
                         last_state = run_state
                         if run_state is not None:
-                            yield live.sse("state", {"status": run_state[0],
-                                                     "return_status": run_state[1]})
+                            yield live.sse(
+                                "state", {"status": run_state[0], "return_status": run_state[1]}
+                            )
                 size = log_size(log_file)
                 if size != last_size:  # read the tail only when the file grew
                     text, last_size = await run_in_threadpool(studies.log_tail, log_file)
@@ -320,8 +354,9 @@ def routes(state: WebState) -> list[Any]:
                     idle = 0.0
                     yield ": keepalive\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={**HEADERS, "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={**HEADERS, "X-Accel-Buffering": "no"}
+        )
 
     def compare_api(request: Request) -> Response:
         q = request.query_params
@@ -335,9 +370,12 @@ def routes(state: WebState) -> list[Any]:
             keys = studies.dataset_keys(conn)
             key = q.get("dataset_key") or (keys[0] if keys else "")
             criterion = q.get("criterion") or "test_loss"
-            out: dict[str, Any] = {"dataset_keys": keys, "dataset_key": key,
-                                   "criterion": criterion,
-                                   "criteria": list(analysis.CRITERIA)}
+            out: dict[str, Any] = {
+                "dataset_keys": keys,
+                "dataset_key": key,
+                "criterion": criterion,
+                "criteria": list(analysis.CRITERIA),
+            }
             try:
                 # The metaplot's own computation (mosaic metaplot draws the same points).
                 meta = analysis.metaplot_data(conn, key, criterion).as_json()
@@ -354,8 +392,9 @@ def routes(state: WebState) -> list[Any]:
         # VERDICT: `mosaic compare` (mosaic_client/verdict.py) is another helper's work in
         # progress; once it lands, this route returns its table for ?db=&dataset_key=&criterion=
         # and compare.js draws it in the page's #verdict section.
-        return _json({"available": False,
-                      "note": "the verdict table of `mosaic compare` will be shown here"})
+        return _json(
+            {"available": False, "note": "the verdict table of `mosaic compare` will be shown here"}
+        )
 
     async def control(request: Request) -> Response:
         name = request.path_params["action"]
@@ -371,12 +410,17 @@ def routes(state: WebState) -> list[Any]:
             fields = {}
         elif name == "cancel":
             ids = body.get("ids")
-            if not (isinstance(ids, list) and ids and all(
-                    isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            if not (
+                isinstance(ids, list)
+                and ids
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+            ):
                 return _error("cancel needs {db, ids: [run ids]}", 400)
-            fields = {"db": state.study_path(body.get("db")),
-                      "selection": {"kind": "ids", "ids": ids},
-                      "reason": "cancelled from the web view"}
+            fields = {
+                "db": state.study_path(body.get("db")),
+                "selection": {"kind": "ids", "ids": ids},
+                "reason": "cancelled from the web view",
+            }
         else:
             return _error(f"unknown action {name!r}; use pause, resume or cancel", 404)
 
@@ -389,8 +433,9 @@ def routes(state: WebState) -> list[Any]:
         except DaemonUnavailable as exc:
             return _error(str(exc), 503)
         except protocol.ProtocolError as exc:
-            status = {protocol.ErrorCode.PERMISSION: 403,
-                      protocol.ErrorCode.NOT_FOUND: 404}.get(exc.code, 400)
+            status = {protocol.ErrorCode.PERMISSION: 403, protocol.ErrorCode.NOT_FOUND: 404}.get(
+                exc.code, 400
+            )
             return _error(exc.message, status)
         state.poller.poll_now()
         return _json({"ok": True, "reply": reply})
@@ -434,8 +479,11 @@ def create_app(settings: Settings) -> Starlette:
     async def bad_query(request: Request, exc: Exception) -> Response:
         return _error(str(exc), 400)
 
-    app = Starlette(routes=routes(state), lifespan=lifespan,
-                    exception_handlers={NotFound: not_found, studies.QueryError: bad_query})
+    app = Starlette(
+        routes=routes(state),
+        lifespan=lifespan,
+        exception_handlers={NotFound: not_found, studies.QueryError: bad_query},
+    )
     app.state.web = state
     # Outermost: nothing, not even a 404 or a static file, answers without the token.
     app.add_middleware(Guard, settings=settings)
@@ -469,7 +517,7 @@ def serve(settings: Settings, sock: socket.socket) -> None:
                 state.loop.call_soon_threadsafe(state.hub.close)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=3, lifespan="on")
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, timeout_graceful_shutdown=3, lifespan="on"
+    )
     Server(config).run(sockets=[sock])
-

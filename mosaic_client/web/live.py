@@ -36,45 +36,78 @@ def _round(value: float | None, step: float) -> float | None:
 
 def worker_view(worker: protocol.WorkerView) -> dict[str, Any]:
     mib = 2**20
-    return {"id": worker.get("id"), "slot": worker.get("slot"), "state": worker.get("state"),
-            "pid": worker.get("pid"), "run_id": worker.get("run_id"),
-            "runs_done": worker.get("runs_done"),
-            "cpu_percent": _round(worker.get("cpu_percent"), 1.0),
-            "rss_mib": _round((worker.get("rss") or 0) / mib, 1.0) if worker.get("rss") else None,
-            "gpu_mib": (round((worker.get("gpu_memory") or 0) / mib)
-                        if worker.get("gpu_memory") is not None else None),
-            "gpu_device_mib": (round((worker.get("gpu_memory_device") or 0) / mib)
-                               if worker.get("gpu_memory_device") is not None else None),
-            "gpu_total_mib": (round((worker.get("gpu_memory_total") or 0) / mib)
-                              if worker.get("gpu_memory_total") is not None else None)}
+    return {
+        "id": worker.get("id"),
+        "slot": worker.get("slot"),
+        "state": worker.get("state"),
+        "pid": worker.get("pid"),
+        "run_id": worker.get("run_id"),
+        "runs_done": worker.get("runs_done"),
+        "cpu_percent": _round(worker.get("cpu_percent"), 1.0),
+        "rss_mib": _round((worker.get("rss") or 0) / mib, 1.0) if worker.get("rss") else None,
+        "gpu_mib": (
+            round((worker.get("gpu_memory") or 0) / mib)
+            if worker.get("gpu_memory") is not None
+            else None
+        ),
+        "gpu_device_mib": (
+            round((worker.get("gpu_memory_device") or 0) / mib)
+            if worker.get("gpu_memory_device") is not None
+            else None
+        ),
+        "gpu_total_mib": (
+            round((worker.get("gpu_memory_total") or 0) / mib)
+            if worker.get("gpu_memory_total") is not None
+            else None
+        ),
+    }
 
 
 def running_view(run: protocol.RunningRunView, now: float) -> dict[str, Any]:
-    return {"run_id": run["run_id"], "pipeline": run["pipeline"], "epoch": run["epoch"],
-            "epochs": run["epochs"], "train_loss": run["train_loss"],
-            "test_loss": run["test_loss"], "worker": run["worker"], "owner": run["owner"],
-            # A start time, not the elapsed seconds: it does not change from poll to poll.
-            "started": round(now - run["elapsed"])}
+    return {
+        "run_id": run["run_id"],
+        "pipeline": run["pipeline"],
+        "epoch": run["epoch"],
+        "epochs": run["epochs"],
+        "train_loss": run["train_loss"],
+        "test_loss": run["test_loss"],
+        "worker": run["worker"],
+        "owner": run["owner"],
+        # A start time, not the elapsed seconds: it does not change from poll to poll.
+        "started": round(now - run["elapsed"]),
+    }
 
 
-def snapshot_of(status: protocol.StatusReply | None, error: str | None,
-                local_counts: dict[str, dict[str, int]], now: float) -> dict[str, Any]:
+def snapshot_of(
+    status: protocol.StatusReply | None,
+    error: str | None,
+    local_counts: dict[str, dict[str, int]],
+    now: float,
+) -> dict[str, Any]:
     """The pages' view of the daemon and the studies, built from one status reply."""
     studies_view: dict[str, Any] = {}
     for db, counts in local_counts.items():
         studies_view[db] = {"db": db, "counts": counts, "running": [], "daemon": False}
     if status is None:
-        return {"daemon": {"up": False, "error": error}, "workers": [],
-                "studies": studies_view}
+        return {"daemon": {"up": False, "error": error}, "workers": [], "studies": studies_view}
     for study in status.get("studies", []):
         studies_view[study["db"]] = {
-            "db": study["db"], "counts": dict(study["counts"]), "daemon": True,
-            "running": [running_view(r, now) for r in study["running"]]}
-    return {"daemon": {"up": True, "error": None, "paused": bool(status.get("paused")),
-                       "paused_owners": status.get("paused_owners", []),
-                       "queued": status.get("queued", 0)},
-            "workers": [worker_view(w) for w in status.get("workers", [])],
-            "studies": studies_view}
+            "db": study["db"],
+            "counts": dict(study["counts"]),
+            "daemon": True,
+            "running": [running_view(r, now) for r in study["running"]],
+        }
+    return {
+        "daemon": {
+            "up": True,
+            "error": None,
+            "paused": bool(status.get("paused")),
+            "paused_owners": status.get("paused_owners", []),
+            "queued": status.get("queued", 0),
+        },
+        "workers": [worker_view(w) for w in status.get("workers", [])],
+        "studies": studies_view,
+    }
 
 
 def diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -144,8 +177,11 @@ class Hub:
     the current asyncio.Event and replaces it, which wakes every open stream at once."""
 
     def __init__(self) -> None:
-        self.snapshot: dict[str, Any] = {"daemon": {"up": False, "error": "starting"},
-                                         "workers": [], "studies": {}}
+        self.snapshot: dict[str, Any] = {
+            "daemon": {"up": False, "error": "starting"},
+            "workers": [],
+            "studies": {},
+        }
         self.version = 0
         self.changes: dict[int, dict[str, Any]] = {}  # version -> diff from version - 1
         self.closed = False
@@ -201,8 +237,12 @@ class Poller(threading.Thread):
 
     Its own thread and its own ZeroMQ socket: a socket is used by one thread only."""
 
-    def __init__(self, socket_path: str | None, local: LocalStudies,
-                 publish: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        socket_path: str | None,
+        local: LocalStudies,
+        publish: Callable[[dict[str, Any]], None],
+    ) -> None:
         super().__init__(name="mosaic-web-poller", daemon=True)
         self.socket_path = socket_path
         self.local = local

@@ -88,8 +88,12 @@ for its runs, click a family in the legend to hide or show it</div></div></secti
 
 
 def render(page: str, token: str, title: str, charts: bool = False) -> str:
-    head = ('<link rel="stylesheet" href="/static/uPlot.min.css">'
-            '<script src="/static/uPlot.iife.min.js"></script>' if charts else "")
+    head = (
+        '<link rel="stylesheet" href="/static/uPlot.min.css">'
+        '<script src="/static/uPlot.iife.min.js"></script>'
+        if charts
+        else ""
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

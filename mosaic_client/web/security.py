@@ -91,8 +91,15 @@ def same_origin(headers: Mapping[str, str]) -> bool:
     return True
 
 
-def refusal(method: str, path: str, query_string: str, headers: Mapping[str, str], token: str,
-            port: int, bind_host: str) -> str | None:
+def refusal(
+    method: str,
+    path: str,
+    query_string: str,
+    headers: Mapping[str, str],
+    token: str,
+    port: int,
+    bind_host: str,
+) -> str | None:
     """Why this request is refused, or None when it may go on. `headers` are lower-cased."""
     if not host_allowed(headers.get("host"), bind_host):
         return "unexpected Host header (this server answers only on the loopback)"
@@ -107,5 +114,4 @@ def refusal(method: str, path: str, query_string: str, headers: Mapping[str, str
         return None
     if matches(token, cookie_token(headers.get("cookie"), cookie_name(port))):
         return None
-    return ("missing or wrong token: open the URL `mosaic web` printed (it ends with "
-            "?token=...)")
+    return "missing or wrong token: open the URL `mosaic web` printed (it ends with ?token=...)"

@@ -65,8 +65,10 @@ def parse_filter(text: str) -> ParamFilter:
         name, sep, value = text.partition(op)
         if sep and name.strip():
             return ParamFilter(name.strip(), op, typed(value.strip()))
-    raise QueryError(f"cannot read the filter {text!r}: write NAME=VALUE, NAME<=VALUE, "
-                     "NAME>=VALUE or NAME!=VALUE with a parameter name")
+    raise QueryError(
+        f"cannot read the filter {text!r}: write NAME=VALUE, NAME<=VALUE, "
+        "NAME>=VALUE or NAME!=VALUE with a parameter name"
+    )
 
 
 def _where(query: RunQuery, per_run: bool = True) -> tuple[str, list[Any]]:
@@ -75,8 +77,9 @@ def _where(query: RunQuery, per_run: bool = True) -> tuple[str, list[Any]]:
     if query.states:
         unknown = [s for s in query.states if s not in contract.RUN_STATES]
         if unknown:
-            raise QueryError(f"unknown run state {unknown[0]!r}; use "
-                             f"{', '.join(contract.RUN_STATES)}")
+            raise QueryError(
+                f"unknown run state {unknown[0]!r}; use {', '.join(contract.RUN_STATES)}"
+            )
         clauses.append(f"r.status IN ({', '.join('?' * len(query.states))})")
         args.extend(query.states)
     for flt in query.filters:
@@ -85,13 +88,17 @@ def _where(query: RunQuery, per_run: bool = True) -> tuple[str, list[Any]]:
         if per_run:
             # A lookup in the params primary key (run_id, param_name) per run looked at: a page
             # in run order stops after its rows instead of listing every matching run first.
-            clauses.append("EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.run_id AND "
-                           f"p.param_name = ? AND p.param_value {flt.op} ?)")
+            clauses.append(
+                "EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.run_id AND "
+                f"p.param_name = ? AND p.param_value {flt.op} ?)"
+            )
         else:
             # The matching runs listed once from the params_by_name index: cheaper when every
             # run must be looked at anyway (a count).
-            clauses.append("r.run_id IN (SELECT run_id FROM params WHERE param_name = ? AND "
-                           f"param_value {flt.op} ?)")
+            clauses.append(
+                "r.run_id IN (SELECT run_id FROM params WHERE param_name = ? AND "
+                f"param_value {flt.op} ?)"
+            )
         args.extend([flt.name, flt.value])
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
@@ -112,41 +119,52 @@ def _page_rows(conn: sqlite3.Connection, query: RunQuery) -> list[tuple[Any, ...
     joins = "FROM runs r LEFT JOIN run_results rr ON rr.run_id = r.run_id"
     if not query.sort.startswith("param:"):
         if query.sort not in SORT_COLUMNS:
-            raise QueryError(f"cannot sort by {query.sort!r}; use run_id, status, pipeline, a "
-                             "result column or param:NAME")
+            raise QueryError(
+                f"cannot sort by {query.sort!r}; use run_id, status, pipeline, a "
+                "result column or param:NAME"
+            )
         key = SORT_COLUMNS[query.sort]
         # Runs without a value (queued, failed) last whichever the direction; run_id breaks
         # ties so that paging is stable.
-        order = (f"r.run_id {direction}" if key == "r.run_id"
-                 else f"({key} IS NULL), {key} {direction}, r.run_id")
-        return conn.execute(f"SELECT {_ROW} {joins}{where} ORDER BY {order} LIMIT ? OFFSET ?",
-                            [*args, query.limit, query.offset]).fetchall()
+        order = (
+            f"r.run_id {direction}"
+            if key == "r.run_id"
+            else f"({key} IS NULL), {key} {direction}, r.run_id"
+        )
+        return conn.execute(
+            f"SELECT {_ROW} {joins}{where} ORDER BY {order} LIMIT ? OFFSET ?",
+            [*args, query.limit, query.offset],
+        ).fetchall()
     # By a param: walk the params_by_name index (param_name, param_value) in order and stop at
     # the page's end, instead of sorting every run. Ties go by the params row's rowid, which
     # follows the runs' order (a submission writes its runs' params in run order). Runs without
     # that param come after, by run_id.
-    name = query.sort[len("param:"):]
+    name = query.sort[len("param:") :]
     extra = where.replace(" WHERE ", " AND ", 1)
     rows = conn.execute(
         f"SELECT {_ROW} FROM params ps JOIN runs r ON r.run_id = ps.run_id LEFT JOIN "
         f"run_results rr ON rr.run_id = r.run_id WHERE ps.param_name = ?{extra} "
         f"ORDER BY ps.param_value {direction}, ps.rowid {direction} LIMIT ? OFFSET ?",
-        [name, *args, query.limit, query.offset]).fetchall()
+        [name, *args, query.limit, query.offset],
+    ).fetchall()
     if len(rows) == query.limit:
         return rows
     with_param = conn.execute(
         f"SELECT count(*) FROM params ps JOIN runs r ON r.run_id = ps.run_id "
-        f"WHERE ps.param_name = ?{extra}", [name, *args]).fetchone()[0]
-    missing = ("NOT EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.run_id AND "
-               "p.param_name = ?)")
+        f"WHERE ps.param_name = ?{extra}",
+        [name, *args],
+    ).fetchone()[0]
+    missing = "NOT EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.run_id AND p.param_name = ?)"
     rest = conn.execute(
         f"SELECT {_ROW} {joins} WHERE {missing}{extra} ORDER BY r.run_id LIMIT ? OFFSET ?",
-        [name, *args, query.limit - len(rows), max(0, query.offset - with_param)]).fetchall()
+        [name, *args, query.limit - len(rows), max(0, query.offset - with_param)],
+    ).fetchall()
     return rows + rest
 
 
-def runs_page(conn: sqlite3.Connection, query: RunQuery, shown_params: list[str],
-              total: int | None = None) -> dict[str, Any]:
+def runs_page(
+    conn: sqlite3.Connection, query: RunQuery, shown_params: list[str], total: int | None = None
+) -> dict[str, Any]:
     """One page of the runs table: the number of matching runs (`total` when the caller knows
     it already), and the page's rows with their results and the values of `shown_params`."""
     if not 1 <= query.limit <= MAX_PAGE:
@@ -160,15 +178,26 @@ def runs_page(conn: sqlite3.Connection, query: RunQuery, shown_params: list[str]
     params: dict[int, dict[str, Any]] = {i: {} for i in ids}
     if ids and shown_params:
         for run_id, name, value in conn.execute(
-                f"SELECT run_id, param_name, param_value FROM params WHERE run_id IN "
-                f"({', '.join('?' * len(ids))}) AND param_name IN "
-                f"({', '.join('?' * len(shown_params))})", [*ids, *shown_params]):
+            f"SELECT run_id, param_name, param_value FROM params WHERE run_id IN "
+            f"({', '.join('?' * len(ids))}) AND param_name IN "
+            f"({', '.join('?' * len(shown_params))})",
+            [*ids, *shown_params],
+        ):
             params[run_id][name] = value
     return {
-        "total": total, "offset": query.offset, "limit": query.limit,
-        "rows": [{"run_id": row[0], "status": row[1], "pipeline": row[2],
-                  "results": dict(zip(CRITERIA, row[3:])), "params": params[row[0]]}
-                 for row in rows],
+        "total": total,
+        "offset": query.offset,
+        "limit": query.limit,
+        "rows": [
+            {
+                "run_id": row[0],
+                "status": row[1],
+                "pipeline": row[2],
+                "results": dict(zip(CRITERIA, row[3:])),
+                "params": params[row[0]],
+            }
+            for row in rows
+        ],
     }
 
 
@@ -185,63 +214,100 @@ def param_names(conn: sqlite3.Connection) -> list[str]:
     row = conn.execute("SELECT min(param_name) FROM params").fetchone()
     while row and row[0] is not None:
         names.append(row[0])
-        row = conn.execute("SELECT min(param_name) FROM params WHERE param_name > ?",
-                           (row[0],)).fetchone()
+        row = conn.execute(
+            "SELECT min(param_name) FROM params WHERE param_name > ?", (row[0],)
+        ).fetchone()
     return names
 
 
-def key_values(conn: sqlite3.Connection, names: list[str],
-               cap: int = 200) -> dict[str, list[Any]]:
+def key_values(conn: sqlite3.Connection, names: list[str], cap: int = 200) -> dict[str, list[Any]]:
     """The values of each `{type}_key` param (at most `cap` each), for the filter menus."""
     out: dict[str, list[Any]] = {}
     for name in names:
         if name.endswith("_key"):
-            out[name] = [v for (v,) in conn.execute(
-                "SELECT DISTINCT param_value FROM params WHERE param_name = ? "
-                "ORDER BY param_value LIMIT ?", (name, cap))]
+            out[name] = [
+                v
+                for (v,) in conn.execute(
+                    "SELECT DISTINCT param_value FROM params WHERE param_name = ? "
+                    "ORDER BY param_value LIMIT ?",
+                    (name, cap),
+                )
+            ]
     return out
 
 
 def study_summary(conn: sqlite3.Connection) -> dict[str, Any]:
     names = param_names(conn)
-    return {"counts": counts(conn), "params": names, "keys": key_values(conn, names),
-            "criteria": list(CRITERIA)}
+    return {
+        "counts": counts(conn),
+        "params": names,
+        "keys": key_values(conn, names),
+        "criteria": list(CRITERIA),
+    }
 
 
 # -- one run ----------------------------------------------------------------------------------
 
 
 def run_detail(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None:
-    row = conn.execute("SELECT status, pipeline, return_status FROM runs WHERE run_id = ?",
-                       (run_id,)).fetchone()
+    row = conn.execute(
+        "SELECT status, pipeline, return_status FROM runs WHERE run_id = ?", (run_id,)
+    ).fetchone()
     if row is None:
         return None
-    params = dict(conn.execute("SELECT param_name, param_value FROM params WHERE run_id = ? "
-                               "ORDER BY param_name", (run_id,)).fetchall())
-    results = conn.execute(f"SELECT {', '.join(chr(34) + c + chr(34) for c in CRITERIA)} FROM "
-                           "run_results WHERE run_id = ?", (run_id,)).fetchone()
-    meta = conn.execute("SELECT epochs_target, seed, checkpoint_epoch FROM run_meta "
-                        "WHERE run_id = ?", (run_id,)).fetchone()
-    events = [{"at": at, "from": f, "to": t, "detail": d} for at, f, t, d in conn.execute(
-        "SELECT at, from_status, to_status, detail FROM run_events WHERE run_id = ? "
-        "ORDER BY event_id", (run_id,))]
-    return {"run_id": run_id, "status": row[0], "pipeline": row[1], "return_status": row[2],
-            "params": params, "results": dict(zip(CRITERIA, results)) if results else None,
-            "epochs_target": meta[0] if meta else None, "seed": meta[1] if meta else None,
-            "checkpoint_epoch": meta[2] if meta else None, "events": events,
-            "history": epochs_after(conn, run_id, 0)}
+    params = dict(
+        conn.execute(
+            "SELECT param_name, param_value FROM params WHERE run_id = ? ORDER BY param_name",
+            (run_id,),
+        ).fetchall()
+    )
+    results = conn.execute(
+        f"SELECT {', '.join(chr(34) + c + chr(34) for c in CRITERIA)} FROM "
+        "run_results WHERE run_id = ?",
+        (run_id,),
+    ).fetchone()
+    meta = conn.execute(
+        "SELECT epochs_target, seed, checkpoint_epoch FROM run_meta WHERE run_id = ?", (run_id,)
+    ).fetchone()
+    events = [
+        {"at": at, "from": f, "to": t, "detail": d}
+        for at, f, t, d in conn.execute(
+            "SELECT at, from_status, to_status, detail FROM run_events WHERE run_id = ? "
+            "ORDER BY event_id",
+            (run_id,),
+        )
+    ]
+    return {
+        "run_id": run_id,
+        "status": row[0],
+        "pipeline": row[1],
+        "return_status": row[2],
+        "params": params,
+        "results": dict(zip(CRITERIA, results)) if results else None,
+        "epochs_target": meta[0] if meta else None,
+        "seed": meta[1] if meta else None,
+        "checkpoint_epoch": meta[2] if meta else None,
+        "events": events,
+        "history": epochs_after(conn, run_id, 0),
+    }
 
 
 def epochs_after(conn: sqlite3.Connection, run_id: int, after: int) -> list[dict[str, Any]]:
     keys = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
-    return [dict(zip(keys, row)) for row in conn.execute(
-        "SELECT epoch, train_loss, test_loss, train_acc, test_acc FROM run_epochs "
-        "WHERE run_id = ? AND epoch > ? ORDER BY epoch", (run_id, after))]
+    return [
+        dict(zip(keys, row))
+        for row in conn.execute(
+            "SELECT epoch, train_loss, test_loss, train_acc, test_acc FROM run_epochs "
+            "WHERE run_id = ? AND epoch > ? ORDER BY epoch",
+            (run_id, after),
+        )
+    ]
 
 
 def run_state(conn: sqlite3.Connection, run_id: int) -> tuple[str, str | None] | None:
-    row = conn.execute("SELECT status, return_status FROM runs WHERE run_id = ?",
-                       (run_id,)).fetchone()
+    row = conn.execute(
+        "SELECT status, return_status FROM runs WHERE run_id = ?", (run_id,)
+    ).fetchone()
     return (row[0], row[1]) if row else None
 
 
@@ -274,17 +340,25 @@ def log_tail(path: str | None, max_bytes: int = 16384) -> tuple[str, int]:
 def dataset_keys(conn: sqlite3.Connection) -> list[str]:
     """Every dataset key of the study: the `{type}_key` params of each data_scheme, joined."""
     keys: set[str] = set()
-    schemes = [v for (v,) in conn.execute(
-        "SELECT DISTINCT param_value FROM params WHERE param_name = 'data_scheme'")]
+    schemes = [
+        v
+        for (v,) in conn.execute(
+            "SELECT DISTINCT param_value FROM params WHERE param_name = 'data_scheme'"
+        )
+    ]
     for scheme in schemes:
         types = [t.strip() for t in str(scheme).split(",") if t.strip()]
         if not types:
             continue
-        joins = " ".join(f"JOIN params p{i} ON p{i}.run_id = s.run_id AND p{i}.param_name = ?"
-                         for i in range(len(types)))
+        joins = " ".join(
+            f"JOIN params p{i} ON p{i}.run_id = s.run_id AND p{i}.param_name = ?"
+            for i in range(len(types))
+        )
         select = ", ".join(f"p{i}.param_value" for i in range(len(types)))
         rows = conn.execute(
             f"SELECT DISTINCT {select} FROM params s {joins} WHERE s.param_name = "
-            "'data_scheme' AND s.param_value = ?", [*(f"{t}_key" for t in types), scheme])
+            "'data_scheme' AND s.param_value = ?",
+            [*(f"{t}_key" for t in types), scheme],
+        )
         keys.update("_".join(str(v) for v in row) for row in rows)
     return sorted(keys)
