@@ -1,5 +1,7 @@
 """The daemon's request handlers: one per request type of mosaic_client.protocol.REQUESTS,
-named like the client command that sends it, and the one dispatch table that routes them.
+named like the request (not always like the command: `mosaic run` sends `submit`; each
+mosaic_client/commands/*.py docstring names the requests it sends), and the one dispatch table
+that routes them.
 
 The rule: a handler checks the caller's rights, shapes the arguments and makes one call to the
 scheduler (mosaicd.scheduler.Scheduler), whose registries are its own."""
