@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mosaicd.scheduler import run_params  # noqa: E402
+from mosaicd.submissions import run_params  # noqa: E402
 from mosaicd.store import Store  # noqa: E402
 
 

@@ -21,7 +21,7 @@ from conftest import REPO
 from scipy import stats
 
 from mosaic_client import verdict as v
-from mosaicd.scheduler import run_params
+from mosaicd.submissions import run_params
 from mosaicd.store import RESULT_COLUMNS, Store
 
 ALPHA = 0.05
