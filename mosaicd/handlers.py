@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pwd
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mosaic_client.protocol import (
@@ -31,42 +30,13 @@ from mosaic_client.protocol import (
     StudyItem,
     SubmitReply,
 )
+from mosaicd import rights
 from mosaicd.control import OwnerCheck
 from mosaicd.errors import Refused
+from mosaicd.rights import Caller
 
 if TYPE_CHECKING:
     from mosaicd.server import Daemon
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who sent a request, as the kernel told us (SO_PEERCRED through ZAP), never as claimed."""
-
-    uid: int | None
-    gid: int | None
-    pid: int | None
-
-    @property
-    def name(self) -> str:
-        if self.uid is None:
-            return "unknown"
-        try:
-            return pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            return str(self.uid)
-
-    def is_admin(self, admin_gid: int | None) -> bool:
-        if self.uid == 0 or self.uid == os.getuid():
-            return True
-        if admin_gid is None or self.uid is None:
-            return False
-        try:
-            user = pwd.getpwuid(self.uid).pw_name
-            import grp
-
-            return user in grp.getgrgid(admin_gid).gr_mem or self.gid == admin_gid
-        except KeyError:
-            return False
 
 
 def _study(args: dict[str, Any]) -> str:
@@ -96,70 +66,23 @@ def _admins(daemon: Daemon) -> str:
     return who
 
 
-def _may(caller: Caller, groups: set[int], st: os.stat_result, want: int) -> bool:
-    """POSIX mode-bit check (owner bits, else group bits, else other bits); ACLs not consulted."""
-    if st.st_uid == caller.uid:
-        shift = 6
-    elif st.st_gid in groups:
-        shift = 3
-    else:
-        shift = 0
-    return (st.st_mode >> shift) & want == want
-
-
 def _not_daemon_state(daemon: Daemon, path: str, what: str) -> str:
     """Refuse, for everyone, a client-named path into the daemon's own state; return it real."""
-    real = os.path.realpath(path)
-    state = os.path.realpath(daemon.options.state_dir)
-    socket_files = {os.path.realpath(daemon.options.socket + suffix) for suffix in ("", ".lock")}
-    if real == state or real.startswith(state.rstrip("/") + "/") or real in socket_files:
-        raise Refused(
-            ErrorCode.PERMISSION,
-            f"{what} {path} is part of the daemon's own state "
-            f"({state}, its socket); choose a path in your project directory",
-        )
-    return real
+    return rights.not_daemon_state(daemon.options.state_dir, daemon.options.socket, path, what)
 
 
 def _check_client_path(daemon: Daemon, caller: Caller, path: str, what: str) -> None:
-    """Refuse a path the daemon would write for a client unless that client could write there.
-
-    The daemon may run as another user (the mosaic service user, or root): without this, a
-    client could make it create files where the client itself may not. The check is on the
-    nearest existing directory of the path (write + search) and search on every directory above.
-    """
+    """Refuse a path the daemon would write for a client unless that client could write it."""
     real = _not_daemon_state(daemon, path, what)
-    if caller.uid == 0 or caller.uid == os.getuid():
-        return  # root, or the daemon's own user: the kernel applies the same rules to both
-    if caller.uid is None:
-        raise Refused(
-            ErrorCode.PERMISSION, "the daemon could not learn who you are; nothing was done"
-        )
-    try:
-        user = pwd.getpwuid(caller.uid)
-        groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
-    except KeyError:
-        groups = set()
-    if caller.gid is not None:
-        groups.add(caller.gid)
-    directory = real
-    while not os.path.isdir(directory):
-        directory = os.path.dirname(directory)
-    blocked = None
-    if not _may(caller, groups, os.stat(directory), 0o3):
-        blocked = directory
-    parent = directory
-    while blocked is None and parent != "/":
-        parent = os.path.dirname(parent)
-        if not _may(caller, groups, os.stat(parent), 0o1):
-            blocked = parent
-    if blocked is not None:
-        raise Refused(
-            ErrorCode.PERMISSION,
-            f"{what} {path}: you ({caller.name}) may not write in "
-            f"{blocked}, so the daemon will not write there for you; choose a "
-            "directory you can write. Nothing was queued.",
-        )
+    rights.check_writable(caller, path, real, what)
+
+
+def _readable_study(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> str:
+    """The request's study, refused unless the caller could read the file themself."""
+    db = _study(args)
+    _not_daemon_state(daemon, db, "database")
+    rights.check_readable(caller, db, "database")
+    return db
 
 
 def _owner_check(daemon: Daemon, caller: Caller, verb: str) -> OwnerCheck:
@@ -215,18 +138,27 @@ def handle_ping(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> PingRep
 
 
 def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> SubmitReply:
-    _check_client_path(daemon, caller, _study(args), "database")
+    db = _study(args)
+    _check_client_path(daemon, caller, db, "database")
     run_files = args["process"].get("run_files_path")
     if isinstance(run_files, str) and run_files:
         _check_client_path(daemon, caller, run_files, "run_files_path")
+
+    def prepare_files() -> None:
+        # A root daemon creates a new study and its run-files directory as the caller's own.
+        rights.give_to_caller(caller, os.path.realpath(db), directory=False)
+        if isinstance(run_files, str) and os.path.isabs(run_files):
+            rights.give_to_caller(caller, os.path.realpath(run_files), directory=True)
+
     return daemon.scheduler.submit(
-        _study(args),
+        db,
         args["config_path"],
         args["process"],
         args["monitor"],
         args["pipelines"],
         caller.uid,
         caller.name,
+        prepare_files,
     )
 
 
@@ -291,13 +223,12 @@ def handle_rekey(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RekeyR
 
 
 def handle_show(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> ShowReply:
-    db = _study(args)
-    _not_daemon_state(daemon, db, "database")
-    return daemon.scheduler.show(db, args["run_id"])
+    return daemon.scheduler.show(_readable_study(daemon, caller, args), args["run_id"])
 
 
 def handle_studies(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> list[StudyItem]:
-    return daemon.scheduler.studies()
+    # What a user may see through the daemon is what they could read themself.
+    return daemon.scheduler.studies(lambda path: rights.may_read(caller, path))
 
 
 def handle_shutdown(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> ShutdownReply:

@@ -16,6 +16,7 @@ databases.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from mosaic_client.contract import QUEUED, RUNNING
@@ -60,11 +61,16 @@ class Scheduler(Dispatch, WorkerEvents, Control):
         pipelines: list[Any],
         owner_uid: int | None,
         owner: str | None,
+        prepare_files: Callable[[], None] | None = None,
     ) -> SubmitReply:
-        """Check a submission, then queue its runs in one transaction."""
+        """Check a submission, then queue its runs in one transaction. `prepare_files` creates
+        the study file and run-files directory for their owner, once the submission is known
+        to be good (a refused one leaves nothing behind)."""
         self._executor.check_submission(process, pipelines)
         check_submission(process, monitor, pipelines, self._executor.slot_count("cuda"))
         runs = build_runs(process, monitor, pipelines, owner_uid, owner)
+        if prepare_files is not None:
+            prepare_files()
         store = self._studies.open(db, create=True)
         submission_id, run_ids = store.add_submission(
             owner_uid, owner or "", config_path, process, monitor, runs
@@ -104,8 +110,9 @@ class Scheduler(Dispatch, WorkerEvents, Control):
     def pending(self, db: str | None, owner_uid: int | None, everyone: bool) -> list[PendingItem]:
         return views.pending(self._queue, db, owner_uid, everyone)
 
-    def studies(self) -> list[StudyItem]:
-        return views.study_list(self._studies)
+    def studies(self, visible: Callable[[str], bool]) -> list[StudyItem]:
+        """The studies served, those `visible` to the caller."""
+        return views.study_list(self._studies, visible)
 
     def status_line(self) -> str:
         """The one-line state for systemd (sd_notify STATUS=)."""

@@ -23,7 +23,8 @@ from mosaic_client import paths, protocol
 from mosaicd import notify
 from mosaicd.errors import Refused
 from mosaicd.executor import make_executor
-from mosaicd.handlers import DISPATCH, Caller
+from mosaicd.handlers import DISPATCH
+from mosaicd.rights import Caller
 from mosaicd.scheduler import Scheduler
 from mosaicd.store import DaemonState, StoreError
 

@@ -4,6 +4,7 @@ built here and only here, typed with its declaration in mosaic_client.protocol."
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mosaic_client.contract import DONE, FAILED, QUEUED
@@ -156,5 +157,7 @@ def pending(
     return out
 
 
-def study_list(studies: Studies) -> list[StudyItem]:
-    return [{"db": path, "counts": store.counts} for path, store in studies.items()]
+def study_list(studies: Studies, visible: Callable[[str], bool]) -> list[StudyItem]:
+    return [
+        {"db": path, "counts": store.counts} for path, store in studies.items() if visible(path)
+    ]
