@@ -402,6 +402,77 @@ def test_daemon_writes_only_where_the_caller_may(
     assert query(own, "SELECT name FROM sqlite_master ORDER BY name") == before
 
 
+def _uid(box: Box, role: str) -> int:
+    return int(subprocess.check_output(["id", "-u", box.users[role]]))
+
+
+def test_a_study_and_its_run_files_belong_to_their_owner_who_may_run_again(box: Box) -> None:
+    # Outside probe: B could not re-run their own config, because the daemon had created runs/
+    # as root:root 0755. Now the study (and SQLite's -wal/-shm) and runs/ are B's.
+    config, db = _project(box, "b", "again")
+    for _ in range(2):
+        result = box.cli("b", "run", config, db, "--no-autostart")
+        assert result.returncode == 0, result.stderr
+        box.daemon.wait_for(db, timeout=180)
+    assert query(db, "SELECT status, count(*) FROM runs GROUP BY status") == [("done", 2)]
+    runs = Path(config).parent / "runs"
+    for path in (Path(db), Path(db + "-wal"), runs):
+        assert path.stat().st_uid == _uid(box, "b"), path
+
+
+def test_a_user_may_not_add_runs_to_another_users_study_in_a_shared_directory(box: Box) -> None:
+    # Outside probe: B's study in a sticky 1777 directory; A's `mosaic run` queued runs into it.
+    shared = box.root / "shared"
+    shared.mkdir(exist_ok=True)
+    shared.chmod(0o1777)
+    b_config, _ = _project(box, "b", "sticky")
+    study = str(shared / "b3.db")
+    result = box.cli("b", "run", b_config, study, "--no-autostart")
+    assert result.returncode == 0, result.stderr
+    box.daemon.wait_for(study, timeout=180)
+    before = snapshot(study)
+    a_config, _ = _project(box, "a", "sticky")
+    result = box.cli("a", "run", a_config, study, "--no-autostart")
+    assert result.returncode == DENIED, result.stderr
+    assert "belongs to" in result.stderr and box.users["b"] in result.stderr
+    assert snapshot(study) == before
+    # A hostile client bypassing the CLI is refused by the daemon the same way.
+    reply = box.request(
+        "a",
+        "submit",
+        db=study,
+        config_path=a_config,
+        process={"epochs": 1},
+        monitor={},
+        pipelines=[[{"type": "dataset", "class": "x", "path_to_class": a_config}]],
+    )
+    assert reply["code"] == "permission", reply
+    assert snapshot(study) == before
+
+
+def test_a_user_may_not_read_another_users_private_study_through_the_daemon(box: Box) -> None:
+    # Outside probe: a raw `show` or `studies` from A returned B's parameters, pipelines and the
+    # path of a study in B's 0700 home.
+    config, db = _project(box, "b", "private")
+    result = box.cli("b", "run", config, db, "--no-autostart")
+    assert result.returncode == 0, result.stderr
+    box.daemon.wait_for(db, timeout=180)
+    box.home("b").chmod(0o700)
+    try:
+        reply = box.request("a", "show", db=db, run_id=1)
+        assert reply["code"] == "permission" and "may not read" in reply["message"], reply
+        listed = box.request("a", "studies")["ok"]
+        assert db not in [item["db"] for item in listed]
+        # B still sees their own study, and root does; an administrator of runs is no reader of
+        # files: what anyone reads through the daemon is what they could read themself.
+        assert box.request("b", "show", db=db, run_id=1)["ok"]["run_id"] == 1
+        assert db in [item["db"] for item in box.request("b", "studies")["ok"]]
+        assert db not in [item["db"] for item in box.request("adm", "studies")["ok"]]
+        assert db in [item["db"] for item in box.daemon.request("studies")]
+    finally:
+        box.home("b").chmod(0o755)
+
+
 def test_outsider_cannot_connect(box: Box) -> None:
     result = box.cli("outsider", "status")
     assert result.returncode == DENIED, result.stderr
