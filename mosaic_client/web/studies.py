@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mosaic_client import contract
-from mosaic_client.analysis import CRITERIA
+from mosaic_client.analysis import CRITERIA, describe_run
 
 MAX_PAGE = 500
 # Sortable columns of the runs table besides params ("param:NAME"): SQL expressions, fixed here
@@ -250,46 +250,8 @@ def study_summary(conn: sqlite3.Connection) -> dict[str, Any]:
 
 
 def run_detail(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None:
-    row = conn.execute(
-        "SELECT status, pipeline, return_status FROM runs WHERE run_id = ?", (run_id,)
-    ).fetchone()
-    if row is None:
-        return None
-    params = dict(
-        conn.execute(
-            "SELECT param_name, param_value FROM params WHERE run_id = ? ORDER BY param_name",
-            (run_id,),
-        ).fetchall()
-    )
-    results = conn.execute(
-        f"SELECT {', '.join(chr(34) + c + chr(34) for c in CRITERIA)} FROM "
-        "run_results WHERE run_id = ?",
-        (run_id,),
-    ).fetchone()
-    meta = conn.execute(
-        "SELECT epochs_target, seed, checkpoint_epoch FROM run_meta WHERE run_id = ?", (run_id,)
-    ).fetchone()
-    events = [
-        {"at": at, "from": f, "to": t, "detail": d}
-        for at, f, t, d in conn.execute(
-            "SELECT at, from_status, to_status, detail FROM run_events WHERE run_id = ? "
-            "ORDER BY event_id",
-            (run_id,),
-        )
-    ]
-    return {
-        "run_id": run_id,
-        "status": row[0],
-        "pipeline": row[1],
-        "return_status": row[2],
-        "params": params,
-        "results": dict(zip(CRITERIA, results)) if results else None,
-        "epochs_target": meta[0] if meta else None,
-        "seed": meta[1] if meta else None,
-        "checkpoint_epoch": meta[2] if meta else None,
-        "events": events,
-        "history": epochs_after(conn, run_id, 0),
-    }
+    """The run page's data: what `mosaic show` reads from a study (one query, written once)."""
+    return describe_run(conn, run_id)
 
 
 def epochs_after(conn: sqlite3.Connection, run_id: int, after: int) -> list[dict[str, Any]]:
