@@ -54,7 +54,7 @@ def two_families(root: Path, repetitions: int, seed: str = "seed = 0", epochs: i
         type = dataset
         class = dataset_OR
         path_to_class = {EXAMPLE}/dataset.py
-        data_size = 120
+        data_size = 200
         train_prop = 0.5
         batch_size = 10
         key = data_{{class}}
@@ -211,7 +211,7 @@ def test_repeat_continues_the_groups_and_compare_sees_the_new_runs(daemon: Daemo
     assert [g["n"] for g in groups] == [5, 2]
 
     # every group of the study, by a param selection; each continues its own numbering
-    out = daemon.cli("repeat", db, "--add", "1", "--param", "mlp_length", "1", check=True)
+    out = daemon.cli("repeat", db, "--add", "1", "--param", "loss_function", "BCELoss", check=True)
     assert "in 2 group(s)" in out.stdout
     daemon.wait_for(db, total=9)
     assert query(db, "SELECT seed FROM run_meta WHERE run_id > 7 ORDER BY run_id") == [(5,), (2,)]
@@ -225,29 +225,26 @@ def test_repeat_continues_the_groups_and_compare_sees_the_new_runs(daemon: Daemo
     assert none.returncode == 2 and "matches no run" in none.stderr
     assert query(db, "SELECT count(*) FROM runs") == [(9,)]
 
-
-@pytest.mark.slow
-def test_repeat_gives_random_seed_groups_fresh_seeds(daemon: Daemon) -> None:
-    root = daemon.root
-    db = str(root / "r.db")
-    daemon.cli("run", str(two_families(root, 2, seed="", epochs=1)), db, "--follow", check=True)
-    daemon.cli("repeat", db, "--add", "2", "-id", "1", check=True)
-    daemon.wait_for(db, total=6)
-    seeds = dict(query(db, "SELECT run_id, seed FROM run_meta"))
-    group = [seeds[1], seeds[2], seeds[5], seeds[6]]
-    assert len(set(group)) == 4
-    assert params_of(db, 5) == {**params_of(db, 1), "seed": seeds[5]}
+    # without a PROCESS seed: fresh random seeds, none already used in the group
+    rdb = str(root / "r.db")
+    daemon.cli("run", str(two_families(root, 2, seed="", epochs=1)), rdb, "--follow", check=True)
+    daemon.cli("repeat", rdb, "--add", "2", "-id", "1", check=True)
+    daemon.wait_for(rdb, total=6)
+    seeds = dict(query(rdb, "SELECT run_id, seed FROM run_meta"))
+    assert len({seeds[1], seeds[2], seeds[5], seeds[6]}) == 4
+    assert params_of(rdb, 5) == {**params_of(rdb, 1), "seed": seeds[5]}
 
 
 @pytest.mark.slow
 def test_compare_until_decided_stops_by_itself(daemon: Daemon) -> None:
     root = daemon.root
     db = str(root / "u.db")
-    daemon.cli("run", str(two_families(root, 3)), db, "--follow", check=True)
+    daemon.cli("run", str(two_families(root, 3, epochs=5)), db, "--follow", check=True)
     result = daemon.cli(
         "compare", db, "--until-decided", "--max-repetitions", "10", timeout=120, check=True
     )
     out = result.stdout
+    print(out)
     assert "round 1:" in out and "look at 3 repetitions" in out, out
     assert "stopped: every comparison is decided" in out, out
     assert "1 A better" in out or "1 B better" in out, out
