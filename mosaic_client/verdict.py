@@ -807,18 +807,26 @@ def sequential_decisions(
 
 @dataclass
 class Round:
-    """What `compare --until-decided` does after a look: stop (and why), or add `add`
-    repetitions to each group of `sides` (the groups of the lines still undecided)."""
+    """What `compare --until-decided` does after a look: stop (and why), or look next at
+    `target` repetitions, after topping up each group of the undecided lines to `target`
+    finished runs: `additions` holds (side, how many more runs) for the groups below it."""
 
     stop: bool
     reason: str
-    add: int = 0
-    sides: list[Side] = field(default_factory=list)
+    target: int = 0
+    additions: list[tuple[Side, int]] = field(default_factory=list)
 
     @property
-    def run_ids(self) -> list[int]:
-        """Runs of those groups: `mosaic repeat` repeats the groups of the runs it is given."""
-        return [run_id for side in self.sides for run_id in side.run_ids]
+    def sides(self) -> list[Side]:
+        return [side for side, _ in self.additions]
+
+    def requests(self) -> dict[int, list[int]]:
+        """{repetitions to add: run ids of the groups that need that many}: one `repeat`
+        request each (it repeats the groups of the runs it is given)."""
+        out: dict[int, list[int]] = {}
+        for side, n in self.additions:
+            out.setdefault(n, []).extend(side.run_ids)
+        return out
 
 
 DECIDED_ALL = "every comparison is decided"
@@ -854,8 +862,9 @@ def undecided_sides(report: Report, values: StudyValues) -> list[Side]:
 
 
 def next_round(report: Report, values: StudyValues, plan: SequentialPlan, step: int) -> Round:
-    """After a look: stop when every line is decided or the plan reached R; else repeat the
-    groups of the undecided lines, `step` repetitions each (what is left to R at the end)."""
+    """After a look: stop when every line is decided or the plan reached R; else the next look
+    is at `step` more repetitions (at most R), and every group of an undecided line with fewer
+    finished runs than that gets the runs it lacks (a group already there gets none)."""
     if not report.lines:
         return Round(True, NOTHING_TO_COMPARE)
     sides = undecided_sides(report, values)
@@ -863,7 +872,9 @@ def next_round(report: Report, values: StudyValues, plan: SequentialPlan, step: 
         return Round(True, DECIDED_ALL)
     if plan.finished():
         return Round(True, f"the maximum of {plan.max_repetitions} repetitions is reached")
-    return Round(False, "", min(step, plan.max_repetitions - plan.looked_at), sides)
+    target = min(plan.looked_at + step, plan.max_repetitions)
+    lacking = [(side, target - len(side.values)) for side in sides if len(side.values) < target]
+    return Round(False, "", target, lacking)
 
 
 def first_repetitions(
@@ -895,13 +906,14 @@ def until_decided(
     on_round: Any = None,
 ) -> tuple[Report, list[tuple[int, float, Round]]]:
     """The `compare --until-decided` loop: look (SequentialPlan.look), decide the next round
-    (next_round), add its repetitions and wait (`add(run_ids, n)`: the command asks the daemon
-    and waits for the runs), read the study again (`values_now()`), until next_round stops.
+    (next_round), add its repetitions and wait (`add(round.requests())`: the command asks the
+    daemon and waits for the runs), read the study again (`values_now()`), until next_round
+    stops.
 
     The looks are at n0, n0 + step, ..., R repetitions, n0 the fewest finished runs of a
-    compared group: nominal counts fixed in advance (a failed run makes a group smaller, never
-    the level larger). Returns the last report and each look's (repetitions, level, round);
-    `on_round(look number, repetitions, report, round)` is called after each look."""
+    compared group, fixed in advance: the levels do not depend on the data, so they sum to at
+    most alpha whatever happens. Returns the last report and each look's (repetitions, level,
+    round); `on_round(look number, repetitions, report, round)` is called after each look."""
     options = dict(options or {})
     values = values_now()
     n = first_repetitions(values, options.get("data_keys"), options.get("families"))
@@ -920,9 +932,10 @@ def until_decided(
             on_round(len(looks), n, report, decision)
         if decision.stop:
             return report, looks
-        add(decision.run_ids, decision.add)
-        n += decision.add
-        values = values_now()
+        if decision.additions:
+            add(decision.requests())
+            values = values_now()
+        n = decision.target
 
 
 # -- reading a study --------------------------------------------------------------------------

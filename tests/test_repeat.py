@@ -134,16 +134,20 @@ def test_next_round_repeats_the_groups_of_undecided_lines_until_decided_or_r() -
     step = v.until_decided_step(8, 20)
     assert step == 3  # four rounds from 8 to 20
     first = v.next_round(report, values, plan, step)
-    assert not first.stop and first.add == 3
-    # only A and C are still undecided: their groups, not B's
-    assert sorted(side.family for side in first.sides) == ["A", "C"]
-    assert sorted(first.run_ids) == list(range(0, 8)) + list(range(200, 208))
-    # near R the last round adds only what is left
+    assert not first.stop and first.target == 11
+    # only A and C are still undecided: their groups get 3 runs each, B's none
+    assert [(side.family, n) for side, n in first.additions] == [("A", 3), ("C", 3)]
+    assert first.requests() == {3: list(range(0, 8)) + list(range(200, 208))}
+    # groups are topped up to the next look: one with more runs gets fewer, or none
+    values.sides["data"]["C"][10].values += [0.0] * 2
     plan.looked_at = 19
-    assert v.next_round(report, values, plan, step).add == 1
+    near = v.next_round(report, values, plan, step)
+    assert near.target == 20 and near.requests() == {12: list(range(8)), 10: list(range(200, 208))}
+    values.sides["data"]["C"][10].values += [0.0] * 20
+    assert v.next_round(report, values, plan, step).requests() == {12: list(range(8))}
     plan.looked_at = 20
     last = v.next_round(report, values, plan, step)
-    assert last.stop and "maximum" in last.reason and last.add == 0
+    assert last.stop and "maximum of 20" in last.reason and not last.additions
     decided = sides(8, {"A": 0.0, "B": 5.0}, rng)
     plan = v.SequentialPlan(0.05, 20)
     done = v.next_round(plan.look(decided, 8, n_resamples=0), decided, plan, step)
@@ -167,8 +171,9 @@ def test_the_commands_loop_keeps_false_decisions_at_alpha() -> None:
                 study.sides["data"][fam][10].values = pool[fam][:n]
             return study
 
-        def add(run_ids: list[int], n: int, have: dict[str, int] = have) -> None:
-            assert run_ids
+        def add(requests: dict[int, list[int]], have: dict[str, int] = have) -> None:
+            ((n, run_ids),) = requests.items()  # both groups lack the same number of runs
+            assert sorted(run_ids) == list(range(have["n"])) + list(range(100, 100 + have["n"]))
             have["n"] += n
 
         report, looks = v.until_decided(

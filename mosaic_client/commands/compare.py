@@ -16,17 +16,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any
 
 from mosaic_client.commands import common
-from mosaic_client.contract import FINAL_STATES
 
 NAME = "compare"
 HELP = "which model family is better at matched size: CIs, corrected tests, verdicts"
 EXAMPLE = "mosaic compare results.db --data data_dataset_OR --metric test_loss"
 BAD_INPUT = 2
-POLL_SECONDS = 0.5  # how often --until-decided asks the daemon whether the new runs finished
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,15 +176,20 @@ def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
     }
     say = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the report
 
-    def add(run_ids: list[int], n: int) -> None:
-        reply = common.call(args, "repeat", db=db, selection={"kind": "ids", "ids": run_ids}, add=n)
-        print(
-            f"  queued {len(reply['run_ids'])} run(s): {n} more repetition(s) of "
-            f"{len(reply['groups'])} group(s); waiting for them",
-            file=say,
-            flush=True,
-        )
-        wait_for(args, db, reply["submission_ids"])
+    def add(requests: dict[int, list[int]]) -> None:
+        submissions = []
+        for n, run_ids in sorted(requests.items()):
+            reply = common.call(
+                args, "repeat", db=db, selection={"kind": "ids", "ids": run_ids}, add=n
+            )
+            print(
+                f"  queued {len(reply['run_ids'])} run(s): {n} more repetition(s) of "
+                f"{len(reply['groups'])} group(s)",
+                file=say,
+                flush=True,
+            )
+            submissions.extend(reply["submission_ids"])
+        common.wait_for_submissions(args, db, submissions)
 
     def on_round(look: int, n: int, report: Any, decision: Any) -> None:
         print(round_summary(look, n, report, decision), file=say, flush=True)
@@ -214,18 +216,6 @@ def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
     return 0
 
 
-def wait_for(args: argparse.Namespace, db: str, submission_ids: list[int]) -> None:
-    """Until every run of these submissions is done, failed or cancelled."""
-    waiting = list(submission_ids)
-    while waiting:
-        reply = common.call(args, "status", db=db, submission=waiting[0], limit=0)
-        counts = reply.get("submission_counts") or {}
-        if all(state in FINAL_STATES for state, n in counts.items() if n):
-            waiting.pop(0)
-        else:
-            time.sleep(POLL_SECONDS)
-
-
 def round_summary(look: int, n: int, report: Any, decision: Any) -> str:
     from mosaic_client import verdict
 
@@ -236,9 +226,10 @@ def round_summary(look: int, n: int, report: Any, decision: Any) -> str:
     )
     if decision.stop:
         return f"{text}\nstopped: {decision.reason}"
+    lacking = sum(n for _, n in decision.additions)
     return (
-        f"{text}; {len(decision.sides)} group(s) of the undecided ones get "
-        f"{decision.add} more repetition(s)"
+        f"{text}; next look at {decision.target}: {lacking} more run(s) for "
+        f"{len(decision.additions)} group(s) of the undecided ones; waiting for them"
     )
 
 
@@ -248,7 +239,12 @@ def sequential_json(plan: Any, looks: list[Any]) -> dict[str, Any]:
         "max_repetitions": plan.max_repetitions,
         "spending": plan.spending,
         "looks": [
-            {"repetitions": n, "level": level, "added": d.add, "stopped": d.reason or None}
+            {
+                "repetitions": n,
+                "level": level,
+                "runs_added": sum(k for _, k in d.additions),
+                "stopped": d.reason or None,
+            }
             for n, level, d in looks
         ],
     }
