@@ -188,8 +188,21 @@ def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
                 file=say,
                 flush=True,
             )
+            if reply["paused"]:
+                print(
+                    "  note: a pause holds them; they start after `mosaic resume`",
+                    file=say,
+                    flush=True,
+                )
             submissions.extend(reply["submission_ids"])
-        common.wait_for_submissions(args, db, submissions)
+        counts = common.wait_for_submissions(args, db, submissions)
+        if counts.get("failed") or counts.get("cancelled"):
+            print(
+                f"  {counts.get('failed', 0)} failed, {counts.get('cancelled', 0)} cancelled: "
+                "left out of the comparison (`mosaic status` says why)",
+                file=say,
+                flush=True,
+            )
 
     def on_round(look: int, n: int, report: Any, decision: Any) -> None:
         print(round_summary(look, n, report, decision), file=say, flush=True)
