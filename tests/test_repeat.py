@@ -245,6 +245,15 @@ def test_compare_until_decided_stops_by_itself(daemon: Daemon) -> None:
     root = daemon.root
     db = str(root / "u.db")
     daemon.cli("run", str(two_families(root, 3, epochs=5)), db, "--follow", check=True)
+    for args, says in (
+        (("--until-decided",), "needs --max-repetitions"),
+        (("--max-repetitions", "5"), "go with --until-decided"),
+        (("--until-decided", "--max-repetitions", "3"), "give a maximum above 3"),
+        (("--until-decided", "--max-repetitions", "9", "--step", "0"), "--step 0"),
+    ):
+        bad = daemon.cli("compare", db, *args)
+        assert bad.returncode == 2 and says in bad.stderr, (args, bad.stderr)
+    assert query(db, "SELECT count(*) FROM runs") == [(6,)]
     result = daemon.cli(
         "compare", db, "--until-decided", "--max-repetitions", "10", timeout=120, check=True
     )

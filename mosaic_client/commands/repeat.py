@@ -15,6 +15,7 @@ import argparse
 from mosaic_client.commands import common
 from mosaic_client.commands.common import BAD_INPUT, FAILED, OK, CommandError
 from mosaic_client.contract import MAX_REPETITIONS_ADDED
+from mosaic_client.protocol import RepeatReply
 
 NAME = "repeat"
 HELP = "queue N more repetitions (new seeds) of the selected configuration groups"
@@ -41,18 +42,13 @@ def run(args: argparse.Namespace) -> int:
     return OK if failed == 0 else FAILED
 
 
-def render(reply: dict[str, object], follow: bool = False) -> str:
+def render(reply: RepeatReply, follow: bool = False) -> str:
     groups = reply["groups"]
-    assert isinstance(groups, list)
-    lines = [
-        f"queued {len(reply['run_ids'])} run(s) "  # type: ignore[arg-type]
-        f"in {len(groups)} group(s) of {reply['db']}:"
-    ]
+    lines = [f"queued {len(reply['run_ids'])} run(s) in {len(groups)} group(s) of {reply['db']}:"]
     for group in groups:
-        seeds = common.span(group["seeds"]) if group["seeds"] else ""
         lines.append(
             f"  group of run {group['first_run']} ({group['runs']} run(s) before): new runs "
-            f"{common.span(group['run_ids'])}, seeds {seeds}"
+            f"{common.span(group['run_ids'])}, seeds {common.span(group['seeds'])}"
         )
     if reply["paused"]:
         lines.append("they wait for `mosaic resume`: a pause holds them")
