@@ -34,6 +34,13 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     CANCELLED: (QUEUED,),  # rerun
 }
 
+# -- repetitions -----------------------------------------------------------------------------
+# Runs that share every param but these form one configuration group (the repetitions of one
+# configuration): the run_groups view (mosaicd/store.py), `mosaic compare` and `mosaic repeat`.
+REPETITION_PARAMS: tuple[str, ...] = ("seed", "owner", "owner_uid")
+# The most repetitions one `repeat` request may add to each group: more is surely a typo.
+MAX_REPETITIONS_ADDED = 1000
+
 # -- holds -----------------------------------------------------------------------------------
 # A *hold* means "start no new runs": of the whole daemon (`mosaic pause --all`, or any pause on a
 # per-user daemon) or of one owner's submissions (`mosaic pause` by a user of a shared daemon).

@@ -81,6 +81,8 @@ REQUESTS: dict[str, tuple[Field, ...]] = {
     "cancel": (_f("db", str), _SELECTION, _f("reason", str, False)),
     "rerun": (_f("db", str), _SELECTION, _f("epochs", int), _f("monitor", dict, False)),
     "rekey": (_f("db", str), _f("keys", list)),
+    # N more repetitions of the configuration groups of the selected runs (new seeds).
+    "repeat": (_f("db", str), _SELECTION, _f("add", int)),
     "show": (_f("db", str), _f("run_id", int)),
     "studies": (),
     "shutdown": (),
@@ -204,6 +206,22 @@ class RekeyReply(TypedDict):
     changed: int
 
 
+class RepeatedGroup(TypedDict):
+    first_run: int  # the group's first run: its id in the run_groups view's order
+    runs: int  # the runs it had before
+    seeds: list[int]  # the seeds of its new runs
+    run_ids: list[int]  # its new runs
+
+
+class RepeatReply(TypedDict):
+    db: str
+    selected: list[int]  # the runs the selection matched; their groups were repeated
+    groups: list[RepeatedGroup]
+    submission_ids: list[int]  # the new runs' submissions (one per submission repeated)
+    run_ids: list[int]
+    paused: bool  # a hold (daemon or owner) keeps these runs queued
+
+
 class LiveView(TypedDict):
     epoch: int
     worker: str
@@ -247,6 +265,7 @@ REPLIES: dict[str, Any] = {
     "cancel": CancelReply,
     "rerun": RerunReply,
     "rekey": RekeyReply,
+    "repeat": RepeatReply,
     "show": ShowReply,
     "studies": list[StudyItem],
     "shutdown": ShutdownReply,

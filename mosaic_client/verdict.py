@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from mosaic_client import contract
+
 N_RESAMPLES = 10_000
 SEED = 20_210_312  # fixed: the same database always gives the same report
 SIGN_FLIP_EXACT_MAX = 16  # up to 2**16 sign patterns enumerated; beyond, Monte Carlo
@@ -51,7 +53,7 @@ NOT_OUTCOMES = {
 }
 
 # The params that differ between the repetitions of one configuration (docs/compare.md).
-REPETITION_PARAMS = ("seed", "owner", "owner_uid")
+REPETITION_PARAMS = contract.REPETITION_PARAMS
 
 A_BETTER, B_BETTER = "A better", "B better"
 NO_DIFFERENCE, TOO_FEW = "no detectable difference", "too few repetitions"
@@ -801,6 +803,139 @@ def sequential_decisions(
     hit = p_values <= levels[None, :]
     first = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
     return first
+
+
+@dataclass
+class Round:
+    """What `compare --until-decided` does after a look: stop (and why), or look next at
+    `target` repetitions, after topping up each group of the undecided lines to `target`
+    finished runs: `additions` holds (side, how many more runs) for the groups below it."""
+
+    stop: bool
+    reason: str
+    target: int = 0
+    additions: list[tuple[Side, int]] = field(default_factory=list)
+
+    @property
+    def sides(self) -> list[Side]:
+        return [side for side, _ in self.additions]
+
+    def requests(self) -> dict[int, list[int]]:
+        """{repetitions to add: run ids of the groups that need that many}: one `repeat`
+        request each (it repeats the groups of the runs it is given)."""
+        out: dict[int, list[int]] = {}
+        for side, n in self.additions:
+            out.setdefault(n, []).extend(side.run_ids)
+        return out
+
+
+DECIDED_ALL = "every comparison is decided"
+NOTHING_TO_COMPARE = "nothing to compare"
+
+
+def until_decided_step(first: int, max_repetitions: int, rounds: int = 4) -> int:
+    """The repetitions each round adds by default: the way from the first look to R in
+    `rounds` rounds (at least 1). Fixed before the first look, so the looks' levels do not
+    depend on the data."""
+    return max(1, math.ceil((max_repetitions - first) / rounds))
+
+
+def undecided_sides(report: Report, values: StudyValues) -> list[Side]:
+    """The groups of the report's undecided lines: both sides of a size line; every size of
+    both families on the dataset key for a curve line (each may move the curves)."""
+    found: dict[int, Side] = {}
+    for line in report.lines:
+        if line.verdict in (A_BETTER, B_BETTER):
+            continue
+        by_family = values.sides.get(line.dataset_key, {})
+        if line.kind == "curve":
+            chosen = [*by_family.get(line.a, {}).values(), *by_family.get(line.b, {}).values()]
+        else:
+            chosen = [
+                by_family[family][size]
+                for family, size in ((line.a, line.a_nb_params), (line.b, line.b_nb_params))
+                if size in by_family.get(family, {})
+            ]
+        for side in chosen:
+            found.setdefault(id(side), side)
+    return list(found.values())
+
+
+def next_round(report: Report, values: StudyValues, plan: SequentialPlan, step: int) -> Round:
+    """After a look: stop when every line is decided or the plan reached R; else the next look
+    is at `step` more repetitions (at most R), and every group of an undecided line with fewer
+    finished runs than that gets the runs it lacks (a group already there gets none)."""
+    if not report.lines:
+        return Round(True, NOTHING_TO_COMPARE)
+    sides = undecided_sides(report, values)
+    if not sides:
+        return Round(True, DECIDED_ALL)
+    if plan.finished():
+        return Round(True, f"the maximum of {plan.max_repetitions} repetitions is reached")
+    target = min(plan.looked_at + step, plan.max_repetitions)
+    lacking = [(side, target - len(side.values)) for side in sides if len(side.values) < target]
+    return Round(False, "", target, lacking)
+
+
+def first_repetitions(
+    values: StudyValues, data_keys: Sequence[str] | None, families: Sequence[str] | None
+) -> int:
+    """The repetitions of the first look: the fewest finished runs of a compared group."""
+    counts = [
+        len(side.values)
+        for key, by_family in values.sides.items()
+        if not data_keys or key in data_keys
+        for family, by_size in by_family.items()
+        if not families or family in families
+        for side in by_size.values()
+    ]
+    if not counts:
+        raise VerdictError(
+            "no finished run to compare yet: let the study's runs finish (`mosaic status`), "
+            "then run this again"
+        )
+    return min(counts)
+
+
+def until_decided(
+    plan: SequentialPlan,
+    values_now: Any,
+    add: Any,
+    options: dict[str, Any] | None = None,
+    step: int | None = None,
+    on_round: Any = None,
+) -> tuple[Report, list[tuple[int, float, Round]]]:
+    """The `compare --until-decided` loop: look (SequentialPlan.look), decide the next round
+    (next_round), add its repetitions and wait (`add(round.requests())`: the command asks the
+    daemon and waits for the runs), read the study again (`values_now()`), until next_round
+    stops.
+
+    The looks are at n0, n0 + step, ..., R repetitions, n0 the fewest finished runs of a
+    compared group, fixed in advance: the levels do not depend on the data, so they sum to at
+    most alpha whatever happens. Returns the last report and each look's (repetitions, level,
+    round); `on_round(look number, repetitions, report, round)` is called after each look."""
+    options = dict(options or {})
+    values = values_now()
+    n = first_repetitions(values, options.get("data_keys"), options.get("families"))
+    if n >= plan.max_repetitions:
+        raise VerdictError(
+            f"--max-repetitions {plan.max_repetitions}: the groups already have {n} "
+            f"repetitions; give a maximum above {n}"
+        )
+    step = step or until_decided_step(n, plan.max_repetitions)
+    looks: list[tuple[int, float, Round]] = []
+    while True:
+        report = plan.look(values, n, **options)
+        decision = next_round(report, values, plan, step)
+        looks.append((n, report.alpha, decision))
+        if on_round is not None:
+            on_round(len(looks), n, report, decision)
+        if decision.stop:
+            return report, looks
+        if decision.additions:
+            add(decision.requests())
+            values = values_now()
+        n = decision.target
 
 
 # -- reading a study --------------------------------------------------------------------------

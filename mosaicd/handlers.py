@@ -22,6 +22,7 @@ from mosaic_client.protocol import (
     PendingItem,
     PingReply,
     RekeyReply,
+    RepeatReply,
     RerunReply,
     ResumeReply,
     ShowReply,
@@ -222,6 +223,16 @@ def handle_rekey(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RekeyR
     return daemon.scheduler.rekey(db, changes, _owner_check(daemon, caller, "rekey"))
 
 
+def handle_repeat(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RepeatReply:
+    """More repetitions of the selected runs' configuration groups: the caller must own those
+    runs (as for rerun) and may write the study (as for submit): the new runs go in it."""
+    db = _study(args)
+    _check_client_path(daemon, caller, db, "database")
+    return daemon.scheduler.repeat(
+        db, args["selection"], int(args["add"]), _owner_check(daemon, caller, "repeat")
+    )
+
+
 def handle_show(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> ShowReply:
     return daemon.scheduler.show(_readable_study(daemon, caller, args), args["run_id"])
 
@@ -252,6 +263,7 @@ DISPATCH: dict[str, Handler] = {
     "cancel": handle_cancel,
     "rerun": handle_rerun,
     "rekey": handle_rekey,
+    "repeat": handle_repeat,
     "show": handle_show,
     "studies": handle_studies,
     "shutdown": handle_shutdown,

@@ -4,7 +4,8 @@ It owns the daemon's registries (private, declared in mosaicd.scheduler_core): t
 (mosaicd.studies), the queue (mosaicd.run_queue), the runs being trained and the holds
 (mosaicd.holds). Its parts live in
 their own modules: submission checks and building (mosaicd.submissions), dispatch
-(mosaicd.dispatch), worker events (mosaicd.worker_events), control requests (mosaicd.control)
+(mosaicd.dispatch), worker events (mosaicd.worker_events), control requests (mosaicd.control),
+more repetitions of configuration groups (mosaicd.repetitions)
 and the replies that describe the state (mosaicd.views).
 
 All state that must survive a restart is in the study databases (through Store.transition) and
@@ -30,13 +31,14 @@ from mosaic_client.protocol import (
 from mosaicd import views
 from mosaicd.control import Control
 from mosaicd.dispatch import Dispatch
+from mosaicd.repetitions import Repetitions
 from mosaicd.submissions import build_runs, check_submission
 from mosaicd.worker_events import WorkerEvents
 
 log = logging.getLogger("mosaicd")
 
 
-class Scheduler(Dispatch, WorkerEvents, Control):
+class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
     """The queue and the life of runs; its registries are declared in mosaicd.scheduler_core."""
 
     def recover(self) -> None:

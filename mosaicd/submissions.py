@@ -182,3 +182,11 @@ def build_runs(
             )
         )
     return runs
+
+
+def repetition(modules: list[dict[str, Any]], params: dict[str, Any], seed: int) -> Run:
+    """One more repetition of a run (`mosaic repeat`): its modules and params with a new seed.
+
+    The params are the existing run's own rather than run_params() of its submission again: a
+    `mosaic rekey` may have changed its keys since, and the new run must join its group."""
+    return (modules, seed, readable_pipeline(modules), {**params, "seed": seed})

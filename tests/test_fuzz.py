@@ -186,6 +186,7 @@ def valid_args(study: Study, name: str) -> dict[str, Any]:
         "cancel": {"db": study.db, "selection": selection, "reason": "fuzz"},
         "rerun": {"db": study.db, "selection": selection, "epochs": 1, "monitor": {}},
         "rekey": {"db": study.db, "keys": []},
+        "repeat": {"db": study.db, "selection": selection, "add": 1},
         "show": {"db": study.db, "run_id": 1},
     }.get(name, {})
 
@@ -409,6 +410,15 @@ def test_huge_strings_and_lists_below_the_limit(check: Study) -> None:
             None,
         ),
         (
+            "repeat",
+            {
+                "db": check.db,
+                "selection": {"kind": "ids", "ids": list(range(10**6, 3 * 10**6))},
+                "add": 1,
+            },
+            None,
+        ),
+        (
             "rekey",
             {"db": check.db, "keys": [[10**6 + i, "mlp_key", "k"] for i in range(200_000)]},
             "not_found",
@@ -434,6 +444,8 @@ def test_huge_strings_and_lists_below_the_limit(check: Study) -> None:
             assert reply["ok"], reply
             if name == "cancel":
                 assert reply["data"]["cancelled"] == []
+            if name == "repeat":
+                assert reply["data"]["run_ids"] == []
         else:
             assert reply["error"]["code"] == code, reply["error"]["message"][:300]
 
@@ -525,6 +537,20 @@ def hostile_requests(study: Study) -> list[tuple[str, dict[str, Any], str]]:
         ("cancel", {"db": "/nonexistent/x.db", "selection": {"kind": "all"}}, "not_found"),
         ("rerun", {"db": db, "selection": {"kind": "all"}, "epochs": -1}, "invalid"),
         ("rerun", {"db": db, "selection": {"kind": "all"}, "epochs": 0}, "invalid"),
+        ("repeat", {"db": db, "selection": {"kind": "all"}, "add": 0}, "invalid"),
+        ("repeat", {"db": db, "selection": {"kind": "all"}, "add": -1}, "invalid"),
+        ("repeat", {"db": db, "selection": {"kind": "all"}, "add": 10**6}, "invalid"),
+        ("repeat", {"db": db, "selection": {"kind": "all"}, "add": 2**62}, "invalid"),
+        ("repeat", {**request_sql("DELETE FROM runs"), "add": 1}, "invalid"),
+        ("repeat", {"db": db, "selection": {"kind": "nope"}, "add": 1}, "invalid"),
+        ("repeat", {"db": "relative.db", "selection": {"kind": "all"}, "add": 1}, "invalid"),
+        ("repeat", {"db": "/dev/null", "selection": {"kind": "all"}, "add": 1}, "invalid"),
+        ("repeat", {"db": str(empty), "selection": {"kind": "all"}, "add": 1}, "invalid"),
+        (
+            "repeat",
+            {"db": os.path.join(daemon_dir, "state", "x.db"), "selection": {}, "add": 1},
+            "permission",
+        ),
         ("rekey", {"db": db, "keys": [1]}, "invalid"),
         ("rekey", {"db": db, "keys": [[1, "mlp_key"]]}, "invalid"),
         ("rekey", {"db": db, "keys": [[1, "status", "done"]]}, "invalid"),

@@ -292,6 +292,11 @@ def test_other_users_runs_are_refused_admins_may(
     assert f"belongs to {box.users['a']}" in result.stderr
     assert "Nothing was changed" in result.stderr
     assert snapshot(a_db) == before
+    # Nor may b add repetitions of a's runs (`repeat` queues copies of them in a's study).
+    result = box.cli("b", "repeat", a_db, "--add", "1", "-id", "all")
+    assert result.returncode == DENIED, result.stderr
+    assert "belongs to" in result.stderr and box.users["a"] in result.stderr
+    assert snapshot(a_db) == before
 
     # Queued runs of a (the daemon is paused by root), which b then tries to cancel.
     assert box.daemon.cli("pause", "--all").returncode == 0

@@ -11,6 +11,7 @@ import argparse
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,26 @@ def call(args: argparse.Namespace, name: str, **fields: Any) -> Any:
     """Send one request (a name of `protocol.REQUESTS`) and return its reply's data."""
     with client(args) as daemon:
         return daemon.request(name, **fields)
+
+
+def wait_for_submissions(
+    args: argparse.Namespace, db: str, submission_ids: list[int], poll: float = 0.5
+) -> dict[str, int]:
+    """Wait until every run of these submissions is done, failed or cancelled; their counts."""
+    from mosaic_client.contract import FINAL_STATES
+
+    total: dict[str, int] = {}
+    with client(args) as daemon:
+        for submission_id in submission_ids:
+            while True:
+                reply = daemon.request("status", db=db, submission=submission_id, limit=0)
+                counts = reply.get("submission_counts") or {}
+                if all(state in FINAL_STATES for state, n in counts.items() if n):
+                    break
+                time.sleep(poll)
+            for state, n in counts.items():
+                total[state] = total.get(state, 0) + n
+    return total
 
 
 def add_autostart(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,10 @@ Reads the study on a read-only connection (works on a live study and on a `saved
 statistics are in mosaic_client/verdict.py, imported only when the command runs. Exit 0
 whatever the verdict, 2 for input it cannot use (docs/compare.md).
 
-Sends no request: reads the study read-only.
+Sends no request for a report: it reads the study read-only. With --until-decided it sends
+`repeat` (more repetitions of the groups of the undecided comparisons) and `status` (to wait
+for them), and tests again with the sequential plan (verdict.until_decided) until every
+comparison is decided or --max-repetitions is reached.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import json
 import os
 import sys
 from typing import Any
+
+from mosaic_client.commands import common
 
 NAME = "compare"
 HELP = "which model family is better at matched size: CIs, corrected tests, verdicts"
@@ -61,6 +66,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="smallest difference worth detecting, in the metric's unit: the "
         "repetitions advice aims at it instead of the observed difference",
     )
+    parser.add_argument(
+        "--until-decided",
+        action="store_true",
+        help="queue more repetitions of the undecided comparisons through the daemon, wait, "
+        "test again (sequential plan: alpha spent over the looks) until every comparison is "
+        "decided or --max-repetitions is reached",
+    )
+    parser.add_argument(
+        "--max-repetitions",
+        type=int,
+        metavar="R",
+        help="with --until-decided: the most repetitions a group gets (required)",
+    )
+    parser.add_argument(
+        "--step",
+        type=int,
+        metavar="N",
+        help="with --until-decided: repetitions added per round (default: a quarter of the "
+        "way from the first look to R)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -89,6 +114,16 @@ def run(args: argparse.Namespace) -> int:
                 f"--families {args.families}: give at least two different model keys, "
                 "comma-separated"
             )
+    if args.until_decided:
+        if args.max_repetitions is None or args.max_repetitions < 2:
+            return _fail(
+                "--until-decided needs --max-repetitions R (R >= 2): the most repetitions "
+                "a group may get, fixed before the first look"
+            )
+        if args.step is not None and args.step < 1:
+            return _fail(f"--step {args.step}: give how many repetitions a round adds (>= 1)")
+    elif args.max_repetitions is not None or args.step is not None:
+        return _fail("--max-repetitions and --step go with --until-decided")
     try:
         analysis.check_criterion(args.metric)
     except analysis.AnalysisError as exc:
@@ -99,13 +134,11 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault(name, "1")
     from mosaic_client import verdict
 
+    if args.until_decided:
+        return until_decided(args, families)
     try:
         verdict.direction(args.metric)
-        conn = analysis.open_readonly(os.path.abspath(args.db))
-        try:
-            values = verdict.study_values(conn, args.metric)
-        finally:
-            conn.close()
+        values = read_values(args.db, args.metric)
         report = verdict.compare(
             values, args.db, args.data, families, args.alpha, args.size_tolerance, args.min_effect
         )
@@ -116,6 +149,127 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render(report))
     return 0
+
+
+def read_values(db: str, metric: str) -> Any:
+    from mosaic_client import analysis, verdict
+
+    conn = analysis.open_readonly(os.path.abspath(db))
+    try:
+        return verdict.study_values(conn, metric)
+    finally:
+        conn.close()
+
+
+def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
+    """--until-decided: the loop of verdict.until_decided, with the daemon adding the runs."""
+    from mosaic_client import analysis, verdict
+
+    db = common.existing_db(args.db)
+    plan = verdict.SequentialPlan(args.alpha, args.max_repetitions)
+    options = {
+        "db": args.db,
+        "data_keys": args.data,
+        "families": families,
+        "size_tolerance": args.size_tolerance,
+        "min_effect": args.min_effect,
+    }
+    say = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the report
+
+    def add(requests: dict[int, list[int]]) -> None:
+        submissions = []
+        for n, run_ids in sorted(requests.items()):
+            reply = common.call(
+                args, "repeat", db=db, selection={"kind": "ids", "ids": run_ids}, add=n
+            )
+            print(
+                f"  queued {len(reply['run_ids'])} run(s): {n} more repetition(s) of "
+                f"{len(reply['groups'])} group(s)",
+                file=say,
+                flush=True,
+            )
+            if reply["paused"]:
+                print(
+                    "  note: a pause holds them; they start after `mosaic resume`",
+                    file=say,
+                    flush=True,
+                )
+            submissions.extend(reply["submission_ids"])
+        counts = common.wait_for_submissions(args, db, submissions)
+        if counts.get("failed") or counts.get("cancelled"):
+            print(
+                f"  {counts.get('failed', 0)} failed, {counts.get('cancelled', 0)} cancelled: "
+                "left out of the comparison (`mosaic status` says why)",
+                file=say,
+                flush=True,
+            )
+
+    def on_round(look: int, n: int, report: Any, decision: Any) -> None:
+        print(round_summary(look, n, report, decision), file=say, flush=True)
+
+    try:
+        verdict.direction(args.metric)
+        report, looks = verdict.until_decided(
+            plan,
+            lambda: read_values(db, args.metric),
+            add,
+            options,
+            args.step,
+            on_round,
+        )
+    except (analysis.AnalysisError, verdict.VerdictError) as exc:
+        return _fail(str(exc))
+    if args.json:
+        out = report.as_json()
+        out["sequential"] = sequential_json(plan, looks)
+        sys.stdout.write(json.dumps(out, indent=1) + "\n")
+    else:
+        sys.stdout.write("\n" + render(report))
+        sys.stdout.write(sequential_note(plan, looks))
+    return 0
+
+
+def round_summary(look: int, n: int, report: Any, decision: Any) -> str:
+    from mosaic_client import verdict
+
+    decided = sum(line.verdict in (verdict.A_BETTER, verdict.B_BETTER) for line in report.lines)
+    text = (
+        f"round {look}: look at {n} repetitions, level {report.alpha:.3g}: "
+        f"{decided} of {len(report.lines)} comparison(s) decided"
+    )
+    if decision.stop:
+        return f"{text}\nstopped: {decision.reason}"
+    lacking = sum(n for _, n in decision.additions)
+    return (
+        f"{text}; next look at {decision.target}: {lacking} more run(s) for "
+        f"{len(decision.additions)} group(s) of the undecided ones; waiting for them"
+    )
+
+
+def sequential_json(plan: Any, looks: list[Any]) -> dict[str, Any]:
+    return {
+        "alpha": plan.alpha,
+        "max_repetitions": plan.max_repetitions,
+        "spending": plan.spending,
+        "looks": [
+            {
+                "repetitions": n,
+                "level": level,
+                "runs_added": sum(k for _, k in d.additions),
+                "stopped": d.reason or None,
+            }
+            for n, level, d in looks
+        ],
+    }
+
+
+def sequential_note(plan: Any, looks: list[Any]) -> str:
+    levels = ", ".join(f"{level:.3g} at {n}" for n, level, _ in looks)
+    return (
+        f"sequential plan: alpha {plan.alpha:g} spent over the looks (Lan-DeMets "
+        f"{plan.spending}, R = {plan.max_repetitions}): levels {levels}; comparisons decided "
+        "at a look keep their verdict (docs/compare.md)\n"
+    )
 
 
 def _num(x: float | None, spec: str = ".3g") -> str:

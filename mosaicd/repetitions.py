@@ -1,0 +1,223 @@
+"""More repetitions of configuration groups on request (`mosaic repeat`, `compare
+--until-decided`): the groups of the selected runs, the seeds that continue them, and the new
+runs, queued as new submissions in one transaction.
+
+A configuration group is the runs that share every param but the repetition's
+(contract.REPETITION_PARAMS), as in the run_groups view of mosaicd/store.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mosaic_client.contract import MAX_REPETITIONS_ADDED, REPETITION_PARAMS
+from mosaic_client.protocol import ErrorCode, RepeatedGroup, RepeatReply
+from mosaicd.control import Control, OwnerCheck
+from mosaicd.errors import Refused
+from mosaicd.store import RunRecord, Store
+from mosaicd.submissions import Run, check_submission, repetition
+
+# The most runs one request may queue: a selection of every group of a large study times a big
+# --add is surely a mistake, and it would hold the daemon's loop while it writes.
+MAX_RUNS_ADDED = 100_000
+_CHUNK = 500  # run ids per IN (...) list: below SQLite's limit on bound parameters
+
+Signature = frozenset[tuple[str, Any]]
+
+
+def signature(params: dict[str, Any]) -> Signature:
+    """What the runs of one configuration group share: every param but the repetition's."""
+    return frozenset((k, v) for k, v in params.items() if k not in REPETITION_PARAMS)
+
+
+def next_seeds(
+    existing: Iterable[int], numbered: bool, add: int, draw: Callable[[], int] | None = None
+) -> list[int]:
+    """The seeds of `add` more repetitions of a group whose runs have the seeds `existing`.
+
+    Numbered groups (a PROCESS seed: repetition i got seed + i) continue after the largest
+    seed, so that the groups of two families keep the same seeds and stay paired in `compare`;
+    random-seed groups get fresh random seeds, none of them already used in the group."""
+    used = set(existing)
+    if numbered:
+        start = max(used) + 1 if used else 0
+        return list(range(start, start + add))
+    draw = draw or (lambda: secrets.randbelow(2**31))
+    seeds: list[int] = []
+    while len(seeds) < add:
+        seed = draw()
+        if seed not in used:
+            used.add(seed)
+            seeds.append(seed)
+    return seeds
+
+
+def _chunks(ids: list[int]) -> Iterable[list[int]]:
+    for start in range(0, len(ids), _CHUNK):
+        yield ids[start : start + _CHUNK]
+
+
+def _params(conn: sqlite3.Connection, run_ids: list[int]) -> dict[int, dict[str, Any]]:
+    params: dict[int, dict[str, Any]] = {}
+    for chunk in _chunks(run_ids):
+        marks = ",".join("?" * len(chunk))
+        for run_id, name, value in conn.execute(
+            f"SELECT run_id, param_name, param_value FROM params WHERE run_id IN ({marks})", chunk
+        ):
+            params.setdefault(run_id, {})[name] = value
+    return params
+
+
+def groups_of(conn: sqlite3.Connection, selected: list[int]) -> list[list[int]]:
+    """The configuration groups of the selected runs, each as the sorted ids of all its runs
+    (selected or not), ordered by their first run.
+
+    Only the runs with the same `pipeline` param as a selected run can share its group: the
+    params index finds them without reading the whole study."""
+    pipelines: set[Any] = set()
+    for chunk in _chunks(selected):
+        marks = ",".join("?" * len(chunk))
+        pipelines.update(
+            row[0]
+            for row in conn.execute(
+                "SELECT DISTINCT param_value FROM params WHERE param_name = 'pipeline' "
+                f"AND run_id IN ({marks})",
+                chunk,
+            )
+        )
+    candidates: set[int] = set(selected)
+    listed = list(pipelines)
+    for start in range(0, len(listed), _CHUNK):
+        part = listed[start : start + _CHUNK]
+        marks = ",".join("?" * len(part))
+        candidates.update(
+            row[0]
+            for row in conn.execute(
+                "SELECT run_id FROM params WHERE param_name = 'pipeline' "
+                f"AND param_value IN ({marks})",
+                part,
+            )
+        )
+    params = _params(conn, sorted(candidates))
+    by_signature: dict[Signature, list[int]] = {}
+    for run_id in sorted(params):
+        by_signature.setdefault(signature(params[run_id]), []).append(run_id)
+    wanted = {signature(params[run_id]) for run_id in selected if run_id in params}
+    return sorted((ids for sig, ids in by_signature.items() if sig in wanted), key=lambda g: g[0])
+
+
+@dataclass
+class _Batch:
+    """The new runs built from one submission (and one epochs target): one new submission."""
+
+    submission: dict[str, Any]
+    epochs: int
+    runs: list[Run] = field(default_factory=list)
+    groups: list[RepeatedGroup] = field(default_factory=list)
+
+
+class Repetitions(Control):
+    """The scheduler's `repeat` request (a part of mosaicd.scheduler.Scheduler)."""
+
+    def repeat(
+        self, db: str, selection: dict[str, Any], add: int, check: OwnerCheck
+    ) -> RepeatReply:
+        """Queue `add` more repetitions of every configuration group of the selected runs;
+        the runs already there are not touched."""
+        if not 1 <= add <= MAX_REPETITIONS_ADDED:
+            raise Refused(
+                ErrorCode.INVALID,
+                f"--add must be between 1 and {MAX_REPETITIONS_ADDED}, got {add}; "
+                "nothing was queued",
+            )
+        selected = self._select(db, selection, check)
+        store = self._studies[db]
+        reply: RepeatReply = {
+            "db": db,
+            "selected": selected,
+            "groups": [],
+            "submission_ids": [],
+            "run_ids": [],
+            "paused": False,
+        }
+        if not selected:
+            return reply
+        groups = groups_of(store.conn, selected)
+        if len(groups) * add > MAX_RUNS_ADDED:
+            raise Refused(
+                ErrorCode.INVALID,
+                f"{len(groups)} group(s) x {add} repetitions is more than {MAX_RUNS_ADDED} "
+                "runs; select fewer groups or add fewer repetitions. Nothing was queued",
+            )
+        # The caller must own every run of the groups they repeat (like rerun): the new runs
+        # are copies of them.
+        every_run = sorted(run_id for group in groups for run_id in group)
+        if check is not None:
+            check([(run_id, *store.owner_of(run_id)) for run_id in every_run])
+        batches = self._batches(store, groups, add)
+        for batch in batches:
+            pipelines = [modules for modules, _, _, _ in batch.runs]
+            process = batch.submission["process"]
+            self._executor.check_submission(process, pipelines)
+            check_submission(
+                process, batch.submission["monitor"], pipelines, self._executor.slot_count("cuda")
+            )
+        new: list[tuple[_Batch, int, list[int]]] = []
+        with store.transaction():  # every new run, or none
+            for batch in batches:
+                sub = batch.submission
+                submission_id, run_ids = store.add_submission(
+                    sub["owner_uid"],
+                    sub["owner"] or "",
+                    sub["config_path"],
+                    # The epochs the group's runs were trained for (a rerun may have extended
+                    # them beyond the submission's).
+                    {**sub["process"], "epochs": batch.epochs},
+                    sub["monitor"],
+                    batch.runs,
+                )
+                new.append((batch, submission_id, run_ids))
+        for batch, submission_id, run_ids in new:
+            at = 0
+            for group in batch.groups:
+                group["run_ids"] = run_ids[at : at + len(group["seeds"])]
+                at += len(group["seeds"])
+                reply["groups"].append(group)
+            for run_id in run_ids:
+                record = store.run_record(run_id)
+                assert record is not None
+                self._queue.add(db, store, record)
+            reply["submission_ids"].append(submission_id)
+            reply["run_ids"].extend(run_ids)
+            if self._holds.holds_submissions_of(batch.submission["owner_uid"]):
+                reply["paused"] = True
+        reply["groups"].sort(key=lambda g: g["first_run"])
+        return reply
+
+    def _batches(self, store: Store, groups: list[list[int]], add: int) -> list[_Batch]:
+        """The new runs of each group, batched by the submission of the group's first run."""
+        batches: dict[tuple[int, int], _Batch] = {}
+        params = _params(store.conn, [group[0] for group in groups])
+        for group in groups:
+            records = [store.run_record(run_id) for run_id in group]
+            template: RunRecord | None = records[0]
+            assert template is not None
+            key = (template.submission_id, template.epochs_target)
+            if key not in batches:
+                batches[key] = _Batch(
+                    store.submission(template.submission_id), template.epochs_target
+                )
+            batch = batches[key]
+            numbered = isinstance(batch.submission["process"].get("seed"), int)
+            seeds = next_seeds((r.seed for r in records if r is not None), numbered, add)
+            batch.runs.extend(
+                repetition(template.modules, params[template.run_id], seed) for seed in seeds
+            )
+            batch.groups.append(
+                {"first_run": group[0], "runs": len(group), "seeds": seeds, "run_ids": []}
+            )
+        return list(batches.values())
