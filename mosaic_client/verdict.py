@@ -51,7 +51,7 @@ NOT_OUTCOMES = {
 }
 
 # The params that differ between the repetitions of one configuration (docs/compare.md).
-REPETITION_PARAMS = ("seed", "owner", "owner_uid")
+REPETITION_PARAMS = ("seed", "process_seed", "owner", "owner_uid")
 
 A_BETTER, B_BETTER = "A better", "B better"
 NO_DIFFERENCE, TOO_FEW = "no detectable difference", "too few repetitions"
