@@ -17,8 +17,6 @@ from mosaic_client import contract, provenance
 from mosaicd import submissions
 from mosaicd.store import Store
 
-GIT = shutil.which("git")
-
 
 def _git(repo: Path, *args: str) -> str:
     done = subprocess.run(
@@ -147,7 +145,6 @@ def test_git_state_outside_a_repository_is_unknown(tmp: Path) -> None:
 # -- end to end: two versions of a class file, git, show, diff, rerun ------------------------
 
 
-@pytest.mark.skipif(GIT is None, reason="needs git (apt-get install git)")
 def test_provenance_of_two_code_versions_diff_and_rerun(daemon: Daemon, tmp: Path) -> None:
     root = tmp / "proj"
     root.mkdir()
