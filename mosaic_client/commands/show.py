@@ -70,7 +70,7 @@ def run_text(info: dict[str, Any]) -> list[str]:
 def provenance_text(record: dict[str, Any] | None) -> list[str]:
     """The provenance lines of `mosaic show` (mosaic_client.provenance.read's record)."""
     if not record:
-        return ["  provenance: none recorded (the run has not started yet)"]
+        return ["  provenance: none recorded (not started yet, or run before Mosaic recorded it)"]
     lines = ["  provenance:"]
     env = record.get("environment")
     if env:
