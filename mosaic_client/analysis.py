@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mosaic_client import contract
+from mosaic_client import contract, provenance
 
 # Every column of run_results is a metaplot criterion (the shared contract names them once).
 CRITERIA: tuple[str, ...] = contract.RESULT_COLUMNS
@@ -487,4 +487,5 @@ def describe_run(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None
         "seed": meta[0] if meta else None,
         "epochs_target": meta[1] if meta else None,
         "checkpoint_epoch": meta[2] if meta else None,
+        "provenance": provenance.read(conn, run_id),
     }

@@ -782,6 +782,10 @@ def _check_class_section(
                 f"'{entry.key}' is reserved (it holds the section name); rename the parameter",
             )
             continue
+        injected = contract.run_info_key_problem(section.name, entry.key)
+        if injected:
+            report.entry_error(section, entry, injected)
+            continue
         try:
             params.append((entry.key, parse_value(entry.value)))
         except ValueError as exc:
@@ -795,7 +799,9 @@ def _check_class_section(
         available = ["type", "class", "name"] + [
             e.key
             for e in entries.values()
-            if e.key not in _SECTION_FIELDS and e.key not in _FORBIDDEN_PARAMS
+            if e.key not in _SECTION_FIELDS
+            and e.key not in _FORBIDDEN_PARAMS
+            and e.key not in contract.RUN_INFO_KEYS
         ]
         template = _check_key_template(report, section, key_entry, available)
 

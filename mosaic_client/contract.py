@@ -37,7 +37,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 # -- repetitions -----------------------------------------------------------------------------
 # Runs that share every param but these form one configuration group (the repetitions of one
 # configuration): the run_groups view (mosaicd/store.py), `mosaic compare` and `mosaic repeat`.
-REPETITION_PARAMS: tuple[str, ...] = ("seed", "owner", "owner_uid")
+REPETITION_PARAMS: tuple[str, ...] = ("seed", "process_seed", "owner", "owner_uid")
 # The most repetitions one `repeat` request may add to each group: more is surely a typo.
 MAX_REPETITIONS_ADDED = 1000
 
@@ -73,6 +73,34 @@ EPOCH_COLUMNS: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_
 MODULE_FIELDS: tuple[str, ...] = ("type", "class", "path_to_class", "key", "name")
 # Of those, the keys a config section may set itself (the others are filled in by Mosaic).
 SECTION_FIELDS: tuple[str, ...] = ("type", "class", "path_to_class", "key")
+# What Mosaic itself gives every class by name (the run information: mosaicd.execution builds
+# run_info from these names). A constructor parameter is filled from run_info first, so a section
+# parameter of one of these names would never reach the class while `params` recorded it: the
+# config checks and the daemon refuse such a name (docs/classes.md).
+RUN_INFO_KEYS: tuple[str, ...] = ("run_id", "device", "seed", "epoch")
+# What a class section parameter named like a run information key could be called instead.
+RUN_INFO_RENAMES: dict[str, str] = {
+    "run_id": "my_run_id",
+    "device": "data_device",
+    "seed": "data_seed",
+    "epoch": "first_epoch",
+}
+# The params row of the [PROCESS] seed (the first repetition's seed); the row `seed` holds the
+# run's own seed.
+PROCESS_SEED_PARAM = "process_seed"
+
+
+def run_info_key_problem(section: str, key: str) -> str | None:
+    """Why a class section may not have a parameter `key`, or None (one message, both sides)."""
+    if key not in RUN_INFO_KEYS:
+        return None
+    return (
+        f"section [{section}]: parameter '{key}' is a name Mosaic gives every class itself "
+        f"(run information: {', '.join(RUN_INFO_KEYS)}), so the class would receive Mosaic's "
+        f"value, not this one; rename it (e.g. {RUN_INFO_RENAMES[key]}) in the section and in "
+        "the class's __init__"
+    )
+
 
 # -- run files -------------------------------------------------------------------------------
 # Every file a run writes in its run_files_path, named in one place.

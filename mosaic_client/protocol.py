@@ -243,6 +243,8 @@ class ShowReply(TypedDict, total=False):
     checkpoint_epoch: int | None
     live: LiveView  # while it trains
     queued_ahead: int | None  # while it is queued
+    # What produced it (issue 16; mosaic_client.provenance.read): None before its first start.
+    provenance: dict[str, Any] | None
 
 
 class StudyItem(TypedDict):
@@ -290,6 +292,10 @@ WORKER_MESSAGES: dict[str, tuple[Field, ...]] = {
     "failed": (_f("run_id", int), _f("error", str), _f("traceback", str)),
     # Stopped at an epoch boundary on request, after writing its checkpoint.
     "parked": (_f("run_id", int), _f("epoch", int)),
+    # What the run's start loaded and ran in (issue 16), sent once its pipeline is built (or
+    # failed to build): "environment" holds provenance.ENVIRONMENT_FIELDS, "code" one map per
+    # class file loaded (provenance.CODE_FIELDS and its "text").
+    "provenance": (_f("run_id", int), _f("environment", dict), _f("code", list)),
 }
 
 # Daemon -> worker messages.

@@ -240,6 +240,15 @@ KEYS: tuple[Key, ...] = (
         nullable=True,
         expects=f"an integer seed between 0 and {MAX_SEED}",
     ),
+    Key(
+        PROCESS,
+        "deterministic",
+        BOOL,
+        "true to run with torch's deterministic algorithms (and the cuDNN and cuBLAS settings "
+        "they need): same seed, same numbers; an operation with no deterministic "
+        "implementation then fails the run",
+        default=False,
+    ),
     # -- MONITOR: how the daemon runs them -------------------------------------------------
     Key(
         MONITOR,

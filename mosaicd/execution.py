@@ -27,12 +27,15 @@ from typing import Any
 import torch
 
 from mosaic_client import contract, schema
-from mosaicd import metrics
+from mosaicd import metrics, run_provenance
 
 _module_counter = itertools.count()
 # Names of the user modules loaded since the worker last dropped them (worker.py): keeping
 # them here spares a scan of sys.modules after every run.
 loaded_user_modules: list[str] = []
+# The bytes of each user file the current run executed, by path (issue 16: its provenance is
+# what ran, not what the file holds by the time someone looks).
+executed_sources: dict[str, bytes] = {}
 
 
 class UserCodeError(Exception):
@@ -53,6 +56,9 @@ class Channel:
 
     on_epoch: Callable[[dict[str, Any]], None]
     park_requested: Callable[[], bool]
+    # Receives the run's provenance (the "provenance" message's fields besides run_id) once
+    # its pipeline is built, or failed to build (issue 16).
+    on_provenance: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -126,7 +132,14 @@ def load_user_class(path: str, class_name: str, run_id: int) -> type:
     directory = os.path.dirname(path)
     if directory not in sys.path:
         sys.path.insert(0, directory)
-    spec.loader.exec_module(module)
+    try:
+        with open(path, "rb") as fh:
+            source = fh.read()
+    except OSError as exc:
+        raise UserCodeError(f"cannot read class file {path}: {exc}") from None
+    executed_sources[path] = source
+    # Run the bytes just read (and recorded), not a second read of the file.
+    exec(compile(source, path, "exec"), module.__dict__)
     cls = getattr(module, class_name, None)
     if cls is None or not isinstance(cls, type):
         raise UserCodeError(f"{path} defines no class named {class_name!r}")
@@ -432,9 +445,12 @@ def build(spec: dict[str, Any]) -> BuiltRun:
     pipeline: list[dict[str, Any]] = spec["modules"]
     device = torch.device(spec["device"])
     seed = int(spec["seed"])
+    run_provenance.apply_determinism(process)
     # Before anything is constructed: initial weights and data splits depend on it.
     seed_everything(seed)
-    run_info: dict[str, Any] = {"run_id": run_id, "device": str(device), "seed": seed, "epoch": 0}
+    # Built from the shared names, which the config checks refuse as section parameters.
+    given = {"run_id": run_id, "device": str(device), "seed": seed, "epoch": 0}
+    run_info: dict[str, Any] = {name: given[name] for name in contract.RUN_INFO_KEYS}
     n_data = len(process["data_scheme"])
     train_data, test_data = prepare_data(pipeline[:n_data], run_info, pipeline, run_id)
     model_infos = pipeline[n_data:]
@@ -648,7 +664,17 @@ def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
     """Train one pipeline to spec["epochs_target"] epochs; return results and files."""
     files_dir = spec["run_files_path"]
     os.makedirs(files_dir, exist_ok=True)
-    run = build(spec)
+    # The environment as the run starts (before its code can change the thread count), with
+    # the determinism it asked for; the code once built, sent even when the build fails.
+    run_provenance.apply_determinism(spec["process"])
+    environment = run_provenance.environment(torch.device(spec["device"]))
+    executed_sources.clear()
+    try:
+        run = build(spec)
+    finally:
+        if channel.on_provenance is not None:
+            code = run_provenance.code(spec, executed_sources)
+            channel.on_provenance({"environment": environment, "code": code})
     history = History()
     start_epoch = int(spec.get("start_epoch") or 0)
     if start_epoch > 0:

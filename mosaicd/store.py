@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from mosaic_client import provenance
 from mosaic_client.contract import (
     DONE,
     FINAL_STATES,
@@ -26,7 +27,7 @@ from mosaic_client.contract import (
     TRANSITIONS,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 log = logging.getLogger("mosaicd")
 
 
@@ -69,7 +70,8 @@ WITH RECURSIVE
 signature(run_id, sig) AS (
   SELECT run_id, group_concat(param_name || '=' || quote(param_value), char(31))
   FROM (SELECT run_id, param_name, param_value FROM params
-        WHERE param_name NOT IN ('seed', 'owner', 'owner_uid') ORDER BY run_id, param_name)
+        WHERE param_name NOT IN ('seed', 'process_seed', 'owner', 'owner_uid')
+        ORDER BY run_id, param_name)
   GROUP BY run_id),
 scheme(run_id, kind, rest, key, parts) AS (
   SELECT run_id, param_name, param_value || ',', '', 0 FROM params
@@ -105,6 +107,14 @@ SELECT row_number() OVER (ORDER BY g.first_run) AS group_id, g.dataset_key, g.mo
 FROM grp g JOIN spread s ON s.sig = g.sig
 {joins}
 ORDER BY g.first_run"""
+
+
+# run_environment's columns (issue 16), typed: the counts and flags are integers.
+_INTEGER_ENVIRONMENT = ("threads", "deterministic", "cudnn_deterministic", "cudnn_benchmark")
+PROVENANCE_COLUMNS = tuple(
+    f"{name} {'INTEGER' if name in _INTEGER_ENVIRONMENT else 'TEXT'}"
+    for name in provenance.ENVIRONMENT_FIELDS
+)
 
 
 # Forward migrations, by the version they bring the database to. Version 1 holds the seed's four
@@ -152,6 +162,25 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # The configuration groups (runs that differ only by their repetition), for `mosaic groups`
     # and `mosaic compare`.
     4: (run_groups_view(),),
+    # -- issue 16: provenance (what produced each run) ---------------------------------------
+    # Each distinct class file text once (10,000 runs of one file store it once), which file
+    # each run loaded, and the environment it ran in (mosaic_client.provenance). The run_groups
+    # view is made again: the [PROCESS] seed's row (process_seed) is a repetition's, like seed.
+    5: (
+        "CREATE TABLE IF NOT EXISTS code_files (sha256 TEXT PRIMARY KEY, text TEXT NOT NULL)"
+        " WITHOUT ROWID",
+        """CREATE TABLE IF NOT EXISTS run_code (
+            run_id INTEGER NOT NULL, section TEXT NOT NULL, "class" TEXT, path TEXT NOT NULL,
+            sha256 TEXT NOT NULL, git_commit TEXT, git_dirty INTEGER,
+            PRIMARY KEY (run_id, section))""",
+        "CREATE INDEX IF NOT EXISTS run_code_by_sha ON run_code (sha256)",
+        f"""CREATE TABLE IF NOT EXISTS run_environment (
+            run_id INTEGER PRIMARY KEY, recorded_at REAL NOT NULL,
+            {", ".join(PROVENANCE_COLUMNS)})""",
+        "DROP VIEW IF EXISTS run_groups",
+        run_groups_view(),
+    ),
+    # -- end issue 16 ------------------------------------------------------------------------
 }
 
 
@@ -587,6 +616,42 @@ class Store:
                 changes,
             )
 
+    # -- issue 16: provenance -----------------------------------------------------------------
+
+    def record_provenance(
+        self, run_id: int, environment: dict[str, Any], code: list[dict[str, Any]]
+    ) -> None:
+        """What a run's start loaded and ran in (a worker's "provenance" message), in one
+        transaction; a later start of the run (resume, rerun) replaces its record."""
+        fields = provenance.ENVIRONMENT_FIELDS
+        with self.transaction() as conn:
+            conn.execute(
+                f"INSERT OR REPLACE INTO run_environment (run_id, recorded_at, "
+                f"{', '.join(fields)}) VALUES (?, ?{', ?' * len(fields)})",
+                (run_id, time.time(), *(_sql_value(environment.get(f)) for f in fields)),
+            )
+            conn.execute("DELETE FROM run_code WHERE run_id=?", (run_id,))
+            for entry in code:
+                conn.execute(
+                    "INSERT OR IGNORE INTO code_files (sha256, text) VALUES (?, ?)",
+                    (entry["sha256"], entry["text"]),
+                )
+                conn.execute(
+                    'INSERT OR REPLACE INTO run_code (run_id, section, "class", path, sha256, '
+                    "git_commit, git_dirty) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        run_id,
+                        entry["section"],
+                        entry.get("class"),
+                        entry["path"],
+                        entry["sha256"],
+                        entry.get("git_commit"),
+                        _sql_value(entry.get("git_dirty")),
+                    ),
+                )
+
+    # -- end issue 16 ----------------------------------------------------------------------
+
     def describe(self, run_id: int) -> dict[str, Any] | None:
         """Everything known about one run, for `mosaic show`."""
         row = self.conn.execute(
@@ -627,7 +692,13 @@ class Store:
             "seed": record.seed if record else None,
             "epochs_target": record.epochs_target if record else None,
             "checkpoint_epoch": record.checkpoint_epoch if record else None,
+            "provenance": provenance.read(self.conn, run_id),  # issue 16
         }
+
+
+def _sql_value(value: Any) -> Any:
+    """A bool as SQLite's 0/1; anything else unchanged."""
+    return int(value) if isinstance(value, bool) else value
 
 
 class DaemonState:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mosaic_client import schema
-from mosaic_client.contract import MODULE_FIELDS
+from mosaic_client.contract import MODULE_FIELDS, PROCESS_SEED_PARAM, run_info_key_problem
 from mosaic_client.protocol import ErrorCode
 from mosaicd.errors import Refused
 from mosaicd.pool import Slot
@@ -95,6 +95,12 @@ def submission_problem(
                     return f"each module needs a {name!r} string; got {module!r:.120}"
             if not all(isinstance(k, str) and isinstance(v, _SCALAR) for k, v in module.items()):
                 return f"module values must be numbers or strings; got {module!r:.120}"
+            for key in module:
+                # The config checks refuse these too; a hand-made request must not record a
+                # param the class never received either.
+                problem = run_info_key_problem(str(module.get("name") or module["class"]), key)
+                if problem:
+                    return problem
     return None
 
 
@@ -140,6 +146,8 @@ def run_params(
     for name, value in process.items():
         if value is None:
             continue
+        # The [PROCESS] seed has its own row: `seed` is the run's own seed (below).
+        name = PROCESS_SEED_PARAM if name == "seed" else name
         params[name] = ",".join(value) if isinstance(value, list) else value
     params["pipeline"] = json.dumps(modules)
     for module in modules:

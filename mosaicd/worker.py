@@ -278,6 +278,7 @@ class Worker:
         channel = execution.Channel(
             on_epoch=lambda event: self.send("epoch", **event),
             park_requested=lambda: self.park_requested(run_id),
+            on_provenance=lambda record: self.send("provenance", run_id=run_id, **record),
         )
         outcome: tuple[str, dict[str, Any]]
         try:
@@ -347,6 +348,13 @@ def start(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name, value in cuda_check_environment(isolation).items():
         os.environ.setdefault(name, value)
+    if slot.startswith("cuda"):
+        # issue 16: cuBLAS reads this once, when CUDA is first used (warm-up may do it), so a
+        # later `deterministic = true` run could not set it in time. The deterministic
+        # workspace setting costs a GPU worker little; a value set by the user is kept.
+        from mosaic_client.provenance import CUBLAS_DETERMINISTIC
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     from mosaicd import execution  # imports torch: once per worker, not once per run
 
     if warms_up(isolation, slot):

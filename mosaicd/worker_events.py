@@ -32,6 +32,8 @@ class WorkerEvents(SchedulerCore):
             self._on_failed(worker, message)
         elif kind == "parked":
             self._on_parked(worker, message)
+        elif kind == "provenance":
+            self._on_provenance(worker, message)
 
     def _active_for(self, worker: WorkerHandle, run_id: int) -> ActiveRun | None:
         if worker.run is None or worker.run[1] != run_id:
@@ -98,6 +100,14 @@ class WorkerEvents(SchedulerCore):
         )
         # A failed run may have left the process in any state: start the next one fresh.
         self._finish(run, worker, recycle=True)
+
+    def _on_provenance(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        # issue 16: what the run loaded and ran in, stored in one transaction.
+        run = self._active_for(worker, message["run_id"])
+        if run is not None:
+            self._studies[run.study].record_provenance(
+                run.record.run_id, message["environment"], message["code"]
+            )
 
     def _on_parked(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         run = self._ended(worker, message)

@@ -268,6 +268,7 @@ def test_process_and_monitor_defaults(project: Path) -> None:
         "optimizer": "Adam",
         "accuracy": "none",
         "seed": None,
+        "deterministic": False,
     }
     assert expanded.monitor == {
         "need_gpu": False,

@@ -92,7 +92,13 @@ def test_start_serves_runs_until_told_to_exit(
         hello = receive()
         assert hello["type"] == "hello" and hello["pid"] == proc.pid and hello["slot"] == "cpu"
         sock.send_multipart([b"w1", protocol.worker_message("run", spec=spec)])
-        epoch, done = receive(), receive()
+        provenance, epoch, done = receive(), receive(), receive()
+        # What the run loaded and ran in comes first, once it is built (issue 16).
+        assert (provenance["type"], provenance["run_id"]) == ("provenance", 7)
+        assert [e["path"] for e in provenance["code"]] == [
+            str(tmp_path / "probe.py"),
+            str(tmp_path / "classes.py"),
+        ]
         assert (epoch["type"], epoch["run_id"], epoch["epoch"]) == ("epoch", 7, 1)
         assert done["type"] == "done", done
         assert done["results"]["epochs"] == 1

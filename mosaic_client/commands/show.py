@@ -60,7 +60,46 @@ def run_text(info: dict[str, Any]) -> list[str]:
         lines.append(f"  queued: {info['queued_ahead']} run(s) of this study start before it")
     if info["history"]:
         lines.append(f"  epochs recorded: {len(info['history'])}")
+    lines += provenance_text(info.get("provenance"))
     if info["status"] == contract.FAILED and info.get("return_status"):
         lines.append("  failure:")
         lines.append("    " + info["return_status"].replace("\n", "\n    "))
     return lines
+
+
+def provenance_text(record: dict[str, Any] | None) -> list[str]:
+    """The provenance lines of `mosaic show` (mosaic_client.provenance.read's record)."""
+    if not record:
+        return ["  provenance: none recorded (not started yet, or run before Mosaic recorded it)"]
+    lines = ["  provenance:"]
+    env = record.get("environment")
+    if env:
+        lines.append(
+            f"    python {env['python']}, torch {env['torch']}, CUDA {env['cuda'] or '-'}, "
+            f"cuDNN {env['cudnn'] or '-'}"
+        )
+        lines.append(
+            f"    device {env['device']} ({env['device_name']}), {env['threads']} torch thread(s)"
+        )
+        lines.append("    determinism: " + determinism_text(env))
+    for entry in record.get("code", []):
+        git = "no git repository"
+        if entry.get("git_commit"):
+            git = f"git {entry['git_commit'][:12]}" + (
+                " (uncommitted changes)" if entry.get("git_dirty") else ""
+            )
+        lines.append(
+            f"    [{entry['section']}] {entry['path']}: sha256 {entry['sha256'][:16]}, {git}"
+        )
+    return lines
+
+
+def determinism_text(env: dict[str, Any]) -> str:
+    """The determinism settings a run had, in words."""
+    flags = (
+        f"cudnn.deterministic={bool(env.get('cudnn_deterministic'))}, "
+        f"cudnn.benchmark={bool(env.get('cudnn_benchmark'))}, "
+        f"CUBLAS_WORKSPACE_CONFIG={env.get('cublas_workspace_config') or 'unset'}"
+    )
+    state = "deterministic algorithms on" if env.get("deterministic") else "off"
+    return f"{state} ({flags})"
