@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+from mosaic_client import schema
 from mosaic_client.contract import RUNNING, checkpoint_path
 from mosaicd.executor import BUSY, WorkerHandle
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
@@ -73,6 +74,7 @@ class Dispatch(SchedulerCore):
             "epochs_target": record.epochs_target,
             "start_epoch": from_epoch,
             "checkpoint_every": self._checkpoint_every,
+            "max_log_mb": schema.value(schema.MONITOR, submission.monitor, "max_log_mb"),
         }
         worker.become(BUSY)
         worker.run = (submission.study, record.run_id)
