@@ -64,6 +64,7 @@ def test_a_full_disk_stops_only_its_study(tmp: Path) -> None:
         d.cli("run", str(study_config(tmp, "b", tmp / "runs-b", 6)), db_other, check=True)
         wait_busy(d, db_full, min_epoch=1)
         filler = fill(full)
+        filled_at = time.monotonic()
 
         # The full study says why it waits, and what to do; the daemon answers throughout.
         problem, answers = None, []
@@ -75,6 +76,7 @@ def test_a_full_disk_stops_only_its_study(tmp: Path) -> None:
             problem = status["studies"][0].get("problem")
             time.sleep(0.1)
         assert problem and f"disk full in {full}" in problem and "mosaic resume" in problem
+        reported_after = time.monotonic() - filled_at
         shown = d.cli("status", "--db", db_full, check=True).stdout
         assert f"disk full in {full}: free space and `mosaic resume`" in shown
 
@@ -82,11 +84,18 @@ def test_a_full_disk_stops_only_its_study(tmp: Path) -> None:
         assert d.wait_for(db_other, total=1, timeout=60) == {**_zero(), "done": 1}
         assert d.proc.poll() is None  # type: ignore[union-attr]
         assert max(answers) < 5
+        print(
+            f"\ndisk full: reported after {reported_after:.1f} s; status answered "
+            f"{len(answers)} times, median {statistics.median(answers) * 1000:.0f} ms, max "
+            f"{max(answers) * 1000:.0f} ms; the other study finished"
+        )
+        resumed_at = time.monotonic()
 
         # Space freed: `mosaic resume` writes what waited and the full study finishes.
         filler.unlink()
         d.cli("resume", check=True)
         d.wait_for(db_full, states=("done",), total=1, timeout=90)
+        print(f"disk full: the study finished {time.monotonic() - resumed_at:.1f} s after resume")
         assert epochs_of(db_full, 1) == list(range(1, 7))
         assert query(db_full, "SELECT count(*) FROM run_results") == [(1,)]
         assert query(db_full, "PRAGMA integrity_check") == [("ok",)]
@@ -131,6 +140,11 @@ def test_a_locked_study_does_not_freeze_clients(tmp: Path) -> None:
         finally:
             outside.execute("COMMIT")
             outside.close()
+        print(
+            f"\nlocked study: {len(times)} status/pause/resume answers while locked for 6 s: "
+            f"median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms; "
+            f"`mosaic status` (CLI) {cli_time:.2f} s"
+        )
         assert statistics.median(times) < 1.0, times
         assert cli_time < 5
         assert problem and "is locked by another process" in problem
