@@ -17,7 +17,7 @@ This module must stay importable without torch: the CLI imports it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import msgpack
 
@@ -159,6 +159,9 @@ class StudyView(TypedDict):
     running: list[RunningRunView]
     done: list[FinishedRunView]
     failed: list[FinishedRunView]
+    # Why the daemon's writes to this study wait (locked by another process, disk full), and
+    # what to do; absent when they go through.
+    problem: NotRequired[str]
 
 
 class StatusReply(TypedDict, total=False):

@@ -168,6 +168,8 @@ def status_text(status: dict[str, Any], limit: int) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in study["counts"].items() if n) or "empty"
         lines.append("")
         lines.append(f"study {study['db']}: {counts}")
+        if study.get("problem"):
+            lines.append(f"  ! {study['problem']}")
         if study["running"]:
             lines.append("  Running:")
         for run in study["running"]:
@@ -269,6 +271,8 @@ def screen(
     shown = max(1, height // 4)
     for study in studies[:shown]:
         lines.append(f"study {study['db']}: {counts_text(study['counts'])}")
+        if study.get("problem"):
+            lines.append(f"  ! {study['problem']}")
     if len(studies) > shown:
         rest: dict[str, int] = {}
         for study in studies[shown:]:

@@ -288,6 +288,18 @@ KEYS: tuple[Key, ...] = (
         nullable=True,
         expects="a positive number of seconds, or None",
     ),
+    Key(
+        MONITOR,
+        "max_log_mb",
+        FLOAT,
+        "the most MiB a run's output log keeps: its first and last halves, and a line saying "
+        "how much was cut between them",
+        default=50.0,
+        minimum=0.0,
+        maximum=1e6,
+        exclusive_minimum=True,
+        label="the run log cap in MiB",
+    ),
 )
 
 BY_SECTION: dict[str, dict[str, Key]] = {

@@ -29,7 +29,7 @@ from mosaic_client.protocol import (
 )
 from mosaicd.errors import Refused
 from mosaicd.scheduler_core import SchedulerCore
-from mosaicd.store import Store, connect_readonly
+from mosaicd.store import RunRecord, Store, connect_readonly
 
 SELECT_TIMEOUT = 5.0  # seconds a selection's SQL may run in the daemon's loop
 
@@ -70,22 +70,43 @@ class Control(SchedulerCore):
     def release(self, owner_uid: int | None = None) -> ResumeReply:
         """Release the holds (every hold, or one owner's) and queue the parked runs again."""
         self._holds.release(owner_uid)
+        # `mosaic resume` is also how a user says "space is freed": write what waits first.
+        self._studies.flush(force=True)
         resumed = 0
         for path, store in self._studies.items():
-            for record in store.runs_in_state(PARKED):
-                owner = self._queue.submission(path, store, record.submission_id).owner_uid
-                if owner_uid is not None and owner != owner_uid:
-                    continue
-                store.transition(record.run_id, QUEUED, "resumed")
-                fresh = store.run_record(record.run_id)
-                if fresh:
-                    self._queue.add(path, store, fresh)
-                resumed += 1
+            owned = self._owned_by(path, store, owner_uid)
+            parked = [r.run_id for r in store.runs_in_state(PARKED) if owned(r.submission_id)]
+
+            def requeue(store: Store, owned: Callable[[int], bool] = owned) -> list[RunRecord]:
+                fresh = []
+                for record in store.runs_in_state(PARKED):
+                    if owned(record.submission_id):
+                        store.transition(record.run_id, QUEUED, "resumed")
+                        fresh.append(store.run_record(record.run_id))
+                return [r for r in fresh if r is not None]
+
+            def enqueue(records: list[RunRecord], path: str = path, store: Store = store) -> None:
+                for record in records:
+                    self._queue.add(path, store, record)
+
+            if parked:
+                self._studies.writer(path).write("resume parked runs", requeue, enqueue)
+            resumed += len(parked)
         return {
             "paused": self._holds.all,
             "resumed": resumed,
             "scope": HOLD_ALL if owner_uid is None else HOLD_OWNER,
         }
+
+    def _owned_by(self, path: str, store: Store, owner_uid: int | None) -> Callable[[int], bool]:
+        """Whether a submission of this study is of the owner (every one: None)."""
+
+        def owned(submission_id: int) -> bool:
+            if owner_uid is None:
+                return True
+            return self._queue.submission(path, store, submission_id).owner_uid == owner_uid
+
+        return owned
 
     # -- runs chosen by a selection -----------------------------------------------------------
 
@@ -123,20 +144,27 @@ class Control(SchedulerCore):
     ) -> CancelReply:
         run_ids = self._select(db, selection, check)
         store = self._studies[db]
+        writer = self._studies.writer(db)
         cancelled, skipped = [], []
         for run_id in run_ids:
             status = store.status_of(run_id)
-            if status in (QUEUED, PARKED):
-                store.transition(run_id, CANCELLED, reason)
-                self._queue.drop(db, run_id)
-                cancelled.append(run_id)
-            elif status == RUNNING and (db, run_id) in self._active:
-                run = self._active[(db, run_id)]
-                store.transition(run_id, CANCELLED, f"{reason} (while running)")
-                self._executor.kill(run.worker, "cancelled")
-                cancelled.append(run_id)
-            else:
+            running = status == RUNNING and (db, run_id) in self._active
+            if status not in (QUEUED, PARKED) and not running:
                 skipped.append(run_id)
+                continue
+            detail = f"{reason} (while running)" if running else reason
+
+            # Written now, or once the study's lock goes (mosaicd.study_writer): decided then
+            # on the state it finds.
+            def cancel(store: Store, run_id: int = run_id, detail: str = detail) -> None:
+                if store.status_of(run_id) in (QUEUED, PARKED, RUNNING):
+                    store.transition(run_id, CANCELLED, detail)
+
+            writer.write(f"cancel run {run_id}", cancel)
+            self._queue.drop(db, run_id)
+            if running:
+                self._executor.kill(self._active[(db, run_id)].worker, "cancelled")
+            cancelled.append(run_id)
         return {"selected": run_ids, "cancelled": cancelled, "skipped": skipped}
 
     def rerun(
@@ -150,17 +178,22 @@ class Control(SchedulerCore):
         for run_id in run_ids:
             status = store.status_of(run_id)
             if status in (DONE, FAILED, CANCELLED):
-                with store.transaction():
+
+                def rerun(store: Store, run_id: int = run_id) -> RunRecord | None:
                     record = store.run_record(run_id)
                     assert record is not None
-                    # Continue from the last checkpoint: the target is what was trained so far
-                    # plus the extra epochs.
+                    # Continue from the last checkpoint: the target is what was trained so
+                    # far plus the extra epochs.
                     done_epochs = record.checkpoint_epoch
                     store.extend_target(run_id, done_epochs + epochs - record.epochs_target)
                     store.transition(run_id, QUEUED, f"rerun for {epochs} more epochs")
-                fresh = store.run_record(run_id)
-                if fresh:
-                    self._queue.add(db, store, fresh)
+                    return store.run_record(run_id)
+
+                def enqueue(fresh: RunRecord | None) -> None:
+                    if fresh:
+                        self._queue.add(db, store, fresh)
+
+                self._studies.writer(db).write(f"rerun run {run_id}", rerun, enqueue)
                 queued.append(run_id)
             else:
                 skipped.append(run_id)
@@ -176,7 +209,9 @@ class Control(SchedulerCore):
                 f"no run {', '.join(map(str, unknown[:10]))} in {db}; nothing was changed",
             )
         _check_owners(store, sorted({c[0] for c in changes}), check)
-        store.set_params(changes)
+        self._studies.writer(db).write(
+            f"rekey {len(changes)} param(s)", lambda store: store.set_params(changes)
+        )
         return {"changed": len(changes)}
 
 

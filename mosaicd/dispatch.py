@@ -6,10 +6,11 @@ import logging
 import os
 from typing import Any
 
+from mosaic_client import schema
 from mosaic_client.contract import RUNNING, checkpoint_path
 from mosaicd.executor import BUSY, WorkerHandle
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
-from mosaicd.store import RunRecord
+from mosaicd.store import RunRecord, Store, StoreError
 from mosaicd.submissions import Submission
 
 log = logging.getLogger("mosaicd")
@@ -31,6 +32,8 @@ class Dispatch(SchedulerCore):
         def startable(submission: Submission) -> bool:
             return (
                 not self._holds.keeps(submission.owner_uid)
+                # A study whose writes wait (locked, disk full) starts nothing until they land.
+                and not self._studies.writer(submission.study).blocked
                 and submission.running < submission.cap
                 and submission.allows(worker.slot)
             )
@@ -38,23 +41,29 @@ class Dispatch(SchedulerCore):
         found = self._queue.take_next(startable)
         if found is None:
             return False
-        self._start(worker, *found)
-        return True
+        return self._start(worker, *found)
 
-    def _start(self, worker: WorkerHandle, submission: Submission, record: RunRecord) -> None:
+    def _start(self, worker: WorkerHandle, submission: Submission, record: RunRecord) -> bool:
         store = self._studies[submission.study]
         run_files = submission.process["run_files_path"]
         from_epoch = record.checkpoint_epoch
         if from_epoch and not os.path.exists(checkpoint_path(run_files, record.run_id)):
             from_epoch = 0
-        with store.transaction():
+        detail = (
+            f"on {worker.slot.label} (worker {worker.worker_id}, pid {worker.pid}) "
+            f"from epoch {from_epoch}"
+        )
+
+        def start(store: Store) -> None:
             store.truncate_history(record.run_id, from_epoch)
-            store.transition(
-                record.run_id,
-                RUNNING,
-                f"on {worker.slot.label} (worker {worker.worker_id}, pid "
-                f"{worker.pid}) from epoch {from_epoch}",
-            )
+            store.transition(record.run_id, RUNNING, detail)
+
+        try:
+            self._studies.writer(submission.study).try_now(start)
+        except StoreError:
+            # Locked or full: the run stays first in its queue; its study's writer says why.
+            self._queue.put_back(submission.study, record)
+            return False
         spec: dict[str, Any] = {
             "run_id": record.run_id,
             "process": submission.process,
@@ -65,6 +74,7 @@ class Dispatch(SchedulerCore):
             "epochs_target": record.epochs_target,
             "start_epoch": from_epoch,
             "checkpoint_every": self._checkpoint_every,
+            "max_log_mb": schema.value(schema.MONITOR, submission.monitor, "max_log_mb"),
         }
         worker.become(BUSY)
         worker.run = (submission.study, record.run_id)
@@ -78,3 +88,4 @@ class Dispatch(SchedulerCore):
             epoch=from_epoch,
         )
         self._send(worker, "run")(spec=spec)
+        return True

@@ -184,6 +184,9 @@ class Pool(Executor):
             env=worker_environment(slot, self.cpu_threads),
             stdin=subprocess.DEVNULL,
             close_fds=True,
+            # Its own process group: when a worker is killed (cancel, timeout), what its run
+            # started goes with it (reap), as the worker itself ends leftovers after each run.
+            process_group=0,
         )
         handle = WorkerHandle(worker_id, slot, proc)
         self.workers[worker_id] = handle
@@ -246,6 +249,7 @@ class Pool(Executor):
         for handle in list(self.workers.values()):
             code = handle.proc.poll()
             if code is not None:
+                _kill_group(handle.pid)
                 del self.workers[handle.worker_id]
                 self.meter.forget(handle.pid)
                 dead.append((handle, code))
@@ -263,7 +267,16 @@ class Pool(Executor):
             except subprocess.TimeoutExpired:
                 handle.proc.kill()
                 handle.proc.wait()
+            _kill_group(handle.pid)
         self.workers.clear()
+
+
+def _kill_group(pid: int) -> None:
+    """End what is left in a dead worker's process group (processes its run forked)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def describe_exit(code: int) -> str:

@@ -18,7 +18,7 @@ from mosaic_client.contract import MAX_REPETITIONS_ADDED, REPETITION_PARAMS
 from mosaic_client.protocol import ErrorCode, RepeatedGroup, RepeatReply
 from mosaicd.control import Control, OwnerCheck
 from mosaicd.errors import Refused
-from mosaicd.store import RunRecord, Store
+from mosaicd.store import RunRecord, Store, StoreError
 from mosaicd.submissions import Run, check_submission, repetition
 
 # The most runs one request may queue: a selection of every group of a large study times a big
@@ -166,11 +166,12 @@ class Repetitions(Control):
             check_submission(
                 process, batch.submission["monitor"], pipelines, self._executor.slot_count("cuda")
             )
-        new: list[tuple[_Batch, int, list[int]]] = []
-        with store.transaction():  # every new run, or none
+
+        def add_all(study: Store) -> list[tuple[_Batch, int, list[int]]]:
+            added = []
             for batch in batches:
                 sub = batch.submission
-                submission_id, run_ids = store.add_submission(
+                submission_id, run_ids = study.add_submission(
                     sub["owner_uid"],
                     sub["owner"] or "",
                     sub["config_path"],
@@ -180,7 +181,17 @@ class Repetitions(Control):
                     sub["monitor"],
                     batch.runs,
                 )
-                new.append((batch, submission_id, run_ids))
+                added.append((batch, submission_id, run_ids))
+            return added
+
+        # Every new run, or none, in one transaction through the study's writer: a locked or
+        # full study refuses the request rather than waiting in the daemon's loop.
+        try:
+            new = self._studies.writer(db).try_now(add_all)
+        except StoreError as exc:
+            raise Refused(
+                ErrorCode.INVALID, f"{exc}; nothing was queued: repeat again once it is solved"
+            ) from None
         for batch, submission_id, run_ids in new:
             at = 0
             for group in batch.groups:

@@ -36,6 +36,10 @@ class RunQueue:
         self.submission(study, store, record.submission_id)
         self._queues.setdefault((study, record.submission_id), deque()).append(record)
 
+    def put_back(self, study: str, record: RunRecord) -> None:
+        """A run taken by take_next that could not start: first of its submission again."""
+        self._queues.setdefault((study, record.submission_id), deque()).appendleft(record)
+
     def drop(self, study: str, run_id: int) -> None:
         for key, queue in list(self._queues.items()):
             if key[0] == study:

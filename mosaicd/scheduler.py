@@ -17,11 +17,13 @@ databases.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from mosaic_client.contract import QUEUED, RUNNING
 from mosaic_client.protocol import (
+    ErrorCode,
     PendingItem,
     ShowReply,
     StatusReply,
@@ -31,7 +33,9 @@ from mosaic_client.protocol import (
 from mosaicd import views
 from mosaicd.control import Control
 from mosaicd.dispatch import Dispatch
+from mosaicd.errors import Refused
 from mosaicd.repetitions import Repetitions
+from mosaicd.store import Store, StoreError
 from mosaicd.submissions import build_runs, check_submission
 from mosaicd.worker_events import WorkerEvents
 
@@ -44,15 +48,24 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
     def recover(self) -> None:
         """Reopen the known studies; runs that were running go back to the queue."""
         for path, store in self._studies.reopen_known():
-            for record in store.runs_in_state(RUNNING):
-                store.transition(
-                    record.run_id,
-                    QUEUED,
-                    f"daemon restarted; resumes after epoch {record.checkpoint_epoch}",
-                )
-            for record in store.runs_in_state(QUEUED):
-                self._queue.add(path, store, record)
-            log.info("study %s: %s", path, store.counts)
+
+            def requeue(store: Store) -> None:
+                for record in store.runs_in_state(RUNNING):
+                    store.transition(
+                        record.run_id,
+                        QUEUED,
+                        f"daemon restarted; resumes after epoch {record.checkpoint_epoch}",
+                    )
+
+            def enqueue(_: Any, path: str = path, store: Store = store) -> None:
+                for record in store.runs_in_state(QUEUED):
+                    self._queue.add(path, store, record)
+                log.info("study %s: %s", path, store.counts)
+
+            # A study locked or full at start-up waits (mosaicd.study_writer); the others start.
+            self._studies.writer(path).write(
+                "requeue the runs of the previous daemon", requeue, enqueue
+            )
 
     def submit(
         self,
@@ -74,9 +87,16 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         if prepare_files is not None:
             prepare_files()
         store = self._studies.open(db, create=True)
-        submission_id, run_ids = store.add_submission(
-            owner_uid, owner or "", config_path, process, monitor, runs
-        )
+        try:
+            submission_id, run_ids = self._studies.writer(db).try_now(
+                lambda s: s.add_submission(
+                    owner_uid, owner or "", config_path, process, monitor, runs
+                )
+            )
+        except StoreError as exc:
+            raise Refused(
+                ErrorCode.INVALID, f"{exc}; nothing was queued: submit again once it is solved"
+            ) from None
         for run_id in run_ids:
             record = store.run_record(run_id)
             assert record is not None
@@ -136,5 +156,15 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         self.park_all()
 
     def close(self) -> None:
-        """Close the study databases (runs still marked running resume at the next start)."""
+        """Close the study databases (runs still marked running resume at the next start).
+        Writes still waiting for a lock get a few seconds more; what a full disk or a lock
+        still holds back is lost with the daemon, and the next start goes on from the last
+        written state (runs marked running resume from their checkpoints)."""
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(w.waiting for _, w in self._studies.writers()):
+            self._studies.flush(force=True)
+            time.sleep(0.2)
+        for path, writer in self._studies.writers():
+            if writer.waiting:
+                log.error("%s: %d write(s) not written: %s", path, writer.waiting, writer.problem)
         self._studies.close_all()

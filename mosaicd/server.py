@@ -54,6 +54,12 @@ class Options:
     worker_advertise: str | None = None  # what workers connect to, if not the bound address
 
 
+def _file_identity(path: str) -> tuple[int, int, int]:
+    """Which file is at path: an inode number alone may be reused by a file made since."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
 class AlreadyRunning(Exception):
     pass
 
@@ -145,7 +151,7 @@ class Daemon:
         if self.options.socket_group is not None:
             os.chown(self.options.socket, -1, self.options.socket_group)
             os.chmod(self.options.socket, 0o660)
-        self._socket_inode = os.stat(self.options.socket).st_ino
+        self._socket_id = _file_identity(self.options.socket)
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()
@@ -234,7 +240,7 @@ class Daemon:
     def _check_socket(self) -> None:
         """Someone may delete the socket file (a /tmp cleaner): re-create it, and say so."""
         try:
-            if os.stat(self.options.socket).st_ino == self._socket_inode:
+            if _file_identity(self.options.socket) == self._socket_id:
                 return
         except FileNotFoundError:
             pass
@@ -338,7 +344,7 @@ class Daemon:
 
     def _unlink_socket(self) -> None:
         try:
-            if os.stat(self.options.socket).st_ino == self._socket_inode:
+            if _file_identity(self.options.socket) == self._socket_id:
                 os.unlink(self.options.socket)
         except OSError:
             pass

@@ -6,6 +6,7 @@ Every state change of a run goes through :meth:`Store.transition`, which records
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -188,6 +189,32 @@ class StoreError(Exception):
     """A study database that cannot be used, with a message that says what to do."""
 
 
+class StudyBusy(StoreError):
+    """Another process holds the study's write lock: the write was not made; try it later."""
+
+
+class DiskFull(StoreError):
+    """The study's filesystem is full: the write was rolled back; try it once space is freed."""
+
+
+# How long one attempt to take a study's write lock waits. The daemon's single loop must never
+# wait on one study (mosaicd.study_writer queues the study's writes and tries again later).
+BUSY_TIMEOUT_MS = 10
+
+
+def disk_full_message(path: str) -> str:
+    return f"disk full in {os.path.dirname(os.path.abspath(path))}: free space and `mosaic resume`"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return (
+        "database or disk is full" in text
+        or "no space left" in text
+        or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+    )
+
+
 @dataclass
 class RunRecord:
     """What the scheduler needs to start a run."""
@@ -233,6 +260,7 @@ class Store:
             self.conn.execute("PRAGMA synchronous = NORMAL")
             self.conn.execute("PRAGMA foreign_keys = OFF")
             self._migrate()
+            self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"{path} is not a usable SQLite database ({exc}); give a new file name or "
@@ -301,25 +329,22 @@ class Store:
     # -- transactions -------------------------------------------------------------------------
 
     def _begin(self) -> None:
-        """Take the write lock, waiting as long as another process holds it.
+        """Take the write lock, or raise StudyBusy at once (after BUSY_TIMEOUT_MS).
 
         Only mosaicd should write a study, but a user's `sqlite3` shell left in a transaction
-        holds the lock for as long as it likes. Giving up after the busy timeout would drop an
-        epoch or a result (or stop the daemon's loop); waiting loses nothing, and the log says
-        what the daemon is waiting for every busy timeout (10 s)."""
-        while True:
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                log.warning(
-                    "%s is locked by another process (%s); waiting for it to finish its "
-                    "transaction: only mosaicd should write a study database",
-                    self.path,
-                    exc,
-                )
+        holds the lock for as long as it likes. Waiting here would stop the daemon's loop for
+        every user; the caller (mosaicd.study_writer.StudyWriter) keeps the write and retries."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StudyBusy(
+                    f"{self.path} is locked by another process ({exc}); only mosaicd should "
+                    "write a study database"
+                ) from None
+            if is_disk_full(exc):
+                raise DiskFull(disk_full_message(self.path)) from None
+            raise
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -332,9 +357,18 @@ class Store:
         try:
             yield self.conn
             self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+        except BaseException as exc:
+            # A failed COMMIT (disk full) may already have rolled the transaction back: a
+            # second ROLLBACK would raise "no transaction is active" over the real cause.
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             self.counts = pending_counts
+            if isinstance(exc, (sqlite3.OperationalError, OSError)) and is_disk_full(exc):
+                raise DiskFull(disk_full_message(self.path)) from None
+            if isinstance(exc, sqlite3.OperationalError) and (
+                "locked" in str(exc) or "busy" in str(exc)
+            ):
+                raise StudyBusy(f"{self.path} is locked by another process ({exc})") from None
             raise
         finally:
             self._in_tx = False

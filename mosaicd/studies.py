@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from mosaic_client.protocol import ErrorCode
 from mosaicd.errors import Refused
 from mosaicd.store import DaemonState, Store, StoreError
+from mosaicd.study_writer import StudyWriter
 
 log = logging.getLogger("mosaicd")
 
@@ -20,6 +21,7 @@ class Studies:
     def __init__(self, state: DaemonState) -> None:
         self._state = state
         self._stores: dict[str, Store] = {}
+        self._writers: dict[str, StudyWriter] = {}  # the one door for the daemon's writes
 
     def open(self, path: str, create: bool) -> Store:
         store = self._stores.get(path)
@@ -38,6 +40,7 @@ class Studies:
         except StoreError as exc:
             raise Refused(ErrorCode.INVALID, str(exc)) from None
         self._stores[path] = store
+        self._writers[path] = StudyWriter(store)
         self._state.add_study(path)
         return store
 
@@ -60,6 +63,18 @@ class Studies:
 
     def __contains__(self, path: str) -> bool:
         return path in self._stores
+
+    def writer(self, path: str) -> StudyWriter:
+        """The study's writer (mosaicd.study_writer): every write of the scheduler goes there."""
+        return self._writers[path]
+
+    def writers(self) -> list[tuple[str, StudyWriter]]:
+        return list(self._writers.items())
+
+    def flush(self, force: bool = False) -> None:
+        """Write what waits in every study (force: a full disk is tried again too)."""
+        for writer in self._writers.values():
+            writer.flush(force)
 
     def get(self, path: str) -> Store | None:
         return self._stores.get(path)

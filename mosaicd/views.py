@@ -93,15 +93,17 @@ def status(
             for r in active.values()
             if r.study == path and (not mine or r.submission.owner_uid == uid)
         ]
-        study_views.append(
-            {
-                "db": path,
-                "counts": dict(store.counts),
-                "running": running,
-                "done": _finished(store, DONE, limit, uid, mine),
-                "failed": _finished(store, FAILED, limit, uid, mine),
-            }
-        )
+        view: StudyView = {
+            "db": path,
+            "counts": dict(store.counts),
+            "running": running,
+            "done": _finished(store, DONE, limit, uid, mine),
+            "failed": _finished(store, FAILED, limit, uid, mine),
+        }
+        writer = studies.writer(path)
+        if writer.problem:
+            view["problem"] = f"{writer.problem} ({writer.waiting} write(s) wait)"
+        study_views.append(view)
     reply: StatusReply = {
         "paused": holds.all,
         "workers": [_worker(executor, w) for w in executor.workers.values()],

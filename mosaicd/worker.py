@@ -32,6 +32,32 @@ from typing import Any, NoReturn
 import zmq
 
 from mosaic_client import contract, protocol
+from mosaicd import run_log
+
+
+def _become_subreaper() -> None:
+    # The processes a run forks and orphans are re-parented to the worker instead of PID 1, so
+    # that the worker can end them when the run ends (run_log.end_leftovers).
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_child_subreaper = 36
+        libc.prctl(pr_set_child_subreaper, 1)
+    except OSError:
+        pass
+
+
+def _report(log_path: str, text: str | None) -> None:
+    """Append a line of the daemon's to the run's log."""
+    if not text:
+        return
+    try:
+        fd = run_log.open_log(log_path)
+        try:
+            os.write(fd, (text + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def _die_with_parent() -> None:
@@ -52,10 +78,12 @@ class RedirectedOutput:
         self.path = path
 
     def __enter__(self) -> RedirectedOutput:
+        fd_check = run_log.open_log(self.path)  # refuse a link before touching fds 1 and 2
+        os.close(fd_check)
         sys.stdout.flush()
         sys.stderr.flush()
         self.saved = (os.dup(1), os.dup(2))
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = run_log.open_log(self.path)  # O_NOFOLLOW: a planted link is refused
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
@@ -212,6 +240,7 @@ class Worker:
         run_id = int(spec["run_id"])
         self.park_for = None
         self.park_signalled = False
+        before = run_log.descendants()
         read_fd, write_fd = os.pipe()
         with warnings.catch_warnings():
             # The warning is about zmq's I/O threads: the child never touches zmq (it talks
@@ -263,6 +292,9 @@ class Worker:
                             self.pending.append(message)
         os.close(read_fd)
         _, status = os.waitpid(pid, 0)
+        _report(
+            contract.run_log_path(spec["run_files_path"], run_id), run_log.end_leftovers(before)
+        )
         if status != 0:
             # The run's process crashed (segfault, os._exit, OOM kill): end this worker the same
             # way, so the daemon fails or retries the run with the real cause.
@@ -281,8 +313,10 @@ class Worker:
             on_provenance=lambda record: self.send("provenance", run_id=run_id, **record),
         )
         outcome: tuple[str, dict[str, Any]]
+        before = run_log.descendants()
+        max_bytes = int(float(spec.get("max_log_mb") or 50) * 2**20)
         try:
-            with RedirectedOutput(log_path):
+            with run_log.LogCap(log_path, max_bytes), RedirectedOutput(log_path):
                 try:
                     result = execution.execute(spec, channel)
                     outcome = ("done", {"results": result["results"], "files": result["files"]})
@@ -298,6 +332,8 @@ class Worker:
                         else f"{type(exc).__name__}: {exc}"
                     )
                     outcome = ("failed", {"error": message, "traceback": text})
+        except run_log.RunLogRefused as exc:
+            outcome = ("failed", {"error": exc.strerror, "traceback": ""})
         except OSError as exc:  # the log file itself could not be written (disk full, perms)
             outcome = (
                 "failed",
@@ -308,6 +344,7 @@ class Worker:
                 state.restore()
             else:
                 drop_user_modules()
+            _report(log_path, run_log.end_leftovers(before))
         self.send(outcome[0], run_id=run_id, **outcome[1])
 
 
@@ -343,6 +380,7 @@ def start(
         )
     if die_with_parent:
         _die_with_parent()
+    _become_subreaper()
     # The daemon stops workers itself; a Ctrl-C in the daemon's terminal must not kill a run
     # before the daemon has checkpointed it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -12,6 +12,7 @@ from mosaic_client.contract import FAILED, PARKED, QUEUED, RUNNING, run_log_path
 from mosaicd.executor import IDLE, STOPPING, WorkerHandle
 from mosaicd.pool import describe_exit
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
+from mosaicd.store import RunRecord, Store, disk_full_message, is_disk_full
 
 log = logging.getLogger("mosaicd")
 
@@ -60,11 +61,31 @@ class WorkerEvents(SchedulerCore):
         self._pending_epochs.setdefault(run.study, []).append(event)
 
     def flush_epochs(self) -> None:
-        """Write the epochs received since the last flush, one transaction per study."""
+        """Hand the epochs received since the last flush to their studies' writers (one
+        transaction per study), and write what waits for a lock that went (mosaicd.study_writer).
+        A study whose disk just filled up has its training runs asked to park."""
         for study, events in self._pending_epochs.items():
             if events:
-                self._studies[study].record_epochs(events)
+                batch = list(events)
+                self._studies.writer(study).write(
+                    f"{len(batch)} epoch(s)", lambda store, b=batch: store.record_epochs(b)
+                )
         self._pending_epochs.clear()
+        self._studies.flush()
+        for study, writer in self._studies.writers():
+            if writer.disk_full and not writer.full_handled:
+                writer.full_handled = True
+                parked = self._park_study(study)
+                log.error("%s; asked its %d training run(s) to park", writer.problem, parked)
+
+    def _park_study(self, study: str) -> int:
+        count = 0
+        for run in self._active.values():
+            if run.study == study and not run.park_sent:
+                self._send(run.worker, "park")(run_id=run.record.run_id)
+                run.park_sent = True
+                count += 1
+        return count
 
     def _finish(self, run: ActiveRun, worker: WorkerHandle, recycle: bool) -> None:
         self._active.pop((run.study, run.record.run_id), None)
@@ -87,17 +108,37 @@ class WorkerEvents(SchedulerCore):
             f"done: {results.get('epochs')} epochs, train_loss "
             f"{results.get('train_loss'):.6g}, test_loss {results.get('test_loss'):.6g}"
         )
-        self._studies[run.study].finish_run(run.record.run_id, results, summary)
+        run_id = run.record.run_id
+        self._studies.writer(run.study).write(
+            f"run {run_id} done", lambda store: store.finish_run(run_id, results, summary)
+        )
         self._finish(run, worker, recycle=False)
 
     def _on_failed(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         run = self._ended(worker, message)
         if run is None:
             return
-        text = f"{message['error']}\n\n{message['traceback']}"
-        self._studies[run.study].transition(
-            run.record.run_id, FAILED, message["error"][:500], return_status=text
-        )
+        run_id = run.record.run_id
+        writer = self._studies.writer(run.study)
+        if is_disk_full(Exception(message["error"])):
+            # Not the run's fault: it waits, parked at its last checkpoint, for space and
+            # `mosaic resume`.
+            where = run.submission.process["run_files_path"]
+            text = disk_full_message(os.path.join(where, "x"))
+            if writer.disk_full and writer.problem:
+                text = writer.problem
+            writer.write(
+                f"run {run_id} parked",
+                lambda store: store.transition(run_id, PARKED, text, return_status=text),
+            )
+        else:
+            text = f"{message['error']}\n\n{message['traceback']}"
+            writer.write(
+                f"run {run_id} failed",
+                lambda store: store.transition(
+                    run_id, FAILED, message["error"][:500], return_status=text
+                ),
+            )
         # A failed run may have left the process in any state: start the next one fresh.
         self._finish(run, worker, recycle=True)
 
@@ -105,23 +146,33 @@ class WorkerEvents(SchedulerCore):
         # issue 16: what the run loaded and ran in, stored in one transaction.
         run = self._active_for(worker, message["run_id"])
         if run is not None:
-            self._studies[run.study].record_provenance(
-                run.record.run_id, message["environment"], message["code"]
+            run_id = run.record.run_id
+            self._studies.writer(run.study).write(
+                f"provenance of run {run_id}",
+                lambda store: store.record_provenance(
+                    run_id, message["environment"], message["code"]
+                ),
             )
 
     def _on_parked(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         run = self._ended(worker, message)
         if run is None:
             return
-        store = self._studies[run.study]
         run_id = run.record.run_id
-        store.set_checkpoint_epoch(run_id, message["epoch"])
+        epoch = message["epoch"]
+        writer = self._studies.writer(run.study)
         if self.shutting_down:
-            store.transition(
-                run_id, QUEUED, f"daemon stopping; checkpointed at epoch {message['epoch']}"
-            )
+            to, detail = QUEUED, f"daemon stopping; checkpointed at epoch {epoch}"
+        elif writer.disk_full and writer.problem:
+            to, detail = PARKED, f"{writer.problem} (parked at epoch {epoch})"
         else:
-            store.transition(run_id, PARKED, f"parked at epoch {message['epoch']}")
+            to, detail = PARKED, f"parked at epoch {epoch}"
+
+        def park(store: Store) -> None:
+            store.set_checkpoint_epoch(run_id, epoch)
+            store.transition(run_id, to, detail)
+
+        writer.write(f"run {run_id} parked", park)
         self._finish(run, worker, recycle=False)
 
     def on_worker_exit(self, worker: WorkerHandle, code: int) -> None:
@@ -134,34 +185,43 @@ class WorkerEvents(SchedulerCore):
     def _settle_run_of_dead_worker(self, run: ActiveRun, worker: WorkerHandle, code: int) -> None:
         run.submission.running -= 1
         self.flush_epochs()
-        store = self._studies[run.study]
+        study = run.study
         run_id = run.record.run_id
         if worker.killed_for:
             cause = worker.killed_for
         else:
             cause = f"worker (pid {worker.pid}, {worker.slot.label}) {describe_exit(code)}"
         tail = _log_tail(run_log_path(run.submission.process["run_files_path"], run_id))
-        status = store.status_of(run_id)
-        if status != RUNNING:
-            pass  # cancelled or otherwise settled by the daemon before the kill
-        elif (
+        retry = (
             (not worker.killed_for or worker.killed_for.startswith("worker"))
             and run.record.attempts < run.submission.retries
             and not self.shutting_down
-        ):
-            store.transition(run_id, QUEUED, f"{cause}; retrying")
-            record = store.run_record(run_id)
-            if record:
-                self._queue.add(run.study, store, record)
-        elif self.shutting_down:
-            store.transition(run_id, QUEUED, "daemon stopping")
-        else:
-            store.transition(
-                run_id,
-                FAILED,
-                cause,
-                return_status=(f"{cause}\n\nlast lines of the run's output:\n{tail}"),
-            )
+        )
+        shutting_down = self.shutting_down
+
+        # Decided on the state the write finds (it may be written late: mosaicd.study_writer).
+        def settle(store: Store) -> RunRecord | None:
+            if store.status_of(run_id) != RUNNING:
+                return None  # cancelled or otherwise settled by the daemon before the kill
+            if retry:
+                store.transition(run_id, QUEUED, f"{cause}; retrying")
+                return store.run_record(run_id)
+            if shutting_down:
+                store.transition(run_id, QUEUED, "daemon stopping")
+            else:
+                store.transition(
+                    run_id,
+                    FAILED,
+                    cause,
+                    return_status=(f"{cause}\n\nlast lines of the run's output:\n{tail}"),
+                )
+            return None
+
+        def requeue(record: RunRecord | None) -> None:
+            if record is not None:
+                self._queue.add(study, self._studies[study], record)
+
+        self._studies.writer(study).write(f"run {run_id} settled", settle, requeue)
 
     def check_timeouts(self) -> None:
         now = time.time()

@@ -277,6 +277,7 @@ def test_process_and_monitor_defaults(project: Path) -> None:
         "multiplicity": 1,
         "retries": 0,
         "timeout": None,
+        "max_log_mb": 50.0,
     }
     assert isinstance(expanded.process["lr"], float)
 

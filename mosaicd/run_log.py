@@ -1,0 +1,147 @@
+"""A run's output log: opened safely, capped, and told about what the run left behind.
+
+Capping (MONITOR max_log_mb, issue 18): fds 1 and 2 point at the log file itself, so Python and
+C-level output alike land there, and a crash (segfault, kill) loses nothing already written. A
+watcher thread of the worker checks the file's size every CHECK_EVERY_S; past the cap it keeps
+the first half and the latest half, and writes between them, in place, one fixed-width line
+that says how many bytes were cut so far. The file may overshoot the cap by what the run writes
+in CHECK_EVERY_S, and output written during the few milliseconds of a trim may be lost with the
+cut part. The trim copies in chunks, so the worker's memory stays bounded.
+
+Safety: the log is opened with O_NOFOLLOW: a symbolic link planted at its path is refused
+(RunLogRefused), never followed.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import psutil
+
+CHECK_EVERY_S = 0.5
+_CHUNK = 1 << 20
+_MARKER = "\n[mosaic] ... {cut:>20} bytes of output cut here: MONITOR max_log_mb keeps the first and the last halves ...\n"  # noqa: E501
+
+
+class RunLogRefused(OSError):
+    """The log's path cannot be used (a symbolic link): a message that says what to do."""
+
+
+def open_log(path: str, append: bool = True) -> int:
+    # Appending for the run's output; read-write in place for the trim.
+    flags = os.O_CREAT | os.O_NOFOLLOW | (os.O_WRONLY | os.O_APPEND if append else os.O_RDWR)
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RunLogRefused(
+                exc.errno,
+                f"refusing to write the run log {path}: it is a symbolic link; remove it (a run "
+                "log is never written through a link)",
+            ) from None
+        raise
+
+
+def marker(cut: int) -> bytes:
+    return _MARKER.format(cut=cut).encode()
+
+
+class LogCap:
+    """Keeps the log at `path` near `max_bytes` while a run writes it (a thread)."""
+
+    def __init__(self, path: str, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max(4096, max_bytes)
+        self.cut = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="mosaic-log-cap", daemon=True)
+
+    def __enter__(self) -> LogCap:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.trim()
+        except OSError:
+            pass  # the run's outcome stands; a full disk is reported by its own writes
+
+    def _watch(self) -> None:
+        while not self._stop.wait(CHECK_EVERY_S):
+            try:
+                self.trim()
+            except OSError:
+                pass  # a full disk or a vanished file: the run's own writes say so
+
+    def trim(self) -> None:
+        """Cut the middle of the log when it is over the cap."""
+        fd = open_log(self.path, append=False)
+        try:
+            size = os.fstat(fd).st_size
+            if size <= self.max_bytes:
+                return
+            mark = len(marker(0))
+            head = self.max_bytes // 2
+            dest = head + mark
+            tail = max(0, self.max_bytes - dest)
+            start = size - tail
+            # Copy forward in chunks (dest < start), then whatever the run wrote meanwhile.
+            written = dest
+            while True:
+                while start < size:
+                    chunk = os.pread(fd, min(_CHUNK, size - start), start)
+                    if not chunk:
+                        break
+                    os.pwrite(fd, chunk, written)
+                    start += len(chunk)
+                    written += len(chunk)
+                grown = os.fstat(fd).st_size
+                if grown <= size:
+                    break
+                size = grown
+            self.cut += start - written
+            os.pwrite(fd, marker(self.cut), head)
+            os.ftruncate(fd, written)
+        finally:
+            os.close(fd)
+
+
+def new_descendants(before: set[int]) -> list[psutil.Process]:
+    """This process's descendants that were not there before the run (with the subreaper bit a
+    run's orphans are ours too)."""
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    return [p for p in children if p.pid not in before]
+
+
+def descendants() -> set[int]:
+    try:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def end_leftovers(before: set[int]) -> str | None:
+    """Kill and reap the processes a run started and left running; say which."""
+    left = new_descendants(before)
+    if not left:
+        return None
+    described = []
+    for proc in left:
+        try:
+            described.append(f"{proc.pid}: {' '.join(proc.cmdline())[:200]}")
+        except psutil.Error:
+            described.append(f"{proc.pid}")
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    # Those re-parented to this subreaper are its children: waiting reaps them.
+    psutil.wait_procs(left, timeout=5)
+    return f"[mosaic] killed {len(left)} process(es) the run left behind: " + "; ".join(described)

@@ -1,0 +1,139 @@
+"""The per-study writer: the one door through which the scheduler writes a study database.
+
+Why: the daemon has one loop for every user. A study whose database is locked by another
+process (a user's `sqlite3` shell left in `BEGIN EXCLUSIVE`) or whose filesystem is full must
+not stop that loop, or every client and every other study waits with it (issue 18).
+
+How: each write is an operation ``op(store)`` applied in one transaction (one transaction per
+state change). The writer tries it at once, without waiting for the lock (Store.BUSY_TIMEOUT_MS);
+when the study is locked or its disk is full, the operation is kept, in order, behind the
+study's earlier ones, and retried by the loop: a locked study every RETRY_BUSY_S, a full one
+when `mosaic resume` asks (Scheduler.release) or at a restart. An operation reads what it needs
+inside its own transaction, so a write applied late decides on the state it finds then; its
+in-memory consequence (``then``) runs only once it is written. The scheduler starts no run of a
+study with waiting writes.
+
+What is kept in memory is lost if the daemon dies while the study is blocked; the database
+stays as the last written transaction left it, and a restart goes on from there (runs marked
+running resume from their last checkpoint). This seam is also where a later change can move an
+owner's study writes into a process of their own (issue 17): the scheduler only hands
+operations to a StudyWriter.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mosaicd.store import DiskFull, Store, StoreError, StudyBusy
+
+log = logging.getLogger("mosaicd")
+
+RETRY_BUSY_S = 0.2  # how often the loop tries a locked study again
+RETRY_ERROR_S = 5.0  # and a study that failed with another database error
+
+Operation = Callable[[Store], Any]
+Then = Callable[[Any], None]
+
+
+@dataclass
+class _Write:
+    what: str
+    op: Operation
+    then: Then | None
+
+
+class StudyWriter:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._waiting: deque[_Write] = deque()
+        self.problem: str | None = None  # why writes wait, for `mosaic status`
+        self.disk_full = False
+        self.full_handled = False  # the scheduler has asked the study's runs to park
+        self._next_try = 0.0
+
+    @property
+    def waiting(self) -> int:
+        """How many writes wait for the lock or for space."""
+        return len(self._waiting)
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the study's writes are held up: start none of its runs."""
+        return bool(self._waiting) or self.problem is not None
+
+    def write(self, what: str, op: Operation, then: Then | None = None) -> bool:
+        """Apply `op` in one transaction now, or keep it behind the study's waiting writes.
+        Returns whether it is written."""
+        self._waiting.append(_Write(what, op, then))
+        if len(self._waiting) > 1:
+            return False
+        return self.flush(force=True)
+
+    def try_now(self, op: Operation) -> Any:
+        """Apply `op` now or raise StoreError (StudyBusy, DiskFull) and keep nothing: for writes
+        whose caller can give up (a submission is refused, a run stays queued)."""
+        if self._waiting:
+            raise StudyBusy(
+                f"{self.store.path}: {self.problem or 'earlier writes wait'}; "
+                f"{self.waiting} write(s) wait"
+            )
+        try:
+            with self.store.transaction():
+                return op(self.store)
+        except DiskFull as exc:
+            self._blocked(str(exc), full=True)
+            raise
+        except StudyBusy as exc:
+            self._blocked(str(exc), full=False)
+            raise
+
+    def flush(self, force: bool = False) -> bool:
+        """Write what waits, in order, until one cannot be written. Returns whether none waits.
+        Without `force`, a full disk waits for `mosaic resume` and a locked study is tried at
+        most every RETRY_BUSY_S."""
+        now = time.monotonic()
+        if not force and (self.disk_full or now < self._next_try):
+            return not self._waiting
+        while self._waiting:
+            item = self._waiting[0]
+            try:
+                with self.store.transaction():
+                    result = item.op(self.store)
+            except DiskFull as exc:
+                self._blocked(str(exc), full=True)
+                return False
+            except StudyBusy as exc:
+                self._blocked(str(exc), full=False)
+                return False
+            except StoreError as exc:
+                # The write no longer applies (e.g. a run settled otherwise meanwhile): it
+                # must not block the study's later writes.
+                log.error("%s: dropped %s: %s", self.store.path, item.what, exc)
+                self._waiting.popleft()
+                continue
+            except sqlite3.Error as exc:
+                self._blocked(f"cannot write {self.store.path}: {exc}", full=False)
+                self._next_try = now + RETRY_ERROR_S
+                return False
+            self._waiting.popleft()
+            if item.then is not None:
+                item.then(result)
+        if self.problem:
+            log.info("%s: writes go through again (was: %s)", self.store.path, self.problem)
+        self.problem = None
+        self.disk_full = False
+        self.full_handled = False
+        return True
+
+    def _blocked(self, problem: str, full: bool) -> None:
+        if problem != self.problem:
+            log.warning("%s: writes wait: %s", self.store.path, problem)
+        self.problem = problem
+        self.disk_full = full
+        self._next_try = time.monotonic() + RETRY_BUSY_S
