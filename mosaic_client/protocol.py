@@ -134,6 +134,9 @@ class RunningRunView(TypedDict):
     slot: str
     owner: str | None
     elapsed: float
+    # The run ids training together with it in one ensemble (docs/ensembles.md), itself
+    # included; None when it trains alone.
+    group: list[int] | None
 
 
 class FinishedRunView(TypedDict, total=False):
@@ -211,6 +214,11 @@ class LiveView(TypedDict):
     pid: int | None
 
 
+class EnsembleView(TypedDict):
+    members: list[int]  # the runs sent together (this one included), at its latest start
+    fallback: str | None  # why they trained individually instead, when they did
+
+
 class ShowReply(TypedDict, total=False):
     run_id: int
     status: str
@@ -225,6 +233,7 @@ class ShowReply(TypedDict, total=False):
     checkpoint_epoch: int | None
     live: LiveView  # while it trains
     queued_ahead: int | None  # while it is queued
+    group: EnsembleView | None  # the ensemble it was last trained in, if any
 
 
 class StudyItem(TypedDict):
@@ -271,12 +280,20 @@ WORKER_MESSAGES: dict[str, tuple[Field, ...]] = {
     "failed": (_f("run_id", int), _f("error", str), _f("traceback", str)),
     # Stopped at an epoch boundary on request, after writing its checkpoint.
     "parked": (_f("run_id", int), _f("epoch", int)),
+    # A member of a group stopped on a `cancel` message, after this epoch (no checkpoint).
+    "cancelled": (_f("run_id", int), _f("epoch", int)),
+    # A group could not train as an ensemble: its members train one by one, for this reason.
+    "fallback": (_f("run_ids", list), _f("reason", str)),
 }
 
 # Daemon -> worker messages.
 DAEMON_TO_WORKER: dict[str, tuple[Field, ...]] = {
     "run": (_f("spec", dict),),
+    # An ensemble: the specs of its members, each as a "run" would carry it.
+    "run_group": (_f("specs", list),),
     "park": (_f("run_id", int),),
+    # Stop one member of a group at its next epoch boundary (an individual run is killed).
+    "cancel": (_f("run_id", int),),
     "exit": (),
 }
 

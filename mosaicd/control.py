@@ -133,7 +133,12 @@ class Control(SchedulerCore):
             elif status == RUNNING and (db, run_id) in self._active:
                 run = self._active[(db, run_id)]
                 store.transition(run_id, CANCELLED, f"{reason} (while running)")
-                self._executor.kill(run.worker, "cancelled")
+                if len(run.worker.group) > 1:
+                    # Killing the worker would take the rest of its ensemble: the member stops
+                    # at its next epoch boundary and the worker reports it (WorkerEvents).
+                    self._send(run.worker, "cancel")(run_id=run_id)
+                else:
+                    self._executor.kill(run.worker, "cancelled")
                 cancelled.append(run_id)
             else:
                 skipped.append(run_id)

@@ -6,13 +6,18 @@ import logging
 import os
 from typing import Any
 
+from mosaic_client import schema
 from mosaic_client.contract import RUNNING, checkpoint_path
+from mosaicd.ensemble_groups import group_key, group_size
 from mosaicd.executor import BUSY, WorkerHandle
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
 from mosaicd.store import RunRecord
 from mosaicd.submissions import Submission
 
 log = logging.getLogger("mosaicd")
+
+# How many groups' worth of a submission's queue dispatch looks through for ensemble mates.
+MATE_WINDOW_GROUPS = 4
 
 
 class Dispatch(SchedulerCore):
@@ -42,20 +47,54 @@ class Dispatch(SchedulerCore):
         return True
 
     def _start(self, worker: WorkerHandle, submission: Submission, record: RunRecord) -> None:
+        """Start `record` on the worker, with the queued repetitions of its pipeline that train
+        together with it when its submission has [MONITOR] ensemble = auto."""
         store = self._studies[submission.study]
+        members = [(record, self._spec(worker, submission, record))]
+        members += self._ensemble_mates(worker, submission, members[0][1])
+        run_ids = [r.run_id for r, _ in members]
+        grouped = len(members) > 1
+        where = f"on {worker.slot.label} (worker {worker.worker_id}, pid {worker.pid})"
+        with store.transaction():  # one transaction for the whole group: it starts at once
+            for member, spec in members:
+                store.truncate_history(member.run_id, spec["start_epoch"])
+                together = f" in an ensemble with runs {run_ids}" if grouped else ""
+                store.transition(
+                    member.run_id,
+                    RUNNING,
+                    f"{where}{together} from epoch {spec['start_epoch']}",
+                )
+            if grouped:
+                store.record_ensemble(run_ids)
+        worker.become(BUSY)
+        worker.run = (submission.study, record.run_id)
+        worker.group = set(run_ids) if grouped else set()
+        worker.recycle_after_group = False
+        submission.running += 1  # a group takes one worker: nb_processus counts workers
+        for member, spec in members:
+            self._active[(submission.study, member.run_id)] = ActiveRun(
+                submission.study,
+                member,
+                submission,
+                worker,
+                store.pipeline_text(member.run_id),
+                epoch=spec["start_epoch"],
+                group=run_ids if grouped else None,
+            )
+        if grouped:
+            self._send(worker, "run_group")(specs=[spec for _, spec in members])
+        else:
+            self._send(worker, "run")(spec=members[0][1])
+
+    def _spec(
+        self, worker: WorkerHandle, submission: Submission, record: RunRecord
+    ) -> dict[str, Any]:
+        """What the worker needs to train the run (a "run" message's spec)."""
         run_files = submission.process["run_files_path"]
         from_epoch = record.checkpoint_epoch
         if from_epoch and not os.path.exists(checkpoint_path(run_files, record.run_id)):
             from_epoch = 0
-        with store.transaction():
-            store.truncate_history(record.run_id, from_epoch)
-            store.transition(
-                record.run_id,
-                RUNNING,
-                f"on {worker.slot.label} (worker {worker.worker_id}, pid "
-                f"{worker.pid}) from epoch {from_epoch}",
-            )
-        spec: dict[str, Any] = {
+        return {
             "run_id": record.run_id,
             "process": submission.process,
             "modules": record.modules,
@@ -66,15 +105,35 @@ class Dispatch(SchedulerCore):
             "start_epoch": from_epoch,
             "checkpoint_every": self._checkpoint_every,
         }
-        worker.become(BUSY)
-        worker.run = (submission.study, record.run_id)
-        submission.running += 1
-        self._active[(submission.study, record.run_id)] = ActiveRun(
-            submission.study,
-            record,
-            submission,
-            worker,
-            store.pipeline_text(record.run_id),
-            epoch=from_epoch,
+
+    def _ensemble_mates(
+        self, worker: WorkerHandle, submission: Submission, lead: dict[str, Any]
+    ) -> list[tuple[RunRecord, dict[str, Any]]]:
+        """The queued runs of the submission that train together with `lead`, taken off the
+        queue: same group key (same pipeline, epochs and start epoch), as many as
+        ensemble_groups.group_size gives this worker."""
+        if schema.value(schema.MONITOR, submission.monitor, "ensemble") != "auto":
+            return []
+        key = group_key(lead)
+        if key is None:
+            return []
+        ensemble_max = int(schema.value(schema.MONITOR, submission.monitor, "ensemble_max"))
+        specs: dict[int, dict[str, Any]] = {}
+
+        def mate(record: RunRecord) -> bool:
+            spec = specs.setdefault(record.run_id, self._spec(worker, submission, record))
+            return group_key(spec) == key
+
+        # Repetitions are queued next to each other: look a few groups ahead, not at the
+        # whole queue, so that dispatch stays cheap with thousands of queued runs.
+        window = ensemble_max * MATE_WINDOW_GROUPS
+        matching = self._queue.count_queued(submission, mate, window)
+        idle = min(
+            len(self._executor.idle(worker.slot.kind)),  # this worker among them
+            max(1, submission.cap - submission.running),
         )
-        self._send(worker, "run")(spec=spec)
+        size = group_size(matching + 1, idle, ensemble_max)
+        if size <= 1:
+            return []
+        taken = self._queue.take_queued(submission, mate, window, size - 1)
+        return [(record, specs[record.run_id]) for record in taken]
