@@ -9,6 +9,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def slow_group(root: Path, ensemble: str = "auto") -> tuple[Path, str]:
     )
     cfg.write_text(
         cfg.read_text()
-        .replace("data_size = 200", "data_size = 2000")
+        .replace("data_size = 200", "data_size = 1600")
         .replace("batch_size = 20", "batch_size = 10")
     )
     return cfg, str(root / "s.db")
@@ -217,7 +218,8 @@ class bn_mlp(nn.Module):
 def small_project(root: Path, model: str, nan_seed: int) -> tuple[Path, str]:
     root.mkdir(parents=True, exist_ok=True)
     model_section = (
-        f"[bn_mlp]\ntype = mlp\nclass = bn_mlp\npath_to_class = {root}/classes.py\nwidth = 4\nkey = bn"
+        f"[bn_mlp]\ntype = mlp\nclass = bn_mlp\npath_to_class = {root}/classes.py\n"
+        "width = 4\nkey = bn"
         if model == "bn"
         else f"[mlp_funnel]\ntype = mlp\nclass = mlp_funnel\npath_to_class = {EXAMPLE}/mlp.py\n"
         "length = 2\nwidth = 3\nkey = mlp"
@@ -297,7 +299,7 @@ def test_kill_9_of_the_daemon_mid_group_resumes_every_member_once(
     reference: str, tmp: Path
 ) -> None:
     # Process isolation: the group trains in a child the worker forks.
-    d = Daemon(tmp, "--checkpoint-every", "0", "--isolation", "process")
+    d = Daemon(tmp, "--checkpoint-every", "0", "--isolation", "process", workers=1)
     cfg, db = slow_group(tmp / "study")
     d.start()
     try:
@@ -317,3 +319,39 @@ def test_kill_9_of_the_daemon_mid_group_resumes_every_member_once(
         assert done == [(1,)]
     assert query(db, "SELECT status FROM runs") == [("done",)] * MEMBERS
     assert_close(numbers(db), numbers(reference))
+
+
+# -- the dispatch's pure parts ----------------------------------------------------------------
+
+
+def test_group_size_shares_the_repetitions_over_the_idle_workers() -> None:
+    from mosaicd.ensemble_groups import group_size
+
+    assert group_size(16, 2, 16) == 8  # two groups side by side
+    assert group_size(16, 1, 16) == 16
+    assert group_size(40, 1, 16) == 16  # then 16 and 8
+    assert group_size(5, 2, 16) == 3
+    assert group_size(3, 8, 16) == 1  # more idle workers than runs: each trains alone
+    assert group_size(1, 1, 16) == 1
+    assert group_size(16, 1, 1) == 1  # ensemble_max = 1: never grouped
+    assert group_size(16, 0, 4) == 4
+
+
+def test_the_queue_gives_up_only_matching_runs_within_its_window(tmp_path: Path) -> None:
+    from mosaicd.run_queue import RunQueue
+    from mosaicd.store import RunRecord
+    from mosaicd.submissions import Submission
+
+    queue = RunQueue()
+    submission = Submission("s.db", 1, None, None, {}, {})
+    queue._submissions[("s.db", 1)] = submission
+    for run_id in range(1, 9):
+        record = RunRecord(run_id, 1, [], run_id, 3, 0, 0, run_id)
+        queue._queues.setdefault(("s.db", 1), deque()).append(record)
+    even = lambda r: r.run_id % 2 == 0  # noqa: E731
+    assert queue.count_queued(submission, even, window=5) == 2
+    taken = queue.take_queued(submission, even, window=6, limit=2)
+    assert [r.run_id for r in taken] == [2, 4]
+    assert [r.run_id for r in next(iter(queue.waiting()))[1]] == [1, 3, 5, 6, 7, 8]
+    assert queue.take_queued(submission, lambda r: True, window=100, limit=100)
+    assert queue.total() == 0 and queue.take_queued(submission, even, 5, 5) == []
