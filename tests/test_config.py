@@ -276,6 +276,8 @@ def test_process_and_monitor_defaults(project: Path) -> None:
         "multiplicity": 1,
         "retries": 0,
         "timeout": None,
+        "ensemble": "auto",
+        "ensemble_max": 16,
     }
     assert isinstance(expanded.process["lr"], float)
 
