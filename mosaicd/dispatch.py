@@ -9,7 +9,7 @@ from typing import Any
 from mosaic_client import schema
 from mosaic_client.contract import RUNNING, checkpoint_path
 from mosaicd.ensemble_groups import group_key, group_size
-from mosaicd.executor import BUSY, WorkerHandle
+from mosaicd.executor import BUSY, IDLE, STARTING, WorkerHandle
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
 from mosaicd.store import RunRecord
 from mosaicd.submissions import Submission
@@ -128,10 +128,17 @@ class Dispatch(SchedulerCore):
         # whole queue, so that dispatch stays cheap with thousands of queued runs.
         window = ensemble_max * MATE_WINDOW_GROUPS
         matching = self._queue.count_queued(submission, mate, window)
-        idle = min(
-            len(self._executor.idle(worker.slot.kind)),  # this worker among them
-            max(1, submission.cap - submission.running),
+        # The workers that may take a share: idle ones (this one among them) and those still
+        # starting, which will be idle in a moment (at the daemon's start, the first worker to
+        # say hello must not take every repetition).
+        free = sum(
+            1
+            for w in self._executor.workers.values()
+            if w.slot.kind == worker.slot.kind
+            and w.state in (IDLE, STARTING)
+            and w.killed_for is None
         )
+        idle = min(max(1, free), max(1, submission.cap - submission.running))
         size = group_size(matching + 1, idle, ensemble_max)
         if size <= 1:
             return []
