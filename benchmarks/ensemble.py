@@ -9,13 +9,20 @@ group's.
 Part 2, the crossover: the same study at M = 16 for widths 16 to 512 (three layers of that
 width): where the ensemble stops paying.
 
+Part 3, through the daemon: the same study at M = 16 submitted to a real mosaicd (2 workers,
+nb_processus = 2) with ``[MONITOR] ensemble = auto`` and ``off``, timed from ``mosaic run`` to
+every run done, both ways alternated, best of --repeat; the ratio is off's time over auto's.
+Everything a user waits for is in it: dispatch, run states, epoch rows, results, run files.
+
     python benchmarks/ensemble.py [--epochs 2] [--repeat 2] [--quick] [--device cpu|cuda]
+    python benchmarks/ensemble.py --daemon-only [--members 16] [--epochs 2] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -121,6 +128,100 @@ def compare(m: int, width: int, epochs: int, repeat: int, device: str) -> tuple[
     return loop, best
 
 
+DAEMON_CONFIG = """
+[PROCESS]
+lr = 0.001
+epochs = {epochs}
+data_scheme = data
+pipeline_scheme = model
+loss_function = BCELoss
+accuracy = binary
+run_files_path = {root}/runs
+seed = 0
+
+[MONITOR]
+need_gpu = false
+gpu_available = None
+nb_processus = {nb_processus}
+multiplicity = {members}
+ensemble = {mode}
+
+[data]
+type = data
+class = synthetic_data
+path_to_class = {classes}
+n_batches = 80
+batch_size = 50
+n_features = 2
+key = d
+
+[model]
+type = model
+class = small_mlp
+path_to_class = {classes}
+width = 16
+key = m
+"""
+
+
+def time_through_daemon(
+    daemon: Any, mode: str, members: int, epochs: int, nb_processus: int = 2
+) -> float:
+    """Seconds from `mosaic run` to every run of a fresh study done."""
+    root = tempfile.mkdtemp(prefix=f"ens-{mode}-", dir=daemon.root)
+    cfg = os.path.join(root, "study.ini")
+    with open(cfg, "w") as fh:
+        fh.write(
+            DAEMON_CONFIG.format(
+                epochs=epochs,
+                root=root,
+                members=members,
+                mode=mode,
+                classes=CLASSES,
+                nb_processus=nb_processus,
+            )
+        )
+    db = os.path.join(root, "s.db")
+    started = time.perf_counter()
+    daemon.cli("run", cfg, db)
+    while True:
+        counts = daemon.request("status", db=db, limit=0)["studies"][0]["counts"]
+        if counts.get("done", 0) + counts.get("failed", 0) == members:
+            break
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    if counts.get("failed"):
+        raise RuntimeError(f"{counts['failed']} run(s) failed in the {mode} study")
+    return elapsed
+
+
+def through_daemon(members: int, epochs: int, repeat: int) -> None:
+    from common import BenchDaemon
+
+    daemon = BenchDaemon(workers=2).start()
+    try:
+        time_through_daemon(daemon, "auto", 4, 1)  # the workers' first vmap and first runs
+        time_through_daemon(daemon, "off", 2, 1)
+        best = {(n, mode): math.inf for n in (2, 1) for mode in ("off", "auto")}
+        for _ in range(repeat):
+            for n, mode in best:
+                took = time_through_daemon(daemon, mode, members, epochs, n)
+                best[n, mode] = min(best[n, mode], took)
+    finally:
+        daemon.stop()
+    print(
+        f"\nthrough the daemon: tiny MLP 2-16-16-1, M = {members}, {epochs} epochs of 80 "
+        f"batches of 50, 2 workers, best of {repeat}"
+    )
+    print(f"{'nb_processus':>12} {'off (s)':>8} {'auto (s)':>9} {'ratio':>7} {'runs/s auto':>12}")
+    for n in (2, 1):
+        off, auto = best[n, "off"], best[n, "auto"]
+        print(f"{n:>12} {off:>8.3f} {auto:>9.3f} {off / auto:>6.1f}x {members / auto:>12.1f}")
+    off = min(best[n, "off"] for n in (2, 1))
+    auto = min(best[n, "auto"] for n in (2, 1))
+    print(f"each at its best nb_processus: off / auto {off / auto:.1f}x", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2)
@@ -128,7 +229,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="fewer sizes, one repeat")
+    parser.add_argument(
+        "--daemon-only", action="store_true", help="only part 3, through a real mosaicd"
+    )
+    parser.add_argument("--members", type=int, default=16, help="M of part 3")
     args = parser.parse_args(argv)
+    if args.daemon_only:
+        through_daemon(args.members, args.epochs, 1 if args.quick else args.repeat)
+        return
     torch.set_num_threads(args.threads)
     repeat = 1 if args.quick else args.repeat
     execution.warm_up()
@@ -162,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{width:>6} {params:>8} {loop:>10.3f} {group:>13.3f} {loop / group:>6.1f}x {auto:>6}",
             flush=True,
         )
+    through_daemon(args.members, args.epochs, repeat)
 
 
 if __name__ == "__main__":

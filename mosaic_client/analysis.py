@@ -475,6 +475,13 @@ def describe_run(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None
             "SELECT seed, epochs_target, checkpoint_epoch FROM run_meta WHERE run_id=?",
             (run_id,),
         ).fetchone()
+    group = None
+    if "run_ensembles" in tables:  # schema 6: the ensemble it last trained in
+        found = conn.execute(
+            "SELECT members, fallback FROM run_ensembles WHERE run_id=?", (run_id,)
+        ).fetchone()
+        if found:
+            group = {"members": json.loads(found[0]), "fallback": found[1]}
     return {
         "run_id": run_id,
         "status": row[0],
@@ -488,4 +495,5 @@ def describe_run(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None
         "epochs_target": meta[1] if meta else None,
         "checkpoint_epoch": meta[2] if meta else None,
         "provenance": provenance.read(conn, run_id),
+        "group": group,
     }

@@ -136,6 +136,9 @@ class RunningRunView(TypedDict):
     slot: str
     owner: str | None
     elapsed: float
+    # The run ids training together with it in one ensemble (docs/ensembles.md), itself
+    # included; None when it trains alone.
+    group: list[int] | None
 
 
 class FinishedRunView(TypedDict, total=False):
@@ -232,6 +235,11 @@ class LiveView(TypedDict):
     pid: int | None
 
 
+class EnsembleView(TypedDict):
+    members: list[int]  # the runs sent together (this one included), at its latest start
+    fallback: str | None  # why they trained individually instead, when they did
+
+
 class ShowReply(TypedDict, total=False):
     run_id: int
     status: str
@@ -248,6 +256,7 @@ class ShowReply(TypedDict, total=False):
     queued_ahead: int | None  # while it is queued
     # What produced it (issue 16; mosaic_client.provenance.read): None before its first start.
     provenance: dict[str, Any] | None
+    group: EnsembleView | None  # the ensemble it was last trained in, if any
 
 
 class StudyItem(TypedDict):
@@ -299,12 +308,20 @@ WORKER_MESSAGES: dict[str, tuple[Field, ...]] = {
     # failed to build): "environment" holds provenance.ENVIRONMENT_FIELDS, "code" one map per
     # class file loaded (provenance.CODE_FIELDS and its "text").
     "provenance": (_f("run_id", int), _f("environment", dict), _f("code", list)),
+    # A member of a group stopped on a `cancel` message, after this epoch (no checkpoint).
+    "cancelled": (_f("run_id", int), _f("epoch", int)),
+    # A group could not train as an ensemble: its members train one by one, for this reason.
+    "fallback": (_f("run_ids", list), _f("reason", str)),
 }
 
 # Daemon -> worker messages.
 DAEMON_TO_WORKER: dict[str, tuple[Field, ...]] = {
     "run": (_f("spec", dict),),
+    # An ensemble: the specs of its members, each as a "run" would carry it.
+    "run_group": (_f("specs", list),),
     "park": (_f("run_id", int),),
+    # Stop one member of a group at its next epoch boundary (an individual run is killed).
+    "cancel": (_f("run_id", int),),
     "exit": (),
 }
 

@@ -156,6 +156,15 @@ def _worker_line(worker: dict[str, Any]) -> str:
     )
 
 
+def together(run: dict[str, Any]) -> str:
+    """Which runs a running run trains with in one ensemble (docs/ensembles.md), if any."""
+    group = run.get("group")
+    if not group:
+        return ""
+    others = ",".join(str(r) for r in group if r != run["run_id"])
+    return f"  [ensemble with {others}]"
+
+
 def status_text(status: dict[str, Any], limit: int) -> str:
     """The plain `mosaic status` text (also what `status --watch` prints when not on a tty).
     A heading is shown only over the runs it lists."""
@@ -176,7 +185,7 @@ def status_text(status: dict[str, Any], limit: int) -> str:
             lines.append(
                 f"    {run['run_id']:>5}  epoch {run['epoch']}/{run['epochs']}  "
                 f"train_loss {fmt(run['train_loss'])}  test_loss "
-                f"{fmt(run['test_loss'])}  {run['pipeline']}{_others(run)}"
+                f"{fmt(run['test_loss'])}  {run['pipeline']}{_others(run)}{together(run)}"
             )
         if study["done"]:
             lines.append(f"  Done (latest {limit}):")
@@ -310,7 +319,7 @@ def screen(
         lines.append(
             f"  {prefix(name, run['run_id']):>6} {bar(epoch, epochs)} {epoch}/{epochs}"
             f"  train {fmt(run.get('train_loss'))}  test {fmt(run.get('test_loss'))}"
-            f"  {clock(elapsed)}{eta}  {run['pipeline']}"
+            f"  {clock(elapsed)}{eta}  {run['pipeline']}{together(run)}"
         )
     if len(running) > show_running:
         lines.append(f"  ... and {len(running) - show_running} more running")

@@ -58,6 +58,10 @@ TORCH_OPTIMIZERS: tuple[str, ...] = (
 )
 
 ACCURACY_MODES: tuple[str, ...] = ("binary", "logits", "argmax", "none")
+ENSEMBLE_MODES: tuple[str, ...] = ("auto", "off")
+# The largest ensemble by default: benchmarks/ensemble.py measures the gain still growing at 16
+# members of a tiny MLP on a 2-core machine, and a larger group holds more runs on one worker.
+ENSEMBLE_MAX_DEFAULT = 16
 
 # The accuracy that makes sense for a loss follows from what the model is expected to output.
 DEFAULT_ACCURACY: dict[str, str] = {
@@ -299,6 +303,25 @@ KEYS: tuple[Key, ...] = (
         maximum=1e6,
         exclusive_minimum=True,
         label="the run log cap in MiB",
+    ),
+    Key(
+        MONITOR,
+        "ensemble",
+        CHOICE,
+        "auto to train the repetitions of one pipeline together as one vmapped model "
+        "(docs/ensembles.md), off to train every run alone",
+        default="auto",
+        choices=ENSEMBLE_MODES,
+        label="ensemble mode",
+        fold_case=True,
+    ),
+    _count(
+        MONITOR,
+        "ensemble_max",
+        "the most repetitions trained together in one ensemble",
+        1,
+        default=ENSEMBLE_MAX_DEFAULT,
+        label="the ensemble size",
     ),
 )
 

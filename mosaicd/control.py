@@ -163,7 +163,13 @@ class Control(SchedulerCore):
             writer.write(f"cancel run {run_id}", cancel)
             self._queue.drop(db, run_id)
             if running:
-                self._executor.kill(self._active[(db, run_id)].worker, "cancelled")
+                worker = self._active[(db, run_id)].worker
+                if len(worker.group) > 1:
+                    # Killing the worker would take the rest of its ensemble: the member stops
+                    # at its next epoch boundary and the worker reports it (WorkerEvents).
+                    self._send(worker, "cancel")(run_id=run_id)
+                else:
+                    self._executor.kill(worker, "cancelled")
             cancelled.append(run_id)
         return {"selected": run_ids, "cancelled": cancelled, "skipped": skipped}
 

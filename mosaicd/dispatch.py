@@ -8,12 +8,16 @@ from typing import Any
 
 from mosaic_client import schema
 from mosaic_client.contract import RUNNING, checkpoint_path
-from mosaicd.executor import BUSY, WorkerHandle
+from mosaicd.ensemble_groups import group_key, group_size
+from mosaicd.executor import BUSY, IDLE, STARTING, WorkerHandle
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
 from mosaicd.store import RunRecord, Store, StoreError
 from mosaicd.submissions import Submission
 
 log = logging.getLogger("mosaicd")
+
+# How many groups' worth of a submission's queue dispatch looks through for ensemble mates.
+MATE_WINDOW_GROUPS = 4
 
 
 class Dispatch(SchedulerCore):
@@ -44,27 +48,67 @@ class Dispatch(SchedulerCore):
         return self._start(worker, *found)
 
     def _start(self, worker: WorkerHandle, submission: Submission, record: RunRecord) -> bool:
-        store = self._studies[submission.study]
-        run_files = submission.process["run_files_path"]
-        from_epoch = record.checkpoint_epoch
-        if from_epoch and not os.path.exists(checkpoint_path(run_files, record.run_id)):
-            from_epoch = 0
-        detail = (
-            f"on {worker.slot.label} (worker {worker.worker_id}, pid {worker.pid}) "
-            f"from epoch {from_epoch}"
-        )
+        """Start `record` on the worker, with the queued repetitions of its pipeline that train
+        together with it when its submission has [MONITOR] ensemble = auto. False when the
+        study cannot be written now (locked, or its disk full): the runs go back to the front
+        of their queue and the study's writer says why."""
+        members = [(record, self._spec(worker, submission, record))]
+        members += self._ensemble_mates(worker, submission, members[0][1])
+        run_ids = [r.run_id for r, _ in members]
+        grouped = len(members) > 1
+        where = f"on {worker.slot.label} (worker {worker.worker_id}, pid {worker.pid})"
 
         def start(store: Store) -> None:
-            store.truncate_history(record.run_id, from_epoch)
-            store.transition(record.run_id, RUNNING, detail)
+            # One transaction for the whole group: it starts at once, or not at all.
+            for member, spec in members:
+                store.truncate_history(member.run_id, spec["start_epoch"])
+                together = f" in an ensemble with runs {run_ids}" if grouped else ""
+                store.transition(
+                    member.run_id,
+                    RUNNING,
+                    f"{where}{together} from epoch {spec['start_epoch']}",
+                )
+            if grouped:
+                store.record_ensemble(run_ids)
 
         try:
             self._studies.writer(submission.study).try_now(start)
         except StoreError:
-            # Locked or full: the run stays first in its queue; its study's writer says why.
-            self._queue.put_back(submission.study, record)
+            # Locked or full: the runs stay first in their queue; the study's writer says why.
+            for member, _ in sorted(members, key=lambda m: m[0].queue_seq, reverse=True):
+                self._queue.put_back(submission.study, member)
             return False
-        spec: dict[str, Any] = {
+        store = self._studies[submission.study]
+        worker.become(BUSY)
+        worker.run = (submission.study, record.run_id)
+        worker.group = set(run_ids) if grouped else set()
+        worker.recycle_after_group = False
+        submission.running += 1  # a group takes one worker: nb_processus counts workers
+        for member, spec in members:
+            self._active[(submission.study, member.run_id)] = ActiveRun(
+                submission.study,
+                member,
+                submission,
+                worker,
+                store.pipeline_text(member.run_id),
+                epoch=spec["start_epoch"],
+                group=run_ids if grouped else None,
+            )
+        if grouped:
+            self._send(worker, "run_group")(specs=[spec for _, spec in members])
+        else:
+            self._send(worker, "run")(spec=members[0][1])
+        return True
+
+    def _spec(
+        self, worker: WorkerHandle, submission: Submission, record: RunRecord
+    ) -> dict[str, Any]:
+        """What the worker needs to train the run (a "run" message's spec)."""
+        run_files = submission.process["run_files_path"]
+        from_epoch = record.checkpoint_epoch
+        if from_epoch and not os.path.exists(checkpoint_path(run_files, record.run_id)):
+            from_epoch = 0
+        return {
             "run_id": record.run_id,
             "process": submission.process,
             "modules": record.modules,
@@ -76,16 +120,42 @@ class Dispatch(SchedulerCore):
             "checkpoint_every": self._checkpoint_every,
             "max_log_mb": schema.value(schema.MONITOR, submission.monitor, "max_log_mb"),
         }
-        worker.become(BUSY)
-        worker.run = (submission.study, record.run_id)
-        submission.running += 1
-        self._active[(submission.study, record.run_id)] = ActiveRun(
-            submission.study,
-            record,
-            submission,
-            worker,
-            store.pipeline_text(record.run_id),
-            epoch=from_epoch,
+
+    def _ensemble_mates(
+        self, worker: WorkerHandle, submission: Submission, lead: dict[str, Any]
+    ) -> list[tuple[RunRecord, dict[str, Any]]]:
+        """The queued runs of the submission that train together with `lead`, taken off the
+        queue: same group key (same pipeline, epochs and start epoch), as many as
+        ensemble_groups.group_size gives this worker."""
+        if schema.value(schema.MONITOR, submission.monitor, "ensemble") != "auto":
+            return []
+        key = group_key(lead)
+        if key is None:
+            return []
+        ensemble_max = int(schema.value(schema.MONITOR, submission.monitor, "ensemble_max"))
+        specs: dict[int, dict[str, Any]] = {}
+
+        def mate(record: RunRecord) -> bool:
+            spec = specs.setdefault(record.run_id, self._spec(worker, submission, record))
+            return group_key(spec) == key
+
+        # Repetitions are queued next to each other: look a few groups ahead, not at the
+        # whole queue, so that dispatch stays cheap with thousands of queued runs.
+        window = ensemble_max * MATE_WINDOW_GROUPS
+        matching = self._queue.count_queued(submission, mate, window)
+        # The workers that may take a share: idle ones (this one among them) and those still
+        # starting, which will be idle in a moment (at the daemon's start, the first worker to
+        # say hello must not take every repetition).
+        free = sum(
+            1
+            for w in self._executor.workers.values()
+            if w.slot.kind == worker.slot.kind
+            and w.state in (IDLE, STARTING)
+            and w.killed_for is None
         )
-        self._send(worker, "run")(spec=spec)
-        return True
+        idle = min(max(1, free), max(1, submission.cap - submission.running))
+        size = group_size(matching + 1, idle, ensemble_max)
+        if size <= 1:
+            return []
+        taken = self._queue.take_queued(submission, mate, window, size - 1)
+        return [(record, specs[record.run_id]) for record in taken]

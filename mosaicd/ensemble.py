@@ -86,12 +86,11 @@ evaluation mode before training); members resuming from different epochs.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import traceback
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,18 +99,14 @@ from torch.func import functional_call, vmap
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from mosaic_client import contract, schema
+from mosaic_client import contract
 from mosaicd import execution
-from mosaicd.execution import BuiltRun, History
-
-# Optimizers whose step on a stacked tensor is the members' steps side by side: every state
-# entry is per element, or a scalar that depends on the step count only (NAdam's mu_product).
-# Not LBFGS (global line search), not Adafactor (factored second moments of matrices), not
-# SparseAdam, and not ASGD (its scalar eta and mu cannot be told from a scalar parameter's
-# state when (un)stacking).
-ELEMENTWISE_OPTIMIZERS = frozenset(
-    {"SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam", "Rprop"}
+from mosaicd.ensemble_groups import (  # the engine's API, kept torch-free for the daemon
+    ELEMENTWISE_OPTIMIZERS as ELEMENTWISE_OPTIMIZERS,
 )
+from mosaicd.ensemble_groups import fallback_reason as fallback_reason
+from mosaicd.ensemble_groups import group_key as group_key
+from mosaicd.execution import BuiltRun, History
 
 # The `auto` rule: above this many trainable parameters per member, an ensemble no longer
 # pays on a CPU (benchmarks/ensemble.py, docs/ensembles.md: 16 members of 67k parameters
@@ -136,43 +131,8 @@ class MemberChannel(execution.Channel):
     cancel_requested: Callable[[], bool] = field(default=lambda: False)
 
 
-# -- grouping ---------------------------------------------------------------------------------
-
-
-def group_key(spec: dict[str, Any]) -> Hashable | None:
-    """Equal for runs of one pipeline that differ only by run id, seed and device."""
-    process = spec["process"]
-    optimizer = schema.value(schema.PROCESS, process, "optimizer")
-    if optimizer not in ELEMENTWISE_OPTIMIZERS:
-        return None
-    try:
-        text = json.dumps([process, spec["modules"]], sort_keys=True)
-    except (TypeError, ValueError):
-        return None
-    return (text, int(spec["epochs_target"]), int(spec.get("start_epoch") or 0))
-
-
-def fallback_reason(specs: list[dict[str, Any]]) -> str | None:
-    """Why these specs cannot form a group, from the specs alone; None when they can."""
-    if len(specs) < 2:
-        return "a group needs at least two members"
-    run_ids = [int(s["run_id"]) for s in specs]
-    if len(set(run_ids)) != len(run_ids):
-        return f"the group lists a run twice ({run_ids})"
-    optimizer = schema.value(schema.PROCESS, specs[0]["process"], "optimizer")
-    if optimizer not in ELEMENTWISE_OPTIMIZERS:
-        return (
-            f"optimizer {optimizer} is not elementwise (ensembles support "
-            f"{', '.join(sorted(ELEMENTWISE_OPTIMIZERS))})"
-        )
-    keys = {group_key(s) for s in specs}
-    if len(keys) != 1:
-        return (
-            "the members are not repetitions of one pipeline (pipeline, PROCESS or epochs differ)"
-        )
-    if len({str(s.get("device", "cpu")) for s in specs}) != 1:
-        return "the members are on different devices"
-    return None
+# -- grouping: group_key and fallback_reason live in mosaicd.ensemble_groups (no torch), for the
+# daemon's dispatch; they are re-exported here as the engine's API.
 
 
 # -- batches ----------------------------------------------------------------------------------

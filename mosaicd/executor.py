@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -88,7 +88,10 @@ class WorkerHandle:
     slot: Slot
     proc: Any  # subprocess.Popen, or ray_executor.RayProcess
     state: str = STARTING
-    run: tuple[str, int] | None = None  # (study path, run id)
+    run: tuple[str, int] | None = None  # (study path, run id): its run, or a group's first live one
+    # The run ids of the ensemble it trains that have not reported yet (empty: a single run).
+    group: set[int] = field(default_factory=set)
+    recycle_after_group: bool = False  # a member failed: replace the worker once the group ends
     runs_done: int = 0
     killed_for: str | None = None  # why the daemon killed it, if it did
 

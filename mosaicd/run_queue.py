@@ -3,6 +3,7 @@ they belong to. Rebuilt from the study databases at start-up (Scheduler.recover)
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -65,6 +66,33 @@ class RunQueue:
                 del self._queues[key]
             return submission, record
         return None
+
+    def count_queued(
+        self, submission: Submission, matches: Callable[[RunRecord], bool], window: int
+    ) -> int:
+        """How many of the submission's first `window` queued runs match."""
+        queue = self._queues.get((submission.study, submission.submission_id), ())
+        return sum(1 for record in itertools.islice(queue, window) if matches(record))
+
+    def take_queued(
+        self,
+        submission: Submission,
+        matches: Callable[[RunRecord], bool],
+        window: int,
+        limit: int,
+    ) -> list[RunRecord]:
+        """Take up to `limit` matching runs off the first `window` of the submission's queue."""
+        key = (submission.study, submission.submission_id)
+        queue = self._queues.get(key)
+        if not queue:
+            return []
+        taken = [r for r in itertools.islice(queue, window) if matches(r)][:limit]
+        if taken:
+            ids = {r.run_id for r in taken}
+            self._queues[key] = deque(r for r in queue if r.run_id not in ids)
+            if not self._queues[key]:
+                del self._queues[key]
+        return taken
 
     def ahead_of(self, study: str, run_id: int) -> int | None:
         """How many queued runs start before this one (None when it is not queued)."""

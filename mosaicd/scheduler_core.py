@@ -34,6 +34,7 @@ class ActiveRun:
     train_loss: float | None = None
     test_loss: float | None = None
     park_sent: bool = False
+    group: list[int] | None = None  # the run ids sent with it as one ensemble
 
 
 class SchedulerCore:

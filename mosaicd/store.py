@@ -28,7 +28,7 @@ from mosaic_client.contract import (
     TRANSITIONS,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 log = logging.getLogger("mosaicd")
 
 
@@ -182,6 +182,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         run_groups_view(),
     ),
     # -- end issue 16 ------------------------------------------------------------------------
+    # The ensemble a run was last sent to train in (docs/ensembles.md), and
+    # why its members trained individually when they did: for `mosaic show`.
+    6: (
+        """CREATE TABLE IF NOT EXISTS run_ensembles (
+            run_id INTEGER PRIMARY KEY, members TEXT NOT NULL, fallback TEXT,
+            started_at REAL NOT NULL)""",
+    ),
 }
 
 
@@ -568,6 +575,30 @@ class Store:
                         (ev["epoch"], ev["run_id"]),
                     )
 
+    def record_ensemble(self, run_ids: list[int]) -> None:
+        """These runs were sent to train together (replaces each one's earlier ensemble)."""
+        members = json.dumps(run_ids)
+        now = time.time()
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO run_ensembles (run_id, members, fallback, started_at) "
+                "VALUES (?, ?, NULL, ?)",
+                [(run_id, members, now) for run_id in run_ids],
+            )
+
+    def set_ensemble_fallback(self, run_ids: list[int], reason: str) -> None:
+        with self.transaction() as conn:
+            conn.executemany(
+                "UPDATE run_ensembles SET fallback=? WHERE run_id=?",
+                [(reason, run_id) for run_id in run_ids],
+            )
+
+    def ensemble_of(self, run_id: int) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT members, fallback FROM run_ensembles WHERE run_id=?", (run_id,)
+        ).fetchone()
+        return {"members": json.loads(row[0]), "fallback": row[1]} if row else None
+
     def set_checkpoint_epoch(self, run_id: int, epoch: int) -> None:
         with self.transaction() as conn:
             conn.execute("UPDATE run_meta SET checkpoint_epoch=? WHERE run_id=?", (epoch, run_id))
@@ -727,6 +758,7 @@ class Store:
             "epochs_target": record.epochs_target if record else None,
             "checkpoint_epoch": record.checkpoint_epoch if record else None,
             "provenance": provenance.read(self.conn, run_id),  # issue 16
+            "group": self.ensemble_of(run_id),
         }
 
 

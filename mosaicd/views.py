@@ -42,6 +42,7 @@ def _running(run: ActiveRun, now: float) -> RunningRunView:
         "slot": run.worker.slot.label,
         "owner": run.submission.owner,
         "elapsed": now - run.started,
+        "group": run.group,
     }
 
 

@@ -10,19 +10,30 @@ Isolation between the runs of one worker (``mosaicd --isolation``, docs/workers.
   directory, environment, ``sys.path``, default dtype, thread count, grad mode, its user
   modules) is put back before the next run.
 - ``none``: the same process, nothing restored but the run's user modules; for trusted code.
-- ``process``: the worker forks a child per run. The child starts from the worker's clean,
-  torch-imported state, so nothing a run does outlives it, at the cost of a fork (milliseconds)
-  instead of a fresh interpreter and torch import (seconds). The worker relays the child's
-  messages; a child that dies abnormally takes the worker down the same way, so the daemon's
-  crash handling (cause, log tail, retries, replacement) is the same in every mode.
+- ``process``: the worker forks a child per run (and one per ensemble). The child starts from
+  the worker's clean, torch-imported state, so nothing a run does outlives it, at the cost of a
+  fork (milliseconds) instead of a fresh interpreter and torch import (seconds). The worker
+  relays the child's messages; a child that dies abnormally takes the worker down the same
+  way, so the daemon's crash handling (cause, log tail, retries, replacement) is the same in
+  every mode.
+
+Ensembles (``run_group``, docs/ensembles.md): the members train together in one process
+(:func:`mosaicd.ensemble.execute_group`), in the worker itself or, under ``process``, in one
+forked child per group, to which the worker relays the members' park and cancel requests
+through a pipe (a signal cannot say which member). Output printed while the group trains goes
+to the first member's log; each member's own ``[mosaic]`` lines go to its own log. When the
+group cannot train as an ensemble the worker says why (``fallback``) and trains the members one
+by one, exactly as ``run`` messages.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import os
 import resource
+import select
 import signal
 import sys
 import traceback
@@ -159,6 +170,24 @@ def _write_frame(fd: int, payload: bytes) -> None:
         data = data[os.write(fd, data) :]
 
 
+def _frames(worker: Worker) -> list[bytes]:
+    """The whole frames in the worker's control pipe buffer, taken out of it."""
+    frames = []
+    buffer = worker.pipe_in_buffer
+    while len(buffer) >= _FRAME_HEADER:
+        size = int.from_bytes(buffer[:_FRAME_HEADER], "big")
+        if len(buffer) < _FRAME_HEADER + size:
+            break
+        frames.append(buffer[_FRAME_HEADER : _FRAME_HEADER + size])
+        buffer = buffer[_FRAME_HEADER + size :]
+    worker.pipe_in_buffer = buffer
+    return frames
+
+
+def _no_outcome() -> dict[str, Any]:
+    return {"error": "the ensemble ended without a result for this run", "traceback": ""}
+
+
 def _die_like(status: int) -> NoReturn:
     """End this process the way a forked run process ended (signal or exit code)."""
     if os.WIFSIGNALED(status):
@@ -180,12 +209,19 @@ class Worker:
         self.sock.connect(address)
         self.slot = slot
         self.isolation = isolation
-        self.park_for: int | None = None
+        # The run ids being trained (a run, or an ensemble's members) and those the daemon
+        # asked to park or (members of an ensemble only) cancel.
+        self.running_ids: set[int] = set()
+        self.park_ids: set[int] = set()
+        self.cancel_ids: set[int] = set()
         self.park_signalled = False
         self.exit_requested = False
         # Set in a forked run process: its messages go to the worker through this pipe, since
         # a zmq socket must never be used from a forked child.
         self.pipe_out: int | None = None
+        # Set in a forked ensemble process: the park/cancel messages the worker relays to it.
+        self.pipe_in: int | None = None
+        self.pipe_in_buffer = b""
         self.pending: list[dict[str, Any]] = []  # daemon messages read while relaying a run
         # Installed before any fork so that the child inherits it: a park signal that arrives
         # before the child got going must not kill it (SIGUSR1's default action).
@@ -201,19 +237,49 @@ class Worker:
         else:
             self.sock.send(payload)
 
-    def _handle_control(self, message: dict[str, Any], running: int | None) -> None:
-        if message["type"] == "park" and message["run_id"] == running:
-            self.park_for = running
-        elif message["type"] == "exit":
+    def _begin(self, run_ids: list[int]) -> None:
+        self.running_ids = set(run_ids)
+        self.park_ids = set()
+        self.cancel_ids = set()
+        self.park_signalled = False
+
+    def _handle_control(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        # A park or cancel for a run that already ended is stale: ignore it.
+        if kind in ("park", "cancel") and message["run_id"] in self.running_ids:
+            (self.park_ids if kind == "park" else self.cancel_ids).add(message["run_id"])
+        elif kind == "exit":
             self.exit_requested = True
 
-    def park_requested(self, run_id: int) -> bool:
-        if self.pipe_out is not None:  # a forked run: the worker relays a park as SIGUSR1
-            return self.park_signalled
+    def _poll_control(self) -> None:
+        """Take in the daemon's control messages that arrived (park, cancel, exit)."""
+        if self.pipe_in is not None:  # a forked ensemble: the worker relays them here
+            while select.select([self.pipe_in], [], [], 0)[0]:
+                chunk = os.read(self.pipe_in, 1 << 16)
+                if not chunk:
+                    self.pipe_in = None
+                    return
+                self.pipe_in_buffer += chunk
+                for payload in _frames(self):
+                    self._handle_control(
+                        protocol.decode_worker_message(payload, protocol.DAEMON_TO_WORKER)
+                    )
+            return
+        if self.pipe_out is not None:
+            return  # a forked run never touches the zmq socket; its park comes as SIGUSR1
         while self.sock.poll(0):
             message = protocol.decode_worker_message(self.sock.recv(), protocol.DAEMON_TO_WORKER)
-            self._handle_control(message, run_id)
-        return self.park_for == run_id
+            self._handle_control(message)
+
+    def park_requested(self, run_id: int) -> bool:
+        if self.pipe_out is not None and self.pipe_in is None:
+            return self.park_signalled  # a forked run: the worker relays a park as SIGUSR1
+        self._poll_control()
+        return run_id in self.park_ids
+
+    def cancel_requested(self, run_id: int) -> bool:
+        self._poll_control()
+        return run_id in self.cancel_ids
 
     def serve(self) -> None:
         from mosaicd import execution
@@ -225,23 +291,31 @@ class Worker:
                 if self.pending
                 else protocol.decode_worker_message(self.sock.recv(), protocol.DAEMON_TO_WORKER)
             )
-            if message["type"] != "run":
-                self._handle_control(message, None)
-                continue
-            if self.isolation == "process":
-                self.run_forked(execution, message["spec"])
+            if message["type"] == "run":
+                specs, group = [message["spec"]], False
+            elif message["type"] == "run_group":
+                specs, group = list(message["specs"]), True
             else:
-                self.run_one(execution, message["spec"], restore=self.isolation == "state")
+                self._handle_control(message)
+                continue
+            self._begin([int(spec["run_id"]) for spec in specs])
+            if self.isolation == "process":
+                self.run_forked(execution, specs, group)
+            elif group:
+                self.run_group(execution, specs, restore=self.isolation == "state")
+            else:
+                self.run_one(execution, specs[0], restore=self.isolation == "state")
         self.sock.close()
         self.ctx.term()
 
-    def run_forked(self, execution: Any, spec: dict[str, Any]) -> None:
-        """Run one pipeline in a forked child and relay its messages to the daemon."""
-        run_id = int(spec["run_id"])
-        self.park_for = None
-        self.park_signalled = False
+    def run_forked(self, execution: Any, specs: list[dict[str, Any]], group: bool) -> None:
+        """Run one pipeline (or one ensemble) in a forked child and relay its messages to the
+        daemon, and the daemon's park (and cancel) requests to it."""
+        run_ids = {int(spec["run_id"]) for spec in specs}
         before = run_log.descendants()
         read_fd, write_fd = os.pipe()
+        # An ensemble's park/cancel requests name a member: they go through a pipe.
+        control_read, control_write = os.pipe() if group else (-1, -1)
         with warnings.catch_warnings():
             # The warning is about zmq's I/O threads: the child never touches zmq (it talks
             # through the pipe and ends with os._exit), and glibc's malloc is fork-safe.
@@ -255,13 +329,20 @@ class Worker:
                 os.close(read_fd)
                 _die_with_parent()  # PDEATHSIG is not inherited across fork
                 self.pipe_out = write_fd
-                self.run_one(execution, spec, restore=False)
+                if group:
+                    os.close(control_write)
+                    self.pipe_in = control_read
+                    self.run_group(execution, specs, restore=False)
+                else:
+                    self.run_one(execution, specs[0], restore=False)
             except BaseException:
                 code = 70
             finally:
                 # Skip atexit and finalizers: they would touch the worker's zmq context.
                 os._exit(code)
         os.close(write_fd)
+        if group:
+            os.close(control_read)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(read_fd, zmq.POLLIN)
@@ -281,19 +362,28 @@ class Worker:
                         buffer = buffer[_FRAME_HEADER + size :]
                 else:
                     while self.sock.poll(0):
-                        message = protocol.decode_worker_message(
-                            self.sock.recv(), protocol.DAEMON_TO_WORKER
-                        )
-                        if message["type"] == "park" and message["run_id"] == run_id:
-                            os.kill(pid, signal.SIGUSR1)
+                        payload = self.sock.recv()
+                        message = protocol.decode_worker_message(payload, protocol.DAEMON_TO_WORKER)
+                        if message["type"] in ("park", "cancel") and message["run_id"] in run_ids:
+                            if group:
+                                try:
+                                    _write_frame(control_write, payload)
+                                except OSError:
+                                    pass  # the child has ended: its result is on its way
+                            elif message["type"] == "park":
+                                os.kill(pid, signal.SIGUSR1)
                         else:
                             # The daemon may send the next run as soon as it has this one's
                             # result, while the child is still exiting: keep it for serve().
                             self.pending.append(message)
         os.close(read_fd)
+        if group:
+            os.close(control_write)
         _, status = os.waitpid(pid, 0)
+        # The processes the run (or the ensemble) left behind are reported in its first log.
         _report(
-            contract.run_log_path(spec["run_files_path"], run_id), run_log.end_leftovers(before)
+            contract.run_log_path(specs[0]["run_files_path"], int(specs[0]["run_id"])),
+            run_log.end_leftovers(before),
         )
         if status != 0:
             # The run's process crashed (segfault, os._exit, OOM kill): end this worker the same
@@ -301,15 +391,76 @@ class Worker:
             self.sock.close(linger=1000)
             _die_like(status)
 
+    def run_group(self, execution: Any, specs: list[dict[str, Any]], restore: bool) -> None:
+        """Train an ensemble's members together, or one by one when they cannot be."""
+        from mosaicd import ensemble
+
+        run_ids = [int(spec["run_id"]) for spec in specs]
+        channels = {
+            run_id: ensemble.MemberChannel(
+                on_epoch=lambda event: self.send("epoch", **event),
+                park_requested=functools.partial(self.park_requested, run_id),
+                cancel_requested=functools.partial(self.cancel_requested, run_id),
+            )
+            for run_id in run_ids
+        }
+        state = GlobalState() if restore else None
+        outcomes: dict[int, tuple[str, dict[str, Any]]] = {}
+        fallback: str | None = None
+        before = run_log.descendants()
+        lead_log = contract.run_log_path(specs[0]["run_files_path"], run_ids[0])
+        max_bytes = int(float(specs[0].get("max_log_mb") or 50) * 2**20)
+        try:
+            for spec in specs:
+                os.makedirs(spec["run_files_path"], exist_ok=True)
+            with run_log.LogCap(lead_log, max_bytes), RedirectedOutput(lead_log):
+                try:
+                    outcomes = ensemble.execute_group(specs, channels)
+                except ensemble.Fallback as exc:
+                    fallback = exc.reason  # already in each member's log
+                except BaseException as exc:  # a fault of the engine itself, not of a member
+                    text = traceback.format_exc()
+                    print(text, file=sys.stderr, flush=True)
+                    failure = {"error": f"ensemble: {type(exc).__name__}: {exc}", "traceback": text}
+                    outcomes = {run_id: ("failed", failure) for run_id in run_ids}
+        except run_log.RunLogRefused as exc:
+            failure = {"error": exc.strerror, "traceback": ""}
+            outcomes = {run_id: ("failed", failure) for run_id in run_ids}
+        except OSError as exc:
+            failure = {"error": f"cannot write run files: {exc}", "traceback": ""}
+            outcomes = {run_id: ("failed", failure) for run_id in run_ids}
+        finally:
+            if state is not None:
+                state.restore()
+            else:
+                drop_user_modules()
+            _report(lead_log, run_log.end_leftovers(before))
+        if fallback is None:
+            for run_id in run_ids:
+                kind, fields = outcomes.get(run_id, ("failed", _no_outcome()))
+                self.send(kind, run_id=run_id, **fields)
+            return
+        self.send("fallback", run_ids=run_ids, reason=fallback)
+        for spec in specs:
+            run_id = int(spec["run_id"])
+            start = int(spec.get("start_epoch") or 0)
+            if run_id in self.cancel_ids:  # asked before its turn came: it never starts
+                self.send("cancelled", run_id=run_id, epoch=start)
+            elif run_id in self.park_ids:
+                self.send("parked", run_id=run_id, epoch=start)
+            else:
+                self.run_one(execution, spec, restore=restore)
+
     def run_one(self, execution: Any, spec: dict[str, Any], restore: bool = True) -> None:
         run_id = int(spec["run_id"])
-        self.park_for = None
         state = GlobalState() if restore else None
         os.makedirs(spec["run_files_path"], exist_ok=True)
         log_path = contract.run_log_path(spec["run_files_path"], run_id)
         channel = execution.Channel(
             on_epoch=lambda event: self.send("epoch", **event),
-            park_requested=lambda: self.park_requested(run_id),
+            # A member of a fallen-back ensemble is cancelled at an epoch boundary, as a park
+            # that it then reports as "cancelled" (an individual run is killed instead).
+            park_requested=lambda: self.park_requested(run_id) or self.cancel_requested(run_id),
             on_provenance=lambda record: self.send("provenance", run_id=run_id, **record),
         )
         outcome: tuple[str, dict[str, Any]]
@@ -321,8 +472,9 @@ class Worker:
                     result = execution.execute(spec, channel)
                     outcome = ("done", {"results": result["results"], "files": result["files"]})
                 except execution.Parked as parked:
-                    print(f"[mosaic] run {run_id} parked after epoch {parked.epoch}", flush=True)
-                    outcome = ("parked", {"epoch": parked.epoch})
+                    verb = "cancelled" if run_id in self.cancel_ids else "parked"
+                    print(f"[mosaic] run {run_id} {verb} after epoch {parked.epoch}", flush=True)
+                    outcome = (verb, {"epoch": parked.epoch})
                 except BaseException as exc:  # user code may raise anything, even SystemExit
                     text = traceback.format_exc()
                     print(text, file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from mosaic_client.contract import FAILED, PARKED, QUEUED, RUNNING, run_log_path
+from mosaic_client.contract import CANCELLED, FAILED, PARKED, QUEUED, RUNNING, run_log_path
 from mosaicd.executor import IDLE, STOPPING, WorkerHandle
 from mosaicd.pool import describe_exit
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
@@ -35,18 +35,26 @@ class WorkerEvents(SchedulerCore):
             self._on_parked(worker, message)
         elif kind == "provenance":
             self._on_provenance(worker, message)
+        elif kind == "cancelled":
+            self._on_cancelled(worker, message)
+        elif kind == "fallback":
+            self._on_fallback(worker, message)
 
     def _active_for(self, worker: WorkerHandle, run_id: int) -> ActiveRun | None:
-        if worker.run is None or worker.run[1] != run_id:
+        if worker.run is None or run_id not in (worker.group or {worker.run[1]}):
             log.warning("worker %s reported run %s it is not running", worker.worker_id, run_id)
             return None
-        return self._active.get(worker.run)
+        return self._active.get((worker.run[0], run_id))
 
     def _ended(self, worker: WorkerHandle, message: dict[str, Any]) -> ActiveRun | None:
         """The run a worker says has ended (done, failed, parked), its epochs written first."""
         run = self._active_for(worker, message["run_id"])
         if run is not None:
             self.flush_epochs()
+            if run.group and self._studies[run.study].status_of(run.record.run_id) != RUNNING:
+                # Cancelled while its ensemble trained: the worker has only now let it go.
+                self._finish(run, worker, recycle=False)
+                return None
         return run
 
     def _on_epoch(self, worker: WorkerHandle, event: dict[str, Any]) -> None:
@@ -89,9 +97,16 @@ class WorkerEvents(SchedulerCore):
 
     def _finish(self, run: ActiveRun, worker: WorkerHandle, recycle: bool) -> None:
         self._active.pop((run.study, run.record.run_id), None)
+        worker.runs_done += 1
+        if worker.group:
+            worker.group.discard(run.record.run_id)
+            worker.recycle_after_group |= recycle
+            if worker.group:  # the rest of its ensemble still trains on this worker
+                worker.run = (run.study, min(worker.group))
+                return
+            recycle = worker.recycle_after_group
         run.submission.running -= 1
         worker.run = None
-        worker.runs_done += 1
         max_runs = self._executor.max_runs
         if recycle or (max_runs and worker.runs_done >= max_runs):
             worker.become(STOPPING)
@@ -175,16 +190,52 @@ class WorkerEvents(SchedulerCore):
         writer.write(f"run {run_id} parked", park)
         self._finish(run, worker, recycle=False)
 
+    def _on_cancelled(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        # A member of an ensemble stopped on a `cancel`; the daemon set its state already.
+        run = self._ended(worker, message)
+        if run is not None:
+            run_id, epoch = run.record.run_id, message["epoch"]
+
+            def cancelled(store: Store) -> None:
+                # The cancel request set the state already, unless it was waiting for a lock.
+                if store.status_of(run_id) != CANCELLED:
+                    store.transition(run_id, CANCELLED, f"cancelled after epoch {epoch}")
+
+            self._studies.writer(run.study).write(f"run {run_id} cancelled", cancelled)
+            self._finish(run, worker, recycle=False)
+
+    def _on_fallback(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        """The worker trains an ensemble's members one by one: record why, for `mosaic show`."""
+        if worker.run is None:
+            return
+        run_ids = [int(r) for r in message["run_ids"] if int(r) in worker.group]
+        reason = message["reason"][:1000]
+        if run_ids:
+            self._studies.writer(worker.run[0]).write(
+                f"ensemble fallback of runs {run_ids}",
+                lambda store: store.set_ensemble_fallback(run_ids, reason),
+            )
+
     def on_worker_exit(self, worker: WorkerHandle, code: int) -> None:
-        """A worker ended: fail (or retry) its run if it had one, and replace the worker."""
-        if worker.run is not None and worker.run in self._active:
-            self._settle_run_of_dead_worker(self._active.pop(worker.run), worker, code)
+        """A worker ended: fail (or retry) its runs (a run, or an ensemble's members) if it had
+        any, and replace the worker."""
+        if worker.run is not None:
+            study = worker.run[0]
+            runs = [
+                self._active.pop((study, run_id))
+                for run_id in sorted(worker.group or {worker.run[1]})
+                if (study, run_id) in self._active
+            ]
+            if runs:
+                runs[0].submission.running -= 1  # the worker's one place in nb_processus
+                self.flush_epochs()
+            for run in runs:
+                self._settle_run_of_dead_worker(run, worker, code)
+            worker.group = set()
         if not self.shutting_down:
             self._executor.replace(worker, code)
 
     def _settle_run_of_dead_worker(self, run: ActiveRun, worker: WorkerHandle, code: int) -> None:
-        run.submission.running -= 1
-        self.flush_epochs()
         study = run.study
         run_id = run.record.run_id
         if worker.killed_for:

@@ -278,6 +278,8 @@ def test_process_and_monitor_defaults(project: Path) -> None:
         "retries": 0,
         "timeout": None,
         "max_log_mb": 50.0,
+        "ensemble": "auto",
+        "ensemble_max": 16,
     }
     assert isinstance(expanded.process["lr"], float)
 

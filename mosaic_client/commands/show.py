@@ -44,6 +44,15 @@ def run_text(info: dict[str, Any]) -> list[str]:
         f"  seed: {info['seed']}, epochs target: {info['epochs_target']}, checkpoint at "
         f"epoch {info['checkpoint_epoch']}",
     ]
+    group = info.get("group")
+    if group:
+        others = ", ".join(str(r) for r in group["members"] if r != info["run_id"])
+        if group.get("fallback"):
+            lines.append(
+                f"  ensemble: sent with runs {others}, trained individually: {group['fallback']}"
+            )
+        else:
+            lines.append(f"  ensemble: trained together with runs {others} (one vmapped model)")
     if info.get("results"):
         lines.append("  results: " + ", ".join(f"{k}={fmt(v)}" for k, v in info["results"].items()))
     lines.append("  parameters:")
