@@ -52,16 +52,9 @@ HOLD_OWNER = "owner"
 # -- results ---------------------------------------------------------------------------------
 # The columns of run_results, in table order; every one is a metaplot criterion.
 RESULT_COLUMNS: tuple[str, ...] = (
-    "train_loss",
-    "test_loss",
-    "train_acc",
-    "test_acc",
-    "nb_params",
-    "duration(s)",
-    "epochs",
-    "overfit",
-    "trainability",
-    "slope",
+    ("train_loss", "test_loss", "train_acc", "test_acc")  # the last epoch's figures
+    + ("nb_params", "duration(s)", "epochs")  # the run's size and cost
+    + ("overfit", "trainability", "slope")  # derived from its loss curves (docs/analysis.md)
 )
 # The per-epoch columns of run_epochs besides run_id and epoch.
 EPOCH_COLUMNS: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_acc", "duration(s)")

@@ -165,6 +165,29 @@ def together(run: dict[str, Any]) -> str:
     return f"  [ensemble with {others}]"
 
 
+def _running_line(run: dict[str, Any]) -> str:
+    return (
+        f"    {run['run_id']:>5}  epoch {run['epoch']}/{run['epochs']}  "
+        f"train_loss {fmt(run['train_loss'])}  test_loss "
+        f"{fmt(run['test_loss'])}  {run['pipeline']}{_others(run)}{together(run)}"
+    )
+
+
+def _done_line(run: dict[str, Any]) -> str:
+    return (
+        f"    {run['run_id']:>5}  train_loss {fmt(run['train_loss'])}  "
+        f"test_loss {fmt(run['test_loss'])}{accuracy(run)}  duration "
+        f"{fmt(run['duration'], '.2f')}s  {run['pipeline']}{_others(run)}"
+    )
+
+
+def _failed_lines(run: dict[str, Any]) -> str:
+    return (
+        f"    {run['run_id']:>5}  {run['pipeline']}{_others(run)}\n"
+        f"           {first_line(run['return_status'])}"
+    )
+
+
 def status_text(status: dict[str, Any], limit: int) -> str:
     """The plain `mosaic status` text (also what `status --watch` prints when not on a tty).
     A heading is shown only over the runs it lists."""
@@ -179,27 +202,17 @@ def status_text(status: dict[str, Any], limit: int) -> str:
         lines.append(f"study {study['db']}: {counts}")
         if study.get("problem"):
             lines.append(f"  ! {study['problem']}")
-        if study["running"]:
-            lines.append("  Running:")
-        for run in study["running"]:
-            lines.append(
-                f"    {run['run_id']:>5}  epoch {run['epoch']}/{run['epochs']}  "
-                f"train_loss {fmt(run['train_loss'])}  test_loss "
-                f"{fmt(run['test_loss'])}  {run['pipeline']}{_others(run)}{together(run)}"
-            )
-        if study["done"]:
-            lines.append(f"  Done (latest {limit}):")
-        for run in study["done"]:
-            lines.append(
-                f"    {run['run_id']:>5}  train_loss {fmt(run['train_loss'])}  "
-                f"test_loss {fmt(run['test_loss'])}{accuracy(run)}  duration "
-                f"{fmt(run['duration'], '.2f')}s  {run['pipeline']}{_others(run)}"
-            )
-        if study["failed"]:
-            lines.append(f"  Error (latest {limit}):")
-        for run in study["failed"]:
-            lines.append(f"    {run['run_id']:>5}  {run['pipeline']}{_others(run)}")
-            lines.append(f"           {first_line(run['return_status'])}")
+        sections = (
+            ("running", "Running:", _running_line),
+            ("done", f"Done (latest {limit}):", _done_line),
+            ("failed", f"Error (latest {limit}):", _failed_lines),
+        )
+        for key, heading, line in sections:
+            # A heading only over the runs it lists.
+            if study[key]:
+                lines.append(f"  {heading}")
+            for run in study[key]:
+                lines.append(line(run))
     return "\n".join(lines)
 
 

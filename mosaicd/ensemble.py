@@ -291,6 +291,12 @@ class Member:
     def files_dir(self) -> str:
         return str(self.spec["run_files_path"])
 
+    def resend_epochs(self) -> None:
+        """Send again the epochs the daemon missed before the group started (a resumed run)."""
+        execution.resend_epochs(
+            self.channel, self.run_id, self.history, self.resend_from, self.checkpoint_epoch
+        )
+
 
 def _named(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return dict(model.named_parameters()), dict(model.named_buffers())
@@ -845,13 +851,7 @@ def _execute(
                     member.spec,
                     f"[mosaic] run {member.run_id} trains in an ensemble with runs {ids}",
                 )
-                execution.resend_epochs(
-                    member.channel,
-                    member.run_id,
-                    member.history,
-                    member.resend_from,
-                    member.checkpoint_epoch,
-                )
+                member.resend_epochs()
             first = False
         survivors = []
         for i, member in enumerate(members):
@@ -923,13 +923,7 @@ def _execute(
         members = remaining
     for member in members:  # already at the target when the group started
         if first:
-            execution.resend_epochs(
-                member.channel,
-                member.run_id,
-                member.history,
-                member.resend_from,
-                member.checkpoint_epoch,
-            )
+            member.resend_epochs()
         outcomes[member.run_id] = (
             "done",
             execution.finish(member.run, member.spec, member.history),

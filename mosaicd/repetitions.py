@@ -56,9 +56,19 @@ def next_seeds(
     return seeds
 
 
-def _chunks(ids: list[int]) -> Iterable[list[int]]:
+def _chunks(ids: list[Any]) -> Iterable[list[Any]]:
     for start in range(0, len(ids), _CHUNK):
         yield ids[start : start + _CHUNK]
+
+
+def _column_where_in(conn: sqlite3.Connection, query: str, values: list[Any]) -> set[Any]:
+    """The first column of `query ... IN (values)`, in chunks below SQLite's bound-parameter
+    limit; `query` ends with the column the values are matched on."""
+    found: set[Any] = set()
+    for chunk in _chunks(values):
+        marks = ",".join("?" * len(chunk))
+        found.update(row[0] for row in conn.execute(f"{query} IN ({marks})", chunk))
+    return found
 
 
 def _params(conn: sqlite3.Connection, run_ids: list[int]) -> dict[int, dict[str, Any]]:
@@ -78,30 +88,19 @@ def groups_of(conn: sqlite3.Connection, selected: list[int]) -> list[list[int]]:
 
     Only the runs with the same `pipeline` param as a selected run can share its group: the
     params index finds them without reading the whole study."""
-    pipelines: set[Any] = set()
-    for chunk in _chunks(selected):
-        marks = ",".join("?" * len(chunk))
-        pipelines.update(
-            row[0]
-            for row in conn.execute(
-                "SELECT DISTINCT param_value FROM params WHERE param_name = 'pipeline' "
-                f"AND run_id IN ({marks})",
-                chunk,
-            )
-        )
+    pipelines = _column_where_in(
+        conn,
+        "SELECT DISTINCT param_value FROM params WHERE param_name = 'pipeline' AND run_id",
+        list(selected),
+    )
     candidates: set[int] = set(selected)
-    listed = list(pipelines)
-    for start in range(0, len(listed), _CHUNK):
-        part = listed[start : start + _CHUNK]
-        marks = ",".join("?" * len(part))
-        candidates.update(
-            row[0]
-            for row in conn.execute(
-                "SELECT run_id FROM params WHERE param_name = 'pipeline' "
-                f"AND param_value IN ({marks})",
-                part,
-            )
+    candidates.update(
+        _column_where_in(
+            conn,
+            "SELECT run_id FROM params WHERE param_name = 'pipeline' AND param_value",
+            list(pipelines),
         )
+    )
     params = _params(conn, sorted(candidates))
     by_signature: dict[Signature, list[int]] = {}
     for run_id in sorted(params):

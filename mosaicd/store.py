@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mosaic_client import provenance
+from mosaic_client.analysis import describe_run
 from mosaic_client.contract import (
     DONE,
     FINAL_STATES,
@@ -318,17 +319,10 @@ class Store:
                 raise
 
     def _get_system(self, name: str) -> Any:
-        row = self.conn.execute(
-            "SELECT param_value FROM system WHERE param_name=?", (name,)
-        ).fetchone()
-        return row[0] if row else None
+        return _setting(self.conn, "system", "param_name", "param_value", name)
 
     def _set_system(self, name: str, value: Any) -> None:
-        self.conn.execute(
-            "INSERT INTO system (param_name, param_value) VALUES (?, ?) "
-            "ON CONFLICT(param_name) DO UPDATE SET param_value=excluded.param_value",
-            (name, value),
-        )
+        _set_setting(self.conn, "system", "param_name", "param_value", name, value)
 
     def close(self) -> None:
         self.conn.close()
@@ -718,48 +712,25 @@ class Store:
     # -- end issue 16 ----------------------------------------------------------------------
 
     def describe(self, run_id: int) -> dict[str, Any] | None:
-        """Everything known about one run, for `mosaic show`."""
-        row = self.conn.execute(
-            "SELECT status, pipeline, return_status FROM runs WHERE run_id=?", (run_id,)
-        ).fetchone()
-        if row is None:
-            return None
-        params = {
-            n: v
-            for n, v in self.conn.execute(
-                "SELECT param_name, param_value FROM params WHERE run_id=? ORDER BY param_name",
-                (run_id,),
-            )
-        }
-        results_row = self.conn.execute(
-            f"SELECT {', '.join(chr(34) + c + chr(34) for c in RESULT_COLUMNS)} "
-            "FROM run_results WHERE run_id=?",
-            (run_id,),
-        ).fetchone()
-        events = [
-            {"at": at, "from": f, "to": t, "detail": d}
-            for at, f, t, d in self.conn.execute(
-                "SELECT at, from_status, to_status, detail FROM run_events WHERE run_id=? "
-                "ORDER BY event_id",
-                (run_id,),
-            )
-        ]
-        record = self.run_record(run_id)
-        return {
-            "run_id": run_id,
-            "status": row[0],
-            "pipeline": row[1],
-            "return_status": row[2],
-            "params": params,
-            "results": dict(zip(RESULT_COLUMNS, results_row)) if results_row else None,
-            "events": events,
-            "history": self.history(run_id),
-            "seed": record.seed if record else None,
-            "epochs_target": record.epochs_target if record else None,
-            "checkpoint_epoch": record.checkpoint_epoch if record else None,
-            "provenance": provenance.read(self.conn, run_id),  # issue 16
-            "group": self.ensemble_of(run_id),
-        }
+        """Everything known about one run, for `mosaic show`: the same reading of a study as
+        the client's when no daemon answers (one query, written once)."""
+        return describe_run(self.conn, run_id)
+
+
+def _setting(conn: sqlite3.Connection, table: str, key: str, column: str, name: str) -> Any:
+    """One value of a name/value table (a study's `system`, the daemon's `settings`)."""
+    row = conn.execute(f"SELECT {column} FROM {table} WHERE {key}=?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def _set_setting(
+    conn: sqlite3.Connection, table: str, key: str, column: str, name: str, value: Any
+) -> None:
+    conn.execute(
+        f"INSERT INTO {table} ({key}, {column}) VALUES (?, ?) "
+        f"ON CONFLICT({key}) DO UPDATE SET {column}=excluded.{column}",
+        (name, value),
+    )
 
 
 def _sql_value(value: Any) -> Any:
@@ -793,15 +764,11 @@ class DaemonState:
         self.conn.execute("DELETE FROM studies WHERE path=?", (path,))
 
     def get(self, name: str, default: Any = None) -> Any:
-        row = self.conn.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
-        return row[0] if row else default
+        found = _setting(self.conn, "settings", "name", "value", name)
+        return default if found is None else found
 
     def set(self, name: str, value: Any) -> None:
-        self.conn.execute(
-            "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT(name) "
-            "DO UPDATE SET value=excluded.value",
-            (name, value),
-        )
+        _set_setting(self.conn, "settings", "name", "value", name, value)
 
     # The holds (mosaicd.holds). The setting names are those of earlier releases, so a hold
     # survives an upgrade.

@@ -57,6 +57,16 @@ def _become_subreaper() -> None:
         pass
 
 
+def _after_run(state: GlobalState | None, log_path: str, before: set[int]) -> None:
+    """What every run (or ensemble) leaves to the next: the process state put back (or at
+    least its user modules dropped), and its leftover processes ended and reported."""
+    if state is not None:
+        state.restore()
+    else:
+        drop_user_modules()
+    _report(log_path, run_log.end_leftovers(before))
+
+
 def _report(log_path: str, text: str | None) -> None:
     """Append a line of the daemon's to the run's log."""
     if not text:
@@ -430,11 +440,7 @@ class Worker:
             failure = {"error": f"cannot write run files: {exc}", "traceback": ""}
             outcomes = {run_id: ("failed", failure) for run_id in run_ids}
         finally:
-            if state is not None:
-                state.restore()
-            else:
-                drop_user_modules()
-            _report(lead_log, run_log.end_leftovers(before))
+            _after_run(state, lead_log, before)
         if fallback is None:
             for run_id in run_ids:
                 kind, fields = outcomes.get(run_id, ("failed", _no_outcome()))
@@ -492,11 +498,7 @@ class Worker:
                 {"error": f"cannot write run files: {exc}", "traceback": traceback.format_exc()},
             )
         finally:
-            if state is not None:
-                state.restore()
-            else:
-                drop_user_modules()
-            _report(log_path, run_log.end_leftovers(before))
+            _after_run(state, log_path, before)
         self.send(outcome[0], run_id=run_id, **outcome[1])
 
 

@@ -21,24 +21,13 @@ class WorkerEvents(SchedulerCore):
     """The scheduler's worker events (a part of mosaicd.scheduler.Scheduler)."""
 
     def on_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        """One message of mosaic_client.protocol.WORKER_MESSAGES from a worker."""
+        """One message of mosaic_client.protocol.WORKER_MESSAGES from a worker: the handler
+        named after it (a test checks that every message type has one)."""
         kind = message["type"]
         if kind == "hello":
             self._executor.said_hello(worker)
-        elif kind == "epoch":
-            self._on_epoch(worker, message)
-        elif kind == "done":
-            self._on_done(worker, message)
-        elif kind == "failed":
-            self._on_failed(worker, message)
-        elif kind == "parked":
-            self._on_parked(worker, message)
-        elif kind == "provenance":
-            self._on_provenance(worker, message)
-        elif kind == "cancelled":
-            self._on_cancelled(worker, message)
-        elif kind == "fallback":
-            self._on_fallback(worker, message)
+            return
+        getattr(self, f"_on_{kind}")(worker, message)
 
     def _active_for(self, worker: WorkerHandle, run_id: int) -> ActiveRun | None:
         if worker.run is None or run_id not in (worker.group or {worker.run[1]}):

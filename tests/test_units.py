@@ -344,3 +344,15 @@ def test_a_worker_changes_state_only_along_its_lifecycle() -> None:
         assert state in WORKER_TRANSITIONS[before]
     with pytest.raises(RuntimeError, match="cannot go from stopping to idle"):
         handle.become(IDLE)
+
+
+def test_every_worker_message_has_its_handler() -> None:
+    # WorkerEvents.on_message calls _on_<type> for every message but hello.
+    from mosaicd.worker_events import WorkerEvents
+
+    missing = [
+        kind
+        for kind in protocol.WORKER_MESSAGES
+        if kind != "hello" and not callable(getattr(WorkerEvents, f"_on_{kind}", None))
+    ]
+    assert missing == []
