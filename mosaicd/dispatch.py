@@ -9,7 +9,7 @@ from typing import Any
 from mosaic_client import schema
 from mosaic_client.contract import RUNNING, checkpoint_path
 from mosaicd.ensemble_groups import group_key, group_size
-from mosaicd.executor import BUSY, IDLE, STARTING, WorkerHandle
+from mosaicd.executor import BUSY, WorkerHandle
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
 from mosaicd.store import RunRecord, Store, StoreError
 from mosaicd.submissions import Submission
@@ -126,7 +126,7 @@ class Dispatch(SchedulerCore):
     ) -> list[tuple[RunRecord, dict[str, Any]]]:
         """The queued runs of the submission that train together with `lead`, taken off the
         queue: same group key (same pipeline, epochs and start epoch), as many as
-        ensemble_groups.group_size gives this worker."""
+        ensemble_groups.group_size gives."""
         if schema.value(schema.MONITOR, submission.monitor, "ensemble") != "auto":
             return []
         key = group_key(lead)
@@ -143,18 +143,10 @@ class Dispatch(SchedulerCore):
         # whole queue, so that dispatch stays cheap with thousands of queued runs.
         window = ensemble_max * MATE_WINDOW_GROUPS
         matching = self._queue.count_queued(submission, mate, window)
-        # The workers that may take a share: idle ones (this one among them) and those still
-        # starting, which will be idle in a moment (at the daemon's start, the first worker to
-        # say hello must not take every repetition).
-        free = sum(
-            1
-            for w in self._executor.workers.values()
-            if w.slot.kind == worker.slot.kind
-            and w.state in (IDLE, STARTING)
-            and w.killed_for is None
-        )
-        idle = min(max(1, free), max(1, submission.cap - submission.running))
-        size = group_size(matching + 1, idle, ensemble_max)
+        # The size depends on the study alone, never on which workers happen to be free: the
+        # same config trains the same groups, so it gives the same numbers, run after run and
+        # on any executor (vmapped arithmetic equals a run alone within float rounding only).
+        size = group_size(matching + 1, ensemble_max)
         if size <= 1:
             return []
         taken = self._queue.take_queued(submission, mate, window, size - 1)

@@ -7,7 +7,6 @@ engine (:mod:`mosaicd.ensemble`) checks a group again with the same functions be
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Hashable
 from typing import Any
 
@@ -59,11 +58,10 @@ def fallback_reason(specs: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def group_size(matching: int, idle_workers: int, ensemble_max: int) -> int:
-    """How many of `matching` queued repetitions one idle worker takes as a group: share them
-    out over the idle workers that may take some (each then trains its own group), at most
-    `ensemble_max` per group. 1 means: start the run alone."""
+def group_size(matching: int, ensemble_max: int) -> int:
+    """How many of `matching` queued repetitions (the first included) train as one group: all
+    of them, up to `ensemble_max`; 1 means the run starts alone. It depends on the study only,
+    so the same config always trains the same groups (and gives the same numbers)."""
     if matching <= 1 or ensemble_max <= 1:
         return 1
-    workers = max(1, idle_workers)
-    return max(1, min(ensemble_max, math.ceil(matching / workers)))
+    return min(ensemble_max, matching)

@@ -124,10 +124,11 @@ class WorkerEvents(SchedulerCore):
             return
         run_id = run.record.run_id
         writer = self._studies.writer(run.study)
-        if is_disk_full(Exception(message["error"])):
-            # Not the run's fault: it waits, parked at its last checkpoint, for space and
-            # `mosaic resume`.
-            where = run.submission.process["run_files_path"]
+        where = run.submission.process["run_files_path"]
+        if is_disk_full(Exception(message["error"])) and _same_filesystem(where, run.study):
+            # Not the run's fault, and its study is on the same full disk: it waits, parked at
+            # its last checkpoint, for space and `mosaic resume`. (Run files alone on a full
+            # disk fail the run with the message, as any unusable run_files_path does.)
             text = disk_full_message(os.path.join(where, "x"))
             if writer.disk_full and writer.problem:
                 text = writer.problem
@@ -278,6 +279,13 @@ class WorkerEvents(SchedulerCore):
                     f"(pid {run.worker.pid}, {run.worker.slot.label}) was killed"
                 )
                 self._executor.kill(run.worker, reason)
+
+
+def _same_filesystem(directory: str, study: str) -> bool:
+    try:
+        return os.stat(directory).st_dev == os.stat(study).st_dev
+    except OSError:
+        return False
 
 
 def _log_tail(path: str, lines: int = 20) -> str:

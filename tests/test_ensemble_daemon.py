@@ -324,17 +324,15 @@ def test_kill_9_of_the_daemon_mid_group_resumes_every_member_once(
 # -- the dispatch's pure parts ----------------------------------------------------------------
 
 
-def test_group_size_shares_the_repetitions_over_the_idle_workers() -> None:
+def test_group_size_depends_on_the_study_only() -> None:
     from mosaicd.ensemble_groups import group_size
 
-    assert group_size(16, 2, 16) == 8  # two groups side by side
-    assert group_size(16, 1, 16) == 16
-    assert group_size(40, 1, 16) == 16  # then 16 and 8
-    assert group_size(5, 2, 16) == 3
-    assert group_size(3, 8, 16) == 1  # more idle workers than runs: each trains alone
-    assert group_size(1, 1, 16) == 1
-    assert group_size(16, 1, 1) == 1  # ensemble_max = 1: never grouped
-    assert group_size(16, 0, 4) == 4
+    assert group_size(16, 16) == 16
+    assert group_size(40, 16) == 16  # then 16 and 8
+    assert group_size(5, 16) == 5
+    assert group_size(1, 16) == 1  # a single run trains alone
+    assert group_size(16, 1) == 1  # ensemble_max = 1: never grouped
+    assert group_size(16, 4) == 4
 
 
 def test_the_queue_gives_up_only_matching_runs_within_its_window(tmp_path: Path) -> None:
