@@ -100,7 +100,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from mosaic_client import contract
-from mosaicd import execution
+from mosaicd import execution, run_provenance
 from mosaicd.ensemble_groups import (  # the engine's API, kept torch-free for the daemon
     ELEMENTWISE_OPTIMIZERS as ELEMENTWISE_OPTIMIZERS,
 )
@@ -282,6 +282,8 @@ class Member:
     rng: dict[str, Any]
     resend_from: int = 0  # stored epoch of a resumed run: epochs to send again first
     checkpoint_epoch: int = 0
+    # What the member's start loaded and ran in (issue 16), sent with its first report.
+    provenance: dict[str, Any] | None = None
 
     @property
     def run_id(self) -> int:
@@ -292,7 +294,11 @@ class Member:
         return str(self.spec["run_files_path"])
 
     def resend_epochs(self) -> None:
-        """Send again the epochs the daemon missed before the group started (a resumed run)."""
+        """The member's first reports, once the group is sure to train (nothing reaches the
+        daemon before: a fallback then runs the members alone, as if never grouped): its
+        provenance, then the epochs the daemon missed before the group started (a resume)."""
+        if self.provenance is not None and self.channel.on_provenance is not None:
+            self.channel.on_provenance(self.provenance)
         execution.resend_epochs(
             self.channel, self.run_id, self.history, self.resend_from, self.checkpoint_epoch
         )
@@ -740,7 +746,13 @@ def _build_members(specs: list[dict[str, Any]], channels: dict[int, MemberChanne
     members = []
     for spec in specs:
         os.makedirs(spec["run_files_path"], exist_ok=True)
+        # As execution.execute records it: the environment as the run starts, with the
+        # determinism it asked for, and the bytes of the class files it executed.
+        run_provenance.apply_determinism(spec["process"])
+        environment = run_provenance.environment(torch.device(spec["device"]))
+        execution.executed_sources.clear()
         run = execution.build(spec)
+        code = run_provenance.code(spec, execution.executed_sources)
         history = History()
         start_epoch = int(spec.get("start_epoch") or 0)
         member = Member(
@@ -751,6 +763,7 @@ def _build_members(specs: list[dict[str, Any]], channels: dict[int, MemberChanne
             rng={},
             resend_from=start_epoch,
             checkpoint_epoch=start_epoch,
+            provenance={"environment": environment, "code": code},
         )
         if start_epoch > 0:
             member.checkpoint_epoch, member.history = execution.restore(run, member.files_dir)

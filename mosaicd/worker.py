@@ -401,6 +401,9 @@ class Worker:
             self.sock.close(linger=1000)
             _die_like(status)
 
+    def _send_provenance(self, run_id: int, record: dict[str, Any]) -> None:
+        self.send("provenance", run_id=run_id, **record)
+
     def run_group(self, execution: Any, specs: list[dict[str, Any]], restore: bool) -> None:
         """Train an ensemble's members together, or one by one when they cannot be."""
         from mosaicd import ensemble
@@ -411,6 +414,7 @@ class Worker:
                 on_epoch=lambda event: self.send("epoch", **event),
                 park_requested=functools.partial(self.park_requested, run_id),
                 cancel_requested=functools.partial(self.cancel_requested, run_id),
+                on_provenance=functools.partial(self._send_provenance, run_id),
             )
             for run_id in run_ids
         }
@@ -467,7 +471,7 @@ class Worker:
             # A member of a fallen-back ensemble is cancelled at an epoch boundary, as a park
             # that it then reports as "cancelled" (an individual run is killed instead).
             park_requested=lambda: self.park_requested(run_id) or self.cancel_requested(run_id),
-            on_provenance=lambda record: self.send("provenance", run_id=run_id, **record),
+            on_provenance=functools.partial(self._send_provenance, run_id),
         )
         outcome: tuple[str, dict[str, Any]]
         before = run_log.descendants()

@@ -81,7 +81,9 @@ def test_seeded_worker_sigkills_retry_and_the_pool_refills(tmp: Path) -> None:
                     epochs=8,
                     multiplicity=2,
                     mlp_width="3, 4",
-                    extra_monitor=f"retries = {REPEATS}",
+                    # One run per worker: each kill hits one run (an ensemble's worker
+                    # carries several; tests/test_ensemble_daemon.py covers those kills).
+                    extra_monitor=f"retries = {REPEATS}\n        ensemble = off",
                 )
             ),
             db,

@@ -105,7 +105,8 @@ def test_watch_shows_workers_and_running_runs_and_q_quits(
     daemon: Daemon, tmp: Path, proj: Path, tmux: Tmux
 ) -> None:
     # Long enough runs (a few seconds each) that the screen catches them mid-training.
-    config = example_config(proj, epochs=400, multiplicity=2)
+    # Runs trained one per worker, so that both workers show as busy (an ensemble takes one).
+    config = example_config(proj, epochs=400, multiplicity=2, extra_monitor="ensemble = off")
     db = str(proj / "watch.db")
     daemon.cli("run", str(config), db, check=True)
     exit_file = tmp / "exit"
