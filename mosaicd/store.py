@@ -587,12 +587,6 @@ class Store:
                 [(reason, run_id) for run_id in run_ids],
             )
 
-    def ensemble_of(self, run_id: int) -> dict[str, Any] | None:
-        row = self.conn.execute(
-            "SELECT members, fallback FROM run_ensembles WHERE run_id=?", (run_id,)
-        ).fetchone()
-        return {"members": json.loads(row[0]), "fallback": row[1]} if row else None
-
     def set_checkpoint_epoch(self, run_id: int, epoch: int) -> None:
         with self.transaction() as conn:
             conn.execute("UPDATE run_meta SET checkpoint_epoch=? WHERE run_id=?", (epoch, run_id))
@@ -601,15 +595,6 @@ class Store:
         """Drop epochs recorded after the checkpoint a run resumes from: no repeats, no gaps."""
         with self.transaction() as conn:
             conn.execute("DELETE FROM run_epochs WHERE run_id=? AND epoch>?", (run_id, after_epoch))
-
-    def history(self, run_id: int) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            'SELECT epoch, train_loss, test_loss, train_acc, test_acc, "duration(s)" '
-            "FROM run_epochs WHERE run_id=? ORDER BY epoch",
-            (run_id,),
-        )
-        keys = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc", "duration")
-        return [dict(zip(keys, row)) for row in rows]
 
     def finish_run(self, run_id: int, results: dict[str, Any], summary: str) -> None:
         with self.transaction() as conn:
