@@ -16,14 +16,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from mosaic_client.commands import common
+from mosaic_client.commands.common import BAD_INPUT, CommandError
 
 NAME = "compare"
 HELP = "which model family is better at matched size: CIs, corrected tests, verdicts"
 EXAMPLE = "mosaic compare results.db --data data_dataset_OR --metric test_loss"
-BAD_INPUT = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,9 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _fail(message: str) -> int:
-    print(f"mosaic: {message}", file=sys.stderr)
-    return BAD_INPUT
+def _fail(message: str) -> NoReturn:
+    raise CommandError(message, BAD_INPUT)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,10 +13,11 @@ import sqlite3
 import sys
 from typing import Any
 
+from mosaic_client.commands.common import BAD_INPUT, CommandError
+
 NAME = "groups"
 HELP = "configuration groups: runs that differ only by seed, with n, mean, sd, median"
 EXAMPLE = "mosaic groups results.db"
-BAD_INPUT = 2
 SHOWN = ("test_loss", "test_acc")  # the table's columns; --json has every run_results column
 
 
@@ -53,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             conn.close()
     except analysis.AnalysisError as exc:
-        print(f"mosaic: {exc}", file=sys.stderr)
-        return BAD_INPUT
+        raise CommandError(str(exc), BAD_INPUT) from None
     if args.json:
         sys.stdout.write(json.dumps(groups, indent=1) + "\n")
         return 0

@@ -13,12 +13,13 @@ import argparse
 import os
 import sys
 
+from mosaic_client.commands.common import BAD_INPUT, OK
+
 NAME = "web"
 HELP = "serve a live web view of the daemon and its studies on 127.0.0.1"
 EXAMPLE = "mosaic web --port 8765 results.db"
 
 # Exit codes (docs/cli.md).
-OK, BAD_INPUT = 0, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
