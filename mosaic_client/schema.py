@@ -80,6 +80,9 @@ MAX_TIMEOUT = 1e12
 
 IDENTIFIER_RE = re.compile(r"[A-Za-z_]\w*")
 
+# [MONITOR] umask: the umasks a user may choose for what a shared daemon writes for them.
+UMASKS = ("077", "027", "022")
+
 # Value kinds. The client parses INI text into these; the daemon receives them from msgpack.
 FLOAT = "float"  # a finite number (an int is accepted)
 INT = "int"
@@ -322,6 +325,17 @@ KEYS: tuple[Key, ...] = (
         1,
         default=ENSEMBLE_MAX_DEFAULT,
         label="the ensemble size",
+    ),
+    Key(
+        MONITOR,
+        "umask",
+        CHOICE,
+        "on a shared daemon, the umask of the workers that run your code and of the study "
+        "and run files made for you: 077 keeps them yours alone, 027 lets your group read "
+        "them, 022 everyone (docs/deployment.md)",
+        default="077",
+        choices=UMASKS,
+        label="the umask of your runs",
     ),
 )
 

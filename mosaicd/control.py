@@ -27,6 +27,7 @@ from mosaic_client.protocol import (
     RerunReply,
     ResumeReply,
 )
+from mosaicd import owners
 from mosaicd.errors import Refused
 from mosaicd.scheduler_core import SchedulerCore
 from mosaicd.store import RunRecord, Store, connect_readonly
@@ -113,7 +114,8 @@ class Control(SchedulerCore):
     def _select(self, db: str, selection: dict[str, Any], check: OwnerCheck) -> list[int]:
         """The selected run ids, once the caller's rights over each are checked."""
         store = self._studies.open(db, create=False)
-        conn = connect_readonly(db)
+        with owners.acting_as(self._studies.opener(db)):  # as the store itself was opened
+            conn = connect_readonly(db)
         # A user's -request runs inside the daemon's single loop: an endless recursive CTE
         # would stop the daemon for everyone. Interrupt it after SELECT_TIMEOUT seconds.
         deadline = time.monotonic() + SELECT_TIMEOUT

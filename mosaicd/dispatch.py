@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from mosaic_client import schema
-from mosaic_client.contract import RUNNING, checkpoint_path
+from mosaic_client.contract import FAILED, QUEUED, RUNNING, checkpoint_path
 from mosaicd.ensemble_groups import group_key, group_size
-from mosaicd.executor import BUSY, WorkerHandle
+from mosaicd.executor import BUSY, IDLE, STARTING, WorkerHandle
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
 from mosaicd.store import RunRecord, Store, StoreError
 from mosaicd.submissions import Submission
@@ -32,20 +33,74 @@ class Dispatch(SchedulerCore):
                 # GPU's slots and allow the next GPU's.
                 self._start_next(worker)
 
-    def _start_next(self, worker: WorkerHandle) -> bool:
+    def _startable(self, worker: WorkerHandle, any_owner: bool) -> Callable[[Submission], bool]:
         def startable(submission: Submission) -> bool:
             return (
-                not self._holds.keeps(submission.owner_uid)
+                # A worker trains the runs of its own user only (mosaicd.owners).
+                (any_owner or submission.run_as_uid == worker.owner_uid)
+                and not self._holds.keeps(submission.owner_uid)
                 # A study whose writes wait (locked, disk full) starts nothing until they land.
                 and not self._studies.writer(submission.study).blocked
                 and submission.running < submission.cap
                 and submission.allows(worker.slot)
             )
 
-        found = self._queue.take_next(startable)
+        return startable
+
+    def _start_next(self, worker: WorkerHandle) -> bool:
+        """Start the oldest run that may start on this worker's slot, if the worker is its
+        user's; else give the slot to that user (_hand_over) unless a worker of theirs is on
+        its way, and meanwhile train the worker's own user's next run, if any."""
+        oldest = self._queue.peek_next(self._startable(worker, any_owner=True))
+        if oldest is None:
+            return False
+        if oldest[0].run_as_uid != worker.owner_uid and not self._has_worker_for(
+            oldest[0].run_as_uid
+        ):
+            self._hand_over(worker, *oldest)
+            return False
+        found = self._queue.take_next(self._startable(worker, any_owner=False))
         if found is None:
             return False
         return self._start(worker, *found)
+
+    def _has_worker_for(self, uid: int | None) -> bool:
+        """Whether a worker of this user is starting, idle or about to start: then it takes
+        their next run, and no other slot changes hands for it yet."""
+        workers = self._executor.workers.values()
+        return uid in self._executor.next_owner_uids() or any(
+            w.owner_uid == uid and w.state in (STARTING, IDLE) and w.killed_for is None
+            for w in workers
+        )
+
+    def _hand_over(self, worker: WorkerHandle, submission: Submission, record: RunRecord) -> None:
+        """Give an idle worker's slot to the user of the oldest run that could start there: the
+        worker exits, and a worker of that user starts in its place (a worker never trains two
+        users' runs). The queue is first come, first served, across users as before."""
+        failure = self._executor.start_failure(submission.run_as_uid)
+        if failure is not None:
+            self._queue.drop(submission.study, record.run_id)
+            self._fail_unstarted(submission, record, failure)
+            return
+        log.info(
+            "worker %s (%s) hands its slot over to %s",
+            worker.worker_id,
+            worker.slot.label,
+            submission.owner or "the daemon's user",
+        )
+        self._executor.hand_over(worker, submission.run_as)
+        self._send(worker, "exit")()
+
+    def _fail_unstarted(self, submission: Submission, record: RunRecord, cause: str) -> None:
+        """A run whose worker cannot be started fails with the reason (it never trained)."""
+
+        def fail(store: Store) -> None:
+            if store.status_of(record.run_id) != QUEUED:
+                return
+            store.transition(record.run_id, RUNNING, "starting a worker for it")
+            store.transition(record.run_id, FAILED, cause, return_status=cause)
+
+        self._studies.writer(submission.study).write(f"fail run {record.run_id}", fail)
 
     def _start(self, worker: WorkerHandle, submission: Submission, record: RunRecord) -> bool:
         """Start `record` on the worker, with the queued repetitions of its pipeline that train
@@ -119,6 +174,8 @@ class Dispatch(SchedulerCore):
             "start_epoch": from_epoch,
             "checkpoint_every": self._checkpoint_every,
             "max_log_mb": schema.value(schema.MONITOR, submission.monitor, "max_log_mb"),
+            # Only for a user's worker (mosaicd.owners); a single-user daemon's keep theirs.
+            "umask": submission.umask if submission.run_as is not None else None,
         }
 
     def _ensemble_mates(

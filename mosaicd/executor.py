@@ -20,6 +20,7 @@ import zmq
 from mosaic_client import protocol
 
 if TYPE_CHECKING:
+    from mosaicd.owners import Owner
     from mosaicd.server import Options
 
 # -- slots -----------------------------------------------------------------------------------
@@ -84,9 +85,14 @@ WORKER_TRANSITIONS: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class WorkerHandle:
-    worker_id: str
+    worker_id: str  # short, for people: "w3"
     slot: Slot
     proc: Any  # subprocess.Popen, or ray_executor.RayProcess
+    # Whose runs it trains, as that user (mosaicd.owners); None: the daemon's own user.
+    owner: Owner | None = None
+    # Its zmq routing id: the worker id and a secret the worker got in its environment, which
+    # other users cannot read, so that no one else's process can pose as it.
+    route: str = ""
     state: str = STARTING
     run: tuple[str, int] | None = None  # (study path, run id): its run, or a group's first live one
     # The run ids of the ensemble it trains that have not reported yet (empty: a single run).
@@ -95,9 +101,16 @@ class WorkerHandle:
     runs_done: int = 0
     killed_for: str | None = None  # why the daemon killed it, if it did
 
+    def __post_init__(self) -> None:
+        self.route = self.route or self.worker_id
+
     @property
     def pid(self) -> int:
         return int(self.proc.pid)
+
+    @property
+    def owner_uid(self) -> int | None:
+        return None if self.owner is None else self.owner.uid
 
     def become(self, state: str) -> None:
         """The one place a worker's state changes."""
@@ -113,7 +126,12 @@ class Executor(ABC):
     """Starts, feeds, measures and ends the daemon's workers, one per slot."""
 
     slots: list[Slot]
-    workers: dict[str, WorkerHandle]  # live workers by id
+    workers: dict[str, WorkerHandle]  # live workers by routing id (WorkerHandle.route)
+    # Whether it can start workers as the runs' owners (mosaicd.owners): the local pool can;
+    # Ray's actors run as the cluster's user, so a shared daemon refuses other users' runs.
+    runs_as_owners: bool = False
+    # The owner each slot's next worker starts as, once its worker has exited (hand_over).
+    next_owner: dict[Slot, Owner | None]
     max_runs: int  # runs a worker trains before it is replaced (0: no limit)
     # None: the daemon learns of a worker's end by SIGCHLD; else it calls reap() this often
     # (seconds), as for Ray actors, which are not its children.
@@ -124,8 +142,23 @@ class Executor(ABC):
         """Start one worker per slot."""
 
     @abstractmethod
-    def spawn(self, slot: Slot) -> WorkerHandle:
-        """Start a worker on a slot."""
+    def spawn(self, slot: Slot, owner: Owner | None = None) -> WorkerHandle:
+        """Start a worker on a slot, as `owner` (None: as the daemon's own user)."""
+
+    def hand_over(self, handle: WorkerHandle, owner: Owner | None) -> None:
+        """Give an idle worker's slot to `owner`: the worker stops (the caller asks it to
+        exit) and its replacement starts as `owner` once it is reaped. A worker never trains
+        two users' runs (issue 17)."""
+        self.next_owner[handle.slot] = owner
+        handle.become(STOPPING)
+
+    def next_owner_uids(self) -> set[int | None]:
+        """The users whose workers start once a handed-over slot's worker is reaped."""
+        return {None if o is None else o.uid for o in self.next_owner.values()}
+
+    def start_failure(self, uid: int | None) -> str | None:
+        """Why a worker could not start as this user lately (None: it could, or never tried)."""
+        return None
 
     @abstractmethod
     def replace(self, handle: WorkerHandle, code: int) -> None:
@@ -137,7 +170,7 @@ class Executor(ABC):
 
     def send(self, sock: zmq.Socket[Any], handle: WorkerHandle, name: str, **fields: Any) -> None:
         """Send a message (mosaic_client.protocol.DAEMON_TO_WORKER) to a worker."""
-        sock.send_multipart([handle.worker_id.encode(), protocol.worker_message(name, **fields)])
+        sock.send_multipart([handle.route.encode(), protocol.worker_message(name, **fields)])
 
     def said_hello(self, handle: WorkerHandle) -> None:
         """A starting worker is ready for runs."""
@@ -195,4 +228,5 @@ def make_executor(ctx: zmq.Context[Any], address: str, options: Options) -> Exec
         make_slots(options.workers or 0, options.gpus or [], options.runs_per_gpu),
         options.max_runs_per_worker,
         isolation=options.isolation,
+        worker_python=options.worker_python,
     )

@@ -31,7 +31,7 @@ from mosaic_client.protocol import (
     StudyItem,
     SubmitReply,
 )
-from mosaicd import rights
+from mosaicd import owners, rights
 from mosaicd.control import OwnerCheck
 from mosaicd.errors import Refused
 from mosaicd.rights import Caller
@@ -145,11 +145,27 @@ def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Submi
     if isinstance(run_files, str) and run_files:
         _check_client_path(daemon, caller, run_files, "run_files_path")
 
+    # On a shared daemon the caller's runs execute as the caller (mosaicd.owners): one that
+    # cannot switch users refuses rather than run someone's code as itself.
+    owner = owners.lookup(caller.uid, caller.gid) if caller.uid is not None else None
+    if owner is not None and owner.uid != os.geteuid():
+        try:
+            owners.require_switch(owner)
+        except owners.CannotSwitch as exc:
+            raise Refused(ErrorCode.PERMISSION, f"{exc}. Nothing was queued.") from None
+        if not daemon.executor.runs_as_owners:
+            raise Refused(
+                ErrorCode.PERMISSION,
+                f"this daemon's executor ({daemon.options.executor}) cannot run workers as "
+                f"{owner.name}; on a shared box use the local executor. Nothing was queued.",
+            )
+    else:
+        owner = None
+
     def prepare_files() -> None:
-        # A root daemon creates a new study and its run-files directory as the caller's own.
-        rights.give_to_caller(caller, os.path.realpath(db), directory=False)
+        # Called with the owner's rights and umask: the run-files directory is theirs.
         if isinstance(run_files, str) and os.path.isabs(run_files):
-            rights.give_to_caller(caller, os.path.realpath(run_files), directory=True)
+            os.makedirs(run_files, exist_ok=True)
 
     return daemon.scheduler.submit(
         db,
@@ -160,6 +176,7 @@ def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Submi
         caller.uid,
         caller.name,
         prepare_files,
+        owner,
     )
 
 

@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         "'none' restores nothing (trusted code). See docs/workers.md",
     )
     parser.add_argument(
+        "--worker-python",
+        default=None,
+        help="the Python interpreter of the workers that run other users' runs as those users "
+        "(default: the daemon's own): every user must be able to execute it and read Mosaic's "
+        "and torch's packages (docs/deployment.md)",
+    )
+    parser.add_argument(
         "--checkpoint-every",
         type=float,
         default=30.0,
@@ -236,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         runs_per_gpu=args.runs_per_gpu,
         max_runs_per_worker=args.max_runs_per_worker,
         isolation=args.isolation,
+        worker_python=args.worker_python,
         checkpoint_every=args.checkpoint_every,
         stop_timeout=args.stop_timeout,
         admin_gid=_group(args.admin_group),

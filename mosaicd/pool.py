@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import secrets
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -14,9 +16,14 @@ from typing import Any
 import psutil
 import zmq
 
+import mosaicd
+from mosaicd import owners
 from mosaicd.executor import STARTING, Executor, Slot, WorkerHandle, worker_environment
+from mosaicd.owners import Owner
 
 log = logging.getLogger("mosaicd")
+
+START_FAILURE_KEPT_S = 60.0  # how long a user's failed worker start fails their runs at once
 
 
 class ResourceMeter:
@@ -137,6 +144,8 @@ class ResourceMeter:
 class Pool(Executor):
     """Workers as child processes of the daemon (`python -m mosaicd.worker`)."""
 
+    runs_as_owners = True
+
     def __init__(
         self,
         ctx: zmq.Context[Any],
@@ -144,8 +153,11 @@ class Pool(Executor):
         slots: list[Slot],
         max_runs_per_worker: int = 0,
         isolation: str = "state",
+        worker_python: str | None = None,
     ) -> None:
         self.ctx = ctx
+        self.worker_python = worker_python or sys.executable
+        self.next_owner = {}
         self.address = address
         self.slots = slots
         self.max_runs = max_runs_per_worker
@@ -156,6 +168,9 @@ class Pool(Executor):
         self._ids = itertools.count(1)
         self._early_deaths: dict[Slot, int] = {}
         self._respawn: list[tuple[float, Slot]] = []  # (monotonic due time, slot)
+        self._respawn_owner: dict[Slot, Owner | None] = {}
+        # Why a user's worker could not start (uid -> message, when): their runs fail with it.
+        self._start_failures: dict[int | None, tuple[str, float]] = {}
         cpu_slots = sum(1 for s in slots if s.kind == "cpu") or 1
         self.cpu_threads = max(1, (os.cpu_count() or 1) // cpu_slots)
 
@@ -163,33 +178,62 @@ class Pool(Executor):
         for slot in self.slots:
             self.spawn(slot)
 
-    def spawn(self, slot: Slot) -> WorkerHandle:
+    def spawn(self, slot: Slot, owner: Owner | None = None) -> WorkerHandle:
         worker_id = f"w{next(self._ids)}"
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mosaicd.worker",
-                "--connect",
-                self.address,
-                "--id",
-                worker_id,
-                "--slot",
-                slot.label,
-                "--isolation",
-                self.isolation,
-            ],
-            # Workers inherit the daemon's stderr (journald under systemd) for what they print
-            # outside a run; a run's own output goes to its run log (contract.run_log_path).
-            env=worker_environment(slot, self.cpu_threads),
-            stdin=subprocess.DEVNULL,
-            close_fds=True,
-            # Its own process group: when a worker is killed (cancel, timeout), what its run
-            # started goes with it (reap), as the worker itself ends leftovers after each run.
-            process_group=0,
-        )
-        handle = WorkerHandle(worker_id, slot, proc)
-        self.workers[worker_id] = handle
+        route = f"{worker_id}.{secrets.token_hex(8)}"
+        as_owner: dict[str, Any] = {}
+        if owner is None:
+            env = worker_environment(slot, self.cpu_threads)
+        else:
+            # A user's worker: their ids, groups and home, a private umask, and none of the
+            # daemon's environment but what running Python and CUDA needs.
+            env = worker_environment(slot, self.cpu_threads, base=owner_environment(owner))
+            as_owner = {
+                "user": owner.uid,
+                "group": owner.gid,
+                "extra_groups": list(owner.groups),
+                "umask": owners.DEFAULT_UMASK,
+                "cwd": owner.home,
+            }
+        # The routing id in the environment, not on the command line: /proc/PID/environ is
+        # readable by the process's own user only, its cmdline by everyone.
+        env["MOSAIC_WORKER_ID"] = route
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable if owner is None else self.worker_python,
+                    "-m",
+                    "mosaicd.worker",
+                    "--connect",
+                    self.address,
+                    "--slot",
+                    slot.label,
+                    "--isolation",
+                    self.isolation,
+                ],
+                # Workers inherit the daemon's stderr (journald under systemd) for what they
+                # print outside a run; a run's own output goes to its run log
+                # (contract.run_log_path).
+                env=env,
+                stdin=subprocess.DEVNULL,
+                # No descriptor of the daemon's (client socket, study databases, other users'
+                # worker connections) reaches a worker.
+                close_fds=True,
+                # Its own process group: when a worker is killed (cancel, timeout), what its run
+                # started goes with it (reap), as the worker itself ends leftovers after each
+                # run.
+                process_group=0,
+                **as_owner,
+            )
+        except OSError as exc:
+            who = f" as {owner.name}" if owner is not None else ""
+            raise WorkerStartError(
+                f"cannot start a worker{who} with {self.worker_python}: {exc.strerror or exc}; "
+                "the runs' owners must be able to run the workers' Python (mosaicd "
+                "--worker-python, docs/deployment.md)"
+            ) from None
+        handle = WorkerHandle(worker_id, slot, proc, owner=owner, route=route)
+        self.workers[route] = handle
         return handle
 
     def replace(self, handle: WorkerHandle, code: int) -> None:
@@ -200,9 +244,26 @@ class Pool(Executor):
         loop that keeps the CPUs busy starting Python.
         """
         slot = handle.slot
+        if slot in self.next_owner:  # handed over to another user (Executor.hand_over)
+            self._early_deaths.pop(slot, None)
+            self._spawn_or_log(slot, self.next_owner.pop(slot))
+            return
         if handle.state != STARTING:
             self._early_deaths.pop(slot, None)
-            self.spawn(slot)
+            self._spawn_or_log(slot, handle.owner)
+            return
+        if handle.owner is not None:
+            # A user's worker that dies while starting (their Python or packages unreadable to
+            # them): their runs fail with the reason for a while; the slot goes back to the
+            # daemon's own worker meanwhile.
+            self._start_failures[handle.owner.uid] = (
+                f"the worker started as {handle.owner.name} with {self.worker_python} "
+                f"{describe_exit(code)} before it was ready; the daemon's log says why "
+                "(docs/deployment.md: the workers' Python must be usable by every user)",
+                time.monotonic(),
+            )
+            log.error("%s", self._start_failures[handle.owner.uid][0])
+            self._spawn_or_log(slot, None)
             return
         failures = self._early_deaths.get(slot, 0) + 1
         self._early_deaths[slot] = failures
@@ -218,6 +279,23 @@ class Pool(Executor):
             delay,
         )
         self._respawn.append((time.monotonic() + delay, slot))
+        self._respawn_owner[slot] = handle.owner
+
+    def _spawn_or_log(self, slot: Slot, owner: Owner | None) -> None:
+        """Start a replacement; one that cannot start leaves the slot to the daemon's user."""
+        try:
+            self.spawn(slot, owner)
+        except WorkerStartError as exc:
+            log.error("%s", exc)
+            self._start_failures[owner.uid if owner else None] = (str(exc), time.monotonic())
+            self.spawn(slot)
+
+    def start_failure(self, uid: int | None) -> str | None:
+        failure = self._start_failures.get(uid)
+        # Tried again after a while: the administrator may have fixed the install meanwhile.
+        if failure is None or time.monotonic() - failure[1] > START_FAILURE_KEPT_S:
+            return None
+        return failure[0]
 
     def respawn_due(self) -> None:
         """Start the workers whose retry delay has passed (called from the daemon's loop)."""
@@ -227,7 +305,7 @@ class Pool(Executor):
         due = [slot for at, slot in self._respawn if at <= now]
         self._respawn = [(at, slot) for at, slot in self._respawn if at > now]
         for slot in due:
-            self.spawn(slot)
+            self._spawn_or_log(slot, self._respawn_owner.pop(slot, None))
 
     def resources(self, handle: WorkerHandle) -> dict[str, Any]:
         return self.meter.measure(handle)
@@ -250,7 +328,7 @@ class Pool(Executor):
             code = handle.proc.poll()
             if code is not None:
                 _kill_group(handle.pid)
-                del self.workers[handle.worker_id]
+                del self.workers[handle.route]
                 self.meter.forget(handle.pid)
                 dead.append((handle, code))
         return dead
@@ -269,6 +347,38 @@ class Pool(Executor):
                 handle.proc.wait()
             _kill_group(handle.pid)
         self.workers.clear()
+
+
+class WorkerStartError(Exception):
+    """A worker process could not be started (its Python not executable by its owner)."""
+
+
+# The daemon's variables a user's worker keeps: locale, time zone and where CUDA lives.
+OWNER_KEPT_VARIABLES = (
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "PATH",
+    "LD_LIBRARY_PATH",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "PYTHONUNBUFFERED",
+)
+
+
+def owner_environment(owner: Owner) -> dict[str, str]:
+    """The environment a user's worker starts from: the user's identity, a few of the daemon's
+    variables, and the paths to Mosaic's and torch's packages (the workers' Python may be
+    another interpreter than the daemon's: mosaicd --worker-python)."""
+    env = {k: os.environ[k] for k in OWNER_KEPT_VARIABLES if k in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(owner.environment())
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(mosaicd.__file__)))
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    roots = [package_root, *inherited, *site.getsitepackages()]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots))
+    return env
 
 
 def _kill_group(pid: int) -> None:

@@ -36,6 +36,7 @@ from mosaicd.executor import Slot, WorkerHandle, make_slots, worker_environment
 from mosaicd.pool import Pool
 
 if TYPE_CHECKING:
+    from mosaicd.owners import Owner
     from mosaicd.server import Options
 
 log = logging.getLogger("mosaicd")
@@ -219,6 +220,8 @@ def summarize_actor_error(exc: BaseException) -> str:
 
 
 class RayPool(Pool):
+    runs_as_owners = False  # actors run as the Ray cluster's user
+
     """The local pool's bookkeeping, with one Ray actor per slot instead of a child process."""
 
     # Ray actors are not the daemon's children: no SIGCHLD tells of their end.
@@ -306,7 +309,8 @@ class RayPool(Pool):
             self.address,
         )
 
-    def spawn(self, slot: Slot) -> WorkerHandle:
+    def spawn(self, slot: Slot, owner: Owner | None = None) -> WorkerHandle:
+        # `owner` is always None: Ray's actors run as the cluster's user (runs_as_owners).
         worker_id = f"w{next(self._ids)}{self.id_suffix}"
         # The actor keeps its node's environment (base {}); Ray sets CUDA_VISIBLE_DEVICES
         # itself for the actors that hold a GPU.

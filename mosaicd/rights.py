@@ -6,13 +6,13 @@ from the kernel-verified identity (SO_PEERCRED through ZAP), with POSIX mode bit
 consulted): writing a study or run files needs write + search where they go, adding runs to an
 existing study needs the right to write that file (or, for a study file the daemon's own user
 owns, that every submission in it is the caller's), and reading a study through the daemon
-(`show`, `studies`) needs the right to read the file. Files the daemon creates for a client are
-given to that client (docs/deployment.md).
+(`show`, `studies`) needs the right to read the file. These checks give clear refusals; the
+kernel has the last word, because files the daemon opens for a client are opened with that
+client's rights (mosaicd.owners, docs/deployment.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import os
 import pwd
@@ -201,34 +201,3 @@ def may_read(caller: Caller, path: str) -> bool:
     except (Refused, OSError):
         return False
     return True
-
-
-def give_to_caller(caller: Caller, real: str, directory: bool) -> None:
-    """Create a study file or a run-files directory for a client, owned by that client.
-
-    Only a root daemon creates files for other users. SQLite, running as root, gives a
-    database's -wal and -shm files the owner of the database file, so the whole study is
-    theirs; the run-files directory (and any missing parent below an existing directory) is
-    theirs too, so they can run the same config again and remove what the runs wrote."""
-    if os.geteuid() != 0 or caller.unrestricted or caller.uid is None:
-        return
-    gid = caller.gid if caller.gid is not None else -1
-    if directory:
-        missing = []
-        current = real
-        while not os.path.lexists(current):
-            missing.append(current)
-            current = os.path.dirname(current)
-        for path in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(path, 0o755)
-            os.chown(path, caller.uid, gid, follow_symlinks=False)
-        return
-    if os.path.lexists(real):
-        return
-    # O_EXCL | O_NOFOLLOW: a link planted at the path is never followed.
-    fd = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        os.fchown(fd, caller.uid, gid)
-    finally:
-        os.close(fd)

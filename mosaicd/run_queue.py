@@ -51,21 +51,32 @@ class RunQueue:
                             del self._queues[key]
                         return
 
+    def peek_next(
+        self,
+        startable: Callable[[Submission], bool],
+    ) -> tuple[Submission, RunRecord] | None:
+        """The oldest queued run whose submission may start one now, left in the queue."""
+        candidates = sorted((q[0].queue_seq, key) for key, q in self._queues.items() if q)
+        for _, key in candidates:
+            submission = self._submissions[key]
+            if startable(submission):
+                return submission, self._queues[key][0]
+        return None
+
     def take_next(
         self,
         startable: Callable[[Submission], bool],
     ) -> tuple[Submission, RunRecord] | None:
         """The oldest queued run whose submission may start one now, taken off the queue."""
-        candidates = sorted((q[0].queue_seq, key) for key, q in self._queues.items() if q)
-        for _, key in candidates:
-            submission = self._submissions[key]
-            if not startable(submission):
-                continue
-            record = self._queues[key].popleft()
-            if not self._queues[key]:
-                del self._queues[key]
-            return submission, record
-        return None
+        found = self.peek_next(startable)
+        if found is None:
+            return None
+        submission, record = found
+        key = (submission.study, submission.submission_id)
+        self._queues[key].popleft()
+        if not self._queues[key]:
+            del self._queues[key]
+        return found
 
     def count_queued(
         self, submission: Submission, matches: Callable[[RunRecord], bool], window: int

@@ -30,10 +30,11 @@ from mosaic_client.protocol import (
     StudyItem,
     SubmitReply,
 )
-from mosaicd import views
+from mosaicd import owners, views
 from mosaicd.control import Control
 from mosaicd.dispatch import Dispatch
 from mosaicd.errors import Refused
+from mosaicd.owners import Owner
 from mosaicd.repetitions import Repetitions
 from mosaicd.store import Store, StoreError
 from mosaicd.submissions import build_runs, check_submission
@@ -77,16 +78,26 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         owner_uid: int | None,
         owner: str | None,
         prepare_files: Callable[[], None] | None = None,
+        acting_for: Owner | None = None,
     ) -> SubmitReply:
-        """Check a submission, then queue its runs in one transaction. `prepare_files` creates
-        the study file and run-files directory for their owner, once the submission is known
-        to be good (a refused one leaves nothing behind)."""
+        """Check a submission, then queue its runs in one transaction. `prepare_files` makes
+        the run-files directory, once the submission is known to be good (a refused one leaves
+        nothing behind). Both it and a new study file are made with `acting_for`'s rights and
+        umask (mosaicd.owners; None: the daemon's own), so they are that user's."""
         self._executor.check_submission(process, pipelines)
         check_submission(process, monitor, pipelines, self._executor.slot_count("cuda"))
         runs = build_runs(process, monitor, pipelines, owner_uid, owner)
-        if prepare_files is not None:
-            prepare_files()
-        store = self._studies.open(db, create=True)
+        umask = owners.umask_of(monitor)
+        try:
+            with owners.acting_as(acting_for, umask):
+                if prepare_files is not None:
+                    prepare_files()
+        except PermissionError as exc:
+            raise Refused(
+                ErrorCode.PERMISSION,
+                f"{exc.filename}: you may not create it ({exc.strerror}). Nothing was queued.",
+            ) from None
+        store = self._studies.open(db, create=True, owner=acting_for, umask=umask)
         try:
             submission_id, run_ids = self._studies.writer(db).try_now(
                 lambda s: s.add_submission(

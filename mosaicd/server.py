@@ -22,7 +22,7 @@ import zmq
 from mosaic_client import paths, protocol
 from mosaicd import notify
 from mosaicd.errors import Refused
-from mosaicd.executor import make_executor
+from mosaicd.executor import WorkerHandle, make_executor
 from mosaicd.handlers import DISPATCH
 from mosaicd.rights import Caller
 from mosaicd.scheduler import Scheduler
@@ -41,6 +41,7 @@ class Options:
     runs_per_gpu: int = 1
     max_runs_per_worker: int = 0
     isolation: str = "state"  # "state", "none" or "process": see mosaicd/worker.py
+    worker_python: str | None = None  # the workers' interpreter; None: the daemon's own
     checkpoint_every: float = 30.0
     stop_timeout: float = 60.0
     admin_gid: int | None = None
@@ -58,6 +59,20 @@ def _file_identity(path: str) -> tuple[int, int, int]:
     """Which file is at path: an inode number alone may be reused by a file made since."""
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _from_owner(frame: zmq.Frame, worker: WorkerHandle) -> bool:
+    """Whether a worker's message comes from a process of the worker's own user (SO_PEERCRED
+    through ZAP; a TCP connection, as Ray's, has none and is trusted as before)."""
+    try:
+        user_id = frame.get("User-Id") or ""
+    except zmq.ZMQError:
+        return True
+    if not user_id:
+        return True
+    sender = parse_zap_address(f"x:{user_id}").uid
+    expected = os.geteuid() if worker.owner is None else worker.owner.uid
+    return sender == expected
 
 
 class AlreadyRunning(Exception):
@@ -136,7 +151,17 @@ class Daemon:
         self.worker_address = self.options.worker_bind or f"ipc://{self.worker_dir}/workers.sock"
         self.workers_sock = self.ctx.socket(zmq.ROUTER)
         self.workers_sock.linger = 1000
+        # Workers' connections are authenticated like clients': each message carries the
+        # sender's uid, which must be its worker's owner's (_serve_workers).
+        self.workers_sock.setsockopt(zmq.ZAP_DOMAIN, b"mosaic-workers")
         self.workers_sock.bind(self.worker_address)
+        if self.options.socket_group is not None and not self.options.worker_bind:
+            # Users' workers (run as their owners) connect too: the socket group may reach
+            # the socket, as it may the client socket; no one else may.
+            sock_path = os.path.join(self.worker_dir, "workers.sock")
+            for path, mode in ((self.worker_dir, 0o710), (sock_path, 0o660)):
+                os.chown(path, -1, self.options.socket_group)
+                os.chmod(path, mode)
         # tcp://HOST:* binds a free port: the workers need the real one.
         self.worker_address = self.workers_sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -322,14 +347,21 @@ class Daemon:
     def _serve_workers(self) -> None:
         for _ in range(10000):
             try:
-                identity, payload = self.workers_sock.recv_multipart(zmq.NOBLOCK)
+                frames = self.workers_sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            except ValueError:
+            if len(frames) != 2:
                 continue
+            identity, payload = frames[0].bytes, frames[1].bytes
             worker = self.executor.workers.get(identity.decode(errors="replace"))
             if worker is None:
                 continue  # a worker we already wrote off
+            if not _from_owner(frames[-1], worker):
+                log.warning(
+                    "dropped a message sent as worker %s by another user than its owner",
+                    worker.worker_id,
+                )
+                continue
             try:
                 message = protocol.decode_worker_message(payload, protocol.WORKER_MESSAGES)
             except Exception as exc:

@@ -241,6 +241,7 @@ def connect_readonly(path: str) -> sqlite3.Connection:
     """A connection that cannot write: for users' SQL and the client's reads."""
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("PRAGMA query_only = 1")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
@@ -254,6 +255,9 @@ class Store:
         try:
             uri = f"file:{path}?mode={'rwc' if create else 'rw'}"
             self.conn = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None)
+            # The file is its user's: a trigger or view they add must not run functions with
+            # side effects when the daemon writes (docs/deployment.md).
+            self.conn.execute("PRAGMA trusted_schema = OFF")
             if not create and self._version() == 0:
                 # An existing empty file (or empty SQLite database) named in a request that
                 # only reads or changes runs must not be turned into a study.

@@ -8,7 +8,9 @@ from collections import Counter
 from collections.abc import Iterator
 
 from mosaic_client.protocol import ErrorCode
+from mosaicd import owners
 from mosaicd.errors import Refused
+from mosaicd.owners import Owner
 from mosaicd.store import DaemonState, Store, StoreError
 from mosaicd.study_writer import StudyWriter
 
@@ -22,11 +24,35 @@ class Studies:
         self._state = state
         self._stores: dict[str, Store] = {}
         self._writers: dict[str, StudyWriter] = {}  # the one door for the daemon's writes
+        self._openers: dict[str, Owner | None] = {}  # whose rights each store was opened with
 
-    def open(self, path: str, create: bool) -> Store:
+    def open(
+        self,
+        path: str,
+        create: bool,
+        owner: Owner | None = None,
+        umask: int = owners.DEFAULT_UMASK,
+    ) -> Store:
+        """The study's store, opened the first time with `owner`'s rights (mosaicd.owners):
+        the one who asks for it. A new study, with its -wal and -shm files, is theirs."""
         store = self._stores.get(path)
         if store is not None:
             return store
+        try:
+            with owners.acting_as(owner, umask):
+                store = self._open(path, create)
+        except PermissionError as exc:
+            who = f"you ({owner.name})" if owner is not None else "the daemon"
+            raise Refused(
+                ErrorCode.PERMISSION, f"{path}: {who} may not open it ({exc.strerror})"
+            ) from None
+        self._stores[path] = store
+        self._openers[path] = owner
+        self._writers[path] = StudyWriter(store)
+        self._state.add_study(path)
+        return store
+
+    def _open(self, path: str, create: bool) -> Store:
         if not create and not os.path.exists(path):
             raise Refused(ErrorCode.NOT_FOUND, f"no study database at {path}")
         if os.path.exists(path) and not os.path.isfile(path):
@@ -36,13 +62,9 @@ class Studies:
                 f"{path} is not a regular file; give the path of a study database file",
             )
         try:
-            store = Store(path, create=create)
+            return Store(path, create=create)
         except StoreError as exc:
             raise Refused(ErrorCode.INVALID, str(exc)) from None
-        self._stores[path] = store
-        self._writers[path] = StudyWriter(store)
-        self._state.add_study(path)
-        return store
 
     def reopen_known(self) -> Iterator[tuple[str, Store]]:
         """The studies of the previous daemon, opened again; vanished ones are forgotten."""
@@ -51,8 +73,10 @@ class Studies:
                 log.warning("study %s has disappeared; forgetting it", path)
                 self._state.remove_study(path)
                 continue
+            # As the owner of the path itself (lstat: a link is its maker's), never as root.
+            owner = owners.of_uid(os.lstat(path).st_uid)
             try:
-                store = self.open(path, create=False)
+                store = self.open(path, create=False, owner=owner)
             except Refused as exc:
                 log.error("cannot reopen study %s: %s", path, exc.message)
                 continue
@@ -89,6 +113,12 @@ class Studies:
             total.update(store.counts)
         return total
 
+    def opener(self, path: str) -> Owner | None:
+        """Whose rights the study was opened with (None: the daemon's own)."""
+        return self._openers.get(path)
+
     def close_all(self) -> None:
-        for store in self._stores.values():
-            store.close()
+        for path, store in self._stores.items():
+            # SQLite removes the -wal file on the last close: as the one who opened it.
+            with owners.acting_as(self._openers.get(path)):
+                store.close()

@@ -7,6 +7,7 @@ pipelines as sent, the run files directory on this machine, the slots it has).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -16,7 +17,9 @@ from typing import Any
 from mosaic_client import schema
 from mosaic_client.contract import MODULE_FIELDS, PROCESS_SEED_PARAM, run_info_key_problem
 from mosaic_client.protocol import ErrorCode
+from mosaicd import owners
 from mosaicd.errors import Refused
+from mosaicd.owners import Owner
 from mosaicd.pool import Slot
 
 _SCALAR = (str, int, float, bool, type(None))
@@ -35,6 +38,19 @@ class Submission:
     process: dict[str, Any]
     monitor: dict[str, Any]
     running: int = 0
+
+    @functools.cached_property
+    def run_as(self) -> Owner | None:
+        """Whom its runs execute as (mosaicd.owners): None for the daemon's own user."""
+        return owners.of_uid(self.owner_uid)
+
+    @property
+    def run_as_uid(self) -> int | None:
+        return None if self.run_as is None else self.run_as.uid
+
+    @property
+    def umask(self) -> int:
+        return owners.umask_of(self.monitor)
 
     @property
     def cap(self) -> int:

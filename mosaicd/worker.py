@@ -309,6 +309,10 @@ class Worker:
                 self._handle_control(message)
                 continue
             self._begin([int(spec["run_id"]) for spec in specs])
+            if specs[0].get("umask") is not None:
+                # A user's worker on a shared daemon: what the run writes is made with the
+                # umask its config chose ([MONITOR] umask), private by default.
+                os.umask(int(specs[0]["umask"]))
             if self.isolation == "process":
                 self.run_forked(execution, specs, group)
             elif group:
@@ -561,10 +565,13 @@ def start(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mosaicd.worker")
     parser.add_argument("--connect", required=True)
-    parser.add_argument("--id", required=True)
+    # The routing id comes in the environment (MOSAIC_WORKER_ID), which other users cannot read.
+    parser.add_argument("--id", default=os.environ.get("MOSAIC_WORKER_ID"))
     parser.add_argument("--slot", default="cpu")
     parser.add_argument("--isolation", default="state", choices=ISOLATION_MODES)
     args = parser.parse_args(argv)
+    if not args.id:
+        parser.error("give --id or MOSAIC_WORKER_ID")
     start(args.connect, args.id, args.slot, args.isolation, die_with_parent=True)
 
 

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from mosaic_client.contract import CANCELLED, FAILED, PARKED, QUEUED, RUNNING, run_log_path
+from mosaicd import owners
 from mosaicd.executor import IDLE, STOPPING, WorkerHandle
 from mosaicd.pool import describe_exit
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
@@ -232,7 +233,10 @@ class WorkerEvents(SchedulerCore):
             cause = worker.killed_for
         else:
             cause = f"worker (pid {worker.pid}, {worker.slot.label}) {describe_exit(code)}"
-        tail = _log_tail(run_log_path(run.submission.process["run_files_path"], run_id))
+        # Read with the owner's rights: the log is in their directory, and a link they put
+        # in its place must not show them a file only the daemon could read.
+        with owners.acting_as(run.submission.run_as):
+            tail = _log_tail(run_log_path(run.submission.process["run_files_path"], run_id))
         retry = (
             (not worker.killed_for or worker.killed_for.startswith("worker"))
             and run.record.attempts < run.submission.retries
@@ -290,7 +294,7 @@ def _same_filesystem(directory: str, study: str) -> bool:
 
 def _log_tail(path: str, lines: int = 20) -> str:
     try:
-        with open(path, "rb") as fh:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - 8192))

@@ -153,7 +153,17 @@ def _make_box(root: Path) -> Box:
         group,
         admin_group,
         users,
-        Daemon(root, "--socket-group", group, "--admin-group", admin_group, workers=1),
+        # Workers run as the runs' owners: with an interpreter those users may run.
+        Daemon(
+            root,
+            "--socket-group",
+            group,
+            "--admin-group",
+            admin_group,
+            "--worker-python",
+            python,
+            workers=1,
+        ),
         python,
         pythonpath,
     )

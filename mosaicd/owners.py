@@ -1,0 +1,138 @@
+"""Run owners: who a run executes as, and acting with an owner's rights only (issue 17).
+
+On a shared box the daemon serves several users. Their code runs in workers started as the
+run's owner (mosaicd.pool), and every file the daemon itself opens for a user (a study database
+and its -wal/-shm files, the run-files directory) is opened while the daemon's effective ids are
+that user's (:func:`acting_as`): the kernel then checks the open against the user's own rights,
+a link the user planted leads only where the user could go, and what is created is the user's.
+
+A daemon that serves only its own user (the single-user mode) never switches: :func:`of_uid`
+gives None for the daemon's own uid, and None means "as the daemon, as before".
+
+Switching needs CAP_SETUID and CAP_SETGID (a root daemon has them; the systemd unit keeps only
+these and CAP_KILL, docs/deployment.md). The daemon's loop is single-threaded and Linux applies
+set*id calls to every thread of the process (glibc), so nothing else runs under the borrowed
+ids; libzmq's I/O threads open no files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import pwd
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mosaic_client import schema
+
+# What a run's files are created with, unless the user's config says otherwise
+# ([MONITOR] umask): private to their owner on a box shared with other users.
+DEFAULT_UMASK = 0o077
+NOGROUP = 65534
+_CAP_SETGID, _CAP_SETUID = 6, 7
+
+
+class CannotSwitch(Exception):
+    """The daemon may not act as another user (no CAP_SETUID/CAP_SETGID)."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A user the daemon acts for: ids from the kernel-verified caller, groups and home from
+    the user database."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    name: str
+    home: str
+
+    def environment(self) -> dict[str, str]:
+        """The user's identity variables for a process started as them."""
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+
+def lookup(uid: int, gid: int | None = None) -> Owner:
+    """The owner with this uid: primary gid `gid` (the caller's, as the kernel gave it) or the
+    user database's, and the user's supplementary groups."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        # A uid with no name (a container's, an LDAP hiccup): its own ids and no groups.
+        primary = gid if gid is not None else NOGROUP
+        return Owner(uid, primary, (primary,), str(uid), "/")
+    primary = gid if gid is not None else entry.pw_gid
+    try:
+        groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    except OSError:
+        groups = {entry.pw_gid}
+    groups.add(primary)
+    home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
+    return Owner(uid, primary, tuple(sorted(groups)), entry.pw_name, home)
+
+
+def of_uid(uid: int | None, gid: int | None = None) -> Owner | None:
+    """The owner to act as for `uid`; None for the daemon's own user, an unknown caller, or
+    when this daemon may not switch (handlers refuse to run such a caller's code: see
+    :func:`require_switch`): the daemon acts as itself, as a single-user daemon always does."""
+    if uid is None or uid == os.geteuid() or not can_switch():
+        return None
+    return lookup(uid, gid)
+
+
+@functools.cache
+def can_switch() -> bool:
+    """Whether this process may take other users' ids (root, or CAP_SETUID + CAP_SETGID)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    return bool(caps >> _CAP_SETUID & 1 and caps >> _CAP_SETGID & 1)
+    except OSError:
+        pass
+    return False
+
+
+def require_switch(owner: Owner | None) -> None:
+    """Raise CannotSwitch unless this daemon may act as `owner`."""
+    if owner is not None and owner.uid != os.geteuid() and not can_switch():
+        raise CannotSwitch(
+            f"this daemon (uid {os.geteuid()}) cannot run anything as {owner.name}: it has no "
+            "CAP_SETUID/CAP_SETGID, and it will not run your code or write your files under "
+            "its own identity. Ask the administrator to start it as in docs/deployment.md, or "
+            "start a daemon of your own (mosaicd)"
+        )
+
+
+def umask_of(monitor: dict[str, Any]) -> int:
+    """The umask a submission chose ([MONITOR] umask)."""
+    return int(str(schema.value(schema.MONITOR, monitor, "umask")), 8)
+
+
+@contextlib.contextmanager
+def acting_as(owner: Owner | None, umask: int = DEFAULT_UMASK) -> Iterator[None]:
+    """Run the block with `owner`'s effective uid, gid and groups and `umask` (owner None:
+    unchanged, the daemon acting as itself), then take the daemon's own back. Files opened
+    inside are opened with the owner's rights only, and files created are the owner's."""
+    if owner is None:
+        yield
+        return
+    require_switch(owner)
+    euid, egid, groups = os.geteuid(), os.getegid(), os.getgroups()
+    # Groups and gid first: once the euid is the owner's, a root daemon's capabilities are off.
+    os.setgroups(list(owner.groups))
+    os.setegid(owner.gid)
+    os.seteuid(owner.uid)
+    old_umask = os.umask(umask)
+    try:
+        yield
+    finally:
+        os.umask(old_umask)
+        os.seteuid(euid)
+        os.setegid(egid)
+        os.setgroups(groups)
