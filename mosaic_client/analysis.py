@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pwd
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,20 @@ class AnalysisError(ValueError):
     """Input the analysis cannot use, with a message that says what is wrong and what to do."""
 
 
+class StudyNotReadable(AnalysisError):
+    """A study database the user may not read: a refusal, not a mistake in the input."""
+
+    denied = True  # commands.common reports it with exit code DENIED
+
+
+def _owner_name(path: str) -> str:
+    uid = os.stat(path).st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def _quoted(column: str) -> str:
     return '"' + column.replace('"', '""') + '"'
 
@@ -38,6 +53,12 @@ def open_readonly(path: str) -> sqlite3.Connection:
     """A connection to a study database that cannot write, whoever else has it open."""
     if not os.path.isfile(path):
         raise AnalysisError(f"no database at {path}; give the path of a study database")
+    if not os.access(path, os.R_OK):
+        # Another user's study on a shared box (private by default: [MONITOR] umask).
+        raise StudyNotReadable(
+            f"{path}: you may not read it (it belongs to {_owner_name(path)}, mode "
+            f"{os.stat(path).st_mode & 0o777:03o}); ask its owner, or give your own study"
+        )
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
         conn.execute("PRAGMA query_only = 1")

@@ -212,11 +212,22 @@ def box() -> Iterator[Box]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _project(box: Box, role: str, name: str, multiplicity: int = 1) -> tuple[str, str]:
-    """A config in the user's directory (owned by them); returns (config, db) paths."""
+def _project(
+    box: Box, role: str, name: str, multiplicity: int = 1, umask: str | None = "022", epochs: int = 2
+) -> tuple[str, str]:
+    """A config in the user's directory (owned by them); returns (config, db) paths. Its study
+    is readable by the other users ([MONITOR] umask = 022) unless `umask` says otherwise (None:
+    the default, private to its owner): the daemon's own refusals are what most tests here
+    probe, not the client's."""
     directory = box.home(role) / name
     directory.mkdir()
-    config = example_config(directory, epochs=2, multiplicity=multiplicity, nb_processus=1)
+    config = example_config(
+        directory,
+        epochs=epochs,
+        multiplicity=multiplicity,
+        nb_processus=1,
+        extra_monitor=f"umask = {umask}" if umask else "",
+    )
     uid = int(subprocess.check_output(["id", "-u", box.users[role]]))
     for path in (directory, config):
         os.chown(path, uid, -1)

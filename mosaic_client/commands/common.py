@@ -42,7 +42,9 @@ def refused_as_bad_input(*errors: type[Exception]) -> Iterator[None]:
     try:
         yield
     except errors as exc:
-        raise CommandError(str(exc), BAD_INPUT) from None
+        # A study the user may not read is a refusal (exit DENIED), like the daemon's.
+        code = DENIED if getattr(exc, "denied", False) else BAD_INPUT
+        raise CommandError(str(exc), code) from None
 
 
 def socket_path(args: argparse.Namespace) -> str:
