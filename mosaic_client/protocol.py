@@ -115,6 +115,8 @@ class WorkerView(TypedDict, total=False):
     slot: str
     state: str
     pid: int | None
+    # The user it runs as on a shared daemon (None: the daemon's own user).
+    owner: str | None
     run_id: int | None
     runs_done: int
     # Resource figures from the executor (None when it cannot measure them).

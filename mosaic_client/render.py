@@ -149,10 +149,12 @@ def _worker_line(worker: dict[str, Any]) -> str:
             f"  gpu mem (card) {_mib(worker['gpu_memory_device'])}/"
             f"{_mib(worker.get('gpu_memory_total'))}"
         )
+    # On a shared daemon each worker runs as one user (docs/deployment.md).
+    owner = f"  as {worker['owner']}" if worker.get("owner") else ""
     return (
         f"  worker {worker['id']:<4} {worker['slot']:<8} pid {worker['pid']:<7} "
         f"{run:<10} cpu {fmt(worker.get('cpu_percent'), '.0f'):>4}%  rss "
-        f"{_mib(worker.get('rss'))}{gpu}"
+        f"{_mib(worker.get('rss'))}{gpu}{owner}"
     )
 
 

@@ -28,7 +28,9 @@ class Dispatch(SchedulerCore):
         if self._holds.all or self.shutting_down:
             return
         for kind in ("cpu", "cuda"):
-            for worker in self._executor.idle(kind):
+            # The daemon's own idle workers first: when a slot must change hands to start a
+            # user's run, it is one of theirs, and users' idle workers stay for their users.
+            for worker in sorted(self._executor.idle(kind), key=lambda w: w.owner is not None):
                 # No `break` when one worker finds nothing: gpu_available may rule out this
                 # GPU's slots and allow the next GPU's.
                 self._start_next(worker)

@@ -64,6 +64,7 @@ def _worker(executor: Executor, worker: WorkerHandle) -> WorkerView:
         "slot": worker.slot.label,
         "state": worker.state,
         "pid": worker.pid,
+        "owner": worker.owner.name if worker.owner is not None else None,
         "run_id": worker.run[1] if worker.run else None,
         # The Ray executor adds the actor's node.
         "runs_done": worker.runs_done,

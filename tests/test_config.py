@@ -280,6 +280,7 @@ def test_process_and_monitor_defaults(project: Path) -> None:
         "max_log_mb": 50.0,
         "ensemble": "auto",
         "ensemble_max": 16,
+        "umask": "077",
     }
     assert isinstance(expanded.process["lr"], float)
 

@@ -138,7 +138,7 @@ class Box:
         return json.loads(result.stdout)
 
 
-def _make_box(root: Path) -> Box:
+def _make_box(root: Path, workers: int = 1) -> Box:
     tag = secrets.token_hex(3)
     group, admin_group = f"mosu{tag}", f"mosa{tag}"
     users = {
@@ -162,7 +162,7 @@ def _make_box(root: Path) -> Box:
             admin_group,
             "--worker-python",
             python,
-            workers=1,
+            workers=workers,
         ),
         python,
         pythonpath,
@@ -213,7 +213,12 @@ def box() -> Iterator[Box]:
 
 
 def _project(
-    box: Box, role: str, name: str, multiplicity: int = 1, umask: str | None = "022", epochs: int = 2
+    box: Box,
+    role: str,
+    name: str,
+    multiplicity: int = 1,
+    umask: str | None = "022",
+    epochs: int = 2,
 ) -> tuple[str, str]:
     """A config in the user's directory (owned by them); returns (config, db) paths. Its study
     is readable by the other users ([MONITOR] umask = 022) unless `umask` says otherwise (None:
@@ -612,7 +617,10 @@ def test_unit_files_verify_and_score(tmp_path: Path) -> None:
     for line in (
         "Type=notify",
         "NotifyAccess=main",
-        "User=mosaic",
+        "Group=mosaic-users",
+        # Root's uid with only what starting workers as their owners takes (issue 17).
+        "CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_KILL",
+        "AmbientCapabilities=",
         "RuntimeDirectory=mosaic",
         "RuntimeDirectoryMode=0750",
         "StateDirectory=mosaic",
@@ -624,6 +632,8 @@ def test_unit_files_verify_and_score(tmp_path: Path) -> None:
         assert re.search(f"^{line}$", text, flags=re.M), line
     # Hidden GPUs or a JIT that cannot map executable memory would break CUDA and triton.
     assert not re.search(r"^(PrivateDevices|MemoryDenyWriteExecute)=", text, flags=re.M)
+    # No User=: a service user could not start workers as the runs' owners.
+    assert not re.search(r"^(User|DynamicUser)=", text, flags=re.M)
     stop = float(re.search(r"^TimeoutStopSec=(\d+)", text, flags=re.M).group(1))
     assert stop >= 60 + 5 + 10  # --stop-timeout's default, the workers' grace, a margin
     result = subprocess.run(
@@ -634,4 +644,4 @@ def test_unit_files_verify_and_score(tmp_path: Path) -> None:
     )
     score = re.search(r"Overall exposure level for mosaicd\.service: ([\d.]+)", result.stdout)
     assert score, result.stdout + result.stderr
-    assert float(score.group(1)) <= 4.0  # docs/deployment.md quotes it
+    assert float(score.group(1)) <= 4.2  # docs/deployment.md quotes it

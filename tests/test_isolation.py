@@ -1,0 +1,281 @@
+"""Every run executes as its owner (issue 17): on a root daemon shared by two throw-away users,
+one user's code can neither read nor rewrite the other's study, run files or workers, nor the
+daemon's own state; each user's files are theirs; a kill -9 of the daemon with both users'
+studies running loses nothing.
+
+Runs as root (CI does), with the users and groups of tests/test_shared_box.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sqlite3
+import stat
+import subprocess
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import EXAMPLE, query
+from tests.test_shared_box import Box, _make_box, _project, _require_root, _uid
+
+EPOCHS = 12
+PROBES = ("study_write", "study_sqlite", "run_file_read", "runs_dir_write", "signal", "state")
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Box]:
+    _require_root()
+    root = Path(tempfile.mkdtemp(prefix="mosiso-"))
+    root.chmod(0o755)
+    made: Box | None = None
+    try:
+        made = _make_box(root, workers=2)
+        made.daemon.start()
+        yield made
+    finally:
+        if made is not None:
+            made.daemon.stop()
+            for name in made.made_users:
+                subprocess.run(["userdel", name], capture_output=True, timeout=60)
+            for g in made.made_groups:
+                subprocess.run(["groupdel", g], capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def dump(db: str) -> tuple[list[str], str]:
+    """A study's whole content and SQLite's own check of the file."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return list(conn.iterdump()), conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+PROBE_CLASS = '''
+import importlib.util
+import os
+import signal
+import sqlite3
+
+_spec = importlib.util.spec_from_file_location("or_mlp", {mlp!r})
+_mlp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mlp)
+
+
+def _try(name, action):
+    try:
+        action()
+    except PermissionError as exc:
+        print(f"PROBE {{name}}: refused ({{exc.strerror}})", flush=True)
+    except sqlite3.Error as exc:
+        print(f"PROBE {{name}}: refused ({{exc}})", flush=True)
+    else:
+        print(f"PROBE {{name}}: ALLOWED", flush=True)
+
+
+def _workers_of(uid):
+    """The pids of the daemon's workers that run as `uid`, read from /proc like `ps` does."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{{pid}}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+            with open(f"/proc/{{pid}}/status") as fh:
+                uids = next(l for l in fh if l.startswith("Uid:")).split()[1:]
+        except OSError:
+            continue
+        if b"mosaicd.worker" in cmdline and int(uids[0]) == uid:
+            found.append(int(pid))
+    return found
+
+
+def _write_study(db):
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE runs SET status = 'failed'")
+    conn.commit()
+
+
+def _kill_workers(uid):
+    pids = _workers_of(uid)
+    print(f"PROBE workers of {{uid}}: {{pids}}", flush=True)
+    if not pids:
+        raise AssertionError("no worker of the other user to signal")
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+class probe_mlp(_mlp.mlp_funnel):
+    def __init__(self, input_size, output_size, length, width, victim_db, victim_runs,
+                 victim_uid, state_dir):
+        print(f"PROBE running as uid {{os.getuid()}} gid {{os.getgid()}}", flush=True)
+        _try("study_write", lambda: open(victim_db, "r+b").close())
+        _try("study_sqlite", lambda: _write_study(victim_db))
+        _try("run_file_read", lambda: open(os.path.join(victim_runs, "output_1.log")).read())
+        _try("runs_dir_write", lambda: open(os.path.join(victim_runs, "planted"), "w").close())
+        _try("signal", lambda: _kill_workers(victim_uid))
+        _try("state", lambda: os.listdir(state_dir))
+        super().__init__(input_size, output_size, length, width)
+'''
+
+
+def _probing_project(box: Box, victim_db: str) -> tuple[str, str]:
+    """A's project whose model, when built in A's run, tries to reach B's study and worker."""
+    config, db = _project(box, "a", "probe", umask=None)
+    directory = Path(config).parent
+    probe = directory / "probe.py"
+    probe.write_text(PROBE_CLASS.format(mlp=str(EXAMPLE / "mlp.py")))
+    text = Path(config).read_text()
+    text = re.sub(r"\[mlp_funnel\].*", "", text, flags=re.S) + textwrap.dedent(
+        f"""
+        [probe_mlp]
+        type = mlp
+        class = probe_mlp
+        path_to_class = {probe}
+        length = 2
+        width = 3
+        victim_db = {victim_db}
+        victim_runs = {Path(victim_db).parent / "runs"}
+        victim_uid = {_uid(box, "b")}
+        state_dir = {box.daemon.state_dir}
+        key = mlp_{{class}}
+        """
+    )
+    Path(config).write_text(text)
+    os.chown(probe, _uid(box, "a"), -1)
+    return config, db
+
+
+def test_a_users_code_cannot_reach_another_users_study_workers_or_the_daemon(box: Box) -> None:
+    # B's study, private (the default [MONITOR] umask), finished; B's worker stays, idle.
+    b_config, b_db = _project(box, "b", "victim", umask=None)
+    result = box.cli("b", "run", b_config, b_db, "--no-autostart")
+    assert result.returncode == 0, result.stderr
+    assert box.daemon.wait_for(b_db, timeout=180) == {**_zero(), "done": 1}
+    b_runs = Path(b_db).parent / "runs"
+    before = dump(b_db), tree(b_runs)
+    assert before[0][1] == "ok"
+    b_workers = _workers(box, "b")
+    assert b_workers, "B's worker should stay on its slot while nobody needs it"
+
+    a_config, a_db = _probing_project(box, b_db)
+    result = box.cli("a", "run", a_config, a_db, "--no-autostart")
+    assert result.returncode == 0, result.stderr
+    assert box.daemon.wait_for(a_db, timeout=180) == {**_zero(), "done": 1}
+
+    log = (Path(a_db).parent / "runs" / "output_1.log").read_text()
+    assert f"PROBE running as uid {_uid(box, 'a')} gid 100" in log, log
+    for probe in PROBES:
+        assert re.search(f"^PROBE {probe}: refused", log, flags=re.M), (probe, log)
+    assert "ALLOWED" not in log
+    # B's study and run files are byte for byte what they were, and B's worker lives on.
+    assert (dump(b_db), tree(b_runs)) == before
+    assert all(psutil.pid_exists(pid) for pid in b_workers)
+
+    # `ps`: each user's workers run under that user's uid, and the daemon under root's.
+    assert {p.uids().real for p in map(psutil.Process, _workers(box, "a"))} == {_uid(box, "a")}
+    assert {p.uids().real for p in map(psutil.Process, b_workers)} == {_uid(box, "b")}
+    # Every file of A's study is A's, and private to A.
+    directory = Path(a_db).parent
+    for path in [
+        Path(a_db),
+        Path(a_db + "-wal"),
+        Path(a_db + "-shm"),
+        *(directory / "runs").iterdir(),
+    ]:
+        st = path.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode) & 0o077) == (_uid(box, "a"), 0), path
+    assert stat.S_IMODE((directory / "runs").stat().st_mode) == 0o700
+
+
+def _one(db: str, sql: str, *params: object) -> int:
+    return int(query(db, sql, *params)[0][0])
+
+
+def _zero() -> dict[str, int]:
+    return {s: 0 for s in ("queued", "running", "paused", "done", "failed", "cancelled")}
+
+
+def _workers(box: Box, role: str) -> list[int]:
+    """The pids of the daemon's workers that belong to a user, from `mosaic status`."""
+    status = box.daemon.request("status", limit=0)
+    return [w["pid"] for w in status["workers"] if w.get("owner") == box.users[role]]
+
+
+def test_a_link_planted_at_a_run_log_reaches_nothing_of_root(box: Box) -> None:
+    # Outside probe: A made runs/output_1.log a link to a root-only file; the worker (then
+    # the daemon's user) appended A's output to it. Now A's worker has A's rights only.
+    secret = box.root / "root-only.txt"
+    secret.write_text("root's\n")
+    secret.chmod(0o600)
+    config, db = _project(box, "a", "planted", umask=None)
+    runs = Path(config).parent / "runs"
+    runs.mkdir()
+    os.chown(runs, _uid(box, "a"), -1)
+    os.symlink(secret, runs / "output_1.log")
+    os.lchown(runs / "output_1.log", _uid(box, "a"), -1)
+    result = box.cli("a", "run", config, db, "--no-autostart")
+    assert result.returncode == 0, result.stderr
+    counts = box.daemon.wait_for(db, timeout=180)
+    assert counts["failed"] == 1, counts
+    assert secret.read_text() == "root's\n"
+    (status,) = query(db, "SELECT return_status FROM runs")[0]
+    assert "root's" not in status
+
+
+def test_kill_9_of_the_daemon_with_two_owners_running_loses_nothing(box: Box) -> None:
+    studies = {}
+    for role in ("a", "b"):
+        config, db = _project(box, role, "sweep", multiplicity=3, umask=None, epochs=EPOCHS)
+        # Epochs long enough (400 batches) for the kill to land in the middle of the sweep.
+        text = Path(config).read_text().replace("data_size = 200", "data_size = 10000")
+        Path(config).write_text(text)
+        result = box.cli(role, "run", config, db, "--no-autostart")
+        assert result.returncode == 0, result.stderr
+        studies[role] = db
+    # Mid-sweep: both users' runs have trained some epochs, and not all are done.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        epochs = {
+            r: query(db, "SELECT count(*) FROM run_epochs")[0][0] for r, db in studies.items()
+        }
+        if all(n >= 3 for n in epochs.values()):
+            break
+        time.sleep(0.2)
+    done = {
+        r: query(db, "SELECT count(*) FROM runs WHERE status='done'")[0][0]
+        for r, db in studies.items()
+    }
+    assert min(done.values()) < 3, done
+    box.daemon.kill9()
+    box.daemon.start()
+    for role, db in studies.items():
+        assert box.daemon.wait_for(db, timeout=300) == {**_zero(), "done": 3}, role
+        # Each run trained once to the end: one "done", epochs 1..N with no gap or repeat.
+        for run_id in (1, 2, 3):
+            events = query(
+                db, "SELECT count(*) FROM run_events WHERE run_id=? AND to_status='done'", run_id
+            )
+            assert events == [(1,)], (role, run_id)
+            got = [
+                e
+                for (e,) in query(
+                    db, "SELECT epoch FROM run_epochs WHERE run_id=? ORDER BY epoch", run_id
+                )
+            ]
+            assert got == list(range(1, EPOCHS + 1)), (role, run_id, got)
+        # And every file of the study is still its owner's, those written after the restart too.
+        directory = Path(db).parent
+        for path in [Path(db), Path(db + "-wal"), *(directory / "runs").iterdir()]:
+            assert path.stat().st_uid == _uid(box, role), path
