@@ -691,3 +691,48 @@ def test_a_member_checkpoint_keeps_the_optimizer_flags_of_a_run_alone(
             group = torch.load(path, weights_only=False)["optimizer"]["param_groups"][0]
             del group["params"]
             assert group == {k: v for k, v in alone.items() if k != "params"}
+
+
+def test_members_record_the_code_and_git_state_of_a_run_alone_asking_git_once(
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from mosaic_client import provenance
+
+    repo = Path(classes).parent
+    for args in (["init", "-q"], ["add", "classes.py"], ["commit", "-q", "-m", "classes"]):
+        subprocess.run(
+            ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            check=True,
+        )
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    asked: list[str] = []
+    real_git_state = provenance.git_state
+
+    def counting_git_state(directory: str) -> tuple[str | None, bool | None]:
+        asked.append(directory)
+        return real_git_state(directory)
+
+    monkeypatch.setattr(provenance, "git_state", counting_git_state)
+    specs = points_specs(classes, tmp_path / "group", epochs=1)
+    recorded: dict[int, dict[str, Any]] = {}
+    channels = {}
+    for spec in specs:
+        run_id = int(spec["run_id"])
+        channel = Recorder().channel()
+        channel.on_provenance = lambda fields, run_id=run_id: recorded.__setitem__(run_id, fields)
+        channels[run_id] = channel
+    outcomes = ensemble.execute_group(specs, channels)
+    assert {k: v[0] for k, v in outcomes.items()} == {10: "done", 11: "done", 12: "done"}
+    # Three members built from one class file, at the same moment: git answered once for them.
+    assert asked == [str(repo)]
+    alone: list[dict[str, Any]] = []
+    channel = Recorder().channel()
+    channel.on_provenance = alone.append
+    execution.execute(dict(specs[0], run_files_path=str(tmp_path / "alone")), channel)
+    for run_id in (10, 11, 12):
+        assert recorded[run_id]["code"] == alone[0]["code"]
+    assert [(e["git_commit"], e["git_dirty"]) for e in alone[0]["code"]] == [(head, False)] * 2
