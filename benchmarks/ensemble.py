@@ -16,7 +16,9 @@ is in it: dispatch, run states, epoch rows, results, run files. The studies: the
 above repeated M = 16 times, with nb_processus = 1 and 2 (auto: one group of 16 on one worker
 either way), and two pipelines (widths 16 and 32) each repeated M times with nb_processus = 2
 (auto: a group of 16 per worker; off: 32 runs over the two workers), the usual shape of a
-study: many small models, each repeated over seeds.
+study: many small models, each repeated over seeds. One more row trains the one-pipeline
+study on two workers with ensemble_max = 8 (auto: two groups of 8, one per worker), against
+the same off: whether splitting a lone pipeline's repetitions over the workers pays.
 
     python benchmarks/ensemble.py [--epochs 2] [--repeat 2] [--quick] [--device cpu|cuda]
     python benchmarks/ensemble.py --daemon-only [--members 16] [--epochs 2] [--repeat 3]
@@ -149,6 +151,7 @@ gpu_available = None
 nb_processus = {nb_processus}
 multiplicity = {members}
 ensemble = {mode}
+ensemble_max = {ensemble_max}
 
 [data]
 type = data
@@ -167,8 +170,8 @@ width = {widths}
 key = m
 """
 
-# Part 3's studies: (widths of the pipelines, nb_processus).
-DAEMON_STUDIES = (((16,), 1), ((16,), 2), ((16, 32), 2))
+# Part 3's studies: (widths of the pipelines, nb_processus, ensemble_max).
+DAEMON_STUDIES = (((16,), 1, 16), ((16,), 2, 16), ((16,), 2, 8), ((16, 32), 2, 16))
 
 
 def time_through_daemon(
@@ -178,6 +181,7 @@ def time_through_daemon(
     epochs: int,
     nb_processus: int = 2,
     widths: tuple[int, ...] = (16,),
+    ensemble_max: int = 16,
 ) -> float:
     """Seconds from `mosaic run` to every run of a fresh study done: one pipeline per width,
     each repeated `members` times."""
@@ -193,6 +197,7 @@ def time_through_daemon(
                 classes=CLASSES,
                 nb_processus=nb_processus,
                 widths=", ".join(str(w) for w in widths),
+                ensemble_max=ensemble_max,
             )
         )
     runs = members * len(widths)
@@ -217,11 +222,19 @@ def through_daemon(members: int, epochs: int, repeat: int) -> None:
     try:
         time_through_daemon(daemon, "auto", 4, 1)  # the workers' first vmap and first runs
         time_through_daemon(daemon, "off", 2, 1)
-        best = {(study, mode): math.inf for study in DAEMON_STUDIES for mode in ("off", "auto")}
+        # `off` does not depend on ensemble_max: one off study per (widths, nb_processus).
+        offs = sorted({(widths, n) for widths, n, _ in DAEMON_STUDIES}, key=str)
+        best_off = {study: math.inf for study in offs}
+        best_auto = {study: math.inf for study in DAEMON_STUDIES}
         for _ in range(repeat):
-            for (widths, n), mode in best:
-                took = time_through_daemon(daemon, mode, members, epochs, n, widths)
-                best[(widths, n), mode] = min(best[(widths, n), mode], took)
+            for widths, n in offs:  # each off study next to its auto ones: the same load
+                took = time_through_daemon(daemon, "off", members, epochs, n, widths)
+                best_off[widths, n] = min(best_off[widths, n], took)
+                for study in DAEMON_STUDIES:
+                    if study[:2] == (widths, n):
+                        most = study[2]
+                        took = time_through_daemon(daemon, "auto", members, epochs, n, widths, most)
+                        best_auto[study] = min(best_auto[study], took)
     finally:
         daemon.stop()
     print(
@@ -229,20 +242,27 @@ def through_daemon(members: int, epochs: int, repeat: int) -> None:
         f"{epochs} epochs of 80 batches of 50, 2 workers, best of {repeat}"
     )
     print(
-        f"{'widths':>7} {'runs':>5} {'nb_processus':>12} {'off (s)':>8} {'auto (s)':>9} "
-        f"{'ratio':>7} {'runs/s auto':>12}"
+        f"{'widths':>7} {'runs':>5} {'nb_processus':>12} {'ens._max':>8} {'off (s)':>8} "
+        f"{'auto (s)':>9} {'ratio':>7} {'runs/s auto':>12}"
     )
-    for widths, n in DAEMON_STUDIES:
-        off, auto = best[(widths, n), "off"], best[(widths, n), "auto"]
+    for widths, n, most in DAEMON_STUDIES:
+        off, auto = best_off[widths, n], best_auto[widths, n, most]
         runs = members * len(widths)
         print(
-            f"{','.join(map(str, widths)):>7} {runs:>5} {n:>12} {off:>8.3f} {auto:>9.3f} "
-            f"{off / auto:>6.1f}x {runs / auto:>12.1f}"
+            f"{','.join(map(str, widths)):>7} {runs:>5} {n:>12} {most:>8} {off:>8.3f} "
+            f"{auto:>9.3f} {off / auto:>6.1f}x {runs / auto:>12.1f}"
         )
-    one = [study for study in DAEMON_STUDIES if len(study[0]) == 1]
-    off = min(best[study, "off"] for study in one)
-    auto = min(best[study, "auto"] for study in one)
-    print(f"one pipeline, each at its best nb_processus: off / auto {off / auto:.1f}x", flush=True)
+    one = [(w, n, most) for w, n, most in DAEMON_STUDIES if len(w) == 1 and most == 16]
+    off = min(best_off[w, n] for w, n, _ in one)
+    auto = min(best_auto[study] for study in one)
+    print(f"one pipeline, each at its best nb_processus: off / auto {off / auto:.1f}x")
+    split = best_auto[(16,), 2, 8]
+    whole = best_auto[(16,), 2, 16]
+    print(
+        f"one pipeline on 2 workers, time of two groups of 8 / one group of 16: "
+        f"{split / whole:.2f} (above 1: splitting does not pay)",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
