@@ -663,6 +663,8 @@ def _vmap_reason(exc: BaseException) -> str:
 # Members' TensorDatasets are stacked once per group, so that a step cuts every member's batch
 # with one indexing operation, when they take at most this much memory.
 STACKED_DATA_MAX_BYTES = 256 * 2**20
+# Stacked data up to this size is gathered once per pass rather than once per step.
+PASS_GATHER_MAX_BYTES = 32 * 2**20
 
 
 def _stacked_data(
@@ -720,14 +722,23 @@ def _steps(
     # The pass's indices as int64 buffers: converting a list of Python ints to a tensor costs
     # four times more, at every pass.
     flat = [array.array("q", itertools.chain.from_iterable(s.indices)) for s in sources]  # type: ignore[arg-type]
-    # One gather for the whole pass, then a view per step: the same values as cutting each
-    # step's batch from the dataset, without two indexing operations per step.
+    # Small data: one gather for the whole pass, then a view per step (the same values as
+    # cutting each step's batch, without two indexing operations per step). Larger data is cut
+    # step by step, so that a pass does not hold a second copy of it (on the device, too).
+    whole_pass = sum(t.nbytes for t in tensors) <= PASS_GATHER_MAX_BYTES
     if identical and all(f == flat[0] for f in flat):
         index = torch.frombuffer(flat[0], dtype=torch.int64)
-        xs, ys = (execution.to_device(t[0][index], device) for t in tensors)
+        shared_data = [t[0] for t in tensors]
+        if whole_pass:
+            xs, ys = (execution.to_device(t[index], device) for t in shared_data)
         start = 0
         for size in sizes:  # type: ignore[union-attr]
-            yield xs[start : start + size], ys[start : start + size], True
+            if whole_pass:
+                yield xs[start : start + size], ys[start : start + size], True
+            else:
+                batch = index[start : start + size]
+                x, y = (execution.to_device(t[batch], device) for t in shared_data)
+                yield x, y, True
             start += size
         return
     whole = array.array("q")
@@ -735,10 +746,16 @@ def _steps(
         whole.extend(f)
     index = torch.frombuffer(whole, dtype=torch.int64).view(len(sources), -1)
     rows = torch.arange(len(sources)).unsqueeze(1)
-    xs, ys = (execution.to_device(t[rows, index], device) for t in tensors)
+    if whole_pass:
+        xs, ys = (execution.to_device(t[rows, index], device) for t in tensors)
     start = 0
     for size in sizes:  # type: ignore[union-attr]
-        yield xs[:, start : start + size], ys[:, start : start + size], False
+        if whole_pass:
+            yield xs[:, start : start + size], ys[:, start : start + size], False
+        else:
+            batch = index[:, start : start + size]
+            x, y = (execution.to_device(t[rows, batch], device) for t in tensors)
+            yield x, y, False
         start += size
 
 

@@ -392,7 +392,12 @@ def check_equivalence(specs: list[dict[str, Any]], tmp_path: Path, cls: str) -> 
     assert len({events[int(s["run_id"])][-1]["train_loss"] for s in specs}) == len(specs)
 
 
-def test_or_example_members_equal_their_runs_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("gather", ["per pass", "per step"])
+def test_or_example_members_equal_their_runs_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gather: str
+) -> None:
+    if gather == "per step":  # as for data above ensemble.PASS_GATHER_MAX_BYTES
+        monkeypatch.setattr(ensemble, "PASS_GATHER_MAX_BYTES", 0)
     check_equivalence(or_specs(tmp_path / "group"), tmp_path, "mlp_funnel")
 
 
@@ -418,9 +423,12 @@ def test_two_stage_data_members_equal_their_runs_alone(
     assert shared and not any(shared)  # each member's own data: stacked batches
 
 
+@pytest.mark.parametrize("gather", ["per pass", "per step"])
 def test_cnn_members_share_one_batch_and_equal_their_runs_alone(
-    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gather: str
 ) -> None:
+    if gather == "per step":  # as for data above ensemble.PASS_GATHER_MAX_BYTES
+        monkeypatch.setattr(ensemble, "PASS_GATHER_MAX_BYTES", 0)
     shared = record_sharing(monkeypatch)
     specs = make_specs(
         tmp_path / "group",
