@@ -9,10 +9,16 @@ group's.
 Part 2, the crossover: the same study at M = 16 for widths 16 to 512 (three layers of that
 width): where the ensemble stops paying.
 
-Part 3, through the daemon: the same study at M = 16 submitted to a real mosaicd (2 workers,
-nb_processus = 2) with ``[MONITOR] ensemble = auto`` and ``off``, timed from ``mosaic run`` to
-every run done, both ways alternated, best of --repeat; the ratio is off's time over auto's.
-Everything a user waits for is in it: dispatch, run states, epoch rows, results, run files.
+Part 3, through the daemon: studies submitted to a real mosaicd (2 workers) with
+``[MONITOR] ensemble = auto`` and ``off``, timed from ``mosaic run`` to every run done, all
+alternated, best of --repeat; the ratio is off's time over auto's. Everything a user waits for
+is in it: dispatch, run states, epoch rows, results, run files. The studies: the one pipeline
+above repeated M = 16 times, with nb_processus = 1 and 2 (auto: one group of 16 on one worker
+either way), and two pipelines (widths 16 and 32) each repeated M times with nb_processus = 2
+(auto: a group of 16 per worker; off: 32 runs over the two workers), the usual shape of a
+study: many small models, each repeated over seeds. One more row trains the one-pipeline
+study on two workers with ensemble_max = 8 (auto: two groups of 8, one per worker), against
+the same off: whether splitting a lone pipeline's repetitions over the workers pays.
 
     python benchmarks/ensemble.py [--epochs 2] [--repeat 2] [--quick] [--device cpu|cuda]
     python benchmarks/ensemble.py --daemon-only [--members 16] [--epochs 2] [--repeat 3]
@@ -145,6 +151,7 @@ gpu_available = None
 nb_processus = {nb_processus}
 multiplicity = {members}
 ensemble = {mode}
+ensemble_max = {ensemble_max}
 
 [data]
 type = data
@@ -159,15 +166,25 @@ key = d
 type = model
 class = small_mlp
 path_to_class = {classes}
-width = 16
+width = {widths}
 key = m
 """
 
+# Part 3's studies: (widths of the pipelines, nb_processus, ensemble_max).
+DAEMON_STUDIES = (((16,), 1, 16), ((16,), 2, 16), ((16,), 2, 8), ((16, 32), 2, 16))
+
 
 def time_through_daemon(
-    daemon: Any, mode: str, members: int, epochs: int, nb_processus: int = 2
+    daemon: Any,
+    mode: str,
+    members: int,
+    epochs: int,
+    nb_processus: int = 2,
+    widths: tuple[int, ...] = (16,),
+    ensemble_max: int = 16,
 ) -> float:
-    """Seconds from `mosaic run` to every run of a fresh study done."""
+    """Seconds from `mosaic run` to every run of a fresh study done: one pipeline per width,
+    each repeated `members` times."""
     root = tempfile.mkdtemp(prefix=f"ens-{mode}-", dir=daemon.root)
     cfg = os.path.join(root, "study.ini")
     with open(cfg, "w") as fh:
@@ -179,14 +196,17 @@ def time_through_daemon(
                 mode=mode,
                 classes=CLASSES,
                 nb_processus=nb_processus,
+                widths=", ".join(str(w) for w in widths),
+                ensemble_max=ensemble_max,
             )
         )
+    runs = members * len(widths)
     db = os.path.join(root, "s.db")
     started = time.perf_counter()
     daemon.cli("run", cfg, db)
     while True:
         counts = daemon.request("status", db=db, limit=0)["studies"][0]["counts"]
-        if counts.get("done", 0) + counts.get("failed", 0) == members:
+        if counts.get("done", 0) + counts.get("failed", 0) == runs:
             break
         time.sleep(0.01)
     elapsed = time.perf_counter() - started
@@ -202,24 +222,47 @@ def through_daemon(members: int, epochs: int, repeat: int) -> None:
     try:
         time_through_daemon(daemon, "auto", 4, 1)  # the workers' first vmap and first runs
         time_through_daemon(daemon, "off", 2, 1)
-        best = {(n, mode): math.inf for n in (2, 1) for mode in ("off", "auto")}
+        # `off` does not depend on ensemble_max: one off study per (widths, nb_processus).
+        offs = sorted({(widths, n) for widths, n, _ in DAEMON_STUDIES}, key=str)
+        best_off = {study: math.inf for study in offs}
+        best_auto = {study: math.inf for study in DAEMON_STUDIES}
         for _ in range(repeat):
-            for n, mode in best:
-                took = time_through_daemon(daemon, mode, members, epochs, n)
-                best[n, mode] = min(best[n, mode], took)
+            for widths, n in offs:  # each off study next to its auto ones: the same load
+                took = time_through_daemon(daemon, "off", members, epochs, n, widths)
+                best_off[widths, n] = min(best_off[widths, n], took)
+                for study in DAEMON_STUDIES:
+                    if study[:2] == (widths, n):
+                        most = study[2]
+                        took = time_through_daemon(daemon, "auto", members, epochs, n, widths, most)
+                        best_auto[study] = min(best_auto[study], took)
     finally:
         daemon.stop()
     print(
-        f"\nthrough the daemon: tiny MLP 2-16-16-1, M = {members}, {epochs} epochs of 80 "
-        f"batches of 50, 2 workers, best of {repeat}"
+        f"\nthrough the daemon: tiny MLPs 2-w-w-1, M = {members} repetitions of each pipeline, "
+        f"{epochs} epochs of 80 batches of 50, 2 workers, best of {repeat}"
     )
-    print(f"{'nb_processus':>12} {'off (s)':>8} {'auto (s)':>9} {'ratio':>7} {'runs/s auto':>12}")
-    for n in (2, 1):
-        off, auto = best[n, "off"], best[n, "auto"]
-        print(f"{n:>12} {off:>8.3f} {auto:>9.3f} {off / auto:>6.1f}x {members / auto:>12.1f}")
-    off = min(best[n, "off"] for n in (2, 1))
-    auto = min(best[n, "auto"] for n in (2, 1))
-    print(f"each at its best nb_processus: off / auto {off / auto:.1f}x", flush=True)
+    print(
+        f"{'widths':>7} {'runs':>5} {'nb_processus':>12} {'ens._max':>8} {'off (s)':>8} "
+        f"{'auto (s)':>9} {'ratio':>7} {'runs/s auto':>12}"
+    )
+    for widths, n, most in DAEMON_STUDIES:
+        off, auto = best_off[widths, n], best_auto[widths, n, most]
+        runs = members * len(widths)
+        print(
+            f"{','.join(map(str, widths)):>7} {runs:>5} {n:>12} {most:>8} {off:>8.3f} "
+            f"{auto:>9.3f} {off / auto:>6.1f}x {runs / auto:>12.1f}"
+        )
+    one = [(w, n, most) for w, n, most in DAEMON_STUDIES if len(w) == 1 and most == 16]
+    off = min(best_off[w, n] for w, n, _ in one)
+    auto = min(best_auto[study] for study in one)
+    print(f"one pipeline, each at its best nb_processus: off / auto {off / auto:.1f}x")
+    split = best_auto[(16,), 2, 8]
+    whole = best_auto[(16,), 2, 16]
+    print(
+        f"one pipeline on 2 workers, time of two groups of 8 / one group of 16: "
+        f"{split / whole:.2f} (above 1: splitting does not pay)",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

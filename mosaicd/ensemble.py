@@ -86,6 +86,8 @@ evaluation mode before training); members resuming from different epochs.
 
 from __future__ import annotations
 
+import array
+import itertools
 import math
 import os
 import time
@@ -369,6 +371,9 @@ class Stack:
         self.criterion = lead.criterion
         self.count = lead.count_correct
         self.counts = lead.user_accuracy is not None or lead.accuracy_mode != "none"
+        # A built-in accuracy mode is counted on the stacked outputs directly (a second vmap
+        # per step costs as much as the arithmetic); a user's accuracy() goes through vmap.
+        self.accuracy_mode = lead.accuracy_mode if lead.user_accuracy is None else None
         self.data_cache: dict[bool, tuple[list[torch.Tensor], bool] | None] = {}
         self.seed_forward(0, False)
         # stacked[s][name]: stage s's parameter or buffer, one slice per member.
@@ -393,8 +398,9 @@ class Stack:
         # state dict maps index for index onto each member's.
         self.slots = [trainable[id(p)] for p in lead.optimizer.param_groups[0]["params"]]
         params = [self.stacked[s][n] for s, n in self.slots]
-        # Built as execution.make_optimizer builds the member's own.
-        self.optimizer = type(lead.optimizer)(params, lr=lr)
+        # Built as execution.make_optimizer builds the member's own, on torch's multi-tensor
+        # path (see _multi_tensor_optimizer).
+        self.optimizer, self.fast = _multi_tensor_optimizer(type(lead.optimizer), params, lr)
         self._load_optimizer_state()
 
     def _load_optimizer_state(self) -> None:
@@ -410,9 +416,9 @@ class Stack:
                 else value
                 for key, value in entry.items()
             }
-        self.optimizer.load_state_dict(
-            {"state": stacked_state, "param_groups": states[0]["param_groups"]}
-        )
+        # The member's groups carry its own foreach/fused flags: keep the stacked path's.
+        groups = [{**group, **self.fast} for group in states[0]["param_groups"]]
+        self.optimizer.load_state_dict({"state": stacked_state, "param_groups": groups})
 
     def unstack(self) -> None:
         """Copy each member's slice back into its own modules and optimizer."""
@@ -434,9 +440,17 @@ class Stack:
                         else (value.clone() if isinstance(value, torch.Tensor) else value)
                         for key, value in entry.items()
                     }
-                member.run.optimizer.load_state_dict(
-                    {"state": state, "param_groups": stacked_state["param_groups"]}
-                )
+                # With the member's own foreach/fused flags, so that its checkpoint resumes
+                # alone exactly as a run trained alone would.
+                own = member.run.optimizer.param_groups
+                groups = [
+                    {
+                        **{k: v for k, v in group.items() if k not in self.fast},
+                        **{k: mine[k] for k in self.fast if k in mine},
+                    }
+                    for group, mine in zip(stacked_state["param_groups"], own)
+                ]
+                member.run.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     def _forward(
         self,
@@ -471,6 +485,10 @@ class Stack:
     def correct(self, out: Any, y: Any, shared: bool) -> torch.Tensor | None:
         if not self.counts:
             return None
+        if self.accuracy_mode is not None:
+            count = _stacked_correct(self.accuracy_mode, out, y, shared)
+            if count is not None:
+                return count
         try:
             count = vmap(self.count, in_dims=(0, None if shared else 0))(out, y)
         except Exception as exc:
@@ -496,6 +514,58 @@ class Stack:
             for n, _ in base.named_buffers()
             for t in [self.stacked[s][n]]
         ]
+
+
+def _multi_tensor_optimizer(
+    cls: type[torch.optim.Optimizer], params: list[torch.Tensor], lr: float
+) -> tuple[torch.optim.Optimizer, dict[str, bool]]:
+    """The stacked optimizer and the flags it was built with. On a CPU a run alone steps each
+    parameter in a Python loop (torch's default there); the stacked parameters are few and
+    large, so one fused kernel (Adam, AdamW, SGD, Adagrad) or one foreach call per step is
+    several times cheaper. It is the same elementwise update, so each member's slice gets the
+    step it would alone, equal within float rounding (the equivalence tests bound it). On a GPU
+    torch already picks the multi-tensor path for the run alone: keep its default."""
+    if all(p.device.type == "cpu" for p in params):
+        for flags in ({"fused": True}, {"foreach": True}):
+            try:
+                return cls(params, lr=lr, **flags), flags
+            except (TypeError, RuntimeError, ValueError):  # not offered by this optimizer
+                continue
+    return cls(params, lr=lr), {}
+
+
+def _stacked_correct(mode: str, out: Any, y: Any, shared: bool) -> torch.Tensor | None:
+    """execution.correct_count for every member at once: outputs stacked along dimension 0,
+    targets stacked too unless shared. None when the shapes are not the plain ones
+    (per member: outputs (batch, ...) and targets of as many elements, or for argmax targets
+    whose shape is the predictions'), so that broadcasting cannot count otherwise than alone:
+    the caller then vmaps correct_count itself."""
+    if not (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor)) or out.dim() < 2:
+        return None
+    members, batch = out.shape[0], out.shape[1]
+    if not shared and (y.dim() == 0 or y.shape[0] != members):
+        return None
+    y_member = y.shape if shared else y.shape[1:]
+    if mode in ("binary", "logits"):
+        if math.prod(y_member) != out[0].numel():  # alone: truth.reshape(pred.shape)
+            return None
+        threshold = 0.5 if mode == "binary" else 0.0
+        pred = out > threshold
+        truth = (y > 0.5).reshape(pred.shape[1:] if shared else pred.shape)
+        agree = pred == truth
+        return agree.reshape(members, batch, -1).all(dim=2).sum(dim=1)
+    if mode == "argmax":
+        if out.dim() < 3:
+            return None
+        pred = out.argmax(dim=2)
+        if len(y_member) == out.dim() - 1:
+            truth = y.argmax(dim=1 if shared else 2)
+        else:
+            truth = y
+        if (truth.shape if not shared else (members, *truth.shape)) != pred.shape:
+            return None
+        return (pred == truth).reshape(members, -1).sum(dim=1)
+    return None
 
 
 def _probe(stack: Stack, members: list[Member]) -> None:
@@ -593,6 +663,8 @@ def _vmap_reason(exc: BaseException) -> str:
 # Members' TensorDatasets are stacked once per group, so that a step cuts every member's batch
 # with one indexing operation, when they take at most this much memory.
 STACKED_DATA_MAX_BYTES = 256 * 2**20
+# Stacked data up to this size is gathered once per pass rather than once per step.
+PASS_GATHER_MAX_BYTES = 32 * 2**20
 
 
 def _stacked_data(
@@ -645,30 +717,46 @@ def _steps(
             yield step
         return
     tensors, identical = data
-    flat = [[i for batch in s.indices for i in batch] for s in sources]  # type: ignore[union-attr]
+    if not sizes:
+        return  # an empty loader: _pass reports it as a run alone would
+    # The pass's indices as int64 buffers: converting a list of Python ints to a tensor costs
+    # four times more, at every pass.
+    flat = [array.array("q", itertools.chain.from_iterable(s.indices)) for s in sources]  # type: ignore[arg-type]
+    # Small data: one gather for the whole pass, then a view per step (the same values as
+    # cutting each step's batch, without two indexing operations per step). Larger data is cut
+    # step by step, so that a pass does not hold a second copy of it (on the device, too).
+    whole_pass = sum(t.nbytes for t in tensors) <= PASS_GATHER_MAX_BYTES
     if identical and all(f == flat[0] for f in flat):
-        index = torch.as_tensor(flat[0])
+        index = torch.frombuffer(flat[0], dtype=torch.int64)
+        shared_data = [t[0] for t in tensors]
+        if whole_pass:
+            xs, ys = (execution.to_device(t[index], device) for t in shared_data)
         start = 0
         for size in sizes:  # type: ignore[union-attr]
-            batch = index[start : start + size]
+            if whole_pass:
+                yield xs[start : start + size], ys[start : start + size], True
+            else:
+                batch = index[start : start + size]
+                x, y = (execution.to_device(t[batch], device) for t in shared_data)
+                yield x, y, True
             start += size
-            yield (
-                execution.to_device(tensors[0][0][batch], device),
-                execution.to_device(tensors[1][0][batch], device),
-                True,
-            )
         return
-    index = torch.as_tensor(flat)
+    whole = array.array("q")
+    for f in flat:
+        whole.extend(f)
+    index = torch.frombuffer(whole, dtype=torch.int64).view(len(sources), -1)
     rows = torch.arange(len(sources)).unsqueeze(1)
+    if whole_pass:
+        xs, ys = (execution.to_device(t[rows, index], device) for t in tensors)
     start = 0
     for size in sizes:  # type: ignore[union-attr]
-        batch = index[:, start : start + size]
+        if whole_pass:
+            yield xs[:, start : start + size], ys[:, start : start + size], False
+        else:
+            batch = index[:, start : start + size]
+            x, y = (execution.to_device(t[rows, batch], device) for t in tensors)
+            yield x, y, False
         start += size
-        yield (
-            execution.to_device(tensors[0][rows, batch], device),
-            execution.to_device(tensors[1][rows, batch], device),
-            False,
-        )
 
 
 # -- one epoch --------------------------------------------------------------------------------
@@ -744,6 +832,7 @@ def _log(spec: dict[str, Any], text: str) -> None:
 
 def _build_members(specs: list[dict[str, Any]], channels: dict[int, MemberChannel]) -> list[Member]:
     members = []
+    git: dict[str, tuple[str | None, bool | None]] = {}  # the members start at the same moment
     for spec in specs:
         os.makedirs(spec["run_files_path"], exist_ok=True)
         # As execution.execute records it: the environment as the run starts, with the
@@ -752,7 +841,7 @@ def _build_members(specs: list[dict[str, Any]], channels: dict[int, MemberChanne
         environment = run_provenance.environment(torch.device(spec["device"]))
         execution.executed_sources.clear()
         run = execution.build(spec)
-        code = run_provenance.code(spec, execution.executed_sources)
+        code = run_provenance.code(spec, execution.executed_sources, git)
         history = History()
         start_epoch = int(spec.get("start_epoch") or 0)
         member = Member(

@@ -69,8 +69,14 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def code(spec: dict[str, Any], sources: dict[str, bytes]) -> list[dict[str, Any]]:
-    """One entry per class file of the spec the run loaded (`sources`: path -> bytes run)."""
+def code(
+    spec: dict[str, Any],
+    sources: dict[str, bytes],
+    git: dict[str, tuple[str | None, bool | None]] | None = None,
+) -> list[dict[str, Any]]:
+    """One entry per class file of the spec the run loaded (`sources`: path -> bytes run).
+    `git`: directory -> git state, shared by runs that start together (an ensemble's members)
+    so that git is asked once per directory, not once per member (two processes each)."""
     wanted: list[tuple[str, str | None, str]] = [
         (str(m.get("name") or m.get("class")), m.get("class"), m["path_to_class"])
         for m in spec["modules"]
@@ -84,7 +90,8 @@ def code(spec: dict[str, Any], sources: dict[str, bytes]) -> list[dict[str, Any]
                 process["path_to_class_loss_function"],
             )
         )
-    git: dict[str, tuple[str | None, bool | None]] = {}
+    if git is None:
+        git = {}
     entries = []
     for section, cls, path in wanted:
         data = sources.get(path)

@@ -392,7 +392,12 @@ def check_equivalence(specs: list[dict[str, Any]], tmp_path: Path, cls: str) -> 
     assert len({events[int(s["run_id"])][-1]["train_loss"] for s in specs}) == len(specs)
 
 
-def test_or_example_members_equal_their_runs_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("gather", ["per pass", "per step"])
+def test_or_example_members_equal_their_runs_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gather: str
+) -> None:
+    if gather == "per step":  # as for data above ensemble.PASS_GATHER_MAX_BYTES
+        monkeypatch.setattr(ensemble, "PASS_GATHER_MAX_BYTES", 0)
     check_equivalence(or_specs(tmp_path / "group"), tmp_path, "mlp_funnel")
 
 
@@ -418,9 +423,12 @@ def test_two_stage_data_members_equal_their_runs_alone(
     assert shared and not any(shared)  # each member's own data: stacked batches
 
 
+@pytest.mark.parametrize("gather", ["per pass", "per step"])
 def test_cnn_members_share_one_batch_and_equal_their_runs_alone(
-    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gather: str
 ) -> None:
+    if gather == "per step":  # as for data above ensemble.PASS_GATHER_MAX_BYTES
+        monkeypatch.setattr(ensemble, "PASS_GATHER_MAX_BYTES", 0)
     shared = record_sharing(monkeypatch)
     specs = make_specs(
         tmp_path / "group",
@@ -637,3 +645,102 @@ def test_the_monitor_keys_default_to_auto_and_the_benchmarked_size() -> None:
     too_small = schema.section_problem(schema.MONITOR, {"ensemble_max": 0}, False)
     assert too_small is not None and "MONITOR ensemble_max" in too_small
     assert "at least 1" in too_small
+
+
+ACCURACY_SHAPES = [
+    # (mode, one member's output shape, one member's target shape, counted without vmap)
+    ("binary", (6, 1), (6, 1), True),
+    ("binary", (6,), (6, 1), True),  # alone: the target is reshaped to the output's shape
+    ("logits", (6, 2), (6, 2), True),
+    ("argmax", (6, 3), (6,), True),  # class indices
+    ("argmax", (6, 3), (6, 3), True),  # one-hot targets
+    ("argmax", (6, 3, 4), (6, 4), True),  # a class per position
+    ("argmax", (6, 3, 6), (6,), False),  # alone broadcasts (6, 6) against (6,): vmap does it
+]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize(("mode", "out_shape", "y_shape", "direct"), ACCURACY_SHAPES)
+def test_built_in_accuracy_on_stacked_outputs_counts_as_each_member_alone(
+    mode: str, out_shape: tuple[int, ...], y_shape: tuple[int, ...], direct: bool, shared: bool
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    members = 4
+    out = torch.randn(members, *out_shape, generator=generator)
+    if mode == "argmax" and len(y_shape) == len(out_shape) - 1:
+        y = torch.randint(0, out_shape[1], (members, *y_shape), generator=generator)
+    else:
+        y = (torch.rand(members, *y_shape, generator=generator) > 0.5).float()
+    if shared:
+        y = y[:1].expand(members, *y_shape)
+    alone = [execution.correct_count(mode, out[i], y[i]) for i in range(members)]
+    stacked = ensemble._stacked_correct(mode, out, y[0] if shared else y, shared)
+    if not direct:
+        assert stacked is None
+        return
+    assert stacked is not None
+    assert stacked.tolist() == [int(a) for a in alone]
+    # The members differ: the counts are not all one number by construction.
+    assert len({int(a) for a in alone}) > 1 or shared and mode != "argmax"
+
+
+def test_a_member_checkpoint_keeps_the_optimizer_flags_of_a_run_alone(
+    classes: str, tmp_path: Path
+) -> None:
+    # The stacked optimizer takes torch's fused or foreach path; each member's checkpoint must
+    # still hold its own optimizer's settings, so that it resumes alone as a run alone would.
+    for optimizer in ("Adam", "RMSprop"):
+        specs = points_specs(classes, tmp_path / optimizer, n=2, epochs=1, optimizer=optimizer)
+        outcomes, _ = run_group(specs)
+        assert {k: v[0] for k, v in outcomes.items()} == {10: "done", 11: "done"}
+        alone = execution.build(specs[0]).optimizer.param_groups[0]
+        for spec in specs:
+            path = contract.checkpoint_path(str(spec["run_files_path"]), int(spec["run_id"]))
+            group = torch.load(path, weights_only=False)["optimizer"]["param_groups"][0]
+            del group["params"]
+            assert group == {k: v for k, v in alone.items() if k != "params"}
+
+
+def test_members_record_the_code_and_git_state_of_a_run_alone_asking_git_once(
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from mosaic_client import provenance
+
+    repo = Path(classes).parent
+    for args in (["init", "-q"], ["add", "classes.py"], ["commit", "-q", "-m", "classes"]):
+        subprocess.run(
+            ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            check=True,
+        )
+    head = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    asked: list[str] = []
+    real_git_state = provenance.git_state
+
+    def counting_git_state(directory: str) -> tuple[str | None, bool | None]:
+        asked.append(directory)
+        return real_git_state(directory)
+
+    monkeypatch.setattr(provenance, "git_state", counting_git_state)
+    specs = points_specs(classes, tmp_path / "group", epochs=1)
+    recorded: dict[int, dict[str, Any]] = {}
+    channels = {}
+    for spec in specs:
+        run_id = int(spec["run_id"])
+        channel = Recorder().channel()
+        channel.on_provenance = lambda fields, run_id=run_id: recorded.__setitem__(run_id, fields)
+        channels[run_id] = channel
+    outcomes = ensemble.execute_group(specs, channels)
+    assert {k: v[0] for k, v in outcomes.items()} == {10: "done", 11: "done", 12: "done"}
+    # Three members built from one class file, at the same moment: git answered once for them.
+    assert asked == [str(repo)]
+    alone: list[dict[str, Any]] = []
+    channel = Recorder().channel()
+    channel.on_provenance = alone.append
+    execution.execute(dict(specs[0], run_files_path=str(tmp_path / "alone")), channel)
+    for run_id in (10, 11, 12):
+        assert recorded[run_id]["code"] == alone[0]["code"]
+    assert [(e["git_commit"], e["git_dirty"]) for e in alone[0]["code"]] == [(head, False)] * 2
