@@ -27,7 +27,15 @@ from tests.conftest import EXAMPLE, query
 from tests.test_shared_box import Box, _make_box, _project, _require_root, _uid
 
 EPOCHS = 12
-PROBES = ("study_write", "study_sqlite", "run_file_read", "runs_dir_write", "signal", "state")
+PROBES = (
+    "study_write",
+    "study_sqlite",
+    "run_file_read",
+    "runs_dir_write",
+    "signal",
+    "worker_secret",
+    "state",
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +109,11 @@ def _workers_of(uid):
     return found
 
 
+def _environ_of(pid):
+    with open(f"/proc/{{pid}}/environ", "rb") as fh:
+        return fh.read()
+
+
 def _write_study(db):
     conn = sqlite3.connect(db)
     conn.execute("UPDATE runs SET status = 'failed'")
@@ -125,6 +138,8 @@ class probe_mlp(_mlp.mlp_funnel):
         _try("run_file_read", lambda: open(os.path.join(victim_runs, "output_1.log")).read())
         _try("runs_dir_write", lambda: open(os.path.join(victim_runs, "planted"), "w").close())
         _try("signal", lambda: _kill_workers(victim_uid))
+        # The secret part of a worker's routing id is in its environment, not its cmdline.
+        _try("worker_secret", lambda: _environ_of(_workers_of(victim_uid)[0]))
         _try("state", lambda: os.listdir(state_dir))
         super().__init__(input_size, output_size, length, width)
 '''
