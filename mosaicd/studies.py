@@ -17,6 +17,13 @@ from mosaicd.study_writer import StudyWriter
 log = logging.getLogger("mosaicd")
 
 
+class PathOwner:
+    """Studies.open's default: act as the owner of the study's path."""
+
+
+PATH_OWNER = PathOwner()
+
+
 class Studies:
     """Open stores by path; the daemon's state database remembers them across restarts."""
 
@@ -30,24 +37,35 @@ class Studies:
         self,
         path: str,
         create: bool,
-        owner: Owner | None = None,
+        owner: Owner | None | PathOwner = PATH_OWNER,
         umask: int = owners.DEFAULT_UMASK,
     ) -> Store:
-        """The study's store, opened the first time with `owner`'s rights (mosaicd.owners):
-        the one who asks for it. A new study, with its -wal and -shm files, is theirs."""
+        """The study's store, opened the first time with `owner`'s rights (mosaicd.owners;
+        None: the daemon's own): a new study for the user who submits it, with its -wal and
+        -shm files, is theirs. By default, an existing study is opened as the owner of its path
+        (lstat: a link is its maker's), never as root; the handlers have already checked that
+        the caller may read it."""
         store = self._stores.get(path)
         if store is not None:
             return store
+        acting: Owner | None
+        if isinstance(owner, PathOwner):
+            try:
+                acting = owners.of_uid(os.lstat(path).st_uid)
+            except OSError:
+                acting = None  # missing: _open says so, without touching anything
+        else:
+            acting = owner
         try:
-            with owners.acting_as(owner, umask):
+            with owners.acting_as(acting, umask):
                 store = self._open(path, create)
         except PermissionError as exc:
-            who = f"you ({owner.name})" if owner is not None else "the daemon"
+            who = f"the daemon, acting as {acting.name}," if acting is not None else "the daemon"
             raise Refused(
                 ErrorCode.PERMISSION, f"{path}: {who} may not open it ({exc.strerror})"
             ) from None
         self._stores[path] = store
-        self._openers[path] = owner
+        self._openers[path] = acting
         self._writers[path] = StudyWriter(store)
         self._state.add_study(path)
         return store
@@ -73,10 +91,8 @@ class Studies:
                 log.warning("study %s has disappeared; forgetting it", path)
                 self._state.remove_study(path)
                 continue
-            # As the owner of the path itself (lstat: a link is its maker's), never as root.
-            owner = owners.of_uid(os.lstat(path).st_uid)
             try:
-                store = self.open(path, create=False, owner=owner)
+                store = self.open(path, create=False)
             except Refused as exc:
                 log.error("cannot reopen study %s: %s", path, exc.message)
                 continue
