@@ -24,7 +24,15 @@ import psutil
 import pytest
 
 from tests.conftest import EXAMPLE, query
-from tests.test_shared_box import Box, _make_box, _project, _require_root, _uid
+from tests.test_shared_box import (
+    DENIED,
+    USERS_GID,
+    Box,
+    _make_box,
+    _project,
+    _require_root,
+    _uid,
+)
 
 EPOCHS = 12
 PROBES = (
@@ -214,6 +222,10 @@ def test_a_users_code_cannot_reach_another_users_study_workers_or_the_daemon(box
     assert stat.S_IMODE((directory / "runs").stat().st_mode) == 0o700
 
 
+def _gid(group: str) -> int:
+    return int(subprocess.check_output(["getent", "group", group], text=True).split(":")[2])
+
+
 def _one(db: str, sql: str, *params: object) -> int:
     return int(query(db, sql, *params)[0][0])
 
@@ -294,3 +306,66 @@ def test_kill_9_of_the_daemon_with_two_owners_running_loses_nothing(box: Box) ->
         directory = Path(db).parent
         for path in [Path(db), Path(db + "-wal"), *(directory / "runs").iterdir()]:
             assert path.stat().st_uid == _uid(box, role), path
+
+
+def test_a_daemon_without_privilege_refuses_other_users_and_serves_its_own(box: Box) -> None:
+    # The single-user mode is unchanged: a daemon a user starts for themself runs their runs
+    # as them, with their umask, and switches nothing. Reached by another user (here through
+    # --socket-group), it refuses their submission rather than run their code as itself.
+    adm = box.users["adm"]
+    home = box.home("adm")
+    run_dir = home / "own-daemon"
+    run_dir.mkdir()
+    os.chown(run_dir, _uid(box, "adm"), _gid(box.group))
+    run_dir.chmod(0o750)
+    socket_path = str(run_dir / "d.sock")
+    env = {**box.env("adm"), "MOSAIC_SOCKET": socket_path}
+    log = open(home / "own-daemon.log", "wb")
+    daemon = subprocess.Popen(
+        ["setpriv", f"--reuid={adm}", f"--regid={USERS_GID}", "--init-groups", "--"]
+        + [box.python, "-m", "mosaicd", "--socket", socket_path]
+        + ["--state-dir", str(run_dir / "state"), "--socket-group", box.group, "--workers", "1"]
+        + ["--gpus", ""],
+        env=env,
+        cwd=home,
+        stdout=log,
+        stderr=log,
+    )
+    log.close()
+    try:
+        own = {**env}
+        deadline = time.monotonic() + 60
+        while not os.path.exists(socket_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        config, db = _project(box, "a", "elsewhere", umask=None)
+        result = box.as_user(
+            "a", box.python, "-m", "mosaic_client.cli", "--socket", socket_path, "run", config, db
+        )
+        assert result.returncode == DENIED, result.stdout + result.stderr
+        assert f"cannot run anything as {box.users['a']}" in result.stderr
+        assert not os.path.exists(db)
+
+        config, db = _project(box, "adm", "mine", umask=None)
+        result = subprocess.run(
+            ["setpriv", f"--reuid={adm}", f"--regid={USERS_GID}", "--init-groups", "--"]
+            + [box.python, "-m", "mosaic_client.cli", "run", config, db, "--no-autostart"],
+            env=own,
+            cwd=home,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if query(db, "SELECT status FROM runs") == [("done",)]:
+                break
+            time.sleep(0.2)
+        assert query(db, "SELECT status FROM runs") == [("done",)]
+        # The user's own umask (setpriv keeps root's 022 here), not the shared daemon's 077.
+        for path in (Path(db), Path(config).parent / "runs" / "output_1.log"):
+            st = path.stat()
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (_uid(box, "adm"), 0o644), path
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
