@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sqlite3
 import stat
 import subprocess
-import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -28,10 +26,9 @@ from tests.test_shared_box import (
     DENIED,
     USERS_GID,
     Box,
-    _make_box,
     _project,
-    _require_root,
     _uid,
+    running_box,
 )
 
 EPOCHS = 12
@@ -48,22 +45,8 @@ PROBES = (
 
 @pytest.fixture(scope="module")
 def box() -> Iterator[Box]:
-    _require_root()
-    root = Path(tempfile.mkdtemp(prefix="mosiso-"))
-    root.chmod(0o755)
-    made: Box | None = None
-    try:
-        made = _make_box(root, workers=2)
-        made.daemon.start()
+    with running_box("mosiso-", workers=2) as made:
         yield made
-    finally:
-        if made is not None:
-            made.daemon.stop()
-            for name in made.made_users:
-                subprocess.run(["userdel", name], capture_output=True, timeout=60)
-            for g in made.made_groups:
-                subprocess.run(["groupdel", g], capture_output=True, timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def dump(db: str) -> tuple[list[str], str]:

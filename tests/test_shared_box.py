@@ -7,6 +7,7 @@ them at the end, and runs the client as those users with setpriv.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -192,14 +193,15 @@ def _make_box(root: Path, workers: int = 1) -> Box:
     return box
 
 
-@pytest.fixture(scope="module")
-def box() -> Iterator[Box]:
+@contextlib.contextmanager
+def running_box(prefix: str, workers: int = 1) -> Iterator[Box]:
+    """A box with its users and groups and a running root daemon; all removed at the end."""
     _require_root()
-    root = Path(tempfile.mkdtemp(prefix="mosbox-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)  # the users traverse it to their project directories and the socket
     made: Box | None = None
     try:
-        made = _make_box(root)
+        made = _make_box(root, workers)
         made.daemon.start()
         yield made
     finally:
@@ -210,6 +212,12 @@ def box() -> Iterator[Box]:
             for g in made.made_groups:
                 subprocess.run(["groupdel", g], capture_output=True, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Box]:
+    with running_box("mosbox-") as made:
+        yield made
 
 
 def _project(
