@@ -55,6 +55,17 @@ already in each run's log; send it to the daemon too so that ``mosaic show`` can
 Under ``--isolation process`` the forked child needs the park/cancel run ids through its pipe
 instead of SIGUSR1, which cannot name a member.
 
+The batched forward
+-------------------
+``vmap(functional_call)`` spends most of a small model's step on its own bookkeeping. When every
+stage of the pipeline is provably a chain of ``nn.Linear`` layers and elementwise functions
+(traced with ``torch.fx`` on a copy, in both modes; whitelisted modules by exact type, no
+hooks, no use of run_info or module_info, no buffers, no random op), the group's forward runs
+as batched matrix products on the stacked weights instead (:class:`_Batched`), and the
+per-member loss of the plain torch losses is computed on the stacked outputs
+(:func:`_member_loss`; other criteria go through vmap). The probe checks it like vmap; where it
+differs, the group trains under vmap. Each member's log says which forward trained it.
+
 Equivalence and its limits
 --------------------------
 Without randomness in the forward pass, a member's per-epoch losses and accuracies equal the
@@ -526,6 +537,8 @@ def _compile_stage(model: torch.nn.Module, names: set[str]) -> tuple[str, list[_
             kind = type(sub)
             if len(args) != 1 or kwargs or not isinstance(args[0], torch.fx.Node):
                 raise _NotBatched(f"{kind.__name__} is called with other arguments")
+            if "forward" in vars(sub):  # a forward replaced on the instance, not the class's
+                raise _NotBatched(f"{kind.__name__} has its own forward")
             if getattr(sub, "inplace", False) and not _sole_use(model, args[0]):
                 # Alone, an in-place op also changes what other users of its input see; the
                 # batched ops never work in place.
