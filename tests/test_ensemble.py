@@ -203,6 +203,50 @@ class scalar_accuracy(mlp):
 class seed_shift(mlp):
     def forward(self, data, run_info, module_info):
         return torch.sigmoid(self.net[:3](data) + 0.1 * run_info["seed"])
+
+
+class fixed_points(raw_points):
+    """The same points for every seed, in order: the members share one batch per step."""
+
+    def prepare(self, data, run_info, module_info):
+        x = torch.randn(self.n, self.dims, generator=torch.Generator().manual_seed(0))
+        y = (x.sum(dim=1, keepdim=True) > 0).float()
+        k = self.n * 3 // 4
+        return (DataLoader(TensorDataset(x[:k], y[:k]), batch_size=8),
+                DataLoader(TensorDataset(x[k:], y[k:]), batch_size=8))
+
+
+class mixed_ops(Saving):
+    """Every kind of node the batched forward accepts: Linear layers with and without bias,
+    activation modules, activation functions and methods, arithmetic with numbers."""
+
+    def __init__(self, input_size, output_size, width):
+        super().__init__()
+        self.a = nn.Linear(input_size, width)
+        self.b = nn.Sequential(nn.LeakyReLU(0.2), nn.Linear(width, width),
+                               nn.GELU(approximate="tanh"), nn.Dropout(0.0), nn.Identity(),
+                               nn.ReLU(inplace=True))
+        self.c = nn.Linear(width, output_size, bias=False)
+
+    def forward(self, data, run_info, module_info):
+        h = torch.nn.functional.relu(self.a(data) * 2.0) - 0.5
+        h = self.b(1.0 - h.tanh())
+        return torch.sigmoid(self.c(h) / 3).relu()
+
+
+class clamped(mlp):
+    """An operation the batched forward does not know."""
+
+    def forward(self, data, run_info, module_info):
+        return self.net(data).clamp(0.0, 1.0)
+
+
+class mode_scaled(mlp):
+    """A forward that differs in training and evaluation mode, decided in Python."""
+
+    def forward(self, data, run_info, module_info):
+        out = self.net(data)
+        return out * 0.5 if self.training else out
 '''
 
 
@@ -744,3 +788,166 @@ def test_members_record_the_code_and_git_state_of_a_run_alone_asking_git_once(
     for run_id in (10, 11, 12):
         assert recorded[run_id]["code"] == alone[0]["code"]
     assert [(e["git_commit"], e["git_dirty"]) for e in alone[0]["code"]] == [(head, False)] * 2
+
+
+# -- the batched forward (issue 19): batched matrix products instead of vmap, where provably the
+# same computation.
+
+
+def forward_line(spec: dict[str, Any]) -> str:
+    log = Path(contract.run_log_path(spec["run_files_path"], int(spec["run_id"]))).read_text()
+    lines = [line for line in log.splitlines() if line.startswith("[mosaic] ensemble forward:")]
+    assert len(lines) == 1, log  # decided once for the group
+    return lines[0]
+
+
+def count_batched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many steps (probe included) ran the batched forward."""
+    calls = [0]
+    forward = ensemble._Batched.forward
+
+    def counting(self: Any, *args: Any) -> Any:
+        calls[0] += 1
+        return forward(self, *args)
+
+    monkeypatch.setattr(ensemble._Batched, "forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["or_example", "tiny_mlp", "mixed_ops", "shared_mse"])
+def test_linear_and_elementwise_pipelines_take_the_batched_forward_and_equal_their_runs_alone(
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    calls = count_batched(monkeypatch)
+    shared = record_sharing(monkeypatch)
+    files = tmp_path / "group"
+    if case == "or_example":
+        specs, cls = or_specs(files), "mlp_funnel"
+    elif case == "tiny_mlp":
+        specs, cls = points_specs(classes, files), "mlp"
+    elif case == "mixed_ops":
+        specs, cls = points_specs(classes, files, model="mixed_ops"), "mixed_ops"
+    else:  # the same points for every seed (one shared batch per step), another loss
+        specs = points_specs(classes, files, data="fixed_points", loss="MSELoss")
+        cls = "mlp"
+    check_equivalence(specs, tmp_path, cls)  # per-epoch figures within 1e-5 of each run alone
+    for spec in specs:
+        assert forward_line(spec) == "[mosaic] ensemble forward: batched matmul"
+    # The probe and the two passes of every epoch, all through the batched forward.
+    assert calls[0] >= 1 + 2 * specs[0]["epochs_target"]
+    assert shared and all(shared) == (case == "shared_mse")
+
+
+NOT_BATCHED = {
+    "cnn": "model cnn: Conv2d is not one of the batched layers",
+    "dropout_mlp": "model dropout_mlp: Dropout draws random masks",
+    "clamped": "model clamped: call_method clamp is not one of the batched operations",
+    "mode_scaled": "model mode_scaled: its forward differs in training and evaluation mode",
+}
+
+
+def not_batched_specs(classes: str, files: Path, model: str) -> list[dict[str, Any]]:
+    if model == "cnn":
+        return make_specs(
+            files,
+            [module("images", "data", classes, n=64)],
+            module("cnn", "model", classes),
+            loss="CrossEntropyLoss",
+            accuracy="argmax",
+        )
+    return points_specs(classes, files, model=model)
+
+
+@pytest.mark.parametrize("model", sorted(NOT_BATCHED))
+def test_other_pipelines_keep_vmap_with_the_numbers_it_gave_before(
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    calls = count_batched(monkeypatch)
+    specs = not_batched_specs(classes, tmp_path / "group", model)
+    outcomes, events = run_group(specs)
+    assert {k: v[0] for k, v in outcomes.items()} == {s["run_id"]: "done" for s in specs}
+    assert calls == [0]
+    for spec in specs:
+        assert forward_line(spec) == f"[mosaic] ensemble forward: vmap ({NOT_BATCHED[model]})"
+    # The vmap path as it was before the batched forward existed: the same numbers, bit for bit.
+    monkeypatch.setattr(ensemble, "_batched_forward", lambda bases: (None, "switched off"))
+    before = [dict(s, run_files_path=str(tmp_path / "before")) for s in specs]
+    _, again = run_group(before)
+    for run_id in events:
+        assert [[e[k] for k in FIGURES] for e in events[run_id]] == [
+            [e[k] for k in FIGURES] for e in again[run_id]
+        ]
+    if model != "dropout_mlp":  # dropout: a member's masks are not those of the run alone
+        for spec in specs:
+            alone = run_alone(spec, tmp_path / "alone")
+            assert_same_epochs(events[int(spec["run_id"])], alone)
+
+
+def test_a_batched_forward_that_differs_from_the_members_falls_back_to_vmap_not_to_runs(
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    linear = ensemble._stacked_linear
+    # A wrong batched Linear layer (as a bug would give): the probe must catch it.
+    monkeypatch.setattr(ensemble, "_stacked_linear", lambda *args: linear(*args) * 1.01)
+    specs = points_specs(classes, tmp_path / "group")
+    outcomes, events = run_group(specs)
+    assert {k: v[0] for k, v in outcomes.items()} == {10: "done", 11: "done", 12: "done"}
+    for spec in specs:
+        assert forward_line(spec) == (
+            "[mosaic] ensemble forward: vmap (the batched forward does not reproduce "
+            "run 10's outputs)"
+        )
+        assert_same_epochs(events[int(spec["run_id"])], run_alone(spec, tmp_path / "alone"))
+
+
+LOSSES = [
+    # (criterion, one member's output shape, target: "binary", "real", "classes", "probs")
+    (torch.nn.MSELoss(), (6, 2), "real"),
+    (torch.nn.L1Loss(), (6,), "real"),
+    (torch.nn.BCELoss(), (6, 1), "binary"),
+    (torch.nn.BCEWithLogitsLoss(), (6, 3), "binary"),
+    (torch.nn.CrossEntropyLoss(), (6, 4), "classes"),
+    (torch.nn.CrossEntropyLoss(ignore_index=1), (6, 4), "classes"),
+    (torch.nn.CrossEntropyLoss(), (6, 4), "probs"),
+]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize(("criterion", "out_shape", "target"), LOSSES)
+def test_per_member_losses_on_stacked_outputs_equal_each_member_alone(
+    criterion: torch.nn.Module, out_shape: tuple[int, ...], target: str, shared: bool
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    members = 4
+    out = torch.randn(members, *out_shape, generator=generator)
+    if isinstance(criterion, torch.nn.BCELoss):
+        out = torch.sigmoid(out)
+    if target == "classes":
+        y = torch.randint(0, out_shape[1], (members, out_shape[0]), generator=generator)
+    elif target == "probs":
+        y = torch.softmax(torch.randn(members, *out_shape, generator=generator), dim=-1)
+    elif target == "binary":
+        y = (torch.rand(members, *out_shape, generator=generator) > 0.5).float()
+    else:
+        y = torch.randn(members, *out_shape, generator=generator)
+    if shared:
+        y = y[:1].expand(members, *y.shape[1:])
+    alone = torch.stack([criterion(out[i], y[i]) for i in range(members)])
+    loss = ensemble._member_loss(criterion)
+    assert loss is not None
+    stacked = loss(out, y[0] if shared else y, shared)
+    assert stacked is not None
+    assert torch.allclose(stacked, alone, rtol=1e-6, atol=0)
+    assert len(set(alone.tolist())) > 1 or shared and target != "classes"
+
+
+def test_losses_with_weights_or_broadcast_targets_are_left_to_vmap() -> None:
+    assert ensemble._member_loss(torch.nn.MSELoss(reduction="sum")) is None
+    assert ensemble._member_loss(torch.nn.BCELoss(weight=torch.ones(1))) is None
+    assert ensemble._member_loss(torch.nn.BCEWithLogitsLoss(pos_weight=torch.ones(1))) is None
+    assert ensemble._member_loss(torch.nn.CrossEntropyLoss(label_smoothing=0.1)) is None
+    assert ensemble._member_loss(torch.nn.HuberLoss()) is None
+    mse = ensemble._member_loss(torch.nn.MSELoss())
+    assert mse is not None
+    # Alone, a (6, 1) output against a (6,) target broadcasts to (6, 6): vmap reproduces that.
+    assert mse(torch.zeros(4, 6, 1), torch.zeros(4, 6), False) is None

@@ -121,6 +121,9 @@ def test_auto_trains_the_repetitions_as_one_group_with_the_numbers_of_off(
     assert "ensemble: trained together with runs 1, 2, 4 (one vmapped model)" in shown
     log = (root / "auto" / "runs" / "output_3.log").read_text()
     assert "[mosaic] run 3 trains in an ensemble with runs [1, 2, 3, 4]" in log
+    # The OR example's MLP is Linear layers and activations: the batched forward trained it,
+    # with the numbers of off (checked by the reference fixture).
+    assert "[mosaic] ensemble forward: batched matmul" in log
     for run_id in range(1, MEMBERS + 1):
         assert epochs_of(db, run_id) == list(range(1, EPOCHS + 1))
 
