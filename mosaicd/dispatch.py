@@ -9,6 +9,7 @@ from typing import Any
 
 from mosaic_client import schema
 from mosaic_client.contract import FAILED, QUEUED, RUNNING, checkpoint_path
+from mosaicd import owners
 from mosaicd.ensemble_groups import group_key, group_size
 from mosaicd.executor import BUSY, IDLE, STARTING, WorkerHandle
 from mosaicd.scheduler_core import ActiveRun, SchedulerCore
@@ -163,8 +164,11 @@ class Dispatch(SchedulerCore):
         """What the worker needs to train the run (a "run" message's spec)."""
         run_files = submission.process["run_files_path"]
         from_epoch = record.checkpoint_epoch
-        if from_epoch and not os.path.exists(checkpoint_path(run_files, record.run_id)):
-            from_epoch = 0
+        if from_epoch:
+            # Looked for as its owner: the daemon may not look into a private home itself.
+            with owners.acting_as(submission.run_as):
+                if not os.path.exists(checkpoint_path(run_files, record.run_id)):
+                    from_epoch = 0
         return {
             "run_id": record.run_id,
             "process": submission.process,

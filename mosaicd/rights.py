@@ -20,6 +20,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from mosaic_client.protocol import ErrorCode
+from mosaicd import owners
 from mosaicd.errors import Refused
 
 READ, WRITE, SEARCH = 0o4, 0o2, 0o1
@@ -132,6 +133,19 @@ def study_owners(path: str) -> set[int | None]:
 
 
 def check_writable(caller: Caller, path: str, real: str, what: str) -> None:
+    """See _check_writable; the paths are looked at with the caller's own rights (a daemon
+    with no file-access override cannot even look into a 0700 home; the caller can)."""
+    with owners.acting_as(owners.of_uid(caller.uid, caller.gid)):
+        _check_writable(caller, path, real, what)
+
+
+def check_readable(caller: Caller, path: str, what: str) -> None:
+    """Refuse to read a study for a client who could not read the file themself."""
+    with owners.acting_as(owners.of_uid(caller.uid, caller.gid)):
+        _check_readable(caller, path, what)
+
+
+def _check_writable(caller: Caller, path: str, real: str, what: str) -> None:
     """Refuse a path the daemon would write for a client unless that client could write there.
 
     For a path that does not exist yet: write + search on its nearest existing directory and
@@ -176,8 +190,7 @@ def check_writable(caller: Caller, path: str, real: str, what: str) -> None:
     )
 
 
-def check_readable(caller: Caller, path: str, what: str) -> None:
-    """Refuse to read a study for a client who could not read the file themself."""
+def _check_readable(caller: Caller, path: str, what: str) -> None:
     if caller.unrestricted:
         return
     _identified(caller)

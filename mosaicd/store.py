@@ -740,13 +740,34 @@ class DaemonState:
             "CREATE TABLE IF NOT EXISTS studies (path TEXT PRIMARY KEY, added_at REAL NOT NULL)"
         )
         self.conn.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value)")
+        self._migrate()
 
-    def studies(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT path FROM studies ORDER BY added_at")]
+    # The state database's own migrations (PRAGMA user_version), as the studies' (MIGRATIONS).
+    STATE_MIGRATIONS: tuple[str, ...] = (
+        # 1: whose rights each study was opened with, to reopen it so after a restart (a daemon
+        # without file-access override cannot even look into a private home: mosaicd.owners).
+        "ALTER TABLE studies ADD COLUMN opener_uid INTEGER",
+    )
 
-    def add_study(self, path: str) -> None:
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, statement in enumerate(self.STATE_MIGRATIONS[version:], start=version + 1):
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(statement)
+            self.conn.execute(f"PRAGMA user_version = {number}")
+            self.conn.execute("COMMIT")
+
+    def studies(self) -> list[tuple[str, int | None]]:
+        """The studies served, each with the uid it was opened as (None: the daemon's own)."""
+        return [
+            (r[0], r[1])
+            for r in self.conn.execute("SELECT path, opener_uid FROM studies ORDER BY added_at")
+        ]
+
+    def add_study(self, path: str, opener_uid: int | None = None) -> None:
         self.conn.execute(
-            "INSERT OR IGNORE INTO studies (path, added_at) VALUES (?, ?)", (path, time.time())
+            "INSERT OR IGNORE INTO studies (path, added_at, opener_uid) VALUES (?, ?, ?)",
+            (path, time.time(), opener_uid),
         )
 
     def remove_study(self, path: str) -> None:

@@ -67,7 +67,7 @@ class Studies:
         self._stores[path] = store
         self._openers[path] = acting
         self._writers[path] = StudyWriter(store)
-        self._state.add_study(path)
+        self._state.add_study(path, None if acting is None else acting.uid)
         return store
 
     def _open(self, path: str, create: bool) -> Store:
@@ -86,13 +86,17 @@ class Studies:
 
     def reopen_known(self) -> Iterator[tuple[str, Store]]:
         """The studies of the previous daemon, opened again; vanished ones are forgotten."""
-        for path in self._state.studies():
-            if not os.path.exists(path):
+        for path, opener_uid in self._state.studies():
+            # As the one who opened it before (the owner of its path for older state).
+            opener = PATH_OWNER if opener_uid is None else owners.of_uid(opener_uid)
+            with owners.acting_as(None if isinstance(opener, PathOwner) else opener):
+                exists = os.path.exists(path)
+            if not exists:
                 log.warning("study %s has disappeared; forgetting it", path)
                 self._state.remove_study(path)
                 continue
             try:
-                store = self.open(path, create=False)
+                store = self.open(path, create=False, owner=opener)
             except Refused as exc:
                 log.error("cannot reopen study %s: %s", path, exc.message)
                 continue

@@ -126,7 +126,9 @@ class WorkerEvents(SchedulerCore):
         run_id = run.record.run_id
         writer = self._studies.writer(run.study)
         where = run.submission.process["run_files_path"]
-        if is_disk_full(Exception(message["error"])) and _same_filesystem(where, run.study):
+        with owners.acting_as(run.submission.run_as):  # its paths, looked at as its owner
+            same_disk = _same_filesystem(where, run.study)
+        if is_disk_full(Exception(message["error"])) and same_disk:
             # Not the run's fault, and its study is on the same full disk: it waits, parked at
             # its last checkpoint, for space and `mosaic resume`. (Run files alone on a full
             # disk fail the run with the message, as any unusable run_files_path does.)

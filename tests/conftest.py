@@ -34,6 +34,8 @@ class Daemon:
         self.state_dir = str(root / "daemon" / "state")
         self.extra = list(extra)
         self.workers = workers
+        # A command that starts the daemon's Python, e.g. setpriv with fewer capabilities.
+        self.prefix: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = root / "mosaicd.log"
 
@@ -50,6 +52,7 @@ class Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "mosaicd",

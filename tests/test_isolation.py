@@ -205,6 +205,15 @@ def test_a_users_code_cannot_reach_another_users_study_workers_or_the_daemon(box
     assert stat.S_IMODE((directory / "runs").stat().st_mode) == 0o700
 
 
+def test_the_daemon_holds_three_capabilities_only(box: Box) -> None:
+    # As the unit starts it (CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_KILL): bits 5-7.
+    assert box.daemon.proc is not None
+    status = Path(f"/proc/{box.daemon.proc.pid}/status").read_text()
+    caps = dict(re.findall(r"^(Cap\w+):\s+([0-9a-f]+)$", status, flags=re.M))
+    assert int(caps["CapBnd"], 16) == int(caps["CapEff"], 16) == 0xE0, caps
+    assert "mosaicd" in Path(f"/proc/{box.daemon.proc.pid}/cmdline").read_text()
+
+
 def _gid(group: str) -> int:
     return int(subprocess.check_output(["getent", "group", group], text=True).split(":")[2])
 
@@ -245,6 +254,19 @@ def test_a_link_planted_at_a_run_log_reaches_nothing_of_root(box: Box) -> None:
 
 
 def test_kill_9_of_the_daemon_with_two_owners_running_loses_nothing(box: Box) -> None:
+    # Private homes (0700, Debian's default): the daemon, without a file-access override, cannot
+    # look into them itself, and must still reopen both studies after the restart and resume
+    # their runs from their checkpoints.
+    for role in ("a", "b"):
+        box.home(role).chmod(0o700)
+    try:
+        _kill_9_with_two_owners(box)
+    finally:
+        for role in ("a", "b"):
+            box.home(role).chmod(0o755)
+
+
+def _kill_9_with_two_owners(box: Box) -> None:
     studies = {}
     for role in ("a", "b"):
         config, db = _project(box, role, "sweep", multiplicity=3, umask=None, epochs=EPOCHS)

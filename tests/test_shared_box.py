@@ -183,13 +183,21 @@ def _make_box(root: Path, workers: int = 1) -> Box:
     # The layout of /run/mosaic under systemd: a 0750 directory of the users' group.
     sock_dir = root / "run"
     sock_dir.mkdir(mode=0o750)
-    os.chown(
-        sock_dir,
-        0,
-        int(subprocess.check_output(["getent", "group", group], text=True).split(":")[2]),
-    )
+    group_gid = int(subprocess.check_output(["getent", "group", group], text=True).split(":")[2])
+    os.chown(sock_dir, 0, group_gid)
     sock_dir.chmod(0o750)
     box.daemon.socket = str(sock_dir / "mosaicd.sock")
+    # As systemd/mosaicd.service starts it: root's uid with only CAP_SETUID, CAP_SETGID and
+    # CAP_KILL (no file-access override: it cannot look into a private home), and the users'
+    # group as its group.
+    box.daemon.prefix = [
+        "setpriv",
+        f"--regid={group_gid}",
+        "--clear-groups",
+        "--bounding-set=-all,+setuid,+setgid,+kill",
+        "--inh-caps=-all",
+        "--",
+    ]
     return box
 
 
