@@ -481,10 +481,21 @@ def wait_until(what: Callable[[], Any], timeout: float = 15.0, message: str = ""
     raise AssertionError(f"timed out: {message} (last: {last!r})")
 
 
-def text_of(browser: Any, css: str) -> str:
+def texts_of(browser: Any, css: str) -> list[str] | None:
+    """The texts of the elements `css` selects, or None if the page re-rendered them while
+    they were read (the live pages replace their tables on each update)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return str(browser.find_element(By.CSS_SELECTOR, css).text)
+    try:
+        return [str(e.text) for e in browser.find_elements(By.CSS_SELECTOR, css)]
+    except StaleElementReferenceException:
+        return None
+
+
+def text_of(browser: Any, css: str) -> str:
+    texts = wait_until(lambda: texts_of(browser, css) or None, message=css)
+    return texts[0]
 
 
 def shot(browser: Any, name: str) -> None:
@@ -587,15 +598,13 @@ def test_overview_shows_daemon_workers_and_studies(
         ),
         message="daemon state",
     )
-    rows = wait_until(
-        lambda: (
-            browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
-            if len(browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == 2
-            else None
-        ),
-        message="two workers",
-    )
-    assert all("cpu" in r.text for r in rows)  # the slot names
+
+    def two_workers() -> list[str] | None:
+        texts = texts_of(browser, "#workers tbody tr")
+        return texts if texts and len(texts) == 2 else None
+
+    rows = wait_until(two_workers, message="two workers")
+    assert all("cpu" in text for text in rows)  # the slot names
     studies_text = text_of(browser, "#studies tbody")
     assert study in studies_text and "8 done" in studies_text and "1 failed" in studies_text
 
