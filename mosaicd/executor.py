@@ -127,9 +127,6 @@ class Executor(ABC):
 
     slots: list[Slot]
     workers: dict[str, WorkerHandle]  # live workers by routing id (WorkerHandle.route)
-    # Whether it can start workers as the runs' owners (mosaicd.owners): the local pool can;
-    # Ray's actors run as the cluster's user, so a shared daemon refuses other users' runs.
-    runs_as_owners: bool = False
     # The owner each slot's next worker starts as, once its worker has exited (hand_over).
     next_owner: dict[Slot, Owner | None]
     max_runs: int  # runs a worker trains before it is replaced (0: no limit)
@@ -203,8 +200,11 @@ class Executor(ABC):
         """A worker's CPU %, memory and GPU memory (None where unknown): WorkerView fields."""
 
     @abstractmethod
-    def check_submission(self, process: dict[str, Any], pipelines: list[Any]) -> None:
-        """Refuse (mosaicd.errors.Refused) a submission this executor cannot run."""
+    def check_submission(
+        self, process: dict[str, Any], pipelines: list[Any], owner: Owner | None
+    ) -> None:
+        """Refuse (mosaicd.errors.Refused) a submission this executor cannot run, whose runs
+        execute as `owner` (mosaicd.owners; None: the daemon's own user)."""
 
     @abstractmethod
     def stop_all(self, sock: zmq.Socket[Any], grace: float) -> None:

@@ -147,20 +147,13 @@ def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Submi
 
     # On a shared daemon the caller's runs execute as the caller (mosaicd.owners): one that
     # cannot switch users refuses rather than run someone's code as itself.
-    owner = owners.lookup(caller.uid, caller.gid) if caller.uid is not None else None
-    if owner is not None and owner.uid != os.geteuid():
+    owner = None
+    if caller.uid is not None and caller.uid != os.geteuid():
+        owner = owners.lookup(caller.uid, caller.gid)
         try:
             owners.require_switch(owner)
         except owners.CannotSwitch as exc:
             raise Refused(ErrorCode.PERMISSION, f"{exc}. Nothing was queued.") from None
-        if not daemon.executor.runs_as_owners:
-            raise Refused(
-                ErrorCode.PERMISSION,
-                f"this daemon's executor ({daemon.options.executor}) cannot run workers as "
-                f"{owner.name}; on a shared box use the local executor. Nothing was queued.",
-            )
-    else:
-        owner = None
 
     def prepare_files() -> None:
         # Called with the owner's rights and umask: the run-files directory is theirs.

@@ -144,8 +144,6 @@ class ResourceMeter:
 class Pool(Executor):
     """Workers as child processes of the daemon (`python -m mosaicd.worker`)."""
 
-    runs_as_owners = True
-
     def __init__(
         self,
         ctx: zmq.Context[Any],
@@ -310,9 +308,11 @@ class Pool(Executor):
     def resources(self, handle: WorkerHandle) -> dict[str, Any]:
         return self.meter.measure(handle)
 
-    def check_submission(self, process: dict[str, Any], pipelines: list[Any]) -> None:
+    def check_submission(
+        self, process: dict[str, Any], pipelines: list[Any], owner: Owner | None
+    ) -> None:
         """Nothing to add: local workers see the daemon's own files, which the daemon's
-        submission checks (mosaicd.submissions) already cover."""
+        submission checks (mosaicd.submissions) already cover, and start as any owner."""
 
     def kill(self, handle: WorkerHandle, reason: str) -> None:
         handle.killed_for = reason

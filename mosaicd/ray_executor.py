@@ -220,8 +220,6 @@ def summarize_actor_error(exc: BaseException) -> str:
 
 
 class RayPool(Pool):
-    runs_as_owners = False  # actors run as the Ray cluster's user
-
     """The local pool's bookkeeping, with one Ray actor per slot instead of a child process."""
 
     # Ray actors are not the daemon's children: no SIGCHLD tells of their end.
@@ -310,7 +308,7 @@ class RayPool(Pool):
         )
 
     def spawn(self, slot: Slot, owner: Owner | None = None) -> WorkerHandle:
-        # `owner` is always None: Ray's actors run as the cluster's user (runs_as_owners).
+        # `owner` is always None: Ray's actors run as the cluster's user (check_submission).
         worker_id = f"w{next(self._ids)}{self.id_suffix}"
         # The actor keeps its node's environment (base {}); Ray sets CUDA_VISIBLE_DEVICES
         # itself for the actors that hold a GPU.
@@ -361,8 +359,17 @@ class RayPool(Pool):
         out["node"] = info.get("ip") if info else None
         return out
 
-    def check_submission(self, process: dict[str, Any], pipelines: list[Any]) -> None:
-        """Refuse a submission whose files the Ray nodes cannot reach (docs/cluster.md)."""
+    def check_submission(
+        self, process: dict[str, Any], pipelines: list[Any], owner: Owner | None
+    ) -> None:
+        """Refuse a submission whose files the Ray nodes cannot reach (docs/cluster.md), or
+        whose runs must execute as another user: actors run as the Ray cluster's user."""
+        if owner is not None:
+            raise Refused(
+                ErrorCode.PERMISSION,
+                f"the Ray executor cannot run workers as {owner.name}; on a shared box use the "
+                "local executor. Nothing was queued.",
+            )
         read: list[tuple[str, str]] = []
         if isinstance(process.get("path_to_class_loss_function"), str):
             read.append(("path_to_class_loss_function", process["path_to_class_loss_function"]))

@@ -84,7 +84,7 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         the run-files directory, once the submission is known to be good (a refused one leaves
         nothing behind). Both it and a new study file are made with `acting_for`'s rights and
         umask (mosaicd.owners; None: the daemon's own), so they are that user's."""
-        self._executor.check_submission(process, pipelines)
+        self._executor.check_submission(process, pipelines, acting_for)
         with owners.acting_as(acting_for):  # it looks at the run-files path: as its user
             check_submission(process, monitor, pipelines, self._executor.slot_count("cuda"))
         runs = build_runs(process, monitor, pipelines, owner_uid, owner)

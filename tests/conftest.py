@@ -47,25 +47,29 @@ class Daemon:
         env["PYTHONPATH"] = str(REPO)
         return env
 
+    def command(self) -> list[str]:
+        """The mosaicd command line of this daemon (its socket, state, workers, options)."""
+        return [
+            *self.prefix,
+            sys.executable,
+            "-m",
+            "mosaicd",
+            "--socket",
+            self.socket,
+            "--state-dir",
+            self.state_dir,
+            "--workers",
+            str(self.workers),
+            "--gpus",
+            "",
+            *self.extra,
+        ]
+
     def start(self, wait: float = 30.0) -> Daemon:
         os.makedirs(os.path.dirname(self.socket), exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [
-                *self.prefix,
-                sys.executable,
-                "-m",
-                "mosaicd",
-                "--socket",
-                self.socket,
-                "--state-dir",
-                self.state_dir,
-                "--workers",
-                str(self.workers),
-                "--gpus",
-                "",
-                *self.extra,
-            ],
+            self.command(),
             env=self.env,
             stdout=log,
             stderr=log,
@@ -174,8 +178,11 @@ def example_config(
     mlp_length: str = "2",
     mlp_width: str = "3",
     seed: int = 0,
+    classes: Path = EXAMPLE,
+    extra_process: str = "",
 ) -> Path:
-    """A small sweep over the OR/AND example classes."""
+    """A small sweep over the OR/AND example classes (from `classes`: a copy of them in a
+    project of its own, say)."""
     return write_project(
         root,
         f"""
@@ -187,6 +194,7 @@ def example_config(
         loss_function = BCELoss
         run_files_path = {root}/runs
         seed = {seed}
+        {extra_process}
 
         [MONITOR]
         need_gpu = false
@@ -198,7 +206,7 @@ def example_config(
         [dataset_OR]
         type = dataset
         class = dataset_OR
-        path_to_class = {EXAMPLE}/dataset.py
+        path_to_class = {classes}/dataset.py
         data_size = 200
         train_prop = 0.8
         batch_size = 20
@@ -207,7 +215,7 @@ def example_config(
         [mlp_funnel]
         type = mlp
         class = mlp_funnel
-        path_to_class = {EXAMPLE}/mlp.py
+        path_to_class = {classes}/mlp.py
         length = {mlp_length}
         width = {mlp_width}
         key = mlp_{{class}}

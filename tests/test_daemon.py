@@ -269,19 +269,7 @@ class tiny(torch.nn.Module):
 
 def test_second_daemon_on_the_same_socket_is_refused(daemon: Daemon) -> None:
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mosaicd",
-            "--socket",
-            daemon.socket,
-            "--state-dir",
-            daemon.state_dir,
-            "--workers",
-            "1",
-            "--gpus",
-            "",
-        ],
+        daemon.command(),
         capture_output=True,
         text=True,
         timeout=60,

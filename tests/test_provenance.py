@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLE, Daemon, query, write_project
+from conftest import EXAMPLE, Daemon, example_config, query
 
 from mosaic_client import contract, provenance
 from mosaicd import submissions
@@ -40,42 +40,13 @@ def _project(root: Path, *, widths: str = "3", multiplicity: int = 2, extra: str
     """The OR example with its class files copied into root (a project of its own)."""
     for name in ("dataset.py", "mlp.py"):
         shutil.copy(EXAMPLE / name, root / name)
-    return write_project(
+    return example_config(
         root,
-        f"""
-        [PROCESS]
-        lr = 0.01
-        epochs = 2
-        data_scheme = dataset
-        pipeline_scheme = mlp
-        loss_function = BCELoss
-        run_files_path = {root}/runs
-        seed = 0
-        {extra}
-
-        [MONITOR]
-        need_gpu = false
-        gpu_available = None
-        nb_processus = 2
-        multiplicity = {multiplicity}
-
-        [dataset_OR]
-        type = dataset
-        class = dataset_OR
-        path_to_class = {root}/dataset.py
-        data_size = 40
-        train_prop = 0.5
-        batch_size = 10
-        key = data_{{class}}
-
-        [mlp_funnel]
-        type = mlp
-        class = mlp_funnel
-        path_to_class = {root}/mlp.py
-        length = 2
-        width = {widths}
-        key = mlp_{{class}}
-        """,
+        epochs=2,
+        multiplicity=multiplicity,
+        mlp_width=widths,
+        classes=root,
+        extra_process=extra,
     )
 
 
@@ -349,7 +320,7 @@ def test_injected_names_are_refused_as_section_parameters(daemon: Daemon, tmp: P
     cfg = _project(root, multiplicity=1)
     good = cfg.read_text()
     for name in contract.RUN_INFO_KEYS:
-        cfg.write_text(good.replace("batch_size = 10\n", f"batch_size = 10\n{name} = 7\n"))
+        cfg.write_text(good.replace("batch_size = 20\n", f"batch_size = 20\n{name} = 7\n"))
         result = daemon.cli("generate", str(cfg), str(tmp / "out.json"))
         assert result.returncode == 2, result.stdout + result.stderr
         assert f"section [dataset_OR]: parameter '{name}'" in result.stderr

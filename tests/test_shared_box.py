@@ -566,19 +566,7 @@ def test_sd_notify_ready_status_stopping() -> None:
     env = {**daemon.env, "NOTIFY_SOCKET": str(root / "notify.sock")}
     log = open(daemon.log_path, "ab")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mosaicd",
-            "--socket",
-            daemon.socket,
-            "--state-dir",
-            daemon.state_dir,
-            "--workers",
-            "1",
-            "--gpus",
-            "",
-        ],
+        daemon.command(),
         env=env,
         stdout=log,
         stderr=log,
