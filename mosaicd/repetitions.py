@@ -16,6 +16,7 @@ from typing import Any
 
 from mosaic_client.contract import MAX_REPETITIONS_ADDED, REPETITION_PARAMS
 from mosaic_client.protocol import ErrorCode, RepeatedGroup, RepeatReply
+from mosaicd import owners
 from mosaicd.control import Control, OwnerCheck
 from mosaicd.errors import Refused
 from mosaicd.store import RunRecord, Store, StoreError
@@ -161,7 +162,9 @@ class Repetitions(Control):
         for batch in batches:
             pipelines = [modules for modules, _, _, _ in batch.runs]
             process = batch.submission["process"]
-            self._executor.check_submission(process, pipelines)
+            # The copies keep their submission's owner, and run as that user.
+            owner = owners.of_uid(batch.submission["owner_uid"])
+            self._executor.check_submission(process, pipelines, owner)
             check_submission(
                 process, batch.submission["monitor"], pipelines, self._executor.slot_count("cuda")
             )
