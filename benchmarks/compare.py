@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mosaicd.store import Store  # noqa: E402
-from mosaicd.submissions import run_params  # noqa: E402
+from mosaicd.scheduling.submissions import run_params  # noqa: E402
+from mosaicd.storage.store import Store  # noqa: E402
 
 
 def build_study(path: str, families: int, sizes: int, reps: int) -> int:

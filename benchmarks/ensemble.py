@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from mosaicd import ensemble, execution  # noqa: E402
+from mosaicd.training import ensemble, execution  # noqa: E402
 
 CLASSES = os.path.join(HERE, "bench_classes.py")
 

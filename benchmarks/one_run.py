@@ -3,7 +3,7 @@
 import json
 import sys
 
-from mosaicd import execution
+from mosaicd.training import execution
 
 channel = execution.Channel(on_epoch=lambda e: None, park_requested=lambda: False)
 execution.execute(json.loads(sys.argv[1]), channel)

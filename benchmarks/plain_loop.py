@@ -11,7 +11,7 @@ import time
 import torch
 from dispatch import spec
 
-from mosaicd import execution
+from mosaicd.training import execution
 
 torch.set_num_threads(1)
 root, first, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -17,7 +17,8 @@ import time
 
 from common import BenchDaemon, median, percentile
 
-from mosaicd.store import DaemonState, Store
+from mosaicd.storage.state import DaemonState
+from mosaicd.storage.store import Store
 
 
 def build_study(path: str, n: int) -> None:

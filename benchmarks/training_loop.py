@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_classes import small_mlp, synthetic_data  # noqa: E402
 
-from mosaicd import execution  # noqa: E402
+from mosaicd.training import execution  # noqa: E402
 
 
 def hand_written(epochs: int, batches: int, device: str, batch_size: int) -> float:

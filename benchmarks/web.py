@@ -1,8 +1,8 @@
 """`mosaic web` on a study of 100,000 runs, in headless Chromium: first paint, sorting,
 payload sizes, and the latency from a daemon event to the page.
 
-The study is written directly with the daemon's schema (mosaicd.store.Store creates it), with
-results for the finished runs and eight params a run (about a million params rows). The web
+The study is written directly with the daemon's schema (mosaicd.storage.store.Store creates it),
+with results for the finished runs and eight params a run (about a million params rows). The web
 server shows it from its command line; a real mosaicd (one idle worker) gives the live events.
 
     python benchmarks/web.py [--runs 100000] [--repeat 5] [--json FILE]
@@ -29,7 +29,7 @@ from urllib.parse import quote, urlsplit
 
 from common import BenchDaemon, median
 
-from mosaicd.store import Store
+from mosaicd.storage.store import Store
 
 STATES = ("done",) * 80 + ("failed",) * 5 + ("cancelled",) * 5 + ("queued",) * 9 + ("running",)
 

@@ -22,7 +22,7 @@ import time
 from common import BenchDaemon, tiny_config
 
 from mosaic_client.connection import Client
-from mosaicd.store import Store
+from mosaicd.storage.store import Store
 
 
 def through_daemon(epochs: int) -> dict[str, float]:

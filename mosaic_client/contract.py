@@ -36,7 +36,8 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 
 # -- repetitions -----------------------------------------------------------------------------
 # Runs that share every param but these form one configuration group (the repetitions of one
-# configuration): the run_groups view (mosaicd/store.py), `mosaic compare` and `mosaic repeat`.
+# configuration): the run_groups view (mosaicd/storage/store.py), `mosaic compare` and `mosaic
+# repeat`.
 REPETITION_PARAMS: tuple[str, ...] = ("seed", "process_seed", "owner", "owner_uid")
 # The most repetitions one `repeat` request may add to each group: more is surely a typo.
 MAX_REPETITIONS_ADDED = 1000
@@ -66,10 +67,10 @@ EPOCH_COLUMNS: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_
 MODULE_FIELDS: tuple[str, ...] = ("type", "class", "path_to_class", "key", "name")
 # Of those, the keys a config section may set itself (the others are filled in by Mosaic).
 SECTION_FIELDS: tuple[str, ...] = ("type", "class", "path_to_class", "key")
-# What Mosaic itself gives every class by name (the run information: mosaicd.execution builds
-# run_info from these names). A constructor parameter is filled from run_info first, so a section
-# parameter of one of these names would never reach the class while `params` recorded it: the
-# config checks and the daemon refuse such a name (docs/classes.md).
+# What Mosaic itself gives every class by name (the run information: mosaicd.training.execution
+# builds run_info from these names). A constructor parameter is filled from run_info first, so a
+# section parameter of one of these names would never reach the class while `params` recorded it:
+# the config checks and the daemon refuse such a name (docs/classes.md).
 RUN_INFO_KEYS: tuple[str, ...] = ("run_id", "device", "seed", "epoch")
 # What a class section parameter named like a run information key could be called instead.
 RUN_INFO_RENAMES: dict[str, str] = {

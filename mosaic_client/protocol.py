@@ -55,9 +55,9 @@ def _f(name: str, kind: type | tuple[type, ...], required: bool = True) -> Field
 _SELECTION = _f("selection", dict)
 
 # Client -> daemon requests, by name: the fields of "args". Each name has a daemon handler of the
-# same name in mosaicd/handlers.py. Commands and requests are not one to one: a command module of
-# mosaic_client/commands/ names in its docstring the requests it sends (`run` sends `ping` and
-# `submit`, `logs` sends `show`, `pause FILE` also `pending` and `cancel`, ...), and
+# same name in mosaicd/service/handlers.py. Commands and requests are not one to one: a command
+# module of mosaic_client/commands/ names in its docstring the requests it sends (`run` sends `ping`
+# and `submit`, `logs` sends `show`, `pause FILE` also `pending` and `cancel`, ...), and
 # tests/test_units.py checks that every request here is sent by some command.
 REQUESTS: dict[str, tuple[Field, ...]] = {
     "ping": (),

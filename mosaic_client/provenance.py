@@ -1,8 +1,8 @@
 """What produced a run, as the study records it: its code, its environment, its determinism.
 
 Part of the shared contract (standard library only): the worker captures a run's provenance
-(mosaicd.run_provenance) with :func:`file_digest` and :func:`git_state` from here, the daemon
-stores it (mosaicd.store, tables ``code_files``, ``run_code``, ``run_environment``), and
+(mosaicd.training.provenance) with :func:`file_digest` and :func:`git_state` from here, the daemon
+stores it (mosaicd.storage.store, tables ``code_files``, ``run_code``, ``run_environment``), and
 `mosaic show`, `mosaic diff` and `mosaic rerun` read it back with :func:`read` and
 :func:`code_changes`. docs/database.md describes the tables.
 """

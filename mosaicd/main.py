@@ -11,8 +11,9 @@ import sys
 from typing import Any
 
 from mosaic_client import paths
-from mosaicd.executor import EXECUTORS
-from mosaicd.server import AlreadyRunning, Daemon, Options
+from mosaicd.executors.choice import EXECUTORS
+from mosaicd.options import Options
+from mosaicd.service.server import AlreadyRunning, Daemon
 
 
 def detect_gpus() -> list[str]:
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     runtime_env = _runtime_env(args.ray_runtime_env) if ray else None
     if ray:
-        from mosaicd.ray_executor import require_ray
+        from mosaicd.executors.ray_cluster import require_ray
 
         require_ray()  # exits with the install command when Ray is missing
     # With Ray, the cluster's GPUs (not this machine's nvidia-smi) are the default.

@@ -1,10 +1,11 @@
 """Run owners: who a run executes as, and acting with an owner's rights only (issue 17).
 
 On a shared box the daemon serves several users. Their code runs in workers started as the
-run's owner (mosaicd.pool), and every file the daemon itself opens for a user (a study database
-and its -wal/-shm files, the run-files directory) is opened while the daemon's effective ids are
-that user's (:func:`acting_as`): the kernel then checks the open against the user's own rights,
-a link the user planted leads only where the user could go, and what is created is the user's.
+run's owner (mosaicd.executors.local), and every file the daemon itself opens for a user (a study
+database and its -wal/-shm files, the run-files directory) is opened while the daemon's effective
+ids are that user's (:func:`acting_as`): the kernel then checks the open against the user's own
+rights, a link the user planted leads only where the user could go, and what is created is the
+user's.
 
 A daemon that serves only its own user (the single-user mode) never switches: :func:`of_uid`
 gives None for the daemon's own uid, and None means "as the daemon, as before".

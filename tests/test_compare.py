@@ -21,8 +21,8 @@ from conftest import REPO
 from scipy import stats
 
 from mosaic_client import verdict as v
-from mosaicd.store import RESULT_COLUMNS, Store
-from mosaicd.submissions import run_params
+from mosaicd.scheduling.submissions import run_params
+from mosaicd.storage.store import RESULT_COLUMNS, Store
 
 ALPHA = 0.05
 

@@ -1,5 +1,5 @@
-"""Ensembles (mosaicd/ensemble.py): the members of a group train to the numbers of the same runs
-trained alone, fail, park, resume and cancel alone, and whatever cannot be vmapped falls back
+"""Ensembles (mosaicd/training/ensemble.py): the members of a group train to the numbers of the same
+runs trained alone, fail, park, resume and cancel alone, and whatever cannot be vmapped falls back
 to individual runs. Real torch on tiny data, one thread."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mosaic_client import contract
-from mosaicd import ensemble, execution
+from mosaicd.training import ensemble, execution
 
 ROOT = Path(__file__).resolve().parent.parent
 OR_EXAMPLE = ROOT / "examples" / "or_mlp"

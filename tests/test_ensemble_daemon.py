@@ -328,7 +328,7 @@ def test_kill_9_of_the_daemon_mid_group_resumes_every_member_once(
 
 
 def test_group_size_depends_on_the_study_only() -> None:
-    from mosaicd.ensemble_groups import group_size
+    from mosaicd.scheduling.ensemble_groups import group_size
 
     assert group_size(16, 16) == 16
     assert group_size(40, 16) == 16  # then 16 and 8
@@ -339,9 +339,9 @@ def test_group_size_depends_on_the_study_only() -> None:
 
 
 def test_the_queue_gives_up_only_matching_runs_within_its_window(tmp_path: Path) -> None:
-    from mosaicd.run_queue import RunQueue
-    from mosaicd.store import RunRecord
-    from mosaicd.submissions import Submission
+    from mosaicd.scheduling.run_queue import RunQueue
+    from mosaicd.scheduling.submissions import Submission
+    from mosaicd.storage.store import RunRecord
 
     queue = RunQueue()
     submission = Submission("s.db", 1, None, None, {}, {})

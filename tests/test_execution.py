@@ -1,4 +1,5 @@
-"""The steps of a run inside a worker (mosaicd/execution.py), on real torch and tiny data."""
+"""The steps of a run inside a worker (mosaicd/training/execution.py), on real torch and tiny
+data."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import pytest
 import torch
 
 from mosaic_client import contract
-from mosaicd import execution
-from mosaicd.execution import BuiltRun, Channel, History, UserCodeError
+from mosaicd.training import execution
+from mosaicd.training.execution import BuiltRun, Channel, History, UserCodeError
 
 CLASSES = '''
 import torch

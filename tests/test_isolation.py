@@ -95,7 +95,7 @@ def _workers_of(uid):
                 uids = next(l for l in fh if l.startswith("Uid:")).split()[1:]
         except OSError:
             continue
-        if b"mosaicd.worker" in cmdline and int(uids[0]) == uid:
+        if b"mosaicd.training.worker" in cmdline and int(uids[0]) == uid:
             found.append(int(pid))
     return found
 

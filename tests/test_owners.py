@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from mosaicd import owners
-from mosaicd.executor import Slot, WorkerHandle
-from mosaicd.server import _from_owner
+from mosaicd.executors.base import Slot, WorkerHandle
+from mosaicd.service.server import _from_owner
 
 NOBODY = pwd.getpwnam("nobody")
 

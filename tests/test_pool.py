@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLE, Daemon, query, write_project
 
-from mosaicd import executor
+from mosaicd.executors import base as executor
 
 # Models that misbehave on purpose. Each prints a marker first, so the test can check that the
 # run's last log lines reach return_status.

@@ -14,8 +14,8 @@ import torch
 from conftest import EXAMPLE, Daemon, example_config, query
 
 from mosaic_client import contract, provenance
-from mosaicd import submissions
-from mosaicd.store import Store
+from mosaicd.scheduling import submissions
+from mosaicd.storage.store import Store
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -347,7 +347,7 @@ def test_injected_names_are_refused_as_section_parameters(daemon: Daemon, tmp: P
 
 
 def test_execute_reports_the_bytes_it_ran_and_the_environment(tmp: Path) -> None:
-    from mosaicd import execution
+    from mosaicd.training import execution
 
     shutil.copy(EXAMPLE / "dataset.py", tmp / "dataset.py")
     shutil.copy(EXAMPLE / "mlp.py", tmp / "mlp.py")

@@ -177,7 +177,7 @@ def test_without_ray_installed_the_daemon_says_how_to_install_it(tmp: Path) -> N
 
 
 def test_the_advertised_address_replaces_a_wildcard_host() -> None:
-    from mosaicd.ray_executor import advertised_address
+    from mosaicd.executors.ray_cluster import advertised_address
 
     assert advertised_address("tcp://0.0.0.0:5560", None, "10.0.0.7") == "tcp://10.0.0.7:5560"
     assert (

@@ -13,7 +13,7 @@ import pytest
 from conftest import EXAMPLE, Daemon, query, write_project
 
 from mosaic_client import verdict as v
-from mosaicd.repetitions import next_seeds, signature
+from mosaicd.scheduling.repetitions import next_seeds, signature
 
 # A family that cannot see its input: the same network as the funnel, fed zeros, so it has the
 # same number of parameters (a matched size) and can at best learn the base rate.

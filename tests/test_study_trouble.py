@@ -1,6 +1,6 @@
 """One study's trouble stays with its study (issue 18): a study whose filesystem is full, or whose
 database another process holds locked, neither stops the daemon nor the other studies, and its
-writes land, in order, once the trouble is gone (mosaicd/study_writer.py)."""
+writes land, in order, once the trouble is gone (mosaicd/storage/writer.py)."""
 
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from mosaic_client import protocol
 from mosaic_client import selection as sel
 from mosaic_client.contract import TRANSITIONS
-from mosaicd import metrics
-from mosaicd.store import Store, StoreError
-from mosaicd.submissions import readable_pipeline, run_params
+from mosaicd.scheduling.submissions import readable_pipeline, run_params
+from mosaicd.storage.store import Store, StoreError
+from mosaicd.training import metrics
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
 
@@ -259,7 +259,7 @@ def test_legacy_entry_points_are_installed() -> None:
 
 
 def test_a_version_1_study_is_migrated_forward(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from mosaicd.store import MIGRATIONS, SCHEMA_VERSION
+    from mosaicd.storage.store import MIGRATIONS, SCHEMA_VERSION
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
@@ -278,7 +278,7 @@ def test_a_version_1_study_is_migrated_forward(tmp_path) -> None:  # type: ignor
 def test_a_version_2_study_loses_its_per_submission_pause(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # Migration 3: an owner's hold lives in the daemon's state only; the study's copy goes,
     # and nothing else of the submission is lost.
-    from mosaicd.store import MIGRATIONS, SCHEMA_VERSION
+    from mosaicd.storage.store import MIGRATIONS, SCHEMA_VERSION
 
     path = tmp_path / "v2.db"
     conn = sqlite3.connect(path)
@@ -307,8 +307,8 @@ def test_a_version_2_study_loses_its_per_submission_pause(tmp_path) -> None:  # 
 
 
 def test_holds_are_stored_once_and_survive_a_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from mosaicd.holds import Holds
-    from mosaicd.store import DaemonState
+    from mosaicd.scheduling.holds import Holds
+    from mosaicd.storage.state import DaemonState
 
     holds = Holds(DaemonState(str(tmp_path)))
     holds.hold(1001)
@@ -324,7 +324,7 @@ def test_holds_are_stored_once_and_survive_a_restart(tmp_path) -> None:  # type:
 
 
 def test_a_worker_changes_state_only_along_its_lifecycle() -> None:
-    from mosaicd.executor import (
+    from mosaicd.executors.base import (
         BUSY,
         IDLE,
         STARTING,
@@ -348,7 +348,7 @@ def test_a_worker_changes_state_only_along_its_lifecycle() -> None:
 
 def test_every_worker_message_has_its_handler() -> None:
     # WorkerEvents.on_message calls _on_<type> for every message but hello.
-    from mosaicd.worker_events import WorkerEvents
+    from mosaicd.scheduling.worker_events import WorkerEvents
 
     missing = [
         kind

@@ -72,8 +72,8 @@ def test_token_host_and_origin_rules() -> None:
 
 
 def synthetic_study(path: Path, n: int) -> None:
-    """A study database of n runs made with the daemon's own schema (mosaicd.store)."""
-    from mosaicd.store import Store
+    """A study database of n runs made with the daemon's own schema (mosaicd.storage.store)."""
+    from mosaicd.storage.store import Store
 
     Store(str(path)).close()
     conn = sqlite3.connect(path)

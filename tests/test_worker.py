@@ -1,5 +1,5 @@
-"""The worker's one start-up (mosaicd.worker.start), as the Ray actor calls it: no argparse,
-in a process whose environment was set by whoever started it."""
+"""The worker's one start-up (mosaicd.training.worker.start), as the Ray actor calls it: no
+argparse, in a process whose environment was set by whoever started it."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from conftest import REPO
 from test_execution import CLASSES, make_spec
 
 from mosaic_client import contract, protocol
-from mosaicd import worker
+from mosaicd.training import worker
 
 STARTER = """
 import os, sys
-from mosaicd.worker import start
+from mosaicd.training.worker import start
 start(sys.argv[1], sys.argv[2], "cpu", sys.argv[3], die_with_parent=False)
 print("start returned", flush=True)
 """

@@ -1,5 +1,5 @@
 """`mosaic groups`: the configuration groups of a study (runs that differ only by repetition),
-read from the study's run_groups view (mosaicd/store.py creates it).
+read from the study's run_groups view (mosaicd/storage/store.py creates it).
 
 Sends no request: reads the study read-only.
 """

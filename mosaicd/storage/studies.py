@@ -11,8 +11,9 @@ from mosaic_client.protocol import ErrorCode
 from mosaicd import owners
 from mosaicd.errors import Refused
 from mosaicd.owners import Owner
-from mosaicd.store import DaemonState, Store, StoreError
-from mosaicd.study_writer import StudyWriter
+from mosaicd.storage.state import DaemonState
+from mosaicd.storage.store import Store, StoreError
+from mosaicd.storage.writer import StudyWriter
 
 log = logging.getLogger("mosaicd")
 
@@ -109,7 +110,7 @@ class Studies:
         return path in self._stores
 
     def writer(self, path: str) -> StudyWriter:
-        """The study's writer (mosaicd.study_writer): every write of the scheduler goes there."""
+        """The study's writer (mosaicd.storage.writer): every write of the scheduler goes there."""
         return self._writers[path]
 
     def writers(self) -> list[tuple[str, StudyWriter]]:

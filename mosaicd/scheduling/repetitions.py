@@ -3,7 +3,7 @@
 runs, queued as new submissions in one transaction.
 
 A configuration group is the runs that share every param but the repetition's
-(contract.REPETITION_PARAMS), as in the run_groups view of mosaicd/store.py.
+(contract.REPETITION_PARAMS), as in the run_groups view of mosaicd/storage/store.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 from mosaic_client.contract import MAX_REPETITIONS_ADDED, REPETITION_PARAMS
 from mosaic_client.protocol import ErrorCode, RepeatedGroup, RepeatReply
 from mosaicd import owners
-from mosaicd.control import Control, OwnerCheck
 from mosaicd.errors import Refused
-from mosaicd.store import RunRecord, Store, StoreError
-from mosaicd.submissions import Run, check_submission, repetition
+from mosaicd.scheduling.control import Control, OwnerCheck
+from mosaicd.scheduling.submissions import Run, check_submission, repetition
+from mosaicd.storage.store import RunRecord, Store, StoreError
 
 # The most runs one request may queue: a selection of every group of a large study times a big
 # --add is surely a mistake, and it would hold the daemon's loop while it writes.
@@ -121,7 +121,7 @@ class _Batch:
 
 
 class Repetitions(Control):
-    """The scheduler's `repeat` request (a part of mosaicd.scheduler.Scheduler)."""
+    """The scheduler's `repeat` request (a part of mosaicd.scheduling.scheduler.Scheduler)."""
 
     def repeat(
         self, db: str, selection: dict[str, Any], add: int, check: OwnerCheck

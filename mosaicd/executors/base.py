@@ -1,15 +1,16 @@
 """The executor interface: what the daemon asks of whatever runs its workers.
 
-Two executors implement it: the local pool (mosaicd/pool.py, one child process per slot) and the
-Ray executor (mosaicd/ray_executor.py, one Ray actor per slot). The server and the scheduler see
-only this interface; :func:`make_executor` picks one from the daemon's options. Either way a
-worker is ``mosaicd.worker``'s loop connected to the daemon's private worker socket, so runs,
-epochs and results travel the same way.
+Two executors implement it: the local pool (mosaicd/executors/local.py, one child process per slot)
+and the Ray executor (mosaicd/executors/ray_cluster.py, one Ray actor per slot). The server and the
+scheduler see only this interface; :func:`mosaicd.executors.choice.make_executor` picks one from the
+daemon's options. Either way a worker is ``mosaicd.training.worker``'s loop connected to the
+daemon's private worker socket, so runs, epochs and results travel the same way.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,6 @@ from mosaic_client import protocol
 
 if TYPE_CHECKING:
     from mosaicd.owners import Owner
-    from mosaicd.server import Options
 
 # -- slots -----------------------------------------------------------------------------------
 
@@ -211,22 +211,17 @@ class Executor(ABC):
         """Ask every worker to exit, kill those still there after `grace` seconds."""
 
 
-EXECUTORS = ("local", "ray")  # mosaicd --executor
-
-
-def make_executor(ctx: zmq.Context[Any], address: str, options: Options) -> Executor:
-    """The executor the daemon's options name (mosaicd --executor)."""
-    if options.executor == "ray":
-        from mosaicd.ray_executor import RayPool  # imports ray: only for --executor ray
-
-        return RayPool(ctx, address, options)
-    from mosaicd.pool import Pool
-
-    return Pool(
-        ctx,
-        address,
-        make_slots(options.workers or 0, options.gpus or [], options.runs_per_gpu),
-        options.max_runs_per_worker,
-        isolation=options.isolation,
-        worker_python=options.worker_python,
-    )
+def describe_exit(code: int) -> str:
+    """A worker's exit status in words (either executor's workers)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = {
+            "SIGSEGV": " (segmentation fault in native code)",
+            "SIGKILL": " (killed: out of memory, or by someone)",
+            "SIGABRT": " (aborted)",
+        }.get(name, "")
+        return f"killed by {name}{hint}"
+    return f"exited with code {code}"

@@ -18,7 +18,14 @@ import zmq
 
 import mosaicd
 from mosaicd import owners
-from mosaicd.executor import STARTING, Executor, Slot, WorkerHandle, worker_environment
+from mosaicd.executors.base import (
+    STARTING,
+    Executor,
+    Slot,
+    WorkerHandle,
+    describe_exit,
+    worker_environment,
+)
 from mosaicd.owners import Owner
 
 log = logging.getLogger("mosaicd")
@@ -142,7 +149,7 @@ class ResourceMeter:
 
 
 class Pool(Executor):
-    """Workers as child processes of the daemon (`python -m mosaicd.worker`)."""
+    """Workers as child processes of the daemon (`python -m mosaicd.training.worker`)."""
 
     def __init__(
         self,
@@ -201,7 +208,7 @@ class Pool(Executor):
                 [
                     sys.executable if owner is None else self.worker_python,
                     "-m",
-                    "mosaicd.worker",
+                    "mosaicd.training.worker",
                     "--connect",
                     self.address,
                     "--slot",
@@ -312,7 +319,7 @@ class Pool(Executor):
         self, process: dict[str, Any], pipelines: list[Any], owner: Owner | None
     ) -> None:
         """Nothing to add: local workers see the daemon's own files, which the daemon's
-        submission checks (mosaicd.submissions) already cover, and start as any owner."""
+        submission checks (mosaicd.scheduling.submissions) already cover, and start as any owner."""
 
     def kill(self, handle: WorkerHandle, reason: str) -> None:
         handle.killed_for = reason
@@ -387,18 +394,3 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = {
-            "SIGSEGV": " (segmentation fault in native code)",
-            "SIGKILL": " (killed: out of memory, or by someone)",
-            "SIGABRT": " (aborted)",
-        }.get(name, "")
-        return f"killed by {name}{hint}"
-    return f"exited with code {code}"

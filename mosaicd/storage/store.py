@@ -28,6 +28,7 @@ from mosaic_client.contract import (
     RUNNING,
     TRANSITIONS,
 )
+from mosaicd.storage.settings import read_setting, write_setting
 
 SCHEMA_VERSION = 6
 log = logging.getLogger("mosaicd")
@@ -206,7 +207,7 @@ class DiskFull(StoreError):
 
 
 # How long one attempt to take a study's write lock waits. The daemon's single loop must never
-# wait on one study (mosaicd.study_writer queues the study's writes and tries again later).
+# wait on one study (mosaicd.storage.writer queues the study's writes and tries again later).
 BUSY_TIMEOUT_MS = 10
 
 
@@ -323,10 +324,10 @@ class Store:
                 raise
 
     def _get_system(self, name: str) -> Any:
-        return _setting(self.conn, "system", "param_name", "param_value", name)
+        return read_setting(self.conn, "system", "param_name", "param_value", name)
 
     def _set_system(self, name: str, value: Any) -> None:
-        _set_setting(self.conn, "system", "param_name", "param_value", name, value)
+        write_setting(self.conn, "system", "param_name", "param_value", name, value)
 
     def close(self) -> None:
         self.conn.close()
@@ -338,7 +339,7 @@ class Store:
 
         Only mosaicd should write a study, but a user's `sqlite3` shell left in a transaction
         holds the lock for as long as it likes. Waiting here would stop the daemon's loop for
-        every user; the caller (mosaicd.study_writer.StudyWriter) keeps the write and retries."""
+        every user; the caller (mosaicd.storage.writer.StudyWriter) keeps the write and retries."""
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -706,91 +707,6 @@ class Store:
         return describe_run(self.conn, run_id)
 
 
-def _setting(conn: sqlite3.Connection, table: str, key: str, column: str, name: str) -> Any:
-    """One value of a name/value table (a study's `system`, the daemon's `settings`)."""
-    row = conn.execute(f"SELECT {column} FROM {table} WHERE {key}=?", (name,)).fetchone()
-    return row[0] if row else None
-
-
-def _set_setting(
-    conn: sqlite3.Connection, table: str, key: str, column: str, name: str, value: Any
-) -> None:
-    conn.execute(
-        f"INSERT INTO {table} ({key}, {column}) VALUES (?, ?) "
-        f"ON CONFLICT({key}) DO UPDATE SET {column}=excluded.{column}",
-        (name, value),
-    )
-
-
 def _sql_value(value: Any) -> Any:
     """A bool as SQLite's 0/1; anything else unchanged."""
     return int(value) if isinstance(value, bool) else value
-
-
-class DaemonState:
-    """The daemon's own small database: which studies it serves, and its holds."""
-
-    def __init__(self, state_dir: str) -> None:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        self.conn = sqlite3.connect(
-            os.path.join(state_dir, "daemon.db"), isolation_level=None, timeout=10.0
-        )
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute(
-            "CREATE TABLE IF NOT EXISTS studies (path TEXT PRIMARY KEY, added_at REAL NOT NULL)"
-        )
-        self.conn.execute("CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value)")
-        self._migrate()
-
-    # The state database's own migrations (PRAGMA user_version), as the studies' (MIGRATIONS).
-    STATE_MIGRATIONS: tuple[str, ...] = (
-        # 1: whose rights each study was opened with, to reopen it so after a restart (a daemon
-        # without file-access override cannot even look into a private home: mosaicd.owners).
-        "ALTER TABLE studies ADD COLUMN opener_uid INTEGER",
-    )
-
-    def _migrate(self) -> None:
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        for number, statement in enumerate(self.STATE_MIGRATIONS[version:], start=version + 1):
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute(statement)
-            self.conn.execute(f"PRAGMA user_version = {number}")
-            self.conn.execute("COMMIT")
-
-    def studies(self) -> list[tuple[str, int | None]]:
-        """The studies served, each with the uid it was opened as (None: the daemon's own)."""
-        return [
-            (r[0], r[1])
-            for r in self.conn.execute("SELECT path, opener_uid FROM studies ORDER BY added_at")
-        ]
-
-    def add_study(self, path: str, opener_uid: int | None = None) -> None:
-        self.conn.execute(
-            "INSERT OR IGNORE INTO studies (path, added_at, opener_uid) VALUES (?, ?, ?)",
-            (path, time.time(), opener_uid),
-        )
-
-    def remove_study(self, path: str) -> None:
-        self.conn.execute("DELETE FROM studies WHERE path=?", (path,))
-
-    def get(self, name: str, default: Any = None) -> Any:
-        found = _setting(self.conn, "settings", "name", "value", name)
-        return default if found is None else found
-
-    def set(self, name: str, value: Any) -> None:
-        _set_setting(self.conn, "settings", "name", "value", name, value)
-
-    # The holds (mosaicd.holds). The setting names are those of earlier releases, so a hold
-    # survives an upgrade.
-
-    def hold_all(self) -> bool:
-        return bool(self.get("paused", 0))
-
-    def set_hold_all(self, held: bool) -> None:
-        self.set("paused", int(held))
-
-    def held_owners(self) -> set[int]:
-        return set(json.loads(self.get("paused_owners", "[]")))
-
-    def set_held_owners(self, owners: set[int]) -> None:
-        self.set("paused_owners", json.dumps(sorted(owners)))

@@ -4,13 +4,14 @@ mosaic_client/commands/*.py docstring names the requests it sends), and the one 
 that routes them.
 
 The rule: a handler checks the caller's rights, shapes the arguments and makes one call to the
-scheduler (mosaicd.scheduler.Scheduler), whose registries are its own."""
+scheduler (mosaicd.scheduling.scheduler.Scheduler), whose registries are its own."""
 
 from __future__ import annotations
 
 import os
 import pwd
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mosaic_client.protocol import (
@@ -31,13 +32,25 @@ from mosaic_client.protocol import (
     StudyItem,
     SubmitReply,
 )
-from mosaicd import owners, rights
-from mosaicd.control import OwnerCheck
+from mosaicd import owners
 from mosaicd.errors import Refused
-from mosaicd.rights import Caller
+from mosaicd.scheduling.control import OwnerCheck
+from mosaicd.service import rights
+from mosaicd.service.rights import Caller
 
 if TYPE_CHECKING:
-    from mosaicd.server import Daemon
+    from mosaicd.options import Options
+    from mosaicd.scheduling.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a handler may use of the daemon: its options, the scheduler, and a way to stop it
+    (the server builds one; handlers never see the server itself)."""
+
+    options: Options
+    scheduler: Scheduler
+    request_stop: Callable[[], None]
 
 
 def _study(args: dict[str, Any]) -> str:
@@ -49,7 +62,7 @@ def _study(args: dict[str, Any]) -> str:
     return db
 
 
-def _admins(daemon: Daemon) -> str:
+def _admins(ctx: Context) -> str:
     """Who may act on everyone's runs, in words, for refusal messages."""
     who = "root"
     if os.getuid() != 0:
@@ -57,39 +70,39 @@ def _admins(daemon: Daemon) -> str:
             who += f", {pwd.getpwuid(os.getuid()).pw_name} (the daemon's user)"
         except KeyError:
             who += f", uid {os.getuid()} (the daemon's user)"
-    if daemon.options.admin_gid is not None:
+    if ctx.options.admin_gid is not None:
         try:
             import grp
 
-            who += f" and members of group {grp.getgrgid(daemon.options.admin_gid).gr_name}"
+            who += f" and members of group {grp.getgrgid(ctx.options.admin_gid).gr_name}"
         except KeyError:
-            who += f" and members of group {daemon.options.admin_gid}"
+            who += f" and members of group {ctx.options.admin_gid}"
     return who
 
 
-def _not_daemon_state(daemon: Daemon, path: str, what: str) -> str:
+def _not_daemon_state(ctx: Context, path: str, what: str) -> str:
     """Refuse, for everyone, a client-named path into the daemon's own state; return it real."""
-    return rights.not_daemon_state(daemon.options.state_dir, daemon.options.socket, path, what)
+    return rights.not_daemon_state(ctx.options.state_dir, ctx.options.socket, path, what)
 
 
-def _check_client_path(daemon: Daemon, caller: Caller, path: str, what: str) -> None:
+def _check_client_path(ctx: Context, caller: Caller, path: str, what: str) -> None:
     """Refuse a path the daemon would write for a client unless that client could write it."""
-    real = _not_daemon_state(daemon, path, what)
+    real = _not_daemon_state(ctx, path, what)
     rights.check_writable(caller, path, real, what)
 
 
-def _readable_study(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> str:
+def _readable_study(ctx: Context, caller: Caller, args: dict[str, Any]) -> str:
     """The request's study, refused unless the caller could read the file themself."""
     db = _study(args)
-    _not_daemon_state(daemon, db, "database")
+    _not_daemon_state(ctx, db, "database")
     rights.check_readable(caller, db, "database")
     return db
 
 
-def _owner_check(daemon: Daemon, caller: Caller, verb: str) -> OwnerCheck:
+def _owner_check(ctx: Context, caller: Caller, verb: str) -> OwnerCheck:
     """The caller's rights over the runs a request changes: the scheduler hands it each run's
     owner before it changes anything. None: an administrator may change every run."""
-    if caller.is_admin(daemon.options.admin_gid):
+    if caller.is_admin(ctx.options.admin_gid):
         return None
 
     def check(owners: list[tuple[int, int | None, str | None]]) -> None:
@@ -100,22 +113,22 @@ def _owner_check(daemon: Daemon, caller: Caller, verb: str) -> OwnerCheck:
                 raise Refused(
                     ErrorCode.PERMISSION,
                     f"run {run_id} belongs to {who}; only its "
-                    f"owner or an administrator ({_admins(daemon)}) may {verb} it. "
+                    f"owner or an administrator ({_admins(ctx)}) may {verb} it. "
                     "Nothing was changed.",
                 )
 
     return check
 
 
-def _pause_scope(daemon: Daemon, caller: Caller, args: dict[str, Any], verb: str) -> int | None:
+def _pause_scope(ctx: Context, caller: Caller, args: dict[str, Any], verb: str) -> int | None:
     """Whose submissions `pause`/`resume` act on: None for the whole daemon (`--all` by an
     administrator, or any call on a per-user daemon, where every run is the caller's), else the
     caller's uid: on a shared daemon a user pauses and resumes only their own submissions."""
     if args.get("all"):
-        if not caller.is_admin(daemon.options.admin_gid):
+        if not caller.is_admin(ctx.options.admin_gid):
             raise Refused(
                 ErrorCode.PERMISSION,
-                f"only {_admins(daemon)} may {verb} the whole "
+                f"only {_admins(ctx)} may {verb} the whole "
                 f"daemon (--all); you are {caller.name}. Nothing was changed.",
             )
         return None
@@ -128,22 +141,22 @@ def _pause_scope(daemon: Daemon, caller: Caller, args: dict[str, Any], verb: str
     return caller.uid
 
 
-def handle_ping(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> PingReply:
+def handle_ping(ctx: Context, caller: Caller, args: dict[str, Any]) -> PingReply:
     return {
         "pid": os.getpid(),
         "version": PROTOCOL_VERSION,
-        "socket": daemon.options.socket,
+        "socket": ctx.options.socket,
         "caller": caller.name,
         "uid": caller.uid,
     }
 
 
-def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> SubmitReply:
+def handle_submit(ctx: Context, caller: Caller, args: dict[str, Any]) -> SubmitReply:
     db = _study(args)
-    _check_client_path(daemon, caller, db, "database")
+    _check_client_path(ctx, caller, db, "database")
     run_files = args["process"].get("run_files_path")
     if isinstance(run_files, str) and run_files:
-        _check_client_path(daemon, caller, run_files, "run_files_path")
+        _check_client_path(ctx, caller, run_files, "run_files_path")
 
     # On a shared daemon the caller's runs execute as the caller (mosaicd.owners): one that
     # cannot switch users refuses rather than run someone's code as itself.
@@ -160,7 +173,7 @@ def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Submi
         if isinstance(run_files, str) and os.path.isabs(run_files):
             os.makedirs(run_files, exist_ok=True)
 
-    return daemon.scheduler.submit(
+    return ctx.scheduler.submit(
         db,
         args["config_path"],
         args["process"],
@@ -173,51 +186,49 @@ def handle_submit(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> Submi
     )
 
 
-def handle_status(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> StatusReply:
+def handle_status(ctx: Context, caller: Caller, args: dict[str, Any]) -> StatusReply:
     limit = max(0, min(int(args.get("limit", 10)), 1000))
-    return daemon.scheduler.status(
+    return ctx.scheduler.status(
         args.get("db"), limit, caller.uid, bool(args.get("mine")), args.get("submission")
     )
 
 
-def handle_pause(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> PauseReply:
-    scope = _pause_scope(daemon, caller, args, "pause")
-    return daemon.scheduler.hold(bool(args.get("now")), scope)
+def handle_pause(ctx: Context, caller: Caller, args: dict[str, Any]) -> PauseReply:
+    scope = _pause_scope(ctx, caller, args, "pause")
+    return ctx.scheduler.hold(bool(args.get("now")), scope)
 
 
-def handle_resume(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> ResumeReply:
-    scope = _pause_scope(daemon, caller, args, "resume")
-    return daemon.scheduler.release(scope)
+def handle_resume(ctx: Context, caller: Caller, args: dict[str, Any]) -> ResumeReply:
+    scope = _pause_scope(ctx, caller, args, "resume")
+    return ctx.scheduler.release(scope)
 
 
-def handle_pending(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> list[PendingItem]:
+def handle_pending(ctx: Context, caller: Caller, args: dict[str, Any]) -> list[PendingItem]:
     """The not-yet-run pipelines with their PROCESS/MONITOR, for `pause FILE.json`."""
-    return daemon.scheduler.pending(
-        args.get("db"), caller.uid, everyone=caller.is_admin(daemon.options.admin_gid)
+    return ctx.scheduler.pending(
+        args.get("db"), caller.uid, everyone=caller.is_admin(ctx.options.admin_gid)
     )
 
 
-def handle_cancel(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> CancelReply:
+def handle_cancel(ctx: Context, caller: Caller, args: dict[str, Any]) -> CancelReply:
     db = _study(args)
-    _not_daemon_state(daemon, db, "database")
+    _not_daemon_state(ctx, db, "database")
     reason = str(args.get("reason") or "cancelled by request")[:300]
-    return daemon.scheduler.cancel(
-        db, args["selection"], reason, _owner_check(daemon, caller, "cancel")
-    )
+    return ctx.scheduler.cancel(db, args["selection"], reason, _owner_check(ctx, caller, "cancel"))
 
 
-def handle_rerun(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RerunReply:
+def handle_rerun(ctx: Context, caller: Caller, args: dict[str, Any]) -> RerunReply:
     db = _study(args)
-    _not_daemon_state(daemon, db, "database")
-    return daemon.scheduler.rerun(
-        db, args["selection"], int(args["epochs"]), _owner_check(daemon, caller, "rerun")
+    _not_daemon_state(ctx, db, "database")
+    return ctx.scheduler.rerun(
+        db, args["selection"], int(args["epochs"]), _owner_check(ctx, caller, "rerun")
     )
 
 
-def handle_rekey(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RekeyReply:
+def handle_rekey(ctx: Context, caller: Caller, args: dict[str, Any]) -> RekeyReply:
     """Write `{type}_key` params: keys is a list of [run_id, param_name, key]."""
     db = _study(args)
-    _not_daemon_state(daemon, db, "database")
+    _not_daemon_state(ctx, db, "database")
     changes = []
     for item in args["keys"]:
         if not (
@@ -230,38 +241,38 @@ def handle_rekey(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RekeyR
         ):
             raise Refused(ErrorCode.INVALID, "rekey items must be [run_id, '<type>_key', key]")
         changes.append((item[0], item[1], item[2]))
-    return daemon.scheduler.rekey(db, changes, _owner_check(daemon, caller, "rekey"))
+    return ctx.scheduler.rekey(db, changes, _owner_check(ctx, caller, "rekey"))
 
 
-def handle_repeat(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> RepeatReply:
+def handle_repeat(ctx: Context, caller: Caller, args: dict[str, Any]) -> RepeatReply:
     """More repetitions of the selected runs' configuration groups: the caller must own those
     runs (as for rerun) and may write the study (as for submit): the new runs go in it."""
     db = _study(args)
-    _check_client_path(daemon, caller, db, "database")
-    return daemon.scheduler.repeat(
-        db, args["selection"], int(args["add"]), _owner_check(daemon, caller, "repeat")
+    _check_client_path(ctx, caller, db, "database")
+    return ctx.scheduler.repeat(
+        db, args["selection"], int(args["add"]), _owner_check(ctx, caller, "repeat")
     )
 
 
-def handle_show(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> ShowReply:
-    return daemon.scheduler.show(_readable_study(daemon, caller, args), args["run_id"])
+def handle_show(ctx: Context, caller: Caller, args: dict[str, Any]) -> ShowReply:
+    return ctx.scheduler.show(_readable_study(ctx, caller, args), args["run_id"])
 
 
-def handle_studies(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> list[StudyItem]:
+def handle_studies(ctx: Context, caller: Caller, args: dict[str, Any]) -> list[StudyItem]:
     # What a user may see through the daemon is what they could read themself.
-    return daemon.scheduler.studies(lambda path: rights.may_read(caller, path))
+    return ctx.scheduler.studies(lambda path: rights.may_read(caller, path))
 
 
-def handle_shutdown(daemon: Daemon, caller: Caller, args: dict[str, Any]) -> ShutdownReply:
-    if not caller.is_admin(daemon.options.admin_gid):
+def handle_shutdown(ctx: Context, caller: Caller, args: dict[str, Any]) -> ShutdownReply:
+    if not caller.is_admin(ctx.options.admin_gid):
         raise Refused(
             ErrorCode.PERMISSION, "only the daemon's user or an administrator may stop it"
         )
-    daemon.request_stop()
+    ctx.request_stop()
     return {"stopping": True}
 
 
-Handler = Callable[["Daemon", Caller, dict[str, Any]], Any]
+Handler = Callable[[Context, Caller, dict[str, Any]], Any]
 
 DISPATCH: dict[str, Handler] = {
     "ping": handle_ping,

@@ -1,6 +1,7 @@
-"""The scheduler's registries, declared once for all its parts (mosaicd.scheduler.Scheduler is
-made of mosaicd.dispatch, mosaicd.worker_events and mosaicd.control on top of this core). They
-are private: request handlers reach them only through the scheduler's methods."""
+"""The scheduler's registries, declared once for all its parts
+(mosaicd.scheduling.scheduler.Scheduler is made of mosaicd.scheduling.dispatch,
+mosaicd.scheduling.worker_events and mosaicd.scheduling.control on top of this core). They are
+private: request handlers reach them only through the scheduler's methods."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mosaicd.executor import Executor, WorkerHandle
-from mosaicd.holds import Holds
-from mosaicd.run_queue import RunQueue
-from mosaicd.store import DaemonState, RunRecord
-from mosaicd.studies import Studies
-from mosaicd.submissions import Submission
+from mosaicd.executors.base import Executor, WorkerHandle
+from mosaicd.scheduling.holds import Holds
+from mosaicd.scheduling.run_queue import RunQueue
+from mosaicd.scheduling.submissions import Submission
+from mosaicd.storage.state import DaemonState
+from mosaicd.storage.store import RunRecord
+from mosaicd.storage.studies import Studies
 
 # How the scheduler sends a message to a worker: send(worker, name)(**fields).
 Sender = Callable[[WorkerHandle, str], Callable[..., None]]

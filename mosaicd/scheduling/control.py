@@ -29,8 +29,8 @@ from mosaic_client.protocol import (
 )
 from mosaicd import owners
 from mosaicd.errors import Refused
-from mosaicd.scheduler_core import SchedulerCore
-from mosaicd.store import RunRecord, Store, connect_readonly
+from mosaicd.scheduling.core import SchedulerCore
+from mosaicd.storage.store import RunRecord, Store, connect_readonly
 
 SELECT_TIMEOUT = 5.0  # seconds a selection's SQL may run in the daemon's loop
 
@@ -41,7 +41,7 @@ OwnerCheck = Callable[[list[tuple[int, int | None, str | None]]], None] | None
 
 
 class Control(SchedulerCore):
-    """The scheduler's control requests (a part of mosaicd.scheduler.Scheduler)."""
+    """The scheduler's control requests (a part of mosaicd.scheduling.scheduler.Scheduler)."""
 
     # -- holds and parking --------------------------------------------------------------------
 
@@ -156,7 +156,7 @@ class Control(SchedulerCore):
                 continue
             detail = f"{reason} (while running)" if running else reason
 
-            # Written now, or once the study's lock goes (mosaicd.study_writer): decided then
+            # Written now, or once the study's lock goes (mosaicd.storage.writer): decided then
             # on the state it finds.
             def cancel(store: Store, run_id: int = run_id, detail: str = detail) -> None:
                 if store.status_of(run_id) in (QUEUED, PARKED, RUNNING):

@@ -1,8 +1,8 @@
 """A persistent worker process: imports torch once, then runs pipelines the daemon sends.
 
-Started by the daemon's pool as ``python -m mosaicd.worker``, or inside a Ray actor
-(mosaicd/ray_executor.py); both go through :func:`start`. Talks to the daemon over a private
-ZeroMQ socket (message types in mosaic_client.protocol).
+Started by the daemon's pool as ``python -m mosaicd.training.worker``, or inside a Ray actor
+(mosaicd/executors/ray_cluster.py); both go through :func:`start`. Talks to the daemon over a
+private ZeroMQ socket (message types in mosaic_client.protocol).
 
 Isolation between the runs of one worker (``mosaicd --isolation``, docs/workers.md):
 
@@ -18,8 +18,8 @@ Isolation between the runs of one worker (``mosaicd --isolation``, docs/workers.
   every mode.
 
 Ensembles (``run_group``, docs/ensembles.md): the members train together in one process
-(:func:`mosaicd.ensemble.execute_group`), in the worker itself or, under ``process``, in one
-forked child per group, to which the worker relays the members' park and cancel requests
+(:func:`mosaicd.training.ensemble.execute_group`), in the worker itself or, under ``process``, in
+one forked child per group, to which the worker relays the members' park and cancel requests
 through a pipe (a signal cannot say which member). Output printed while the group trains goes
 to the first member's log; each member's own ``[mosaic]`` lines go to its own log. When the
 group cannot train as an ensemble the worker says why (``fallback``) and trains the members one
@@ -43,7 +43,7 @@ from typing import Any, NoReturn
 import zmq
 
 from mosaic_client import contract, protocol
-from mosaicd import run_log
+from mosaicd.training import run_log
 
 
 def _become_subreaper() -> None:
@@ -122,7 +122,7 @@ class RedirectedOutput:
 def drop_user_modules() -> None:
     # Each run loads user files under fresh names (execution.load_user_class); dropping them
     # keeps a long-lived worker's memory flat and stops a later run from finding stale ones.
-    from mosaicd.execution import loaded_user_modules
+    from mosaicd.training.execution import loaded_user_modules
 
     while loaded_user_modules:
         sys.modules.pop(loaded_user_modules.pop(), None)
@@ -292,7 +292,7 @@ class Worker:
         return run_id in self.cancel_ids
 
     def serve(self) -> None:
-        from mosaicd import execution
+        from mosaicd.training import execution
 
         self.send("hello", pid=os.getpid(), slot=self.slot)
         while not self.exit_requested:
@@ -410,7 +410,7 @@ class Worker:
 
     def run_group(self, execution: Any, specs: list[dict[str, Any]], restore: bool) -> None:
         """Train an ensemble's members together, or one by one when they cannot be."""
-        from mosaicd import ensemble
+        from mosaicd.training import ensemble
 
         run_ids = [int(spec["run_id"]) for spec in specs]
         channels = {
@@ -532,9 +532,9 @@ def start(
 ) -> None:
     """Set up this process as a worker and serve the daemon at `address` until it says exit.
 
-    The one start-up of every worker: ``python -m mosaicd.worker`` (through :func:`main`, with
-    `die_with_parent`) and the Ray actor (mosaicd/ray_executor.py, in a process Ray started
-    with its own environment: nothing set there is overridden).
+    The one start-up of every worker: ``python -m mosaicd.training.worker`` (through :func:`main`,
+    with `die_with_parent`) and the Ray actor (mosaicd/executors/ray_cluster.py, in a process Ray
+    started with its own environment: nothing set there is overridden).
     """
     if isolation not in ISOLATION_MODES:
         raise ValueError(
@@ -555,7 +555,7 @@ def start(
         from mosaic_client.provenance import CUBLAS_DETERMINISTIC
 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
-    from mosaicd import execution  # imports torch: once per worker, not once per run
+    from mosaicd.training import execution  # imports torch: once per worker, not once per run
 
     if warms_up(isolation, slot):
         execution.warm_up()
@@ -563,7 +563,7 @@ def start(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mosaicd.worker")
+    parser = argparse.ArgumentParser(prog="mosaicd.training.worker")
     parser.add_argument("--connect", required=True)
     # The routing id comes in the environment (MOSAIC_WORKER_ID), which other users cannot read.
     parser.add_argument("--id", default=os.environ.get("MOSAIC_WORKER_ID"))

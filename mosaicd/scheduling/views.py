@@ -20,12 +20,12 @@ from mosaic_client.protocol import (
     WorkerView,
 )
 from mosaicd.errors import Refused
-from mosaicd.executor import Executor, WorkerHandle
-from mosaicd.holds import Holds
-from mosaicd.run_queue import RunQueue
-from mosaicd.scheduler_core import ActiveRun
-from mosaicd.store import Store
-from mosaicd.studies import Studies
+from mosaicd.executors.base import Executor, WorkerHandle
+from mosaicd.scheduling.core import ActiveRun
+from mosaicd.scheduling.holds import Holds
+from mosaicd.scheduling.run_queue import RunQueue
+from mosaicd.storage.store import Store
+from mosaicd.storage.studies import Studies
 
 Active = dict[tuple[str, int], ActiveRun]
 

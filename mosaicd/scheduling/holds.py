@@ -9,7 +9,7 @@ state database, so they survive a restart.
 
 from __future__ import annotations
 
-from mosaicd.store import DaemonState
+from mosaicd.storage.state import DaemonState
 
 
 class Holds:

@@ -1,7 +1,8 @@
 """Which runs may train together as an ensemble (docs/ensembles.md), without torch.
 
 The daemon's dispatch forms the groups with these (it must not import torch); the worker's
-engine (:mod:`mosaicd.ensemble`) checks a group again with the same functions before training it.
+engine (:mod:`mosaicd.training.ensemble`) checks a group again with the same functions before
+training it.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Imported by workers only (it imports torch). The runs of one pipeline that differ only by their
 repetition seed are trained in one pass per batch: every member is built exactly as an
-individual run (:func:`mosaicd.execution.build`, so the same seed gives the same initial weights
-and the same data), its trainable parameters and buffers are stacked along a new leading
+individual run (:func:`mosaicd.training.execution.build`, so the same seed gives the same initial
+weights and the same data), its trainable parameters and buffers are stacked along a new leading
 dimension, and each step evaluates all members at once with ``torch.func.functional_call``
 under ``torch.func.vmap``. The loss is computed per member; the sum of the members' losses is
 back-propagated, which leaves each member's gradient its own (the members' parameters are
@@ -116,13 +116,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from mosaic_client import contract
-from mosaicd import execution, run_provenance
-from mosaicd.ensemble_groups import (  # the engine's API, kept torch-free for the daemon
+from mosaicd.scheduling.ensemble_groups import (  # the engine's API, kept torch-free for the daemon
     ELEMENTWISE_OPTIMIZERS as ELEMENTWISE_OPTIMIZERS,
 )
-from mosaicd.ensemble_groups import fallback_reason as fallback_reason
-from mosaicd.ensemble_groups import group_key as group_key
-from mosaicd.execution import BuiltRun, History
+from mosaicd.scheduling.ensemble_groups import fallback_reason as fallback_reason
+from mosaicd.scheduling.ensemble_groups import group_key as group_key
+from mosaicd.training import execution, provenance
+from mosaicd.training.execution import BuiltRun, History
 
 # The `auto` rule: above this many trainable parameters per member, an ensemble no longer
 # pays on a CPU (benchmarks/ensemble.py, docs/ensembles.md: 16 members of 67k parameters
@@ -147,8 +147,8 @@ class MemberChannel(execution.Channel):
     cancel_requested: Callable[[], bool] = field(default=lambda: False)
 
 
-# -- grouping: group_key and fallback_reason live in mosaicd.ensemble_groups (no torch), for the
-# daemon's dispatch; they are re-exported here as the engine's API.
+# -- grouping: group_key and fallback_reason live in mosaicd.scheduling.ensemble_groups (no torch),
+# for the daemon's dispatch; they are re-exported here as the engine's API.
 
 
 # -- batches ----------------------------------------------------------------------------------
@@ -1244,11 +1244,11 @@ def _build_members(specs: list[dict[str, Any]], channels: dict[int, MemberChanne
         os.makedirs(spec["run_files_path"], exist_ok=True)
         # As execution.execute records it: the environment as the run starts, with the
         # determinism it asked for, and the bytes of the class files it executed.
-        run_provenance.apply_determinism(spec["process"])
-        environment = run_provenance.environment(torch.device(spec["device"]))
+        provenance.apply_determinism(spec["process"])
+        environment = provenance.environment(torch.device(spec["device"]))
         execution.executed_sources.clear()
         run = execution.build(spec)
-        code = run_provenance.code(spec, execution.executed_sources, git)
+        code = provenance.code(spec, execution.executed_sources, git)
         history = History()
         start_epoch = int(spec.get("start_epoch") or 0)
         member = Member(

@@ -3,9 +3,10 @@
 :func:`apply_determinism` turns on what ``[PROCESS] deterministic = true`` asks for before a run
 is seeded and built; the worker's GlobalState puts the flags back after the run.
 :func:`environment` and :func:`code` say what the run's start loaded and ran in: the exact
-bytes of every class file the run executed (mosaicd.execution.load_user_class keeps them), the
-git state of the directories holding them, the library versions, the device and the determinism
-in force. The worker sends them as a "provenance" message; the daemon stores them (mosaicd.store).
+bytes of every class file the run executed (mosaicd.training.execution.load_user_class keeps them),
+the git state of the directories holding them, the library versions, the device and the determinism
+in force. The worker sends them as a "provenance" message; the daemon stores them
+(mosaicd.storage.store).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def apply_determinism(process: dict[str, Any]) -> None:
     """Turn on deterministic algorithms when the submission asks for them.
 
     CUBLAS_WORKSPACE_CONFIG is read when cuBLAS first sets up its workspace, so a GPU worker
-    gets it at start (mosaicd.worker.start); setting it here covers a process that has not
+    gets it at start (mosaicd.training.worker.start); setting it here covers a process that has not
     touched CUDA yet. Without it torch refuses deterministic cuBLAS calls with its own message.
     """
     if not schema.value(schema.PROCESS, process, "deterministic"):

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mosaicd.store import DiskFull, Store, StoreError, StudyBusy
+from mosaicd.storage.store import DiskFull, Store, StoreError, StudyBusy
 
 log = logging.getLogger("mosaicd")
 

@@ -1,8 +1,9 @@
 """Run the worker pool on Ray: one long-lived Ray actor per slot instead of one local process.
 
-Everything above the process stays as with the local pool (mosaicd/pool.py): each actor runs the
-same start-up and loop (``mosaicd.worker.start``) as ``python -m mosaicd.worker``, connected back
-to the daemon's private worker socket over ZeroMQ, so runs, epoch events, results, park (pause
+Everything above the process stays as with the local pool (mosaicd/executors/local.py): each actor
+runs the same start-up and loop (``mosaicd.training.worker.start``) as ``python -m
+mosaicd.training.worker``, connected back to the daemon's private worker socket over ZeroMQ, so
+runs, epoch events, results, park (pause
 --now) and exit messages travel exactly as before and the daemon stays the only writer of the
 study databases. The scheduler sees the usual ``WorkerHandle``s; their ``proc`` is a
 ``RayProcess``, which gives an actor the part of the ``subprocess.Popen`` interface the pool and
@@ -32,12 +33,12 @@ import zmq
 
 from mosaic_client.protocol import ErrorCode
 from mosaicd.errors import Refused
-from mosaicd.executor import Slot, WorkerHandle, make_slots, worker_environment
-from mosaicd.pool import Pool
+from mosaicd.executors.base import Slot, WorkerHandle, make_slots, worker_environment
+from mosaicd.executors.local import Pool
 
 if TYPE_CHECKING:
+    from mosaicd.options import Options
     from mosaicd.owners import Owner
-    from mosaicd.server import Options
 
 log = logging.getLogger("mosaicd")
 
@@ -88,9 +89,9 @@ class MosaicWorker:
 
     def serve(self, address: str, worker_id: str, slot: str, isolation: str) -> int:
         # The whole worker start-up (SIGINT ignored, the CUDA check, torch imported once per
-        # actor, warm-up) is the same as `python -m mosaicd.worker`'s. The actor is not the
+        # actor, warm-up) is the same as `python -m mosaicd.training.worker`'s. The actor is not the
         # daemon's child: it must not die with its parent process (Ray's raylet).
-        from mosaicd.worker import start
+        from mosaicd.training.worker import start
 
         start(address, worker_id, slot, isolation, die_with_parent=False)
         return 0

@@ -10,16 +10,15 @@ from typing import Any
 
 from mosaic_client.contract import CANCELLED, FAILED, PARKED, QUEUED, RUNNING, run_log_path
 from mosaicd import owners
-from mosaicd.executor import IDLE, STOPPING, WorkerHandle
-from mosaicd.pool import describe_exit
-from mosaicd.scheduler_core import ActiveRun, SchedulerCore
-from mosaicd.store import RunRecord, Store, disk_full_message, is_disk_full
+from mosaicd.executors.base import IDLE, STOPPING, WorkerHandle, describe_exit
+from mosaicd.scheduling.core import ActiveRun, SchedulerCore
+from mosaicd.storage.store import RunRecord, Store, disk_full_message, is_disk_full
 
 log = logging.getLogger("mosaicd")
 
 
 class WorkerEvents(SchedulerCore):
-    """The scheduler's worker events (a part of mosaicd.scheduler.Scheduler)."""
+    """The scheduler's worker events (a part of mosaicd.scheduling.scheduler.Scheduler)."""
 
     def on_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         """One message of mosaic_client.protocol.WORKER_MESSAGES from a worker: the handler
@@ -60,7 +59,7 @@ class WorkerEvents(SchedulerCore):
 
     def flush_epochs(self) -> None:
         """Hand the epochs received since the last flush to their studies' writers (one
-        transaction per study), and write what waits for a lock that went (mosaicd.study_writer).
+        transaction per study), and write what waits for a lock that went (mosaicd.storage.writer).
         A study whose disk just filled up has its training runs asked to park."""
         for study, events in self._pending_epochs.items():
             if events:
@@ -246,7 +245,7 @@ class WorkerEvents(SchedulerCore):
         )
         shutting_down = self.shutting_down
 
-        # Decided on the state the write finds (it may be written late: mosaicd.study_writer).
+        # Decided on the state the write finds (it may be written late: mosaicd.storage.writer).
         def settle(store: Store) -> RunRecord | None:
             if store.status_of(run_id) != RUNNING:
                 return None  # cancelled or otherwise settled by the daemon before the kill

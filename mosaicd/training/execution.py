@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mosaic_client import contract, schema
-from mosaicd import metrics, run_provenance
+from mosaicd.training import metrics, provenance
 
 _module_counter = itertools.count()
 # Names of the user modules loaded since the worker last dropped them (worker.py): keeping
@@ -445,7 +445,7 @@ def build(spec: dict[str, Any]) -> BuiltRun:
     pipeline: list[dict[str, Any]] = spec["modules"]
     device = torch.device(spec["device"])
     seed = int(spec["seed"])
-    run_provenance.apply_determinism(process)
+    provenance.apply_determinism(process)
     # Before anything is constructed: initial weights and data splits depend on it.
     seed_everything(seed)
     # Built from the shared names, which the config checks refuse as section parameters.
@@ -666,14 +666,14 @@ def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
     os.makedirs(files_dir, exist_ok=True)
     # The environment as the run starts (before its code can change the thread count), with
     # the determinism it asked for; the code once built, sent even when the build fails.
-    run_provenance.apply_determinism(spec["process"])
-    environment = run_provenance.environment(torch.device(spec["device"]))
+    provenance.apply_determinism(spec["process"])
+    environment = provenance.environment(torch.device(spec["device"]))
     executed_sources.clear()
     try:
         run = build(spec)
     finally:
         if channel.on_provenance is not None:
-            code = run_provenance.code(spec, executed_sources)
+            code = provenance.code(spec, executed_sources)
             channel.on_provenance({"environment": environment, "code": code})
     history = History()
     start_epoch = int(spec.get("start_epoch") or 0)

@@ -1,12 +1,12 @@
 """The scheduler: the one object request handlers and the server's loop call.
 
-It owns the daemon's registries (private, declared in mosaicd.scheduler_core): the open studies
-(mosaicd.studies), the queue (mosaicd.run_queue), the runs being trained and the holds
-(mosaicd.holds). Its parts live in
-their own modules: submission checks and building (mosaicd.submissions), dispatch
-(mosaicd.dispatch), worker events (mosaicd.worker_events), control requests (mosaicd.control),
-more repetitions of configuration groups (mosaicd.repetitions)
-and the replies that describe the state (mosaicd.views).
+It owns the daemon's registries (private, declared in mosaicd.scheduling.core): the open studies
+(mosaicd.storage.studies), the queue (mosaicd.scheduling.run_queue), the runs being trained and the
+holds (mosaicd.scheduling.holds). Its parts live in
+their own modules: submission checks and building (mosaicd.scheduling.submissions), dispatch
+(mosaicd.scheduling.dispatch), worker events (mosaicd.scheduling.worker_events), control requests
+(mosaicd.scheduling.control), more repetitions of configuration groups
+(mosaicd.scheduling.repetitions) and the replies that describe the state (mosaicd.scheduling.views).
 
 All state that must survive a restart is in the study databases (through Store.transition) and
 the daemon's state database (holds, known studies); what is kept here in memory is derived from
@@ -30,21 +30,22 @@ from mosaic_client.protocol import (
     StudyItem,
     SubmitReply,
 )
-from mosaicd import owners, views
-from mosaicd.control import Control
-from mosaicd.dispatch import Dispatch
+from mosaicd import owners
 from mosaicd.errors import Refused
 from mosaicd.owners import Owner
-from mosaicd.repetitions import Repetitions
-from mosaicd.store import Store, StoreError
-from mosaicd.submissions import build_runs, check_submission
-from mosaicd.worker_events import WorkerEvents
+from mosaicd.scheduling import views
+from mosaicd.scheduling.control import Control
+from mosaicd.scheduling.dispatch import Dispatch
+from mosaicd.scheduling.repetitions import Repetitions
+from mosaicd.scheduling.submissions import build_runs, check_submission
+from mosaicd.scheduling.worker_events import WorkerEvents
+from mosaicd.storage.store import Store, StoreError
 
 log = logging.getLogger("mosaicd")
 
 
 class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
-    """The queue and the life of runs; its registries are declared in mosaicd.scheduler_core."""
+    """The queue and the life of runs; its registries are declared in mosaicd.scheduling.core."""
 
     def recover(self) -> None:
         """Reopen the known studies; runs that were running go back to the queue."""
@@ -63,7 +64,7 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
                     self._queue.add(path, store, record)
                 log.info("study %s: %s", path, store.counts)
 
-            # A study locked or full at start-up waits (mosaicd.study_writer); the others start.
+            # A study locked or full at start-up waits (mosaicd.storage.writer); the others start.
             self._studies.writer(path).write(
                 "requeue the runs of the previous daemon", requeue, enqueue
             )
@@ -120,7 +121,8 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
             "paused": self._holds.holds_submissions_of(owner_uid),
         }
 
-    # -- replies that describe the state (mosaicd.views) --------------------------------------
+    # -- replies that describe the state (mosaicd.scheduling.views)
+    # --------------------------------------
 
     def status(
         self, db: str | None, limit: int, uid: int | None, mine: bool, submission: int | None = None

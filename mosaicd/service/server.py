@@ -14,45 +14,24 @@ import signal
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
 from mosaic_client import paths, protocol
-from mosaicd import notify
 from mosaicd.errors import Refused
-from mosaicd.executor import WorkerHandle, make_executor
-from mosaicd.handlers import DISPATCH
-from mosaicd.rights import Caller
-from mosaicd.scheduler import Scheduler
-from mosaicd.store import DaemonState, StoreError
+from mosaicd.executors.base import WorkerHandle
+from mosaicd.executors.choice import make_executor
+from mosaicd.options import Options
+from mosaicd.scheduling.scheduler import Scheduler
+from mosaicd.service import notify
+from mosaicd.service.handlers import DISPATCH, Context
+from mosaicd.service.rights import Caller
+from mosaicd.storage.state import DaemonState
+from mosaicd.storage.store import StoreError
 
 log = logging.getLogger("mosaicd")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-
-
-@dataclass
-class Options:
-    socket: str
-    state_dir: str
-    workers: int | None
-    gpus: list[str] | None = field(default_factory=list)
-    runs_per_gpu: int = 1
-    max_runs_per_worker: int = 0
-    isolation: str = "state"  # "state", "none" or "process": see mosaicd/worker.py
-    worker_python: str | None = None  # the workers' interpreter; None: the daemon's own
-    checkpoint_every: float = 30.0
-    stop_timeout: float = 60.0
-    admin_gid: int | None = None
-    socket_group: int | None = None
-    # One of mosaicd.executor.EXECUTORS, made by mosaicd.executor.make_executor. With "ray",
-    # workers/gpus None mean "as many as the Ray cluster has".
-    executor: str = "local"
-    ray_address: str | None = None
-    ray_runtime_env: dict[str, Any] | None = None
-    worker_bind: str | None = None  # e.g. tcp://0.0.0.0:5560; default: a private ipc socket
-    worker_advertise: str | None = None  # what workers connect to, if not the bound address
 
 
 def _file_identity(path: str) -> tuple[int, int, int]:
@@ -211,6 +190,7 @@ class Daemon:
         self.scheduler = Scheduler(
             self.state, self.executor, self._sender, self.options.checkpoint_every
         )
+        self.handler_context = Context(self.options, self.scheduler, self.request_stop)
         self.scheduler.recover()
         self.executor.start_all()
         poller = zmq.Poller()
@@ -323,7 +303,7 @@ class Daemon:
         except protocol.ProtocolError as exc:
             return protocol.error_reply(exc.code, exc.message)
         try:
-            data = DISPATCH[name](self, caller, args)
+            data = DISPATCH[name](self.handler_context, caller, args)
             return protocol.ok_reply(data)
         except Refused as exc:
             return protocol.error_reply(exc.code, exc.message)

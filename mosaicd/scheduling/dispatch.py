@@ -10,11 +10,11 @@ from typing import Any
 from mosaic_client import schema
 from mosaic_client.contract import FAILED, QUEUED, RUNNING, checkpoint_path
 from mosaicd import owners
-from mosaicd.ensemble_groups import group_key, group_size
-from mosaicd.executor import BUSY, IDLE, STARTING, WorkerHandle
-from mosaicd.scheduler_core import ActiveRun, SchedulerCore
-from mosaicd.store import RunRecord, Store, StoreError
-from mosaicd.submissions import Submission
+from mosaicd.executors.base import BUSY, IDLE, STARTING, WorkerHandle
+from mosaicd.scheduling.core import ActiveRun, SchedulerCore
+from mosaicd.scheduling.ensemble_groups import group_key, group_size
+from mosaicd.scheduling.submissions import Submission
+from mosaicd.storage.store import RunRecord, Store, StoreError
 
 log = logging.getLogger("mosaicd")
 
@@ -23,7 +23,7 @@ MATE_WINDOW_GROUPS = 4
 
 
 class Dispatch(SchedulerCore):
-    """The scheduler's dispatch step (a part of mosaicd.scheduler.Scheduler)."""
+    """The scheduler's dispatch step (a part of mosaicd.scheduling.scheduler.Scheduler)."""
 
     def dispatch(self) -> None:
         if self._holds.all or self.shutting_down:

@@ -7,8 +7,8 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from mosaicd.store import RunRecord, Store
-from mosaicd.submissions import Submission
+from mosaicd.scheduling.submissions import Submission
+from mosaicd.storage.store import RunRecord, Store
 
 Key = tuple[str, int]  # (study path, submission id)
 

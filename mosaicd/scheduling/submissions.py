@@ -19,8 +19,8 @@ from mosaic_client.contract import MODULE_FIELDS, PROCESS_SEED_PARAM, run_info_k
 from mosaic_client.protocol import ErrorCode
 from mosaicd import owners
 from mosaicd.errors import Refused
+from mosaicd.executors.base import Slot
 from mosaicd.owners import Owner
-from mosaicd.pool import Slot
 
 _SCALAR = (str, int, float, bool, type(None))
 # The module keys every pipeline stage must name (the others of MODULE_FIELDS are optional).

@@ -1,0 +1,1 @@
+"""What starts and talks to workers: the interface, the local pool, Ray."""

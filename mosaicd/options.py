@@ -1,0 +1,29 @@
+"""The daemon's options (`mosaicd`'s command line), read by every part that needs one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Options:
+    socket: str
+    state_dir: str
+    workers: int | None
+    gpus: list[str] | None = field(default_factory=list)
+    runs_per_gpu: int = 1
+    max_runs_per_worker: int = 0
+    isolation: str = "state"  # "state", "none" or "process": see mosaicd/training/worker.py
+    worker_python: str | None = None  # the workers' interpreter; None: the daemon's own
+    checkpoint_every: float = 30.0
+    stop_timeout: float = 60.0
+    admin_gid: int | None = None
+    socket_group: int | None = None
+    # One of mosaicd.executors.choice.EXECUTORS, made by mosaicd.executors.choice.make_executor.
+    # With "ray", workers/gpus None mean "as many as the Ray cluster has".
+    executor: str = "local"
+    ray_address: str | None = None
+    ray_runtime_env: dict[str, Any] | None = None
+    worker_bind: str | None = None  # e.g. tcp://0.0.0.0:5560; default: a private ipc socket
+    worker_advertise: str | None = None  # what workers connect to, if not the bound address

@@ -1,0 +1,1 @@
+"""Where the next run is chosen: the queue, holds, dispatch, and what worker events mean."""
