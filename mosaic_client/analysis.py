@@ -45,7 +45,8 @@ def _owner_name(path: str) -> str:
         return f"uid {uid}"
 
 
-def _quoted(column: str) -> str:
+def quoted(column: str) -> str:
+    """A column name as an SQL identifier (run_results has columns such as "duration(s)")."""
     return '"' + column.replace('"', '""') + '"'
 
 
@@ -88,7 +89,8 @@ def run_params(
     return dict(out)
 
 
-def _types(params: dict[str, Any], scheme: str) -> list[str]:
+def scheme_types(params: dict[str, Any], scheme: str) -> list[str]:
+    """The types a scheme param lists ("a, b" -> ["a", "b"]); [] when the run has none."""
     value = params.get(scheme)
     if not isinstance(value, str):
         return []
@@ -104,12 +106,12 @@ def _joined_keys(params: dict[str, Any], types: Sequence[str]) -> str | None:
 
 def data_key(params: dict[str, Any]) -> str | None:
     """The run's dataset key: the `{type}_key` of its data_scheme types, joined with '_'."""
-    return _joined_keys(params, _types(params, "data_scheme"))
+    return _joined_keys(params, scheme_types(params, "data_scheme"))
 
 
 def model_key(params: dict[str, Any]) -> str | None:
     """The run's model key: the `{type}_key` of its pipeline_scheme types, joined with '_'."""
-    return _joined_keys(params, _types(params, "pipeline_scheme"))
+    return _joined_keys(params, scheme_types(params, "pipeline_scheme"))
 
 
 # -- plotloss ---------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def loss_histories(conn: sqlite3.Connection, run_ids: Sequence[int]) -> list[Run
                 run.epochs.append(epoch)
                 run.train_loss.append(train)
                 run.test_loss.append(test)
-    columns = ", ".join(_quoted(c) for c in CRITERIA)
+    columns = ", ".join(quoted(c) for c in CRITERIA)
     for row in conn.execute(f"SELECT run_id, {columns} FROM run_results"):
         run = runs.get(row[0])
         if run is not None:
@@ -235,7 +237,7 @@ def metaplot_data(
     statuses = dict(conn.execute("SELECT run_id, status FROM runs"))
     results = {
         row[0]: row[1:]
-        for row in conn.execute(f"SELECT run_id, nb_params, {_quoted(criterion)} FROM run_results")
+        for row in conn.execute(f"SELECT run_id, nb_params, {quoted(criterion)} FROM run_results")
     }
     present: set[str] = set()
     selected: list[int] = []
@@ -282,7 +284,7 @@ def metaplot_data(
             nb_params, len(values), mean, min(values), max(values), std, [i for i, _ in members]
         )
         if ci:
-            from mosaic_client.verdict import mean_ci
+            from mosaic_client.verdict.statistics import mean_ci
 
             point.ci_low, point.ci_high = mean_ci(values)
         series[model].append(point)
@@ -436,7 +438,7 @@ def export_table(conn: sqlite3.Connection) -> tuple[list[str], list[list[Any]]]:
     results = {
         row[0]: row[1:]
         for row in conn.execute(
-            f"SELECT run_id, {', '.join(_quoted(c) for c in CRITERIA)} FROM run_results"
+            f"SELECT run_id, {', '.join(quoted(c) for c in CRITERIA)} FROM run_results"
         )
     }
     rows = []
@@ -465,7 +467,7 @@ def describe_run(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None
             (run_id,),
         ).fetchall()
     )
-    columns = ", ".join(_quoted(c) for c in contract.RESULT_COLUMNS)
+    columns = ", ".join(quoted(c) for c in contract.RESULT_COLUMNS)
     results = conn.execute(
         f"SELECT {columns} FROM run_results WHERE run_id=?", (run_id,)
     ).fetchone()

@@ -618,7 +618,7 @@ def test_groups_on_the_trained_study(study: Study) -> None:
 
 
 def test_metaplot_ci_bars_are_bootstrap_intervals(study: Study) -> None:
-    from mosaic_client import verdict
+    from mosaic_client.verdict.statistics import mean_ci
 
     out, data = study.root / "ci.png", study.root / "ci.json"
     result = study.cli(
@@ -632,5 +632,5 @@ def test_metaplot_ci_bars_are_bootstrap_intervals(study: Study) -> None:
                 query(study.db, "SELECT test_loss FROM run_results WHERE run_id=?", i)[0][0]
                 for i in p["run_ids"]
             ]
-            assert (p["ci_low"], p["ci_high"]) == pytest.approx(verdict.mean_ci(values))
+            assert (p["ci_low"], p["ci_high"]) == pytest.approx(mean_ci(values))
             assert p["ci_low"] <= p["mean"] <= p["ci_high"]

@@ -12,6 +12,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import pytest
 from conftest import REPO
 from scipy import stats
 
-from mosaic_client import verdict as v
+from mosaic_client.verdict import comparison, reading, sequential
+from mosaic_client.verdict import statistics as vstats
 from mosaicd.scheduling.submissions import run_params
 from mosaicd.storage.store import RESULT_COLUMNS, Store
 
@@ -32,13 +34,15 @@ def lower_better_pi(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return ((x < 0) + 0.5 * (x == 0)).mean(axis=axis)
 
 
-def one_line(a: np.ndarray, b: np.ndarray, paired: bool, better: str = v.LOWER) -> v.Line:
+def one_line(
+    a: np.ndarray, b: np.ndarray, paired: bool, better: str = reading.LOWER
+) -> comparison.Line:
     seeds = list(range(len(a))) if paired else [None] * len(a)
-    side_a = v.Side("A", 10, list(a), seeds=seeds, data_stages=[""] * len(a))
-    side_b = v.Side(
+    side_a = reading.Side("A", 10, list(a), seeds=seeds, data_stages=[""] * len(a))
+    side_b = reading.Side(
         "B", 10, list(b), seeds=seeds if paired else [None] * len(b), data_stages=[""] * len(b)
     )
-    (line,) = v.size_lines([(side_a, side_b)], "data", better, ALPHA)
+    (line,) = comparison.size_lines([(side_a, side_b)], "data", better, ALPHA)
     assert line.paired is paired
     return line
 
@@ -56,7 +60,7 @@ def test_paired_bootstrap_cis_are_scipy_percentile_with_the_same_seed() -> None:
             statistic,
             method="percentile",
             n_resamples=10_000,
-            rng=np.random.default_rng(v.SEED),
+            rng=np.random.default_rng(vstats.SEED),
         ).confidence_interval
         assert ours == pytest.approx([ref.low, ref.high], rel=1e-9, abs=1e-12)
     assert line.diff == pytest.approx(np.mean(a) - np.mean(b))
@@ -81,7 +85,7 @@ def test_unpaired_bootstrap_cis_are_scipy_percentile_with_the_same_seed() -> Non
             statistic,
             method="percentile",
             n_resamples=10_000,
-            rng=np.random.default_rng(v.SEED),
+            rng=np.random.default_rng(vstats.SEED),
         ).confidence_interval
         assert ours == pytest.approx([ref.low, ref.high], rel=1e-9, abs=1e-12)
     # P(A better) is the Mann-Whitney U of B against A over all pairs (lower is better).
@@ -96,10 +100,10 @@ def test_mean_ci_for_metaplot_is_scipy_percentile() -> None:
         np.mean,
         method="percentile",
         n_resamples=10_000,
-        rng=np.random.default_rng(v.SEED),
+        rng=np.random.default_rng(vstats.SEED),
     ).confidence_interval
-    assert v.mean_ci(x) == pytest.approx((ref.low, ref.high), rel=1e-9)
-    assert v.mean_ci([0.5]) == (0.5, 0.5)
+    assert vstats.mean_ci(x) == pytest.approx((ref.low, ref.high), rel=1e-9)
+    assert vstats.mean_ci([0.5]) == (0.5, 0.5)
 
 
 @pytest.mark.parametrize("n", [3, 6, 10, 13])
@@ -107,7 +111,7 @@ def test_sign_flip_p_is_scipy_exact_permutation_test(n: int) -> None:
     rng = np.random.default_rng(n)
     d = np.round(rng.normal(0.3, 1, (4, n)), 1)  # rounding makes ties among |d|
     d[1, 0] = 0.0
-    for row, p in zip(d, v.sign_flip_p(d)):
+    for row, p in zip(d, vstats.sign_flip_p(d)):
         ref = stats.permutation_test(
             (row,), np.mean, permutation_type="samples", n_resamples=np.inf
         ).pvalue
@@ -119,15 +123,15 @@ def test_sign_flip_beyond_exact_enumeration_is_close_to_exact() -> None:
     ref = stats.permutation_test(
         (d,), np.mean, permutation_type="samples", n_resamples=np.inf
     ).pvalue
-    (p,) = v.sign_flip_p(d[None, :])
+    (p,) = vstats.sign_flip_p(d[None, :])
     assert abs(p - ref) < 0.01
-    assert v.sign_flip_p(np.ones((1, 5)))[0] == pytest.approx(v.smallest_sign_flip_p(5))
+    assert vstats.sign_flip_p(np.ones((1, 5)))[0] == pytest.approx(vstats.smallest_sign_flip_p(5))
 
 
 def test_welch_is_scipy_ttest_ind_unequal_var() -> None:
     rng = np.random.default_rng(5)
     a, b = rng.normal(0, 1, (50, 4)), rng.normal(0.5, 3, (50, 7))
-    t, df, p = v.welch(a, b)
+    t, df, p = vstats.welch(a, b)
     ref = stats.ttest_ind(a, b, axis=1, equal_var=False)
     np.testing.assert_allclose(t, ref.statistic, rtol=1e-10)
     np.testing.assert_allclose(p, ref.pvalue, rtol=1e-9)
@@ -150,45 +154,45 @@ def test_effect_sizes_follow_their_definitions() -> None:
 
 def test_holm_matches_a_hand_checked_case() -> None:
     # sorted: 0.005*4 = 0.02; 0.01*3 = 0.03; 0.03*2 = 0.06; max(0.04*1, 0.06) = 0.06
-    assert v.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert v.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
-    assert v.holm([]) == []
+    assert vstats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert vstats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert vstats.holm([]) == []
 
 
 def test_analytic_power_matches_reference_values() -> None:
     # Cohen's tables / G*Power: two-sample t, d = 1, n = 10 per group, two-sided 0.05 -> 0.562;
     # paired, d_z = 1, 10 pairs -> 0.803.
-    assert v.power_two_sample(1.0, 1.0, 10, 0.05) == pytest.approx(0.562, abs=0.001)
-    assert v.power_paired(1.0, 1.0, 10, 0.05) == pytest.approx(0.803, abs=0.001)
+    assert vstats.power_two_sample(1.0, 1.0, 10, 0.05) == pytest.approx(0.562, abs=0.001)
+    assert vstats.power_paired(1.0, 1.0, 10, 0.05) == pytest.approx(0.803, abs=0.001)
     # d = 0.5 needs 64 per group for 80% (the textbook figure), d = 1 needs 17.
-    assert v.repetitions_needed(0.5, 1.0, False, 0.05) == 64
-    assert v.repetitions_needed(1.0, 1.0, False, 0.05) == 17
-    assert v.repetitions_needed(0.0, 1.0, False, 0.05) is None
-    assert v.repetitions_needed(1.0, 0.0, False, 0.05) is None
+    assert vstats.repetitions_needed(0.5, 1.0, False, 0.05) == 64
+    assert vstats.repetitions_needed(1.0, 1.0, False, 0.05) == 17
+    assert vstats.repetitions_needed(0.0, 1.0, False, 0.05) is None
+    assert vstats.repetitions_needed(1.0, 0.0, False, 0.05) is None
     # a paired sign-flip test needs 6 pairs to reach 0.05 at all
-    assert v.repetitions_needed(100.0, 1.0, True, 0.05) == 6
+    assert vstats.repetitions_needed(100.0, 1.0, True, 0.05) == 6
 
 
 def test_curve_difference_is_the_average_gap_of_the_interpolated_curves() -> None:
     xa, xb = [10, 40, 160, 500], [20, 30, 90, 300, 1000]
     ma, mb = np.array([1.0, 0.6, 0.5, 0.45]), np.array([0.9, 0.85, 0.5, 0.4, 0.38])
-    wa, wb, lo, hi = v.curve_weights(xa, xb)
+    wa, wb, lo, hi = comparison.curve_weights(xa, xb)
     assert (lo, hi) == pytest.approx((20, 500))
     grid = np.linspace(math.log(20), math.log(500), 200_001)
     gap = np.interp(grid, np.log(xa), ma) - np.interp(grid, np.log(xb), mb)
     integral = float(((gap[1:] + gap[:-1]) / 2 * np.diff(grid)).sum())  # trapezoid rule
     assert wa @ ma - wb @ mb == pytest.approx(integral / (grid[-1] - grid[0]), abs=1e-9)
     assert wa.sum() == pytest.approx(1) and wb.sum() == pytest.approx(1)
-    assert v.curve_weights([10, 20], [30, 40]) is None
+    assert comparison.curve_weights([10, 20], [30, 40]) is None
 
 
 def test_curve_line_against_scipy_bootstrap_and_contrast_by_hand() -> None:
     rng = np.random.default_rng(13)
     sizes_a, sizes_b = [10, 40, 160], [20, 80, 320]
-    a = [v.Side("A", s, list(rng.normal(1 / math.log(s), 0.05, 6))) for s in sizes_a]
-    b = [v.Side("B", s, list(rng.normal(1 / math.log(s), 0.05, 5))) for s in sizes_b]
-    line = v.curve_line(a, b, "data", v.LOWER)
-    wa, wb, _, _ = v.curve_weights(sizes_a, sizes_b)
+    a = [reading.Side("A", s, list(rng.normal(1 / math.log(s), 0.05, 6))) for s in sizes_a]
+    b = [reading.Side("B", s, list(rng.normal(1 / math.log(s), 0.05, 5))) for s in sizes_b]
+    line = comparison.curve_line(a, b, "data", reading.LOWER)
+    wa, wb, _, _ = comparison.curve_weights(sizes_a, sizes_b)
     groups = [np.array(s.values) for s in a + b]
     weights = np.concatenate([wa, -wb])
     used = [(w, g) for w, g in zip(weights, groups) if w != 0]
@@ -217,7 +221,7 @@ def test_curve_line_against_scipy_bootstrap_and_contrast_by_hand() -> None:
 def test_contrast_test_of_two_groups_is_welch() -> None:
     a, b = np.array([1.0, 1.2, 0.9, 1.4]), np.array([0.7, 0.8, 0.75])
     parts = np.array([[a.var(ddof=1) / 4, b.var(ddof=1) / 3]])
-    _, _, p = v.contrast_test(np.array([a.mean() - b.mean()]), parts, np.array([[3, 2]]))
+    _, _, p = vstats.contrast_test(np.array([a.mean() - b.mean()]), parts, np.array([[3, 2]]))
     assert p[0] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
 
 
@@ -225,60 +229,70 @@ def test_contrast_test_of_two_groups_is_welch() -> None:
 
 
 def test_sizes_are_matched_to_the_nearest_within_the_factor() -> None:
-    matched, lonely_a, lonely_b = v.match_sizes([10, 100, 1000], [12, 95, 140, 5000], 1.5)
+    matched, lonely_a, lonely_b = comparison.match_sizes([10, 100, 1000], [12, 95, 140, 5000], 1.5)
     assert matched == [(10, 12), (100, 95)]
     assert lonely_a == [1000] and lonely_b == [140, 5000]
-    assert v.match_sizes([10], [15], 1.5)[0] == [(10, 15)]
-    assert v.match_sizes([10], [16], 1.5)[0] == []
+    assert comparison.match_sizes([10], [15], 1.5)[0] == [(10, 15)]
+    assert comparison.match_sizes([10], [16], 1.5)[0] == []
 
 
 def test_pairing_needs_the_same_seeds_on_the_same_data() -> None:
-    def side(seeds: list[Any], stages: list[str]) -> v.Side:
-        return v.Side("f", 1, [0.0] * len(seeds), seeds=seeds, data_stages=stages)
+    def side(seeds: list[Any], stages: list[str]) -> reading.Side:
+        return reading.Side("f", 1, [0.0] * len(seeds), seeds=seeds, data_stages=stages)
 
-    assert v.pairing(side([0, 1], ["d", "d"]), side([1, 0], ["d", "d"])) == (True, "paired by seed")
-    assert not v.pairing(side([0, 1], ["d", "d"]), side([0, 2], ["d", "d"]))[0]
-    assert not v.pairing(side([0, 1], ["d", "d"]), side([0, 1], ["d", "e"]))[0]
-    assert not v.pairing(side([0, 0], ["d", "d"]), side([0, 0], ["d", "d"]))[0]
-    assert not v.pairing(side([0, 1, 2], ["d"] * 3), side([0, 1], ["d"] * 2))[0]
+    assert comparison.pairing(side([0, 1], ["d", "d"]), side([1, 0], ["d", "d"])) == (
+        True,
+        "paired by seed",
+    )
+    assert not comparison.pairing(side([0, 1], ["d", "d"]), side([0, 2], ["d", "d"]))[0]
+    assert not comparison.pairing(side([0, 1], ["d", "d"]), side([0, 1], ["d", "e"]))[0]
+    assert not comparison.pairing(side([0, 0], ["d", "d"]), side([0, 0], ["d", "d"]))[0]
+    assert not comparison.pairing(side([0, 1, 2], ["d"] * 3), side([0, 1], ["d"] * 2))[0]
 
 
 def test_direction_and_verdict_words() -> None:
-    assert v.direction("test_acc") == v.HIGHER and v.direction("overfit") == v.LOWER
-    with pytest.raises(v.VerdictError, match="size axis"):
-        v.direction("nb_params")
+    assert (
+        reading.direction("test_acc") == reading.HIGHER
+        and reading.direction("overfit") == reading.LOWER
+    )
+    with pytest.raises(reading.VerdictError, match="size axis"):
+        reading.direction("nb_params")
     a, b = np.linspace(0.1, 0.2, 8), np.linspace(0.5, 0.6, 8)  # A lower, clearly
-    for better, word in ((v.LOWER, v.A_BETTER), (v.HIGHER, v.B_BETTER)):
+    for better, word in (
+        (reading.LOWER, comparison.A_BETTER),
+        (reading.HIGHER, comparison.B_BETTER),
+    ):
         line = one_line(a, b, paired=False, better=better)
-        v.decide([line], ALPHA, better)
+        comparison.decide([line], ALPHA, better)
         assert line.verdict == word and line.repetitions_needed is None
     few = one_line(a[:3], b[:3], paired=True)  # 3 pairs: p >= 0.25 whatever the data
     same = one_line(a, a[::-1] + 1e-3, paired=False)
-    v.decide([few, same], ALPHA, v.LOWER)
-    assert few.verdict == v.TOO_FEW and few.p_holm is None and few.repetitions_needed >= 6
-    assert same.verdict == v.NO_DIFFERENCE and same.p_holm == same.p_value  # one tested line
+    comparison.decide([few, same], ALPHA, reading.LOWER)
+    assert few.verdict == comparison.TOO_FEW and few.p_holm is None and few.repetitions_needed >= 6
+    # one tested line: Holm leaves its p-value as it is
+    assert same.verdict == comparison.NO_DIFFERENCE and same.p_holm == same.p_value
     assert same.repetitions_needed and same.repetitions_needed > 8
 
 
 # -- calibration by simulation --------------------------------------------------------------------
 
 
-def simulated_lines(a: np.ndarray, b: np.ndarray, paired: bool) -> list[v.Line]:
+def simulated_lines(a: np.ndarray, b: np.ndarray, paired: bool) -> list[comparison.Line]:
     """One line per row, through the command's own batched code (no bootstrap: the verdict
     rests on the p-value alone)."""
     n = a.shape[1]
     seeds = list(range(n)) if paired else [None] * n
     pairs = [
         (
-            v.Side("A", 1, list(x), seeds=seeds, data_stages=[""] * n),
-            v.Side("B", 1, list(y), seeds=seeds, data_stages=[""] * n),
+            reading.Side("A", 1, list(x), seeds=seeds, data_stages=[""] * n),
+            reading.Side("B", 1, list(y), seeds=seeds, data_stages=[""] * n),
         )
         for x, y in zip(a, b)
     ]
-    return v.size_lines(pairs, "sim", v.LOWER, ALPHA, n_resamples=0)
+    return comparison.size_lines(pairs, "sim", reading.LOWER, ALPHA, n_resamples=0)
 
 
-def rejection_rate(lines: list[v.Line]) -> float:
+def rejection_rate(lines: list[comparison.Line]) -> float:
     """Each simulated line is its own report: Holm over one line is its p-value."""
     return float(np.mean([line.testable and line.p_value <= ALPHA for line in lines]))
 
@@ -298,7 +312,7 @@ def test_holm_keeps_the_family_wise_rate_of_a_report() -> None:
     rng = np.random.default_rng(8)
     a, b = rng.normal(0, 1, (5000, 10)), rng.normal(0, 1, (5000, 10))
     p = np.array([line.p_value for line in simulated_lines(a, b, False)]).reshape(1000, 5)
-    any_false = np.mean([min(v.holm(row)) <= ALPHA for row in p])
+    any_false = np.mean([min(vstats.holm(row)) <= ALPHA for row in p])
     naive = np.mean((p <= ALPHA).any(axis=1))
     print(f"family-wise rate over 5 null lines: Holm {any_false:.3f}, uncorrected {naive:.3f}")
     assert 0.03 <= any_false <= 0.07 < naive
@@ -308,12 +322,12 @@ def test_power_at_one_sd_with_ten_per_group_is_the_analytic_value() -> None:
     rng = np.random.default_rng(9)
     a, b = rng.normal(0, 1, (4000, 10)), rng.normal(1, 1, (4000, 10))
     measured = rejection_rate(simulated_lines(a, b, False))
-    analytic = v.power_two_sample(1.0, 1.0, 10, ALPHA)
+    analytic = vstats.power_two_sample(1.0, 1.0, 10, ALPHA)
     print(f"power unpaired: measured {measured:.3f}, analytic {analytic:.3f}")
     assert abs(measured - analytic) <= 0.05
     d = rng.normal(-1, 1, (4000, 10))  # paired: differences of mean -1 sd
     measured = rejection_rate(simulated_lines(d, np.zeros_like(d), True))
-    analytic = v.power_paired(1.0, 1.0, 10, ALPHA)
+    analytic = vstats.power_paired(1.0, 1.0, 10, ALPHA)
     print(f"power paired (sign-flip): measured {measured:.3f}, analytic {analytic:.3f}")
     assert abs(measured - analytic) <= 0.05
 
@@ -326,8 +340,8 @@ def test_following_the_repetitions_advice_reaches_the_power() -> None:
     pilots = simulated_lines(rng.normal(0, 1, (600, 10)), rng.normal(effect, 1, (600, 10)), False)
     advice = []
     for line in pilots:
-        v.decide([line], ALPHA, v.LOWER, min_effect=effect)
-        if line.verdict == v.NO_DIFFERENCE:
+        comparison.decide([line], ALPHA, reading.LOWER, min_effect=effect)
+        if line.verdict == comparison.NO_DIFFERENCE:
             advice.append(line.repetitions_needed)
     assert len(advice) > 100 and all(n and n > 10 for n in advice)
     decided = 0
@@ -340,20 +354,32 @@ def test_following_the_repetitions_advice_reaches_the_power() -> None:
     assert power >= 0.75
 
 
+def sequential_decisions(
+    p_values: np.ndarray, looks: Sequence[int], max_repetitions: int, alpha: float
+) -> np.ndarray:
+    """For p-values (S, K) of S sequences at K looks (repetitions `looks`), the look index at
+    which each sequence is decided, or -1: what the plan does, vectorised for simulation (the
+    levels are SequentialPlan's own, with its default spending function)."""
+    plan = sequential.SequentialPlan(alpha, max_repetitions)
+    levels = np.array([plan.level(n) for n in looks])
+    hit = p_values <= levels[None, :]
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+
+
 def test_sequential_plan_keeps_false_decisions_at_alpha() -> None:
     rng = np.random.default_rng(12)
     looks, n_max, sequences = [4, 8, 12, 16, 20], 20, 2000
     a, b = rng.normal(0, 1, (sequences, n_max)), rng.normal(0, 1, (sequences, n_max))
-    p = np.stack([v.welch(a[:, :n], b[:, :n])[2] for n in looks], axis=1)
-    decided_at = v.sequential_decisions(p, looks, n_max, ALPHA)
+    p = np.stack([vstats.welch(a[:, :n], b[:, :n])[2] for n in looks], axis=1)
+    decided_at = sequential_decisions(p, looks, n_max, ALPHA)
     false_rate = np.mean(decided_at >= 0)
     naive = np.mean((p <= ALPHA).any(axis=1))  # testing every round at alpha
     print(f"sequential false decisions: {false_rate:.3f} (naive looks: {naive:.3f})")
     assert false_rate <= ALPHA + 0.01
     assert naive > ALPHA + 0.03  # what the plan protects against
     # and it still decides real differences, mostly before the last look
-    shifted = np.stack([v.welch(a[:, :n], b[:, :n] + 1.2)[2] for n in looks], axis=1)
-    when = v.sequential_decisions(shifted, looks, n_max, ALPHA)
+    shifted = np.stack([vstats.welch(a[:, :n], b[:, :n] + 1.2)[2] for n in looks], axis=1)
+    when = sequential_decisions(shifted, looks, n_max, ALPHA)
     print(f"sequential power at 1.2 sd: {np.mean(when >= 0):.3f}")
     assert np.mean(when >= 0) > 0.9 and np.mean((when >= 0) & (when < 4)) > 0.5
 
@@ -361,43 +387,47 @@ def test_sequential_plan_keeps_false_decisions_at_alpha() -> None:
 def test_sequential_looks_keep_earlier_decisions() -> None:
     """What `--until-decided` does between rounds: look, keep what is decided, look again."""
 
-    def study(n: int, gap: float, rng: np.random.Generator) -> v.StudyValues:
+    def study(n: int, gap: float, rng: np.random.Generator) -> reading.StudyValues:
         seeds = list(range(n))
         sides = {
             "data": {
                 fam: {
-                    10: v.Side(
+                    10: reading.Side(
                         fam, 10, list(rng.normal(shift, 0.1, n)), seeds=seeds, data_stages=[""] * n
                     )
                 }
                 for fam, shift in (("A", 0.0), ("B", gap), ("C", 0.0))
             }
         }
-        return v.StudyValues("test_loss", sides, {}, {})
+        return reading.StudyValues("test_loss", sides, {}, {})
 
     rng = np.random.default_rng(14)
-    plan = v.SequentialPlan(ALPHA, 20)
+    plan = sequential.SequentialPlan(ALPHA, 20)
     first = plan.look(study(12, 1.0, rng), 12)  # A and C far below B: decided at once
     verdicts = {(ln.a, ln.b): ln.verdict for ln in first.lines}
-    assert verdicts == {("A", "B"): v.A_BETTER, ("A", "C"): v.NO_DIFFERENCE, ("B", "C"): v.B_BETTER}
-    assert first.alpha == pytest.approx(v.spent_alpha(0.6, ALPHA)) and first.alpha < 0.02
+    assert verdicts == {
+        ("A", "B"): comparison.A_BETTER,
+        ("A", "C"): comparison.NO_DIFFERENCE,
+        ("B", "C"): comparison.B_BETTER,
+    }
+    assert first.alpha == pytest.approx(sequential.spent_alpha(0.6, ALPHA)) and first.alpha < 0.02
     second = plan.look(study(20, 0.0, rng), 20)  # no difference left in the new data
     kept = {(ln.a, ln.b): ln for ln in second.lines}
     assert kept[("A", "B")] is plan.decided[kept[("A", "B")].key]  # not tested again
-    assert kept[("A", "B")].verdict == v.A_BETTER and kept[("A", "B")].n_a == 12
+    assert kept[("A", "B")].verdict == comparison.A_BETTER and kept[("A", "B")].n_a == 12
     assert kept[("A", "C")].n_a == 20 and kept[("A", "C")].p_holm == kept[("A", "C")].p_value
     assert plan.finished()
 
 
 def test_sequential_plan_spends_exactly_alpha() -> None:
-    plan = v.SequentialPlan(ALPHA, 20)
+    plan = sequential.SequentialPlan(ALPHA, 20)
     levels = [plan.level(n) for n in (5, 10, 20)]
     assert sum(levels) == pytest.approx(ALPHA) and plan.finished()
     assert levels[0] < levels[1] < levels[2]  # O'Brien-Fleming: little early
     with pytest.raises(ValueError):
         plan.level(20)
-    assert v.spent_alpha(1.0, ALPHA, "pocock") == pytest.approx(ALPHA)
-    assert v.spent_alpha(0.5, ALPHA, "pocock") > v.spent_alpha(0.5, ALPHA)
+    assert sequential.spent_alpha(1.0, ALPHA, "pocock") == pytest.approx(ALPHA)
+    assert sequential.spent_alpha(0.5, ALPHA, "pocock") > sequential.spent_alpha(0.5, ALPHA)
 
 
 # -- the run_groups view ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import EXAMPLE, Daemon, query, write_project
 
-from mosaic_client import verdict as v
+from mosaic_client.verdict import comparison, reading, sequential
 from mosaicd.scheduling.repetitions import next_seeds, signature
 
 # A family that cannot see its input: the same network as the funnel, fed zeros, so it has the
@@ -111,29 +111,35 @@ def test_a_groups_signature_ignores_only_the_repetitions_params() -> None:
     assert signature(base) != signature({**base, "mlp_key": "b"})
 
 
-def sides(n: int, gaps: dict[str, float], rng: np.random.Generator) -> v.StudyValues:
+def sides(n: int, gaps: dict[str, float], rng: np.random.Generator) -> reading.StudyValues:
     """One dataset key, families at one size each, run ids 100 k + i; random seeds (unpaired)."""
     families = {
-        fam: {10: v.Side(fam, 10, list(rng.normal(gap, 1.0, n)), list(range(100 * k, 100 * k + n)))}
+        fam: {
+            10: reading.Side(
+                fam, 10, list(rng.normal(gap, 1.0, n)), list(range(100 * k, 100 * k + n))
+            )
+        }
         for k, (fam, gap) in enumerate(gaps.items())
     }
     for k, by_size in enumerate(families.values()):
         by_size[10].seeds = [1000 * k + i for i in range(n)]
         by_size[10].data_stages = [""] * n
-    return v.StudyValues("test_loss", {"data": families}, {}, {})
+    return reading.StudyValues("test_loss", {"data": families}, {}, {})
 
 
 def test_next_round_repeats_the_groups_of_undecided_lines_until_decided_or_r() -> None:
     rng = np.random.default_rng(3)
     values = sides(8, {"A": 0.0, "B": 5.0, "C": 0.0}, rng)
-    plan = v.SequentialPlan(0.05, 20)
+    plan = sequential.SequentialPlan(0.05, 20)
     report = plan.look(values, 8, n_resamples=0)
     verdicts = {(ln.a, ln.b): ln.verdict for ln in report.lines}
-    assert verdicts[("A", "B")] == v.A_BETTER and verdicts[("B", "C")] == v.B_BETTER
-    assert verdicts[("A", "C")] != v.A_BETTER
-    step = v.until_decided_step(8, 20)
+    assert (
+        verdicts[("A", "B")] == comparison.A_BETTER and verdicts[("B", "C")] == comparison.B_BETTER
+    )
+    assert verdicts[("A", "C")] != comparison.A_BETTER
+    step = sequential.until_decided_step(8, 20)
     assert step == 3  # four rounds from 8 to 20
-    first = v.next_round(report, values, plan, step)
+    first = sequential.next_round(report, values, plan, step)
     assert not first.stop and first.target == 11
     # only A and C are still undecided: their groups get 3 runs each, B's none
     assert [(side.family, n) for side, n in first.additions] == [("A", 3), ("C", 3)]
@@ -141,22 +147,22 @@ def test_next_round_repeats_the_groups_of_undecided_lines_until_decided_or_r() -
     # groups are topped up to the next look: one with more runs gets fewer, or none
     values.sides["data"]["C"][10].values += [0.0] * 2
     plan.looked_at = 19
-    near = v.next_round(report, values, plan, step)
+    near = sequential.next_round(report, values, plan, step)
     assert near.target == 20 and near.requests() == {12: list(range(8)), 10: list(range(200, 208))}
     values.sides["data"]["C"][10].values += [0.0] * 20
-    assert v.next_round(report, values, plan, step).requests() == {12: list(range(8))}
+    assert sequential.next_round(report, values, plan, step).requests() == {12: list(range(8))}
     plan.looked_at = 20
-    last = v.next_round(report, values, plan, step)
+    last = sequential.next_round(report, values, plan, step)
     assert last.stop and "maximum of 20" in last.reason and not last.additions
     decided = sides(8, {"A": 0.0, "B": 5.0}, rng)
-    plan = v.SequentialPlan(0.05, 20)
-    done = v.next_round(plan.look(decided, 8, n_resamples=0), decided, plan, step)
+    plan = sequential.SequentialPlan(0.05, 20)
+    done = sequential.next_round(plan.look(decided, 8, n_resamples=0), decided, plan, step)
     assert done.stop and "every comparison is decided" in done.reason and not done.sides
 
 
 def test_the_commands_loop_keeps_false_decisions_at_alpha() -> None:
-    """The whole --until-decided loop (v.until_decided, which the command runs), on simulated
-    null studies whose repetitions arrive from a generator instead of the daemon."""
+    """The whole --until-decided loop (sequential.until_decided, which the command runs), on
+    simulated null studies whose repetitions arrive from a generator instead of the daemon."""
     rng = np.random.default_rng(21)
     sequences, start, r_max, alpha = 500, 4, 16, 0.05
     false = rounds = 0
@@ -176,12 +182,14 @@ def test_the_commands_loop_keeps_false_decisions_at_alpha() -> None:
             assert sorted(run_ids) == list(range(have["n"])) + list(range(100, 100 + have["n"]))
             have["n"] += n
 
-        report, looks = v.until_decided(
-            v.SequentialPlan(alpha, r_max), values_now, add, options={"n_resamples": 0}
+        report, looks = sequential.until_decided(
+            sequential.SequentialPlan(alpha, r_max), values_now, add, options={"n_resamples": 0}
         )
         rounds += len(looks)
-        false += any(line.verdict in (v.A_BETTER, v.B_BETTER) for line in report.lines)
-        assert have["n"] == r_max or report.lines[0].verdict != v.NO_DIFFERENCE
+        false += any(
+            line.verdict in (comparison.A_BETTER, comparison.B_BETTER) for line in report.lines
+        )
+        assert have["n"] == r_max or report.lines[0].verdict != comparison.NO_DIFFERENCE
     rate = false / sequences
     print(f"--until-decided loop under the null: {rate:.3f} false decisions, {rounds} looks")
     assert rate <= alpha + 0.01

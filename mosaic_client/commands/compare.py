@@ -1,13 +1,13 @@
 """`mosaic compare`: which model family wins at matched size, with CIs and corrected tests.
 
 Reads the study on a read-only connection (works on a live study and on a `savedb` copy); the
-statistics are in mosaic_client/verdict.py, imported only when the command runs. Exit 0
-whatever the verdict, 2 for input it cannot use (docs/compare.md).
+statistics are in the package mosaic_client/verdict/, imported only when the command runs.
+Exit 0 whatever the verdict, 2 for input it cannot use (docs/compare.md).
 
 Sends no request for a report: it reads the study read-only. With --until-decided it sends
 `repeat` (more repetitions of the groups of the undecided comparisons) and `status` (to wait
-for them), and tests again with the sequential plan (verdict.until_decided) until every
-comparison is decided or --max-repetitions is reached.
+for them), and tests again with the sequential plan (verdict.sequential.until_decided) until
+every comparison is decided or --max-repetitions is reached.
 """
 
 from __future__ import annotations
@@ -131,17 +131,17 @@ def run(args: argparse.Namespace) -> int:
     # on a busy machine they double the CPU time. Set before numpy loads its BLAS.
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")
-    from mosaic_client import verdict
+    from mosaic_client.verdict import comparison, reading
 
     if args.until_decided:
         return until_decided(args, families)
     try:
-        verdict.direction(args.metric)
+        reading.direction(args.metric)
         values = read_values(args.db, args.metric)
-        report = verdict.compare(
+        report = comparison.compare(
             values, args.db, args.data, families, args.alpha, args.size_tolerance, args.min_effect
         )
-    except (analysis.AnalysisError, verdict.VerdictError) as exc:
+    except (analysis.AnalysisError, reading.VerdictError) as exc:
         return _fail(str(exc))
     if args.json:
         sys.stdout.write(json.dumps(report.as_json(), indent=1) + "\n")  # one write: fast
@@ -151,21 +151,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_values(db: str, metric: str) -> Any:
-    from mosaic_client import analysis, verdict
+    from mosaic_client import analysis
+    from mosaic_client.verdict import reading
 
     conn = analysis.open_readonly(os.path.abspath(db))
     try:
-        return verdict.study_values(conn, metric)
+        return reading.study_values(conn, metric)
     finally:
         conn.close()
 
 
 def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
-    """--until-decided: the loop of verdict.until_decided, with the daemon adding the runs."""
-    from mosaic_client import analysis, verdict
+    """--until-decided: the loop of sequential.until_decided, with the daemon adding the runs."""
+    from mosaic_client import analysis
+    from mosaic_client.verdict import reading, sequential
 
     db = common.existing_db(args.db)
-    plan = verdict.SequentialPlan(args.alpha, args.max_repetitions)
+    plan = sequential.SequentialPlan(args.alpha, args.max_repetitions)
     options = {
         "db": args.db,
         "data_keys": args.data,
@@ -207,8 +209,8 @@ def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
         print(round_summary(look, n, report, decision), file=say, flush=True)
 
     try:
-        verdict.direction(args.metric)
-        report, looks = verdict.until_decided(
+        reading.direction(args.metric)
+        report, looks = sequential.until_decided(
             plan,
             lambda: read_values(db, args.metric),
             add,
@@ -216,7 +218,7 @@ def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
             args.step,
             on_round,
         )
-    except (analysis.AnalysisError, verdict.VerdictError) as exc:
+    except (analysis.AnalysisError, reading.VerdictError) as exc:
         return _fail(str(exc))
     if args.json:
         out = report.as_json()
@@ -229,9 +231,9 @@ def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
 
 
 def round_summary(look: int, n: int, report: Any, decision: Any) -> str:
-    from mosaic_client import verdict
+    from mosaic_client.verdict.comparison import A_BETTER, B_BETTER
 
-    decided = sum(line.verdict in (verdict.A_BETTER, verdict.B_BETTER) for line in report.lines)
+    decided = sum(line.verdict in (A_BETTER, B_BETTER) for line in report.lines)
     text = (
         f"round {look}: look at {n} repetitions, level {report.alpha:.3g}: "
         f"{decided} of {len(report.lines)} comparison(s) decided"
@@ -288,7 +290,7 @@ def _sizes(line: Any) -> tuple[str, str]:
 
 def render(report: Any) -> str:
     """The report as a table per dataset key and pair of families."""
-    from mosaic_client import verdict
+    from mosaic_client.verdict.comparison import A_BETTER, B_BETTER, NO_DIFFERENCE, TOO_FEW
 
     tested = sum(1 for line in report.lines if line.p_holm is not None)
     out = [
@@ -361,7 +363,7 @@ def render(report: Any) -> str:
         out.append(f"note: {note}")
     words = {
         w: sum(line.verdict == w for line in report.lines)
-        for w in (verdict.A_BETTER, verdict.B_BETTER, verdict.NO_DIFFERENCE, verdict.TOO_FEW)
+        for w in (A_BETTER, B_BETTER, NO_DIFFERENCE, TOO_FEW)
     }
     out.append("")
     out.append("verdicts: " + ", ".join(f"{n} {w}" for w, n in words.items()))

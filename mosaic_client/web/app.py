@@ -389,7 +389,7 @@ def routes(state: WebState) -> list[Any]:
         return _json(out)
 
     def verdict_api(request: Request) -> Response:
-        # VERDICT: `mosaic compare` (mosaic_client/verdict.py) is another helper's work in
+        # VERDICT: `mosaic compare` (mosaic_client/verdict/) is another helper's work in
         # progress; once it lands, this route returns its table for ?db=&dataset_key=&criterion=
         # and compare.js draws it in the page's #verdict section.
         return _json(

@@ -79,7 +79,7 @@ for its runs, click a family in the legend to hide or show it</div></div></secti
 <div id="meta-chart" class="chart wide"></div>
 <section id="point" class="point"><p class="sub">hover a point to see its runs</p></section>
 <p id="skipped" class="sub"></p>
-<!-- VERDICT: the table of `mosaic compare` (mosaic_client/verdict.py, issue 14's compare work)
+<!-- VERDICT: the table of `mosaic compare` (mosaic_client/verdict/, issue 14's compare work)
      goes here once that module exists; the server's /api/verdict says whether it is there. -->
 <section id="verdict" class="verdict"><h2>Verdict</h2><p class="sub" id="verdict-note"></p>
 </section>

@@ -601,7 +601,7 @@ function initCompare() {
   $("criterion").onchange = load;
   $("spread").onchange = () => window.mosaic.last && draw(window.mosaic.last);
   load();
-  // VERDICT: the `mosaic compare` table, once mosaic_client/verdict.py exists (see app.py).
+  // VERDICT: the `mosaic compare` table, once mosaic_client/verdict/ exists (see app.py).
   api("/api/verdict", { db }).then((v) => {
     $("verdict-note").textContent = v.available ? "" : v.note;
   }).catch(() => {});

@@ -1,0 +1,159 @@
+"""Reading a study into what the verdict needs: the metric of every finished run as Sides
+({dataset key: {family: {nb_params: Side}}}, with seeds and data stages for the pairing), and
+which way each metric is better. No numpy: this is plain Python over the study's rows."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from mosaic_client import analysis, contract
+
+# Which way is better, per run_results column (docs/compare.md, "Direction").
+LOWER, HIGHER = "lower", "higher"
+DIRECTIONS: dict[str, str] = {
+    "train_loss": LOWER,
+    "test_loss": LOWER,
+    "train_acc": HIGHER,
+    "test_acc": HIGHER,
+    "duration(s)": LOWER,  # cheaper to train
+    "overfit": LOWER,  # a smaller gap between the final train and test losses
+    "trainability": LOWER,  # the mean test loss over all epochs: learns sooner and better
+    "slope": LOWER,  # a more negative final slope: the train loss still falls faster
+}
+NOT_OUTCOMES = {
+    "nb_params": "it is the size axis the families are matched on",
+    "epochs": "it is fixed by the configuration, not an outcome of training",
+}
+
+# The params that differ between the repetitions of one configuration (docs/compare.md).
+REPETITION_PARAMS = contract.REPETITION_PARAMS
+
+
+class VerdictError(ValueError):
+    """Input the comparison cannot use, with what to do instead."""
+
+
+def direction(metric: str) -> str:
+    if metric in NOT_OUTCOMES:
+        raise VerdictError(
+            f"cannot compare on {metric}: {NOT_OUTCOMES[metric]}; use one of: "
+            f"{', '.join(DIRECTIONS)}"
+        )
+    return DIRECTIONS[metric]
+
+
+@dataclass
+class Side:
+    """The runs of one family at one size: values of the metric, with seed and data stage."""
+
+    family: str
+    nb_params: int
+    values: list[float]
+    run_ids: list[int] = field(default_factory=list)
+    seeds: list[Any] = field(default_factory=list)
+    data_stages: list[str] = field(default_factory=list)
+
+    @functools.cached_property
+    def mean(self) -> float:
+        return math.fsum(self.values) / len(self.values)
+
+    @functools.cached_property
+    def var(self) -> float:
+        """Sample variance; nan for a single value."""
+        if len(self.values) < 2:
+            return math.nan
+        m = self.mean
+        return math.fsum((v - m) ** 2 for v in self.values) / (len(self.values) - 1)
+
+
+def _data_stage(params: dict[str, Any], cache: dict[Any, str] | None = None) -> str:
+    """The modules of the run's data_scheme types, without their keys: two runs with the same
+    data stage and the same seed saw the same data."""
+    key = (params.get("pipeline"), params.get("data_scheme"))
+    if cache is not None and key in cache:
+        return cache[key]
+    stage = _parse_data_stage(params)
+    if cache is not None:
+        cache[key] = stage
+    return stage
+
+
+def _parse_data_stage(params: dict[str, Any]) -> str:
+    types = set(analysis.scheme_types(params, "data_scheme"))
+    try:
+        modules = json.loads(params.get("pipeline") or "[]")
+    except (TypeError, ValueError):
+        return ""
+    if not isinstance(modules, list):
+        return ""
+    stage = [
+        {k: v for k, v in m.items() if k != "key"}
+        for m in modules
+        if isinstance(m, dict) and m.get("type") in types
+    ]
+    return json.dumps(stage, sort_keys=True)
+
+
+@dataclass
+class StudyValues:
+    """The metric of every finished run, as sides: {dataset key: {family: {nb_params: Side}}}."""
+
+    metric: str
+    sides: dict[str, dict[str, dict[int, Side]]]
+    skipped: dict[str, int]
+    configurations: dict[tuple[str, str, int], int]  # how many configuration groups per point
+
+
+def study_values(conn: Any, metric: str) -> StudyValues:
+    """The metric of every finished run of the study on `conn`, grouped into Sides; the runs
+    left out counted by reason."""
+    analysis.check_criterion(metric)
+    direction(metric)
+    params = analysis.run_params(conn)
+    statuses = dict(conn.execute("SELECT run_id, status FROM runs"))
+    column = analysis.quoted(metric)
+    results = {
+        row[0]: row[1:]
+        for row in conn.execute(f"SELECT run_id, nb_params, {column} FROM run_results")
+    }
+    sides: dict[str, dict[str, dict[int, Side]]] = {}
+    skipped: dict[str, int] = {}
+    configs: dict[tuple[str, str, int], set[Any]] = {}
+    stages: dict[Any, str] = {}
+    for run_id in sorted(statuses):
+        own = params.get(run_id, {})
+        key = analysis.data_key(own)
+        if key is None:
+            continue
+        row = results.get(run_id)
+        if statuses[run_id] != "done":
+            reason = statuses[run_id]
+        elif row is None or row[0] is None:
+            reason = "without results"
+        elif row[1] is None or not math.isfinite(row[1]):
+            reason = f"without {metric}"
+        else:
+            reason = ""
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            sides.setdefault(key, {})
+            continue
+        family = analysis.model_key(own) or "(no model key)"
+        size = int(row[0])
+        side = (
+            sides.setdefault(key, {})
+            .setdefault(family, {})
+            .setdefault(size, Side(family, size, []))
+        )
+        side.values.append(float(row[1]))
+        side.run_ids.append(run_id)
+        side.seeds.append(own.get("seed"))
+        side.data_stages.append(_data_stage(own, stages))
+        # Everything but the repetition's own params (set operations: fast on 10,000 runs).
+        signature = frozenset(own.items()) - {(k, own.get(k)) for k in REPETITION_PARAMS}
+        configs.setdefault((key, family, size), set()).add(signature)
+    return StudyValues(metric, sides, skipped, {k: len(v) for k, v in configs.items()})
