@@ -196,6 +196,110 @@ def event_latency(browser: Any, daemon: BenchDaemon, base: str, repeat: int) -> 
     return out
 
 
+def measure_pages(
+    browser: Any, server: WebServer, study: str, sorted_filtered: str, runs: int, repeat: int
+) -> dict[str, Any]:
+    """First paint and table shown of the study page's views, and the overview's first paint."""
+    figures: dict[str, Any] = {}
+    pages = {
+        "study page": study,
+        "sorted + filtered study page": sorted_filtered,
+        "study page, last page (offset 99,950)": f"{study}&offset={runs - 50}",
+        "overview": f"{server.base}/",
+    }
+    page_load(browser, study)  # warm the caches once, as a second visit would be
+    for name, url in pages.items():
+        if name == "overview":
+            browser.get("about:blank")
+            browser.get(url)
+            wait_js(browser, "return window.mosaic.timing.rendered")
+            paint = [wait_js(browser, PAINT)]
+            figures[name] = {"first_paint_ms": median(paint)}
+            print(f"{name:<40} first paint {paint[0]:7.0f} ms")
+            continue
+        loads = [page_load(browser, url) for _ in range(repeat)]
+        fp = median([x["first_paint_ms"] for x in loads])
+        table = median([x["table_ms"] for x in loads])
+        figures[name] = {
+            "first_paint_ms": fp,
+            "table_ms": table,
+            "table_max_ms": max(x["table_ms"] for x in loads),
+        }
+        print(
+            f"{name:<40} first paint {fp:7.0f} ms   table shown {table:7.0f} ms "
+            f"(max {figures[name]['table_max_ms']:.0f})"
+        )
+    return figures
+
+
+def measure_sorts(browser: Any, study: str, sorted_filtered: str, repeat: int) -> dict[str, Any]:
+    """Click on a column header to the table re-sorted, for a few columns of two views."""
+    sorts = {}
+    for view, url in (("all runs", study), ("done + 2 filters", sorted_filtered)):
+        page_load(browser, url)
+        for column in ("test_loss", "nb_params", "param:mlp_key", "pipeline", "run_id"):
+            times = [sort_click(browser, column) for _ in range(repeat)]
+            name = f"{view}, by {column}"
+            sorts[name] = {"median_ms": median(times), "max_ms": max(times)}
+            print(f"sort {name:<35} click to table {median(times):7.0f} ms (max {max(times):.0f})")
+    return sorts
+
+
+def measure_comparison(browser: Any, server: WebServer, db: Path) -> dict[str, Any]:
+    """The comparison: the metaplot over every run of a dataset key (mosaic_client.analysis),
+    then the same page again, served from the server's cache."""
+    compare = f"{server.base}/compare?db={quote(str(db))}"
+    first, again = page_load(browser, compare), page_load(browser, compare)
+    print(
+        f"{'comparison page (chart drawn)':<40} first visit {first['table_ms']:7.0f} ms   "
+        f"again {again['table_ms']:7.0f} ms"
+    )
+    return {"first_ms": first["table_ms"], "again_ms": again["table_ms"]}
+
+
+def measure_server(server: WebServer, db: Path, repeat: int) -> dict[str, Any]:
+    """The server alone: response times and payloads of the study page's requests."""
+    quoted = quote(str(db))
+    requests = {
+        "page HTML": f"/study?db={quoted}",
+        "app.js": "/static/app.js",
+        "app.css": "/static/app.css",
+        "uPlot.iife.min.js (run, compare pages)": "/static/uPlot.iife.min.js",
+        "/api/study (counts, params, keys)": f"/api/study?db={quoted}",
+        "/api/runs, 50 rows": f"/api/runs?db={quoted}&show=dataset_key,mlp_key",
+        "/api/runs, sorted by test_loss desc": f"/api/runs?db={quoted}&sort=test_loss&desc=1",
+        "/api/runs, done + 2 filters + sort": f"/api/runs?db={quoted}&status=done&filter="
+        "lr%3C%3D0.01&filter=mlp_key%3Dmlp_mlp_brick"
+        "&sort=test_loss&desc=1",
+        "/api/snapshot (the live state)": "/api/snapshot",
+        "/api/compare (cached)": f"/api/compare?db={quoted}",
+    }
+    served = {}
+    for name, path in requests.items():
+        times, size = [], 0
+        for _ in range(repeat * 2):
+            elapsed, body = server.get(path)
+            times.append(elapsed * 1000)
+            size = len(body)
+        served[name] = {"median_ms": median(times), "bytes": size}
+        print(f"server {name:<42} {median(times):7.1f} ms  {size / 1024:7.1f} KiB")
+    return served
+
+
+def print_targets(figures: dict[str, Any]) -> None:
+    """The figures against the targets (the module's docstring)."""
+    fp = figures["study page"]["first_paint_ms"]
+    table = figures["study page"]["table_ms"]
+    worst_sort = max(s["median_ms"] for s in figures["sort"].values())
+    print(
+        f"targets: study page first paint {fp:.0f} ms (< 1000: "
+        f"{'met' if fp < 1000 else 'NOT met'}), table {table:.0f} ms; slowest sort "
+        f"{worst_sort:.0f} ms (< 300: {'met' if worst_sort < 300 else 'NOT met'}); event to "
+        f"page {figures['event_to_page_s']['max'] * 1000:.0f} ms max (<= 1000: "
+        f"{'met' if figures['event_to_page_s']['max'] <= 1 else 'NOT met'})"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100_000)
@@ -219,80 +323,12 @@ def main() -> int:
             f"{study}&status=done&filter=lr%3C%3D0.01&filter=mlp_key%3D"
             "mlp_mlp_brick&sort=test_loss&desc=1"
         )
-        pages = {
-            "study page": study,
-            "sorted + filtered study page": sorted_filtered,
-            "study page, last page (offset 99,950)": f"{study}&offset={args.runs - 50}",
-            "overview": f"{server.base}/",
-        }
-        page_load(browser, study)  # warm the caches once, as a second visit would be
-        for name, url in pages.items():
-            if name == "overview":
-                browser.get("about:blank")
-                browser.get(url)
-                wait_js(browser, "return window.mosaic.timing.rendered")
-                paint = [wait_js(browser, PAINT)]
-                figures[name] = {"first_paint_ms": median(paint)}
-                print(f"{name:<40} first paint {paint[0]:7.0f} ms")
-                continue
-            loads = [page_load(browser, url) for _ in range(args.repeat)]
-            fp = median([x["first_paint_ms"] for x in loads])
-            table = median([x["table_ms"] for x in loads])
-            figures[name] = {
-                "first_paint_ms": fp,
-                "table_ms": table,
-                "table_max_ms": max(x["table_ms"] for x in loads),
-            }
-            print(
-                f"{name:<40} first paint {fp:7.0f} ms   table shown {table:7.0f} ms "
-                f"(max {figures[name]['table_max_ms']:.0f})"
-            )
-        sorts = {}
-        for view, url in (("all runs", study), ("done + 2 filters", sorted_filtered)):
-            page_load(browser, url)
-            for column in ("test_loss", "nb_params", "param:mlp_key", "pipeline", "run_id"):
-                times = [sort_click(browser, column) for _ in range(args.repeat)]
-                name = f"{view}, by {column}"
-                sorts[name] = {"median_ms": median(times), "max_ms": max(times)}
-                print(
-                    f"sort {name:<35} click to table {median(times):7.0f} ms (max {max(times):.0f})"
-                )
-        figures["sort"] = sorts
-        # The comparison: the metaplot over every run of a dataset key (mosaic_client.analysis),
-        # then the same page again, served from the server's cache.
-        compare = f"{server.base}/compare?db={quote(str(db))}"
-        first, again = page_load(browser, compare), page_load(browser, compare)
-        figures["comparison"] = {"first_ms": first["table_ms"], "again_ms": again["table_ms"]}
-        print(
-            f"{'comparison page (chart drawn)':<40} first visit {first['table_ms']:7.0f} ms   "
-            f"again {again['table_ms']:7.0f} ms"
+        figures.update(
+            measure_pages(browser, server, study, sorted_filtered, args.runs, args.repeat)
         )
-        # The server alone: response times and payloads of the study page's requests.
-        quoted = quote(str(db))
-        requests = {
-            "page HTML": f"/study?db={quoted}",
-            "app.js": "/static/app.js",
-            "app.css": "/static/app.css",
-            "uPlot.iife.min.js (run, compare pages)": "/static/uPlot.iife.min.js",
-            "/api/study (counts, params, keys)": f"/api/study?db={quoted}",
-            "/api/runs, 50 rows": f"/api/runs?db={quoted}&show=dataset_key,mlp_key",
-            "/api/runs, sorted by test_loss desc": f"/api/runs?db={quoted}&sort=test_loss&desc=1",
-            "/api/runs, done + 2 filters + sort": f"/api/runs?db={quoted}&status=done&filter="
-            "lr%3C%3D0.01&filter=mlp_key%3Dmlp_mlp_brick"
-            "&sort=test_loss&desc=1",
-            "/api/snapshot (the live state)": "/api/snapshot",
-            "/api/compare (cached)": f"/api/compare?db={quoted}",
-        }
-        served = {}
-        for name, path in requests.items():
-            times, size = [], 0
-            for _ in range(args.repeat * 2):
-                elapsed, body = server.get(path)
-                times.append(elapsed * 1000)
-                size = len(body)
-            served[name] = {"median_ms": median(times), "bytes": size}
-            print(f"server {name:<42} {median(times):7.1f} ms  {size / 1024:7.1f} KiB")
-        figures["server"] = served
+        figures["sort"] = measure_sorts(browser, study, sorted_filtered, args.repeat)
+        figures["comparison"] = measure_comparison(browser, server, db)
+        figures["server"] = measure_server(server, db, args.repeat)
         latency = event_latency(browser, daemon, server.base, args.repeat)
         figures["event_to_page_s"] = {"median": median(latency), "max": max(latency)}
         print(
@@ -303,16 +339,7 @@ def main() -> int:
         browser.quit()
         server.stop()
         daemon.stop()
-    fp = figures["study page"]["first_paint_ms"]
-    table = figures["study page"]["table_ms"]
-    worst_sort = max(s["median_ms"] for s in figures["sort"].values())
-    print(
-        f"targets: study page first paint {fp:.0f} ms (< 1000: "
-        f"{'met' if fp < 1000 else 'NOT met'}), table {table:.0f} ms; slowest sort "
-        f"{worst_sort:.0f} ms (< 300: {'met' if worst_sort < 300 else 'NOT met'}); event to "
-        f"page {figures['event_to_page_s']['max'] * 1000:.0f} ms max (<= 1000: "
-        f"{'met' if figures['event_to_page_s']['max'] <= 1 else 'NOT met'})"
-    )
+    print_targets(figures)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0

@@ -80,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
         "  MOSAIC_SOCKET=/tmp/m.sock mosaicd",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # The groups are added in this order so that --help lists the options as it always has.
+    _add_location_options(parser)
+    _add_worker_options(parser)
+    _add_service_options(parser)
+    _add_executor_options(parser)
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def _add_location_options(parser: argparse.ArgumentParser) -> None:
+    """Where the daemon is reached and where it keeps its own state."""
     parser.add_argument(
         "--socket",
         default=None,
@@ -91,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the daemon keeps its own state (default: $MOSAIC_STATE_DIR, "
         "else ~/.local/state/mosaic)",
     )
+
+
+def _add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """How many workers, on which GPUs, how long each lives and what separates its runs."""
     parser.add_argument(
         "--workers", type=int, default=None, help="CPU worker slots (default: the number of CPUs)"
     )
@@ -126,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the daemon's own): every user must be able to execute it and read Mosaic's "
         "and torch's packages (docs/deployment.md)",
     )
+
+
+def _add_service_options(parser: argparse.ArgumentParser) -> None:
+    """How runs are saved and stopped, and who may act on them and connect."""
     parser.add_argument(
         "--checkpoint-every",
         type=float,
@@ -144,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--socket-group", default=None, help="make the socket 0660 for this group (system service)"
     )
+
+
+def _add_executor_options(parser: argparse.ArgumentParser) -> None:
+    """Who runs the workers (local processes or Ray actors) and how they reach the daemon."""
     parser.add_argument(
         "--executor",
         default="local",
@@ -180,10 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the address workers connect to when it differs from "
         "--worker-bind, e.g. tcp://head-node:5560",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

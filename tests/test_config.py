@@ -1,4 +1,4 @@
-"""Tests of the configuration language (mosaic_client/config.py) and the OR/AND example."""
+"""Tests of the configuration language (the mosaic_client/config package) and the OR/AND example."""
 
 import importlib.util
 import inspect

@@ -218,6 +218,28 @@ def _int(value: str | None, default: int, what: str) -> int:
 
 
 def routes(state: WebState) -> list[Any]:
+    """Every URL of the server. The groups keep the order Starlette tries them in: the
+    POST-only /api/{action} comes after every GET /api/... route it would also match."""
+    return [
+        *_page_routes(state),
+        *_live_routes(state),
+        *_study_routes(state),
+        *_compare_routes(state),
+        *_control_routes(state),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+
+
+def _event_stream(stream: AsyncIterator[str]) -> StreamingResponse:
+    # X-Accel-Buffering: a proxy such as nginx would otherwise hold the events back.
+    return StreamingResponse(
+        stream, media_type="text/event-stream", headers={**HEADERS, "X-Accel-Buffering": "no"}
+    )
+
+
+def _page_routes(state: WebState) -> list[Route]:
+    """The HTML pages; each names its study (?db=), which must be one this server shows."""
+
     def overview(request: Request) -> Response:
         return _page(state, "overview", "overview")
 
@@ -232,6 +254,17 @@ def routes(state: WebState) -> list[Any]:
     def compare_page(request: Request) -> Response:
         state.study_path(request.query_params.get("db"))
         return _page(state, "compare", "comparison", charts=True)
+
+    return [
+        Route("/", overview),
+        Route("/study", study_page),
+        Route("/run", run_page),
+        Route("/compare", compare_page),
+    ]
+
+
+def _live_routes(state: WebState) -> list[Route]:
+    """What the daemon is doing: the overview's snapshot, once or as a stream of changes."""
 
     def snapshot(request: Request) -> Response:
         return _json({"version": state.hub.version, **state.hub.snapshot})
@@ -255,9 +288,14 @@ def routes(state: WebState) -> list[Any]:
                     for change in pending:
                         yield live.sse("diff", change)
 
-        return StreamingResponse(
-            stream(), media_type="text/event-stream", headers={**HEADERS, "X-Accel-Buffering": "no"}
-        )
+        return _event_stream(stream())
+
+    return [Route("/events", events), Route("/api/snapshot", snapshot)]
+
+
+def _study_routes(state: WebState) -> list[Route]:
+    """One study read from its database: its summary, a page of its runs, one run (also as a
+    stream of its new epochs and log)."""
 
     def study_api(request: Request) -> Response:
         db = state.study_path(request.query_params.get("db"))
@@ -299,64 +337,78 @@ def routes(state: WebState) -> list[Any]:
         return _json(detail)
 
     async def run_events(request: Request) -> Response:
-        """New epochs, state changes and log growth of one run, as they happen. The database is
-        looked at only when its files changed (WAL mode: a commit touches the -wal file)."""
+        """New epochs, state changes and log growth of one run, as they happen."""
         q = request.query_params
         db = state.study_path(q.get("db"))
         run_id = _int(q.get("id"), 0, "id")
         after = _int(q.get("after"), 0, "after")
+        return _event_stream(_run_event_stream(state, db, run_id, after))
 
-        def look(
-            last: int,
-        ) -> tuple[list[dict[str, Any]], tuple[str, str | None] | None, str | None]:
-            with contextlib.closing(state.connect(db)) as conn:
-                new = studies.epochs_after(conn, run_id, last)
-                run_state = studies.run_state(conn, run_id)
-                params = dict(
-                    conn.execute(
-                        "SELECT param_name, param_value FROM params WHERE run_id = ? AND "
-                        "param_name = 'run_files_path'",
-                        (run_id,),
-                    ).fetchall()
-                )
-            return new, run_state, studies.log_path(params, run_id)
+    return [
+        Route("/api/study", study_api),
+        Route("/api/runs", runs_api),
+        Route("/api/run", run_api),
+        Route("/api/run/events", run_events),
+    ]
 
-        async def stream() -> AsyncIterator[str]:
-            last_epoch, last_state, last_size, stamp = after, None, -1, None
-            idle = 0.0
-            log_file: str | None = None
-            while not state.hub.closed:
-                now_stamp = await run_in_threadpool(files_stamp, db)
-                if now_stamp != stamp:
-                    stamp = now_stamp
-                    try:
-                        new, run_state, log_file = await run_in_threadpool(look, last_epoch)
-                    except (NotFound, sqlite3.Error) as exc:  # the study went away
-                        yield live.sse("gone", {"error": str(exc)})
-                        return
-                    if new:
-                        last_epoch = new[-1]["epoch"]
-                        yield live.sse("epochs", new)
-                    if run_state != last_state:
-                        last_state = run_state
-                        if run_state is not None:
-                            yield live.sse(
-                                "state", {"status": run_state[0], "return_status": run_state[1]}
-                            )
-                size = log_size(log_file)
-                if size != last_size:  # read the tail only when the file grew
-                    text, last_size = await run_in_threadpool(studies.log_tail, log_file)
-                    yield live.sse("log", {"text": text, "size": last_size})
-                    idle = 0.0
-                await asyncio.sleep(RUN_POLL)
-                idle += RUN_POLL
-                if idle >= KEEPALIVE:
-                    idle = 0.0
-                    yield ": keepalive\n\n"
 
-        return StreamingResponse(
-            stream(), media_type="text/event-stream", headers={**HEADERS, "X-Accel-Buffering": "no"}
+def _run_news(
+    state: WebState, db: str, run_id: int, last: int
+) -> tuple[list[dict[str, Any]], tuple[str, str | None] | None, str | None]:
+    """A run's epochs after `last`, its state, and its log file's path (run in a thread)."""
+    with contextlib.closing(state.connect(db)) as conn:
+        new = studies.epochs_after(conn, run_id, last)
+        run_state = studies.run_state(conn, run_id)
+        params = dict(
+            conn.execute(
+                "SELECT param_name, param_value FROM params WHERE run_id = ? AND "
+                "param_name = 'run_files_path'",
+                (run_id,),
+            ).fetchall()
         )
+    return new, run_state, studies.log_path(params, run_id)
+
+
+async def _run_event_stream(
+    state: WebState, db: str, run_id: int, after: int
+) -> AsyncIterator[str]:
+    """The run's events. The database is looked at only when its files changed (WAL mode: a
+    commit touches the -wal file), the log only when it grew."""
+    last_epoch, last_state, last_size, stamp = after, None, -1, None
+    idle = 0.0
+    log_file: str | None = None
+    while not state.hub.closed:
+        now_stamp = await run_in_threadpool(files_stamp, db)
+        if now_stamp != stamp:
+            stamp = now_stamp
+            try:
+                new, run_state, log_file = await run_in_threadpool(
+                    _run_news, state, db, run_id, last_epoch
+                )
+            except (NotFound, sqlite3.Error) as exc:  # the study went away
+                yield live.sse("gone", {"error": str(exc)})
+                return
+            if new:
+                last_epoch = new[-1]["epoch"]
+                yield live.sse("epochs", new)
+            if run_state != last_state:
+                last_state = run_state
+                if run_state is not None:
+                    yield live.sse("state", {"status": run_state[0], "return_status": run_state[1]})
+        size = log_size(log_file)
+        if size != last_size:  # read the tail only when the file grew
+            text, last_size = await run_in_threadpool(studies.log_tail, log_file)
+            yield live.sse("log", {"text": text, "size": last_size})
+            idle = 0.0
+        await asyncio.sleep(RUN_POLL)
+        idle += RUN_POLL
+        if idle >= KEEPALIVE:
+            idle = 0.0
+            yield ": keepalive\n\n"
+
+
+def _compare_routes(state: WebState) -> list[Route]:
+    """The comparison page's data: the metaplot's points, and the verdict table to come."""
 
     def compare_api(request: Request) -> Response:
         q = request.query_params
@@ -396,6 +448,35 @@ def routes(state: WebState) -> list[Any]:
             {"available": False, "note": "the verdict table of `mosaic compare` will be shown here"}
         )
 
+    return [Route("/api/compare", compare_api), Route("/api/verdict", verdict_api)]
+
+
+def _control_fields(state: WebState, name: str, body: dict[str, Any]) -> dict[str, Any] | Response:
+    """The daemon request's fields for a control action, or the error answered instead."""
+    if name == "pause":
+        return {"now": bool(body.get("now"))}
+    if name == "resume":
+        return {}
+    if name == "cancel":
+        ids = body.get("ids")
+        if not (
+            isinstance(ids, list)
+            and ids
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        ):
+            return _error("cancel needs {db, ids: [run ids]}", 400)
+        return {
+            "db": state.study_path(body.get("db")),
+            "selection": {"kind": "ids", "ids": ids},
+            "reason": "cancelled from the web view",
+        }
+    return _error(f"unknown action {name!r}; use pause, resume or cancel", 404)
+
+
+def _control_routes(state: WebState) -> list[Route]:
+    """The actions: pause, resume, cancel, sent to the daemon as the CLI sends them, so the
+    daemon applies its ownership rules."""
+
     async def control(request: Request) -> Response:
         name = request.path_params["action"]
         try:
@@ -404,25 +485,9 @@ def routes(state: WebState) -> list[Any]:
             body = {}
         if not isinstance(body, dict):
             return _error("the body must be a JSON object", 400)
-        if name == "pause":
-            fields: dict[str, Any] = {"now": bool(body.get("now"))}
-        elif name == "resume":
-            fields = {}
-        elif name == "cancel":
-            ids = body.get("ids")
-            if not (
-                isinstance(ids, list)
-                and ids
-                and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
-            ):
-                return _error("cancel needs {db, ids: [run ids]}", 400)
-            fields = {
-                "db": state.study_path(body.get("db")),
-                "selection": {"kind": "ids", "ids": ids},
-                "reason": "cancelled from the web view",
-            }
-        else:
-            return _error(f"unknown action {name!r}; use pause, resume or cancel", 404)
+        fields = _control_fields(state, name, body)
+        if isinstance(fields, Response):
+            return fields
 
         def call() -> Any:
             with Client(state.settings.socket_path, timeout=CONTROL_TIMEOUT) as client:
@@ -440,22 +505,7 @@ def routes(state: WebState) -> list[Any]:
         state.poller.poll_now()
         return _json({"ok": True, "reply": reply})
 
-    return [
-        Route("/", overview),
-        Route("/study", study_page),
-        Route("/run", run_page),
-        Route("/compare", compare_page),
-        Route("/events", events),
-        Route("/api/snapshot", snapshot),
-        Route("/api/study", study_api),
-        Route("/api/runs", runs_api),
-        Route("/api/run", run_api),
-        Route("/api/run/events", run_events),
-        Route("/api/compare", compare_api),
-        Route("/api/verdict", verdict_api),
-        Route("/api/{action}", control, methods=["POST"]),
-        Mount("/static", StaticFiles(directory=STATIC), name="static"),
-    ]
+    return [Route("/api/{action}", control, methods=["POST"])]
 
 
 def create_app(settings: Settings) -> Starlette:
