@@ -1,4 +1,4 @@
-"""Ensembles (mosaicd/training/ensemble.py): the members of a group train to the numbers of the same
+"""Ensembles (mosaicd/training/ensemble/): the members of a group train to the numbers of the same
 runs trained alone, fail, park, resume and cancel alone, and whatever cannot be vmapped falls back
 to individual runs. Real torch on tiny data, one thread."""
 
@@ -15,6 +15,9 @@ import torch
 
 from mosaic_client import contract
 from mosaicd.training import ensemble, execution
+from mosaicd.training.ensemble import batches, stack
+from mosaicd.training.ensemble import forward as ensemble_forward
+from mosaicd.training.ensemble.members import failed_outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 OR_EXAMPLE = ROOT / "examples" / "or_mlp"
@@ -378,6 +381,21 @@ def run_group(
     return outcomes, {k: r.events for k, r in recorders.items()}
 
 
+def run_individually(
+    specs: list[dict[str, Any]], channels: dict[int, execution.Channel]
+) -> Iterator[tuple[int, ensemble.Outcome]]:
+    """The fallback path: each spec through execution.execute, as the worker's run_one does
+    (without its logs and isolation)."""
+    for spec in specs:
+        run_id = int(spec["run_id"])
+        try:
+            yield run_id, ("done", execution.execute(spec, channels[run_id]))
+        except execution.Parked as parked:
+            yield run_id, ("parked", {"epoch": parked.epoch})
+        except Exception as exc:
+            yield run_id, failed_outcome(exc)
+
+
 def run_alone(spec: dict[str, Any], files: Path) -> list[dict[str, Any]]:
     spec = dict(spec, run_files_path=str(files))
     recorder = Recorder()
@@ -440,22 +458,22 @@ def check_equivalence(specs: list[dict[str, Any]], tmp_path: Path, cls: str) -> 
 def test_or_example_members_equal_their_runs_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gather: str
 ) -> None:
-    if gather == "per step":  # as for data above ensemble.PASS_GATHER_MAX_BYTES
-        monkeypatch.setattr(ensemble, "PASS_GATHER_MAX_BYTES", 0)
+    if gather == "per step":  # as for data above batches.PASS_GATHER_MAX_BYTES
+        monkeypatch.setattr(batches, "PASS_GATHER_MAX_BYTES", 0)
     check_equivalence(or_specs(tmp_path / "group"), tmp_path, "mlp_funnel")
 
 
 def record_sharing(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether each step of the group ran on one shared batch or on stacked batches."""
     shared: list[bool] = []
-    steps = ensemble._steps
+    steps = batches.steps
 
     def recording(*args: Any) -> Iterator[Any]:
         for step in steps(*args):
             shared.append(step[2])
             yield step
 
-    monkeypatch.setattr(ensemble, "_steps", recording)
+    monkeypatch.setattr(batches, "steps", recording)
     return shared
 
 
@@ -471,8 +489,8 @@ def test_two_stage_data_members_equal_their_runs_alone(
 def test_cnn_members_share_one_batch_and_equal_their_runs_alone(
     classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gather: str
 ) -> None:
-    if gather == "per step":  # as for data above ensemble.PASS_GATHER_MAX_BYTES
-        monkeypatch.setattr(ensemble, "PASS_GATHER_MAX_BYTES", 0)
+    if gather == "per step":  # as for data above batches.PASS_GATHER_MAX_BYTES
+        monkeypatch.setattr(batches, "PASS_GATHER_MAX_BYTES", 0)
     shared = record_sharing(monkeypatch)
     specs = make_specs(
         tmp_path / "group",
@@ -641,9 +659,7 @@ def test_what_cannot_be_vmapped_falls_back_to_individual_runs(
         assert FALLBACKS[case] in log and "the run trains individually" in log
         assert "trains in an ensemble" not in log
     # The caller then trains them one by one, as without ensembles: they finish.
-    outcomes = dict(
-        ensemble.run_individually(specs, {k: r.channel() for k, r in recorders.items()})
-    )
+    outcomes = dict(run_individually(specs, {k: r.channel() for k, r in recorders.items()}))
     for spec in specs:
         run_id = int(spec["run_id"])
         assert outcomes[run_id][0] == "done", outcomes[run_id]
@@ -718,7 +734,7 @@ def test_built_in_accuracy_on_stacked_outputs_counts_as_each_member_alone(
     if shared:
         y = y[:1].expand(members, *y_shape)
     alone = [execution.correct_count(mode, out[i], y[i]) for i in range(members)]
-    stacked = ensemble._stacked_correct(mode, out, y[0] if shared else y, shared)
+    stacked = stack._stacked_correct(mode, out, y[0] if shared else y, shared)
     if not direct:
         assert stacked is None
         return
@@ -804,13 +820,13 @@ def forward_line(spec: dict[str, Any]) -> str:
 def count_batched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many steps (probe included) ran the batched forward."""
     calls = [0]
-    forward = ensemble._Batched.forward
+    forward = ensemble_forward.Batched.forward
 
     def counting(self: Any, *args: Any) -> Any:
         calls[0] += 1
         return forward(self, *args)
 
-    monkeypatch.setattr(ensemble._Batched, "forward", counting)
+    monkeypatch.setattr(ensemble_forward.Batched, "forward", counting)
     return calls
 
 
@@ -870,7 +886,7 @@ def test_other_pipelines_keep_vmap_with_the_numbers_it_gave_before(
     for spec in specs:
         assert forward_line(spec) == f"[mosaic] ensemble forward: vmap ({NOT_BATCHED[model]})"
     # The vmap path as it was before the batched forward existed: the same numbers, bit for bit.
-    monkeypatch.setattr(ensemble, "_batched_forward", lambda bases: (None, "switched off"))
+    monkeypatch.setattr(ensemble_forward, "batched_forward", lambda bases: (None, "switched off"))
     before = [dict(s, run_files_path=str(tmp_path / "before")) for s in specs]
     _, again = run_group(before)
     for run_id in events:
@@ -886,9 +902,9 @@ def test_other_pipelines_keep_vmap_with_the_numbers_it_gave_before(
 def test_a_batched_forward_that_differs_from_the_members_falls_back_to_vmap_not_to_runs(
     classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    linear = ensemble._stacked_linear
+    linear = ensemble_forward._stacked_linear
     # A wrong batched Linear layer (as a bug would give): the probe must catch it.
-    monkeypatch.setattr(ensemble, "_stacked_linear", lambda *args: linear(*args) * 1.01)
+    monkeypatch.setattr(ensemble_forward, "_stacked_linear", lambda *args: linear(*args) * 1.01)
     specs = points_specs(classes, tmp_path / "group")
     outcomes, events = run_group(specs)
     assert {k: v[0] for k, v in outcomes.items()} == {10: "done", 11: "done", 12: "done"}
@@ -933,7 +949,7 @@ def test_per_member_losses_on_stacked_outputs_equal_each_member_alone(
     if shared:
         y = y[:1].expand(members, *y.shape[1:])
     alone = torch.stack([criterion(out[i], y[i]) for i in range(members)])
-    loss = ensemble._member_loss(criterion)
+    loss = ensemble_forward.member_loss(criterion)
     assert loss is not None
     stacked = loss(out, y[0] if shared else y, shared)
     assert stacked is not None
@@ -942,12 +958,14 @@ def test_per_member_losses_on_stacked_outputs_equal_each_member_alone(
 
 
 def test_losses_with_weights_or_broadcast_targets_are_left_to_vmap() -> None:
-    assert ensemble._member_loss(torch.nn.MSELoss(reduction="sum")) is None
-    assert ensemble._member_loss(torch.nn.BCELoss(weight=torch.ones(1))) is None
-    assert ensemble._member_loss(torch.nn.BCEWithLogitsLoss(pos_weight=torch.ones(1))) is None
-    assert ensemble._member_loss(torch.nn.CrossEntropyLoss(label_smoothing=0.1)) is None
-    assert ensemble._member_loss(torch.nn.HuberLoss()) is None
-    mse = ensemble._member_loss(torch.nn.MSELoss())
+    assert ensemble_forward.member_loss(torch.nn.MSELoss(reduction="sum")) is None
+    assert ensemble_forward.member_loss(torch.nn.BCELoss(weight=torch.ones(1))) is None
+    assert (
+        ensemble_forward.member_loss(torch.nn.BCEWithLogitsLoss(pos_weight=torch.ones(1))) is None
+    )
+    assert ensemble_forward.member_loss(torch.nn.CrossEntropyLoss(label_smoothing=0.1)) is None
+    assert ensemble_forward.member_loss(torch.nn.HuberLoss()) is None
+    mse = ensemble_forward.member_loss(torch.nn.MSELoss())
     assert mse is not None
     # Alone, a (6, 1) output against a (6,) target broadcasts to (6, 6): vmap reproduces that.
     assert mse(torch.zeros(4, 6, 1), torch.zeros(4, 6), False) is None

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mosaic_client import contract
-from mosaicd.training import execution
+from mosaicd.training import epochs, execution
 from mosaicd.training.execution import BuiltRun, Channel, History, UserCodeError
 
 CLASSES = '''
@@ -385,3 +385,42 @@ def test_count_correct_prefers_the_models_own_accuracy(classes: str, tmp_path: P
     assert int(run.count_correct(y_pred, y)) == 1
     own = BuiltRun(**{**run.__dict__, "user_accuracy": lambda p, t: 42})
     assert own.count_correct(y_pred, y) == 42
+
+
+# (epoch, target, park, cancel, checkpoint due) -> (checkpoint, outcome)
+EPOCH_ENDS = [
+    ((1, 3, False, False, False), (False, epochs.CONTINUE)),
+    ((1, 3, False, False, True), (True, epochs.CONTINUE)),  # the timed checkpoint
+    ((1, 3, True, False, False), (True, epochs.PARKED)),  # parked: checkpointed first
+    ((1, 3, True, False, True), (True, epochs.PARKED)),
+    ((1, 3, False, True, True), (False, epochs.CANCELLED)),  # a cancelled run keeps nothing
+    ((1, 3, True, True, False), (False, epochs.CANCELLED)),  # a cancel wins over a park
+    ((3, 3, False, False, False), (True, epochs.DONE)),  # the target: always checkpointed
+    ((3, 3, True, False, False), (True, epochs.DONE)),  # parked at the target: done
+    ((3, 3, False, True, True), (False, epochs.DONE)),  # cancelled at the target: done as is
+    ((3, 3, True, True, False), (False, epochs.DONE)),
+]
+
+
+@pytest.mark.parametrize(("given", "decided"), EPOCH_ENDS)
+def test_the_epoch_boundary_decision_of_a_run_and_of_an_ensemble_member(
+    given: tuple[int, int, bool, bool, bool], decided: tuple[bool, str]
+) -> None:
+    epoch, target, park, cancel, due = given
+    end = epochs.epoch_end(epoch, target, park=park, checkpoint_due=due, cancel=cancel)
+    assert (end.checkpoint, end.outcome) == decided
+    if not cancel:  # a run alone is never cancelled: the default
+        assert epochs.epoch_end(epoch, target, park=park, checkpoint_due=due) == end
+
+
+def test_the_checkpoint_clock_is_due_every_so_many_seconds() -> None:
+    now = [100.0]
+    clock = epochs.CheckpointClock(30.0, now=lambda: now[0])
+    now[0] = 129.9
+    assert not clock.due()
+    now[0] = 130.0
+    assert clock.due()
+    clock.restart()
+    assert not clock.due()
+    now[0] = 160.0
+    assert clock.due()

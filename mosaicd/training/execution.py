@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mosaic_client import contract, schema
-from mosaicd.training import metrics, provenance
+from mosaicd.training import epochs, metrics, provenance
 
 _module_counter = itertools.count()
 # Names of the user modules loaded since the worker last dropped them (worker.py): keeping
@@ -587,8 +587,9 @@ def train(
     checkpoint_file: str,
 ) -> None:
     """Run the epochs after `first_epoch` up to `target`, reporting each one; checkpoint every
-    `checkpoint_every` seconds, at the end, and before raising Parked when the daemon asks."""
-    last_checkpoint = time.monotonic()
+    `checkpoint_every` seconds, at the end, and before raising Parked when the daemon asks
+    (the decision is :func:`mosaicd.training.epochs.epoch_end`, as for an ensemble's members)."""
+    clock = epochs.CheckpointClock(checkpoint_every)
     for epoch in range(first_epoch + 1, target + 1):
         run_epoch(run, history, epoch)
         print(
@@ -597,13 +598,12 @@ def train(
             flush=True,
         )
         park = channel.park_requested()
-        last = epoch == target
-        checkpointed = park or last or time.monotonic() - last_checkpoint >= checkpoint_every
-        if checkpointed:
+        end = epochs.epoch_end(epoch, target, park=park, checkpoint_due=clock.due())
+        if end.checkpoint:
             save_checkpoint(run, history, epoch, checkpoint_file)
-            last_checkpoint = time.monotonic()
-        channel.on_epoch(history.event(run.run_id, epoch - 1, checkpointed))
-        if park and not last:
+            clock.restart()
+        channel.on_epoch(history.event(run.run_id, epoch - 1, end.checkpoint))
+        if end.outcome == epochs.PARKED:
             raise Parked(epoch)
 
 
