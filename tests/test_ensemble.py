@@ -5,6 +5,7 @@ to individual runs. Real torch on tiny data, one thread."""
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -535,7 +536,12 @@ def test_dropout_draws_an_independent_stream_per_member(
         assert [[e[k] for k in FIGURES] for e in events[run_id]] == [
             [e[k] for k in FIGURES] for e in again[run_id]
         ]
-    same = [events[10][-1][k] == events[11][-1][k] for k in ("train_loss", "test_loss")]
+    # Without dropout the two members agree up to float rounding: the batched kernels may sum
+    # two slices of one stacked tensor in another order (seen on AMD EPYC: 1e-7 relative).
+    same = [
+        math.isclose(events[10][-1][k], events[11][-1][k], rel_tol=1e-5)
+        for k in ("train_loss", "test_loss")
+    ]
     assert same == ([True, True] if model == "mlp" else [False, False])
 
 
