@@ -127,15 +127,6 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_diff(snapshot: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    """The page's side of `diff` (the same merge app.js does); used by the tests."""
-    merged = {**snapshot, **{k: v for k, v in change.items() if k in ("daemon", "workers")}}
-    merged["studies"] = {**snapshot.get("studies", {}), **change.get("studies", {})}
-    for db in change.get("removed", []):
-        merged["studies"].pop(db, None)
-    return merged
-
-
 class LocalStudies:
     """Counts of the databases named on the command line that the daemon does not serve,
     re-read only when SQLite says the file changed (PRAGMA data_version)."""
