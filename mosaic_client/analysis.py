@@ -3,7 +3,8 @@
 `plotloss`, `metaplot`, `rekey` and `export` read a study database on a read-only connection,
 so they work on a live study (WAL readers never block the daemon), on a `savedb` copy and on a
 file moved to another machine. Only `rekey` changes anything, and it sends its changes to the
-daemon (the database's single writer); this module just works out what they are.
+daemon (the database's single writer); this module just works out what they are. The
+queries themselves are mosaic_client.study_reading's: here is what is made of their rows.
 The formulas behind each criterion are in docs/analysis.md.
 """
 
@@ -19,7 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mosaic_client import contract, provenance
+from mosaic_client import contract, study_reading
+from mosaic_client.study_reading import run_params
 
 # Every column of run_results is a metaplot criterion (the shared contract names them once).
 CRITERIA: tuple[str, ...] = contract.RESULT_COLUMNS
@@ -45,11 +47,6 @@ def _owner_name(path: str) -> str:
         return f"uid {uid}"
 
 
-def quoted(column: str) -> str:
-    """A column name as an SQL identifier (run_results has columns such as "duration(s)")."""
-    return '"' + column.replace('"', '""') + '"'
-
-
 def open_readonly(path: str) -> sqlite3.Connection:
     """A connection to a study database that cannot write, whoever else has it open."""
     if not os.path.isfile(path):
@@ -63,7 +60,7 @@ def open_readonly(path: str) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
         conn.execute("PRAGMA query_only = 1")
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = study_reading.table_names(conn)
     except sqlite3.DatabaseError as exc:
         raise AnalysisError(f"{path} is not a readable SQLite database ({exc})") from None
     missing = {"runs", "params", "run_results"} - tables
@@ -74,19 +71,6 @@ def open_readonly(path: str) -> sqlite3.Connection:
             f"{', '.join(sorted(missing))}); give a database written by mosaicd"
         )
     return conn
-
-
-def run_params(
-    conn: sqlite3.Connection, run_ids: Iterable[int] | None = None
-) -> dict[int, dict[str, Any]]:
-    """params as {run_id: {name: value}}, for the given runs or all of them."""
-    out: dict[int, dict[str, Any]] = defaultdict(dict)
-    rows = conn.execute("SELECT run_id, param_name, param_value FROM params ORDER BY run_id")
-    wanted = None if run_ids is None else set(run_ids)
-    for run_id, name, value in rows:
-        if wanted is None or run_id in wanted:
-            out[run_id][name] = value
-    return dict(out)
 
 
 def scheme_types(params: dict[str, Any], scheme: str) -> list[str]:
@@ -135,31 +119,22 @@ def loss_histories(conn: sqlite3.Connection, run_ids: Sequence[int]) -> list[Run
     """The per-epoch losses of the given runs, in the order of run_ids."""
     runs: dict[int, RunLosses] = {}
     wanted = set(run_ids)
-    for run_id, status, pipeline, return_status in conn.execute(
-        "SELECT run_id, status, pipeline, return_status FROM runs ORDER BY run_id"
-    ):
+    for run_id, status, pipeline, return_status in study_reading.runs(conn):
         if run_id in wanted:
             runs[run_id] = RunLosses(run_id, status, pipeline)
             lines = (return_status or "").strip().splitlines()
             if status == "failed" and lines:
                 runs[run_id].failure = lines[-1]
-    has_epochs = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='run_epochs'"
-    ).fetchone()
-    if has_epochs:
-        for run_id, epoch, train, test in conn.execute(
-            "SELECT run_id, epoch, train_loss, test_loss FROM run_epochs ORDER BY run_id, epoch"
-        ):
-            run = runs.get(run_id)
-            if run is not None:
-                run.epochs.append(epoch)
-                run.train_loss.append(train)
-                run.test_loss.append(test)
-    columns = ", ".join(quoted(c) for c in CRITERIA)
-    for row in conn.execute(f"SELECT run_id, {columns} FROM run_results"):
-        run = runs.get(row[0])
+    for run_id, epoch, train, test in study_reading.loss_rows(conn):
+        run = runs.get(run_id)
         if run is not None:
-            run.results = dict(zip(CRITERIA, row[1:]))
+            run.epochs.append(epoch)
+            run.train_loss.append(train)
+            run.test_loss.append(test)
+    for run_id, values in study_reading.results_by_run(conn, CRITERIA).items():
+        run = runs.get(run_id)
+        if run is not None:
+            run.results = dict(zip(CRITERIA, values))
     return [runs[i] for i in run_ids if i in runs]
 
 
@@ -234,11 +209,8 @@ def metaplot_data(
     95% bootstrap confidence interval of each mean (numpy, imported only then)."""
     check_criterion(criterion)
     params = run_params(conn)
-    statuses = dict(conn.execute("SELECT run_id, status FROM runs"))
-    results = {
-        row[0]: row[1:]
-        for row in conn.execute(f"SELECT run_id, nb_params, {quoted(criterion)} FROM run_results")
-    }
+    statuses = study_reading.run_statuses(conn)
+    results = study_reading.results_by_run(conn, ("nb_params", criterion))
     present: set[str] = set()
     selected: list[int] = []
     for run_id in sorted(statuses):
@@ -435,88 +407,10 @@ def export_table(conn: sqlite3.Connection) -> tuple[list[str], list[list[Any]]]:
             header = f"param_{header}"
         taken.add(header)
         headers[name] = header
-    results = {
-        row[0]: row[1:]
-        for row in conn.execute(
-            f"SELECT run_id, {', '.join(quoted(c) for c in CRITERIA)} FROM run_results"
-        )
-    }
+    results = study_reading.results_by_run(conn, CRITERIA)
     rows = []
-    for run_id, status, pipeline in conn.execute(
-        "SELECT run_id, status, pipeline FROM runs ORDER BY run_id"
-    ):
+    for run_id, status, pipeline, _ in study_reading.runs(conn):
         own = params.get(run_id, {})
         result = results.get(run_id, (None,) * len(CRITERIA))
         rows.append([run_id, status, pipeline, *(own.get(n) for n in names), *result])
     return fixed + [headers[n] for n in names] + list(CRITERIA), rows
-
-
-def describe_run(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None:
-    """Everything the study holds about one run, shaped as the daemon's `show` reply
-    (`protocol.ShowReply`, without its live fields), for `mosaic show` and `mosaic logs` when
-    no daemon answers. None when the study has no such run."""
-    row = conn.execute(
-        "SELECT status, pipeline, return_status FROM runs WHERE run_id=?", (run_id,)
-    ).fetchone()
-    if row is None:
-        return None
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    params = dict(
-        conn.execute(
-            "SELECT param_name, param_value FROM params WHERE run_id=? ORDER BY param_name",
-            (run_id,),
-        ).fetchall()
-    )
-    columns = ", ".join(quoted(c) for c in contract.RESULT_COLUMNS)
-    results = conn.execute(
-        f"SELECT {columns} FROM run_results WHERE run_id=?", (run_id,)
-    ).fetchone()
-    events: list[dict[str, Any]] = []
-    if "run_events" in tables:
-        events = [
-            {"at": at, "from": f, "to": t, "detail": d}
-            for at, f, t, d in conn.execute(
-                "SELECT at, from_status, to_status, detail FROM run_events WHERE run_id=? "
-                "ORDER BY event_id",
-                (run_id,),
-            )
-        ]
-    history: list[dict[str, Any]] = []
-    if "run_epochs" in tables:
-        keys = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc", "duration")
-        history = [
-            dict(zip(keys, r))
-            for r in conn.execute(
-                'SELECT epoch, train_loss, test_loss, train_acc, test_acc, "duration(s)" '
-                "FROM run_epochs WHERE run_id=? ORDER BY epoch",
-                (run_id,),
-            )
-        ]
-    meta = None
-    if "run_meta" in tables:
-        meta = conn.execute(
-            "SELECT seed, epochs_target, checkpoint_epoch FROM run_meta WHERE run_id=?",
-            (run_id,),
-        ).fetchone()
-    group = None
-    if "run_ensembles" in tables:  # schema 6: the ensemble it last trained in
-        found = conn.execute(
-            "SELECT members, fallback FROM run_ensembles WHERE run_id=?", (run_id,)
-        ).fetchone()
-        if found:
-            group = {"members": json.loads(found[0]), "fallback": found[1]}
-    return {
-        "run_id": run_id,
-        "status": row[0],
-        "pipeline": row[1],
-        "return_status": row[2],
-        "params": params,
-        "results": dict(zip(contract.RESULT_COLUMNS, results)) if results else None,
-        "events": events,
-        "history": history,
-        "seed": meta[0] if meta else None,
-        "epochs_target": meta[1] if meta else None,
-        "checkpoint_epoch": meta[2] if meta else None,
-        "provenance": provenance.read(conn, run_id),
-        "group": group,
-    }

@@ -256,7 +256,7 @@ class ShowReply(TypedDict, total=False):
     checkpoint_epoch: int | None
     live: LiveView  # while it trains
     queued_ahead: int | None  # while it is queued
-    # What produced it (issue 16; mosaic_client.provenance.read): None before its first start.
+    # What produced it (issue 16; study_reading.run_provenance): None before its first start.
     provenance: dict[str, Any] | None
     group: EnsembleView | None  # the ensemble it was last trained in, if any
 

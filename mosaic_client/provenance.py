@@ -3,15 +3,15 @@
 Part of the shared contract (standard library only): the worker captures a run's provenance
 (mosaicd.training.provenance) with :func:`file_digest` and :func:`git_state` from here, the daemon
 stores it (mosaicd.storage.store, tables ``code_files``, ``run_code``, ``run_environment``), and
-`mosaic show`, `mosaic diff` and `mosaic rerun` read it back with :func:`read` and
-:func:`code_changes`. docs/database.md describes the tables.
+`mosaic show`, `mosaic diff` and `mosaic rerun` read it back through
+mosaic_client.study_reading (``run_provenance``, ``recorded_code``); :func:`code_changes` compares
+the record with the files now. docs/database.md describes the tables.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import subprocess
 from typing import Any
 
@@ -80,50 +80,13 @@ def git_state(directory: str) -> tuple[str | None, bool | None]:
     return commit.strip(), None if status is None else bool(status.strip())
 
 
-# -- reading a study's record ------------------------------------------------------------------
+# -- what changed since a run was recorded ------------------------------------------------------
 
 
-def _has_tables(conn: sqlite3.Connection) -> bool:
-    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    return {"code_files", "run_code", "run_environment"} <= names
-
-
-def read(conn: sqlite3.Connection, run_id: int, with_text: bool = False) -> dict[str, Any] | None:
-    """A run's provenance: {"environment": {...} or None, "code": [{section, class, path,
-    sha256, git_commit, git_dirty[, text]}]}; None when the study records none for it (a run
-    not started yet, or a study older than provenance)."""
-    if not _has_tables(conn):
-        return None
-    row = conn.execute(
-        f"SELECT {', '.join(ENVIRONMENT_FIELDS)} FROM run_environment WHERE run_id=?", (run_id,)
-    ).fetchone()
-    columns = ", ".join(f'c."{f}"' for f in CODE_FIELDS) + (", f.text" if with_text else "")
-    code = [
-        dict(zip((*CODE_FIELDS, "text"), r))
-        for r in conn.execute(
-            f"SELECT {columns} FROM run_code c LEFT JOIN code_files f USING (sha256) "
-            "WHERE c.run_id=? ORDER BY c.rowid",
-            (run_id,),
-        )
-    ]
-    if row is None and not code:
-        return None
-    for entry in code:
-        if entry["git_dirty"] is not None:
-            entry["git_dirty"] = bool(entry["git_dirty"])
-    return {"environment": dict(zip(ENVIRONMENT_FIELDS, row)) if row else None, "code": code}
-
-
-def code_changes(conn: sqlite3.Connection, run_ids: list[int]) -> list[dict[str, Any]]:
-    """The class files recorded for these runs whose content differs now (or that are gone):
-    one entry per (path, recorded sha256) with the runs concerned, for `mosaic rerun`."""
-    if not _has_tables(conn) or not run_ids:
-        return []
-    wanted = set(run_ids)
-    recorded: dict[tuple[str, str], list[int]] = {}
-    for run_id, path, sha in conn.execute("SELECT run_id, path, sha256 FROM run_code"):
-        if run_id in wanted:
-            recorded.setdefault((path, sha), []).append(run_id)
+def code_changes(recorded: dict[tuple[str, str], list[int]]) -> list[dict[str, Any]]:
+    """The recorded class files (study_reading.recorded_code: {(path, sha256): run ids}) whose
+    content differs now (or that are gone): one entry per (path, recorded sha256) with the runs
+    concerned, for `mosaic rerun`."""
     now: dict[str, str | None] = {}
     changes = []
     for (path, sha), runs in sorted(recorded.items()):

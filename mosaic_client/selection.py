@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from mosaic_client import study_reading
+
 
 class SelectionError(ValueError):
     """A selection that cannot be used, with a message that says why and what to write."""
@@ -106,16 +108,22 @@ def resolve(conn: sqlite3.Connection, selection: dict[str, Any]) -> list[int]:
         raise SelectionError("a selection must be a map")
     kind = selection.get("kind")
     if kind == "all":
-        rows = conn.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall()
-    elif kind == "ids":
+        return study_reading.all_run_ids(conn)
+    if kind == "ids":
         ids = selection.get("ids")
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
             raise SelectionError("ids must be a list of integers")
         wanted = set(ids)
-        rows = [
-            r for r in conn.execute("SELECT run_id FROM runs ORDER BY run_id") if r[0] in wanted
-        ]
-    elif kind == "request":
+        return [i for i in study_reading.all_run_ids(conn) if i in wanted]
+    if kind in ("param", "low", "high"):
+        name, value = selection.get("name"), selection.get("value")
+        if not isinstance(name, str):
+            raise SelectionError("parameter name must be a string")
+        if kind == "param":
+            return study_reading.runs_with_param(conn, name, value)
+        return study_reading.runs_with_param_within(conn, name, value, at_most=kind == "low")
+    if kind == "request":
+        # The user's own SQL: run here, under the authorizer, not a query of study_reading.
         sql = selection.get("sql")
         if not isinstance(sql, str) or not sql.strip():
             raise SelectionError("-request needs an SQL SELECT returning run ids")
@@ -135,37 +143,8 @@ def resolve(conn: sqlite3.Connection, selection: dict[str, Any]) -> list[int]:
                 f"-request {sql!r} must return integer run ids in its first column"
             )
         rows = sorted(set(rows))
-    elif kind in ("param", "low", "high"):
-        name, value = selection.get("name"), selection.get("value")
-        if not isinstance(name, str):
-            raise SelectionError("parameter name must be a string")
-        if kind == "param":
-            rows = conn.execute(
-                "SELECT DISTINCT run_id FROM params WHERE param_name=? AND "
-                "(param_value=? OR CAST(param_value AS TEXT)=CAST(? AS TEXT)) ORDER BY run_id",
-                (name, value, value),
-            ).fetchall()
-        else:
-            if isinstance(value, (int, float)):
-                # Numeric comparison for numeric values, whatever type the column holds.
-                expr = "CAST(param_value AS REAL)"
-                operator = "<=" if kind == "low" else ">="
-                rows = conn.execute(
-                    f"SELECT DISTINCT run_id FROM params WHERE param_name=? AND "
-                    f"typeof(param_value) IN ('integer','real') AND {expr} {operator} ? "
-                    "ORDER BY run_id",
-                    (name, value),
-                ).fetchall()
-            else:
-                operator = "<=" if kind == "low" else ">="
-                rows = conn.execute(
-                    f"SELECT DISTINCT run_id FROM params WHERE param_name=? AND "
-                    f"param_value {operator} ? ORDER BY run_id",
-                    (name, value),
-                ).fetchall()
-    else:
-        raise SelectionError(f"unknown selection kind {kind!r}")
-    return [int(r[0]) for r in rows]
+        return [int(r[0]) for r in rows]
+    raise SelectionError(f"unknown selection kind {kind!r}")
 
 
 def describe(selection: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import EXAMPLE, Daemon, example_config, query
 
-from mosaic_client import contract, provenance
+from mosaic_client import contract, provenance, study_reading
 from mosaicd.scheduling import submissions
 from mosaicd.storage.store import Store
 
@@ -86,7 +86,7 @@ def test_store_keeps_one_text_for_a_hundred_runs_of_one_file(tmp: Path) -> None:
     assert query(db, "SELECT count(DISTINCT sha256) FROM run_code WHERE run_id<=100") == [(1,)]
     # A later start of a run replaces its record; the shared text stays.
     store.record_provenance(run_ids[0], env | {"threads": 4}, [_entry(v2)])
-    record = provenance.read(store.conn, run_ids[0], with_text=True)
+    record = study_reading.run_provenance(store.conn, run_ids[0], with_text=True)
     assert record is not None
     assert record["environment"]["threads"] == 4
     assert record["environment"]["deterministic"] == 0

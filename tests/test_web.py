@@ -195,6 +195,15 @@ def test_dataset_keys_and_log_tail(tmp: Path) -> None:
     assert text.startswith("line ") and len(text) <= 1000  # no partial first line
 
 
+def apply_diff(snapshot: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """The page's side of live.diff, as app.js merges a change: what these tests replay."""
+    merged = {**snapshot, **{k: v for k, v in change.items() if k in ("daemon", "workers")}}
+    merged["studies"] = {**snapshot.get("studies", {}), **change.get("studies", {})}
+    for db in change.get("removed", []):
+        merged["studies"].pop(db, None)
+    return merged
+
+
 def test_a_diff_applied_to_the_old_snapshot_gives_the_new_one() -> None:
     def snap(paused: bool, epoch: int, dbs: tuple[str, ...]) -> dict[str, Any]:
         status = {
@@ -248,7 +257,7 @@ def test_a_diff_applied_to_the_old_snapshot_gives_the_new_one() -> None:
         snap(False, 3, ("/c.db", "/a.db")),
     ):
         change = live.diff(a, b)
-        assert change and live.apply_diff(a, change) == b
+        assert change and apply_diff(a, change) == b
         assert "workers" not in change  # unchanged parts are not sent
     down = live.snapshot_of(None, "no daemon", {"/f.db": {"done": 2}}, 0.0)
     assert down["daemon"]["up"] is False and down["studies"]["/f.db"]["counts"] == {"done": 2}
@@ -272,7 +281,7 @@ def test_the_hub_wakes_streams_and_replays_or_resends() -> None:
         assert hub.version == seen + 1
         replayed = base
         for change in hub.since(seen) or []:
-            replayed = live.apply_diff(replayed, change)
+            replayed = apply_diff(replayed, change)
         assert replayed == hub.snapshot
         for i in range(live.KEPT_CHANGES + 1):
             hub.publish(live.snapshot_of(None, f"error {i}", {}, 0.0))

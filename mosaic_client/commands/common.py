@@ -279,12 +279,12 @@ def run_info(args: argparse.Namespace, purpose: str) -> tuple[str, dict[str, Any
             raise connection.DaemonUnavailable(
                 f"{exc} Without a daemon give the study with --db DB to read it directly."
             ) from None
-    from mosaic_client import analysis
+    from mosaic_client import study_reading
 
     db = existing_db(known)
     conn = analysis_db(db)
     try:
-        info = analysis.describe_run(conn, args.run)
+        info = study_reading.describe_run(conn, args.run)
     finally:
         conn.close()
     if info is None:

@@ -15,7 +15,7 @@ import json
 import sqlite3
 from typing import Any
 
-from mosaic_client import analysis, contract, provenance
+from mosaic_client import contract, provenance, study_reading
 from mosaic_client.commands import common
 from mosaic_client.commands.common import BAD_INPUT, OK, CommandError
 
@@ -65,12 +65,12 @@ def _study(db: str | None) -> str:
 def _read(db: str, run_id: int) -> dict[str, Any]:
     conn: sqlite3.Connection = common.analysis_db(db)
     try:
-        info = analysis.describe_run(conn, run_id)
+        info = study_reading.describe_run(conn, run_id)
         if info is None:
             raise CommandError(
                 f"no run {run_id} in {db}; `mosaic export {db}` lists its runs", BAD_INPUT
             )
-        info["provenance"] = provenance.read(conn, run_id, with_text=True)
+        info["provenance"] = study_reading.run_provenance(conn, run_id, with_text=True)
     finally:
         conn.close()
     return info

@@ -29,19 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_groups(conn: sqlite3.Connection, db: str) -> list[dict[str, Any]]:
+    from mosaic_client import study_reading
     from mosaic_client.analysis import AnalysisError
 
-    has_view = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type='view' AND name='run_groups'"
-    ).fetchone()
-    if not has_view:
+    groups = study_reading.run_groups(conn)
+    if groups is None:
         raise AnalysisError(
             f"{db} has no run_groups view: an older mosaicd wrote it. Let the current daemon "
             f"open it once (for instance `mosaic show 1 --db {db}`), then run this again"
         )
-    cursor = conn.execute("SELECT * FROM run_groups ORDER BY group_id")
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor]
+    return groups
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,13 +46,13 @@ def run(args: argparse.Namespace) -> int:
 def changed_code(args: argparse.Namespace, db: str) -> None:
     """Warn about (or, with --strict, refuse) selected runs whose class files changed since
     they last started: the study's recorded hashes against the files' bytes now."""
-    from mosaic_client import provenance, selection
+    from mosaic_client import provenance, selection, study_reading
 
     conn = common.analysis_db(db)
     try:
         with common.refused_as_bad_input(selection.SelectionError):
             run_ids = selection.resolve(conn, common.selection(args))
-        changes = provenance.code_changes(conn, run_ids)
+        changes = provenance.code_changes(study_reading.recorded_code(conn, run_ids))
     finally:
         conn.close()
     if not changes:

@@ -77,7 +77,7 @@ def run_text(info: dict[str, Any]) -> list[str]:
 
 
 def provenance_text(record: dict[str, Any] | None) -> list[str]:
-    """The provenance lines of `mosaic show` (mosaic_client.provenance.read's record)."""
+    """The provenance lines of `mosaic show` (study_reading.run_provenance's record)."""
     if not record:
         return ["  provenance: none recorded (not started yet, or run before Mosaic recorded it)"]
     lines = ["  provenance:"]

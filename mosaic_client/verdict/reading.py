@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mosaic_client import analysis, contract
+from mosaic_client import analysis, contract, study_reading
 
 # Which way is better, per run_results column (docs/compare.md, "Direction").
 LOWER, HIGHER = "lower", "higher"
@@ -113,13 +113,9 @@ def study_values(conn: Any, metric: str) -> StudyValues:
     left out counted by reason."""
     analysis.check_criterion(metric)
     direction(metric)
-    params = analysis.run_params(conn)
-    statuses = dict(conn.execute("SELECT run_id, status FROM runs"))
-    column = analysis.quoted(metric)
-    results = {
-        row[0]: row[1:]
-        for row in conn.execute(f"SELECT run_id, nb_params, {column} FROM run_results")
-    }
+    params = study_reading.run_params(conn)
+    statuses = study_reading.run_statuses(conn)
+    results = study_reading.results_by_run(conn, ("nb_params", metric))
     sides: dict[str, dict[str, dict[int, Side]]] = {}
     skipped: dict[str, int] = {}
     configs: dict[tuple[str, str, int], set[Any]] = {}

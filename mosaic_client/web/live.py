@@ -19,10 +19,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mosaic_client import protocol
+from mosaic_client import protocol, study_reading
 from mosaic_client.analysis import AnalysisError, open_readonly
 from mosaic_client.connection import Client, DaemonUnavailable
-from mosaic_client.web import studies
 
 POLL_INTERVAL = 0.2  # seconds between two status requests while the daemon answers
 DOWN_INTERVAL = 1.0  # while it does not
@@ -127,15 +126,6 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_diff(snapshot: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    """The page's side of `diff` (the same merge app.js does); used by the tests."""
-    merged = {**snapshot, **{k: v for k, v in change.items() if k in ("daemon", "workers")}}
-    merged["studies"] = {**snapshot.get("studies", {}), **change.get("studies", {})}
-    for db in change.get("removed", []):
-        merged["studies"].pop(db, None)
-    return merged
-
-
 class LocalStudies:
     """Counts of the databases named on the command line that the daemon does not serve,
     re-read only when SQLite says the file changed (PRAGMA data_version)."""
@@ -154,9 +144,9 @@ class LocalStudies:
             try:
                 conn = self._conns.get(path) or open_readonly(path)
                 self._conns[path] = conn
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                version = study_reading.data_version(conn)
                 if self._versions.get(path) != version or path not in self._counts:
-                    self._counts[path] = studies.counts(conn)
+                    self._counts[path] = study_reading.status_counts(conn)
                     self._versions[path] = version
                 out[path] = self._counts[path]
             except (AnalysisError, OSError, Exception):  # a file gone or locked: shown empty

@@ -9,7 +9,6 @@ A configuration group is the runs that share every param but the repetition's
 from __future__ import annotations
 
 import secrets
-import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,6 @@ from mosaicd.storage.store import RunRecord, Store, StoreError
 # The most runs one request may queue: a selection of every group of a large study times a big
 # --add is surely a mistake, and it would hold the daemon's loop while it writes.
 MAX_RUNS_ADDED = 100_000
-_CHUNK = 500  # run ids per IN (...) list: below SQLite's limit on bound parameters
 
 Signature = frozenset[tuple[str, Any]]
 
@@ -57,52 +55,13 @@ def next_seeds(
     return seeds
 
 
-def _chunks(ids: list[Any]) -> Iterable[list[Any]]:
-    for start in range(0, len(ids), _CHUNK):
-        yield ids[start : start + _CHUNK]
-
-
-def _column_where_in(conn: sqlite3.Connection, query: str, values: list[Any]) -> set[Any]:
-    """The first column of `query ... IN (values)`, in chunks below SQLite's bound-parameter
-    limit; `query` ends with the column the values are matched on."""
-    found: set[Any] = set()
-    for chunk in _chunks(values):
-        marks = ",".join("?" * len(chunk))
-        found.update(row[0] for row in conn.execute(f"{query} IN ({marks})", chunk))
-    return found
-
-
-def _params(conn: sqlite3.Connection, run_ids: list[int]) -> dict[int, dict[str, Any]]:
-    params: dict[int, dict[str, Any]] = {}
-    for chunk in _chunks(run_ids):
-        marks = ",".join("?" * len(chunk))
-        for run_id, name, value in conn.execute(
-            f"SELECT run_id, param_name, param_value FROM params WHERE run_id IN ({marks})", chunk
-        ):
-            params.setdefault(run_id, {})[name] = value
-    return params
-
-
-def groups_of(conn: sqlite3.Connection, selected: list[int]) -> list[list[int]]:
+def groups_of(store: Store, selected: list[int]) -> list[list[int]]:
     """The configuration groups of the selected runs, each as the sorted ids of all its runs
     (selected or not), ordered by their first run.
 
     Only the runs with the same `pipeline` param as a selected run can share its group: the
     params index finds them without reading the whole study."""
-    pipelines = _column_where_in(
-        conn,
-        "SELECT DISTINCT param_value FROM params WHERE param_name = 'pipeline' AND run_id",
-        list(selected),
-    )
-    candidates: set[int] = set(selected)
-    candidates.update(
-        _column_where_in(
-            conn,
-            "SELECT run_id FROM params WHERE param_name = 'pipeline' AND param_value",
-            list(pipelines),
-        )
-    )
-    params = _params(conn, sorted(candidates))
+    params = store.params_of(sorted(store.pipeline_mates(selected)))
     by_signature: dict[Signature, list[int]] = {}
     for run_id in sorted(params):
         by_signature.setdefault(signature(params[run_id]), []).append(run_id)
@@ -146,7 +105,7 @@ class Repetitions(Control):
         }
         if not selected:
             return reply
-        groups = groups_of(store.conn, selected)
+        groups = groups_of(store, selected)
         if len(groups) * add > MAX_RUNS_ADDED:
             raise Refused(
                 ErrorCode.INVALID,
@@ -214,7 +173,7 @@ class Repetitions(Control):
     def _batches(self, store: Store, groups: list[list[int]], add: int) -> list[_Batch]:
         """The new runs of each group, batched by the submission of the group's first run."""
         batches: dict[tuple[int, int], _Batch] = {}
-        params = _params(store.conn, [group[0] for group in groups])
+        params = store.params_of([group[0] for group in groups])
         for group in groups:
             records = [store.run_record(run_id) for run_id in group]
             template: RunRecord | None = records[0]

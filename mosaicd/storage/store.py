@@ -1,4 +1,6 @@
-"""The study database: the one place that knows the schema, and the daemon's only writer.
+"""The study database: the one place that writes the schema (its migrations), and the daemon's
+only writer. Reading a study's runs is shared with the client (mosaic_client.study_reading);
+the daemon's own bookkeeping reads (run_meta, submissions) stay here.
 
 Every state change of a run goes through :meth:`Store.transition`, which records it in
 ``run_events`` inside the same transaction as the change itself.
@@ -17,8 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from mosaic_client import provenance
-from mosaic_client.analysis import describe_run
+from mosaic_client import provenance, study_reading
 from mosaic_client.contract import (
     DONE,
     FINAL_STATES,
@@ -701,10 +702,18 @@ class Store:
 
     # -- end issue 16 ----------------------------------------------------------------------
 
+    def params_of(self, run_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """The params of these runs: {run_id: {name: value}} (the client's reading, shared)."""
+        return study_reading.run_params(self.conn, run_ids)
+
+    def pipeline_mates(self, run_ids: list[int]) -> set[int]:
+        """These runs and every run with the same `pipeline` param as one of them."""
+        return study_reading.pipeline_mates(self.conn, run_ids)
+
     def describe(self, run_id: int) -> dict[str, Any] | None:
         """Everything known about one run, for `mosaic show`: the same reading of a study as
         the client's when no daemon answers (one query, written once)."""
-        return describe_run(self.conn, run_id)
+        return study_reading.describe_run(self.conn, run_id)
 
 
 def _sql_value(value: Any) -> Any:
