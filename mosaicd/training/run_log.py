@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 
 import psutil
@@ -152,7 +153,8 @@ WORKER_LOG_MAX_BYTES = 10 * 2**20  # a per-worker log past this starts empty
 
 def worker_log_path(home: str, slot: str) -> str:
     """Where a user's worker writes what it prints outside a run: in the user's own home."""
-    return os.path.join(home, ".cache", "mosaic", f"worker-{slot.replace('/', '_')}.log")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", slot)  # a slot label: "cpu 0", "cuda 1"
+    return os.path.join(home, ".cache", "mosaic", f"worker-{name}.log")
 
 
 def settle_as_owner(slot: str) -> str | None:
