@@ -211,8 +211,12 @@ class Pool(Executor):
             # Never the daemon's stderr (its journal, where a user's lines would pass for the
             # daemon's): an unlinked file that only says why a start failed (replace), until
             # the worker points its output at a log in the user's home (run_log.settle_as_owner).
-            output = tempfile.TemporaryFile()
-            as_owner.update(stdout=output, stderr=output)
+            try:
+                output = tempfile.TemporaryFile()
+            except OSError:  # /tmp full: the worker starts, its start-up output is lost
+                output = None
+            sink = output if output is not None else subprocess.DEVNULL
+            as_owner.update(stdout=sink, stderr=sink)
         # The routing id in the environment, not on the command line: /proc/PID/environ is
         # readable by the process's own user only, its cmdline by everyone.
         env["MOSAIC_WORKER_ID"] = route
