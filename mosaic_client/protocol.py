@@ -176,6 +176,7 @@ class StatusReply(TypedDict, total=False):
     queued: int
     paused_owners: list[int]  # uids holding their own submissions
     submission_counts: dict[str, int]  # with db and submission: that submission's states
+    hidden_studies: int  # studies served that the caller may not read: counted, not shown
 
 
 class PauseReply(TypedDict):

@@ -215,6 +215,9 @@ def status_text(status: dict[str, Any], limit: int) -> str:
                 lines.append(f"  {heading}")
             for run in study[key]:
                 lines.append(line(run))
+    if status.get("hidden_studies"):
+        hidden = status["hidden_studies"]
+        lines += ["", f"{hidden} other study(ies) not shown: you may not read them"]
     return "\n".join(lines)
 
 

@@ -102,6 +102,32 @@ def synthetic_study(path: Path, n: int) -> None:
         )  # every 10th run has no key
 
 
+def test_host_check_accepts_only_exact_loopback_names_and_addresses() -> None:
+    # Outside review: any Host starting with "127." passed, but 127.evil.example is a DNS name
+    # the attacker controls, resolved to 127.0.0.1 for a rebinding attack.
+    hostile = [
+        "127.evil.example",
+        "127.evil.example:8765",
+        "127.0.0.1.evil.example",
+        "127.0.0.1.nip.io:8765",
+        "localhost.evil.example",
+        "127.0.0.1@evil.example",
+        "evil.example#127.0.0.1",
+        "127.0.0.1:8765/evil",
+        "[::1].evil.example",
+        "127.1",
+        "",
+        None,
+    ]
+    for host in hostile:
+        assert not security.host_allowed(host, "127.0.0.1"), host
+    for host in ["127.0.0.1", "127.0.0.1:8765", "localhost:8765", "LOCALHOST", "[::1]:8765"]:
+        assert security.host_allowed(host, "127.0.0.1"), host
+    # Literal loopback addresses are loopback whoever names them: no name to rebind.
+    assert security.host_allowed("127.0.0.2:8765", "127.0.0.1")
+    assert security.is_loopback("::1") and not security.is_loopback("127.evil.example")
+
+
 def test_runs_page_pages_sorts_and_filters_in_sql(tmp: Path) -> None:
     db = tmp / "s.db"
     synthetic_study(db, 300)

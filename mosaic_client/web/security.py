@@ -9,7 +9,8 @@ the user visits, through the browser) can reach a loopback port. So:
 * a request that changes anything (POST) must carry the token in the header, which a cross-site
   page cannot set without a CORS preflight this server never grants, and its ``Origin`` and
   ``Sec-Fetch-Site`` (when the browser sends them) must say it comes from this server's pages;
-* on a loopback bind the ``Host`` header must name the loopback, which defeats DNS rebinding.
+* on a loopback bind the ``Host`` header must name the loopback exactly (``localhost`` or a
+  loopback address, never a name such as ``127.evil.example``), which defeats DNS rebinding.
 
 Only the standard library here, so the checks are unit-tested without the web stack.
 """
@@ -17,6 +18,8 @@ Only the standard library here, so the checks are unit-tested without the web st
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import re
 import secrets
 from collections.abc import Mapping
 from http.cookies import SimpleCookie
@@ -60,17 +63,31 @@ def cookie_token(cookie_header: str | None, name: str) -> str | None:
 
 
 def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_NAMES or host.startswith("127.")
+    """An exact loopback name, or a literal loopback address (127.0.0.0/8, ::1).
+
+    Only literal addresses, checked with `ipaddress`: a name that merely starts with "127."
+    (127.evil.example) is a DNS name its owner controls, the very thing rebinding exploits.
+    """
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return ipaddress.ip_address(literal).is_loopback
+    except ValueError:
+        return False
+
+
+# A Host header: a name or IPv4 literal, or a bracketed IPv6 literal, then an optional port.
+# Nothing else (no userinfo "@", no path, no second colon) reaches the loopback check.
+_HOST_HEADER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
 
 
 def host_allowed(host_header: str | None, bind_host: str) -> bool:
-    """On a loopback bind, only Host: 127.x / localhost / [::1] (any port) is served."""
+    """On a loopback bind, only Host: localhost / a loopback address (any port) is served."""
     if not is_loopback(bind_host):
         return True  # an explicit --host: the token alone guards it (docs/web.md)
-    if not host_header:
-        return False
-    name = urlsplit(f"//{host_header}").hostname or ""
-    return is_loopback(name) or name == "::1"
+    match = _HOST_HEADER.fullmatch(host_header or "")
+    return match is not None and is_loopback(match.group(1))
 
 
 def same_origin(headers: Mapping[str, str]) -> bool:

@@ -10,8 +10,9 @@ import signal
 import site
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Any
+from typing import IO, Any
 
 import psutil
 import zmq
@@ -31,6 +32,7 @@ from mosaicd.owners import Owner
 log = logging.getLogger("mosaicd")
 
 START_FAILURE_KEPT_S = 60.0  # how long a user's failed worker start fails their runs at once
+START_OUTPUT_SHOWN = 2000  # bytes of a user's failed worker's output quoted in the failure
 
 
 class ResourceMeter:
@@ -176,6 +178,9 @@ class Pool(Executor):
         self._respawn_owner: dict[Slot, Owner | None] = {}
         # Why a user's worker could not start (uid -> message, when): their runs fail with it.
         self._start_failures: dict[int | None, tuple[str, float]] = {}
+        # A user's worker's fds 1 and 2 until it has its own log (route -> anonymous file).
+        self._start_output: dict[str, IO[bytes]] = {}
+        self._failed_output: dict[str, str] = {}  # route -> what a failed start printed
         cpu_slots = sum(1 for s in slots if s.kind == "cpu") or 1
         self.cpu_threads = max(1, (os.cpu_count() or 1) // cpu_slots)
 
@@ -187,6 +192,7 @@ class Pool(Executor):
         worker_id = f"w{next(self._ids)}"
         route = f"{worker_id}.{secrets.token_hex(8)}"
         as_owner: dict[str, Any] = {}
+        output: IO[bytes] | None = None
         if owner is None:
             env = worker_environment(slot, self.cpu_threads)
         else:
@@ -198,8 +204,19 @@ class Pool(Executor):
                 "group": owner.gid,
                 "extra_groups": list(owner.groups),
                 "umask": owners.DEFAULT_UMASK,
-                "cwd": owner.home,
+                # Not the home: the chdir comes before the ids change, and the daemon has no
+                # file-access override to enter a 0700 home; the worker moves there itself.
+                "cwd": "/",
             }
+            # Never the daemon's stderr (its journal, where a user's lines would pass for the
+            # daemon's): an unlinked file that only says why a start failed (replace), until
+            # the worker points its output at a log in the user's home (run_log.settle_as_owner).
+            try:
+                output = tempfile.TemporaryFile()
+            except OSError:  # /tmp full: the worker starts, its start-up output is lost
+                output = None
+            sink = output if output is not None else subprocess.DEVNULL
+            as_owner.update(stdout=sink, stderr=sink)
         # The routing id in the environment, not on the command line: /proc/PID/environ is
         # readable by the process's own user only, its cmdline by everyone.
         env["MOSAIC_WORKER_ID"] = route
@@ -215,10 +232,11 @@ class Pool(Executor):
                     slot.label,
                     "--isolation",
                     self.isolation,
+                    *(["--as-owner"] if owner is not None else []),
                 ],
-                # Workers inherit the daemon's stderr (journald under systemd) for what they
-                # print outside a run; a run's own output goes to its run log
-                # (contract.run_log_path).
+                # The daemon's own workers inherit its stderr (journald under systemd) for what
+                # they print outside a run; users' workers never do (above). A run's own output
+                # goes to its run log (contract.run_log_path).
                 env=env,
                 stdin=subprocess.DEVNULL,
                 # No descriptor of the daemon's (client socket, study databases, other users'
@@ -231,6 +249,8 @@ class Pool(Executor):
                 **as_owner,
             )
         except OSError as exc:
+            if output is not None:
+                output.close()
             who = f" as {owner.name}" if owner is not None else ""
             raise WorkerStartError(
                 f"cannot start a worker{who} with {self.worker_python}: {exc.strerror or exc}; "
@@ -239,6 +259,8 @@ class Pool(Executor):
             ) from None
         handle = WorkerHandle(worker_id, slot, proc, owner=owner, route=route)
         self.workers[route] = handle
+        if output is not None:
+            self._start_output[route] = output
         return handle
 
     def replace(self, handle: WorkerHandle, code: int) -> None:
@@ -249,6 +271,7 @@ class Pool(Executor):
         loop that keeps the CPUs busy starting Python.
         """
         slot = handle.slot
+        said = self._failed_output.pop(handle.route, "")
         if slot in self.next_owner:  # handed over to another user (Executor.hand_over)
             self._early_deaths.pop(slot, None)
             self._spawn_or_log(slot, self.next_owner.pop(slot))
@@ -263,7 +286,8 @@ class Pool(Executor):
             # daemon's own worker meanwhile.
             self._start_failures[handle.owner.uid] = (
                 f"the worker started as {handle.owner.name} with {self.worker_python} "
-                f"{describe_exit(code)} before it was ready; the daemon's log says why "
+                f"{describe_exit(code)} before it was ready, saying: "
+                f"{said!r} "
                 "(docs/deployment.md: the workers' Python must be usable by every user)",
                 time.monotonic(),
             )
@@ -302,6 +326,16 @@ class Pool(Executor):
             return None
         return failure[0]
 
+    def _output_of(self, handle: WorkerHandle) -> str:
+        """The end of what a user's worker printed before it had its own log (quoted with
+        repr in messages: one line in the daemon's log, whatever the user's code wrote)."""
+        output = self._start_output.pop(handle.route, None)
+        if output is None:
+            return ""
+        with output:
+            output.seek(max(0, output.seek(0, os.SEEK_END) - START_OUTPUT_SHOWN))
+            return output.read().decode(errors="replace").strip()
+
     def respawn_due(self) -> None:
         """Start the workers whose retry delay has passed (called from the daemon's loop)."""
         if not self._respawn:
@@ -336,6 +370,9 @@ class Pool(Executor):
             if code is not None:
                 _kill_group(handle.pid)
                 del self.workers[handle.route]
+                output = self._output_of(handle)  # read, and its file closed
+                if handle.state == STARTING and handle.owner is not None:
+                    self._failed_output[handle.route] = output  # for replace
                 self.meter.forget(handle.pid)
                 dead.append((handle, code))
         return dead
@@ -353,6 +390,7 @@ class Pool(Executor):
                 handle.proc.kill()
                 handle.proc.wait()
             _kill_group(handle.pid)
+            self._output_of(handle)
         self.workers.clear()
 
 

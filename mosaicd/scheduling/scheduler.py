@@ -125,7 +125,13 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
     # --------------------------------------
 
     def status(
-        self, db: str | None, limit: int, uid: int | None, mine: bool, submission: int | None = None
+        self,
+        db: str | None,
+        limit: int,
+        uid: int | None,
+        mine: bool,
+        submission: int | None = None,
+        readable: Callable[[str], bool] | None = None,
     ) -> StatusReply:
         return views.status(
             self._studies,
@@ -138,6 +144,7 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
             uid,
             mine,
             submission,
+            readable,
         )
 
     def show(self, db: str, run_id: int) -> ShowReply:

@@ -83,12 +83,22 @@ def status(
     uid: int | None,
     mine: bool,
     submission: int | None,
+    readable: Callable[[str], bool] | None = None,
 ) -> StatusReply:
-    """`mosaic status` (and `status --watch`, `status --json`, `run --follow`)."""
+    """`mosaic status` (and `status --watch`, `status --json`, `run --follow`).
+
+    `readable`: on a shared daemon, whether the caller may read a study's file (None: all, for
+    the daemon's own user and administrators). A study they may not read is only counted: its
+    path, parameters, results and tracebacks are its owner's to see, as its file is. Workers stay
+    listed (slot, owner, state), which says how busy the box is and no more."""
     now = time.time()
     study_views: list[StudyView] = []
+    hidden = 0
     for path, store in studies.items():
         if db and path != db:
+            continue
+        if readable is not None and not readable(path):
+            hidden += 1
             continue
         running = [
             _running(r, now)
@@ -113,7 +123,9 @@ def status(
         "queued": queue.total(),
         "paused_owners": sorted(holds.owners),
     }
-    if db and submission is not None:
+    if hidden:
+        reply["hidden_studies"] = hidden
+    if db and submission is not None and (readable is None or readable(db)):
         reply["submission_counts"] = studies.open(db, create=False).submission_counts(submission)
     return reply
 

@@ -188,8 +188,16 @@ def handle_submit(ctx: Context, caller: Caller, args: dict[str, Any]) -> SubmitR
 
 def handle_status(ctx: Context, caller: Caller, args: dict[str, Any]) -> StatusReply:
     limit = max(0, min(int(args.get("limit", 10)), 1000))
+    # Full details only of the studies the caller may read (their files' rights, as for `show`
+    # and `studies`); administrators of the runs see every study, as they may act on every run.
+    everything = caller.is_admin(ctx.options.admin_gid)
     return ctx.scheduler.status(
-        args.get("db"), limit, caller.uid, bool(args.get("mine")), args.get("submission")
+        args.get("db"),
+        limit,
+        caller.uid,
+        bool(args.get("mine")),
+        args.get("submission"),
+        None if everything else (lambda path: rights.may_read(caller, path)),
     )
 
 

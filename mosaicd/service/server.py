@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -385,9 +386,8 @@ class Daemon:
         self.workers_sock.close()
         self.zap.close()
         self.ctx.term()
-        try:
-            os.rmdir(self.worker_dir)
-        except OSError:
-            pass
+        # The directory still holds the workers' ipc socket file (zmq leaves it): removed with
+        # it, so that no daemon leaves a mosaicd-workers-* directory behind in /tmp.
+        shutil.rmtree(self.worker_dir, ignore_errors=True)
         log.info("stopped")
         return 0

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mosaic_client import contract, schema
-from mosaicd.training import epochs, metrics, provenance
+from mosaicd.training import checkpoints, epochs, metrics, provenance
 
 _module_counter = itertools.count()
 # Names of the user modules loaded since the worker last dropped them (worker.py): keeping
@@ -486,7 +486,7 @@ def save_checkpoint(run: BuiltRun, history: History, epoch: int, path: str) -> N
             "epoch": epoch,
             "models": [_state_of(m) for m in run.models],
             "optimizer": run.optimizer.state_dict(),
-            "rng": rng_states(),
+            "rng": checkpoints.storable_rng(rng_states()),  # loads with weights_only=True
             "history": history.as_dict(),
         },
         path,
@@ -495,9 +495,7 @@ def save_checkpoint(run: BuiltRun, history: History, epoch: int, path: str) -> N
 
 def restore(run: BuiltRun, files_dir: str) -> tuple[int, History]:
     """Load the run's checkpoint into the built run; return its epoch and the history so far."""
-    checkpoint = torch.load(
-        contract.checkpoint_path(files_dir, run.run_id), map_location=run.device, weights_only=False
-    )
+    checkpoint = checkpoints.load(contract.checkpoint_path(files_dir, run.run_id), run.device)
     epoch = int(checkpoint["epoch"])
     for obj, state, module in zip(run.models, checkpoint["models"], run.model_infos):
         if state is None and callable(getattr(obj, "load_model", None)):
@@ -507,7 +505,7 @@ def restore(run: BuiltRun, files_dir: str) -> tuple[int, History]:
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     history = History(**checkpoint["history"])
     history.truncate(epoch)
-    set_rng_states(checkpoint["rng"])
+    set_rng_states(checkpoints.loaded_rng(checkpoint["rng"]))
     return epoch, history
 
 

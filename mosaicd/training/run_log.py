@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 
 import psutil
@@ -145,3 +146,41 @@ def end_leftovers(before: set[int]) -> str | None:
     # Those re-parented to this subreaper are its children: waiting reaps them.
     psutil.wait_procs(left, timeout=5)
     return f"[mosaic] killed {len(left)} process(es) the run left behind: " + "; ".join(described)
+
+
+WORKER_LOG_MAX_BYTES = 10 * 2**20  # a per-worker log past this starts empty
+
+
+def worker_log_path(home: str, slot: str) -> str:
+    """Where a user's worker writes what it prints outside a run: in the user's own home."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", slot)  # a slot label: "cpu 0", "cuda 1"
+    return os.path.join(home, ".cache", "mosaic", f"worker-{name}.log")
+
+
+def settle_as_owner(slot: str) -> str | None:
+    """Start-up of a worker a shared daemon started as a run's owner (``--as-owner``).
+
+    The daemon starts it in ``/``: the daemon has no file-access override, so it could not
+    enter a private (0700) home before the worker's ids change. Here, already the user, the
+    worker moves to its home, and points fds 1 and 2 (until now a private file of the daemon's,
+    which reports a failed start) at a per-worker log the user owns: what the user's code prints
+    outside a run must never reach the daemon's journal, where it would pass for the daemon's
+    own lines. Returns the log's path, or None (output dropped) when the home is not writable.
+    """
+    home = os.environ.get("HOME") or "/"
+    try:
+        os.chdir(home)
+    except OSError:
+        os.chdir("/")
+    path: str | None = worker_log_path(home, slot)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = open_log(path)
+        if os.fstat(fd).st_size > WORKER_LOG_MAX_BYTES:
+            os.ftruncate(fd, 0)
+    except OSError:
+        path, fd = None, os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return path

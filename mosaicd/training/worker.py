@@ -569,7 +569,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--id", default=os.environ.get("MOSAIC_WORKER_ID"))
     parser.add_argument("--slot", default="cpu")
     parser.add_argument("--isolation", default="state", choices=ISOLATION_MODES)
+    parser.add_argument("--as-owner", action="store_true")  # started by a shared daemon
     args = parser.parse_args(argv)
+    if args.as_owner:
+        run_log.settle_as_owner(args.slot)  # its home as cwd, its output in its own log
     if not args.id:
         parser.error("give --id or MOSAIC_WORKER_ID")
     start(args.connect, args.id, args.slot, args.isolation, die_with_parent=True)
