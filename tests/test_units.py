@@ -347,12 +347,8 @@ def test_a_worker_changes_state_only_along_its_lifecycle() -> None:
 
 
 def test_every_worker_message_has_its_handler() -> None:
-    # WorkerEvents.on_message calls _on_<type> for every message but hello.
-    from mosaicd.scheduling.worker_events import WorkerEvents
+    # WorkerEvents.on_message hands every message to its entry of the EVENTS table.
+    from mosaicd.scheduling.worker_events import EVENTS
 
-    missing = [
-        kind
-        for kind in protocol.WORKER_MESSAGES
-        if kind != "hello" and not callable(getattr(WorkerEvents, f"_on_{kind}", None))
-    ]
-    assert missing == []
+    missing = [kind for kind in protocol.WORKER_MESSAGES if not callable(EVENTS.get(kind))]
+    assert missing == [] and set(EVENTS) == set(protocol.WORKER_MESSAGES)

@@ -116,6 +116,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from mosaic_client import contract
+from mosaic_client.protocol import RunSpec
 from mosaicd.scheduling.ensemble_groups import (  # the engine's API, kept torch-free for the daemon
     ELEMENTWISE_OPTIMIZERS as ELEMENTWISE_OPTIMIZERS,
 )
@@ -291,7 +292,7 @@ def _step_batches(
 
 @dataclass
 class Member:
-    spec: dict[str, Any]
+    spec: RunSpec
     run: BuiltRun
     channel: MemberChannel
     history: History
@@ -1230,14 +1231,14 @@ def _pass(
 # -- the group --------------------------------------------------------------------------------
 
 
-def _log(spec: dict[str, Any], text: str) -> None:
+def _log(spec: RunSpec, text: str) -> None:
     """Append a line to the run's log, as the worker's redirected output would."""
     os.makedirs(spec["run_files_path"], exist_ok=True)
     with open(contract.run_log_path(spec["run_files_path"], int(spec["run_id"])), "a") as fh:
         fh.write(text + "\n")
 
 
-def _build_members(specs: list[dict[str, Any]], channels: dict[int, MemberChannel]) -> list[Member]:
+def _build_members(specs: list[RunSpec], channels: dict[int, MemberChannel]) -> list[Member]:
     members = []
     git: dict[str, tuple[str | None, bool | None]] = {}  # the members start at the same moment
     for spec in specs:
@@ -1280,7 +1281,7 @@ def _failure(exc: BaseException) -> Outcome:
 
 
 def execute_group(
-    specs: list[dict[str, Any]],
+    specs: list[RunSpec],
     channels: dict[int, MemberChannel],
     *,
     max_params: int | None = AUTO_MAX_PARAMS,
@@ -1306,7 +1307,7 @@ def execute_group(
 
 
 def _execute(
-    specs: list[dict[str, Any]], channels: dict[int, MemberChannel], max_params: int | None
+    specs: list[RunSpec], channels: dict[int, MemberChannel], max_params: int | None
 ) -> dict[int, Outcome]:
     lr = float(specs[0]["process"]["lr"])
     try:
@@ -1442,7 +1443,7 @@ def _execute(
 
 
 def run_individually(
-    specs: list[dict[str, Any]], channels: dict[int, execution.Channel]
+    specs: list[RunSpec], channels: dict[int, execution.Channel]
 ) -> Iterator[tuple[int, Outcome]]:
     """The fallback path as the tests and the benchmark use it: each spec through
     execution.execute (the worker uses its own run_one instead, for logs and isolation)."""
