@@ -25,6 +25,8 @@ from typing import Any
 
 from common import REPO, BenchDaemon, tiny_config
 
+from mosaic_client import schema  # common puts the repository on sys.path
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -38,14 +40,18 @@ def spec(root: str, run_id: int) -> dict[str, Any]:
         "epochs_target": 1,
         "start_epoch": 0,
         "checkpoint_every": 30.0,
-        "process": {
-            "data_scheme": ["data"],
-            "pipeline_scheme": ["model"],
-            "lr": 0.001,
-            "optimizer": "Adam",
-            "loss_function": "BCELoss",
-            "accuracy": "binary",
-        },
+        "max_log_mb": 50.0,
+        "umask": None,
+        "process": schema.process_settings(
+            {
+                "data_scheme": ["data"],
+                "pipeline_scheme": ["model"],
+                "lr": 0.001,
+                "optimizer": "Adam",
+                "loss_function": "BCELoss",
+                "accuracy": "binary",
+            }
+        ),
         "modules": [
             {
                 "type": "data",

@@ -42,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from mosaic_client import schema  # noqa: E402
 from mosaicd.training import ensemble, execution  # noqa: E402
 
 CLASSES = os.path.join(HERE, "bench_classes.py")
@@ -57,14 +58,18 @@ def specs(m: int, width: int, epochs: int, files: str, device: str) -> list[dict
             "epochs_target": epochs,
             "start_epoch": 0,
             "checkpoint_every": 1e9,
-            "process": {
-                "data_scheme": ["data"],
-                "pipeline_scheme": ["model"],
-                "lr": 0.001,
-                "loss_function": "BCELoss",
-                "accuracy": "binary",
-                "optimizer": "Adam",
-            },
+            "max_log_mb": 50.0,
+            "umask": None,
+            "process": schema.process_settings(
+                {
+                    "data_scheme": ["data"],
+                    "pipeline_scheme": ["model"],
+                    "lr": 0.001,
+                    "loss_function": "BCELoss",
+                    "accuracy": "binary",
+                    "optimizer": "Adam",
+                }
+            ),
             "modules": [
                 {
                     "type": "data",

@@ -21,6 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_classes import small_mlp, synthetic_data  # noqa: E402
 
+from mosaic_client import schema  # noqa: E402
 from mosaicd.training import execution  # noqa: E402
 
 
@@ -64,14 +65,18 @@ def mosaic(epochs: int, batches: int, device: str, files: str, batch_size: int) 
         "epochs_target": epochs,
         "start_epoch": 0,
         "checkpoint_every": 30.0,
-        "process": {
-            "data_scheme": ["data"],
-            "pipeline_scheme": ["model"],
-            "lr": 0.001,
-            "optimizer": "Adam",
-            "loss_function": "BCELoss",
-            "accuracy": "binary",
-        },
+        "max_log_mb": 50.0,
+        "umask": None,
+        "process": schema.process_settings(
+            {
+                "data_scheme": ["data"],
+                "pipeline_scheme": ["model"],
+                "lr": 0.001,
+                "optimizer": "Adam",
+                "loss_function": "BCELoss",
+                "accuracy": "binary",
+            }
+        ),
         "modules": [
             {
                 "type": "data",

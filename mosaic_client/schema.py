@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, cast
 
 PROCESS = "PROCESS"
 MONITOR = "MONITOR"
@@ -447,10 +448,90 @@ def submission_problem(process: dict[str, Any], monitor: dict[str, Any]) -> str 
     )
 
 
-def value(section: str, values: dict[str, Any], name: str) -> Any:
+def value(section: str, values: Mapping[str, Any], name: str) -> Any:
     """A key's value in a submitted section, or its default when absent or None."""
     got = values.get(name)
     return BY_SECTION[section][name].default if got is None else got
+
+
+# -- resolved settings -----------------------------------------------------------------------
+# A submission's sections with every key present and typed, its defaults filled in from KEYS.
+# The daemon resolves them once, when it builds a Submission (mosaicd.scheduling.submissions),
+# so that nothing later looks a default up; the study keeps the user's values as they were
+# sent, so `mosaic show` and older studies read the same, and a default changed here applies
+# to what a run does, never to what a study says the user asked for.
+
+
+class ProcessSettings(TypedDict):
+    """[PROCESS] resolved: what every run of a submission does (it travels in RunSpec)."""
+
+    lr: float
+    epochs: int
+    data_scheme: list[str]
+    pipeline_scheme: list[str]
+    loss_function: str | None
+    class_loss_function: str | None
+    path_to_class_loss_function: str | None
+    run_files_path: str
+    optimizer: str
+    # Never None: absent (a hand-made request), it is "none"; the client fills it from the loss.
+    accuracy: str
+    seed: int | None
+    deterministic: bool
+
+
+class MonitorSettings(TypedDict):
+    """[MONITOR] resolved: how the daemon runs a submission."""
+
+    need_gpu: bool
+    gpu_available: list[str | int]
+    nb_processus: int
+    multiplicity: int
+    retries: int
+    timeout: float | None
+    max_log_mb: float
+    ensemble: str
+    ensemble_max: int
+    umask: str
+
+
+# The typed forms and the table must name the same keys (a key added to KEYS needs its type).
+assert tuple(ProcessSettings.__annotations__) == PROCESS_KEYS, "ProcessSettings != PROCESS keys"
+assert tuple(MonitorSettings.__annotations__) == MONITOR_KEYS, "MonitorSettings != MONITOR keys"
+
+
+def _typed(key: Key, got: Any) -> Any:
+    """A checked value in its declared type: stored JSON gives 3 for 3.0, and a tuple default
+    must travel as a list (msgpack and JSON know lists only)."""
+    if got is None:
+        return None
+    if key.kind == FLOAT:
+        return float(got)
+    if key.kind == INT:
+        return int(got)
+    if key.kind in (SCHEME, GPU_LIST):
+        return list(got)
+    return got
+
+
+def _resolved(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        name: _typed(key, value(section, values, name)) for name, key in BY_SECTION[section].items()
+    }
+
+
+def process_settings(process: Mapping[str, Any]) -> ProcessSettings:
+    """A checked [PROCESS] (see :func:`submission_problem`) with every key, typed; keys the
+    schema does not know (they became params) are left out."""
+    settings = _resolved(PROCESS, process)
+    # No accuracy given (a hand-made request): none, as the client would have said explicitly.
+    settings["accuracy"] = settings["accuracy"] or "none"
+    return cast(ProcessSettings, settings)
+
+
+def monitor_settings(monitor: Mapping[str, Any]) -> MonitorSettings:
+    """A checked [MONITOR] with every key, typed: the keys left out take their defaults."""
+    return cast(MonitorSettings, _resolved(MONITOR, monitor))
 
 
 def default_accuracy(loss_function: str | None) -> str:

@@ -22,7 +22,7 @@ import contextlib
 import functools
 import os
 import pwd
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,9 +110,9 @@ def require_switch(owner: Owner | None) -> None:
         )
 
 
-def umask_of(monitor: dict[str, Any]) -> int:
-    """The umask a submission chose ([MONITOR] umask)."""
-    return int(str(schema.value(schema.MONITOR, monitor, "umask")), 8)
+def umask_of(monitor: Mapping[str, Any]) -> int:
+    """The umask a submission chose ([MONITOR] umask), from its MONITOR as sent or resolved."""
+    return int(schema.monitor_settings(monitor)["umask"], 8)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from mosaic_client import contract
+from mosaic_client import contract, schema
 from mosaicd.training import ensemble, execution
 from mosaicd.training.ensemble import batches, stack
 from mosaicd.training.ensemble import forward as ensemble_forward
@@ -298,14 +298,19 @@ def make_specs(
             "epochs_target": epochs,
             "start_epoch": 0,
             "checkpoint_every": 30.0,
-            "process": {
-                "data_scheme": [d["type"] for d in data],
-                "pipeline_scheme": [model["type"]],
-                "lr": lr,
-                "loss_function": loss,
-                "accuracy": accuracy,
-                "optimizer": optimizer,
-            },
+            "max_log_mb": 50.0,
+            "umask": None,
+            # Resolved as the daemon's dispatch does (mosaic_client.schema.process_settings).
+            "process": schema.process_settings(
+                {
+                    "data_scheme": [d["type"] for d in data],
+                    "pipeline_scheme": [model["type"]],
+                    "lr": lr,
+                    "loss_function": loss,
+                    "accuracy": accuracy,
+                    "optimizer": optimizer,
+                }
+            ),
             "modules": [*copy.deepcopy(data), copy.deepcopy(model)],
         }
         for i in range(n)

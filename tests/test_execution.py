@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from mosaic_client import contract
+from mosaic_client import contract, schema
 from mosaicd.training import epochs, execution
 from mosaicd.training.execution import BuiltRun, Channel, History, UserCodeError
 
@@ -104,6 +104,8 @@ def make_spec(
     epochs: int = 2,
     **process: Any,
 ) -> dict[str, Any]:
+    """A RunSpec as the daemon's dispatch makes it: its PROCESS resolved by the schema (the
+    keys given here, the defaults for the others)."""
     return {
         "run_id": 7,
         "seed": 3,
@@ -112,14 +114,18 @@ def make_spec(
         "epochs_target": epochs,
         "start_epoch": 0,
         "checkpoint_every": 30.0,
-        "process": {
-            "data_scheme": ["data"],
-            "pipeline_scheme": ["model"],
-            "lr": 0.05,
-            "loss_function": "BCELoss",
-            "accuracy": "binary",
-            **process,
-        },
+        "max_log_mb": 50.0,
+        "umask": None,
+        "process": schema.process_settings(
+            {
+                "data_scheme": ["data"],
+                "pipeline_scheme": ["model"],
+                "lr": 0.05,
+                "loss_function": "BCELoss",
+                "accuracy": "binary",
+                **process,
+            }
+        ),
         "modules": [
             {
                 "type": "data",
@@ -163,8 +169,9 @@ def test_module_params_leave_out_the_module_fields() -> None:
 
 
 def test_build_constructs_the_pipeline_from_a_spec(classes: str, tmp_path: Path) -> None:
+    # No optimizer given: the schema's default, filled in when the settings are resolved.
     spec = make_spec(classes, tmp_path)
-    assert "optimizer" not in spec["process"]
+    assert spec["process"]["optimizer"] == "Adam"
     run = execution.build(spec)
     assert type(run.optimizer) is torch.optim.Adam  # the schema's default optimizer
     assert run.optimizer.param_groups[0]["lr"] == 0.05
@@ -193,8 +200,7 @@ def test_build_constructs_the_pipeline_from_a_spec(classes: str, tmp_path: Path)
 def test_build_uses_the_optimizer_and_defaults_accuracy_to_none(
     classes: str, tmp_path: Path
 ) -> None:
-    spec = make_spec(classes, tmp_path, optimizer="SGD")
-    del spec["process"]["accuracy"]
+    spec = make_spec(classes, tmp_path, optimizer="SGD", accuracy=None)  # none given
     run = execution.build(spec)
     assert type(run.optimizer) is torch.optim.SGD
     assert run.accuracy_mode == "none"

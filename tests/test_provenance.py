@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import EXAMPLE, Daemon, example_config, query
 
-from mosaic_client import contract, provenance, study_reading
+from mosaic_client import contract, provenance, schema, study_reading
 from mosaicd.scheduling import submissions
 from mosaicd.storage.store import Store
 
@@ -357,12 +357,19 @@ def test_execute_reports_the_bytes_it_ran_and_the_environment(tmp: Path) -> None
         "device": "cpu",
         "run_files_path": str(tmp / "runs"),
         "epochs_target": 1,
-        "process": {
-            "data_scheme": ["dataset"],
-            "pipeline_scheme": ["mlp"],
-            "lr": 0.01,
-            "loss_function": "BCELoss",
-        },
+        "start_epoch": 0,
+        "checkpoint_every": 30.0,
+        "max_log_mb": 50.0,
+        "umask": None,
+        # Resolved as the daemon's dispatch does: the defaults fill what is not given.
+        "process": schema.process_settings(
+            {
+                "data_scheme": ["dataset"],
+                "pipeline_scheme": ["mlp"],
+                "lr": 0.01,
+                "loss_function": "BCELoss",
+            }
+        ),
         "modules": [
             {
                 "type": "dataset",

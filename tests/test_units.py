@@ -347,12 +347,42 @@ def test_a_worker_changes_state_only_along_its_lifecycle() -> None:
 
 
 def test_every_worker_message_has_its_handler() -> None:
-    # WorkerEvents.on_message calls _on_<type> for every message but hello.
-    from mosaicd.scheduling.worker_events import WorkerEvents
+    # WorkerEvents.on_message hands every message to its entry of the EVENTS table.
+    from mosaicd.scheduling.worker_events import EVENTS
 
-    missing = [
-        kind
-        for kind in protocol.WORKER_MESSAGES
-        if kind != "hello" and not callable(getattr(WorkerEvents, f"_on_{kind}", None))
-    ]
-    assert missing == []
+    missing = [kind for kind in protocol.WORKER_MESSAGES if not callable(EVENTS.get(kind))]
+    assert missing == [] and set(EVENTS) == set(protocol.WORKER_MESSAGES)
+
+
+def test_settings_are_resolved_once_with_every_default() -> None:
+    from mosaic_client import schema
+
+    process = {"lr": 1, "epochs": 2, "data_scheme": ["d"], "pipeline_scheme": ["m"], "x": 5}
+    settings = schema.process_settings(process)
+    assert tuple(settings) == schema.PROCESS_KEYS  # every key, unknown ones left out
+    assert settings["lr"] == 1.0 and isinstance(settings["lr"], float)
+    assert (settings["optimizer"], settings["deterministic"], settings["accuracy"]) == (
+        "Adam",
+        False,
+        "none",  # no accuracy given by a hand-made request
+    )
+    assert schema.monitor_settings({}) == {
+        key.name: list(key.default) if isinstance(key.default, tuple) else key.default
+        for key in schema.KEYS
+        if key.section == schema.MONITOR
+    }
+    assert schema.monitor_settings({"timeout": 5, "gpu_available": None})["timeout"] == 5.0
+
+
+def test_a_submission_keeps_the_users_values_and_resolves_them() -> None:
+    from mosaicd.scheduling.submissions import Submission
+
+    process = {"lr": 0.1, "epochs": 1, "data_scheme": ["d"], "pipeline_scheme": ["m"]}
+    monitor = {"nb_processus": 3, "need_gpu": True, "gpu_available": ["cuda:1"]}
+    submission = Submission("/s.db", 1, None, None, dict(process), dict(monitor))
+    # What the study stores and `pending` reports stays as sent.
+    assert (submission.process, submission.monitor) == (process, monitor)
+    assert submission.process_settings["optimizer"] == "Adam"
+    assert submission.monitor_settings["ensemble_max"] == 16
+    assert (submission.cap, submission.retries, submission.timeout) == (3, 0, None)
+    assert submission.slot_kind == "cuda" and submission.umask == 0o077

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
 
-from mosaic_client import schema
 from mosaic_client.contract import FAILED, QUEUED, RUNNING, checkpoint_path
+from mosaic_client.protocol import RunSpec
 from mosaicd import owners
 from mosaicd.executors.base import BUSY, IDLE, STARTING, WorkerHandle
 from mosaicd.scheduling.core import ActiveRun, SchedulerCore
@@ -158,11 +157,11 @@ class Dispatch(SchedulerCore):
             self._send(worker, "run")(spec=members[0][1])
         return True
 
-    def _spec(
-        self, worker: WorkerHandle, submission: Submission, record: RunRecord
-    ) -> dict[str, Any]:
-        """What the worker needs to train the run (a "run" message's spec)."""
-        run_files = submission.process["run_files_path"]
+    def _spec(self, worker: WorkerHandle, submission: Submission, record: RunRecord) -> RunSpec:
+        """What the worker needs to train the run (a "run" message's spec): the one place a
+        RunSpec is made, from the submission's resolved settings."""
+        settings = submission.process_settings
+        run_files = settings["run_files_path"]
         from_epoch = record.checkpoint_epoch
         if from_epoch:
             # Looked for as its owner: the daemon may not look into a private home itself.
@@ -171,7 +170,7 @@ class Dispatch(SchedulerCore):
                     from_epoch = 0
         return {
             "run_id": record.run_id,
-            "process": submission.process,
+            "process": settings,
             "modules": record.modules,
             "seed": record.seed,
             "device": worker.slot.device,
@@ -179,24 +178,24 @@ class Dispatch(SchedulerCore):
             "epochs_target": record.epochs_target,
             "start_epoch": from_epoch,
             "checkpoint_every": self._checkpoint_every,
-            "max_log_mb": schema.value(schema.MONITOR, submission.monitor, "max_log_mb"),
+            "max_log_mb": submission.monitor_settings["max_log_mb"],
             # Only for a user's worker (mosaicd.owners); a single-user daemon's keep theirs.
             "umask": submission.umask if submission.run_as is not None else None,
         }
 
     def _ensemble_mates(
-        self, worker: WorkerHandle, submission: Submission, lead: dict[str, Any]
-    ) -> list[tuple[RunRecord, dict[str, Any]]]:
+        self, worker: WorkerHandle, submission: Submission, lead: RunSpec
+    ) -> list[tuple[RunRecord, RunSpec]]:
         """The queued runs of the submission that train together with `lead`, taken off the
         queue: same group key (same pipeline, epochs and start epoch), as many as
         ensemble_groups.group_size gives."""
-        if schema.value(schema.MONITOR, submission.monitor, "ensemble") != "auto":
+        if submission.monitor_settings["ensemble"] != "auto":
             return []
         key = group_key(lead)
         if key is None:
             return []
-        ensemble_max = int(schema.value(schema.MONITOR, submission.monitor, "ensemble_max"))
-        specs: dict[int, dict[str, Any]] = {}
+        ensemble_max = submission.monitor_settings["ensemble_max"]
+        specs: dict[int, RunSpec] = {}
 
         def mate(record: RunRecord) -> bool:
             spec = specs.setdefault(record.run_id, self._spec(worker, submission, record))

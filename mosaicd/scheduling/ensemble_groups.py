@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Hashable
-from typing import Any
 
-from mosaic_client import schema
+from mosaic_client.protocol import RunSpec
 
 # Optimizers whose step on a stacked tensor is the members' steps side by side: every state
 # entry is per element, or a scalar that depends on the step count only (NAdam's mu_product).
@@ -23,27 +22,27 @@ ELEMENTWISE_OPTIMIZERS = frozenset(
 )
 
 
-def group_key(spec: dict[str, Any]) -> Hashable | None:
+def group_key(spec: RunSpec) -> Hashable | None:
     """Equal for runs of one pipeline that differ only by run id, seed and device."""
     process = spec["process"]
-    optimizer = schema.value(schema.PROCESS, process, "optimizer")
+    optimizer = process["optimizer"]
     if optimizer not in ELEMENTWISE_OPTIMIZERS:
         return None
     try:
         text = json.dumps([process, spec["modules"]], sort_keys=True)
     except (TypeError, ValueError):
         return None
-    return (text, int(spec["epochs_target"]), int(spec.get("start_epoch") or 0))
+    return (text, spec["epochs_target"], spec["start_epoch"])
 
 
-def fallback_reason(specs: list[dict[str, Any]]) -> str | None:
+def fallback_reason(specs: list[RunSpec]) -> str | None:
     """Why these specs cannot form a group, from the specs alone; None when they can."""
     if len(specs) < 2:
         return "a group needs at least two members"
-    run_ids = [int(s["run_id"]) for s in specs]
+    run_ids = [s["run_id"] for s in specs]
     if len(set(run_ids)) != len(run_ids):
         return f"the group lists a run twice ({run_ids})"
-    optimizer = schema.value(schema.PROCESS, specs[0]["process"], "optimizer")
+    optimizer = specs[0]["process"]["optimizer"]
     if optimizer not in ELEMENTWISE_OPTIMIZERS:
         return (
             f"optimizer {optimizer} is not elementwise (ensembles support "
@@ -54,7 +53,7 @@ def fallback_reason(specs: list[dict[str, Any]]) -> str | None:
         return (
             "the members are not repetitions of one pipeline (pipeline, PROCESS or epochs differ)"
         )
-    if len({str(s.get("device", "cpu")) for s in specs}) != 1:
+    if len({s["device"] for s in specs}) != 1:
         return "the members are on different devices"
     return None
 

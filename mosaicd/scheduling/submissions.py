@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mosaic_client import schema
@@ -35,9 +35,18 @@ class Submission:
     submission_id: int
     owner_uid: int | None
     owner: str | None
+    # The user's values as the study stores them (what `mosaic show` and `pending` report).
     process: dict[str, Any]
     monitor: dict[str, Any]
     running: int = 0
+    # The same, resolved once here with every default filled in (mosaic_client.schema): the
+    # scheduler and the run specs read these, never a default of their own.
+    process_settings: schema.ProcessSettings = field(init=False)
+    monitor_settings: schema.MonitorSettings = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.process_settings = schema.process_settings(self.process)
+        self.monitor_settings = schema.monitor_settings(self.monitor)
 
     @functools.cached_property
     def run_as(self) -> Owner | None:
@@ -50,32 +59,28 @@ class Submission:
 
     @property
     def umask(self) -> int:
-        return owners.umask_of(self.monitor)
+        return owners.umask_of(self.monitor_settings)
 
     @property
     def cap(self) -> int:
-        return max(1, int(schema.value(schema.MONITOR, self.monitor, "nb_processus")))
+        return max(1, self.monitor_settings["nb_processus"])
 
     @property
     def retries(self) -> int:
-        return int(schema.value(schema.MONITOR, self.monitor, "retries"))
+        return self.monitor_settings["retries"]
 
     @property
     def timeout(self) -> float | None:
-        timeout = schema.value(schema.MONITOR, self.monitor, "timeout")
-        return float(timeout) if timeout else None
+        return self.monitor_settings["timeout"] or None
 
     @property
     def slot_kind(self) -> str:
-        return "cuda" if schema.value(schema.MONITOR, self.monitor, "need_gpu") else "cpu"
+        return "cuda" if self.monitor_settings["need_gpu"] else "cpu"
 
     def allows(self, slot: Slot) -> bool:
         if slot.kind != self.slot_kind:
             return False
-        wanted = [
-            str(g).replace("cuda:", "")
-            for g in schema.value(schema.MONITOR, self.monitor, "gpu_available") or []
-        ]
+        wanted = [str(g).replace("cuda:", "") for g in self.monitor_settings["gpu_available"]]
         return slot.kind == "cpu" or not wanted or slot.gpu in wanted
 
 
@@ -132,7 +137,7 @@ def check_submission(
     problem = submission_problem(process, monitor, pipelines)
     if problem:
         raise Refused(ErrorCode.INVALID, f"{problem}; nothing was queued")
-    if schema.value(schema.MONITOR, monitor, "need_gpu") and not gpu_slots:
+    if schema.monitor_settings(monitor)["need_gpu"] and not gpu_slots:
         raise Refused(
             ErrorCode.INVALID,
             "this submission needs a GPU (MONITOR need_gpu = true) "
@@ -190,7 +195,7 @@ def build_runs(
     """The runs of a checked submission, as Store.add_submission takes them: repetition i of a
     pipeline gets seed + i (random seeds without a PROCESS seed)."""
     base_seed = process.get("seed")
-    multiplicity = max(1, int(schema.value(schema.MONITOR, monitor, "multiplicity")))
+    multiplicity = max(1, schema.monitor_settings(monitor)["multiplicity"])
     runs = []
     for index, modules in enumerate(pipelines):
         if isinstance(base_seed, int):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
+from mosaic_client import protocol
 from mosaic_client.contract import CANCELLED, FAILED, PARKED, QUEUED, RUNNING, run_log_path
 from mosaicd import owners
 from mosaicd.executors.base import IDLE, STOPPING, WorkerHandle, describe_exit
@@ -20,14 +22,41 @@ log = logging.getLogger("mosaicd")
 class WorkerEvents(SchedulerCore):
     """The scheduler's worker events (a part of mosaicd.scheduling.scheduler.Scheduler)."""
 
-    def on_message(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
-        """One message of mosaic_client.protocol.WORKER_MESSAGES from a worker: the handler
-        named after it (a test checks that every message type has one)."""
-        kind = message["type"]
-        if kind == "hello":
-            self._executor.said_hello(worker)
+    def on_message(self, worker: WorkerHandle, message: Any) -> None:
+        """One decoded message from a worker: checked against its declared shape
+        (mosaic_client.protocol.WORKER_MESSAGES), then handed to its handler in EVENTS. A
+        malformed one is never acted on and never raises here (this is the daemon's loop)."""
+        problem = protocol.worker_message_problem(message)
+        if problem is not None:
+            self._malformed(worker, message, problem)
             return
-        getattr(self, f"_on_{kind}")(worker, message)
+        EVENTS[message["type"]](self, worker, message)
+
+    def _malformed(self, worker: WorkerHandle, message: Any, problem: str) -> None:
+        """A message that breaks its declaration: the runs it names on this worker fail with
+        the problem; one that names none of them is dropped and logged."""
+        mine = worker.group or ({worker.run[1]} if worker.run is not None else set())
+        named = [run_id for run_id in protocol.message_run_ids(message) if run_id in mine]
+        if not named or worker.killed_for is not None:
+            log.warning(
+                "dropped a malformed message from worker %s: %s", worker.worker_id, problem[:500]
+            )
+            return
+        # Its worker is killed: after a wrong message nothing else it says can be trusted, and
+        # the run's end goes the one way every lost worker's does (on_worker_exit), with its
+        # last output lines. The members of its ensemble, in the same process, end with it. The
+        # cause does not start with "worker", so the run is not retried: the same code would
+        # send the same message again.
+        reason = (
+            f"malformed {str(message.get('type'))[:40]!r} message for run(s) {named[:10]} "
+            f"from its worker (pid {worker.pid}, {worker.slot.label}): {problem[:1000]}; "
+            "the worker was killed"
+        )
+        log.error("%s", reason)
+        self._executor.kill(worker, reason)
+
+    def _on_hello(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        self._executor.said_hello(worker)
 
     def _active_for(self, worker: WorkerHandle, run_id: int) -> ActiveRun | None:
         if worker.run is None or run_id not in (worker.group or {worker.run[1]}):
@@ -109,8 +138,8 @@ class WorkerEvents(SchedulerCore):
             return
         results = message["results"]
         summary = (
-            f"done: {results.get('epochs')} epochs, train_loss "
-            f"{results.get('train_loss'):.6g}, test_loss {results.get('test_loss'):.6g}"
+            f"done: {results['epochs']} epochs, train_loss "
+            f"{_figure(results['train_loss'])}, test_loss {_figure(results['test_loss'])}"
         )
         run_id = run.record.run_id
         self._studies.writer(run.study).write(
@@ -124,7 +153,7 @@ class WorkerEvents(SchedulerCore):
             return
         run_id = run.record.run_id
         writer = self._studies.writer(run.study)
-        where = run.submission.process["run_files_path"]
+        where = run.submission.process_settings["run_files_path"]
         with owners.acting_as(run.submission.run_as):  # its paths, looked at as its owner
             same_disk = _same_filesystem(where, run.study)
         if is_disk_full(Exception(message["error"])) and same_disk:
@@ -200,7 +229,7 @@ class WorkerEvents(SchedulerCore):
         """The worker trains an ensemble's members one by one: record why, for `mosaic show`."""
         if worker.run is None:
             return
-        run_ids = [int(r) for r in message["run_ids"] if int(r) in worker.group]
+        run_ids = [r for r in message["run_ids"] if r in worker.group]
         reason = message["reason"][:1000]
         if run_ids:
             self._studies.writer(worker.run[0]).write(
@@ -237,7 +266,8 @@ class WorkerEvents(SchedulerCore):
         # Read with the owner's rights: the log is in their directory, and a link they put
         # in its place must not show them a file only the daemon could read.
         with owners.acting_as(run.submission.run_as):
-            tail = _log_tail(run_log_path(run.submission.process["run_files_path"], run_id))
+            files = run.submission.process_settings["run_files_path"]
+            tail = _log_tail(run_log_path(files, run_id))
         retry = (
             (not worker.killed_for or worker.killed_for.startswith("worker"))
             and run.record.attempts < run.submission.retries
@@ -284,6 +314,27 @@ class WorkerEvents(SchedulerCore):
                     f"(pid {run.worker.pid}, {run.worker.slot.label}) was killed"
                 )
                 self._executor.kill(run.worker, reason)
+
+
+# What each worker message means: its handler (hello: the worker is ready). One entry per
+# message of protocol.WORKER_MESSAGES, the way the request handlers have theirs
+# (mosaicd.service.handlers.DISPATCH); a handler gets a message that passed
+# protocol.worker_message_problem, and finds out itself whether the run is this worker's.
+EVENTS: dict[str, Callable[[WorkerEvents, WorkerHandle, dict[str, Any]], None]] = {
+    "hello": WorkerEvents._on_hello,
+    "epoch": WorkerEvents._on_epoch,
+    "done": WorkerEvents._on_done,
+    "failed": WorkerEvents._on_failed,
+    "parked": WorkerEvents._on_parked,
+    "provenance": WorkerEvents._on_provenance,
+    "cancelled": WorkerEvents._on_cancelled,
+    "fallback": WorkerEvents._on_fallback,
+}
+assert set(EVENTS) == set(protocol.WORKER_MESSAGES), "every worker message needs one handler"
+
+
+def _figure(value: float | None) -> str:
+    return "None" if value is None else f"{value:.6g}"
 
 
 def _same_filesystem(directory: str, study: str) -> bool:

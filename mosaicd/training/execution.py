@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
-from mosaic_client import contract, schema
+from mosaic_client import contract
+from mosaic_client.protocol import RunSpec
+from mosaic_client.schema import ProcessSettings
 from mosaicd.training import checkpoints, epochs, metrics, provenance
 
 _module_counter = itertools.count()
@@ -194,13 +196,13 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def make_loss(process: dict[str, Any], run_id: int) -> Any:
-    if process.get("class_loss_function"):
+def make_loss(process: ProcessSettings, run_id: int) -> Any:
+    if process["class_loss_function"]:
         cls = load_user_class(
             process["path_to_class_loss_function"], process["class_loss_function"], run_id
         )
         return cls()
-    name = process.get("loss_function") or "MSELoss"
+    name = process["loss_function"] or "MSELoss"
     loss_cls = getattr(torch.nn, name, None)
     if not (isinstance(loss_cls, type) and issubclass(loss_cls, torch.nn.Module)):
         raise UserCodeError(f"loss_function {name!r} is not a torch.nn loss class")
@@ -422,7 +424,7 @@ def build_models(
     return models
 
 
-def make_optimizer(process: dict[str, Any], models: list[Any]) -> tuple[Any, int]:
+def make_optimizer(process: ProcessSettings, models: list[Any]) -> tuple[Any, int]:
     """The PROCESS optimizer over the models' trainable parameters, and their number."""
     params = _unique_parameters(models)
     if not params:
@@ -431,14 +433,14 @@ def make_optimizer(process: dict[str, Any], models: list[Any]) -> tuple[Any, int
             "torch.nn.Module or define parameters()"
         )
     nb_params = sum(p.numel() for p in params)
-    name = schema.value(schema.PROCESS, process, "optimizer")
+    name = process["optimizer"]
     optimizer_cls = getattr(torch.optim, name, None)
     if optimizer_cls is None:
         raise UserCodeError(f"optimizer {name!r} is not in torch.optim")
     return optimizer_cls(params, lr=float(process["lr"])), nb_params
 
 
-def build(spec: dict[str, Any]) -> BuiltRun:
+def build(spec: RunSpec) -> BuiltRun:
     """Seed the run, then build its data, models, loss and optimizer, in the pipeline's order."""
     run_id = int(spec["run_id"])
     process = spec["process"]
@@ -459,8 +461,7 @@ def build(spec: dict[str, Any]) -> BuiltRun:
     criterion = make_loss(process, run_id)
     if isinstance(criterion, torch.nn.Module):
         criterion.to(device)
-    # No accuracy given (a hand-made request): none, as the client would have said explicitly.
-    mode = schema.value(schema.PROCESS, process, "accuracy") or "none"
+    mode = process["accuracy"]  # resolved: "none" when a hand-made request gave none
     return BuiltRun(
         run_id=run_id,
         device=device,
@@ -627,7 +628,7 @@ def run_info_path(run_files_path: str, run_id: int) -> str:
     return os.path.join(run_files_path, f"run_info_{run_id}.mdt")
 
 
-def finish(run: BuiltRun, spec: dict[str, Any], history: History) -> dict[str, Any]:
+def finish(run: BuiltRun, spec: RunSpec, history: History) -> dict[str, Any]:
     """Save the models that can save themselves, the history and the run's summary; return the
     results and the run's files."""
     files_dir = spec["run_files_path"]
@@ -658,7 +659,7 @@ def finish(run: BuiltRun, spec: dict[str, Any], history: History) -> dict[str, A
     }
 
 
-def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
+def execute(spec: RunSpec, channel: Channel) -> dict[str, Any]:
     """Train one pipeline to spec["epochs_target"] epochs; return results and files."""
     files_dir = spec["run_files_path"]
     os.makedirs(files_dir, exist_ok=True)
@@ -674,7 +675,7 @@ def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
             code = provenance.code(spec, executed_sources)
             channel.on_provenance({"environment": environment, "code": code})
     history = History()
-    start_epoch = int(spec.get("start_epoch") or 0)
+    start_epoch = spec["start_epoch"]
     if start_epoch > 0:
         checkpoint_epoch, history = restore(run, files_dir)
         resend_epochs(channel, run.run_id, history, start_epoch, checkpoint_epoch)
@@ -685,7 +686,7 @@ def execute(spec: dict[str, Any], channel: Channel) -> dict[str, Any]:
         channel,
         start_epoch,
         int(spec["epochs_target"]),
-        float(spec.get("checkpoint_every", 30.0)),
+        spec["checkpoint_every"],
         contract.checkpoint_path(files_dir, run.run_id),
     )
     return finish(run, spec, history)

@@ -17,17 +17,19 @@ from typing import Any
 
 import torch
 
-from mosaic_client import provenance, schema
+from mosaic_client import provenance
+from mosaic_client.protocol import RunSpec
+from mosaic_client.schema import ProcessSettings
 
 
-def apply_determinism(process: dict[str, Any]) -> None:
+def apply_determinism(process: ProcessSettings) -> None:
     """Turn on deterministic algorithms when the submission asks for them.
 
     CUBLAS_WORKSPACE_CONFIG is read when cuBLAS first sets up its workspace, so a GPU worker
     gets it at start (mosaicd.training.worker.start); setting it here covers a process that has not
     touched CUDA yet. Without it torch refuses deterministic cuBLAS calls with its own message.
     """
-    if not schema.value(schema.PROCESS, process, "deterministic"):
+    if not process["deterministic"]:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", provenance.CUBLAS_DETERMINISTIC)
     # Never warn_only: an operation with no deterministic implementation must fail the run
@@ -71,7 +73,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def code(
-    spec: dict[str, Any],
+    spec: RunSpec,
     sources: dict[str, bytes],
     git: dict[str, tuple[str | None, bool | None]] | None = None,
 ) -> list[dict[str, Any]]:
@@ -83,7 +85,7 @@ def code(
         for m in spec["modules"]
     ]
     process = spec["process"]
-    if process.get("class_loss_function") and process.get("path_to_class_loss_function"):
+    if process["class_loss_function"] and process["path_to_class_loss_function"]:
         wanted.append(
             (
                 provenance.LOSS_SECTION,

@@ -43,6 +43,7 @@ from typing import Any, NoReturn
 import zmq
 
 from mosaic_client import contract, protocol
+from mosaic_client.protocol import RunSpec
 from mosaicd.training import run_log
 
 
@@ -309,10 +310,10 @@ class Worker:
                 self._handle_control(message)
                 continue
             self._begin([int(spec["run_id"]) for spec in specs])
-            if specs[0].get("umask") is not None:
+            if specs[0]["umask"] is not None:
                 # A user's worker on a shared daemon: what the run writes is made with the
                 # umask its config chose ([MONITOR] umask), private by default.
-                os.umask(int(specs[0]["umask"]))
+                os.umask(specs[0]["umask"])
             if self.isolation == "process":
                 self.run_forked(execution, specs, group)
             elif group:
@@ -322,7 +323,7 @@ class Worker:
         self.sock.close()
         self.ctx.term()
 
-    def run_forked(self, execution: Any, specs: list[dict[str, Any]], group: bool) -> None:
+    def run_forked(self, execution: Any, specs: list[RunSpec], group: bool) -> None:
         """Run one pipeline (or one ensemble) in a forked child and relay its messages to the
         daemon, and the daemon's park (and cancel) requests to it."""
         run_ids = {int(spec["run_id"]) for spec in specs}
@@ -408,7 +409,7 @@ class Worker:
     def _send_provenance(self, run_id: int, record: dict[str, Any]) -> None:
         self.send("provenance", run_id=run_id, **record)
 
-    def run_group(self, execution: Any, specs: list[dict[str, Any]], restore: bool) -> None:
+    def run_group(self, execution: Any, specs: list[RunSpec], restore: bool) -> None:
         """Train an ensemble's members together, or one by one when they cannot be."""
         from mosaicd.training import ensemble
 
@@ -427,7 +428,7 @@ class Worker:
         fallback: str | None = None
         before = run_log.descendants()
         lead_log = contract.run_log_path(specs[0]["run_files_path"], run_ids[0])
-        max_bytes = int(float(specs[0].get("max_log_mb") or 50) * 2**20)
+        max_bytes = int(specs[0]["max_log_mb"] * 2**20)
         try:
             for spec in specs:
                 os.makedirs(spec["run_files_path"], exist_ok=True)
@@ -457,7 +458,7 @@ class Worker:
         self.send("fallback", run_ids=run_ids, reason=fallback)
         for spec in specs:
             run_id = int(spec["run_id"])
-            start = int(spec.get("start_epoch") or 0)
+            start = spec["start_epoch"]
             if run_id in self.cancel_ids:  # asked before its turn came: it never starts
                 self.send("cancelled", run_id=run_id, epoch=start)
             elif run_id in self.park_ids:
@@ -465,7 +466,7 @@ class Worker:
             else:
                 self.run_one(execution, spec, restore=restore)
 
-    def run_one(self, execution: Any, spec: dict[str, Any], restore: bool = True) -> None:
+    def run_one(self, execution: Any, spec: RunSpec, restore: bool = True) -> None:
         run_id = int(spec["run_id"])
         state = GlobalState() if restore else None
         os.makedirs(spec["run_files_path"], exist_ok=True)
@@ -479,7 +480,7 @@ class Worker:
         )
         outcome: tuple[str, dict[str, Any]]
         before = run_log.descendants()
-        max_bytes = int(float(spec.get("max_log_mb") or 50) * 2**20)
+        max_bytes = int(spec["max_log_mb"] * 2**20)
         try:
             with run_log.LogCap(log_path, max_bytes), RedirectedOutput(log_path):
                 try:

@@ -42,11 +42,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from mosaic_client import contract
+from mosaic_client.protocol import RunSpec
 from mosaicd.scheduling.ensemble_groups import fallback_reason
 from mosaicd.training import epochs, execution
 from mosaicd.training.ensemble import batches
@@ -130,7 +130,7 @@ def _pass(
 
 
 def execute_group(
-    specs: list[dict[str, Any]],
+    specs: list[RunSpec],
     channels: dict[int, MemberChannel],
     *,
     max_params: int | None = AUTO_MAX_PARAMS,
@@ -156,7 +156,7 @@ def execute_group(
 
 
 def _execute(
-    specs: list[dict[str, Any]], channels: dict[int, MemberChannel], max_params: int | None
+    specs: list[RunSpec], channels: dict[int, MemberChannel], max_params: int | None
 ) -> dict[int, Outcome]:
     lr = float(specs[0]["process"]["lr"])
     members, stack = _set_up(specs, channels, max_params, lr)
@@ -164,7 +164,7 @@ def _execute(
 
 
 def _set_up(
-    specs: list[dict[str, Any]],
+    specs: list[RunSpec],
     channels: dict[int, MemberChannel],
     max_params: int | None,
     lr: float,
@@ -207,7 +207,7 @@ class _Group:
     left the group."""
 
     def __init__(
-        self, specs: list[dict[str, Any]], members: list[Member], stack: Stack, lr: float
+        self, specs: list[RunSpec], members: list[Member], stack: Stack, lr: float
     ) -> None:
         self.members = members
         self.stack = stack

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mosaic_client import contract
+from mosaic_client.protocol import RunSpec
 from mosaicd.training import execution, provenance
 from mosaicd.training.execution import BuiltRun, History
 
@@ -40,7 +41,7 @@ class MemberChannel(execution.Channel):
 
 @dataclass
 class Member:
-    spec: dict[str, Any]
+    spec: RunSpec
     run: BuiltRun
     channel: MemberChannel
     history: History
@@ -118,14 +119,14 @@ def check_modules(members: list[Member]) -> None:
             raise Fallback("the members' run_info differ (a module's info() depends on the seed)")
 
 
-def log_line(spec: dict[str, Any], text: str) -> None:
+def log_line(spec: RunSpec, text: str) -> None:
     """Append a line to the run's log, as the worker's redirected output would."""
     os.makedirs(spec["run_files_path"], exist_ok=True)
     with open(contract.run_log_path(spec["run_files_path"], int(spec["run_id"])), "a") as fh:
         fh.write(text + "\n")
 
 
-def build_members(specs: list[dict[str, Any]], channels: dict[int, MemberChannel]) -> list[Member]:
+def build_members(specs: list[RunSpec], channels: dict[int, MemberChannel]) -> list[Member]:
     """Each member built (and restored) as its run alone, with its provenance; a Fallback when
     they resume from different epochs."""
     members = []
