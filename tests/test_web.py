@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 
 import psutil
 import pytest
-from conftest import REPO, Daemon, example_config, query, write_project
+from conftest import REPO, Daemon, example_config, query, require_tools, write_project
 
 from mosaic_client.web import live, security, studies
 
@@ -443,12 +443,8 @@ def browser(server: Server) -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    require_tools("chromium", "chromedriver", packages="chromium chromium-driver")
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_path, (
-        "the browser tests need Debian's chromium and "
-        "chromium-driver: apt-get install chromium chromium-driver "
-        "(.ci/run installs them)"
-    )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in (
