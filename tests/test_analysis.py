@@ -21,23 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ini
 import pytest
-from conftest import EXAMPLE, REPO, Daemon, query, write_project
+from conftest import REPO, Daemon, query
+from conftest import RESULT_CRITERIA as CRITERIA
 
 from mosaic_client import analysis
-
-CRITERIA = (
-    "train_loss",
-    "test_loss",
-    "train_acc",
-    "test_acc",
-    "nb_params",
-    "duration(s)",
-    "epochs",
-    "overfit",
-    "trainability",
-    "slope",
-)
 
 
 def _config(
@@ -48,60 +37,16 @@ def _config(
     brick_width: str | None,
     multiplicity: int,
 ) -> Path:
-    sections = "".join(
-        f"""
-        [dataset_{d}]
-        type = dataset
-        class = dataset_{d}
-        path_to_class = {EXAMPLE}/dataset.py
-        data_size = 60
-        train_prop = 0.8
-        batch_size = 12
-        key = data_{{class}}
-        """
-        for d in datasets
-    )
-    brick = (
-        f"""
-        [mlp_brick]
-        type = mlp
-        class = mlp_brick
-        path_to_class = {EXAMPLE}/mlp.py
-        length = 1
-        width = {brick_width}
-        key = mlp_{{class}}
-        """
-        if brick_width
-        else ""
-    )
     project = root / name
     project.mkdir()
-    return write_project(
+    brick = [ini.mlp(1, brick_width, name="mlp_brick")] if brick_width else []
+    return ini.write(
         project,
-        f"""
-        [PROCESS]
-        lr = 0.01
-        epochs = 2
-        data_scheme = dataset
-        pipeline_scheme = mlp
-        loss_function = BCELoss
-        run_files_path = {root}/runs
-        seed = 0
-
-        [MONITOR]
-        need_gpu = false
-        gpu_available = None
-        nb_processus = 2
-        multiplicity = {multiplicity}
-        {sections}
-        [mlp_funnel]
-        type = mlp
-        class = mlp_funnel
-        path_to_class = {EXAMPLE}/mlp.py
-        length = 1
-        width = {funnel_width}
-        key = mlp_{{class}}
-        {brick}""",
+        ini.process(root, 2),
+        ini.monitor(2, multiplicity),
+        *(ini.dataset(60, batch_size=12, name=f"dataset_{d}") for d in datasets),
+        ini.mlp(1, funnel_width),
+        *brick,
     )
 
 

@@ -154,58 +154,25 @@ def test_selections_for_rerun(daemon: Daemon, tmp: Path) -> None:
         assert refused.returncode == 2, sql
         assert "refused" in refused.stderr or "read-only" in refused.stderr, refused.stderr
     assert query(db, "SELECT * FROM runs") == before
+
+    def rerun_one_epoch(*selection: str) -> str:
+        """Rerun the runs `selection` picks for 1 epoch; wait for them; return what rerun said."""
+        result = daemon.cli("rerun", str(cfg), db, *selection, "-epochs", "1", check=True)
+        daemon.wait_for(db)
+        return result.stdout
+
     # Numeric comparison: 10 >= 5 although "10" < "5" as text.
-    high = daemon.cli(
-        "rerun",
-        str(cfg),
-        db,
-        "-param_name_and_value_high_threshold",
-        "mlp_funnel_width",
-        "5",
-        "-epochs",
-        "1",
-        check=True,
-    )
-    assert ": 2" in high.stdout.splitlines()[0]
-    daemon.wait_for(db)
-    low = daemon.cli(
-        "rerun",
-        str(cfg),
-        db,
-        "-param_name_and_value_low_threshold",
-        "mlp_funnel_width",
-        "5",
-        "-epochs",
-        "1",
-        check=True,
-    )
-    assert ": 1" in low.stdout.splitlines()[0]
-    daemon.wait_for(db)
-    eq = daemon.cli(
-        "rerun",
-        str(cfg),
-        db,
-        "-param_name_and_value",
-        "mlp_funnel_width",
-        "10",
-        "-epochs",
-        "1",
-        check=True,
-    )
-    assert ": 2" in eq.stdout.splitlines()[0]
-    daemon.wait_for(db)
-    sql = daemon.cli(
-        "rerun",
-        str(cfg),
-        db,
+    high = rerun_one_epoch("-param_name_and_value_high_threshold", "mlp_funnel_width", "5")
+    assert ": 2" in high.splitlines()[0]
+    low = rerun_one_epoch("-param_name_and_value_low_threshold", "mlp_funnel_width", "5")
+    assert ": 1" in low.splitlines()[0]
+    eq = rerun_one_epoch("-param_name_and_value", "mlp_funnel_width", "10")
+    assert ": 2" in eq.splitlines()[0]
+    sql = rerun_one_epoch(
         "-request",
         "SELECT run_id FROM run_results WHERE nb_params > (SELECT min(nb_params) FROM run_results)",
-        "-epochs",
-        "1",
-        check=True,
     )
-    assert "run(s)" in sql.stdout
-    daemon.wait_for(db)
+    assert "run(s)" in sql
     none = daemon.cli(
         "rerun", str(cfg), db, "-param_name_and_value", "mlp_funnel_width", "77", "-epochs", "1"
     )

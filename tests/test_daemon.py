@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import ini
 import msgpack
 import pytest
 import zmq
-from conftest import EXAMPLE, REPO, Daemon, example_config, query, write_project
+from conftest import REPO, RESULT_CRITERIA, Daemon, example_config, query
 
 from mosaic_client import protocol
 
@@ -19,19 +20,7 @@ SEED_TABLES = {
     "system": ["param_name", "param_value"],
     "params": ["run_id", "param_name", "param_value"],
     "runs": ["run_id", "status", "pipeline", "return_status"],
-    "run_results": [
-        "run_id",
-        "train_loss",
-        "test_loss",
-        "train_acc",
-        "test_acc",
-        "nb_params",
-        "duration(s)",
-        "epochs",
-        "overfit",
-        "trainability",
-        "slope",
-    ],
+    "run_results": ["run_id", *RESULT_CRITERIA],
 }
 
 
@@ -142,48 +131,14 @@ class needs_depth(torch.nn.Module):
 
 
 def _two_model_config(root: Path, model_class: str) -> Path:
-    return write_project(
+    return ini.write(
         root,
-        f"""
-        [PROCESS]
-        lr = 0.01
-        epochs = 2
-        data_scheme = dataset
-        pipeline_scheme = mlp
-        loss_function = BCELoss
-        run_files_path = {root}/runs
-        seed = 1
-
-        [MONITOR]
-        need_gpu = false
-        gpu_available = None
-        nb_processus = 2
-        multiplicity = 1
-
-        [dataset_OR]
-        type = dataset
-        class = dataset_OR
-        path_to_class = {EXAMPLE}/dataset.py
-        data_size = 100
-        train_prop = 0.8
-        batch_size = 20
-        key = data
-
-        [{model_class}]
-        type = mlp
-        class = {model_class}
-        path_to_class = {root}/models.py
-        key = bad
-
-        [mlp_funnel]
-        type = mlp
-        class = mlp_funnel
-        path_to_class = {EXAMPLE}/mlp.py
-        length = 2
-        width = 3
-        key = good
-        """,
-        {"models.py": RAISING},
+        ini.process(root, 2, seed=1),
+        ini.monitor(),
+        ini.dataset(100, key="data"),
+        ini.user_class(model_class, "mlp", f"{root}/models.py", "bad"),
+        ini.mlp(2, 3, key="good"),
+        files={"models.py": RAISING},
     )
 
 
@@ -225,39 +180,13 @@ class tiny(torch.nn.Module):
     def info(self):
         return {{}}
 """
-    cfg = write_project(
+    cfg = ini.write(
         tmp,
-        f"""
-        [PROCESS]
-        lr = 0.01
-        epochs = 1
-        data_scheme = dataset
-        pipeline_scheme = mlp
-        loss_function = BCELoss
-        run_files_path = {tmp}/runs
-
-        [MONITOR]
-        need_gpu = false
-        gpu_available = None
-        nb_processus = 1
-        multiplicity = 1
-
-        [dataset_OR]
-        type = dataset
-        class = dataset_OR
-        path_to_class = {EXAMPLE}/dataset.py
-        data_size = 40
-        train_prop = 0.5
-        batch_size = 10
-        key = data
-
-        [tiny]
-        type = mlp
-        class = tiny
-        path_to_class = {tmp}/models.py
-        key = tiny
-        """,
-        {"models.py": model.format(v=1)},
+        ini.process(tmp, 1, seed=None),
+        ini.monitor(1),
+        ini.dataset(40, 0.5, 10, key="data"),
+        ini.user_class("tiny", "mlp", f"{tmp}/models.py", "tiny"),
+        files={"models.py": model.format(v=1)},
     )
     db = str(tmp / "s.db")
     daemon.cli("run", str(cfg), db, "--follow", check=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -263,14 +262,8 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture
-def classes(tmp_path: Path) -> Iterator[str]:
-    path = tmp_path / "classes.py"
-    path.write_text(CLASSES)
-    saved_path = list(sys.path)
-    yield str(path)
-    sys.path[:] = saved_path
-    while execution.loaded_user_modules:
-        sys.modules.pop(execution.loaded_user_modules.pop(), None)
+def classes(write_classes: Callable[[str], str]) -> str:
+    return write_classes(CLASSES)
 
 
 def module(name: str, kind: str, path: str, **params: Any) -> dict[str, Any]:

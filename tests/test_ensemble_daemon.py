@@ -13,8 +13,9 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+import ini
 import pytest
-from conftest import EXAMPLE, Daemon, example_config, query, write_project
+from conftest import Daemon, example_config, query
 
 EPOCHS = 6
 MEMBERS = 4
@@ -220,42 +221,21 @@ class bn_mlp(nn.Module):
 
 def small_project(root: Path, model: str, nan_seed: int) -> tuple[Path, str]:
     root.mkdir(parents=True, exist_ok=True)
+    classes = f"{root}/classes.py"
     model_section = (
-        f"[bn_mlp]\ntype = mlp\nclass = bn_mlp\npath_to_class = {root}/classes.py\n"
-        "width = 4\nkey = bn"
+        ini.user_class("bn_mlp", "mlp", classes, "bn", width=4)
         if model == "bn"
-        else f"[mlp_funnel]\ntype = mlp\nclass = mlp_funnel\npath_to_class = {EXAMPLE}/mlp.py\n"
-        "length = 2\nwidth = 3\nkey = mlp"
+        else ini.mlp(2, 3, key="mlp")
     )
-    cfg = write_project(
+    cfg = ini.write(
         root,
-        f"""
-[PROCESS]
-lr = 0.01
-epochs = 3
-data_scheme = dataset
-pipeline_scheme = mlp
-loss_function = MSELoss
-run_files_path = {root}/runs
-seed = 0
-
-[MONITOR]
-need_gpu = false
-gpu_available = None
-nb_processus = 1
-multiplicity = {MEMBERS}
-
-[points]
-type = dataset
-class = points
-path_to_class = {root}/classes.py
-n = 80
-nan_seed = {nan_seed}
-key = points
-
-{model_section}
-""",
-        {"classes.py": CLASSES},
+        ini.process(root, 3, loss_function="MSELoss"),
+        ini.monitor(1, MEMBERS),
+        ini.user_class(
+            "points", "dataset", f"{root}/classes.py", "points", n=80, nan_seed=nan_seed
+        ),
+        model_section,
+        files={"classes.py": CLASSES},
     )
     return cfg, str(root / "s.db")
 

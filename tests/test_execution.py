@@ -6,8 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +83,8 @@ class frozen(torch.nn.Module):
 
 
 @pytest.fixture
-def classes(tmp_path: Path) -> Iterator[str]:
-    path = tmp_path / "classes.py"
-    path.write_text(CLASSES)
-    saved_path = list(sys.path)
-    yield str(path)
-    # Undo what loading user classes does to the process, as the worker does between runs.
-    sys.path[:] = saved_path
-    while execution.loaded_user_modules:
-        sys.modules.pop(execution.loaded_user_modules.pop(), None)
+def classes(write_classes: Callable[[str], str]) -> str:
+    return write_classes(CLASSES)
 
 
 def make_spec(

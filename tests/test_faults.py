@@ -177,12 +177,22 @@ def test_a_long_outside_read_transaction_does_not_block_the_daemon(tmp: Path) ->
     assert query(db, "PRAGMA integrity_check") == [("ok",)]
 
 
-def test_an_outside_writer_lock_is_waited_out_and_nothing_is_lost(tmp: Path) -> None:
+def busy_daemon(tmp: Path) -> tuple[Daemon, str]:
+    """A daemon with 2 workers training 2 slow runs of 5 epochs, both past their first epoch."""
     d = Daemon(tmp, workers=2).start()
     db = str(tmp / "s.db")
     try:
         d.cli("run", str(slow_config(tmp, epochs=5, multiplicity=2)), db, check=True)
         wait_busy(d, db, min_epoch=1)
+    except BaseException:
+        d.stop()
+        raise
+    return d, db
+
+
+def test_an_outside_writer_lock_is_waited_out_and_nothing_is_lost(tmp: Path) -> None:
+    d, db = busy_daemon(tmp)
+    try:
         writer = sqlite3.connect(db, isolation_level=None)
         for hold in (2.0, 4.0):
             writer.execute("BEGIN IMMEDIATE")
@@ -225,11 +235,8 @@ def test_deleted_socket_file_is_recreated(tmp: Path) -> None:
 def test_an_outside_writer_holding_the_lock_past_the_busy_timeout(tmp: Path) -> None:
     """Longer than SQLite's 10 s busy timeout: the daemon may not record while it waits, but it
     must neither crash nor lose an epoch or a result once the lock is gone."""
-    d = Daemon(tmp, workers=2).start()
-    db = str(tmp / "s.db")
+    d, db = busy_daemon(tmp)
     try:
-        d.cli("run", str(slow_config(tmp, epochs=5, multiplicity=2)), db, check=True)
-        wait_busy(d, db, min_epoch=1)
         writer = sqlite3.connect(db, isolation_level=None)
         writer.execute("BEGIN IMMEDIATE")
         time.sleep(15)

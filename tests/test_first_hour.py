@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ini
 import pytest
-from conftest import EXAMPLE, REPO, Daemon, example_config, write_project
+from conftest import EXAMPLE, REPO, Daemon, example_config
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -51,14 +52,15 @@ def test_a_url_form_socket_is_refused_and_starts_nothing(tmp: Path) -> None:
         assert not (tmp / "relative").exists() and not (tmp / "s.db").exists()
 
 
-def test_mosaicd_refuses_a_url_form_socket(tmp: Path) -> None:
-    result = subprocess.run(
+def mosaicd_with_socket(tmp: Path, socket: str) -> subprocess.CompletedProcess[str]:
+    """Start mosaicd in tmp with `--socket socket` (and its state in tmp/state)."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "mosaicd",
             "--socket",
-            "ipc:///tmp/x.sock",
+            socket,
             "--state-dir",
             str(tmp / "state"),
             "--workers",
@@ -72,6 +74,10 @@ def test_mosaicd_refuses_a_url_form_socket(tmp: Path) -> None:
         text=True,
         timeout=20,
     )
+
+
+def test_mosaicd_refuses_a_url_form_socket(tmp: Path) -> None:
+    result = mosaicd_with_socket(tmp, "ipc:///tmp/x.sock")
     assert result.returncode == 2
     assert "--socket" in result.stderr and "absolute file path" in result.stderr
     assert not (tmp / "ipc:").exists()
@@ -83,42 +89,18 @@ def test_mosaicd_refuses_a_url_form_socket(tmp: Path) -> None:
 def test_empty_optional_values_mean_not_set(tmp: Path) -> None:
     # The seed's shipped config.ini: empty class_loss_function / path_to_class_loss_function
     # beside loss_function = MSELoss.
-    config = write_project(
+    config = ini.write(
         tmp,
-        f"""
-        [PROCESS]
-        lr = 0.01
-        epochs = 1
-        data_scheme = dataset
-        pipeline_scheme = mlp
-        loss_function = MSELoss
-        class_loss_function =
-        path_to_class_loss_function =
-        run_files_path = {tmp}/runs
-
-        [MONITOR]
-        need_gpu = false
-        gpu_available = None
-        nb_processus = 1
-        multiplicity = 2
-
-        [dataset_OR]
-        type = dataset
-        class = dataset_OR
-        path_to_class = {EXAMPLE}/dataset.py
-        data_size = 20
-        train_prop = 0.5
-        batch_size = 5
-        key = data_{{class}}
-
-        [mlp_funnel]
-        type = mlp
-        class = mlp_funnel
-        path_to_class = {EXAMPLE}/mlp.py
-        length = 1,2
-        width = 3
-        key = mlp_{{class}}
-        """,
+        ini.process(
+            tmp,
+            1,
+            seed=None,
+            loss_function="MSELoss",
+            extra="class_loss_function =\npath_to_class_loss_function =",
+        ),
+        ini.monitor(1, 2),
+        ini.dataset(20, 0.5, 5),
+        ini.mlp("1,2", 3),
     )
     result = cli(tmp, "generate", str(config), str(tmp / "out.json"))
     assert result.returncode == 0, result.stderr
@@ -235,26 +217,7 @@ def test_the_socket_option_is_checked_too(tmp: Path) -> None:
     result = cli(tmp, "--socket", "ipc:///tmp/x.sock", "status")
     assert result.returncode == 2
     assert "--socket" in result.stderr and "absolute file path" in result.stderr
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mosaicd",
-            "--socket",
-            "rel.sock",
-            "--state-dir",
-            str(tmp / "state"),
-            "--workers",
-            "1",
-            "--gpus",
-            "",
-        ],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    result = mosaicd_with_socket(tmp, "rel.sock")
     assert result.returncode == 2 and "relative path" in result.stderr
     assert not (tmp / "rel.sock").exists() and not (tmp / "state").exists()
 

@@ -14,8 +14,9 @@ import signal
 import time
 from pathlib import Path
 
+import ini
 import pytest
-from conftest import EXAMPLE, Daemon, query, write_project
+from conftest import Daemon, query
 
 from mosaicd.executors import base as executor
 
@@ -141,46 +142,23 @@ def project(
     multiplicity: int = 1,
 ) -> Path:
     """A config whose pipelines are dataset_OR followed by each probe model, in this order."""
-    sections = "\n".join(
-        f"""
-        [{model}_{i}]
-        type = model
-        class = {model}
-        path_to_class = {root}/probes.py
-        key = {model}_{i}
-        """
+    sections = [
+        ini.user_class(f"{model}_{i}", "model", f"{root}/probes.py", f"{model}_{i}", cls=model)
         for i, model in enumerate(models)
-    )
-    path = write_project(
+    ]
+    path = ini.write(
         root,
-        f"""
-        [PROCESS]
-        lr = 0.01
-        epochs = {epochs}
-        data_scheme = dataset
-        pipeline_scheme = model
-        loss_function = BCELoss
-        run_files_path = {root}/runs
-        seed = 0
-
-        [MONITOR]
-        need_gpu = {need_gpu}
-        gpu_available = {gpu_available}
-        nb_processus = {nb_processus}
-        multiplicity = {multiplicity}
-        {monitor}
-
-        [dataset_OR]
-        type = dataset
-        class = dataset_OR
-        path_to_class = {EXAMPLE}/dataset.py
-        data_size = 40
-        train_prop = 0.5
-        batch_size = 10
-        key = data
-        """
-        + sections,
-        {"probes.py": PROBES},
+        ini.process(root, epochs, pipeline_scheme="model"),
+        ini.monitor(
+            nb_processus,
+            multiplicity,
+            need_gpu=need_gpu,
+            gpu_available=gpu_available,
+            extra=monitor,
+        ),
+        ini.dataset(40, 0.5, 10, key="data"),
+        *sections,
+        files={"probes.py": PROBES},
     )
     return path.rename(root / name)
 

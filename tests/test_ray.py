@@ -124,6 +124,19 @@ def snapshot(db: str) -> dict[str, list[tuple[Any, ...]]]:
 # -- without Ray, and bad options: no Ray needed -------------------------------------------------
 
 
+def mosaicd_fails(
+    d: Daemon, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run mosaicd on d's socket and state with `args` only (no --workers, no --gpus)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mosaicd", "--socket", d.socket, "--state-dir", d.state_dir, *args],
+        env=env or d.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_without_ray_installed_the_daemon_says_how_to_install_it(tmp: Path) -> None:
     # A `ray` package that fails to import, first on the path: as if Ray were not installed.
     fake = tmp / "noray" / "ray"
@@ -131,23 +144,7 @@ def test_without_ray_installed_the_daemon_says_how_to_install_it(tmp: Path) -> N
     (fake / "__init__.py").write_text("raise ImportError('No module named ray')\n")
     d = Daemon(tmp)
     env = {**d.env, "PYTHONPATH": f"{tmp / 'noray'}{os.pathsep}{REPO}"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mosaicd",
-            "--socket",
-            d.socket,
-            "--state-dir",
-            d.state_dir,
-            "--executor",
-            "ray",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = mosaicd_fails(d, "--executor", "ray", env=env)
     assert result.returncode != 0
     assert "pip install 'mosaic-compare[ray]'" in result.stderr, result.stderr
     assert not os.path.exists(d.socket)  # it never started serving
@@ -157,22 +154,7 @@ def test_without_ray_installed_the_daemon_says_how_to_install_it(tmp: Path) -> N
         (["--executor", "ray", "--worker-bind", "0.0.0.0:5560"], "give a ZeroMQ endpoint"),
         (["--executor", "ray", "--ray-runtime-env", "[1]"], "must be a JSON object"),
     ):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mosaicd",
-                "--socket",
-                d.socket,
-                "--state-dir",
-                d.state_dir,
-                *args,
-            ],
-            env=d.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = mosaicd_fails(d, *args)
         assert result.returncode != 0 and expected in result.stderr, (args, result.stderr)
 
 

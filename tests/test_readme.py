@@ -1,8 +1,9 @@
 """The README's set-up commands, run exactly as written, as a new user would.
 
-The second command (install and run the test suite) is what `.ci/run` runs; this test runs the
-first one — a fresh venv, the install, and the tutorial's sweep through an autostarted daemon —
-in a copy of the repository, with the daemon's socket and state kept private to the test.
+The second command (`scripts/test`: prepare everything and run the test suite) is what `.ci/run`
+runs; this test runs the first one — a fresh venv, the install, and the tutorial's sweep through
+an autostarted daemon — in a copy of the repository, with the daemon's socket and state kept
+private to the test.
 """
 
 from __future__ import annotations
@@ -31,6 +32,23 @@ def test_readme_has_the_two_setup_commands() -> None:
     assert "mosaic run examples/or_mlp/config.ini results.db --follow" in commands[0]
     ci = (REPO / ".ci" / "run").read_text()
     assert commands[1] in ci, "`.ci/run` must run the README's test command as written"
+
+
+def test_the_test_command_prepares_everything() -> None:
+    # scripts/test: the system tools (scripts/test-tools), the venv and install, then pytest
+    # with the command's arguments; the tools it checks are those the tests drive.
+    command = readme_commands()[1]
+    assert command == "scripts/test"
+    script = (REPO / command).read_text()
+    assert "scripts/test-tools" in script
+    assert "pip install -q torch==2.13.0 -e '.[test]'" in script
+    assert '-m pytest -q "$@"' in script
+    tools = (REPO / "scripts" / "test-tools").read_text()
+    for tool, package in (("chromium", "chromium"), ("chromedriver", "chromium-driver")):
+        assert f'"{tool} {package}"' in tools
+    assert "apt-get install" in tools and '"${CI:-}" = true' in tools
+    for path in ("scripts/test", "scripts/test-tools", ".ci/run"):
+        assert os.access(REPO / path, os.X_OK), f"{path} is not executable"
 
 
 @pytest.mark.slow

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import ini
 import numpy as np
 import pytest
-from conftest import EXAMPLE, Daemon, query, write_project
+from conftest import EXAMPLE, Daemon, query
 
 from mosaic_client.verdict import comparison, reading, sequential
 from mosaicd.scheduling.repetitions import next_seeds, signature
@@ -30,52 +31,16 @@ class mlp_blind(mlp_funnel):
 """
 
 
-def two_families(root: Path, repetitions: int, seed: str = "seed = 0", epochs: int = 3) -> Path:
+def two_families(root: Path, repetitions: int, seed: int | None = 0, epochs: int = 3) -> Path:
     """OR data; a funnel MLP that learns it and a blind one of the same size."""
-    return write_project(
+    return ini.write(
         root,
-        f"""
-        [PROCESS]
-        lr = 0.05
-        epochs = {epochs}
-        data_scheme = dataset
-        pipeline_scheme = mlp
-        loss_function = BCELoss
-        run_files_path = {root}/runs
-        {seed}
-
-        [MONITOR]
-        need_gpu = false
-        gpu_available = None
-        nb_processus = 2
-        multiplicity = {repetitions}
-
-        [dataset_OR]
-        type = dataset
-        class = dataset_OR
-        path_to_class = {EXAMPLE}/dataset.py
-        data_size = 200
-        train_prop = 0.5
-        batch_size = 10
-        key = data_{{class}}
-
-        [mlp_funnel]
-        type = mlp
-        class = mlp_funnel
-        path_to_class = {EXAMPLE}/mlp.py
-        length = 1
-        width = 3
-        key = mlp_{{class}}
-
-        [mlp_blind]
-        type = mlp
-        class = mlp_blind
-        path_to_class = {root}/blind.py
-        length = 1
-        width = 3
-        key = mlp_{{class}}
-        """,
-        {"blind.py": BLIND.format(example=str(EXAMPLE))},
+        ini.process(root, epochs, lr=0.05, seed=seed),
+        ini.monitor(2, repetitions),
+        ini.dataset(200, 0.5, 10),
+        ini.mlp(1, 3),
+        ini.user_class("mlp_blind", "mlp", f"{root}/blind.py", "mlp_{class}", length=1, width=3),
+        files={"blind.py": BLIND.format(example=str(EXAMPLE))},
     )
 
 
@@ -240,7 +205,7 @@ def test_repeat_continues_the_groups_and_compare_sees_the_new_runs(daemon: Daemo
 
     # without a PROCESS seed: fresh random seeds, none already used in the group
     rdb = str(root / "r.db")
-    daemon.cli("run", str(two_families(root, 2, seed="", epochs=1)), rdb, "--follow", check=True)
+    daemon.cli("run", str(two_families(root, 2, seed=None, epochs=1)), rdb, "--follow", check=True)
     daemon.cli("repeat", rdb, "--add", "2", "-id", "1", check=True)
     daemon.wait_for(rdb, total=6)
     seeds = dict(query(rdb, "SELECT run_id, seed FROM run_meta"))

@@ -31,6 +31,16 @@ def project_with(tmp: Path, body: str, extra_monitor: str = "") -> Path:
     return cfg
 
 
+def run_alone(tmp: Path, cfg: Path, db: str) -> dict[str, int]:
+    """Run the one-run study on a daemon of its own with one worker, to its end: the counts."""
+    d = Daemon(tmp, workers=1).start()
+    try:
+        d.cli("run", str(cfg), db, check=True)
+        return d.wait_for(db, total=1, timeout=60)
+    finally:
+        d.stop()
+
+
 def test_a_process_forked_by_a_run_ends_with_it(tmp: Path) -> None:
     cfg = project_with(
         tmp,
@@ -71,13 +81,8 @@ def test_a_run_log_is_capped_keeping_head_and_tail(tmp: Path) -> None:
         extra_monitor="max_log_mb = 0.5",
     )
     (tmp / "odd.py").write_text("import os\n" + (tmp / "odd.py").read_text())
-    d = Daemon(tmp, workers=1).start()
     db = str(tmp / "s.db")
-    try:
-        d.cli("run", str(cfg), db, check=True)
-        assert d.wait_for(db, total=1, timeout=60)["done"] == 1
-    finally:
-        d.stop()
+    assert run_alone(tmp, cfg, db)["done"] == 1
     log = (tmp / "runs" / "output_1.log").read_bytes()
     printed = 60000 * len(b"line 00000000 " + b"x" * 40 + b"\n")
     assert printed > 3 * 2**20
@@ -93,13 +98,8 @@ def test_a_link_planted_at_the_run_log_is_refused(tmp: Path) -> None:
     target = tmp / "precious.txt"
     target.write_text("keep me\n")
     os.symlink(target, tmp / "runs" / "output_1.log")
-    d = Daemon(tmp, workers=1).start()
     db = str(tmp / "s.db")
-    try:
-        d.cli("run", str(cfg), db, check=True)
-        assert d.wait_for(db, total=1, timeout=60)["failed"] == 1
-    finally:
-        d.stop()
+    assert run_alone(tmp, cfg, db)["failed"] == 1
     assert target.read_text() == "keep me\n"
     ((reason,),) = query(db, "SELECT return_status FROM runs WHERE run_id=1")
     assert "it is a symbolic link" in reason and "output_1.log" in reason

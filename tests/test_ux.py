@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Daemon, example_config
+from conftest import REPO, Daemon, example_config, require_tools
 
 from mosaic_client.cli import build_parser
 from mosaic_client.completion import describe
@@ -75,6 +75,7 @@ def proj(tmp: Path) -> Path:
 
 @pytest.fixture
 def tmux(tmp: Path) -> Iterator[Tmux]:
+    require_tools("tmux", packages="tmux")
     t = Tmux(tmp)
     yield t
     t.kill()

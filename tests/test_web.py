@@ -25,14 +25,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import ini
 import psutil
 import pytest
-from conftest import REPO, Daemon, example_config, query, write_project
+from conftest import Daemon, example_config, query, require_tools
 
 from mosaic_client.web import live, security, studies
-
-EXAMPLE = REPO / "examples" / "or_mlp"
-
 
 # -- units: the guard, the table queries, the diffs --------------------------------------------
 
@@ -338,49 +336,13 @@ def daemon(root: Path) -> Iterator[Daemon]:
 
 def family_config(root: Path) -> Path:
     """Two families (model keys) on one dataset, two runs per point: a metaplot to compare."""
-    return write_project(
+    return ini.write(
         root,
-        f"""
-        [PROCESS]
-        lr = 0.01
-        epochs = 2
-        data_scheme = dataset
-        pipeline_scheme = mlp
-        loss_function = BCELoss
-        run_files_path = {root}/runs
-        seed = 0
-
-        [MONITOR]
-        need_gpu = false
-        gpu_available = None
-        nb_processus = 2
-        multiplicity = 2
-
-        [dataset_OR]
-        type = dataset
-        class = dataset_OR
-        path_to_class = {EXAMPLE}/dataset.py
-        data_size = 120
-        train_prop = 0.8
-        batch_size = 20
-        key = data_{{class}}
-
-        [mlp_funnel]
-        type = mlp
-        class = mlp_funnel
-        path_to_class = {EXAMPLE}/mlp.py
-        length = 2
-        width = 2, 4
-        key = mlp_{{class}}
-
-        [mlp_brick]
-        type = mlp
-        class = mlp_brick
-        path_to_class = {EXAMPLE}/mlp.py
-        length = 2
-        width = 2, 4
-        key = mlp_{{class}}
-        """,
+        ini.process(root, 2),
+        ini.monitor(2, 2),
+        ini.dataset(120),
+        ini.mlp(2, "2, 4"),
+        ini.mlp(2, "2, 4", name="mlp_brick"),
     )
 
 
@@ -478,12 +440,8 @@ def browser(server: Server) -> Iterator[Any]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    require_tools("chromium", "chromedriver", packages="chromium chromium-driver")
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_path, (
-        "the browser tests need Debian's chromium and "
-        "chromium-driver: apt-get install chromium chromium-driver "
-        "(.ci/run installs them)"
-    )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in (
