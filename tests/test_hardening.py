@@ -20,12 +20,12 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from conftest import EXAMPLE, Daemon, example_config
+from test_execution import Recorder, classes, make_spec  # noqa: F401 (a fixture)
+from test_shared_box import Box, _uid, running_box, settled
 
 from mosaic_client import contract
 from mosaicd.training import checkpoints, execution, run_log
-from tests.conftest import EXAMPLE, Daemon, example_config
-from tests.test_execution import Recorder, classes, make_spec  # noqa: F401 (a fixture)
-from tests.test_shared_box import Box, _uid, running_box, settled
 
 NOISE = "FAKE-MOSAICD-LINE-7f3a"  # what a user's code writes to fd 2 after its run
 SECRET = "SECRET-TRACEBACK-91c2"  # in a private study's failure

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
-from tests.conftest import EXAMPLE, query
-from tests.test_shared_box import (
+from conftest import EXAMPLE, query
+from test_shared_box import (
     DENIED,
     USERS_GID,
     Box,

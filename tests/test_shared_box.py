@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REPO, Daemon, example_config, query
 
 from mosaic_client.connection import Client, DaemonUnavailable
-from tests.conftest import REPO, Daemon, example_config, query
 
 DENIED = 4
 USERS_GID = 100  # useradd -N's default primary group ("users"), given explicitly below
