@@ -87,7 +87,7 @@ WORKER_TRANSITIONS: dict[str, tuple[str, ...]] = {
 class WorkerHandle:
     worker_id: str  # short, for people: "w3"
     slot: Slot
-    proc: Any  # subprocess.Popen, or ray_executor.RayProcess
+    proc: Any  # subprocess.Popen, or ray_cluster.RayProcess
     # Whose runs it trains, as that user (mosaicd.owners); None: the daemon's own user.
     owner: Owner | None = None
     # Its zmq routing id: the worker id and a secret the worker got in its environment, which
