@@ -31,6 +31,10 @@ PROTOCOL_VERSION = 1
 # The daemon refuses bigger client messages at the transport (ZMQ_MAXMSGSIZE), so a hostile or
 # broken client cannot make it allocate arbitrary memory.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# And bigger worker messages (on the workers' socket, before a byte of the payload is held): the
+# largest a worker sends is a "provenance" message with the text of each class file of the run
+# (MAX_CODE_TEXT each; real ones are kilobytes): room for four at that bound.
+MAX_WORKER_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class ErrorCode:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ from mosaic_client.contract import CANCELLED, FAILED, PARKED, QUEUED, RUNNING, r
 from mosaicd import owners
 from mosaicd.executors.base import IDLE, STOPPING, WorkerHandle, describe_exit
 from mosaicd.scheduling.core import ActiveRun, SchedulerCore
+from mosaicd.storage import user_files
 from mosaicd.storage.store import RunRecord, Store, disk_full_message, is_disk_full
 
 log = logging.getLogger("mosaicd")
@@ -346,7 +348,17 @@ def _same_filesystem(directory: str, study: str) -> bool:
 
 def _log_tail(path: str, lines: int = 20) -> str:
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fh:
+        # A regular file only: a FIFO in its place would stop the loop on open or read.
+        user_files.check_regular(path, "a run's output file")
+    except user_files.NotRegularFile as exc:
+        return f"(output file not read: {exc})"
+    except OSError:
+        return "(no output file)"
+    try:
+        # O_NONBLOCK too: a FIFO swapped in since the check is not waited for either.
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return "(output file not read: not a regular file)"
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - 8192))

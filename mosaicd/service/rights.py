@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from mosaic_client.protocol import ErrorCode
 from mosaicd import owners
 from mosaicd.errors import Refused
+from mosaicd.storage.store import StoreError, connect_readonly
 
 READ, WRITE, SEARCH = 0o4, 0o2, 0o1
 
@@ -121,8 +122,8 @@ def _blocked_on_the_way(caller: Caller, groups: set[int], real: str, want: int) 
 def study_owners(path: str) -> set[int | None]:
     """The owners of a study's submissions, read on a read-only connection."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    except sqlite3.Error:
+        conn = connect_readonly(path)  # a regular file only, statements on a time budget
+    except (StoreError, OSError):
         return set()
     try:
         return {row[0] for row in conn.execute("SELECT DISTINCT owner_uid FROM submissions")}

@@ -131,6 +131,10 @@ class Daemon:
         self.worker_address = self.options.worker_bind or f"ipc://{self.worker_dir}/workers.sock"
         self.workers_sock = self.ctx.socket(zmq.ROUTER)
         self.workers_sock.linger = 1000
+        # A worker runs its user's code: a message over the bound is refused by libzmq from its
+        # header, before it is held, and that connection is closed (a real worker then fails
+        # its run by timing out or dying; mosaicd.scheduling.worker_events).
+        self.workers_sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_WORKER_MESSAGE_BYTES)
         # Workers' connections are authenticated like clients': each message carries the
         # sender's uid, which must be its worker's owner's (_serve_workers).
         self.workers_sock.setsockopt(zmq.ZAP_DOMAIN, b"mosaic-workers")
@@ -333,7 +337,8 @@ class Daemon:
                 return
             if len(frames) != 2:
                 continue
-            identity, payload = frames[0].bytes, frames[1].bytes
+            # The payload is copied only once its sender is known to be the worker's owner.
+            identity = frames[0].bytes
             worker = self.executor.workers.get(identity.decode(errors="replace"))
             if worker is None:
                 continue  # a worker we already wrote off
@@ -344,7 +349,7 @@ class Daemon:
                 )
                 continue
             try:
-                message = protocol.unpack(payload)
+                message = protocol.unpack(frames[1].bytes)
             except Exception as exc:  # msgpack raises many types for bad bytes
                 log.error("undecodable message from worker %s: %s", worker.worker_id, exc)
                 continue

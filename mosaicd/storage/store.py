@@ -29,6 +29,7 @@ from mosaic_client.contract import (
     RUNNING,
     TRANSITIONS,
 )
+from mosaicd.storage import user_files
 from mosaicd.storage.settings import read_setting, write_setting
 
 SCHEMA_VERSION = 6
@@ -203,6 +204,19 @@ class StudyBusy(StoreError):
     """Another process holds the study's write lock: the write was not made; try it later."""
 
 
+class StudyStalled(StoreError):
+    """A statement on the study ran past its time budget (a trigger or view of the user's that
+    never ends, mosaicd.storage.user_files): the write was rolled back; the study's writes
+    wait until `mosaic resume`."""
+
+
+def stalled_message(path: str) -> str:
+    return (
+        f"{path}: a statement ran longer than {user_files.STATEMENT_BUDGET_S:g} s and was "
+        "stopped (a trigger or view added to the study?); remove it and `mosaic resume`"
+    )
+
+
 class DiskFull(StoreError):
     """The study's filesystem is full: the write was rolled back; try it once space is freed."""
 
@@ -242,11 +256,22 @@ class RunRecord:
 def connect_readonly(path: str) -> sqlite3.Connection:
     """A connection that cannot write: for users' SQL and the client's reads."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-        conn.execute("PRAGMA trusted_schema = OFF")
+        # Read-only opens wait on a FIFO: look first (mosaicd.storage.user_files).
+        checked = user_files.check_study_files(path)
+        conn = user_files.connect(f"file:{path}?mode=ro", timeout=5.0)
+    except user_files.NotRegularFile as exc:
+        raise StoreError(str(exc)) from None
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: cannot read it as a Mosaic database ({exc})") from None
+    try:
+        user_files.same_file(path, checked)
         conn.execute("PRAGMA query_only = 1")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except user_files.NotRegularFile as exc:
+        conn.close()
+        raise StoreError(str(exc)) from None
     except sqlite3.DatabaseError as exc:
+        conn.close()
         raise StoreError(f"{path}: cannot read it as a Mosaic database ({exc})") from None
     return conn
 
@@ -255,11 +280,21 @@ class Store:
     def __init__(self, path: str, create: bool = True) -> None:
         self.path = path
         try:
+            # Regular files only, and a time budget on every statement: a FIFO or an endless
+            # trigger of the user's must not stop the daemon's loop (mosaicd.storage.user_files).
+            checked = user_files.check_study_files(path)
+        except user_files.NotRegularFile as exc:
+            raise StoreError(str(exc)) from None
+        try:
             uri = f"file:{path}?mode={'rwc' if create else 'rw'}"
-            self.conn = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None)
             # The file is its user's: a trigger or view they add must not run functions with
-            # side effects when the daemon writes (docs/deployment.md).
-            self.conn.execute("PRAGMA trusted_schema = OFF")
+            # side effects when the daemon writes (trusted_schema off, docs/deployment.md).
+            self.conn = user_files.connect(uri, timeout=10.0, isolation_level=None)
+            try:
+                user_files.same_file(path, checked)
+            except user_files.NotRegularFile as exc:
+                self.conn.close()
+                raise StoreError(str(exc)) from None
             if not create and self._version() == 0:
                 # An existing empty file (or empty SQLite database) named in a request that
                 # only reads or changes runs must not be turned into a study.
@@ -276,6 +311,8 @@ class Store:
             self._migrate()
             self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         except sqlite3.DatabaseError as exc:
+            if user_files.is_interrupted(exc):
+                raise StudyStalled(stalled_message(path)) from None
             raise StoreError(
                 f"{path} is not a usable SQLite database ({exc}); give a new file name or "
                 "a database created by Mosaic"
@@ -376,6 +413,8 @@ class Store:
                 "locked" in str(exc) or "busy" in str(exc)
             ):
                 raise StudyBusy(f"{self.path} is locked by another process ({exc})") from None
+            if user_files.is_interrupted(exc):
+                raise StudyStalled(stalled_message(self.path)) from None
             raise
         finally:
             self._in_tx = False

@@ -1,16 +1,18 @@
 """The per-study writer: the one door through which the scheduler writes a study database.
 
 Why: the daemon has one loop for every user. A study whose database is locked by another
-process (a user's `sqlite3` shell left in `BEGIN EXCLUSIVE`) or whose filesystem is full must
+process (a user's `sqlite3` shell left in `BEGIN EXCLUSIVE`), whose filesystem is full, or
+whose trigger never ends (mosaicd.storage.user_files: each statement has a time budget) must
 not stop that loop, or every client and every other study waits with it (issue 18).
 
 How: each write is an operation ``op(store)`` applied in one transaction (one transaction per
 state change). The writer tries it at once, without waiting for the lock (Store.BUSY_TIMEOUT_MS);
 when the study is locked or its disk is full, the operation is kept, in order, behind the
 study's earlier ones, and retried by the loop: a locked study every RETRY_BUSY_S, a full one
-when `mosaic resume` asks (Scheduler.release) or at a restart. An operation reads what it needs
-inside its own transaction, so a write applied late decides on the state it finds then; its
-in-memory consequence (``then``) runs only once it is written. The scheduler starts no run of a
+(or one whose statement ran past its budget) when `mosaic resume` asks (Scheduler.release) or
+at a restart. An operation reads what it needs inside its own transaction, so a write applied
+late decides on the state it finds then; its in-memory consequence (``then``) runs only once it
+is written. The scheduler starts no run of a
 study with waiting writes.
 
 What is kept in memory is lost if the daemon dies while the study is blocked; the database
@@ -30,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mosaicd.storage.store import DiskFull, Store, StoreError, StudyBusy
+from mosaicd.storage.store import DiskFull, Store, StoreError, StudyBusy, StudyStalled
 
 log = logging.getLogger("mosaicd")
 
@@ -86,7 +88,7 @@ class StudyWriter:
         try:
             with self.store.transaction():
                 return op(self.store)
-        except DiskFull as exc:
+        except (DiskFull, StudyStalled) as exc:
             self._blocked(str(exc), full=True)
             raise
         except StudyBusy as exc:
@@ -105,7 +107,9 @@ class StudyWriter:
             try:
                 with self.store.transaction():
                     result = item.op(self.store)
-            except DiskFull as exc:
+            except (DiskFull, StudyStalled) as exc:
+                # A statement that ran past its budget (a user's endless trigger) is set aside
+                # like a full disk: tried again at `mosaic resume`, never by the loop alone.
                 self._blocked(str(exc), full=True)
                 return False
             except StudyBusy as exc:
