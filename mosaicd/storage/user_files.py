@@ -32,6 +32,7 @@ import os
 import sqlite3
 import stat
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 # How long one SQL statement of the daemon on a user's study may run. The loop serves every
@@ -118,11 +119,58 @@ def same_file(path: str, checked: os.stat_result | None) -> None:
         raise NotRegularFile(f"{path} was replaced while the daemon opened it; try again")
 
 
+class BudgetedCursor(sqlite3.Cursor):
+    """A cursor that gives each row it fetches a budget of its own: a big result read row by
+    row (a restart's recovery of 100,000 runs) is not one long statement, while a single step
+    that never ends (a user's recursive trigger or view) still is."""
+
+    def _arm(self) -> None:
+        connection = self.connection
+        if isinstance(connection, BudgetedConnection):
+            connection.arm()
+
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        self._arm()
+        return super().execute(*args, **kwargs)
+
+    def executemany(self, sql: str, rows: Iterable[Any]) -> sqlite3.Cursor:  # type: ignore[override]
+        # SQLite pulls one row of parameters per step: each row starts the budget anew, so a
+        # submission of 150,000 runs is not one statement over budget.
+        def arming() -> Iterator[Any]:
+            for row in rows:
+                self._arm()
+                yield row
+
+        self._arm()
+        return super().executemany(sql, arming())
+
+    def executescript(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        self._arm()
+        return super().executescript(*args, **kwargs)
+
+    def __next__(self) -> Any:
+        self._arm()
+        return super().__next__()
+
+    def fetchone(self) -> Any:
+        try:
+            return next(self)
+        except StopIteration:
+            return None
+
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        wanted = self.arraysize if size is None else size
+        return [row for _, row in zip(range(wanted), self)]
+
+    def fetchall(self) -> list[Any]:
+        return list(self)
+
+
 class BudgetedConnection(sqlite3.Connection):
-    """A connection whose statements are interrupted after STATEMENT_BUDGET_S (pass it as
-    sqlite3.connect's factory). The budget starts at each execute of the daemon's, so neither
-    a trigger nor a view of the user's can renew it; rows fetched later count against the
-    statement that produced them."""
+    """A connection whose SQLite steps are interrupted after STATEMENT_BUDGET_S (pass it as
+    sqlite3.connect's factory). The budget starts at each execute of the daemon's, at each row
+    its cursors fetch and at each row of an executemany, never from within SQLite, so neither a
+    trigger nor a view of the user's can renew it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -133,20 +181,21 @@ class BudgetedConnection(sqlite3.Connection):
     def _over_budget(self) -> int:
         return int(time.monotonic() > self._deadline)
 
-    def _arm(self) -> None:
+    def arm(self) -> None:
         self._deadline = time.monotonic() + self.budget_s
 
-    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        self._arm()
-        return super().execute(*args, **kwargs)
+    def cursor(self, factory: Any = BudgetedCursor) -> sqlite3.Cursor:  # type: ignore[override]
+        return super().cursor(factory)
 
-    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        self._arm()
-        return super().executemany(*args, **kwargs)
+    # sqlite3.Connection's own execute* make a plain cursor: these use a budgeted one.
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        return self.cursor().execute(*args, **kwargs)
+
+    def executemany(self, sql: str, rows: Iterable[Any]) -> sqlite3.Cursor:  # type: ignore[override]
+        return self.cursor().executemany(sql, rows)
 
     def executescript(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-        self._arm()
-        return super().executescript(*args, **kwargs)
+        return self.cursor().executescript(*args, **kwargs)
 
 
 def is_interrupted(exc: BaseException) -> bool:
