@@ -50,6 +50,12 @@ class ErrorCode:
     INTERNAL = "internal"
 
 
+# How a `not_found` refusal begins when a request names a study the daemon does not serve: it
+# never takes over ("adopts") a study that was not submitted to it, and the client reads such a
+# study itself instead where it can (`mosaic show`, `mosaic logs`).
+NOT_SERVED = "not a study this daemon serves"
+
+
 @dataclass(frozen=True)
 class Field:
     name: str

@@ -123,28 +123,49 @@ def resolve(conn: sqlite3.Connection, selection: dict[str, Any]) -> list[int]:
             return study_reading.runs_with_param(conn, name, value)
         return study_reading.runs_with_param_within(conn, name, value, at_most=kind == "low")
     if kind == "request":
-        # The user's own SQL: run here, under the authorizer, not a query of study_reading.
-        sql = selection.get("sql")
-        if not isinstance(sql, str) or not sql.strip():
-            raise SelectionError("-request needs an SQL SELECT returning run ids")
-        conn.set_authorizer(_authorizer)
+        return _requested(conn, selection.get("sql"))
+    raise SelectionError(f"unknown selection kind {kind!r}")
+
+
+_REQUEST_HINT = (
+    'Only a single read-only SELECT that returns run ids is allowed, e.g. "SELECT run_id FROM '
+    "runs WHERE status='done'\""
+)
+
+
+def _requested(conn: sqlite3.Connection, sql: Any) -> list[int]:
+    """The ids of the study's runs a user's own `-request` SQL returns, run under the
+    authorizer (not a query of study_reading).
+
+    No message repeats a value the query computed: the daemon runs it on studies its caller may
+    read, yet what it answers must not become a way to read a study byte by byte (`SELECT
+    unicode(substr(text, 1, 1)) FROM code_files`). So integers that are not run ids of the study
+    select nothing, and an error raised while the query ran (which SQLite may word with a value,
+    e.g. a JSON path) is reported without its text; an error found when compiling it (syntax, an
+    unknown column, a denied action) depends on the SQL alone and is shown."""
+    if not isinstance(sql, str) or not sql.strip():
+        raise SelectionError("-request needs an SQL SELECT returning run ids")
+    conn.set_authorizer(_authorizer)
+    try:
         try:
-            rows = conn.execute(sql).fetchall()
+            conn.execute(f"EXPLAIN {sql}").fetchall()  # compiled, not run: reads no row
         except (sqlite3.DatabaseError, sqlite3.Warning) as exc:
             raise SelectionError(
-                f"-request {sql!r} was refused: {exc}. Only a single read-only SELECT that "
-                'returns run ids is allowed, e.g. "SELECT run_id FROM runs WHERE '
-                "status='done'\""
+                f"-request {sql!r} was refused: {str(exc).rstrip('.')}. {_REQUEST_HINT}"
             ) from None
-        finally:
-            conn.set_authorizer(None)
-        if rows and not all(isinstance(r[0], int) for r in rows):
+        try:
+            rows = conn.execute(sql).fetchall()
+        except (sqlite3.DatabaseError, sqlite3.Warning):
             raise SelectionError(
-                f"-request {sql!r} must return integer run ids in its first column"
-            )
-        rows = sorted(set(rows))
-        return [int(r[0]) for r in rows]
-    raise SelectionError(f"unknown selection kind {kind!r}")
+                f"-request {sql!r} failed while it ran (the error is not shown: it may quote "
+                f"the study's contents). {_REQUEST_HINT}"
+            ) from None
+    finally:
+        conn.set_authorizer(None)
+    if rows and not all(isinstance(r[0], int) for r in rows):
+        raise SelectionError(f"-request {sql!r} must return integer run ids in its first column")
+    existing = set(study_reading.all_run_ids(conn))
+    return sorted({int(r[0]) for r in rows} & existing)
 
 
 def describe(selection: dict[str, Any]) -> str:

@@ -531,9 +531,11 @@ def hostile_requests(study: Study) -> list[tuple[str, dict[str, Any], str]]:
             "invalid",
         ),
         ("cancel", {"db": "relative.db", "selection": {"kind": "all"}}, "invalid"),
-        ("cancel", {"db": "/dev/null", "selection": {"kind": "all"}}, "invalid"),
-        ("cancel", {"db": str(study.root), "selection": {"kind": "all"}}, "invalid"),
-        ("cancel", {"db": str(empty), "selection": {"kind": "all"}}, "invalid"),
+        # Paths the daemon does not serve (a device, a directory, an empty file): refused as
+        # "not a study this daemon serves" before anything is opened (it adopts no study).
+        ("cancel", {"db": "/dev/null", "selection": {"kind": "all"}}, "not_found"),
+        ("cancel", {"db": str(study.root), "selection": {"kind": "all"}}, "not_found"),
+        ("cancel", {"db": str(empty), "selection": {"kind": "all"}}, "not_found"),
         ("cancel", {"db": "/nonexistent/x.db", "selection": {"kind": "all"}}, "not_found"),
         ("rerun", {"db": db, "selection": {"kind": "all"}, "epochs": -1}, "invalid"),
         ("rerun", {"db": db, "selection": {"kind": "all"}, "epochs": 0}, "invalid"),
@@ -544,8 +546,8 @@ def hostile_requests(study: Study) -> list[tuple[str, dict[str, Any], str]]:
         ("repeat", {**request_sql("DELETE FROM runs"), "add": 1}, "invalid"),
         ("repeat", {"db": db, "selection": {"kind": "nope"}, "add": 1}, "invalid"),
         ("repeat", {"db": "relative.db", "selection": {"kind": "all"}, "add": 1}, "invalid"),
-        ("repeat", {"db": "/dev/null", "selection": {"kind": "all"}, "add": 1}, "invalid"),
-        ("repeat", {"db": str(empty), "selection": {"kind": "all"}, "add": 1}, "invalid"),
+        ("repeat", {"db": "/dev/null", "selection": {"kind": "all"}, "add": 1}, "not_found"),
+        ("repeat", {"db": str(empty), "selection": {"kind": "all"}, "add": 1}, "not_found"),
         (
             "repeat",
             {"db": os.path.join(daemon_dir, "state", "x.db"), "selection": {}, "add": 1},
@@ -560,8 +562,8 @@ def hostile_requests(study: Study) -> list[tuple[str, dict[str, Any], str]]:
         ("show", {"db": db, "run_id": -1}, "not_found"),
         ("show", {"db": db, "run_id": 2**63}, "bad_arguments"),
         ("show", {"db": db, "run_id": -(2**63) - 1 + 1}, "not_found"),
-        ("show", {"db": str(empty), "run_id": 1}, "invalid"),
-        ("show", {"db": "/dev/null", "run_id": 1}, "invalid"),
+        ("show", {"db": str(empty), "run_id": 1}, "not_found"),
+        ("show", {"db": "/dev/null", "run_id": 1}, "not_found"),
         ("status", {"db": "relative.db", "submission": 1}, "not_found"),
         ("status", {"limit": 2**64 - 1}, "bad_arguments"),
     ]

@@ -264,12 +264,19 @@ def only_known_study() -> str | None:
 
 # Said when `show` and `logs` read a study because no daemon answers.
 OFFLINE_NOTE = "(daemon not running: read from the study)"
+# Said when they read a study the daemon does not serve (one not queued into it).
+NOT_SERVED_NOTE = "(not a study the daemon serves: read from the study)"
 
 
 def run_info(args: argparse.Namespace, purpose: str) -> tuple[str, dict[str, Any], bool]:
     """(db, the `show` reply for args.run, whether a daemon gave it). With no daemon and
     --db given, the study is read read-only instead: what it holds is the truth once no
-    daemon is running, short of the live fields (epoch, worker) only a daemon knows."""
+    daemon is running, short of the live fields (epoch, worker) only a daemon knows. So is a
+    study --db names that the daemon does not serve (it takes over none it was not given by
+    `mosaic run`), with the caller's own rights."""
+    from mosaic_client import protocol, study_reading
+
+    note = OFFLINE_NOTE
     try:
         db = db_or_only(args, purpose)
         return db, call(args, "show", db=db, run_id=args.run), True
@@ -279,7 +286,14 @@ def run_info(args: argparse.Namespace, purpose: str) -> tuple[str, dict[str, Any
             raise connection.DaemonUnavailable(
                 f"{exc} Without a daemon give the study with --db DB to read it directly."
             ) from None
-    from mosaic_client import study_reading
+    except protocol.ProtocolError as exc:
+        # A study the daemon does not serve (it adopts none): read it here, with your rights.
+        served = exc.code != protocol.ErrorCode.NOT_FOUND or not exc.message.startswith(
+            protocol.NOT_SERVED
+        )
+        if served or not args.db:
+            raise
+        known, note = args.db, NOT_SERVED_NOTE
 
     db = existing_db(known)
     conn = analysis_db(db)
@@ -289,7 +303,7 @@ def run_info(args: argparse.Namespace, purpose: str) -> tuple[str, dict[str, Any
         conn.close()
     if info is None:
         raise CommandError(f"no run {args.run} in {db}; `mosaic export` lists its runs", BAD_INPUT)
-    print(f"mosaic: {OFFLINE_NOTE}", file=sys.stderr)
+    print(f"mosaic: {note}", file=sys.stderr)
     return db, info, False
 
 

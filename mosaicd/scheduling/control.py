@@ -29,15 +29,17 @@ from mosaic_client.protocol import (
 )
 from mosaicd import owners
 from mosaicd.errors import Refused
-from mosaicd.scheduling.core import SchedulerCore
+from mosaicd.scheduling.core import SchedulerCore, served
 from mosaicd.storage.store import RunRecord, Store, connect_readonly
 
 SELECT_TIMEOUT = 5.0  # seconds a selection's SQL may run in the daemon's loop
 
 # The caller's rights over runs, checked by the request handler: given each selected run's
-# (run id, owner uid, owner name), it raises Refused when the caller may not change one. None:
-# the caller may change every run (an administrator).
-OwnerCheck = Callable[[list[tuple[int, int | None, str | None]]], None] | None
+# (run id, owner uid, owner name) and whether the caller named those run ids themself (-id,
+# rekey), it raises Refused when the caller may not change one. Its message may name a run only
+# when the caller named it: ids a -request computed are values of the study, never echoed.
+# None: the caller may change every run (an administrator).
+OwnerCheck = Callable[[list[tuple[int, int | None, str | None]], bool], None] | None
 
 
 class Control(SchedulerCore):
@@ -112,8 +114,12 @@ class Control(SchedulerCore):
     # -- runs chosen by a selection -----------------------------------------------------------
 
     def _select(self, db: str, selection: dict[str, Any], check: OwnerCheck) -> list[int]:
-        """The selected run ids, once the caller's rights over each are checked."""
-        store = self._studies.open(db, create=False)
+        """The selected run ids, once the caller's rights over each are checked. The handler
+        has checked that the caller may read the study (its SQL runs with the rights the study
+        was opened with); a study the daemon does not serve is refused before anything runs.
+        Only ids of runs the study holds are selected (selections.resolve), and no message
+        repeats what a -request computed."""
+        store = served(self._studies, db)
         with owners.acting_as(self._studies.opener(db)):  # as the store itself was opened
             conn = connect_readonly(db)
         # A user's -request runs inside the daemon's single loop: an endless recursive CTE
@@ -138,7 +144,7 @@ class Control(SchedulerCore):
             ) from None
         finally:
             conn.close()
-        _check_owners(store, run_ids, check)
+        _check_owners(store, run_ids, check, named=selection.get("kind") == "ids")
         return run_ids
 
     def cancel(
@@ -209,20 +215,20 @@ class Control(SchedulerCore):
 
     def rekey(self, db: str, changes: list[tuple[int, str, str]], check: OwnerCheck) -> RekeyReply:
         """Write `{type}_key` params: each change is (run id, param name, key)."""
-        store = self._studies.open(db, create=False)
+        store = served(self._studies, db)
         unknown = sorted({c[0] for c in changes if store.status_of(c[0]) is None})
         if unknown:
             raise Refused(
                 ErrorCode.NOT_FOUND,
                 f"no run {', '.join(map(str, unknown[:10]))} in {db}; nothing was changed",
             )
-        _check_owners(store, sorted({c[0] for c in changes}), check)
+        _check_owners(store, sorted({c[0] for c in changes}), check, named=True)
         self._studies.writer(db).write(
             f"rekey {len(changes)} param(s)", lambda store: store.set_params(changes)
         )
         return {"changed": len(changes)}
 
 
-def _check_owners(store: Store, run_ids: list[int], check: OwnerCheck) -> None:
+def _check_owners(store: Store, run_ids: list[int], check: OwnerCheck, named: bool) -> None:
     if check is not None:
-        check([(run_id, *store.owner_of(run_id)) for run_id in run_ids])
+        check([(run_id, *store.owner_of(run_id)) for run_id in run_ids], named)

@@ -10,12 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mosaic_client.protocol import NOT_SERVED, ErrorCode
+from mosaicd.errors import Refused
 from mosaicd.executors.base import Executor, WorkerHandle
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
 from mosaicd.scheduling.submissions import Submission
 from mosaicd.storage.state import DaemonState
-from mosaicd.storage.store import RunRecord
+from mosaicd.storage.store import RunRecord, Store
 from mosaicd.storage.studies import Studies
 
 # How the scheduler sends a message to a worker: send(worker, name)(**fields).
@@ -37,6 +39,23 @@ class ActiveRun:
     test_loss: float | None = None
     park_sent: bool = False
     group: list[int] | None = None  # the run ids sent with it as one ensemble
+
+
+def served(studies: Studies, db: str) -> Store:
+    """The store of a study the daemon already serves. Only `submit` (Studies.open) makes the
+    daemon serve a study: a request that merely names another path (status, show, cancel,
+    rerun, rekey, repeat) must not open it, create its -wal/-shm, migrate it or record it in
+    the daemon's state; it is refused, and nothing of the file is touched."""
+    store = studies.get(db)
+    if store is None:
+        raise Refused(
+            ErrorCode.NOT_FOUND,
+            f"{NOT_SERVED}: {db}. The daemon serves the studies queued into it with "
+            "`mosaic run CONFIG DB` and takes over no other; read an older study without it "
+            "(`mosaic export`, `mosaic show RUN --db DB`, `mosaic plotloss`), or queue runs into "
+            "it with `mosaic run` to have the daemon serve it. Nothing was done.",
+        )
+    return store
 
 
 class SchedulerCore:

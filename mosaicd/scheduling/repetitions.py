@@ -116,7 +116,9 @@ class Repetitions(Control):
         # are copies of them.
         every_run = sorted(run_id for group in groups for run_id in group)
         if check is not None:
-            check([(run_id, *store.owner_of(run_id)) for run_id in every_run])
+            # Named only when the caller named the selected runs (-id): never a -request's.
+            named = selection.get("kind") == "ids"
+            check([(run_id, *store.owner_of(run_id)) for run_id in every_run], named)
         batches = self._batches(store, groups, add)
         for batch in batches:
             pipelines = [modules for modules, _, _, _ in batch.runs]

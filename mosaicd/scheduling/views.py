@@ -21,7 +21,7 @@ from mosaic_client.protocol import (
 )
 from mosaicd.errors import Refused
 from mosaicd.executors.base import Executor, WorkerHandle
-from mosaicd.scheduling.core import ActiveRun
+from mosaicd.scheduling.core import ActiveRun, served
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
 from mosaicd.storage.store import Store
@@ -126,13 +126,14 @@ def status(
     if hidden:
         reply["hidden_studies"] = hidden
     if db and submission is not None and (readable is None or readable(db)):
-        reply["submission_counts"] = studies.open(db, create=False).submission_counts(submission)
+        # Only of a study served: another path is refused, unopened (core.served).
+        reply["submission_counts"] = served(studies, db).submission_counts(submission)
     return reply
 
 
 def show(studies: Studies, active: Active, queue: RunQueue, db: str, run_id: int) -> ShowReply:
     """`mosaic show RUN`: everything recorded, and where it stands now."""
-    store = studies.open(db, create=False)
+    store = served(studies, db)
     info: Any = store.describe(run_id)
     if info is None:
         raise Refused(ErrorCode.NOT_FOUND, f"no run {run_id} in {db}")

@@ -99,20 +99,34 @@ def _readable_study(ctx: Context, caller: Caller, args: dict[str, Any]) -> str:
     return db
 
 
+def _changed_study(ctx: Context, caller: Caller, args: dict[str, Any]) -> str:
+    """The study of a request that changes its runs (cancel, rerun, rekey, repeat), refused
+    unless the caller could read the file themself, before any selection runs on it or anything
+    is opened: a selection's SQL (and what the reply says of the runs it chose) is a read of
+    the study. Administrators of the runs may act on every study."""
+    db = _study(args)
+    _not_daemon_state(ctx, db, "database")
+    if not caller.is_admin(ctx.options.admin_gid):
+        rights.check_readable(caller, db, "database")
+    return db
+
+
 def _owner_check(ctx: Context, caller: Caller, verb: str) -> OwnerCheck:
     """The caller's rights over the runs a request changes: the scheduler hands it each run's
     owner before it changes anything. None: an administrator may change every run."""
     if caller.is_admin(ctx.options.admin_gid):
         return None
 
-    def check(owners: list[tuple[int, int | None, str | None]]) -> None:
+    def check(owners: list[tuple[int, int | None, str | None]], named: bool) -> None:
         for run_id, owner_uid, owner in owners:
             # A run whose owner the daemon could not learn is left to administrators.
             if owner_uid is None or owner_uid != caller.uid:
                 who = owner or owner_uid or "an unknown user"
+                # A run id the caller did not name (a -request chose it) is not repeated.
+                run = f"run {run_id}" if named else "a selected run"
                 raise Refused(
                     ErrorCode.PERMISSION,
-                    f"run {run_id} belongs to {who}; only its "
+                    f"{run} belongs to {who}; only its "
                     f"owner or an administrator ({_admins(ctx)}) may {verb} it. "
                     "Nothing was changed.",
                 )
@@ -219,15 +233,13 @@ def handle_pending(ctx: Context, caller: Caller, args: dict[str, Any]) -> list[P
 
 
 def handle_cancel(ctx: Context, caller: Caller, args: dict[str, Any]) -> CancelReply:
-    db = _study(args)
-    _not_daemon_state(ctx, db, "database")
+    db = _changed_study(ctx, caller, args)
     reason = str(args.get("reason") or "cancelled by request")[:300]
     return ctx.scheduler.cancel(db, args["selection"], reason, _owner_check(ctx, caller, "cancel"))
 
 
 def handle_rerun(ctx: Context, caller: Caller, args: dict[str, Any]) -> RerunReply:
-    db = _study(args)
-    _not_daemon_state(ctx, db, "database")
+    db = _changed_study(ctx, caller, args)
     return ctx.scheduler.rerun(
         db, args["selection"], int(args["epochs"]), _owner_check(ctx, caller, "rerun")
     )
@@ -235,8 +247,7 @@ def handle_rerun(ctx: Context, caller: Caller, args: dict[str, Any]) -> RerunRep
 
 def handle_rekey(ctx: Context, caller: Caller, args: dict[str, Any]) -> RekeyReply:
     """Write `{type}_key` params: keys is a list of [run_id, param_name, key]."""
-    db = _study(args)
-    _not_daemon_state(ctx, db, "database")
+    db = _changed_study(ctx, caller, args)
     changes = []
     for item in args["keys"]:
         if not (
@@ -254,8 +265,9 @@ def handle_rekey(ctx: Context, caller: Caller, args: dict[str, Any]) -> RekeyRep
 
 def handle_repeat(ctx: Context, caller: Caller, args: dict[str, Any]) -> RepeatReply:
     """More repetitions of the selected runs' configuration groups: the caller must own those
-    runs (as for rerun) and may write the study (as for submit): the new runs go in it."""
-    db = _study(args)
+    runs (as for rerun), may read the study and may write it (as for submit): the new runs go
+    in it."""
+    db = _changed_study(ctx, caller, args)
     _check_client_path(ctx, caller, db, "database")
     return ctx.scheduler.repeat(
         db, args["selection"], int(args["add"]), _owner_check(ctx, caller, "repeat")
