@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE, query
+from conftest import EXAMPLE, example_config, query
 from test_shared_box import Box, _project, _uid, running_box
 
 WHOAMI_CLASS = """
@@ -125,10 +125,14 @@ def test_an_edited_owner_never_runs_as_anyone_but_her_after_a_restart(box: Box) 
     # The honest study runs, as A: the probe works.
     assert box.daemon.wait_for(studies["honest"], timeout=180)["done"] == 1
     assert _identities(studies["honest"]) == [(a_uid, a_uid)]
-    time.sleep(3)  # time enough for the edited ones to start, were they to
     for variant in FORGED:
         db = studies[variant]
+        _settled_or_set_aside(box, db)
         assert all(ids == (a_uid, a_uid) for ids in _identities(db)), (variant, _identities(db))
+        # Never started: a worker of whoever the row said (root, B) would have been its own.
+        started = query(db, "SELECT detail FROM run_events WHERE to_status = 'running'")
+        ends = query(db, "SELECT return_status FROM runs")
+        assert started == [], (variant, started, ends)
         assert query(db, "SELECT status FROM runs") == [("queued",)], variant
         study = _status_of(box, "a", db)
         assert "set aside" in study.get("set_aside", ""), (variant, study)
@@ -141,6 +145,20 @@ def test_an_edited_owner_never_runs_as_anyone_but_her_after_a_restart(box: Box) 
     assert box.cli("a", "resume").returncode == 0
     assert box.daemon.wait_for(db, timeout=180)["done"] == 1
     assert _identities(db) == [(a_uid, a_uid)]
+
+
+def _settled_or_set_aside(box: Box, db: str, timeout: float = 90) -> None:
+    """Wait until the study is set aside (at once, today) or its runs have all run (as
+    they did before: as whoever the study said)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        study = _status_of(box, "a", db)
+        if study.get("set_aside"):
+            return
+        counts = study["counts"]
+        if not counts.get("queued") and not counts.get("running"):
+            return
+        time.sleep(0.5)
 
 
 def _forge_parked_run(box: Box, db: str, submission_id: int, run_id: int, owner: str) -> None:
@@ -193,14 +211,19 @@ def test_an_edited_owner_never_runs_without_a_restart_pause_resume_rerun(box: Bo
         f"UPDATE runs SET status = 'failed' WHERE run_id IN ({ids})",
         "UPDATE submissions SET owner_uid = 0 WHERE submission_id = 1",
     )
-    result = box.cli("a", "rerun", config, db, "-id", "1", "-epochs", "1")
-    assert result.returncode == 0, result.stdout + result.stderr
-    for variant, run_id in forged.items():
-        result = box.cli("a", "rerun", config, db, "-id", str(run_id), "-epochs", "1")
+    reruns = {
+        variant: box.cli("a", "rerun", config, db, "-id", str(run_id), "-epochs", "1")
+        for variant, run_id in forged.items()
+    }
+    _settled_or_set_aside(box, db)
+    assert all(ids == (a_uid, a_uid) for ids in _identities(db)), _identities(db)
+    for variant, result in reruns.items():
         # The daemon's records name no owner for them: refused (only administrators may).
         assert result.returncode != 0, (variant, result.stdout)
         assert "belongs to" in result.stderr, (variant, result.stderr)
-    time.sleep(5)  # time enough for them to start, were they to
+    result = box.cli("a", "rerun", config, db, "-id", "1", "-epochs", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    time.sleep(3)  # time enough for it to start, were it to
     assert all(ids == (a_uid, a_uid) for ids in _identities(db)), _identities(db)
     statuses = dict(query(db, "SELECT run_id, status FROM runs"))
     assert statuses == {1: "queued", 2: "failed", 3: "failed", 4: "failed"}, statuses
@@ -213,7 +236,11 @@ def test_an_edited_owner_never_runs_without_a_restart_pause_resume_rerun(box: Bo
 
 
 def test_root_may_not_submit_to_a_shared_daemon(box: Box) -> None:
-    config, db = _project(box, "a", "by-root", umask=None)
-    result = box.daemon.cli("run", config, db, "--no-autostart")
+    directory = box.root / "by-root"  # root's: the daemon may write there
+    directory.mkdir()
+    config = example_config(directory, epochs=1, nb_processus=1)
+    db = str(directory / "results.db")
+    result = box.daemon.cli("run", str(config), db, "--no-autostart")
     assert result.returncode != 0
     assert "no one's code as root" in result.stderr + result.stdout
+    assert not os.path.exists(db)
