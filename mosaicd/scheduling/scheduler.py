@@ -9,7 +9,8 @@ their own modules: submission checks and building (mosaicd.scheduling.submission
 (mosaicd.scheduling.repetitions) and the replies that describe the state (mosaicd.scheduling.views).
 
 All state that must survive a restart is in the study databases (through Store.transition) and
-the daemon's state database (holds, known studies); what is kept here in memory is derived from
+the daemon's state database (holds, known studies, every submission's owner:
+mosaicd.storage.identity); what is kept here in memory is derived from
 them at start-up and is only there to answer `status` and to dispatch without scanning the
 databases.
 """
