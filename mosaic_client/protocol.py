@@ -190,6 +190,9 @@ class StudyView(TypedDict):
     # Why the daemon's writes to this study wait (locked by another process, disk full), and
     # what to do; absent when they go through.
     problem: NotRequired[str]
+    # Why none of its runs starts: its rows disagree with the owners the daemon recorded
+    # (docs/deployment.md, "Who a run's owner is"); absent when they agree.
+    set_aside: NotRequired[str]
 
 
 class StatusReply(TypedDict, total=False):

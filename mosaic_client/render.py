@@ -204,6 +204,8 @@ def status_text(status: dict[str, Any], limit: int) -> str:
         lines.append(f"study {study['db']}: {counts}")
         if study.get("problem"):
             lines.append(f"  ! {study['problem']}")
+        if study.get("set_aside"):
+            lines.append(f"  ! {study['set_aside']}")
         sections = (
             ("running", "Running:", _running_line),
             ("done", f"Done (latest {limit}):", _done_line),
@@ -300,6 +302,8 @@ def screen(
         lines.append(f"study {study['db']}: {counts_text(study['counts'])}")
         if study.get("problem"):
             lines.append(f"  ! {study['problem']}")
+        if study.get("set_aside"):
+            lines.append(f"  ! {study['set_aside']}")
     if len(studies) > shown:
         rest: dict[str, int] = {}
         for study in studies[shown:]:

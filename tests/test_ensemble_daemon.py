@@ -321,9 +321,11 @@ def test_group_size_depends_on_the_study_only() -> None:
 def test_the_queue_gives_up_only_matching_runs_within_its_window(tmp_path: Path) -> None:
     from mosaicd.scheduling.run_queue import RunQueue
     from mosaicd.scheduling.submissions import Submission
+    from mosaicd.storage.identity import Identities
+    from mosaicd.storage.state import DaemonState
     from mosaicd.storage.store import RunRecord
 
-    queue = RunQueue()
+    queue = RunQueue(Identities(DaemonState(str(tmp_path / "state")), shared=False))
     submission = Submission("s.db", 1, None, None, {}, {})
     queue._submissions[("s.db", 1)] = submission
     for run_id in range(1, 9):

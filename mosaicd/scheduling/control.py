@@ -75,6 +75,11 @@ class Control(SchedulerCore):
         self._holds.release(owner_uid)
         # `mosaic resume` is also how a user says "space is freed": write what waits first.
         self._studies.flush(force=True)
+        # And how a set-aside study's rows, restored, are looked at again.
+        for path in self._identities.aside_studies():
+            store = self._studies.get(path)
+            if store is not None:
+                self._identities.check_study(path, store)
         resumed = 0
         for path, store in self._studies.items():
             owned = self._owned_by(path, store, owner_uid)
@@ -144,7 +149,7 @@ class Control(SchedulerCore):
             ) from None
         finally:
             conn.close()
-        _check_owners(store, run_ids, check, named=selection.get("kind") == "ids")
+        self._check_owners(db, store, run_ids, check, named=selection.get("kind") == "ids")
         return run_ids
 
     def cancel(
@@ -222,13 +227,24 @@ class Control(SchedulerCore):
                 ErrorCode.NOT_FOUND,
                 f"no run {', '.join(map(str, unknown[:10]))} in {db}; nothing was changed",
             )
-        _check_owners(store, sorted({c[0] for c in changes}), check, named=True)
+        self._check_owners(db, store, sorted({c[0] for c in changes}), check, named=True)
         self._studies.writer(db).write(
             f"rekey {len(changes)} param(s)", lambda store: store.set_params(changes)
         )
         return {"changed": len(changes)}
 
+    def _check_owners(
+        self, db: str, store: Store, run_ids: list[int], check: OwnerCheck, named: bool
+    ) -> None:
+        """The caller's rights over the runs, with each run's owner from the daemon's records
+        (mosaicd.storage.identity), never from the study. `named`: the caller named these runs
+        (-id, rekey), so a refusal may name one; never a -request's."""
+        if check is not None:
+            owners = [(run_id, *self._owner_of_run(db, store, run_id)) for run_id in run_ids]
+            check(owners, named)
 
-def _check_owners(store: Store, run_ids: list[int], check: OwnerCheck, named: bool) -> None:
-    if check is not None:
-        check([(run_id, *store.owner_of(run_id)) for run_id in run_ids], named)
+    def _owner_of_run(self, db: str, store: Store, run_id: int) -> tuple[int | None, str | None]:
+        submission_id = store.submission_of(run_id)
+        if submission_id is None:
+            return None, None
+        return self._identities.owner(db, submission_id)

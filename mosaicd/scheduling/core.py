@@ -60,13 +60,20 @@ def served(studies: Studies, db: str) -> Store:
 
 class SchedulerCore:
     def __init__(
-        self, state: DaemonState, executor: Executor, send: Sender, checkpoint_every: float
+        self,
+        state: DaemonState,
+        executor: Executor,
+        send: Sender,
+        checkpoint_every: float,
+        shared: bool = False,
     ) -> None:
         self._executor = executor
         self._send = send
         self._checkpoint_every = checkpoint_every
-        self._studies = Studies(state)  # the open study databases
-        self._queue = RunQueue()  # queued runs and their submissions
+        # The open study databases, and whose their submissions are (shared: --socket-group).
+        self._studies = Studies(state, shared)
+        self._identities = self._studies.identities
+        self._queue = RunQueue(self._identities)  # queued runs and their submissions
         self._active: dict[tuple[str, int], ActiveRun] = {}  # (study, run id) -> training run
         self._pending_epochs: dict[str, list[dict[str, Any]]] = {}  # study -> epochs to write
         self._holds = Holds(state)

@@ -38,8 +38,13 @@ class Dispatch(SchedulerCore):
     def _startable(self, worker: WorkerHandle, any_owner: bool) -> Callable[[Submission], bool]:
         def startable(submission: Submission) -> bool:
             return (
+                # Its owner is the daemon's record, and its study agrees with the records
+                # (mosaicd.storage.identity); a shared daemon runs nothing as root.
+                submission.owner_uid is not None
+                and self._identities.aside(submission.study) is None
+                and not (self._identities.shared and submission.owner_uid == 0)
                 # A worker trains the runs of its own user only (mosaicd.owners).
-                (any_owner or submission.run_as_uid == worker.owner_uid)
+                and (any_owner or submission.run_as_uid == worker.owner_uid)
                 and not self._holds.keeps(submission.owner_uid)
                 # A study whose writes wait (locked, disk full) starts nothing until they land.
                 and not self._studies.writer(submission.study).blocked

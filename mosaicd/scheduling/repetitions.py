@@ -115,15 +115,13 @@ class Repetitions(Control):
         # The caller must own every run of the groups they repeat (like rerun): the new runs
         # are copies of them.
         every_run = sorted(run_id for group in groups for run_id in group)
-        if check is not None:
-            # Named only when the caller named the selected runs (-id): never a -request's.
-            named = selection.get("kind") == "ids"
-            check([(run_id, *store.owner_of(run_id)) for run_id in every_run], named)
-        batches = self._batches(store, groups, add)
+        # Named only when the caller named the selected runs (-id): never a -request's.
+        self._check_owners(db, store, every_run, check, named=selection.get("kind") == "ids")
+        batches = self._batches(db, store, groups, add)
         for batch in batches:
             pipelines = [modules for modules, _, _, _ in batch.runs]
             process = batch.submission["process"]
-            # The copies keep their submission's owner, and run as that user.
+            # The copies keep their submission's owner (the daemon's record), and run as them.
             owner = owners.of_uid(batch.submission["owner_uid"])
             self._executor.check_submission(process, pipelines, owner)
             check_submission(
@@ -136,7 +134,7 @@ class Repetitions(Control):
                 sub = batch.submission
                 submission_id, run_ids = study.add_submission(
                     sub["owner_uid"],
-                    sub["owner"] or "",
+                    sub["owner"],
                     sub["config_path"],
                     # The epochs the group's runs were trained for (a rerun may have extended
                     # them beyond the submission's).
@@ -144,6 +142,8 @@ class Repetitions(Control):
                     sub["monitor"],
                     batch.runs,
                 )
+                # Recorded before the study's COMMIT, as a submit's (mosaicd.storage.identity).
+                self._identities.record(db, study, submission_id, sub["owner_uid"], sub["owner"])
                 added.append((batch, submission_id, run_ids))
             return added
 
@@ -172,8 +172,10 @@ class Repetitions(Control):
         reply["groups"].sort(key=lambda g: g["first_run"])
         return reply
 
-    def _batches(self, store: Store, groups: list[list[int]], add: int) -> list[_Batch]:
-        """The new runs of each group, batched by the submission of the group's first run."""
+    def _batches(self, db: str, store: Store, groups: list[list[int]], add: int) -> list[_Batch]:
+        """The new runs of each group, batched by the submission of the group's first run,
+        whose owner is the daemon's record of it: a study that disagrees with its records
+        adds nothing (mosaicd.storage.identity)."""
         batches: dict[tuple[int, int], _Batch] = {}
         params = store.params_of([group[0] for group in groups])
         for group in groups:
@@ -182,9 +184,16 @@ class Repetitions(Control):
             assert template is not None
             key = (template.submission_id, template.epochs_target)
             if key not in batches:
-                batches[key] = _Batch(
-                    store.submission(template.submission_id), template.epochs_target
-                )
+                submission = store.submission(template.submission_id)
+                record = self._identities.check(db, store, template.submission_id)
+                aside = self._identities.aside(db)
+                if record is None or aside is not None:
+                    raise Refused(
+                        ErrorCode.PERMISSION,
+                        f"{db}: {aside or 'no owner recorded'}. Nothing was queued",
+                    )
+                submission["owner_uid"], submission["owner"] = record.uid, record.name
+                batches[key] = _Batch(submission, template.epochs_target)
             batch = batches[key]
             numbered = isinstance(batch.submission["process"].get("seed"), int)
             seeds = next_seeds((r.seed for r in records if r is not None), numbered, add)

@@ -8,34 +8,43 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from mosaicd.scheduling.submissions import Submission
+from mosaicd.storage.identity import Identities
 from mosaicd.storage.store import RunRecord, Store
 
 Key = tuple[str, int]  # (study path, submission id)
 
 
 class RunQueue:
-    def __init__(self) -> None:
+    def __init__(self, identities: Identities) -> None:
+        self._identities = identities
         self._submissions: dict[Key, Submission] = {}
         self._queues: dict[Key, deque[RunRecord]] = {}
 
     def submission(self, study: str, store: Store, submission_id: int) -> Submission:
-        """The submission, loaded from its study the first time it is needed."""
+        """The submission, loaded from its study the first time it is needed. Its owner is
+        the daemon's record (mosaicd.storage.identity), never the study's row; a row that
+        disagrees sets the study aside. No record: no owner (None), and the study is aside."""
         key = (study, submission_id)
         if key not in self._submissions:
             info = store.submission(submission_id)
+            record = self._identities.check(study, store, submission_id)
             self._submissions[key] = Submission(
                 study,
                 submission_id,
-                info["owner_uid"],
-                info["owner"],
+                None if record is None else record.uid,
+                None if record is None else record.name,
                 info["process"],
                 info["monitor"],
             )
         return self._submissions[key]
 
     def add(self, study: str, store: Store, record: RunRecord) -> None:
+        key = (study, record.submission_id)
+        if key in self._submissions and key not in self._queues:
+            # Queued again (resume, rerun): its row is compared with the record again.
+            self._identities.check(study, store, record.submission_id)
         self.submission(study, store, record.submission_id)
-        self._queues.setdefault((study, record.submission_id), deque()).append(record)
+        self._queues.setdefault(key, deque()).append(record)
 
     def put_back(self, study: str, record: RunRecord) -> None:
         """A run taken by take_next that could not start: first of its submission again."""

@@ -9,7 +9,8 @@ their own modules: submission checks and building (mosaicd.scheduling.submission
 (mosaicd.scheduling.repetitions) and the replies that describe the state (mosaicd.scheduling.views).
 
 All state that must survive a restart is in the study databases (through Store.transition) and
-the daemon's state database (holds, known studies); what is kept here in memory is derived from
+the daemon's state database (holds, known studies, every submission's owner:
+mosaicd.storage.identity); what is kept here in memory is derived from
 them at start-up and is only there to answer `status` and to dispatch without scanning the
 databases.
 """
@@ -50,6 +51,9 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
     def recover(self) -> None:
         """Reopen the known studies; runs that were running go back to the queue."""
         for path, store in self._studies.reopen_known():
+            # Owners come from the daemon's state: a study whose rows disagree is set aside
+            # (mosaicd.storage.identity); its runs are queued again as any study's, not started.
+            self._identities.check_study(path, store)
 
             def requeue(store: Store) -> None:
                 for record in store.runs_in_state(RUNNING):
@@ -99,13 +103,22 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
                 ErrorCode.PERMISSION,
                 f"{exc.filename}: you may not create it ({exc.strerror}). Nothing was queued.",
             ) from None
+        if owner_uid is None:
+            raise Refused(ErrorCode.PERMISSION, "the daemon could not learn who you are")
+        uid: int = owner_uid
         store = self._studies.open(db, create=True, owner=acting_for, umask=umask)
-        try:
-            submission_id, run_ids = self._studies.writer(db).try_now(
-                lambda s: s.add_submission(
-                    owner_uid, owner or "", config_path, process, monitor, runs
-                )
+
+        def add(study: Store) -> tuple[int, list[int]]:
+            submission_id, run_ids = study.add_submission(
+                uid, owner or "", config_path, process, monitor, runs
             )
+            # Its owner, from the kernel, in the daemon's state: just before the study's COMMIT
+            # (mosaicd.storage.identity says what a crash in between leaves).
+            self._identities.record(db, study, submission_id, uid, owner or str(uid))
+            return submission_id, run_ids
+
+        try:
+            submission_id, run_ids = self._studies.writer(db).try_now(add)
         except StoreError as exc:
             raise Refused(
                 ErrorCode.INVALID, f"{exc}; nothing was queued: submit again once it is solved"

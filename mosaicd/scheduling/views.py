@@ -24,7 +24,6 @@ from mosaicd.executors.base import Executor, WorkerHandle
 from mosaicd.scheduling.core import ActiveRun, served
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
-from mosaicd.storage.store import Store
 from mosaicd.storage.studies import Studies
 
 Active = dict[tuple[str, int], ActiveRun]
@@ -47,12 +46,17 @@ def _running(run: ActiveRun, now: float) -> RunningRunView:
 
 
 def _finished(
-    store: Store, state: str, limit: int, uid: int | None, mine: bool
+    studies: Studies, path: str, state: str, limit: int, uid: int | None, mine: bool
 ) -> list[FinishedRunView]:
-    """The latest finished runs of a state, each with its owner (only the caller's: mine)."""
+    """The latest finished runs of a state, each with its owner as the daemon recorded it
+    (only the caller's: mine)."""
+    store = studies[path]
     rows: list[Any] = []
     for row in store.recent(state, limit):
-        owner_uid, row["owner"] = store.owner_of(row["run_id"])
+        submission_id = store.submission_of(row["run_id"])
+        owner_uid, row["owner"] = (
+            (None, None) if submission_id is None else studies.identities.owner(path, submission_id)
+        )
         if not mine or owner_uid == uid:
             rows.append(row)
     return rows
@@ -109,12 +113,15 @@ def status(
             "db": path,
             "counts": dict(store.counts),
             "running": running,
-            "done": _finished(store, DONE, limit, uid, mine),
-            "failed": _finished(store, FAILED, limit, uid, mine),
+            "done": _finished(studies, path, DONE, limit, uid, mine),
+            "failed": _finished(studies, path, FAILED, limit, uid, mine),
         }
         writer = studies.writer(path)
         if writer.problem:
             view["problem"] = f"{writer.problem} ({writer.waiting} write(s) wait)"
+        aside = studies.identities.aside(path)
+        if aside:
+            view["set_aside"] = aside
         study_views.append(view)
     reply: StatusReply = {
         "paused": holds.all,

@@ -172,6 +172,12 @@ def handle_submit(ctx: Context, caller: Caller, args: dict[str, Any]) -> SubmitR
     if isinstance(run_files, str) and run_files:
         _check_client_path(ctx, caller, run_files, "run_files_path")
 
+    if ctx.options.socket_group is not None and caller.uid == 0:
+        raise Refused(
+            ErrorCode.PERMISSION,
+            "a shared daemon (--socket-group) runs no one's code as root; submit as your own "
+            "user. Nothing was queued.",
+        )
     # On a shared daemon the caller's runs execute as the caller (mosaicd.owners): one that
     # cannot switch users refuses rather than run someone's code as itself.
     owner = None

@@ -193,7 +193,11 @@ class Daemon:
         # must not replace the daemon's checkpoint-then-stop.
         self._install_signals()
         self.scheduler = Scheduler(
-            self.state, self.executor, self._sender, self.options.checkpoint_every
+            self.state,
+            self.executor,
+            self._sender,
+            self.options.checkpoint_every,
+            shared=self.options.socket_group is not None,
         )
         self.handler_context = Context(self.options, self.scheduler, self.request_stop)
         self.scheduler.recover()

@@ -1,5 +1,5 @@
 """The daemon's own state database (in its state directory, root-only on a shared box): the
-studies it serves and its holds. Only the daemon writes it."""
+studies it serves, their submissions' owners and its holds. Only the daemon writes it."""
 
 from __future__ import annotations
 
@@ -7,13 +7,24 @@ import json
 import os
 import sqlite3
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from mosaicd.storage.settings import read_setting, write_setting
 
 
+class OwnerRecord(NamedTuple):
+    """Who queued a submission, as the kernel told the daemon (SO_PEERCRED), or the study
+    file's owner for a submission queued before owners were kept here (adopted)."""
+
+    uid: int
+    name: str
+    created_at: float | None  # the submission row's created_at, as the daemon wrote it
+    adopted: bool
+
+
 class DaemonState:
-    """The daemon's own small database: which studies it serves, and its holds."""
+    """The daemon's own small database: which studies it serves, whose their submissions
+    are (mosaicd.storage.identity), and its holds."""
 
     def __init__(self, state_dir: str) -> None:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -32,6 +43,13 @@ class DaemonState:
         # 1: whose rights each study was opened with, to reopen it so after a restart (a daemon
         # without file-access override cannot even look into a private home: mosaicd.owners).
         "ALTER TABLE studies ADD COLUMN opener_uid INTEGER",
+        # 2: every submission's owner, from the kernel (issue 24): never read back from the
+        # study, a file its user owns and may edit (mosaicd.storage.identity).
+        "CREATE TABLE submission_owners (study TEXT NOT NULL, submission_id INTEGER NOT NULL,"
+        " owner_uid INTEGER NOT NULL, owner TEXT NOT NULL, created_at REAL,"
+        " adopted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (study, submission_id))",
+        # 3: whether the study's older submissions (no record in 2) were adopted: once.
+        "ALTER TABLE studies ADD COLUMN owners_adopted INTEGER NOT NULL DEFAULT 0",
     )
 
     def _migrate(self) -> None:
@@ -56,7 +74,52 @@ class DaemonState:
         )
 
     def remove_study(self, path: str) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
         self.conn.execute("DELETE FROM studies WHERE path=?", (path,))
+        self.conn.execute("DELETE FROM submission_owners WHERE study=?", (path,))
+        self.conn.execute("COMMIT")
+
+    # Submissions' owners (mosaicd.storage.identity).
+
+    def record_owner(
+        self,
+        study: str,
+        submission_id: int,
+        uid: int,
+        name: str,
+        created_at: float | None,
+        adopted: bool = False,
+    ) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO submission_owners (study, submission_id, owner_uid, owner,"
+            " created_at, adopted) VALUES (?, ?, ?, ?, ?, ?)",
+            (study, submission_id, uid, name, created_at, int(adopted)),
+        )
+
+    def owner_record(self, study: str, submission_id: int) -> OwnerRecord | None:
+        row = self.conn.execute(
+            "SELECT owner_uid, owner, created_at, adopted FROM submission_owners"
+            " WHERE study=? AND submission_id=?",
+            (study, submission_id),
+        ).fetchone()
+        return OwnerRecord(row[0], row[1], row[2], bool(row[3])) if row else None
+
+    def owner_records(self, study: str) -> dict[int, OwnerRecord]:
+        rows = self.conn.execute(
+            "SELECT submission_id, owner_uid, owner, created_at, adopted FROM submission_owners"
+            " WHERE study=?",
+            (study,),
+        )
+        return {r[0]: OwnerRecord(r[1], r[2], r[3], bool(r[4])) for r in rows}
+
+    def owners_adopted(self, study: str) -> bool:
+        row = self.conn.execute(
+            "SELECT owners_adopted FROM studies WHERE path=?", (study,)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def set_owners_adopted(self, study: str) -> None:
+        self.conn.execute("UPDATE studies SET owners_adopted=1 WHERE path=?", (study,))
 
     def get(self, name: str, default: Any = None) -> Any:
         found = read_setting(self.conn, "settings", "name", "value", name)

@@ -581,13 +581,13 @@ class Store:
         row = self.conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return row[0] if row else None
 
-    def owner_of(self, run_id: int) -> tuple[int | None, str | None]:
+    def submission_of(self, run_id: int) -> int | None:
+        """The run's submission id. Its owner is the daemon's record of it (DaemonState), never
+        the study's own `owner_uid`, which its user may edit (mosaicd.storage.identity)."""
         row = self.conn.execute(
-            "SELECT s.owner_uid, s.owner FROM run_meta m JOIN submissions s "
-            "USING (submission_id) WHERE m.run_id=?",
-            (run_id,),
+            "SELECT submission_id FROM run_meta WHERE run_id=?", (run_id,)
         ).fetchone()
-        return (row[0], row[1]) if row else (None, None)
+        return int(row[0]) if row else None
 
     # -- progress and results -----------------------------------------------------------------
 

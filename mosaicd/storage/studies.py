@@ -11,6 +11,7 @@ from mosaic_client.protocol import ErrorCode
 from mosaicd import owners
 from mosaicd.errors import Refused
 from mosaicd.owners import Owner
+from mosaicd.storage.identity import Identities
 from mosaicd.storage.state import DaemonState
 from mosaicd.storage.store import Store, StoreError
 from mosaicd.storage.writer import StudyWriter
@@ -28,8 +29,10 @@ PATH_OWNER = PathOwner()
 class Studies:
     """Open stores by path; the daemon's state database remembers them across restarts."""
 
-    def __init__(self, state: DaemonState) -> None:
+    def __init__(self, state: DaemonState, shared: bool = False) -> None:
         self._state = state
+        # Whose each submission is, from the daemon's state only (mosaicd.storage.identity).
+        self.identities = Identities(state, shared)
         self._stores: dict[str, Store] = {}
         self._writers: dict[str, StudyWriter] = {}  # the one door for the daemon's writes
         self._openers: dict[str, Owner | None] = {}  # whose rights each store was opened with
@@ -60,6 +63,9 @@ class Studies:
         try:
             with owners.acting_as(acting, umask):
                 store = self._open(path, create)
+                # The file's owner, by the daemon (never a value inside the file): the owner
+                # of its submissions queued before owners were kept in the daemon's state.
+                file_uid = os.stat(path).st_uid
         except PermissionError as exc:
             who = f"the daemon, acting as {acting.name}," if acting is not None else "the daemon"
             raise Refused(
@@ -69,6 +75,7 @@ class Studies:
         self._openers[path] = acting
         self._writers[path] = StudyWriter(store)
         self._state.add_study(path, None if acting is None else acting.uid)
+        self.identities.adopt(path, store, file_uid)
         return store
 
     def _open(self, path: str, create: bool) -> Store:
@@ -95,6 +102,7 @@ class Studies:
             if not exists:
                 log.warning("study %s has disappeared; forgetting it", path)
                 self._state.remove_study(path)
+                self.identities.forget(path)
                 continue
             try:
                 store = self.open(path, create=False, owner=opener)
