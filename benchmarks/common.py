@@ -15,7 +15,23 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from mosaic_client import schema  # noqa: E402
 from mosaic_client.connection import Client, DaemonUnavailable  # noqa: E402
+
+
+def or_process() -> schema.ProcessSettings:
+    """The resolved [PROCESS] of the OR example's runs, as the benchmarks' hand-made run specs
+    carry it (binary accuracy, BCE loss, Adam at lr 0.001)."""
+    return schema.process_settings(
+        {
+            "data_scheme": ["data"],
+            "pipeline_scheme": ["model"],
+            "lr": 0.001,
+            "optimizer": "Adam",
+            "loss_function": "BCELoss",
+            "accuracy": "binary",
+        }
+    )
 
 
 class BenchDaemon:

@@ -23,9 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from common import REPO, BenchDaemon, tiny_config
-
-from mosaic_client import schema  # common puts the repository on sys.path
+from common import REPO, BenchDaemon, or_process, tiny_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,16 +40,7 @@ def spec(root: str, run_id: int) -> dict[str, Any]:
         "checkpoint_every": 30.0,
         "max_log_mb": 50.0,
         "umask": None,
-        "process": schema.process_settings(
-            {
-                "data_scheme": ["data"],
-                "pipeline_scheme": ["model"],
-                "lr": 0.001,
-                "optimizer": "Adam",
-                "loss_function": "BCELoss",
-                "accuracy": "binary",
-            }
-        ),
+        "process": or_process(),
         "modules": [
             {
                 "type": "data",

@@ -42,7 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from mosaic_client import schema  # noqa: E402
+from common import or_process  # noqa: E402
+
 from mosaicd.training import ensemble, execution  # noqa: E402
 
 CLASSES = os.path.join(HERE, "bench_classes.py")
@@ -60,16 +61,7 @@ def specs(m: int, width: int, epochs: int, files: str, device: str) -> list[dict
             "checkpoint_every": 1e9,
             "max_log_mb": 50.0,
             "umask": None,
-            "process": schema.process_settings(
-                {
-                    "data_scheme": ["data"],
-                    "pipeline_scheme": ["model"],
-                    "lr": 0.001,
-                    "loss_function": "BCELoss",
-                    "accuracy": "binary",
-                    "optimizer": "Adam",
-                }
-            ),
+            "process": or_process(),
             "modules": [
                 {
                     "type": "data",

@@ -20,8 +20,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_classes import small_mlp, synthetic_data  # noqa: E402
+from common import or_process  # noqa: E402
 
-from mosaic_client import schema  # noqa: E402
 from mosaicd.training import execution  # noqa: E402
 
 
@@ -67,16 +67,7 @@ def mosaic(epochs: int, batches: int, device: str, files: str, batch_size: int) 
         "checkpoint_every": 30.0,
         "max_log_mb": 50.0,
         "umask": None,
-        "process": schema.process_settings(
-            {
-                "data_scheme": ["data"],
-                "pipeline_scheme": ["model"],
-                "lr": 0.001,
-                "optimizer": "Adam",
-                "loss_function": "BCELoss",
-                "accuracy": "binary",
-            }
-        ),
+        "process": or_process(),
         "modules": [
             {
                 "type": "data",

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE, example_config, query
-from test_shared_box import Box, _project, _uid, running_box
+from conftest import example_config, query
+from test_shared_box import Box, _uid, project_with_model, running_box
 
 WHOAMI_CLASS = """
 import importlib.util
@@ -45,25 +44,7 @@ def box() -> Iterator[Box]:
 
 def _whoami_project(box: Box, name: str) -> tuple[str, str]:
     """A's project whose model prints the uid it runs as into its run's log."""
-    config, db = _project(box, "a", name, umask=None)
-    directory = Path(config).parent
-    probe = directory / "whoami.py"
-    probe.write_text(WHOAMI_CLASS.format(mlp=str(EXAMPLE / "mlp.py")))
-    text = Path(config).read_text()
-    text = re.sub(r"\[mlp_funnel\].*", "", text, flags=re.S) + textwrap.dedent(
-        f"""
-        [whoami_mlp]
-        type = mlp
-        class = whoami_mlp
-        path_to_class = {probe}
-        length = 2
-        width = 3
-        key = mlp_{{class}}
-        """
-    )
-    Path(config).write_text(text)
-    os.chown(probe, _uid(box, "a"), -1)
-    return config, db
+    return project_with_model(box, "a", name, WHOAMI_CLASS, "whoami_mlp")
 
 
 def _identities(db: str) -> list[tuple[int, int]]:

@@ -13,20 +13,20 @@ import re
 import sqlite3
 import stat
 import subprocess
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import EXAMPLE, query
+from conftest import query
 from test_shared_box import (
     DENIED,
     USERS_GID,
     Box,
     _project,
     _uid,
+    project_with_model,
     running_box,
 )
 
@@ -137,29 +137,17 @@ class probe_mlp(_mlp.mlp_funnel):
 
 def _probing_project(box: Box, victim_db: str) -> tuple[str, str]:
     """A's project whose model, when built in A's run, tries to reach B's study and worker."""
-    config, db = _project(box, "a", "probe", umask=None)
-    directory = Path(config).parent
-    probe = directory / "probe.py"
-    probe.write_text(PROBE_CLASS.format(mlp=str(EXAMPLE / "mlp.py")))
-    text = Path(config).read_text()
-    text = re.sub(r"\[mlp_funnel\].*", "", text, flags=re.S) + textwrap.dedent(
-        f"""
-        [probe_mlp]
-        type = mlp
-        class = probe_mlp
-        path_to_class = {probe}
-        length = 2
-        width = 3
-        victim_db = {victim_db}
-        victim_runs = {Path(victim_db).parent / "runs"}
-        victim_uid = {_uid(box, "b")}
-        state_dir = {box.daemon.state_dir}
-        key = mlp_{{class}}
-        """
+    return project_with_model(
+        box,
+        "a",
+        "probe",
+        PROBE_CLASS,
+        "probe_mlp",
+        victim_db=victim_db,
+        victim_runs=Path(victim_db).parent / "runs",
+        victim_uid=_uid(box, "b"),
+        state_dir=box.daemon.state_dir,
     )
-    Path(config).write_text(text)
-    os.chown(probe, _uid(box, "a"), -1)
-    return config, db
 
 
 def test_a_users_code_cannot_reach_another_users_study_workers_or_the_daemon(box: Box) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Daemon, example_config, query
+from conftest import EXAMPLE, REPO, Daemon, example_config, query
 
 from mosaic_client.connection import Client, DaemonUnavailable
 
@@ -649,3 +649,24 @@ def test_unit_files_verify_and_score(tmp_path: Path) -> None:
     score = re.search(r"Overall exposure level for mosaicd\.service: ([\d.]+)", result.stdout)
     assert score, result.stdout + result.stderr
     assert float(score.group(1)) <= 4.2  # docs/deployment.md quotes it
+
+
+def project_with_model(
+    box: Box, user: str, name: str, class_text: str, model: str, **keys: object
+) -> tuple[str, str]:
+    """`user`'s project whose only model is the class `model` of `class_text` (formatted with
+    {mlp}: the example's mlp.py), given `keys` besides length and width; the class file is
+    `user`'s."""
+    config, db = _project(box, user, name, umask=None)
+    directory = Path(config).parent
+    probe = directory / f"{model}.py"
+    probe.write_text(class_text.format(mlp=str(EXAMPLE / "mlp.py")))
+    text = Path(config).read_text()
+    extra = "".join(f"{key} = {value}\n" for key, value in keys.items())
+    text = re.sub(r"\[mlp_funnel\].*", "", text, flags=re.S) + (
+        f"\n[{model}]\ntype = mlp\nclass = {model}\npath_to_class = {probe}\n"
+        f"length = 2\nwidth = 3\n{extra}key = mlp_{{class}}\n"
+    )
+    Path(config).write_text(text)
+    os.chown(probe, _uid(box, user), -1)
+    return config, db
