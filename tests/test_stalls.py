@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +26,8 @@ from ini import EXAMPLE
 
 from mosaic_client import protocol
 from mosaic_client.connection import DaemonUnavailable
+from mosaicd.storage import user_files
+from mosaicd.storage.store import Store
 
 PING_S = 1.0  # the bound on how long any client waits while another user attacks
 
@@ -241,3 +245,29 @@ def test_only_regular_files_are_opened(tmp: Path, kind: str) -> None:
     with pytest.raises(user_files.NotRegularFile, match="not a regular file"):
         user_files.check_study_files(str(path))
     assert time.monotonic() - started < PING_S
+
+
+def test_checking_a_study_beside_the_daemons_connection_keeps_its_locks(tmp: Path) -> None:
+    # The kernel drops every POSIX lock a process holds on a file when it closes any descriptor
+    # of that file: a check that opened and closed the study beside the daemon's connection
+    # would release that connection's locks, and a user's reader closing next would take itself
+    # for the last connection, checkpoint and reset the WAL under the daemon, whose next commits
+    # would then be lost to every other reader (seen as runs missing from the study).
+    db = str(tmp / "s.db")
+    store = Store(db)
+    probe = "INSERT OR REPLACE INTO system (param_name, param_value) VALUES ('probe', ?)"
+    with store.transaction() as conn:
+        conn.execute(probe, ("first",))
+    # What the daemon does before it opens a study beside this connection (a -request
+    # selection's read-only connection, a rights check): look at the file.
+    user_files.check_study_files(db)
+    # A user's reader in another process (the kernel's locks are per process) opens and closes.
+    reader = (
+        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+        "c.execute('SELECT count(*) FROM runs').fetchall(); c.close()"
+    )
+    subprocess.run([sys.executable, "-c", reader, db], check=True, timeout=60)
+    with store.transaction() as conn:
+        conn.execute(probe, ("second",))
+    assert os.path.exists(db + "-wal"), "the reader took itself for the last connection"
+    assert query(db, "SELECT param_value FROM system WHERE param_name='probe'") == [("second",)]

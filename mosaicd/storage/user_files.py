@@ -8,11 +8,14 @@ recursive one never ends. Either would stop the daemon for everyone.
 
 How:
 
-- :func:`check_regular` opens the path with O_NONBLOCK | O_NOFOLLOW (with the rights of whoever
-  the caller acts as, mosaicd.owners) and refuses, by fstat, anything but a regular file: a
-  FIFO, a socket, a device, a directory, a symbolic link. The study's -wal and -shm files are
-  looked at too (SQLite opens them by name). Only then does SQLite open the path, and
-  :func:`same_file` checks afterwards that the path still names the file that was checked.
+- :func:`check_study_files` refuses, by lstat, anything but a regular file at a study's path
+  (and at its -wal and -shm, which SQLite opens by name): a FIFO, a socket, a device, a
+  directory, a symbolic link. Only then does SQLite open the path, and :func:`same_file` checks
+  afterwards that the path still names the file that was checked. A study is never opened by
+  the daemon besides SQLite (see check_study_files for why).
+- :func:`check_regular` opens any other user file (a run's log) with O_NONBLOCK | O_NOFOLLOW
+  (with the rights of whoever the caller acts as, mosaicd.owners) and refuses, by fstat,
+  anything but a regular file.
 - :class:`BudgetedConnection` (a sqlite3.Connection) gives each statement STATEMENT_BUDGET_S of
   wall time, started when the daemon executes it (not when a trigger fires, which the user
   could repeat); SQLite's progress handler interrupts it after that, and the statement fails
@@ -94,16 +97,33 @@ def check_regular(path: str, what: str = "a study database") -> os.stat_result |
 
 
 def check_study_files(path: str) -> os.stat_result | None:
-    """check_regular for a study database and the -wal and -shm files SQLite opens beside it."""
-    st = check_regular(path)
-    for suffix in ("-wal", "-shm"):
+    """The stat of the regular file at a study's path (None when nothing is there), and its
+    -wal and -shm files SQLite opens beside it regular too; raise NotRegularFile otherwise.
+
+    By lstat, never by opening: SQLite holds POSIX advisory locks on an open study, and the
+    kernel drops every lock a process holds on a file when that process closes *any*
+    descriptor of it. Opening and closing the study here, beside the daemon's own connection,
+    would silently release that connection's locks, and another process closing its
+    connection would then think itself the last one and checkpoint and reset the WAL under
+    the daemon. lstat neither opens the file nor waits on a FIFO, and sees a symbolic link as
+    one."""
+    found: os.stat_result | None = None
+    for name, what in (
+        (path, "a study database"),
+        (path + "-wal", "a study's journal"),
+        (path + "-shm", "a study's journal"),
+    ):
         try:
-            side = os.lstat(path + suffix)
+            st = os.lstat(name)
         except FileNotFoundError:
+            if name == path:
+                return None
             continue
-        if not stat.S_ISREG(side.st_mode):
-            raise _refuse(path + suffix, _kind(side.st_mode), "a study's journal")
-    return st
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(name, _kind(st.st_mode), what)
+        if name == path:
+            found = st
+    return found
 
 
 def same_file(path: str, checked: os.stat_result | None) -> None:
