@@ -345,27 +345,24 @@ def runs_with_param_within(
 def pipeline_mates(conn: sqlite3.Connection, run_ids: Sequence[int]) -> set[int]:
     """The runs whose `pipeline` param is that of one of `run_ids` (those included): the only
     runs that can share their configuration groups, found by the params indexes."""
-    pipelines: set[Any] = set()
-    for chunk in _chunks(list(run_ids)):
-        pipelines.update(
+    pipelines = _pipeline_params(conn, "param_value", "run_id", list(run_ids))
+    return set(run_ids) | _pipeline_params(conn, "run_id", "param_value", list(pipelines))
+
+
+def _pipeline_params(conn: sqlite3.Connection, wanted: str, by: str, values: list[Any]) -> set[Any]:
+    """`wanted` (run_id or param_value) of the `pipeline` params whose `by` is in `values`,
+    queried a chunk of values at a time."""
+    found: set[Any] = set()
+    for chunk in _chunks(values):
+        found.update(
             r[0]
             for r in conn.execute(
-                "SELECT DISTINCT param_value FROM params WHERE param_name = 'pipeline' AND "
-                f"run_id IN ({_marks(chunk)})",
-                list(chunk),
+                f"SELECT DISTINCT {wanted} FROM params WHERE param_name = 'pipeline' AND "
+                f"{by} IN ({_marks(chunk)})",
+                chunk,
             )
         )
-    mates: set[int] = set(run_ids)
-    for chunk in _chunks(list(pipelines)):
-        mates.update(
-            r[0]
-            for r in conn.execute(
-                "SELECT run_id FROM params WHERE param_name = 'pipeline' AND "
-                f"param_value IN ({_marks(chunk)})",
-                list(chunk),
-            )
-        )
-    return mates
+    return found
 
 
 def run_groups(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:

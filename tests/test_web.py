@@ -30,6 +30,7 @@ import psutil
 import pytest
 from conftest import Daemon, example_config, query, require_tools
 
+from mosaic_client import study_reading
 from mosaic_client.web import live, security, studies
 
 # -- units: the guard, the table queries, the diffs --------------------------------------------
@@ -174,8 +175,8 @@ def test_runs_page_pages_sorts_and_filters_in_sql(tmp: Path) -> None:
                 )
                 seen += [r["run_id"] for r in page["rows"]]
             assert seen == expected
-    assert studies.counts(conn)["done"] == sum(1 for r in rows if r[1] == "done")
-    assert studies.param_names(conn) == ["lr", "mlp_key"]
+    assert study_reading.status_counts(conn)["done"] == sum(1 for r in rows if r[1] == "done")
+    assert study_reading.param_names(conn) == ["lr", "mlp_key"]
     assert studies.count_matching(conn, q) == len(wanted)
     for bad in (
         studies.RunQuery(sort="nope"),
@@ -206,10 +207,11 @@ def test_dataset_keys_and_log_tail(tmp: Path) -> None:
                 )
             ],
         )
-    from mosaic_client.analysis import data_key, run_params
+    from mosaic_client.analysis import data_key
+    from mosaic_client.study_reading import run_params
 
     expected = sorted({data_key(p) for p in run_params(conn).values()})
-    assert studies.dataset_keys(conn) == expected and len(expected) == 6
+    assert study_reading.dataset_keys(conn) == expected and len(expected) == 6
     conn.close()
     log = tmp / "out.log"
     assert studies.log_tail(str(log)) == ("", 0)

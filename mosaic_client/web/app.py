@@ -34,7 +34,7 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from mosaic_client import analysis, protocol
+from mosaic_client import analysis, protocol, study_reading
 from mosaic_client.connection import Client, DaemonUnavailable
 from mosaic_client.web import live, pages, security, studies
 
@@ -357,8 +357,8 @@ def _run_news(
 ) -> tuple[list[dict[str, Any]], tuple[str, str | None] | None, str | None]:
     """A run's epochs after `last`, its state, and its log file's path (run in a thread)."""
     with contextlib.closing(state.connect(db)) as conn:
-        new = studies.epochs_after(conn, run_id, last)
-        run_state = studies.run_state(conn, run_id)
+        new = study_reading.epochs_after(conn, run_id, last)
+        run_state = study_reading.run_state(conn, run_id)
         params = dict(
             conn.execute(
                 "SELECT param_name, param_value FROM params WHERE run_id = ? AND "
@@ -419,7 +419,7 @@ def _compare_routes(state: WebState) -> list[Route]:
         if cached is not None:
             return _json(cached)
         with contextlib.closing(state.connect(db)) as conn:
-            keys = studies.dataset_keys(conn)
+            keys = study_reading.dataset_keys(conn)
             key = q.get("dataset_key") or (keys[0] if keys else "")
             criterion = q.get("criterion") or "test_loss"
             out: dict[str, Any] = {

@@ -18,14 +18,6 @@ from mosaic_client import contract, study_reading
 from mosaic_client.analysis import CRITERIA
 
 MAX_PAGE = 500
-FILTER_OPS = study_reading.FILTER_OPS
-
-# Reads the web app (app.py, live.py) calls by these names, handed on unchanged.
-counts = study_reading.status_counts
-param_names = study_reading.param_names
-dataset_keys = study_reading.dataset_keys
-epochs_after = study_reading.epochs_after
-run_state = study_reading.run_state
 
 
 class QueryError(ValueError):
@@ -77,7 +69,7 @@ def _filters(query: RunQuery) -> list[study_reading.RunFilter]:
     if unknown:
         raise QueryError(f"unknown run state {unknown[0]!r}; use {', '.join(contract.RUN_STATES)}")
     for flt in query.filters:
-        if flt.op not in FILTER_OPS:
+        if flt.op not in study_reading.FILTER_OPS:
             raise QueryError(f"unknown filter operator {flt.op!r}")
     return [(flt.name, flt.op, flt.value) for flt in query.filters]
 
@@ -130,9 +122,9 @@ def runs_page(
 
 
 def study_summary(conn: sqlite3.Connection) -> dict[str, Any]:
-    names = param_names(conn)
+    names = study_reading.param_names(conn)
     return {
-        "counts": counts(conn),
+        "counts": study_reading.status_counts(conn),
         "params": names,
         "keys": study_reading.key_values(conn, names),
         "criteria": list(CRITERIA),
