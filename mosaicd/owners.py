@@ -1,28 +1,26 @@
-"""Run owners: who a run executes as, and acting with an owner's rights only (issue 17).
+"""Run owners: who a run executes as (issues 17 and 24).
 
 On a shared box the daemon serves several users. Their code runs in workers started as the
-run's owner (mosaicd.executors.local), and every file the daemon itself opens for a user (a study
-database and its -wal/-shm files, the run-files directory) is opened while the daemon's effective
-ids are that user's (:func:`acting_as`): the kernel then checks the open against the user's own
+run's owner (mosaicd.executors.local), and every file of a user's (a study database and its
+-wal/-shm files, the run-files directory, a run's log) is touched only by that user's keeper,
+a process started as them (mosaicd.keeper): the kernel checks every open against the user's own
 rights, a link the user planted leads only where the user could go, and what is created is the
-user's.
+user's. The daemon's own process never changes its ids.
 
-A daemon that serves only its own user (the single-user mode) never switches: :func:`of_uid`
-gives None for the daemon's own uid, and None means "as the daemon, as before".
+A daemon that serves only its own user (the single-user mode) starts no one as anyone:
+:func:`of_uid` gives None for the daemon's own uid, and None means "as the daemon, as before".
 
-Switching needs CAP_SETUID and CAP_SETGID (a root daemon has them; the systemd unit keeps only
-these and CAP_KILL, docs/deployment.md). The daemon's loop is single-threaded and Linux applies
-set*id calls to every thread of the process (glibc), so nothing else runs under the borrowed
-ids; libzmq's I/O threads open no files.
+Starting a process as another user needs CAP_SETUID and CAP_SETGID (a root daemon has them; the
+systemd unit keeps only these and CAP_KILL, docs/deployment.md); they are used only in the
+children, between fork and exec.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import pwd
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,27 +111,3 @@ def require_switch(owner: Owner | None) -> None:
 def umask_of(monitor: Mapping[str, Any]) -> int:
     """The umask a submission chose ([MONITOR] umask), from its MONITOR as sent or resolved."""
     return int(schema.monitor_settings(monitor)["umask"], 8)
-
-
-@contextlib.contextmanager
-def acting_as(owner: Owner | None, umask: int = DEFAULT_UMASK) -> Iterator[None]:
-    """Run the block with `owner`'s effective uid, gid and groups and `umask` (owner None:
-    unchanged, the daemon acting as itself), then take the daemon's own back. Files opened
-    inside are opened with the owner's rights only, and files created are the owner's."""
-    if owner is None:
-        yield
-        return
-    require_switch(owner)
-    euid, egid, groups = os.geteuid(), os.getegid(), os.getgroups()
-    # Groups and gid first: once the euid is the owner's, a root daemon's capabilities are off.
-    os.setgroups(list(owner.groups))
-    os.setegid(owner.gid)
-    os.seteuid(owner.uid)
-    old_umask = os.umask(umask)
-    try:
-        yield
-    finally:
-        os.umask(old_umask)
-        os.seteuid(euid)
-        os.setegid(egid)
-        os.setgroups(groups)

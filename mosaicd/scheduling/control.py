@@ -1,14 +1,12 @@
 """Control of runs and holds on request: hold/release (pause/resume), park, cancel, rerun and
-rekey. Every change goes through a study's Store (one transaction each)."""
+rekey. Every change goes through a study's writer (one transaction each, in its keeper)."""
 
 from __future__ import annotations
 
-import sqlite3
-import time
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from mosaic_client import selection as selections
 from mosaic_client.contract import (
     CANCELLED,
     DONE,
@@ -27,12 +25,13 @@ from mosaic_client.protocol import (
     RerunReply,
     ResumeReply,
 )
-from mosaicd import owners
 from mosaicd.errors import Refused
+from mosaicd.keeper.operations import SELECT_BUDGET_S
 from mosaicd.scheduling.core import SchedulerCore, served
-from mosaicd.storage.store import RunRecord, Store, connect_readonly
+from mosaicd.storage.store import RunRecord, StoreError
+from mosaicd.storage.studies import StudyHandle
 
-SELECT_TIMEOUT = 5.0  # seconds a selection's SQL may run in the daemon's loop
+log = logging.getLogger("mosaicd")
 
 # The caller's rights over runs, checked by the request handler: given each selected run's
 # (run id, owner uid, owner name) and whether the caller named those run ids themself (-id,
@@ -79,26 +78,25 @@ class Control(SchedulerCore):
         for path in self._identities.aside_studies():
             store = self._studies.get(path)
             if store is not None:
-                self._identities.check_study(path, store)
+                self._check_again(path, store)
         resumed = 0
         for path, store in self._studies.items():
-            owned = self._owned_by(path, store, owner_uid)
-            parked = [r.run_id for r in store.runs_in_state(PARKED) if owned(r.submission_id)]
+            try:
+                owned = self._owned_by(path, store, owner_uid)
+                parked = [r for r in store.runs_in_state(PARKED) if owned(r.submission_id)]
+            except StoreError as exc:
+                log.warning("resume: %s: %s", path, exc)
+                continue
 
-            def requeue(store: Store, owned: Callable[[int], bool] = owned) -> list[RunRecord]:
-                fresh = []
-                for record in store.runs_in_state(PARKED):
-                    if owned(record.submission_id):
-                        store.transition(record.run_id, QUEUED, "resumed")
-                        fresh.append(store.run_record(record.run_id))
-                return [r for r in fresh if r is not None]
-
-            def enqueue(records: list[RunRecord], path: str = path, store: Store = store) -> None:
+            def enqueue(records: Any, path: str = path, store: StudyHandle = store) -> None:
                 for record in records:
-                    self._queue.add(path, store, record)
+                    self._queue.add(path, store, RunRecord(**record))
 
             if parked:
-                self._studies.writer(path).write("resume parked runs", requeue, enqueue)
+                ids = sorted({r.submission_id for r in parked})
+                self._studies.writer(path).write(
+                    "resume parked runs", "resume_parked", {"submission_ids": ids}, enqueue
+                )
             resumed += len(parked)
         return {
             "paused": self._holds.all,
@@ -106,7 +104,20 @@ class Control(SchedulerCore):
             "scope": HOLD_ALL if owner_uid is None else HOLD_OWNER,
         }
 
-    def _owned_by(self, path: str, store: Store, owner_uid: int | None) -> Callable[[int], bool]:
+    def _check_again(self, path: str, store: StudyHandle) -> None:
+        """A set-aside study looked at again (`mosaic resume`): once it agrees with the records,
+        its queued runs that the queue lost (it could not read them) are queued again."""
+        try:
+            if self._identities.check_study(path, store.submission_rows()) is None:
+                for record in store.runs_in_state(QUEUED):
+                    if self._queue.ahead_of(path, record.run_id) is None:
+                        self._queue.add(path, store, record)
+        except StoreError as exc:
+            log.warning("study %s still cannot be read: %s", path, exc)
+
+    def _owned_by(
+        self, path: str, store: StudyHandle, owner_uid: int | None
+    ) -> Callable[[int], bool]:
         """Whether a submission of this study is of the owner (every one: None)."""
 
         def owned(submission_id: int) -> bool:
@@ -125,30 +136,12 @@ class Control(SchedulerCore):
         Only ids of runs the study holds are selected (selections.resolve), and no message
         repeats what a -request computed."""
         store = served(self._studies, db)
-        with owners.acting_as(self._studies.opener(db)):  # as the store itself was opened
-            conn = connect_readonly(db)
-        # A user's -request runs inside the daemon's single loop: an endless recursive CTE
-        # would stop the daemon for everyone. Interrupt it after SELECT_TIMEOUT seconds.
-        deadline = time.monotonic() + SELECT_TIMEOUT
-        conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10000)
+        # Run by the study's keeper on a read-only connection, on a time budget there (an
+        # endless recursive CTE stops that keeper only).
         try:
-            run_ids = selections.resolve(conn, selection)
-        except selections.SelectionError as exc:
-            if time.monotonic() > deadline:
-                raise Refused(
-                    ErrorCode.INVALID,
-                    f"the selection took more than "
-                    f"{SELECT_TIMEOUT:g} s and was stopped; select run ids with a "
-                    "simpler query",
-                ) from None
+            run_ids = list(store.call("select", timeout=SELECT_BUDGET_S + 1.0, selection=selection))
+        except StoreError as exc:
             raise Refused(ErrorCode.INVALID, str(exc)) from None
-        except (sqlite3.Error, OverflowError, TypeError) as exc:
-            # A hand-made selection value SQLite cannot bind (a map, a 70-bit integer).
-            raise Refused(
-                ErrorCode.INVALID, f"unusable selection {selection!r:.200}: {exc}"
-            ) from None
-        finally:
-            conn.close()
         self._check_owners(db, store, run_ids, check, named=selection.get("kind") == "ids")
         return run_ids
 
@@ -169,11 +162,7 @@ class Control(SchedulerCore):
 
             # Written now, or once the study's lock goes (mosaicd.storage.writer): decided then
             # on the state it finds.
-            def cancel(store: Store, run_id: int = run_id, detail: str = detail) -> None:
-                if store.status_of(run_id) in (QUEUED, PARKED, RUNNING):
-                    store.transition(run_id, CANCELLED, detail)
-
-            writer.write(f"cancel run {run_id}", cancel)
+            writer.write(f"cancel run {run_id}", "cancel", {"run_id": run_id, "detail": detail})
             self._queue.drop(db, run_id)
             if running:
                 worker = self._active[(db, run_id)].worker
@@ -198,21 +187,14 @@ class Control(SchedulerCore):
             status = store.status_of(run_id)
             if status in (DONE, FAILED, CANCELLED):
 
-                def rerun(store: Store, run_id: int = run_id) -> RunRecord | None:
-                    record = store.run_record(run_id)
-                    assert record is not None
-                    # Continue from the last checkpoint: the target is what was trained so
-                    # far plus the extra epochs.
-                    done_epochs = record.checkpoint_epoch
-                    store.extend_target(run_id, done_epochs + epochs - record.epochs_target)
-                    store.transition(run_id, QUEUED, f"rerun for {epochs} more epochs")
-                    return store.run_record(run_id)
-
-                def enqueue(fresh: RunRecord | None) -> None:
+                def enqueue(fresh: Any) -> None:
                     if fresh:
-                        self._queue.add(db, store, fresh)
+                        self._queue.add(db, store, RunRecord(**fresh))
 
-                self._studies.writer(db).write(f"rerun run {run_id}", rerun, enqueue)
+                # Continued from the last checkpoint, for `epochs` more (decided when written).
+                self._studies.writer(db).write(
+                    f"rerun run {run_id}", "rerun", {"run_id": run_id, "epochs": epochs}, enqueue
+                )
                 queued.append(run_id)
             else:
                 skipped.append(run_id)
@@ -229,12 +211,12 @@ class Control(SchedulerCore):
             )
         self._check_owners(db, store, sorted({c[0] for c in changes}), check, named=True)
         self._studies.writer(db).write(
-            f"rekey {len(changes)} param(s)", lambda store: store.set_params(changes)
+            f"rekey {len(changes)} param(s)", "set_params", {"changes": [list(c) for c in changes]}
         )
         return {"changed": len(changes)}
 
     def _check_owners(
-        self, db: str, store: Store, run_ids: list[int], check: OwnerCheck, named: bool
+        self, db: str, store: StudyHandle, run_ids: list[int], check: OwnerCheck, named: bool
     ) -> None:
         """The caller's rights over the runs, with each run's owner from the daemon's records
         (mosaicd.storage.identity), never from the study. `named`: the caller named these runs
@@ -243,7 +225,9 @@ class Control(SchedulerCore):
             owners = [(run_id, *self._owner_of_run(db, store, run_id)) for run_id in run_ids]
             check(owners, named)
 
-    def _owner_of_run(self, db: str, store: Store, run_id: int) -> tuple[int | None, str | None]:
+    def _owner_of_run(
+        self, db: str, store: StudyHandle, run_id: int
+    ) -> tuple[int | None, str | None]:
         submission_id = store.submission_of(run_id)
         if submission_id is None:
             return None, None

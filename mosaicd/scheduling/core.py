@@ -17,8 +17,8 @@ from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
 from mosaicd.scheduling.submissions import Submission
 from mosaicd.storage.state import DaemonState
-from mosaicd.storage.store import RunRecord, Store
-from mosaicd.storage.studies import Studies
+from mosaicd.storage.store import RunRecord
+from mosaicd.storage.studies import Studies, StudyHandle
 
 # How the scheduler sends a message to a worker: send(worker, name)(**fields).
 Sender = Callable[[WorkerHandle, str], Callable[..., None]]
@@ -41,7 +41,7 @@ class ActiveRun:
     group: list[int] | None = None  # the run ids sent with it as one ensemble
 
 
-def served(studies: Studies, db: str) -> Store:
+def served(studies: Studies, db: str) -> StudyHandle:
     """The store of a study the daemon already serves. Only `submit` (Studies.open) makes the
     daemon serve a study: a request that merely names another path (status, show, cancel,
     rerun, rekey, repeat) must not open it, create its -wal/-shm, migrate it or record it in
@@ -71,10 +71,16 @@ class SchedulerCore:
         self._send = send
         self._checkpoint_every = checkpoint_every
         # The open study databases, and whose their submissions are (shared: --socket-group).
-        self._studies = Studies(state, shared)
+        self._studies = Studies(state, shared, getattr(executor, "worker_python", None))
         self._identities = self._studies.identities
         self._queue = RunQueue(self._identities)  # queued runs and their submissions
         self._active: dict[tuple[str, int], ActiveRun] = {}  # (study, run id) -> training run
         self._pending_epochs: dict[str, list[dict[str, Any]]] = {}  # study -> epochs to write
         self._holds = Holds(state)
         self.shutting_down = False
+
+    @property
+    def registry(self) -> Studies:
+        """The served studies and the users' keepers, for the rights checks of handlers
+        (mosaicd.service.rights): they prove a caller's access through the caller's keeper."""
+        return self._studies

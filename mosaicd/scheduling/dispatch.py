@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
-from mosaic_client.contract import FAILED, QUEUED, RUNNING, checkpoint_path
+from mosaic_client.contract import checkpoint_path
 from mosaic_client.protocol import RunSpec
-from mosaicd import owners
 from mosaicd.executors.base import BUSY, IDLE, STARTING, WorkerHandle
 from mosaicd.scheduling.core import ActiveRun, SchedulerCore
 from mosaicd.scheduling.ensemble_groups import group_key, group_size
 from mosaicd.scheduling.submissions import Submission
-from mosaicd.storage.store import RunRecord, Store, StoreError
+from mosaicd.storage.store import RunRecord, StoreError
+from mosaicd.storage.studies import StudyHandle
 
 log = logging.getLogger("mosaicd")
 
@@ -101,46 +100,46 @@ class Dispatch(SchedulerCore):
     def _fail_unstarted(self, submission: Submission, record: RunRecord, cause: str) -> None:
         """A run whose worker cannot be started fails with the reason (it never trained)."""
 
-        def fail(store: Store) -> None:
-            if store.status_of(record.run_id) != QUEUED:
-                return
-            store.transition(record.run_id, RUNNING, "starting a worker for it")
-            store.transition(record.run_id, FAILED, cause, return_status=cause)
-
-        self._studies.writer(submission.study).write(f"fail run {record.run_id}", fail)
+        self._studies.writer(submission.study).write(
+            f"fail run {record.run_id}",
+            "fail_unstarted",
+            {"run_id": record.run_id, "cause": cause},
+        )
 
     def _start(self, worker: WorkerHandle, submission: Submission, record: RunRecord) -> bool:
         """Start `record` on the worker, with the queued repetitions of its pipeline that train
         together with it when its submission has [MONITOR] ensemble = auto. False when the
         study cannot be written now (locked, or its disk full): the runs go back to the front
         of their queue and the study's writer says why."""
-        members = [(record, self._spec(worker, submission, record))]
-        members += self._ensemble_mates(worker, submission, members[0][1])
-        run_ids = [r.run_id for r, _ in members]
-        grouped = len(members) > 1
-        where = f"on {worker.slot.label} (worker {worker.worker_id}, pid {worker.pid})"
-
-        def start(store: Store) -> None:
-            # One transaction for the whole group: it starts at once, or not at all.
-            for member, spec in members:
-                store.truncate_history(member.run_id, spec["start_epoch"])
-                together = f" in an ensemble with runs {run_ids}" if grouped else ""
-                store.transition(
-                    member.run_id,
-                    RUNNING,
-                    f"{where}{together} from epoch {spec['start_epoch']}",
-                )
-            if grouped:
-                store.record_ensemble(run_ids)
-
+        store = self._studies[submission.study]
+        members: list[tuple[RunRecord, RunSpec]] = []
         try:
-            self._studies.writer(submission.study).try_now(start)
+            members.append((record, self._spec(worker, submission, record)))
+            members += self._ensemble_mates(worker, submission, members[0][1])
+            run_ids = [r.run_id for r, _ in members]
+            grouped = len(members) > 1
+            where = f"on {worker.slot.label} (worker {worker.worker_id}, pid {worker.pid})"
+            together = f" in an ensemble with runs {run_ids}" if grouped else ""
+            starts = [
+                [
+                    m.run_id,
+                    spec["start_epoch"],
+                    f"{where}{together} from epoch {spec['start_epoch']}",
+                ]
+                for m, spec in members
+            ]
+            # One transaction for the whole group: it starts at once, or not at all.
+            self._studies.writer(submission.study).try_now(
+                "start_runs", {"members": starts, "ensemble": run_ids if grouped else []}
+            )
         except StoreError:
-            # Locked or full: the runs stay first in their queue; the study's writer says why.
-            for member, _ in sorted(members, key=lambda m: m[0].queue_seq, reverse=True):
+            # Locked, full or its keeper not answering: the runs stay first in their queue;
+            # the study's writer says why.
+            taken = [m for m, _ in members] or [record]
+            for member in sorted(taken, key=lambda m: m.queue_seq, reverse=True):
                 self._queue.put_back(submission.study, member)
             return False
-        store = self._studies[submission.study]
+        texts = {m.run_id: _pipeline_text(store, m.run_id) for m, _ in members}
         worker.become(BUSY)
         worker.run = (submission.study, record.run_id)
         worker.group = set(run_ids) if grouped else set()
@@ -152,7 +151,7 @@ class Dispatch(SchedulerCore):
                 member,
                 submission,
                 worker,
-                store.pipeline_text(member.run_id),
+                texts[member.run_id],
                 epoch=spec["start_epoch"],
                 group=run_ids if grouped else None,
             )
@@ -169,10 +168,13 @@ class Dispatch(SchedulerCore):
         run_files = settings["run_files_path"]
         from_epoch = record.checkpoint_epoch
         if from_epoch:
-            # Looked for as its owner: the daemon may not look into a private home itself.
-            with owners.acting_as(submission.run_as):
-                if not os.path.exists(checkpoint_path(run_files, record.run_id)):
-                    from_epoch = 0
+            # Looked for by its owner's keeper: the daemon does not look into a home itself.
+            keeper = self._studies.keepers.of(submission.run_as)
+            found, _ = keeper.call(
+                "exists", None, {"path": checkpoint_path(run_files, record.run_id)}
+            )
+            if not found:
+                from_epoch = 0
         return {
             "run_id": record.run_id,
             "process": settings,
@@ -218,3 +220,12 @@ class Dispatch(SchedulerCore):
             return []
         taken = self._queue.take_queued(submission, mate, window, size - 1)
         return [(record, specs[record.run_id]) for record in taken]
+
+
+def _pipeline_text(store: StudyHandle, run_id: int) -> str:
+    """A started run's readable pipeline, for `status` (a keeper that stopped answering just
+    after the start leaves it blank: the run trains anyway)."""
+    try:
+        return store.pipeline_text(run_id)
+    except StoreError:
+        return ""

@@ -17,9 +17,11 @@ from mosaic_client.contract import MAX_REPETITIONS_ADDED, REPETITION_PARAMS
 from mosaic_client.protocol import ErrorCode, RepeatedGroup, RepeatReply
 from mosaicd import owners
 from mosaicd.errors import Refused
+from mosaicd.keeper.link import CALL_TIMEOUT_S, PER_ROW_S
 from mosaicd.scheduling.control import Control, OwnerCheck
 from mosaicd.scheduling.submissions import Run, check_submission, repetition
-from mosaicd.storage.store import RunRecord, Store, StoreError
+from mosaicd.storage.store import RunRecord, StoreError
+from mosaicd.storage.studies import StudyHandle
 
 # The most runs one request may queue: a selection of every group of a large study times a big
 # --add is surely a mistake, and it would hold the daemon's loop while it writes.
@@ -55,7 +57,7 @@ def next_seeds(
     return seeds
 
 
-def groups_of(store: Store, selected: list[int]) -> list[list[int]]:
+def groups_of(store: StudyHandle, selected: list[int]) -> list[list[int]]:
     """The configuration groups of the selected runs, each as the sorted ids of all its runs
     (selected or not), ordered by their first run.
 
@@ -128,33 +130,42 @@ class Repetitions(Control):
                 process, batch.submission["monitor"], pipelines, self._executor.slot_count("cuda")
             )
 
-        def add_all(study: Store) -> list[tuple[_Batch, int, list[int]]]:
-            added = []
-            for batch in batches:
+        wire = [
+            {
+                "owner_uid": batch.submission["owner_uid"],
+                "owner": batch.submission["owner"],
+                "config_path": batch.submission["config_path"],
+                # The epochs the group's runs were trained for (a rerun may have extended them
+                # beyond the submission's).
+                "process": {**batch.submission["process"], "epochs": batch.epochs},
+                "monitor": batch.submission["monitor"],
+                "runs": [list(run) for run in batch.runs],
+            }
+            for batch in batches
+        ]
+
+        def record(added: Any) -> None:
+            # Recorded before the study's COMMIT, as a submit's (mosaicd.storage.identity).
+            for batch, (submission_id, _, created_at) in zip(batches, added):
                 sub = batch.submission
-                submission_id, run_ids = study.add_submission(
-                    sub["owner_uid"],
-                    sub["owner"],
-                    sub["config_path"],
-                    # The epochs the group's runs were trained for (a rerun may have extended
-                    # them beyond the submission's).
-                    {**sub["process"], "epochs": batch.epochs},
-                    sub["monitor"],
-                    batch.runs,
+                self._identities.record(
+                    db, submission_id, sub["owner_uid"], sub["owner"], created_at
                 )
-                # Recorded before the study's COMMIT, as a submit's (mosaicd.storage.identity).
-                self._identities.record(db, study, submission_id, sub["owner_uid"], sub["owner"])
-                added.append((batch, submission_id, run_ids))
-            return added
 
         # Every new run, or none, in one transaction through the study's writer: a locked or
         # full study refuses the request rather than waiting in the daemon's loop.
         try:
-            new = self._studies.writer(db).try_now(add_all)
+            added = self._studies.writer(db).try_now(
+                "add_submissions",
+                {"batches": wire},
+                record,
+                CALL_TIMEOUT_S + PER_ROW_S * 8 * sum(len(b.runs) for b in batches),
+            )
         except StoreError as exc:
             raise Refused(
                 ErrorCode.INVALID, f"{exc}; nothing was queued: repeat again once it is solved"
             ) from None
+        new = [(batch, item[0], item[1]) for batch, item in zip(batches, added)]
         for batch, submission_id, run_ids in new:
             at = 0
             for group in batch.groups:
@@ -172,7 +183,9 @@ class Repetitions(Control):
         reply["groups"].sort(key=lambda g: g["first_run"])
         return reply
 
-    def _batches(self, db: str, store: Store, groups: list[list[int]], add: int) -> list[_Batch]:
+    def _batches(
+        self, db: str, store: StudyHandle, groups: list[list[int]], add: int
+    ) -> list[_Batch]:
         """The new runs of each group, batched by the submission of the group's first run,
         whose owner is the daemon's record of it: a study that disagrees with its records
         adds nothing (mosaicd.storage.identity)."""
@@ -185,7 +198,7 @@ class Repetitions(Control):
             key = (template.submission_id, template.epochs_target)
             if key not in batches:
                 submission = store.submission(template.submission_id)
-                record = self._identities.check(db, store, template.submission_id)
+                record = self._identities.check(db, store.submission_rows(), template.submission_id)
                 aside = self._identities.aside(db)
                 if record is None or aside is not None:
                     raise Refused(

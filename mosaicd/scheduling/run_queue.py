@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 
 from mosaicd.scheduling.submissions import Submission
 from mosaicd.storage.identity import Identities
-from mosaicd.storage.store import RunRecord, Store
+from mosaicd.storage.store import RunRecord, StoreError
+from mosaicd.storage.studies import StudyHandle
 
 Key = tuple[str, int]  # (study path, submission id)
 
@@ -20,30 +21,40 @@ class RunQueue:
         self._submissions: dict[Key, Submission] = {}
         self._queues: dict[Key, deque[RunRecord]] = {}
 
-    def submission(self, study: str, store: Store, submission_id: int) -> Submission:
+    def submission(self, study: str, store: StudyHandle, submission_id: int) -> Submission:
         """The submission, loaded from its study the first time it is needed. Its owner is
         the daemon's record (mosaicd.storage.identity), never the study's row; a row that
         disagrees sets the study aside. No record: no owner (None), and the study is aside."""
         key = (study, submission_id)
         if key not in self._submissions:
             info = store.submission(submission_id)
-            record = self._identities.check(study, store, submission_id)
-            self._submissions[key] = Submission(
-                study,
-                submission_id,
-                None if record is None else record.uid,
-                None if record is None else record.name,
-                info["process"],
-                info["monitor"],
-            )
+            record = self._identities.check(study, store.submission_rows(), submission_id)
+            try:
+                submission = Submission(
+                    study,
+                    submission_id,
+                    None if record is None else record.uid,
+                    None if record is None else record.name,
+                    info["process"],
+                    info["monitor"],
+                )
+            except Exception as exc:  # settings its keeper sent that do not resolve
+                raise StoreError(f"submission {submission_id}: unusable settings ({exc})") from None
+            self._submissions[key] = submission
         return self._submissions[key]
 
-    def add(self, study: str, store: Store, record: RunRecord) -> None:
+    def add(self, study: str, store: StudyHandle, record: RunRecord) -> None:
+        """Queue a run. A study whose submission cannot be read now (its keeper is not
+        answering, its rows are unusable) is set aside: nothing of it starts until `resume`."""
         key = (study, record.submission_id)
-        if key in self._submissions and key not in self._queues:
-            # Queued again (resume, rerun): its row is compared with the record again.
-            self._identities.check(study, store, record.submission_id)
-        self.submission(study, store, record.submission_id)
+        try:
+            if key in self._submissions and key not in self._queues:
+                # Queued again (resume, rerun): its row is compared with the record again.
+                self._identities.check(study, store.submission_rows(), record.submission_id)
+            self.submission(study, store, record.submission_id)
+        except StoreError as exc:
+            self._identities.set_aside(study, f"its submissions cannot be read ({exc})")
+            return
         self._queues.setdefault(key, deque()).append(record)
 
     def put_back(self, study: str, record: RunRecord) -> None:

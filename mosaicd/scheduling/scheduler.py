@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mosaic_client.contract import QUEUED, RUNNING
 from mosaic_client.protocol import (
     ErrorCode,
     PendingItem,
@@ -33,6 +32,7 @@ from mosaic_client.protocol import (
 )
 from mosaicd import owners
 from mosaicd.errors import Refused
+from mosaicd.keeper.link import CALL_TIMEOUT_S, PER_ROW_S
 from mosaicd.owners import Owner
 from mosaicd.scheduling import views
 from mosaicd.scheduling.control import Control
@@ -40,7 +40,8 @@ from mosaicd.scheduling.dispatch import Dispatch
 from mosaicd.scheduling.repetitions import Repetitions
 from mosaicd.scheduling.submissions import build_runs, check_submission
 from mosaicd.scheduling.worker_events import WorkerEvents
-from mosaicd.storage.store import Store, StoreError
+from mosaicd.storage.store import RunRecord, StoreError
+from mosaicd.storage.studies import StudyHandle
 
 log = logging.getLogger("mosaicd")
 
@@ -53,24 +54,19 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         for path, store in self._studies.reopen_known():
             # Owners come from the daemon's state: a study whose rows disagree is set aside
             # (mosaicd.storage.identity); its runs are queued again as any study's, not started.
-            self._identities.check_study(path, store)
+            try:
+                self._identities.check_study(path, store.submission_rows())
+            except StoreError as exc:
+                self._identities.set_aside(path, f"its submissions cannot be read ({exc})")
 
-            def requeue(store: Store) -> None:
-                for record in store.runs_in_state(RUNNING):
-                    store.transition(
-                        record.run_id,
-                        QUEUED,
-                        f"daemon restarted; resumes after epoch {record.checkpoint_epoch}",
-                    )
-
-            def enqueue(_: Any, path: str = path, store: Store = store) -> None:
-                for record in store.runs_in_state(QUEUED):
-                    self._queue.add(path, store, record)
-                log.info("study %s: %s", path, store.counts)
+            def enqueue(queued: Any, path: str = path, store: StudyHandle = store) -> None:
+                for record in queued:
+                    self._queue.add(path, store, RunRecord(**record))
+                log.info("study %s: %s", path, dict(store.counts))
 
             # A study locked or full at start-up waits (mosaicd.storage.writer); the others start.
             self._studies.writer(path).write(
-                "requeue the runs of the previous daemon", requeue, enqueue
+                "requeue the runs of the previous daemon", "requeue_interrupted", {}, enqueue
             )
 
     def submit(
@@ -82,51 +78,56 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         pipelines: list[Any],
         owner_uid: int | None,
         owner: str | None,
-        prepare_files: Callable[[], None] | None = None,
         acting_for: Owner | None = None,
     ) -> SubmitReply:
-        """Check a submission, then queue its runs in one transaction. `prepare_files` makes
-        the run-files directory, once the submission is known to be good (a refused one leaves
-        nothing behind). Both it and a new study file are made with `acting_for`'s rights and
-        umask (mosaicd.owners; None: the daemon's own), so they are that user's."""
+        """Check a submission, then queue its runs in one transaction. The run-files directory
+        and a new study file are made by `acting_for`'s keeper (mosaicd.keeper; None: the
+        daemon's own user) with the submission's umask, so they are that user's; the
+        directory only once the submission is known to be good (a refused one leaves nothing)."""
         self._executor.check_submission(process, pipelines, acting_for)
-        with owners.acting_as(acting_for):  # it looks at the run-files path: as its user
-            check_submission(process, monitor, pipelines, self._executor.slot_count("cuda"))
+        check_submission(process, monitor, pipelines, self._executor.slot_count("cuda"))
         runs = build_runs(process, monitor, pipelines, owner_uid, owner)
         umask = owners.umask_of(monitor)
-        try:
-            with owners.acting_as(acting_for, umask):
-                if prepare_files is not None:
-                    prepare_files()
-        except PermissionError as exc:
-            raise Refused(
-                ErrorCode.PERMISSION,
-                f"{exc.filename}: you may not create it ({exc.strerror}). Nothing was queued.",
-            ) from None
         if owner_uid is None:
             raise Refused(ErrorCode.PERMISSION, "the daemon could not learn who you are")
         uid: int = owner_uid
+        keeper = self._studies.keepers.of(acting_for)
+        try:
+            keeper.call("make_dirs", None, {"path": process["run_files_path"], "umask": umask})
+        except StoreError as exc:
+            raise Refused(
+                ErrorCode.PERMISSION,
+                f"{process['run_files_path']}: you may not create it ({exc}). Nothing was queued.",
+            ) from None
         store = self._studies.open(db, create=True, owner=acting_for, umask=umask)
+        batch = {
+            "owner_uid": uid,
+            "owner": owner or "",
+            "config_path": config_path,
+            "process": process,
+            "monitor": monitor,
+            "runs": [list(run) for run in runs],
+        }
 
-        def add(study: Store) -> tuple[int, list[int]]:
-            submission_id, run_ids = study.add_submission(
-                uid, owner or "", config_path, process, monitor, runs
-            )
+        def record(added: Any) -> None:
             # Its owner, from the kernel, in the daemon's state: just before the study's COMMIT
             # (mosaicd.storage.identity says what a crash in between leaves).
-            self._identities.record(db, study, submission_id, uid, owner or str(uid))
-            return submission_id, run_ids
+            submission_id, _, created_at = added[0]
+            self._identities.record(db, submission_id, uid, owner or str(uid), created_at)
 
         try:
-            submission_id, run_ids = self._studies.writer(db).try_now(add)
+            added = self._studies.writer(db).try_now(
+                "add_submissions", {"batches": [batch]}, record, _rows_timeout(len(runs))
+            )
         except StoreError as exc:
             raise Refused(
                 ErrorCode.INVALID, f"{exc}; nothing was queued: submit again once it is solved"
             ) from None
+        submission_id, run_ids, _ = added[0]
         for run_id in run_ids:
-            record = store.run_record(run_id)
-            assert record is not None
-            self._queue.add(db, store, record)
+            record_ = store.run_record(run_id)
+            if record_ is not None:
+                self._queue.add(db, store, record_)
         return {
             "db": db,
             "submission_id": submission_id,
@@ -144,7 +145,7 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         uid: int | None,
         mine: bool,
         submission: int | None = None,
-        readable: Callable[[str], bool] | None = None,
+        readable: Callable[[list[str]], set[str]] | None = None,
     ) -> StatusReply:
         return views.status(
             self._studies,
@@ -166,7 +167,7 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
     def pending(self, db: str | None, owner_uid: int | None, everyone: bool) -> list[PendingItem]:
         return views.pending(self._queue, db, owner_uid, everyone)
 
-    def studies(self, visible: Callable[[str], bool]) -> list[StudyItem]:
+    def studies(self, visible: Callable[[list[str]], set[str]]) -> list[StudyItem]:
         """The studies served, those `visible` to the caller."""
         return views.study_list(self._studies, visible)
 
@@ -202,3 +203,8 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
             if writer.waiting:
                 log.error("%s: %d write(s) not written: %s", path, writer.waiting, writer.problem)
         self._studies.close_all()
+
+
+def _rows_timeout(rows: int) -> float:
+    """How long a keeper may take to write a submission of `rows` runs."""
+    return CALL_TIMEOUT_S + PER_ROW_S * rows * 8

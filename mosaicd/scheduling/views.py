@@ -24,6 +24,7 @@ from mosaicd.executors.base import Executor, WorkerHandle
 from mosaicd.scheduling.core import ActiveRun, served
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
+from mosaicd.storage.store import StoreError
 from mosaicd.storage.studies import Studies
 
 Active = dict[tuple[str, int], ActiveRun]
@@ -53,9 +54,11 @@ def _finished(
     store = studies[path]
     rows: list[Any] = []
     for row in store.recent(state, limit):
-        submission_id = store.submission_of(row["run_id"])
+        submission_id = row.pop("submission_id", None)
         owner_uid, row["owner"] = (
-            (None, None) if submission_id is None else studies.identities.owner(path, submission_id)
+            studies.identities.owner(path, submission_id)
+            if isinstance(submission_id, int)
+            else (None, None)
         )
         if not mine or owner_uid == uid:
             rows.append(row)
@@ -87,21 +90,23 @@ def status(
     uid: int | None,
     mine: bool,
     submission: int | None,
-    readable: Callable[[str], bool] | None = None,
+    readable: Callable[[list[str]], set[str]] | None = None,
 ) -> StatusReply:
     """`mosaic status` (and `status --watch`, `status --json`, `run --follow`).
 
-    `readable`: on a shared daemon, whether the caller may read a study's file (None: all, for
+    `readable`: on a shared daemon, which studies' files the caller may read (None: all, for
     the daemon's own user and administrators). A study they may not read is only counted: its
     path, parameters, results and tracebacks are its owner's to see, as its file is. Workers stay
     listed (slot, owner, state), which says how busy the box is and no more."""
     now = time.time()
     study_views: list[StudyView] = []
     hidden = 0
+    paths = [path for path, _ in studies.items() if not db or path == db]
+    allowed = set(paths) if readable is None else readable(paths)
     for path, store in studies.items():
         if db and path != db:
             continue
-        if readable is not None and not readable(path):
+        if path not in allowed:
             hidden += 1
             continue
         running = [
@@ -109,16 +114,24 @@ def status(
             for r in active.values()
             if r.study == path and (not mine or r.submission.owner_uid == uid)
         ]
+        try:
+            done = _finished(studies, path, DONE, limit, uid, mine)
+            failed = _finished(studies, path, FAILED, limit, uid, mine)
+            trouble = None
+        except StoreError as exc:  # its keeper is not answering: the others are still shown
+            done, failed, trouble = [], [], str(exc)
         view: StudyView = {
             "db": path,
             "counts": dict(store.counts),
             "running": running,
-            "done": _finished(studies, path, DONE, limit, uid, mine),
-            "failed": _finished(studies, path, FAILED, limit, uid, mine),
+            "done": done,
+            "failed": failed,
         }
         writer = studies.writer(path)
         if writer.problem:
             view["problem"] = f"{writer.problem} ({writer.waiting} write(s) wait)"
+        elif trouble:
+            view["problem"] = trouble
         aside = studies.identities.aside(path)
         if aside:
             view["set_aside"] = aside
@@ -132,7 +145,7 @@ def status(
     }
     if hidden:
         reply["hidden_studies"] = hidden
-    if db and submission is not None and (readable is None or readable(db)):
+    if db and submission is not None and db in allowed:
         # Only of a study served: another path is refused, unopened (core.served).
         reply["submission_counts"] = served(studies, db).submission_counts(submission)
     return reply
@@ -141,7 +154,10 @@ def status(
 def show(studies: Studies, active: Active, queue: RunQueue, db: str, run_id: int) -> ShowReply:
     """`mosaic show RUN`: everything recorded, and where it stands now."""
     store = served(studies, db)
-    info: Any = store.describe(run_id)
+    try:
+        info: Any = store.describe(run_id)
+    except StoreError as exc:
+        raise Refused(ErrorCode.INVALID, f"{db}: {exc}") from None
     if info is None:
         raise Refused(ErrorCode.NOT_FOUND, f"no run {run_id} in {db}")
     reply: ShowReply = info
@@ -181,7 +197,10 @@ def pending(
     return out
 
 
-def study_list(studies: Studies, visible: Callable[[str], bool]) -> list[StudyItem]:
+def study_list(studies: Studies, visible: Callable[[list[str]], set[str]]) -> list[StudyItem]:
+    allowed = visible([path for path, _ in studies.items()])
     return [
-        {"db": path, "counts": store.counts} for path, store in studies.items() if visible(path)
+        {"db": path, "counts": dict(store.counts)}
+        for path, store in studies.items()
+        if path in allowed
     ]

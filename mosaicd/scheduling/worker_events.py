@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable
 from typing import Any
 
 from mosaic_client import protocol
-from mosaic_client.contract import CANCELLED, FAILED, PARKED, QUEUED, RUNNING, run_log_path
-from mosaicd import owners
+from mosaic_client.contract import FAILED, PARKED, QUEUED, RUNNING, run_log_path
 from mosaicd.executors.base import IDLE, STOPPING, WorkerHandle, describe_exit
 from mosaicd.scheduling.core import ActiveRun, SchedulerCore
-from mosaicd.storage import user_files
-from mosaicd.storage.store import RunRecord, Store, disk_full_message, is_disk_full
+from mosaicd.storage.store import RunRecord, StoreError, disk_full_message, is_disk_full
 
 log = logging.getLogger("mosaicd")
 
@@ -96,7 +93,7 @@ class WorkerEvents(SchedulerCore):
             if events:
                 batch = list(events)
                 self._studies.writer(study).write(
-                    f"{len(batch)} epoch(s)", lambda store, b=batch: store.record_epochs(b)
+                    f"{len(batch)} epoch(s)", "record_epochs", {"events": batch}
                 )
         self._pending_epochs.clear()
         self._studies.flush()
@@ -145,7 +142,9 @@ class WorkerEvents(SchedulerCore):
         )
         run_id = run.record.run_id
         self._studies.writer(run.study).write(
-            f"run {run_id} done", lambda store: store.finish_run(run_id, results, summary)
+            f"run {run_id} done",
+            "finish_run",
+            {"run_id": run_id, "results": results, "summary": summary},
         )
         self._finish(run, worker, recycle=False)
 
@@ -156,8 +155,13 @@ class WorkerEvents(SchedulerCore):
         run_id = run.record.run_id
         writer = self._studies.writer(run.study)
         where = run.submission.process_settings["run_files_path"]
-        with owners.acting_as(run.submission.run_as):  # its paths, looked at as its owner
-            same_disk = _same_filesystem(where, run.study)
+        try:  # its paths, looked at by its owner's keeper
+            keeper = self._studies.keepers.of(run.submission.run_as)
+            same_disk = keeper.call(
+                "same_filesystem", None, {"directory": where, "study": run.study}
+            )[0]
+        except StoreError:
+            same_disk = False
         if is_disk_full(Exception(message["error"])) and same_disk:
             # Not the run's fault, and its study is on the same full disk: it waits, parked at
             # its last checkpoint, for space and `mosaic resume`. (Run files alone on a full
@@ -167,15 +171,20 @@ class WorkerEvents(SchedulerCore):
                 text = writer.problem
             writer.write(
                 f"run {run_id} parked",
-                lambda store: store.transition(run_id, PARKED, text, return_status=text),
+                "end_run",
+                {"run_id": run_id, "to": PARKED, "detail": text, "return_status": text},
             )
         else:
             text = f"{message['error']}\n\n{message['traceback']}"
             writer.write(
                 f"run {run_id} failed",
-                lambda store: store.transition(
-                    run_id, FAILED, message["error"][:500], return_status=text
-                ),
+                "end_run",
+                {
+                    "run_id": run_id,
+                    "to": FAILED,
+                    "detail": message["error"][:500],
+                    "return_status": text,
+                },
             )
         # A failed run may have left the process in any state: start the next one fresh.
         self._finish(run, worker, recycle=True)
@@ -187,9 +196,8 @@ class WorkerEvents(SchedulerCore):
             run_id = run.record.run_id
             self._studies.writer(run.study).write(
                 f"provenance of run {run_id}",
-                lambda store: store.record_provenance(
-                    run_id, message["environment"], message["code"]
-                ),
+                "record_provenance",
+                {"run_id": run_id, "environment": message["environment"], "code": message["code"]},
             )
 
     def _on_parked(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
@@ -206,11 +214,11 @@ class WorkerEvents(SchedulerCore):
         else:
             to, detail = PARKED, f"parked at epoch {epoch}"
 
-        def park(store: Store) -> None:
-            store.set_checkpoint_epoch(run_id, epoch)
-            store.transition(run_id, to, detail)
-
-        writer.write(f"run {run_id} parked", park)
+        writer.write(
+            f"run {run_id} parked",
+            "park",
+            {"run_id": run_id, "epoch": epoch, "to": to, "detail": detail},
+        )
         self._finish(run, worker, recycle=False)
 
     def _on_cancelled(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
@@ -219,12 +227,9 @@ class WorkerEvents(SchedulerCore):
         if run is not None:
             run_id, epoch = run.record.run_id, message["epoch"]
 
-            def cancelled(store: Store) -> None:
-                # The cancel request set the state already, unless it was waiting for a lock.
-                if store.status_of(run_id) != CANCELLED:
-                    store.transition(run_id, CANCELLED, f"cancelled after epoch {epoch}")
-
-            self._studies.writer(run.study).write(f"run {run_id} cancelled", cancelled)
+            self._studies.writer(run.study).write(
+                f"run {run_id} cancelled", "cancelled", {"run_id": run_id, "epoch": epoch}
+            )
             self._finish(run, worker, recycle=False)
 
     def _on_fallback(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
@@ -236,7 +241,8 @@ class WorkerEvents(SchedulerCore):
         if run_ids:
             self._studies.writer(worker.run[0]).write(
                 f"ensemble fallback of runs {run_ids}",
-                lambda store: store.set_ensemble_fallback(run_ids, reason),
+                "set_ensemble_fallback",
+                {"run_ids": run_ids, "reason": reason},
             )
 
     def on_worker_exit(self, worker: WorkerHandle, code: int) -> None:
@@ -265,41 +271,37 @@ class WorkerEvents(SchedulerCore):
             cause = worker.killed_for
         else:
             cause = f"worker (pid {worker.pid}, {worker.slot.label}) {describe_exit(code)}"
-        # Read with the owner's rights: the log is in their directory, and a link they put
-        # in its place must not show them a file only the daemon could read.
-        with owners.acting_as(run.submission.run_as):
-            files = run.submission.process_settings["run_files_path"]
-            tail = _log_tail(run_log_path(files, run_id))
+        # Read by the owner's keeper: the log is in their directory, and a link they put in
+        # its place must not show them a file only the daemon could read.
+        files = run.submission.process_settings["run_files_path"]
+        try:
+            keeper = self._studies.keepers.of(run.submission.run_as)
+            tail = keeper.call("log_tail", None, {"path": run_log_path(files, run_id)})[0]
+        except StoreError as exc:
+            tail = f"(output file not read: {exc})"
         retry = (
             (not worker.killed_for or worker.killed_for.startswith("worker"))
             and run.record.attempts < run.submission.retries
             and not self.shutting_down
         )
-        shutting_down = self.shutting_down
+
+        def requeue(record: Any) -> None:
+            if record is not None:
+                self._queue.add(study, self._studies[study], RunRecord(**record))
 
         # Decided on the state the write finds (it may be written late: mosaicd.storage.writer).
-        def settle(store: Store) -> RunRecord | None:
-            if store.status_of(run_id) != RUNNING:
-                return None  # cancelled or otherwise settled by the daemon before the kill
-            if retry:
-                store.transition(run_id, QUEUED, f"{cause}; retrying")
-                return store.run_record(run_id)
-            if shutting_down:
-                store.transition(run_id, QUEUED, "daemon stopping")
-            else:
-                store.transition(
-                    run_id,
-                    FAILED,
-                    cause,
-                    return_status=(f"{cause}\n\nlast lines of the run's output:\n{tail}"),
-                )
-            return None
-
-        def requeue(record: RunRecord | None) -> None:
-            if record is not None:
-                self._queue.add(study, self._studies[study], record)
-
-        self._studies.writer(study).write(f"run {run_id} settled", settle, requeue)
+        self._studies.writer(study).write(
+            f"run {run_id} settled",
+            "settle",
+            {
+                "run_id": run_id,
+                "retry": retry,
+                "stopping": self.shutting_down,
+                "cause": cause,
+                "failure": f"{cause}\n\nlast lines of the run's output:\n{tail}",
+            },
+            requeue,
+        )
 
     def check_timeouts(self) -> None:
         now = time.time()
@@ -337,32 +339,3 @@ assert set(EVENTS) == set(protocol.WORKER_MESSAGES), "every worker message needs
 
 def _figure(value: float | None) -> str:
     return "None" if value is None else f"{value:.6g}"
-
-
-def _same_filesystem(directory: str, study: str) -> bool:
-    try:
-        return os.stat(directory).st_dev == os.stat(study).st_dev
-    except OSError:
-        return False
-
-
-def _log_tail(path: str, lines: int = 20) -> str:
-    try:
-        # A regular file only: a FIFO in its place would stop the loop on open or read.
-        user_files.check_regular(path, "a run's output file")
-    except user_files.NotRegularFile as exc:
-        return f"(output file not read: {exc})"
-    except OSError:
-        return "(no output file)"
-    try:
-        # O_NONBLOCK too: a FIFO swapped in since the check is not waited for either.
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                return "(output file not read: not a regular file)"
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 8192))
-            text = fh.read().decode(errors="replace")
-    except OSError:
-        return "(no output file)"
-    return "\n".join(text.splitlines()[-lines:])

@@ -88,14 +88,14 @@ def _not_daemon_state(ctx: Context, path: str, what: str) -> str:
 def _check_client_path(ctx: Context, caller: Caller, path: str, what: str) -> None:
     """Refuse a path the daemon would write for a client unless that client could write it."""
     real = _not_daemon_state(ctx, path, what)
-    rights.check_writable(caller, path, real, what)
+    rights.check_writable(ctx.scheduler.registry, caller, path, real, what)
 
 
 def _readable_study(ctx: Context, caller: Caller, args: dict[str, Any]) -> str:
     """The request's study, refused unless the caller could read the file themself."""
     db = _study(args)
     _not_daemon_state(ctx, db, "database")
-    rights.check_readable(caller, db, "database")
+    rights.check_readable(ctx.scheduler.registry, caller, db, "database")
     return db
 
 
@@ -107,7 +107,7 @@ def _changed_study(ctx: Context, caller: Caller, args: dict[str, Any]) -> str:
     db = _study(args)
     _not_daemon_state(ctx, db, "database")
     if not caller.is_admin(ctx.options.admin_gid):
-        rights.check_readable(caller, db, "database")
+        rights.check_readable(ctx.scheduler.registry, caller, db, "database")
     return db
 
 
@@ -188,11 +188,6 @@ def handle_submit(ctx: Context, caller: Caller, args: dict[str, Any]) -> SubmitR
         except owners.CannotSwitch as exc:
             raise Refused(ErrorCode.PERMISSION, f"{exc}. Nothing was queued.") from None
 
-    def prepare_files() -> None:
-        # Called with the owner's rights and umask: the run-files directory is theirs.
-        if isinstance(run_files, str) and os.path.isabs(run_files):
-            os.makedirs(run_files, exist_ok=True)
-
     return ctx.scheduler.submit(
         db,
         args["config_path"],
@@ -201,7 +196,6 @@ def handle_submit(ctx: Context, caller: Caller, args: dict[str, Any]) -> SubmitR
         args["pipelines"],
         caller.uid,
         caller.name,
-        prepare_files,
         owner,
     )
 
@@ -217,7 +211,9 @@ def handle_status(ctx: Context, caller: Caller, args: dict[str, Any]) -> StatusR
         caller.uid,
         bool(args.get("mine")),
         args.get("submission"),
-        None if everything else (lambda path: rights.may_read(caller, path)),
+        None
+        if everything
+        else (lambda paths: rights.readable(ctx.scheduler.registry, caller, paths)),
     )
 
 
@@ -286,7 +282,9 @@ def handle_show(ctx: Context, caller: Caller, args: dict[str, Any]) -> ShowReply
 
 def handle_studies(ctx: Context, caller: Caller, args: dict[str, Any]) -> list[StudyItem]:
     # What a user may see through the daemon is what they could read themself.
-    return ctx.scheduler.studies(lambda path: rights.may_read(caller, path))
+    return ctx.scheduler.studies(
+        lambda paths: rights.readable(ctx.scheduler.registry, caller, paths)
+    )
 
 
 def handle_shutdown(ctx: Context, caller: Caller, args: dict[str, Any]) -> ShutdownReply:

@@ -1,14 +1,11 @@
-"""Who a client is, and which paths the daemon may touch on a client's behalf.
+"""Who a client is, and which paths the daemon uses on a client's behalf (issue 24).
 
-On a shared box the daemon runs as root or as a service user and so could open files its clients
-may not. Every path a client names is checked here against what that client could do itself,
-from the kernel-verified identity (SO_PEERCRED through ZAP), with POSIX mode bits (ACLs are not
-consulted): writing a study or run files needs write + search where they go, adding runs to an
-existing study needs the right to write that file (or, for a study file the daemon's own user
-owns, that every submission in it is the caller's), and reading a study through the daemon
-(`show`, `studies`) needs the right to read the file. These checks give clear refusals; the
-kernel has the last word, because files the daemon opens for a client are opened with that
-client's rights (mosaicd.owners, docs/deployment.md).
+On a shared box the daemon runs as root but never opens a user's file: each user's keeper does
+(mosaicd.keeper), with that user's ids. A path a client names is checked against what that
+client could do themself: writing (a study, run files) by the client's own keeper, which then
+writes as them (the kernel has the last word); reading a study, and writing one another user's
+keeper holds, by a proof: the client's keeper opens the file and hands the descriptor over, and
+the daemon asks the kernel (fstat) which file it is. Nothing a keeper says decides a right.
 """
 
 from __future__ import annotations
@@ -16,15 +13,15 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import sqlite3
 from dataclasses import dataclass
 
 from mosaic_client.protocol import ErrorCode
 from mosaicd import owners
 from mosaicd.errors import Refused
-from mosaicd.storage.store import StoreError, connect_readonly
-
-READ, WRITE, SEARCH = 0o4, 0o2, 0o1
+from mosaicd.keeper.link import Link
+from mosaicd.keeper.wire import MAX_FDS
+from mosaicd.storage.store import StoreError
+from mosaicd.storage.studies import Studies
 
 
 @dataclass(frozen=True)
@@ -71,17 +68,6 @@ class Caller:
         return found
 
 
-def may(caller: Caller, groups: set[int], st: os.stat_result, want: int) -> bool:
-    """POSIX mode-bit check (owner bits, else group bits, else other bits); ACLs not consulted."""
-    if st.st_uid == caller.uid:
-        shift = 6
-    elif st.st_gid in groups:
-        shift = 3
-    else:
-        shift = 0
-    return (st.st_mode >> shift) & want == want
-
-
 def not_daemon_state(state_dir: str, socket: str, path: str, what: str) -> str:
     """Refuse, for everyone, a client-named path into the daemon's own state; return it real."""
     real = os.path.realpath(path)
@@ -103,105 +89,72 @@ def _identified(caller: Caller) -> None:
         )
 
 
-def _blocked_on_the_way(caller: Caller, groups: set[int], real: str, want: int) -> str | None:
-    """The first directory that stops the caller reaching `real` (want on its nearest existing
-    directory, search on every one above), or None."""
-    directory = real
-    while not os.path.isdir(directory):
-        directory = os.path.dirname(directory)
-    if not may(caller, groups, os.stat(directory), want):
-        return directory
-    parent = directory
-    while parent != "/":
-        parent = os.path.dirname(parent)
-        if not may(caller, groups, os.stat(parent), SEARCH):
-            return parent
-    return None
-
-
-def study_owners(path: str) -> set[int | None]:
-    """The owners of a study's submissions, read on a read-only connection."""
+def _link(studies: Studies, caller: Caller) -> Link | None:
+    """The caller's keeper, or None when this daemon cannot start one (it may not switch
+    users: a daemon a user started for themself serves their own runs only)."""
     try:
-        conn = connect_readonly(path)  # a regular file only, statements on a time budget
-    except (StoreError, OSError):
-        return set()
+        return studies.keepers.of(owners.lookup(caller.uid or 0, caller.gid))
+    except owners.CannotSwitch:
+        return None
+
+
+def check_writable(studies: Studies, caller: Caller, path: str, real: str, what: str) -> None:
+    """Refuse a path the daemon would have written for a client unless that client could
+    write it: checked by the caller's own keeper, which then writes it as them. A study served
+    through another user's keeper is written by that keeper: the caller proves they may write
+    it by opening it for writing (their keeper hands the descriptor over)."""
+    if caller.unrestricted:
+        return
+    _identified(caller)
+    link = _link(studies, caller)
+    if link is None:
+        raise Refused(ErrorCode.PERMISSION, f"{what} {path}: {_NO_KEEPER}. Nothing was queued.")
     try:
-        return {row[0] for row in conn.execute("SELECT DISTINCT owner_uid FROM submissions")}
-    except sqlite3.Error:
+        problem = link.call("writable_problem", None, {"path": path, "real": real, "what": what})[0]
+        handle = studies.get(path)
+        if problem is None and handle is not None and handle.link is not link:
+            proved = link.prove([path], write=True)[0]
+            if proved is None or (proved.dev, proved.ino) != (handle.dev, handle.ino):
+                problem = (
+                    f"{what} {path}: you ({caller.name}) may not write it, so the daemon will "
+                    "not add to it for you; choose your own study file. Nothing was queued."
+                )
+    except StoreError as exc:
+        raise Refused(ErrorCode.PERMISSION, f"{what} {path}: {exc}. Nothing was queued.") from None
+    if problem:
+        raise Refused(ErrorCode.PERMISSION, str(problem)[:2000])
+
+
+def readable(studies: Studies, caller: Caller, paths: list[str]) -> set[str]:
+    """Which of `paths` the caller could read themself: their keeper opens each and hands the
+    descriptor over, and the kernel says which file it is; a served study must be that very
+    file. Nothing a keeper says decides it."""
+    if caller.unrestricted:
+        return set(paths)
+    if caller.uid is None:
         return set()
-    finally:
-        conn.close()
+    link = _link(studies, caller)
+    if link is None:
+        return set()
+    found: set[str] = set()
+    for at in range(0, len(paths), MAX_FDS):
+        batch = paths[at : at + MAX_FDS]
+        try:
+            proofs = link.prove(batch, write=False)
+        except StoreError:
+            continue
+        for path, proved in zip(batch, proofs):
+            handle = studies.get(path)
+            if proved is not None and (
+                handle is None or (proved.dev, proved.ino) == (handle.dev, handle.ino)
+            ):
+                found.add(path)
+    return found
 
 
-def check_writable(caller: Caller, path: str, real: str, what: str) -> None:
-    """See _check_writable; the paths are looked at with the caller's own rights (a daemon
-    with no file-access override cannot even look into a 0700 home; the caller can)."""
-    with owners.acting_as(owners.of_uid(caller.uid, caller.gid)):
-        _check_writable(caller, path, real, what)
-
-
-def check_readable(caller: Caller, path: str, what: str) -> None:
+def check_readable(studies: Studies, caller: Caller, path: str, what: str) -> None:
     """Refuse to read a study for a client who could not read the file themself."""
-    with owners.acting_as(owners.of_uid(caller.uid, caller.gid)):
-        _check_readable(caller, path, what)
-
-
-def _check_writable(caller: Caller, path: str, real: str, what: str) -> None:
-    """Refuse a path the daemon would write for a client unless that client could write there.
-
-    For a path that does not exist yet: write + search on its nearest existing directory and
-    search on every directory above. For an existing file (a study that grows): the same search,
-    and the right to write the file itself; a file the daemon's own user owns (it created it for
-    someone) may only be extended by the owners of every submission already in it.
-    """
-    if caller.unrestricted:
-        return
-    _identified(caller)
-    groups = caller.groups()
-    exists = os.path.lexists(real)
-    blocked = _blocked_on_the_way(
-        caller,
-        groups,
-        os.path.dirname(real) if exists else real,
-        WRITE | SEARCH if not exists else SEARCH,
-    )
-    if blocked is not None:
-        raise Refused(
-            ErrorCode.PERMISSION,
-            f"{what} {path}: you ({caller.name}) may not write in "
-            f"{blocked}, so the daemon will not write there for you; choose a "
-            "directory you can write. Nothing was queued.",
-        )
-    if not exists or os.path.isdir(real):
-        return
-    st = os.stat(real)
-    if may(caller, groups, st, WRITE):
-        return
-    if st.st_uid == os.getuid() and study_owners(real) == {caller.uid}:
-        return  # a study the daemon created for this caller before it gave files away
-    try:
-        owner = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        owner = f"uid {st.st_uid}"
-    raise Refused(
-        ErrorCode.PERMISSION,
-        f"{what} {path} belongs to {owner} (mode {st.st_mode & 0o7777:04o}) and you "
-        f"({caller.name}) may not write it, so the daemon will not add to it for you; choose "
-        "your own study file. Nothing was queued.",
-    )
-
-
-def _check_readable(caller: Caller, path: str, what: str) -> None:
-    if caller.unrestricted:
-        return
-    _identified(caller)
-    groups = caller.groups()
-    real = os.path.realpath(path)
-    blocked = _blocked_on_the_way(caller, groups, os.path.dirname(real), SEARCH)
-    readable = blocked is None and os.path.exists(real)
-    if readable and not may(caller, groups, os.stat(real), READ):
-        readable = False
-    if not readable:
+    if not readable(studies, caller, [path]):
         raise Refused(
             ErrorCode.PERMISSION,
             f"{what} {path}: you ({caller.name}) may not read it, so the daemon will not read "
@@ -209,9 +162,7 @@ def _check_readable(caller: Caller, path: str, what: str) -> None:
         )
 
 
-def may_read(caller: Caller, path: str) -> bool:
-    try:
-        check_readable(caller, path, "study")
-    except (Refused, OSError):
-        return False
-    return True
+_NO_KEEPER = (
+    "this daemon cannot act as another user (no CAP_SETUID/CAP_SETGID), so it reads and "
+    "writes no one's files but its own user's"
+)

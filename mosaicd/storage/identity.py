@@ -3,7 +3,8 @@
 A study is a file its user owns and may edit, so nothing the daemon runs is decided by a value
 inside it. At submit (and `repeat`), the caller's uid as the kernel gave it (SO_PEERCRED through
 ZAP) and name are recorded in the daemon's state database (DaemonState.submission_owners),
-within the study's own transaction: the record is written just before the study's COMMIT.
+within the study's own transaction: the keeper that writes the study holds its transaction open
+until the daemon has written the record, then commits (mosaicd.storage.writer, before_commit).
 
 - Crash window: the daemon dies (or the COMMIT fails) after the record and before the study's
   COMMIT. The study rolls back; the state keeps a record of a submission id the study lacks.
@@ -29,10 +30,10 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+from typing import Any
 
 from mosaicd import owners
 from mosaicd.storage.state import DaemonState, OwnerRecord
-from mosaicd.storage.store import Store
 
 log = logging.getLogger("mosaicd")
 
@@ -55,21 +56,21 @@ class Identities:
 
     # -- recording ----------------------------------------------------------------------------
 
-    def record(self, study: str, store: Store, submission_id: int, uid: int, name: str) -> None:
-        """Record the owner of a submission just added to `store`, inside its transaction (the
-        study's COMMIT follows: see the module's crash window)."""
-        row = store.conn.execute(
-            "SELECT created_at FROM submissions WHERE submission_id=?", (submission_id,)
-        ).fetchone()
-        self._state.record_owner(study, submission_id, uid, name, row[0] if row else None)
+    def record(
+        self, study: str, submission_id: int, uid: int, name: str, created_at: float | None
+    ) -> None:
+        """Record the owner of a submission just added to the study, inside its transaction
+        (the study's COMMIT follows: see the module's crash window)."""
+        self._state.record_owner(study, submission_id, uid, name, created_at)
 
-    def adopt(self, study: str, store: Store, file_uid: int) -> None:
+    def adopt(self, study: str, rows: list[list[Any]], file_uid: int) -> None:
         """Once per study: its submissions with no record (queued before owners were kept in
-        the daemon's state) take the owner of the study file, `file_uid` (from os.stat)."""
+        the daemon's state) take the owner of the study file, `file_uid` (the kernel's fstat of
+        the file its keeper opened). `rows`: the study's [submission_id, owner_uid, created_at]."""
         if self._state.owners_adopted(study):
             return
         recorded = self._state.owner_records(study)
-        rows = store.conn.execute("SELECT submission_id, created_at FROM submissions").fetchall()
+        rows = [[row[0], row[2]] for row in rows]
         name = user_name(file_uid)
         conn = self._state.conn
         conn.execute("BEGIN IMMEDIATE")
@@ -102,24 +103,21 @@ class Identities:
         record = self._state.owner_record(study, submission_id)
         return (record.uid, record.name) if record is not None else (None, None)
 
-    def check(self, study: str, store: Store, submission_id: int) -> OwnerRecord | None:
-        """The submission's record, once its row is compared with it: a disagreement sets the
-        study aside (and the record, never the row, is still what is returned)."""
+    def check(self, study: str, rows: list[list[Any]], submission_id: int) -> OwnerRecord | None:
+        """The submission's record, once its row (among the study's `rows`) is compared with
+        it: a disagreement sets the study aside (and the record, never the row, is still what
+        is returned)."""
         record = self._state.owner_record(study, submission_id)
-        row = store.conn.execute(
-            "SELECT owner_uid, created_at FROM submissions WHERE submission_id=?",
-            (submission_id,),
-        ).fetchone()
+        row = next((tuple(r[1:]) for r in rows if r[0] == submission_id), None)
         problem = self._problem(submission_id, record, row)
         if problem:
             self.set_aside(study, problem)
         return record
 
-    def check_study(self, study: str, store: Store) -> str | None:
-        """Compare every submission of the study with its record; set it aside (or lift its
-        set-aside) accordingly. Returns why it is set aside, or None."""
+    def check_study(self, study: str, rows: list[list[Any]]) -> str | None:
+        """Compare every submission of the study (its `rows`) with its record; set it aside
+        (or lift its set-aside) accordingly. Returns why it is set aside, or None."""
         records = self._state.owner_records(study)
-        rows = store.conn.execute("SELECT submission_id, owner_uid, created_at FROM submissions")
         for submission_id, owner_uid, created_at in rows:
             problem = self._problem(
                 submission_id, records.get(submission_id), (owner_uid, created_at)

@@ -217,6 +217,10 @@ def stalled_message(path: str) -> str:
     )
 
 
+class StudyFault(StoreError):
+    """Another database error on a study (an I/O error): tried again after a while."""
+
+
 class DiskFull(StoreError):
     """The study's filesystem is full: the write was rolled back; try it once space is freed."""
 

@@ -1,121 +1,159 @@
-"""The study registry: the study databases the daemon serves, opened once and kept open."""
+"""The study registry: the study databases the daemon serves, each held open by one keeper.
+
+The daemon does not open a study itself (issue 24): the keeper of the user who submitted to it
+first does (mosaicd.keeper), and the daemon sees it through a StudyHandle, whose calls are that
+keeper's operations. The handle keeps the study's run counts, as every reply carries them.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
-from collections.abc import Iterator
+from typing import Any
 
 from mosaic_client.protocol import ErrorCode
 from mosaicd import owners
 from mosaicd.errors import Refused
+from mosaicd.keeper.link import FileIdentity, Keepers, Link, StudyMissing, StudyPermission
 from mosaicd.owners import Owner
 from mosaicd.storage.identity import Identities
 from mosaicd.storage.state import DaemonState
-from mosaicd.storage.store import Store, StoreError
+from mosaicd.storage.store import RunRecord, StoreError
 from mosaicd.storage.writer import StudyWriter
 
 log = logging.getLogger("mosaicd")
 
 
-class PathOwner:
-    """Studies.open's default: act as the owner of the study's path."""
+def record_of(data: dict[str, Any] | None) -> RunRecord | None:
+    """A run record from a keeper's (checked) reply."""
+    return None if data is None else RunRecord(**data)
 
 
-PATH_OWNER = PathOwner()
+class StudyHandle:
+    """One served study, as the daemon sees it: calls on the keeper that holds it open."""
+
+    def __init__(self, path: str, link: Link, counts: dict[str, int], file: FileIdentity):
+        self.path = path
+        self.link = link
+        self.counts: Counter[str] = Counter(counts)
+        # The study file's owner, device and inode, from the kernel (fstat), never the keeper.
+        self.file_uid, self.dev, self.ino = file.uid, file.dev, file.ino
+
+    def call(self, op: str, hold: bool = False, timeout: float | None = None, **args: Any) -> Any:
+        extra = {} if timeout is None else {"timeout": timeout}
+        result, counts = self.link.call(op, self.path, args, hold=hold, **extra)
+        if counts is not None:
+            self.counts = Counter(counts)
+        return result
+
+    # Reads, named as the Store's (mosaicd.storage.store) that the keeper calls.
+    def status_of(self, run_id: int) -> str | None:
+        return self.call("status_of", run_id=run_id)  # type: ignore[no-any-return]
+
+    def run_record(self, run_id: int) -> RunRecord | None:
+        return record_of(self.call("run_record", run_id=run_id))
+
+    def runs_in_state(self, status: str) -> list[RunRecord]:
+        return [RunRecord(**r) for r in self.call("runs_in_state", status=status)]
+
+    def submission(self, submission_id: int) -> dict[str, Any]:
+        return self.call("submission", submission_id=submission_id)  # type: ignore[no-any-return]
+
+    def submission_of(self, run_id: int) -> int | None:
+        return self.call("submission_of", run_id=run_id)  # type: ignore[no-any-return]
+
+    def submission_rows(self) -> list[list[Any]]:
+        return self.call("submission_rows")  # type: ignore[no-any-return]
+
+    def submission_counts(self, submission_id: int) -> dict[str, int]:
+        result = self.call("submission_counts", submission_id=submission_id)
+        return {k: v for k, v in result.items() if isinstance(k, str) and isinstance(v, int)}
+
+    def recent(self, status: str, limit: int) -> list[dict[str, Any]]:
+        return [r for r in self.call("recent", status=status, limit=limit) if isinstance(r, dict)]
+
+    def describe(self, run_id: int) -> dict[str, Any] | None:
+        return self.call("describe", run_id=run_id)  # type: ignore[no-any-return]
+
+    def pipeline_text(self, run_id: int) -> str:
+        return self.call("pipeline_text", run_id=run_id) or ""
+
+    def params_of(self, run_ids: list[int]) -> dict[int, dict[str, Any]]:
+        result = self.call("params_of", run_ids=list(run_ids))
+        return {k: v for k, v in result.items() if isinstance(k, int) and isinstance(v, dict)}
+
+    def pipeline_mates(self, run_ids: list[int]) -> set[int]:
+        return set(self.call("pipeline_mates", run_ids=run_ids))
 
 
 class Studies:
-    """Open stores by path; the daemon's state database remembers them across restarts."""
+    """Open studies by path; the daemon's state database remembers them across restarts."""
 
-    def __init__(self, state: DaemonState, shared: bool = False) -> None:
+    def __init__(self, state: DaemonState, shared: bool = False, python: str | None = None):
         self._state = state
         # Whose each submission is, from the daemon's state only (mosaicd.storage.identity).
         self.identities = Identities(state, shared)
-        self._stores: dict[str, Store] = {}
+        self.keepers = Keepers(python)
+        self._handles: dict[str, StudyHandle] = {}
         self._writers: dict[str, StudyWriter] = {}  # the one door for the daemon's writes
-        self._openers: dict[str, Owner | None] = {}  # whose rights each store was opened with
+        self._openers: dict[str, Owner | None] = {}  # whose keeper holds each study
 
     def open(
-        self,
-        path: str,
-        create: bool,
-        owner: Owner | None | PathOwner = PATH_OWNER,
-        umask: int = owners.DEFAULT_UMASK,
-    ) -> Store:
-        """The study's store, opened the first time with `owner`'s rights (mosaicd.owners;
-        None: the daemon's own): a new study for the user who submits it, with its -wal and
-        -shm files, is theirs. By default, an existing study is opened as the owner of its path
-        (lstat: a link is its maker's), never as root; the handlers have already checked that
-        the caller may read it."""
-        store = self._stores.get(path)
-        if store is not None:
-            return store
-        acting: Owner | None
-        if isinstance(owner, PathOwner):
-            try:
-                acting = owners.of_uid(os.lstat(path).st_uid)
-            except OSError:
-                acting = None  # missing: _open says so, without touching anything
-        else:
-            acting = owner
+        self, path: str, create: bool, owner: Owner | None, umask: int = owners.DEFAULT_UMASK
+    ) -> StudyHandle:
+        """The study's handle, opened the first time by `owner`'s keeper (None: the daemon's
+        own user): a new study, with its -wal and -shm files, is created by and for the user
+        who submits it. The handlers have already checked that the caller may use it."""
+        handle = self._handles.get(path)
+        if handle is not None:
+            return handle
+        link = self.keepers.of(owner)
         try:
-            with owners.acting_as(acting, umask):
-                store = self._open(path, create)
-                # The file's owner, by the daemon (never a value inside the file): the owner
-                # of its submissions queued before owners were kept in the daemon's state.
-                file_uid = os.stat(path).st_uid
-        except PermissionError as exc:
-            who = f"the daemon, acting as {acting.name}," if acting is not None else "the daemon"
-            raise Refused(
-                ErrorCode.PERMISSION, f"{path}: {who} may not open it ({exc.strerror})"
-            ) from None
-        self._stores[path] = store
-        self._openers[path] = acting
-        self._writers[path] = StudyWriter(store)
-        self._state.add_study(path, None if acting is None else acting.uid)
-        self.identities.adopt(path, store, file_uid)
-        return store
-
-    def _open(self, path: str, create: bool) -> Store:
-        if not create and not os.path.exists(path):
-            raise Refused(ErrorCode.NOT_FOUND, f"no study database at {path}")
-        if os.path.exists(path) and not os.path.isfile(path):
-            # A directory, /dev/null, a FIFO: SQLite would create journals beside it.
-            raise Refused(
-                ErrorCode.INVALID,
-                f"{path} is not a regular file; give the path of a study database file",
-            )
-        try:
-            return Store(path, create=create)
+            counts, identity = link.open(path, create, umask)
+        except StudyMissing:
+            raise Refused(ErrorCode.NOT_FOUND, f"no study database at {path}") from None
+        except StudyPermission as exc:
+            who = f"{owner.name}'s keeper" if owner is not None else "the daemon"
+            raise Refused(ErrorCode.PERMISSION, f"{who} may not open it: {exc}") from None
         except StoreError as exc:
             raise Refused(ErrorCode.INVALID, str(exc)) from None
+        handle = StudyHandle(path, link, counts, identity)
+        self._handles[path] = handle
+        self._openers[path] = owner
+        self._writers[path] = StudyWriter(handle)
+        self._state.add_study(path, None if owner is None else owner.uid)
+        # The file's owner, from the kernel (never a value inside the file): the owner of its
+        # submissions queued before owners were kept in the daemon's state.
+        try:
+            self.identities.adopt(path, handle.submission_rows(), identity.uid)
+        except StoreError as exc:
+            log.error("study %s: its submissions could not be read: %s", path, exc)
+        return handle
 
-    def reopen_known(self) -> Iterator[tuple[str, Store]]:
-        """The studies of the previous daemon, opened again; vanished ones are forgotten."""
+    def reopen_known(self) -> list[tuple[str, StudyHandle]]:
+        """The studies of the previous daemon, opened again by the keeper of the user who
+        opened them; vanished ones are forgotten."""
+        opened = []
         for path, opener_uid in self._state.studies():
-            # As the one who opened it before (the owner of its path for older state).
-            opener = PATH_OWNER if opener_uid is None else owners.of_uid(opener_uid)
-            with owners.acting_as(None if isinstance(opener, PathOwner) else opener):
-                exists = os.path.exists(path)
-            if not exists:
-                log.warning("study %s has disappeared; forgetting it", path)
-                self._state.remove_study(path)
-                self.identities.forget(path)
-                continue
+            opener = owners.of_uid(opener_uid)
             try:
-                store = self.open(path, create=False, owner=opener)
+                opened.append((path, self.open(path, create=False, owner=opener)))
             except Refused as exc:
-                log.error("cannot reopen study %s: %s", path, exc.message)
-                continue
-            yield path, store
+                if exc.code == ErrorCode.NOT_FOUND:
+                    log.warning("study %s has disappeared; forgetting it", path)
+                    self._state.remove_study(path)
+                    self.identities.forget(path)
+                else:
+                    log.error("cannot reopen study %s: %s", path, exc.message)
+            except owners.CannotSwitch as exc:
+                log.error("cannot reopen study %s: %s", path, exc)
+        return opened
 
-    def __getitem__(self, path: str) -> Store:
-        return self._stores[path]
+    def __getitem__(self, path: str) -> StudyHandle:
+        return self._handles[path]
 
     def __contains__(self, path: str) -> bool:
-        return path in self._stores
+        return path in self._handles
 
     def writer(self, path: str) -> StudyWriter:
         """The study's writer (mosaicd.storage.writer): every write of the scheduler goes there."""
@@ -129,25 +167,23 @@ class Studies:
         for writer in self._writers.values():
             writer.flush(force)
 
-    def get(self, path: str) -> Store | None:
-        return self._stores.get(path)
+    def get(self, path: str) -> StudyHandle | None:
+        return self._handles.get(path)
 
-    def items(self) -> list[tuple[str, Store]]:
-        return list(self._stores.items())
+    def items(self) -> list[tuple[str, StudyHandle]]:
+        return list(self._handles.items())
 
     def counts(self) -> Counter[str]:
         """Runs per state over every open study."""
         total: Counter[str] = Counter()
-        for store in self._stores.values():
-            total.update(store.counts)
+        for handle in self._handles.values():
+            total.update(handle.counts)
         return total
 
     def opener(self, path: str) -> Owner | None:
-        """Whose rights the study was opened with (None: the daemon's own)."""
+        """Whose keeper holds the study (None: the daemon's own user)."""
         return self._openers.get(path)
 
     def close_all(self) -> None:
-        for path, store in self._stores.items():
-            # SQLite removes the -wal file on the last close: as the one who opened it.
-            with owners.acting_as(self._openers.get(path)):
-                store.close()
+        # Each keeper closes its studies (SQLite removes the -wal file on the last close).
+        self.keepers.stop_all()

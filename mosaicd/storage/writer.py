@@ -5,8 +5,9 @@ process (a user's `sqlite3` shell left in `BEGIN EXCLUSIVE`), whose filesystem i
 whose trigger never ends (mosaicd.storage.user_files: each statement has a time budget) must
 not stop that loop, or every client and every other study waits with it (issue 18).
 
-How: each write is an operation ``op(store)`` applied in one transaction (one transaction per
-state change). The writer tries it at once, without waiting for the lock (Store.BUSY_TIMEOUT_MS);
+How: each write is a named operation of the study's keeper (mosaicd.keeper.operations) with
+its arguments, applied there in one transaction (one transaction per state change). The
+writer tries it at once, without waiting for the lock (Store.BUSY_TIMEOUT_MS);
 when the study is locked or its disk is full, the operation is kept, in order, behind the
 study's earlier ones, and retried by the loop: a locked study every RETRY_BUSY_S, a full one
 (or one whose statement ran past its budget) when `mosaic resume` asks (Scheduler.release) or
@@ -17,41 +18,42 @@ study with waiting writes.
 
 What is kept in memory is lost if the daemon dies while the study is blocked; the database
 stays as the last written transaction left it, and a restart goes on from there (runs marked
-running resume from their last checkpoint). This seam is also where a later change can move an
-owner's study writes into a process of their own (issue 17): the scheduler only hands
-operations to a StudyWriter.
+running resume from their last checkpoint). A keeper that does not answer (mosaicd.keeper.link)
+is a locked study here: its writes wait and are tried again.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mosaicd.storage.store import DiskFull, Store, StoreError, StudyBusy, StudyStalled
+from mosaicd.storage.store import DiskFull, StoreError, StudyBusy, StudyFault, StudyStalled
+
+if TYPE_CHECKING:
+    from mosaicd.storage.studies import StudyHandle
 
 log = logging.getLogger("mosaicd")
 
 RETRY_BUSY_S = 0.2  # how often the loop tries a locked study again
 RETRY_ERROR_S = 5.0  # and a study that failed with another database error
 
-Operation = Callable[[Store], Any]
 Then = Callable[[Any], None]
 
 
 @dataclass
 class _Write:
     what: str
-    op: Operation
+    op: str  # a keeper operation (mosaicd.keeper.operations.WRITES)
+    args: dict[str, Any]
     then: Then | None
 
 
 class StudyWriter:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StudyHandle) -> None:
         self.store = store
         self._waiting: deque[_Write] = deque()
         self.problem: str | None = None  # why writes wait, for `mosaic status`
@@ -69,25 +71,41 @@ class StudyWriter:
         """Whether the study's writes are held up: start none of its runs."""
         return bool(self._waiting) or self.problem is not None
 
-    def write(self, what: str, op: Operation, then: Then | None = None) -> bool:
+    def write(self, what: str, op: str, args: dict[str, Any], then: Then | None = None) -> bool:
         """Apply `op` in one transaction now, or keep it behind the study's waiting writes.
         Returns whether it is written."""
-        self._waiting.append(_Write(what, op, then))
+        self._waiting.append(_Write(what, op, args, then))
         if len(self._waiting) > 1:
             return False
         return self.flush(force=True)
 
-    def try_now(self, op: Operation) -> Any:
+    def try_now(
+        self,
+        op: str,
+        args: dict[str, Any],
+        before_commit: Then | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         """Apply `op` now or raise StoreError (StudyBusy, DiskFull) and keep nothing: for writes
-        whose caller can give up (a submission is refused, a run stays queued)."""
+        whose caller can give up (a submission is refused, a run stays queued).
+        `before_commit` sees the result while the transaction is still open; the write is
+        committed once it returns, and rolled back if it raises."""
         if self._waiting:
             raise StudyBusy(
                 f"{self.store.path}: {self.problem or 'earlier writes wait'}; "
                 f"{self.waiting} write(s) wait"
             )
         try:
-            with self.store.transaction():
-                return op(self.store)
+            if before_commit is None:
+                return self.store.call(op, timeout=timeout, **args)
+            result = self.store.call(op, hold=True, timeout=timeout, **args)
+            try:
+                before_commit(result)
+            except BaseException:
+                self.store.call("finish", commit=False)
+                raise
+            self.store.call("finish", commit=True)
+            return result
         except (DiskFull, StudyStalled) as exc:
             self._blocked(str(exc), full=True)
             raise
@@ -105,8 +123,7 @@ class StudyWriter:
         while self._waiting:
             item = self._waiting[0]
             try:
-                with self.store.transaction():
-                    result = item.op(self.store)
+                result = self.store.call(item.op, **item.args)
             except (DiskFull, StudyStalled) as exc:
                 # A statement that ran past its budget (a user's endless trigger) is set aside
                 # like a full disk: tried again at `mosaic resume`, never by the loop alone.
@@ -115,16 +132,17 @@ class StudyWriter:
             except StudyBusy as exc:
                 self._blocked(str(exc), full=False)
                 return False
+            except StudyFault as exc:
+                self._blocked(str(exc), full=False)
+                self._next_try = now + RETRY_ERROR_S
+                return False
             except StoreError as exc:
                 # The write no longer applies (e.g. a run settled otherwise meanwhile): it
                 # must not block the study's later writes.
                 log.error("%s: dropped %s: %s", self.store.path, item.what, exc)
                 self._waiting.popleft()
                 continue
-            except sqlite3.Error as exc:
-                self._blocked(f"cannot write {self.store.path}: {exc}", full=False)
-                self._next_try = now + RETRY_ERROR_S
-                return False
+
             self._waiting.popleft()
             if item.then is not None:
                 item.then(result)
