@@ -24,6 +24,12 @@ def _study(path: Path, owner_uid: int | None) -> Store:
     return store
 
 
+def _rows(store: Store) -> list[list[object]]:
+    """The study's submission rows, as a keeper reads them for the daemon."""
+    rows = store.conn.execute("SELECT submission_id, owner_uid, created_at FROM submissions")
+    return [list(row) for row in rows]
+
+
 def _row_owner(path: Path, owner_uid: int | None, submission_id: int = 1) -> None:
     """What a user does to their own study with sqlite3."""
     conn = sqlite3.connect(str(path))
@@ -75,20 +81,20 @@ def test_adoption_takes_the_files_owner_once_never_a_value_inside(tmp_path: Path
     state.add_study(str(path))
     identities = Identities(state, shared=True)
     store = Store(str(path), create=False)
-    identities.adopt(str(path), store, os.stat(path).st_uid)
+    identities.adopt(str(path), _rows(store), os.stat(path).st_uid)
     record = state.owner_record(str(path), 1)
     assert record is not None and (record.uid, record.adopted) == (4242, True)
     assert identities.owner(str(path), 1) == (4242, "4242")
     # Once: a later owner of the file (or a new submission written by hand) adopts nothing.
     os.chown(path, 5151, -1)
     store.add_submission(5151, "mallory", "c.ini", PROCESS, {}, [])
-    identities.adopt(str(path), store, os.stat(path).st_uid)
+    identities.adopt(str(path), _rows(store), os.stat(path).st_uid)
     assert identities.owner(str(path), 1) == (4242, "4242")
     assert identities.owner(str(path), 2) == (None, None)
     # The row (owner 0) disagrees with the record: the study is set aside, and the record is
     # still the owner.
-    assert identities.check_study(str(path), store) is not None
-    checked = identities.check(str(path), store, 1)
+    assert identities.check_study(str(path), _rows(store)) is not None
+    checked = identities.check(str(path), _rows(store), 1)
     assert checked is not None and checked.uid == 4242
     assert "uid 4242" in (identities.aside(str(path)) or "")
     store.close()
@@ -101,24 +107,27 @@ def test_studies_open_adopts_the_owner_of_the_file(tmp_path: Path) -> None:
     _study(path, owner_uid=os.geteuid()).close()
     state = DaemonState(str(tmp_path / "state"))
     studies = Studies(state, shared=False)
-    store = studies.open(str(path), create=False)
+    store = studies.open(str(path), create=False, owner=None)
+    assert store.file_uid == os.stat(path).st_uid  # from the kernel, not from a reply
     assert studies.identities.owner(str(path), 1) == (os.geteuid(), _name(os.geteuid()))
-    assert studies.identities.check_study(str(path), store) is None
+    assert studies.identities.check_study(str(path), store.submission_rows()) is None
     # On a shared daemon a root-owned study's submissions are root's: set aside, not run.
     if os.geteuid() == 0:
         shared = Identities(state, shared=True)
-        assert "root" in (shared.check_study(str(path), store) or "")
+        assert "root" in (shared.check_study(str(path), store.submission_rows()) or "")
     # The value inside is never the owner: edited, it only sets the study aside.
     _row_owner(path, 1234)
-    assert "owner_uid 1234" in (studies.identities.check_study(str(path), store) or "")
+    assert "owner_uid 1234" in (
+        studies.identities.check_study(str(path), store.submission_rows()) or ""
+    )
     assert studies.identities.owner(str(path), 1) == (os.geteuid(), _name(os.geteuid()))
     # Restored, the study may run again (a check at `mosaic resume`).
     _row_owner(path, os.geteuid())
-    assert studies.identities.check_study(str(path), store) is None
+    assert studies.identities.check_study(str(path), store.submission_rows()) is None
     assert studies.identities.aside(str(path)) is None
     # A single-user daemon's older NULL owner means "the daemon's own user": it agrees.
     _row_owner(path, None)
-    assert studies.identities.check_study(str(path), store) is None
+    assert studies.identities.check_study(str(path), store.submission_rows()) is None
     studies.close_all()
 
 
@@ -130,12 +139,13 @@ def test_a_record_left_by_a_crash_before_the_studys_commit_does_not_own_a_forged
     state = DaemonState(str(tmp_path / "state"))
     state.add_study(str(path))
     identities = Identities(state, shared=False)
-    identities.adopt(str(path), store, os.stat(path).st_uid)
+    identities.adopt(str(path), _rows(store), os.stat(path).st_uid)
     # The daemon recorded submission 2 and died before the study's COMMIT.
     try:
         with store.transaction():
             store.add_submission(os.geteuid(), "me", "c.ini", PROCESS, {}, [])
-            identities.record(str(path), store, 2, os.geteuid(), "me")
+            created = store.conn.execute("SELECT created_at FROM submissions WHERE submission_id=2")
+            identities.record(str(path), 2, os.geteuid(), "me", created.fetchone()[0])
             raise RuntimeError("the daemon dies")
     except RuntimeError:
         pass
@@ -149,7 +159,7 @@ def test_a_record_left_by_a_crash_before_the_studys_commit_does_not_own_a_forged
     )
     conn.commit()
     conn.close()
-    assert "created_at" in (identities.check_study(str(path), store) or "")
+    assert "created_at" in (identities.check_study(str(path), _rows(store)) or "")
     store.close()
 
 
