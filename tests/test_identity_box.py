@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import example_config, query
 from test_shared_box import Box, _uid, project_with_model, running_box
@@ -225,3 +226,92 @@ def test_root_may_not_submit_to_a_shared_daemon(box: Box) -> None:
     assert result.returncode != 0
     assert "no one's code as root" in result.stderr + result.stdout
     assert not os.path.exists(db)
+
+
+# -- issue 24, item 2: the daemon never changes its ids; users' keepers do their file work ------
+
+REPO = Path(__file__).resolve().parent.parent
+SET_ID = re.compile(r"\bset(?:e|re|res)?[ug]id\s*\(|\bsetgroups\s*\(|\binitgroups\s*\(")
+
+# Run as B: `status` over and over for SECONDS; prints the slowest answer.
+STATUS_PROBE = """
+import sys, time
+from mosaic_client.connection import Client
+slowest, until = 0.0, time.monotonic() + float(sys.argv[1])
+with Client(timeout=10.0) as client:
+    while time.monotonic() < until:
+        started = time.monotonic()
+        client.request("status", limit=5)
+        slowest = max(slowest, time.monotonic() - started)
+        time.sleep(0.05)
+print(slowest)
+"""
+
+
+def _ids_of(pid: int) -> tuple[str, str, str]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    lines = {line.split(":")[0]: line.split(":", 1)[1].split() for line in status.splitlines()}
+    return (" ".join(lines["Uid"]), " ".join(lines["Gid"]), " ".join(lines["Groups"]))
+
+
+def _keepers_of(uid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "uids"]):
+        cmdline = proc.info["cmdline"] or []
+        if "mosaicd.keeper.main" in cmdline and proc.info["uids"].real == uid:
+            found.append(proc)
+    return found
+
+
+def test_the_daemon_never_switches_ids_its_users_keepers_touch_their_files(box: Box) -> None:
+    # The source: no set*id call anywhere in the daemon's package (workers and keepers are
+    # started as their users by the kernel, between fork and exec: Popen's user=, group=).
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in (REPO / "mosaicd").rglob("*.py")
+        if SET_ID.search(path.read_text())
+    ]
+    assert offenders == [], offenders
+    assert box.cli("a", "resume").returncode == 0
+    pid = box.daemon.proc.pid  # type: ignore[union-attr]
+    before = _ids_of(pid)
+    assert before[0] == "0 0 0 0", before
+    config, db = _whoami_project(box, "ids")
+    result = box.cli("a", "run", config, db, "--no-autostart")
+    assert result.returncode == 0, result.stderr
+    # The process, throughout A's run (and the keeper's work on her study): all ids 0.
+    seen = set()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        seen.add(_ids_of(pid))
+        done = query(db, "SELECT count(*) FROM runs WHERE status = 'done'")[0][0]
+        if done:
+            break
+        time.sleep(0.01)
+    assert done == 1
+    assert seen == {before}, seen
+    # A's study and run files were made by her keeper, as her; it runs with her ids only.
+    a_uid = _uid(box, "a")
+    assert os.stat(db).st_uid == a_uid
+    (keeper,) = _keepers_of(a_uid)
+    assert set(keeper.uids()) == {a_uid} and keeper.gids().effective != 0
+    assert keeper.cwd() in ("/", str(box.home("a")))
+
+
+def test_a_stopped_keeper_stalls_no_one_else_and_is_replaced(box: Box) -> None:
+    a_uid = _uid(box, "a")
+    assert box.cli("a", "resume").returncode == 0
+    config, db = _whoami_project(box, "stopped-keeper")
+    assert box.cli("a", "run", config, db, "--no-autostart").returncode == 0
+    (keeper,) = _keepers_of(a_uid)
+    # A stops her own keeper (she may signal her own process) while her run trains.
+    result = box.as_user("a", "kill", "-STOP", str(keeper.pid))
+    assert result.returncode == 0, result.stderr
+    probe = box.as_user("b", box.python, "-c", STATUS_PROBE, "8")
+    assert probe.returncode == 0, probe.stderr
+    assert float(probe.stdout) < 1.0, f"B waited {float(probe.stdout):.2f} s for status"
+    # The daemon gave up on it and, after its backoff, started another: A's run is stored.
+    assert box.daemon.wait_for(db, timeout=180)["done"] == 1
+    fresh = _keepers_of(a_uid)
+    assert [p.pid for p in fresh] != [keeper.pid]
+    assert not psutil.pid_exists(keeper.pid) or keeper.status() == psutil.STATUS_ZOMBIE

@@ -39,7 +39,7 @@ from mosaicd.storage.store import DiskFull, StoreError, StudyBusy, StudyFault, S
 
 log = logging.getLogger("mosaicd")
 
-CALL_TIMEOUT_S = 0.8  # what one keeper may hold the daemon's loop: other users' requests wait
+CALL_TIMEOUT_S = 0.5  # what one keeper may hold the daemon's loop: other users' requests wait
 START_TIMEOUT_S = 10.0  # a new keeper: the interpreter starts and imports first
 BACKOFF_S = 5.0  # a keeper that did not answer is not asked again before this
 PER_ROW_S = 50e-6  # more time for operations that write many rows (a big submission)
@@ -97,8 +97,11 @@ class Link:
             os.close(fd)
         return self._result(op, reply)
 
-    def open(self, study: str, create: bool, umask: int) -> tuple[dict[str, int], FileIdentity]:
-        """Open (or create) the study in the keeper; its counts and the file's identity."""
+    def open(
+        self, study: str, create: bool, umask: int | None
+    ) -> tuple[dict[str, int], FileIdentity]:
+        """Open (or create) the study in the keeper (a new one with `umask`; None: the
+        process's own); its counts and the file's identity."""
         request = {"op": "open", "study": study, "args": {"create": create, "umask": umask}}
         reply, fds = self._exchange(request, START_TIMEOUT_S)
         try:
@@ -196,16 +199,22 @@ class ProcessLink(Link):
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._down_until = 0.0
+        self.backoff_s = BACKOFF_S
         self.problem: str | None = None  # why it is not answering, for `mosaic status`
-        self._studies: dict[str, int] = {}  # opened studies and their umask: reopened on restart
+        self._studies: dict[
+            str, int | None
+        ] = {}  # opened studies and their umask: reopened on restart
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     def _exchange(self, request: dict[str, Any], timeout: float) -> tuple[Any, list[int]]:
+        before = self._sock
         sock = self._ensure()
-        deadline = time.monotonic() + timeout
+        fresh = sock is not before
+        # A keeper just started imports first: its first answer may take longer.
+        deadline = time.monotonic() + (max(timeout, START_TIMEOUT_S) if fresh else timeout)
         try:
             wire.send(sock, request, deadline=deadline)
             reply, fds = wire.receive(sock, deadline)
@@ -261,7 +270,7 @@ class ProcessLink(Link):
             )
         except OSError as exc:
             ours.close()
-            self._down_until = time.monotonic() + BACKOFF_S
+            self._down_until = time.monotonic() + self.backoff_s
             self.problem = f"cannot start it: {exc.strerror or exc}"
             raise KeeperDown(f"{owner.name}'s keeper: {self.problem}") from None
         finally:
@@ -279,12 +288,17 @@ class ProcessLink(Link):
     def _broken(self, why: str) -> None:
         if self._proc is not None:
             log.error("keeper for %s (pid %d): %s; stopping it", self.name, self._proc.pid, why)
-            _kill(self._proc)
+            self._end()
         if self._sock is not None:
             self._sock.close()
         self._proc = self._sock = None
         self.problem = why
-        self._down_until = time.monotonic() + BACKOFF_S
+        self._down_until = time.monotonic() + self.backoff_s
+
+    def _end(self) -> None:
+        """Kill the keeper and what it started (its process group): the daemon has CAP_KILL."""
+        if self._proc is not None:
+            _kill(self._proc)
 
     @property
     def answering(self) -> bool:

@@ -76,7 +76,7 @@ class Keeper:
                 return self._finish(bool(args.get("commit"))), []
             self._abandon()
             if op == "open":
-                return self._open(study, bool(args.get("create")), int(args.get("umask", 0o077)))
+                return self._open(study, bool(args.get("create")), args.get("umask"))
             if op == "prove":
                 return self._prove(args.get("paths"), bool(args.get("write")))
             if op == "close":
@@ -140,7 +140,7 @@ class Keeper:
 
     # -- studies ----------------------------------------------------------------------------------
 
-    def _open(self, study: Any, create: bool, umask: int) -> tuple[dict[str, Any], list[int]]:
+    def _open(self, study: Any, create: bool, umask: Any) -> tuple[dict[str, Any], list[int]]:
         if not isinstance(study, str) or not os.path.isabs(study):
             return _error("store", f"not an absolute study path: {study!r:.200}"), []
         store = self.stores.get(study)

@@ -93,7 +93,11 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         uid: int = owner_uid
         keeper = self._studies.keepers.of(acting_for)
         try:
-            keeper.call("make_dirs", None, {"path": process["run_files_path"], "umask": umask})
+            keeper.call(
+                "make_dirs",
+                None,
+                {"path": process["run_files_path"], "umask": umask if acting_for else None},
+            )
         except StoreError as exc:
             raise Refused(
                 ErrorCode.PERMISSION,

@@ -89,13 +89,13 @@ def _identified(caller: Caller) -> None:
         )
 
 
-def _link(studies: Studies, caller: Caller) -> Link | None:
-    """The caller's keeper, or None when this daemon cannot start one (it may not switch
-    users: a daemon a user started for themself serves their own runs only)."""
+def _link(studies: Studies, caller: Caller) -> Link | str:
+    """The caller's keeper, or why this daemon cannot start one (it may not switch users: a
+    daemon a user started for themself serves their own runs only)."""
     try:
         return studies.keepers.of(owners.lookup(caller.uid or 0, caller.gid))
-    except owners.CannotSwitch:
-        return None
+    except owners.CannotSwitch as exc:
+        return str(exc)
 
 
 def check_writable(studies: Studies, caller: Caller, path: str, real: str, what: str) -> None:
@@ -107,8 +107,8 @@ def check_writable(studies: Studies, caller: Caller, path: str, real: str, what:
         return
     _identified(caller)
     link = _link(studies, caller)
-    if link is None:
-        raise Refused(ErrorCode.PERMISSION, f"{what} {path}: {_NO_KEEPER}. Nothing was queued.")
+    if isinstance(link, str):
+        raise Refused(ErrorCode.PERMISSION, f"{link}. Nothing was queued.")
     try:
         problem = link.call("writable_problem", None, {"path": path, "real": real, "what": what})[0]
         handle = studies.get(path)
@@ -134,7 +134,7 @@ def readable(studies: Studies, caller: Caller, paths: list[str]) -> set[str]:
     if caller.uid is None:
         return set()
     link = _link(studies, caller)
-    if link is None:
+    if isinstance(link, str):
         return set()
     found: set[str] = set()
     for at in range(0, len(paths), MAX_FDS):
@@ -160,9 +160,3 @@ def check_readable(studies: Studies, caller: Caller, path: str, what: str) -> No
             f"{what} {path}: you ({caller.name}) may not read it, so the daemon will not read "
             "it for you",
         )
-
-
-_NO_KEEPER = (
-    "this daemon cannot act as another user (no CAP_SETUID/CAP_SETGID), so it reads and "
-    "writes no one's files but its own user's"
-)

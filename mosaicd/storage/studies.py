@@ -109,7 +109,9 @@ class Studies:
             return handle
         link = self.keepers.of(owner)
         try:
-            counts, identity = link.open(path, create, umask)
+            # The daemon's own user keeps their umask, as before; a user's keeper takes the
+            # submission's ([MONITOR] umask).
+            counts, identity = link.open(path, create, umask if owner is not None else None)
         except StudyMissing:
             raise Refused(ErrorCode.NOT_FOUND, f"no study database at {path}") from None
         except StudyPermission as exc:
