@@ -663,15 +663,7 @@ def decode_worker_message(payload: bytes, table: dict[str, tuple[Field, ...]]) -
 # every operation it acts on before using it (mosaicd.keeper.link). A result that fails its check
 # fails that operation, as a study that cannot be read does; it never raises in the daemon's loop.
 
-_RECORD_INTS = (
-    "run_id",
-    "submission_id",
-    "seed",
-    "epochs_target",
-    "checkpoint_epoch",
-    "attempts",
-    "queue_seq",
-)
+_RECORD_INTS = "run_id submission_id seed epochs_target checkpoint_epoch attempts queue_seq".split()
 
 
 def _int64(value: Any) -> bool:
@@ -696,7 +688,7 @@ def _record(value: Any) -> str | None:
 
 
 def _records(value: Any) -> str | None:
-    if not isinstance(value, list):
+    if not isinstance(value, list) or None in value:
         return "must be a list of run records"
     return next((f"item {i} {p}" for i, r in enumerate(value) if (p := _record(r))), None)
 
@@ -716,8 +708,8 @@ def _optional(kind: type) -> Callable[[Any], str | None]:
     return check
 
 
-def _map(value: Any) -> str | None:
-    return None if isinstance(value, dict) else "must be a map"
+def _is(kind: type, what: str) -> Callable[[Any], str | None]:
+    return lambda value: None if isinstance(value, kind) else f"must be {what}"
 
 
 def _submission(value: Any) -> str | None:
@@ -752,10 +744,6 @@ def _added(value: Any) -> str | None:
     return None
 
 
-def _anything(value: Any) -> str | None:
-    return None
-
-
 # Each keeper operation's result check (operations without one return nothing the daemon acts
 # on: None, or a description passed to the client who may read the study).
 KEEPER_RESULTS: dict[str, Callable[[Any], str | None]] = {
@@ -769,22 +757,21 @@ KEEPER_RESULTS: dict[str, Callable[[Any], str | None]] = {
     "submission": _submission,
     "submission_of": _optional(int),
     "submission_rows": _rows,
-    "submission_counts": _map,
-    "recent": lambda v: None if isinstance(v, list) else "must be a list",
+    "submission_counts": _is(dict, "a map"),
+    "recent": _is(list, "a list"),
     "describe": lambda v: None if v is None or isinstance(v, dict) else "must be a map",
     "pipeline_text": _optional(str),
-    "params_of": _map,
+    "params_of": _is(dict, "a map"),
     "pipeline_mates": _ids,
     "select": _ids,
     "add_submissions": _added,
-    "exists": lambda v: None if isinstance(v, bool) else "must be a boolean",
-    "same_filesystem": lambda v: None if isinstance(v, bool) else "must be a boolean",
+    "exists": _is(bool, "a boolean"),
+    "same_filesystem": _is(bool, "a boolean"),
     "log_tail": _optional(str),
     "writable_problem": _optional(str),
     "prove": lambda v: (
-        None
-        if isinstance(v, list) and all(isinstance(b, bool) for b in v)
-        else "must be a list of booleans"
+        _is(list, "a list")(v)
+        or next(("must be booleans" for b in v if not isinstance(b, bool)), None)
     ),
 }
 
@@ -805,7 +792,7 @@ def keeper_reply_problem(op: str, reply: Any) -> str | None:
     ):
         return "'counts' must map run states to counts"
     try:
-        problem = KEEPER_RESULTS.get(op, _anything)(reply.get("result"))
+        problem = KEEPER_RESULTS.get(op, lambda _: None)(reply.get("result"))
     except Exception as exc:  # a check meeting a shape it did not expect
         problem = f"cannot be checked ({type(exc).__name__})"
     return f"{op}: result {problem}" if problem else None

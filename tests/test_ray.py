@@ -361,3 +361,18 @@ def test_relative_paths_are_refused_at_submit(ray_daemon: Daemon, study: Path) -
     # The same submission with absolute paths is accepted, and its run trains to done.
     assert ray_daemon.request("submit", **submission, pipelines=[good])["run_ids"] == [1]
     assert nonzero(ray_daemon.wait_for(db, timeout=120)) == {"done": 1}
+
+
+def test_a_shared_daemons_ray_executor_refuses_other_users_runs() -> None:
+    # Issue 24, item 7: Ray actors run as the cluster's user, so a run of another user (an
+    # owner to switch to) is refused at submit, before anything is queued; the daemon's own
+    # user (owner None) goes on to the path checks.
+    from mosaicd.errors import Refused
+    from mosaicd.executors.ray_cluster import RayPool
+    from mosaicd.owners import Owner
+
+    executor = object.__new__(RayPool)  # its checks need no cluster
+    alice = Owner(1234, 1234, (1234,), "alice", "/home/alice")
+    with pytest.raises(Refused, match="cannot run workers as alice") as refused:
+        executor.check_submission({"run_files_path": "/srv/runs"}, [], alice)
+    assert refused.value.code == "permission"

@@ -28,8 +28,8 @@ from mosaic_client.protocol import (
 from mosaicd.errors import Refused
 from mosaicd.keeper.operations import SELECT_BUDGET_S
 from mosaicd.scheduling.core import SchedulerCore, served
+from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.store import RunRecord, StoreError
-from mosaicd.storage.studies import StudyHandle
 
 log = logging.getLogger("mosaicd")
 

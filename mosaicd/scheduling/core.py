@@ -16,9 +16,10 @@ from mosaicd.executors.base import Executor, WorkerHandle
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
 from mosaicd.scheduling.submissions import Submission
+from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.state import DaemonState
 from mosaicd.storage.store import RunRecord
-from mosaicd.storage.studies import Studies, StudyHandle
+from mosaicd.storage.studies import Studies
 
 # How the scheduler sends a message to a worker: send(worker, name)(**fields).
 Sender = Callable[[WorkerHandle, str], Callable[..., None]]

@@ -11,8 +11,8 @@ from mosaicd.executors.base import BUSY, IDLE, STARTING, WorkerHandle
 from mosaicd.scheduling.core import ActiveRun, SchedulerCore
 from mosaicd.scheduling.ensemble_groups import group_key, group_size
 from mosaicd.scheduling.submissions import Submission
+from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.store import RunRecord, StoreError
-from mosaicd.storage.studies import StudyHandle
 
 log = logging.getLogger("mosaicd")
 

@@ -20,8 +20,8 @@ from mosaicd.errors import Refused
 from mosaicd.keeper.link import CALL_TIMEOUT_S, PER_ROW_S
 from mosaicd.scheduling.control import Control, OwnerCheck
 from mosaicd.scheduling.submissions import Run, check_submission, repetition
+from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.store import RunRecord, StoreError
-from mosaicd.storage.studies import StudyHandle
 
 # The most runs one request may queue: a selection of every group of a large study times a big
 # --add is surely a mistake, and it would hold the daemon's loop while it writes.

@@ -8,9 +8,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from mosaicd.scheduling.submissions import Submission
+from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.identity import Identities
 from mosaicd.storage.store import RunRecord, StoreError
-from mosaicd.storage.studies import StudyHandle
 
 Key = tuple[str, int]  # (study path, submission id)
 

@@ -40,8 +40,8 @@ from mosaicd.scheduling.dispatch import Dispatch
 from mosaicd.scheduling.repetitions import Repetitions
 from mosaicd.scheduling.submissions import build_runs, check_submission
 from mosaicd.scheduling.worker_events import WorkerEvents
+from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.store import RunRecord, StoreError
-from mosaicd.storage.studies import StudyHandle
 
 log = logging.getLogger("mosaicd")
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from mosaicd.storage.store import DiskFull, StoreError, StudyBusy, StudyFault, StudyStalled
 
 if TYPE_CHECKING:
-    from mosaicd.storage.studies import StudyHandle
+    from mosaicd.storage.handle import StudyHandle
 
 log = logging.getLogger("mosaicd")
 
