@@ -145,7 +145,11 @@ def status(
     }
     if hidden:
         reply["hidden_studies"] = hidden
-    if db and submission is not None and db in allowed:
+    if (
+        db
+        and submission is not None
+        and (readable is None or db in allowed or db in readable([db]))
+    ):
         # Only of a study served: another path is refused, unopened (core.served).
         reply["submission_counts"] = served(studies, db).submission_counts(submission)
     return reply
