@@ -99,6 +99,7 @@ REQUESTS: dict[str, tuple[Field, ...]] = {
         _f("mine", bool, False),
         _f("states", list, False),
         _f("submission", int, False),
+        _f("users", bool, False),
     ),
     "pause": (_f("now", bool, False), _f("db", str, False), _f("all", bool, False)),
     "resume": (_f("db", str, False), _f("all", bool, False)),
@@ -205,6 +206,7 @@ class StatusReply(TypedDict, total=False):
     paused_owners: list[int]  # uids holding their own submissions
     submission_counts: dict[str, int]  # with db and submission: that submission's states
     hidden_studies: int  # studies served that the caller may not read: counted, not shown
+    users: list[dict[str, Any]]  # "users": everyone's runs, usage, share (views.user_table)
 
 
 class PauseReply(TypedDict):

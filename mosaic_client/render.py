@@ -380,3 +380,16 @@ def unfinished(status: dict[str, Any]) -> bool:
         for study in status.get("studies", [])
         for s in (contract.QUEUED, contract.RUNNING, contract.PARKED)
     )
+
+
+def users_text(users: list[dict[str, Any]]) -> str:
+    """`mosaic status --users`: one line per user (usage: slot-seconds, decayed)."""
+    if not users:
+        return "users: none with runs or recent usage"
+    lines = [f"{'user':<16}{'running':>8}{'queued':>8}{'usage (slot-s)':>16}{'share':>7}"]
+    for row in users:
+        lines.append(
+            f"{row['user']:<16}{row['running']:>8}{row['queued']:>8}"
+            f"{row['usage']:>16.1f}{row['share']:>7g}"
+        )
+    return "\n".join(lines)

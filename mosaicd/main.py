@@ -7,12 +7,14 @@ import grp
 import json
 import logging
 import os
+import pwd
 import sys
 from typing import Any
 
 from mosaic_client import paths
 from mosaicd.executors.choice import EXECUTORS
 from mosaicd.options import Options
+from mosaicd.scheduling.fair_share import DEFAULT_HALF_LIFE_S, parse_shares
 from mosaicd.service.server import AlreadyRunning, Daemon
 
 
@@ -165,6 +167,29 @@ def _add_service_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--socket-group", default=None, help="make the socket 0660 for this group (system service)"
     )
+    parser.add_argument(
+        "--share",
+        action="append",
+        default=[],
+        metavar="USER=WEIGHT",
+        help="a user's fair share on a shared daemon (default 1 each; repeat per user)",
+    )
+    parser.add_argument(
+        "--fair-share-half-life",
+        type=float,
+        default=DEFAULT_HALF_LIFE_S,
+        metavar="SECONDS",
+        help="how fast past usage is forgotten in the fair share (default one day)",
+    )
+
+
+def _shares(items: list[str]) -> dict[int, float]:
+    """--share USER=WEIGHT items as {uid: weight}; a bad one stops the daemon with a message."""
+    try:
+        return parse_shares(items, {entry.pw_name: entry.pw_uid for entry in pwd.getpwall()})
+    except ValueError as exc:
+        print(f"mosaicd: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _add_executor_options(parser: argparse.ArgumentParser) -> None:
@@ -275,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         ray_runtime_env=runtime_env,
         worker_bind=args.worker_bind,
         worker_advertise=args.worker_advertise,
+        shares=_shares(args.share),
+        fair_share_half_life=args.fair_share_half_life,
     )
     try:
         code = Daemon(options).run()

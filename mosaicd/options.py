@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mosaicd.scheduling.fair_share import DEFAULT_HALF_LIFE_S
+
 
 @dataclass
 class Options:
@@ -27,3 +29,6 @@ class Options:
     ray_runtime_env: dict[str, Any] | None = None
     worker_bind: str | None = None  # e.g. tcp://0.0.0.0:5560; default: a private ipc socket
     worker_advertise: str | None = None  # what workers connect to, if not the bound address
+    # Fair share on a shared daemon (mosaicd.scheduling.fair_share): uid -> weight (default 1).
+    shares: dict[int, float] = field(default_factory=dict)
+    fair_share_half_life: float = DEFAULT_HALF_LIFE_S

@@ -20,6 +20,8 @@ EXAMPLE = "mosaic status"
 
 def run(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {"limit": args.limit, "mine": args.mine}
+    if args.users:
+        fields["users"] = True
     if args.db:
         fields["db"] = common.existing_db(args.db)
     if args.watch:
@@ -32,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=1))
     else:
         print(render.status_text(status, args.limit))
+        if args.users:
+            print("\n" + render.users_text(status.get("users", [])))
     return OK
 
 
@@ -47,3 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="--watch refresh in seconds")
     parser.add_argument("--limit", type=int, default=10, help="latest done/failed runs shown")
     parser.add_argument("--mine", action="store_true", help="only my runs")
+    parser.add_argument(
+        "--users",
+        action="store_true",
+        help="every user's running and queued runs, usage and fair share (shared daemon)",
+    )

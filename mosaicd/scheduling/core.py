@@ -13,6 +13,7 @@ from typing import Any
 from mosaic_client.protocol import NOT_SERVED, ErrorCode
 from mosaicd.errors import Refused
 from mosaicd.executors.base import Executor, WorkerHandle
+from mosaicd.scheduling.fair_share import Ledger
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
 from mosaicd.scheduling.submissions import Submission
@@ -67,6 +68,8 @@ class SchedulerCore:
         send: Sender,
         checkpoint_every: float,
         shared: bool = False,
+        fair_share: Ledger | None = None,
+        shares: dict[int, float] | None = None,
     ) -> None:
         self._executor = executor
         self._send = send
@@ -78,6 +81,11 @@ class SchedulerCore:
         self._active: dict[tuple[str, int], ActiveRun] = {}  # (study, run id) -> training run
         self._pending_epochs: dict[str, list[dict[str, Any]]] = {}  # study -> epochs to write
         self._holds = Holds(state)
+        # Usage per user and their shares: who is furthest below their share starts next
+        # (mosaicd.scheduling.fair_share; a shared daemon only).
+        self._usage = fair_share or Ledger()
+        self._usage.at = time.time()
+        self._shares = dict(shares or {})
         self.shutting_down = False
 
     @property

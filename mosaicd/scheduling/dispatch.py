@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from mosaic_client.contract import checkpoint_path
@@ -10,6 +11,7 @@ from mosaic_client.protocol import RunSpec
 from mosaicd.executors.base import BUSY, IDLE, STARTING, WorkerHandle
 from mosaicd.scheduling.core import ActiveRun, SchedulerCore
 from mosaicd.scheduling.ensemble_groups import group_key, group_size
+from mosaicd.scheduling.fair_share import owner_order, slot_weight
 from mosaicd.scheduling.submissions import Submission
 from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.store import RunRecord, StoreError
@@ -24,6 +26,7 @@ class Dispatch(SchedulerCore):
     """The scheduler's dispatch step (a part of mosaicd.scheduling.scheduler.Scheduler)."""
 
     def dispatch(self) -> None:
+        self._charge_usage()
         if self._holds.all or self.shutting_down:
             return
         for kind in ("cpu", "cuda"):
@@ -53,11 +56,39 @@ class Dispatch(SchedulerCore):
 
         return startable
 
+    def _charge_usage(self) -> None:
+        """Charge every training run's owner for the slot time since the last charge (a group
+        holds one slot), decayed as the ledger's half-life says."""
+        now = time.time()
+        elapsed = max(0.0, now - self._usage.at)
+        self._usage.decay_to(now)
+        charged: set[str] = set()
+        for run in self._active.values():
+            worker = run.worker
+            uid = run.submission.owner_uid
+            if uid is None or worker.worker_id in charged:
+                continue
+            charged.add(worker.worker_id)
+            self._usage.charge(uid, elapsed * slot_weight(worker.slot.kind))
+
+    def _rank(self) -> Callable[[Submission], int] | None:
+        """On a shared daemon, the owners' fair-share order (mosaicd.scheduling.fair_share);
+        None: first come, first served (a single-user daemon)."""
+        if not self._identities.shared:
+            return None
+        owners = {s.owner_uid for s, _ in self._queue.waiting() if s.owner_uid is not None}
+        if len(owners) < 2:
+            return None
+        order = owner_order(owners, self._usage.usage, self._shares)
+        return lambda submission: order.get(submission.owner_uid or -1, len(order))
+
     def _start_next(self, worker: WorkerHandle) -> bool:
-        """Start the oldest run that may start on this worker's slot, if the worker is its
-        user's; else give the slot to that user (_hand_over) unless a worker of theirs is on
-        its way, and meanwhile train the worker's own user's next run, if any."""
-        oldest = self._queue.peek_next(self._startable(worker, any_owner=True))
+        """Start the first run that may start on this worker's slot (in fair-share order of
+        its owner, then first come), if the worker is its user's; else give the slot to that
+        user (_hand_over) unless a worker of theirs is on its way, and meanwhile train the
+        worker's own user's next run, if any."""
+        rank = self._rank()
+        oldest = self._queue.peek_next(self._startable(worker, any_owner=True), rank)
         if oldest is None:
             return False
         if oldest[0].run_as_uid != worker.owner_uid and not self._has_worker_for(
@@ -65,7 +96,7 @@ class Dispatch(SchedulerCore):
         ):
             self._hand_over(worker, *oldest)
             return False
-        found = self._queue.take_next(self._startable(worker, any_owner=False))
+        found = self._queue.take_next(self._startable(worker, any_owner=False), rank)
         if found is None:
             return False
         return self._start(worker, *found)

@@ -20,6 +20,11 @@ class RunQueue:
         self._identities = identities
         self._submissions: dict[Key, Submission] = {}
         self._queues: dict[Key, deque[RunRecord]] = {}
+        # When each queued run reached this daemon's queue, across studies: a study's own
+        # queue_seq numbers only its runs (two studies both start at 1), so first come, first
+        # served across studies is by this.
+        self._arrival: dict[tuple[str, int], int] = {}
+        self._arrivals = itertools.count()
 
     def submission(self, study: str, store: StudyHandle, submission_id: int) -> Submission:
         """The submission, loaded from its study the first time it is needed. Its owner is
@@ -55,7 +60,12 @@ class RunQueue:
         except StoreError as exc:
             self._identities.set_aside(study, f"its submissions cannot be read ({exc})")
             return
+        # A run queued again (resume, rerun) arrives anew; put_back keeps its place.
+        self._arrival[(study, record.run_id)] = next(self._arrivals)
         self._queues.setdefault(key, deque()).append(record)
+        if len(self._arrival) > 2 * self.total() + 1000:
+            queued = {(k[0], r.run_id) for k, q in self._queues.items() for r in q}
+            self._arrival = {k: v for k, v in self._arrival.items() if k in queued}
 
     def put_back(self, study: str, record: RunRecord) -> None:
         """A run taken by take_next that could not start: first of its submission again."""
@@ -74,10 +84,17 @@ class RunQueue:
     def peek_next(
         self,
         startable: Callable[[Submission], bool],
+        rank: Callable[[Submission], int] | None = None,
     ) -> tuple[Submission, RunRecord] | None:
-        """The oldest queued run whose submission may start one now, left in the queue."""
-        candidates = sorted((q[0].queue_seq, key) for key, q in self._queues.items() if q)
-        for _, key in candidates:
+        """The first queued run whose submission may start one now, left in the queue: the
+        oldest, or with `rank` (fair share), the oldest of the best-ranked submissions."""
+
+        def order(key: Key) -> tuple[int, int]:
+            first = self._arrival.get((key[0], self._queues[key][0].run_id), 0)
+            return (rank(self._submissions[key]) if rank else 0, first)
+
+        candidates = sorted((key for key, q in self._queues.items() if q), key=order)
+        for key in candidates:
             submission = self._submissions[key]
             if startable(submission):
                 return submission, self._queues[key][0]
@@ -86,9 +103,10 @@ class RunQueue:
     def take_next(
         self,
         startable: Callable[[Submission], bool],
+        rank: Callable[[Submission], int] | None = None,
     ) -> tuple[Submission, RunRecord] | None:
-        """The oldest queued run whose submission may start one now, taken off the queue."""
-        found = self.peek_next(startable)
+        """peek_next's run, taken off the queue."""
+        found = self.peek_next(startable, rank)
         if found is None:
             return None
         submission, record = found

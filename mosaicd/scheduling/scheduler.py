@@ -150,8 +150,9 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         mine: bool,
         submission: int | None = None,
         readable: Callable[[list[str]], set[str]] | None = None,
+        users: bool = False,
     ) -> StatusReply:
-        return views.status(
+        reply = views.status(
             self._studies,
             self._active,
             self._queue,
@@ -164,6 +165,9 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
             submission,
             readable,
         )
+        if users:
+            reply["users"] = views.user_table(self._queue, self._active, self._usage, self._shares)
+        return reply
 
     def show(self, db: str, run_id: int) -> ShowReply:
         return views.show(self._studies, self._active, self._queue, db, run_id)

@@ -22,8 +22,10 @@ from mosaic_client.protocol import (
 from mosaicd.errors import Refused
 from mosaicd.executors.base import Executor, WorkerHandle
 from mosaicd.scheduling.core import ActiveRun, served
+from mosaicd.scheduling.fair_share import Ledger
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
+from mosaicd.storage.identity import user_name
 from mosaicd.storage.store import StoreError
 from mosaicd.storage.studies import Studies
 
@@ -153,6 +155,33 @@ def status(
         # Only of a study served: another path is refused, unopened (core.served).
         reply["submission_counts"] = served(studies, db).submission_counts(submission)
     return reply
+
+
+def user_table(
+    queue: RunQueue, active: Active, usage: Ledger, shares: dict[int, float]
+) -> list[dict[str, Any]]:
+    """`mosaic status --users`: every user with runs queued or training, or usage left: their
+    runs, usage and share. Totals only, visible to every user (studies stay private)."""
+    rows: dict[int, dict[str, Any]] = {}
+
+    def row(uid: int, name: str | None) -> dict[str, Any]:
+        if uid not in rows:
+            rows[uid] = {"user": name or user_name(uid), "uid": uid, "running": 0, "queued": 0}
+        return rows[uid]
+
+    for submission, records in queue.waiting():
+        if submission.owner_uid is not None:
+            row(submission.owner_uid, submission.owner)["queued"] += len(records)
+    for run in active.values():
+        if run.submission.owner_uid is not None:
+            row(run.submission.owner_uid, run.submission.owner)["running"] += 1
+    for uid, used in usage.usage.items():
+        if used >= 1.0:
+            row(uid, None)
+    for uid, entry in rows.items():
+        entry["usage"] = round(usage.usage.get(uid, 0.0), 1)
+        entry["share"] = shares.get(uid, 1.0)
+    return sorted(rows.values(), key=lambda r: r["user"])
 
 
 def show(studies: Studies, active: Active, queue: RunQueue, db: str, run_id: int) -> ShowReply:

@@ -214,6 +214,7 @@ def handle_status(ctx: Context, caller: Caller, args: dict[str, Any]) -> StatusR
         None
         if everything
         else (lambda paths: rights.readable(ctx.scheduler.registry, caller, paths)),
+        bool(args.get("users")),
     )
 
 

@@ -24,6 +24,7 @@ from mosaicd.errors import Refused
 from mosaicd.executors.base import WorkerHandle
 from mosaicd.executors.choice import make_executor
 from mosaicd.options import Options
+from mosaicd.scheduling.fair_share import Ledger
 from mosaicd.scheduling.scheduler import Scheduler
 from mosaicd.service import notify
 from mosaicd.service.handlers import DISPATCH, Context
@@ -198,6 +199,8 @@ class Daemon:
             self._sender,
             self.options.checkpoint_every,
             shared=self.options.socket_group is not None,
+            fair_share=Ledger(half_life=self.options.fair_share_half_life),
+            shares=self.options.shares,
         )
         self.handler_context = Context(self.options, self.scheduler, self.request_stop)
         self.scheduler.recover()
