@@ -493,11 +493,7 @@ class Worker:
                 except BaseException as exc:  # user code may raise anything, even SystemExit
                     text = traceback.format_exc()
                     print(text, file=sys.stderr, flush=True)
-                    message = (
-                        str(exc)
-                        if isinstance(exc, execution.UserCodeError)
-                        else f"{type(exc).__name__}: {exc}"
-                    )
+                    message = execution.failure_message(exc)
                     outcome = ("failed", {"error": message, "traceback": text})
         except run_log.RunLogRefused as exc:
             outcome = ("failed", {"error": exc.strerror, "traceback": ""})

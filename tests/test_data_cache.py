@@ -1,0 +1,366 @@
+"""The worker's data-stage cache (mosaicd/training/data_cache.py): cached runs compute the numbers
+of uncached ones bit for bit, in memory and on disk; the disk cache survives crashed writers
+and keeps its size bound; a full disk that torch's zip writer hides is reported as ENOSPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mosaic_client import contract, protocol, schema
+from mosaicd.storage.store import is_disk_full
+from mosaicd.training import data_cache, execution
+from mosaicd.training.execution import Channel
+
+CLASSES = '''
+import random
+
+import numpy
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class noisy:
+    """Draws from torch's, numpy's and Python's global generators while preparing (the run's
+    seed set them), and returns shuffling loaders: one drawing its order from torch's global
+    generator, one with a generator of its own. Each call appends a line to `calls`."""
+
+    def __init__(self, n, calls):
+        self.n, self.calls = n, calls
+
+    def prepare(self, data, run_info, module_info):
+        with open(self.calls, "a") as fh:
+            fh.write("prepared\\n")
+        x = torch.randn(self.n, 3) + float(numpy.random.rand()) + random.random()
+        y = (x.sum(dim=1, keepdim=True) > 1.0).float()
+        own = torch.Generator().manual_seed(int(torch.randint(0, 2**30, ())))
+        split = self.n * 3 // 4
+        train = DataLoader(TensorDataset(x[:split], y[:split]), batch_size=8, shuffle=True)
+        test = DataLoader(
+            TensorDataset(x[split:], y[split:]), batch_size=8, shuffle=True, generator=own
+        )
+        return train, test
+
+    def info(self):
+        return {"input_size": 3}
+
+
+class on_disk(noisy):
+    cache_on_disk = True
+
+
+class never(noisy):
+    cacheable = False
+
+
+class dropout_net(torch.nn.Module):
+    """Its initial weights and its dropout draw from torch's generator after preparing."""
+
+    def __init__(self, input_size):
+        super().__init__()
+        self.layer = torch.nn.Linear(input_size, 8)
+        self.out = torch.nn.Linear(8, 1)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, data, run_info, module_info):
+        return torch.sigmoid(self.out(self.drop(torch.relu(self.layer(data)))))
+
+    def info(self):
+        return {}
+
+    def save_model(self, path):
+        torch.save(self.state_dict(), path + ".pt")
+'''
+
+NUMBERS = ("train_loss", "test_loss", "train_acc", "test_acc")
+
+
+@pytest.fixture(autouse=True)
+def empty_cache() -> Iterator[None]:
+    """Each test starts with the worker's cache empty, as a fresh worker does."""
+    data_cache.memory.shrink(0)
+    data_cache.stats.__init__()  # type: ignore[misc]
+    yield
+    data_cache.memory.shrink(0)
+
+
+@pytest.fixture
+def classes(write_classes: Callable[[str], str]) -> str:
+    return write_classes(CLASSES)
+
+
+def make_spec(
+    classes: str, files: Path, run_id: int, data: str = "noisy", **cache: Any
+) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "seed": 11,
+        "device": "cpu",
+        "run_files_path": str(files / str(run_id)),
+        "epochs_target": 3,
+        "start_epoch": 0,
+        "checkpoint_every": 30.0,
+        "max_log_mb": 50.0,
+        "umask": None,
+        "data_cache": {"data_cache_mb": 64.0, "cache_dir": None, "cache_size_mb": 64.0} | cache,
+        "process": schema.process_settings(
+            {
+                "data_scheme": ["data"],
+                "pipeline_scheme": ["model"],
+                "lr": 0.05,
+                "loss_function": "BCELoss",
+                "accuracy": "binary",
+            }
+        ),
+        "modules": [
+            {
+                "type": "data",
+                "class": data,
+                "path_to_class": classes,
+                "n": 96,
+                "calls": str(files / "calls.txt"),
+                "key": "data",
+                "name": "data",
+            },
+            {
+                "type": "model",
+                "class": "dropout_net",
+                "path_to_class": classes,
+                "key": "m",
+                "name": "model",
+            },
+        ],
+    }
+
+
+def train(spec: dict[str, Any]) -> tuple[list[list[Any]], dict[str, torch.Tensor], str]:
+    """The run's per-epoch figures, its saved weights and how its data stages were had."""
+    events: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    channel = Channel(
+        on_epoch=events.append, park_requested=lambda: False, on_provenance=records.append
+    )
+    execution.execute(spec, channel)  # type: ignore[arg-type]
+    weights = torch.load(
+        contract.model_path(spec["run_files_path"], "dropout_net", spec["run_id"]) + ".pt"
+    )
+    assert not protocol.worker_message_problem(
+        {"type": "provenance", "run_id": spec["run_id"], **records[0]}
+    )
+    return [[e[k] for k in NUMBERS] for e in events], weights, records[0]["data_cache"]["outcome"]
+
+
+def calls(files: Path) -> int:
+    path = files / "calls.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_a_run_from_the_memory_cache_equals_the_uncached_run_bit_for_bit(
+    classes: str, tmp_path: Path
+) -> None:
+    alone_figures, alone_weights, outcome = train(
+        make_spec(classes, tmp_path / "off", 1, data_cache_mb=0.0)
+    )
+    assert outcome == "off"
+    first = train(make_spec(classes, tmp_path, 2))
+    second = train(make_spec(classes, tmp_path, 3))
+    third = train(make_spec(classes, tmp_path, 4))
+    assert [first[2], second[2], third[2]] == ["miss", "memory", "memory"]
+    assert calls(tmp_path) == 1  # prepared once, for the first run
+    for figures, weights, _ in (first, second, third):
+        assert figures == alone_figures
+        assert_same_bits(weights, alone_weights)
+    assert data_cache.figures()["hits"] == 2 and data_cache.figures()["bytes"] > 0
+
+
+def test_a_run_from_the_disk_cache_equals_the_uncached_run_bit_for_bit(
+    classes: str, tmp_path: Path
+) -> None:
+    alone_figures, alone_weights, _ = train(
+        make_spec(classes, tmp_path / "off", 1, "on_disk", data_cache_mb=0.0)
+    )
+    disk = {"data_cache_mb": 0.0, "cache_dir": str(tmp_path / "cache")}
+    first = train(make_spec(classes, tmp_path, 2, "on_disk", **disk))
+    entries = list((tmp_path / "cache").glob("*" + data_cache.ENTRY_SUFFIX))
+    assert len(entries) == 1
+    # Another worker (its memory cache empty) finds the entry on disk.
+    second = train(make_spec(classes, tmp_path, 3, "on_disk", **disk))
+    assert [first[2], second[2]] == ["miss", "disk"]
+    assert calls(tmp_path) == 1
+    for figures, weights, _ in (first, second):
+        assert figures == alone_figures
+        assert_same_bits(weights, alone_weights)
+    assert (tmp_path / "cache").stat().st_mode & 0o077 == 0  # the owner's alone
+
+
+def test_an_uncacheable_stage_prepares_every_run_and_stages_stay_off_disk_by_default(
+    classes: str, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    outcomes = [
+        train(make_spec(classes, tmp_path, run_id, "never", cache_dir=str(cache_dir)))[2]
+        for run_id in (1, 2)
+    ]
+    assert outcomes == ["off", "off"] and calls(tmp_path) == 2
+    # A cacheable stage that does not ask for the disk stays in memory only.
+    train(make_spec(classes, tmp_path, 3, cache_dir=str(cache_dir)))
+    assert not list(cache_dir.glob("*" + data_cache.ENTRY_SUFFIX))
+
+
+def test_the_key_changes_with_seed_parameters_code_and_device(classes: str, tmp_path: Path) -> None:
+    first = make_spec(classes, tmp_path, 1)
+    train(first)
+    other_seed = make_spec(classes, tmp_path, 2) | {"seed": 12}
+    assert train(other_seed)[2] == "miss"
+    other_size = make_spec(classes, tmp_path, 3)
+    other_size["modules"][0]["n"] = 80
+    assert train(other_size)[2] == "miss"
+    Path(classes).write_text(CLASSES + "\n# edited\n")
+    assert train(make_spec(classes, tmp_path, 4))[2] == "miss"
+    assert train(make_spec(classes, tmp_path, 5))[2] == "memory"
+    cls = execution.load_user_class(classes, "noisy", 6)
+    keys = {
+        data_cache.key([cls], first["modules"][:1], first["modules"], {}, 11, device, False)
+        for device in ("cpu", "cuda:0")
+    }
+    assert len(keys) == 2
+
+
+def test_the_memory_cache_evicts_the_least_recently_used_within_its_budget() -> None:
+    cache = data_cache.MemoryCache()
+    for name in "abc":
+        assert cache.put(name, data_cache._Entry(b"x" * 40), budget=100)
+    assert list(cache.entries) == ["b", "c"] and cache.bytes == 80
+    assert cache.get("b") is not None  # now the most recently used
+    cache.put("d", data_cache._Entry(b"x" * 40), budget=100)
+    assert list(cache.entries) == ["b", "d"]
+    assert not cache.put("e", data_cache._Entry(b"x" * 101), budget=100)
+    assert "e" not in cache.entries and cache.bytes <= 100
+
+
+def test_the_disk_cache_keeps_its_size_bound_and_the_recently_used(tmp_path: Path) -> None:
+    disk = data_cache.DiskCache(str(tmp_path / "c"), budget=1000)
+    for index, name in enumerate("abcd"):
+        assert disk.put(name, bytes([index]) * 300)
+        os.utime(disk.path(name), (1000.0 + index, 1000.0 + index))  # a clear order of use
+    assert disk.get("b") == b"\x01" * 300  # read: touched, now the most recent
+    assert disk.put("e", b"\x04" * 300)
+    left = sorted(p.name[0] for p in (tmp_path / "c").iterdir())
+    assert left == ["b", "d", "e"]
+    assert sum(p.stat().st_size for p in (tmp_path / "c").iterdir()) <= 1000
+    assert not disk.put("f", b"x" * 1001)  # larger than the bound: not kept
+
+
+WRITER = """
+import os, signal, sys
+from mosaicd.training import data_cache
+
+real_write = os.write
+
+def write_then_die(fd, data):
+    # Half of the entry reaches the file, then the worker is killed.
+    real_write(fd, bytes(data[: len(data) // 2]))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+os.write = write_then_die
+data_cache.DiskCache(sys.argv[1], budget=10**6).put("k", b"y" * 5000)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_a_later_run_reads(tmp_path: Path) -> None:
+    directory = str(tmp_path / "c")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(WRITER), directory],
+        cwd=root,
+        env=os.environ | {"PYTHONPATH": str(root)},
+        timeout=60,
+    )
+    assert done.returncode == -signal.SIGKILL
+    left = os.listdir(directory)
+    assert len(left) == 1 and left[0].startswith(data_cache.TMP_PREFIX)  # half an entry
+    assert os.path.getsize(os.path.join(directory, left[0])) == 2500
+    disk = data_cache.DiskCache(directory, budget=10**6)
+    assert disk.get("k") is None
+    found, outcome = data_cache.lookup("k", data_cache.Settings(memory_mb=0.0, cache_dir=directory))
+    assert found is None and outcome == "miss"
+    # The next write removes the dead writer's file: it never counts against the bound.
+    assert disk.put("other", b"z" * 10)
+    assert os.listdir(directory) == ["other" + data_cache.ENTRY_SUFFIX]
+
+
+def test_an_unreadable_entry_is_a_miss_and_is_removed(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    directory.mkdir(mode=0o700)
+    (directory / ("k" + data_cache.ENTRY_SUFFIX)).write_bytes(b"not a torch file")
+    found, outcome = data_cache.lookup(
+        "k", data_cache.Settings(memory_mb=0.0, cache_dir=str(directory))
+    )
+    assert found is None and outcome == "miss"
+    assert not list(directory.iterdir())
+
+
+def test_a_disk_cache_others_may_write_to_is_not_used(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    directory.mkdir()
+    directory.chmod(0o777)
+    disk = data_cache.DiskCache(str(directory), budget=1000)
+    assert not disk.put("k", b"x")
+    (directory / ("k" + data_cache.ENTRY_SUFFIX)).write_bytes(b"x")
+    assert disk.get("k") is None
+
+
+def test_a_full_disk_in_torch_s_zip_writer_is_reported_as_enospc(
+    write_classes: Callable[[str], str], tmp_path: Path
+) -> None:
+    # /dev/full refuses every write with ENOSPC, as a full disk does: torch's zip writer then
+    # raises "[enforce fail at inline_container.cc:…] unexpected pos …".
+    path = write_classes(
+        CLASSES.replace(
+            'torch.save(self.state_dict(), path + ".pt")',
+            'torch.save([self.state_dict(), torch.zeros(1000)], "/dev/full")',
+        )
+    )
+    spec = make_spec(path, tmp_path, 1)
+    with pytest.raises(RuntimeError) as raised:
+        execution.execute(spec, Channel(on_epoch=lambda e: None, park_requested=lambda: False))  # type: ignore[arg-type]
+    assert "unexpected pos" in str(raised.value)
+    message = execution.failure_message(raised.value)
+    assert "No space left on device" in message and "unexpected pos" in message
+    # The daemon's test for a full disk (it parks the run instead of failing it).
+    assert is_disk_full(Exception(message))
+    # A small file fails at its last flush, with the stream's own words.
+    with pytest.raises(RuntimeError) as small:
+        torch.save(1, "/dev/full")
+    assert is_disk_full(Exception(execution.failure_message(small.value)))
+    assert not is_disk_full(Exception(execution.failure_message(RuntimeError("unexpected pos"))))
+
+
+def test_the_provenance_message_checks_its_data_cache_figures() -> None:
+    base = {"type": "provenance", "run_id": 1, "environment": {}, "code": []}
+    good = data_cache.figures()
+    assert protocol.worker_message_problem(base) is None  # an older worker's
+    assert protocol.worker_message_problem(base | {"data_cache": good}) is None
+    for bad in (
+        good | {"outcome": "maybe"},
+        good | {"hits": -1},
+        good | {"bytes": True},
+        {"outcome": "miss"},
+        good | {"extra": 1},
+    ):
+        assert protocol.worker_message_problem(base | {"data_cache": bad}), bad
