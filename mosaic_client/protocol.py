@@ -148,6 +148,9 @@ class WorkerView(TypedDict, total=False):
     gpu_memory: int | None  # bytes on the worker's GPU, GPU slots only
     gpu_memory_device: int | None  # bytes used on that GPU by every process
     gpu_memory_total: int | None
+    # The worker's data cache figures (mosaicd.training.data_cache.figures) as of its last
+    # run's start; None before it reported any.
+    data_cache: dict[str, Any] | None
 
 
 class RunningRunView(TypedDict):
@@ -262,6 +265,8 @@ class LiveView(TypedDict):
     worker: str
     slot: str
     pid: int | None
+    # Its worker's data cache figures, "outcome" saying how this run's data came (WorkerView).
+    data_cache: NotRequired[dict[str, Any] | None]
 
 
 class EnsembleView(TypedDict):

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import Daemon, example_config, query
 
 from mosaic_client import contract, protocol, schema
 from mosaicd.storage.store import is_disk_full
@@ -364,3 +365,70 @@ def test_the_provenance_message_checks_its_data_cache_figures() -> None:
         good | {"extra": 1},
     ):
         assert protocol.worker_message_problem(base | {"data_cache": bad}), bad
+
+
+def test_through_the_daemon_cached_runs_equal_uncached_ones_and_status_says_hits(
+    tmp: Path,
+) -> None:
+    """Two model families x 2 seeds on one worker: each seed is prepared once, and every run's
+    epochs equal those of the same study with the cache off; status and show say so."""
+    daemon = Daemon(tmp, workers=1).start()
+    try:
+        studies = {}
+        for name, cache_mb in (("off", 0), ("on", 64)):
+            root = tmp / name
+            root.mkdir()
+            cfg = example_config(
+                root,
+                epochs=2,
+                multiplicity=2,
+                nb_processus=1,
+                mlp_width="3, 4",
+                seed=5,
+                extra_monitor=f"ensemble = off\ndata_cache_mb = {cache_mb}",
+            )
+            db = str(root / "s.db")
+            daemon.cli("run", str(cfg), db, check=True)
+            assert daemon.wait_for(db)["done"] == 4
+            studies[name] = db
+            if name == "off":
+                off = daemon.request("status")["workers"][0]["data_cache"]
+                assert off["hits"] == 0 and off["outcome"] == "off"
+        sql = "SELECT r.run_id, r.pipeline, e.epoch, e.train_loss, e.test_loss, e.train_acc "
+        sql += "FROM run_epochs e JOIN runs r USING (run_id) ORDER BY 1, 2, 3"
+        assert query(studies["on"], sql) == query(studies["off"], sql)
+        figures = daemon.request("status")["workers"][0]["data_cache"]
+        assert (figures["hits"], figures["misses"]) == (2, 2)
+        logs = "".join(p.read_text() for p in (tmp / "on").rglob("output_*.log"))
+        assert logs.count("[mosaic] data stages from the data cache (memory)") == 2
+        text = daemon.cli("status", check=True).stdout
+        assert "data cache 2 hit(s), 2 miss(es)" in text
+    finally:
+        daemon.stop()
+
+
+def test_show_says_how_a_running_run_had_its_data() -> None:
+    from mosaic_client.commands.show import run_text
+
+    figures = {"outcome": "disk", "hits": 3, "disk_hits": 1, "misses": 2, "entries": 2}
+    info = {
+        "run_id": 4,
+        "status": "running",
+        "pipeline": "p",
+        "seed": 1,
+        "epochs_target": 2,
+        "checkpoint_epoch": 0,
+        "params": {},
+        "events": [],
+        "history": [],
+        "live": {
+            "epoch": 1,
+            "worker": "w1",
+            "slot": "cpu",
+            "pid": 9,
+            "data_cache": figures | {"bytes": 3 * 2**20},
+        },
+    }
+    lines = "\n".join(run_text(info))
+    assert "data stages: disk (worker w1: data cache 3 hit(s) (1 from disk), 2 miss(es), " in lines
+    assert "3 MiB in 2" in lines
