@@ -432,3 +432,89 @@ def test_show_says_how_a_running_run_had_its_data() -> None:
     lines = "\n".join(run_text(info))
     assert "data stages: disk (worker w1: data cache 3 hit(s) (1 from disk), 2 miss(es), " in lines
     assert "3 MiB in 2" in lines
+
+
+OWN_DATASET = '''
+
+class own_dataset(torch.utils.data.Dataset):
+    """A Dataset class of the class file: pickle cannot find it again by name once the run's
+    module is dropped, so its entries stay in memory, held by reference."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return self.x[index], self.y[index]
+
+
+class own_data(on_disk):
+    def prepare(self, data, run_info, module_info):
+        train, test = super().prepare(data, run_info, module_info)
+        ds = train.dataset
+        return DataLoader(own_dataset(*ds.tensors), batch_size=8, shuffle=True,
+                          collate_fn=lambda b: torch.utils.data.default_collate(b)), test
+'''
+
+
+def test_data_of_the_class_file_s_own_classes_is_cached_in_memory_only(
+    write_classes: Callable[[str], str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_classes(CLASSES + OWN_DATASET)
+    alone = train(make_spec(path, tmp_path / "off", 1, "own_data", data_cache_mb=0.0))
+    cache_dir = tmp_path / "cache"
+    first = train(make_spec(path, tmp_path, 2, "own_data", cache_dir=str(cache_dir)))
+    # The worker drops the run's user modules between runs (GlobalState.restore).
+    while execution.loaded_user_modules:
+        sys.modules.pop(execution.loaded_user_modules.pop(), None)
+    second = train(make_spec(path, tmp_path, 3, "own_data", cache_dir=str(cache_dir)))
+    assert [first[2], second[2]] == ["miss", "memory"]
+    assert first[0] == second[0] == alone[0]
+    assert_same_bits(second[1], alone[1])
+    assert not list(cache_dir.glob("*" + data_cache.ENTRY_SUFFIX))
+    assert "not written to cache_dir: it refers to own_dataset" in capsys.readouterr().out
+
+
+def test_data_larger_than_every_budget_is_not_serialized_whole(
+    classes: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = make_spec(classes, tmp_path, 1, data_cache_mb=0.001)  # about 1 KiB
+    assert train(spec)[2] == "miss"
+    assert "the prepared data is not kept: more than" in capsys.readouterr().out
+    assert not data_cache.memory.entries
+    assert train(make_spec(classes, tmp_path, 2, data_cache_mb=0.001))[2] == "miss"
+    assert calls(tmp_path) == 2
+
+
+CONCURRENT_WRITER = """
+import sys
+from mosaicd.training import data_cache
+
+disk = data_cache.DiskCache(sys.argv[1], budget=4000)
+for i in range(30):
+    disk.put(f"{sys.argv[2]}{i}", bytes([i]) * (100 + 37 * i))
+"""
+
+
+def test_concurrent_writers_keep_whole_entries_within_the_bound(tmp_path: Path) -> None:
+    directory = str(tmp_path / "c")
+    os.makedirs(directory, mode=0o700)
+    root = Path(__file__).resolve().parent.parent
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_WRITER, directory, prefix],
+            cwd=root,
+            env=os.environ | {"PYTHONPATH": str(root)},
+        )
+        for prefix in "ab"
+    ]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    names = os.listdir(directory)
+    assert names and all(n.endswith(data_cache.ENTRY_SUFFIX) for n in names)
+    assert sum(os.path.getsize(os.path.join(directory, n)) for n in names) <= 4000
+    disk = data_cache.DiskCache(directory, budget=4000)
+    for file_name in names:
+        index = int(file_name[1:].split(".")[0])
+        assert disk.get(file_name.split(".")[0]) == bytes([index]) * (100 + 37 * index)

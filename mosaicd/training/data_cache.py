@@ -141,9 +141,31 @@ def _by_reference(obj: Any) -> bool:
     return module.startswith("mosaic_user_") or "<" in qualname or module not in sys.modules
 
 
-def dumps(payload: Any) -> _Entry:
+class TooLarge(Exception):
+    """The entry would exceed every budget it could be kept in."""
+
+
+class _Capped(io.BytesIO):
+    """A buffer that refuses to grow past `cap` bytes: serializing a dataset far larger than
+    the budgets stops there instead of holding a second copy of it in memory."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+        self.overflowed = False
+
+    def write(self, data: Any) -> int:
+        if self.tell() + memoryview(data).nbytes > self.cap:
+            # torch's zip writer turns this into its own RuntimeError; dumps says why.
+            self.overflowed = True
+            raise TooLarge(f"more than {self.cap / _MB:.1f} MiB")
+        return super().write(data)
+
+
+def dumps(payload: Any, cap: int | None = None) -> _Entry:
     """The payload's bytes (torch.save), with the classes and functions of _by_reference held
-    aside. Raises what pickling raises for an object that cannot be kept."""
+    aside. Raises what pickling raises for an object that cannot be kept, and TooLarge past
+    `cap` bytes."""
     refs: list[Any] = []
 
     class Pickler(pickle.Pickler):
@@ -155,8 +177,13 @@ def dumps(payload: Any) -> _Entry:
 
     module = types.SimpleNamespace(**{k: getattr(pickle, k) for k in dir(pickle)})
     module.Pickler = Pickler
-    buffer = io.BytesIO()
-    torch.save(payload, buffer, pickle_module=module)
+    buffer = io.BytesIO() if cap is None else _Capped(cap)
+    try:
+        torch.save(payload, buffer, pickle_module=module)
+    except Exception:
+        if isinstance(buffer, _Capped) and buffer.overflowed:
+            raise TooLarge(f"more than {buffer.cap / _MB:.1f} MiB") from None
+        raise
     return _Entry(buffer.getvalue(), refs)
 
 
@@ -463,8 +490,11 @@ def store(name: str, prepared: Prepared, settings: Settings, on_disk: bool) -> s
         "run_info": prepared.run_info,
         "rng": prepared.rng,
     }
+    disk_budget = int(settings.disk_mb * _MB) if on_disk and settings.cache_dir else 0
     try:
-        entry = dumps(payload)
+        entry = dumps(payload, cap=max(budget, disk_budget))
+    except TooLarge as exc:
+        return f"[mosaic] data cache: the prepared data is not kept: {exc} (data_cache_mb)"
     except Exception as exc:  # noqa: BLE001 -- an object pickle cannot keep (a file, a lock)
         what = f"{type(exc).__name__}: {exc}"
         return f"[mosaic] data cache: the prepared data cannot be kept ({what})"
@@ -475,7 +505,7 @@ def store(name: str, prepared: Prepared, settings: Settings, on_disk: bool) -> s
         if entry.refs:
             held = ", ".join(sorted({getattr(r, "__qualname__", "?") for r in entry.refs}))
             notes.append(f"not written to cache_dir: it refers to {held}, defined in a class file")
-        elif not DiskCache(settings.cache_dir, int(settings.disk_mb * _MB)).put(name, entry.blob):
+        elif not DiskCache(settings.cache_dir, disk_budget).put(name, entry.blob):
             notes.append("not written to cache_dir (too large for cache_size_mb, or no space)")
     return f"[mosaic] data cache: {'; '.join(notes)}" if notes else None
 

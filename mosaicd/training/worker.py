@@ -440,7 +440,8 @@ class Worker:
                 except BaseException as exc:  # a fault of the engine itself, not of a member
                     text = traceback.format_exc()
                     print(text, file=sys.stderr, flush=True)
-                    failure = {"error": f"ensemble: {type(exc).__name__}: {exc}", "traceback": text}
+                    message = f"ensemble: {execution.failure_message(exc)}"
+                    failure = {"error": message, "traceback": text}
                     outcomes = {run_id: ("failed", failure) for run_id in run_ids}
         except run_log.RunLogRefused as exc:
             failure = {"error": exc.strerror, "traceback": ""}
