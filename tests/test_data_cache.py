@@ -520,3 +520,15 @@ def test_concurrent_writers_keep_whole_entries_within_the_bound(tmp_path: Path) 
     for file_name in names:
         index = int(file_name[1:].split(".")[0])
         assert disk.get(file_name.split(".")[0]) == bytes([index]) * (100 + 37 * index)
+
+
+def test_a_forked_run_keeps_nothing_in_memory_but_uses_the_disk(
+    classes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under --isolation process each run is a forked child: its memory dies with it.
+    monkeypatch.setattr(data_cache, "in_forked_run", True)
+    outcomes = [train(make_spec(classes, tmp_path, run_id))[2] for run_id in (1, 2)]
+    assert outcomes == ["miss", "miss"] and not data_cache.memory.entries
+    disk = {"cache_dir": str(tmp_path / "cache")}
+    outcomes = [train(make_spec(classes, tmp_path, i, "on_disk", **disk))[2] for i in (3, 4)]
+    assert outcomes == ["miss", "disk"] and not data_cache.memory.entries

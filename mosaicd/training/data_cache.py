@@ -444,11 +444,17 @@ def _dead_writer(file_name: str, age: float) -> bool:
 
 memory = MemoryCache()
 stats = Stats()
+# Set in a run forked by its worker (--isolation process): its memory cache dies with it.
+in_forked_run = False
+
+
+def _memory_budget(settings: Settings) -> int:
+    return 0 if in_forked_run else int(settings.memory_mb * _MB)
 
 
 def lookup(name: str, settings: Settings) -> tuple[Prepared | None, str]:
     """A fresh copy of the entry, and where it came from ("memory", "disk"), or (None, "miss")."""
-    budget = int(settings.memory_mb * _MB)
+    budget = _memory_budget(settings)
     memory.shrink(budget)  # a submission with a smaller budget than the last one's
     entry = memory.get(name) if budget > 0 else None
     if entry is not None:
@@ -480,7 +486,7 @@ def _prepared(payload: Any, name: str) -> Prepared:
 def store(name: str, prepared: Prepared, settings: Settings, on_disk: bool) -> str | None:
     """Keep what a run prepared (call it before the run uses it: loaders and generators are
     kept as they are now). Returns a line for the run's log when it could not be kept."""
-    budget = int(settings.memory_mb * _MB)
+    budget = _memory_budget(settings)
     if budget <= 0 and not (on_disk and settings.cache_dir):
         return None
     payload = {

@@ -343,6 +343,9 @@ class Worker:
             try:
                 os.close(read_fd)
                 _die_with_parent()  # PDEATHSIG is not inherited across fork
+                # What this process would add to the memory cache ends with it: only the disk
+                # cache serves a later run (docs/performance.md#data-stage-cache).
+                execution.data_cache.in_forked_run = True
                 self.pipe_out = write_fd
                 if group:
                     os.close(control_write)
