@@ -532,3 +532,14 @@ def test_a_forked_run_keeps_nothing_in_memory_but_uses_the_disk(
     disk = {"cache_dir": str(tmp_path / "cache")}
     outcomes = [train(make_spec(classes, tmp_path, i, "on_disk", **disk))[2] for i in (3, 4)]
     assert outcomes == ["miss", "disk"] and not data_cache.memory.entries
+
+
+def test_an_unusable_cache_dir_is_no_cache_and_fails_no_run(classes: str, tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    spec = make_spec(classes, tmp_path, 1, "on_disk", data_cache_mb=0.0)
+    spec["data_cache"]["cache_dir"] = str(not_a_directory / "cache")
+    assert train(spec)[2] == "miss"
+    spec = make_spec(classes, tmp_path, 2, "on_disk", data_cache_mb=0.0)
+    spec["data_cache"]["cache_dir"] = str(not_a_directory / "cache")
+    assert train(spec)[2] == "miss" and calls(tmp_path) == 2

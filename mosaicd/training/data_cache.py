@@ -319,9 +319,12 @@ class DiskCache:
 
     def _ready(self) -> bool:
         """Whether the directory exists (made if needed), is a directory of ours and is not
-        writable by others."""
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        info = os.lstat(self.directory)
+        writable by others. A directory that cannot be used is no cache, never a failed run."""
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            info = os.lstat(self.directory)
+        except OSError:
+            return False
         return (
             stat.S_ISDIR(info.st_mode)
             and info.st_uid == os.geteuid()
@@ -356,6 +359,12 @@ class DiskCache:
         kept (too large, or the disk is full: the cache is an optimisation, never a failure)."""
         if len(blob) > self.budget or not self._ready():
             return False
+        try:
+            # Another worker wrote it meanwhile (the same key: the same bytes): mark it used.
+            os.utime(self.path(name), follow_symlinks=False)
+            return True
+        except OSError:
+            pass
         tmp = os.path.join(self.directory, f"{TMP_PREFIX}{name}.{os.getpid()}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
