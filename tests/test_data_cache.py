@@ -543,3 +543,34 @@ def test_an_unusable_cache_dir_is_no_cache_and_fails_no_run(classes: str, tmp_pa
     spec = make_spec(classes, tmp_path, 2, "on_disk", data_cache_mb=0.0)
     spec["data_cache"]["cache_dir"] = str(not_a_directory / "cache")
     assert train(spec)[2] == "miss" and calls(tmp_path) == 2
+
+
+def test_an_ensemble_s_members_hit_the_entries_of_another_family(
+    classes: str, tmp_path: Path
+) -> None:
+    """Ensembles (the default) build each member as its run alone: a second family's group
+    finds the seeds the first prepared, and trains to the numbers of a group without cache."""
+    from mosaicd.training import ensemble
+
+    def group(first_id: int, family: int, **cache: Any) -> dict[int, list[list[Any]]]:
+        specs = []
+        for i in range(2):
+            spec = make_spec(classes, tmp_path, first_id + i, "on_disk", **cache)
+            spec["seed"] = 20 + i
+            spec["modules"][1]["family"] = family  # a model parameter the data does not take
+            specs.append(spec)
+        events: dict[int, list[dict[str, Any]]] = {s["run_id"]: [] for s in specs}
+        channels = {
+            run_id: ensemble.MemberChannel(on_epoch=got.append, park_requested=lambda: False)
+            for run_id, got in events.items()
+        }
+        outcomes = ensemble.execute_group(specs, channels)  # type: ignore[arg-type]
+        assert {o[0] for o in outcomes.values()} == {"done"}, outcomes
+        return {s["seed"]: [[e[k] for k in NUMBERS] for e in events[s["run_id"]]] for s in specs}
+
+    alone = group(1, 1, data_cache_mb=0.0)
+    first = group(3, 1)
+    assert (data_cache.stats.hits, data_cache.stats.misses) == (0, 2)
+    second = group(5, 2)
+    assert (data_cache.stats.hits, data_cache.stats.misses) == (2, 2)
+    assert alone == first == second
