@@ -162,10 +162,17 @@ class _Capped(io.BytesIO):
         return super().write(data)
 
 
-def dumps(payload: Any, cap: int | None = None) -> _Entry:
+def _save_config() -> Any:
+    """torch's serialization settings (torch >= 2.6), or None."""
+    serialization = getattr(torch.utils, "serialization", None)
+    return getattr(getattr(serialization, "config", None), "save", None)
+
+
+def dumps(payload: Any, cap: int | None = None, crc: bool = True) -> _Entry:
     """The payload's bytes (torch.save), with the classes and functions of _by_reference held
     aside. Raises what pickling raises for an object that cannot be kept, and TooLarge past
-    `cap` bytes."""
+    `cap` bytes. Without `crc` (an entry that stays in memory) the zip writer skips its
+    checksums, most of its time."""
     refs: list[Any] = []
 
     class Pickler(pickle.Pickler):
@@ -178,12 +185,19 @@ def dumps(payload: Any, cap: int | None = None) -> _Entry:
     module = types.SimpleNamespace(**{k: getattr(pickle, k) for k in dir(pickle)})
     module.Pickler = Pickler
     buffer = io.BytesIO() if cap is None else _Capped(cap)
+    config = _save_config()
+    saved_crc = getattr(config, "compute_crc32", True)
     try:
+        if config is not None:
+            config.compute_crc32 = crc
         torch.save(payload, buffer, pickle_module=module)
     except Exception:
         if isinstance(buffer, _Capped) and buffer.overflowed:
             raise TooLarge(f"more than {buffer.cap / _MB:.1f} MiB") from None
         raise
+    finally:
+        if config is not None:
+            config.compute_crc32 = saved_crc
     return _Entry(buffer.getvalue(), refs)
 
 
@@ -507,7 +521,7 @@ def store(name: str, prepared: Prepared, settings: Settings, on_disk: bool) -> s
     }
     disk_budget = int(settings.disk_mb * _MB) if on_disk and settings.cache_dir else 0
     try:
-        entry = dumps(payload, cap=max(budget, disk_budget))
+        entry = dumps(payload, cap=max(budget, disk_budget), crc=disk_budget > 0)
     except TooLarge as exc:
         return f"[mosaic] data cache: the prepared data is not kept: {exc} (data_cache_mb)"
     except Exception as exc:  # noqa: BLE001 -- an object pickle cannot keep (a file, a lock)
