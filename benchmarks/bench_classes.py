@@ -51,3 +51,33 @@ class small_mlp(torch.nn.Module):
 
     def load_model(self, path: str) -> None:
         self.load_state_dict(torch.load(path + ".pt", map_location="cpu"))
+
+
+class slow_data:
+    """A data stage that costs `delay` seconds (standing for reading and decoding a real
+    dataset), then a small synthetic set drawn from the run's seeded generator."""
+
+    def __init__(self, delay: float = 1.0, n_samples: int = 256, n_features: int = 8) -> None:
+        self.delay = delay
+        self.n_samples = n_samples
+        self.n_features = n_features
+
+    def prepare(self, data: Any, run_info: dict[str, Any], module_info: dict[str, Any]) -> Any:
+        import time
+
+        time.sleep(self.delay)
+        x = torch.randn(self.n_samples, self.n_features)
+        y = (x[:, :4].sum(dim=1, keepdim=True) > 0).float()
+        split = self.n_samples * 3 // 4
+        train = DataLoader(TensorDataset(x[:split], y[:split]), batch_size=32, shuffle=True)
+        test = DataLoader(TensorDataset(x[split:], y[split:]), batch_size=64)
+        return train, test
+
+    def info(self) -> dict[str, Any]:
+        return {"input_size": self.n_features, "output_size": 1}
+
+
+class slow_data_on_disk(slow_data):
+    """The same stage, kept in [MONITOR] cache_dir too (shared by the workers)."""
+
+    cache_on_disk = True

@@ -151,6 +151,9 @@ class WorkerView(TypedDict, total=False):
     gpu_memory: int | None  # bytes on the worker's GPU, GPU slots only
     gpu_memory_device: int | None  # bytes used on that GPU by every process
     gpu_memory_total: int | None
+    # The worker's data cache figures (mosaicd.training.data_cache.figures) as of its last
+    # run's start; None before it reported any.
+    data_cache: dict[str, Any] | None
 
 
 class RunningRunView(TypedDict):
@@ -266,6 +269,8 @@ class LiveView(TypedDict):
     worker: str
     slot: str
     pid: int | None
+    # Its worker's data cache figures, "outcome" saying how this run's data came (WorkerView).
+    data_cache: NotRequired[dict[str, Any] | None]
 
 
 class EnsembleView(TypedDict):
@@ -425,6 +430,24 @@ def _code_entry(value: Any) -> str | None:
     return None
 
 
+# A worker's data cache figures (mosaicd.training.data_cache.figures), sent with a run's
+# provenance: how the run's data stages were had, and the worker's cache counts and memory.
+DATA_CACHE_OUTCOMES = ("memory", "disk", "miss", "off")
+DATA_CACHE_COUNTS = ("hits", "disk_hits", "misses", "entries", "bytes")
+
+
+def _data_cache(value: Any) -> str | None:
+    if set(value) != {"outcome", *DATA_CACHE_COUNTS}:
+        return f"must have the keys outcome, {', '.join(DATA_CACHE_COUNTS)}"
+    if value["outcome"] not in DATA_CACHE_OUTCOMES:
+        return f"has an unknown outcome {value['outcome']!r:.40}"
+    for name in DATA_CACHE_COUNTS:
+        got = value[name]
+        if not isinstance(got, int) or isinstance(got, bool) or not 0 <= got < 2**63:
+            return f"{name!r} must be a count, got {got!r:.40}"
+    return None
+
+
 def _run_id(value: Any) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**63:
         return f"must be a run id, got {value!r:.40}"
@@ -470,6 +493,8 @@ WORKER_MESSAGES: dict[str, tuple[Field, ...]] = {
         _RUN_ID,
         _f("environment", dict, check=_environment),
         _f("code", list, check=_items(MAX_WORKER_ITEMS, _code_entry)),
+        # Optional: workers before the data cache did not send it.
+        _f("data_cache", dict, False, check=_data_cache),
     ),
     # A member of a group stopped on a `cancel` message, after this epoch (no checkpoint).
     "cancelled": (_RUN_ID, _EPOCH),
@@ -533,6 +558,9 @@ class RunSpec(TypedDict):
     max_log_mb: float
     # The umask of a user's worker on a shared daemon (mosaicd.owners); None: unchanged.
     umask: int | None
+    # [MONITOR] data_cache_mb, cache_dir and cache_size_mb (mosaicd.training.data_cache);
+    # absent: the worker's defaults (memory only).
+    data_cache: NotRequired[dict[str, Any]]
 
 
 # Daemon -> worker messages.

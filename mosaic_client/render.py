@@ -154,7 +154,18 @@ def _worker_line(worker: dict[str, Any]) -> str:
     return (
         f"  worker {worker['id']:<4} {worker['slot']:<8} pid {worker['pid']:<7} "
         f"{run:<10} cpu {fmt(worker.get('cpu_percent'), '.0f'):>4}%  rss "
-        f"{_mib(worker.get('rss'))}{gpu}{owner}"
+        f"{_mib(worker.get('rss'))}{gpu}{owner}{data_cache_text(worker.get('data_cache'))}"
+    )
+
+
+def data_cache_text(figures: dict[str, Any] | None) -> str:
+    """A worker's data cache figures (protocol: the provenance's "data_cache"), or ""."""
+    if not figures or not (figures["hits"] or figures["misses"]):
+        return ""
+    disk = f" ({figures['disk_hits']} from disk)" if figures["disk_hits"] else ""
+    return (
+        f"  data cache {figures['hits']} hit(s){disk}, {figures['misses']} miss(es), "
+        f"{_mib(figures['bytes'])} in {figures['entries']}"
     )
 
 

@@ -338,6 +338,36 @@ KEYS: tuple[Key, ...] = (
         choices=UMASKS,
         label="the umask of your runs",
     ),
+    Key(
+        MONITOR,
+        "data_cache_mb",
+        FLOAT,
+        "the most MiB of prepared data stages each worker keeps in memory for the next runs "
+        "(docs/performance.md); 0 turns the cache off",
+        default=512.0,
+        minimum=0.0,
+        maximum=1e7,
+        label="the data cache size in MiB",
+    ),
+    Key(
+        MONITOR,
+        "cache_dir",
+        PATH,
+        "a directory where the data stages that ask for it (cache_on_disk = True) are kept "
+        "on disk, shared by your workers; None: no disk cache",
+        nullable=True,
+    ),
+    Key(
+        MONITOR,
+        "cache_size_mb",
+        FLOAT,
+        "the most MiB the on-disk data cache (cache_dir) holds; the least recently used "
+        "entries are removed first",
+        default=2048.0,
+        minimum=0.0,
+        maximum=1e9,
+        label="the on-disk data cache size in MiB",
+    ),
 )
 
 BY_SECTION: dict[str, dict[str, Key]] = {
@@ -346,6 +376,8 @@ BY_SECTION: dict[str, dict[str, Key]] = {
 }
 PROCESS_KEYS: tuple[str, ...] = tuple(BY_SECTION[PROCESS])
 MONITOR_KEYS: tuple[str, ...] = tuple(BY_SECTION[MONITOR])
+# The [MONITOR] keys a worker's data cache reads (they travel in RunSpec's "data_cache").
+DATA_CACHE_KEYS: tuple[str, ...] = ("data_cache_mb", "cache_dir", "cache_size_mb")
 
 
 def _is_int(value: Any) -> bool:
@@ -493,6 +525,9 @@ class MonitorSettings(TypedDict):
     ensemble: str
     ensemble_max: int
     umask: str
+    data_cache_mb: float
+    cache_dir: str | None
+    cache_size_mb: float
 
 
 # The typed forms and the table must name the same keys (a key added to KEYS needs its type).

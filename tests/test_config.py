@@ -281,6 +281,9 @@ def test_process_and_monitor_defaults(project: Path) -> None:
         "ensemble": "auto",
         "ensemble_max": 16,
         "umask": "077",
+        "data_cache_mb": 512.0,
+        "cache_dir": None,
+        "cache_size_mb": 2048.0,
     }
     assert isinstance(expanded.process["lr"], float)
 
@@ -1094,3 +1097,32 @@ def test_example_data_is_deterministic_given_seed() -> None:
     first, again, other = draw(0), draw(0), draw(1)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other, strict=True))
+
+
+def test_the_original_cache_keys_are_read_as_mosaic_s_with_a_note(project: Path) -> None:
+    config = base()
+    config["MONITOR"]["cache_database_path"] = "cache"
+    config["MONITOR"]["cache_size"] = "300"
+    expanded = load(project, config)
+    assert expanded.monitor["cache_dir"] == str(project / "cache")
+    assert expanded.monitor["cache_size_mb"] == 300.0
+    text = "\n".join(expanded.warnings)
+    assert "the original tool's key, read as cache_dir = " in text
+    assert "read as cache_size_mb = 300.0 MiB" in text
+    # Mosaic's own key wins, and the original's is said to be ignored.
+    config["MONITOR"]["cache_size_mb"] = "50"
+    expanded = load(project, config)
+    assert expanded.monitor["cache_size_mb"] == 50.0
+    assert "ignored: cache_size_mb is given" in "\n".join(expanded.warnings)
+
+
+def test_deterministic_trains_every_run_alone(project: Path) -> None:
+    config = base()
+    config["PROCESS"]["deterministic"] = "true"
+    assert load(project, config).monitor["ensemble"] == "off"
+    config["MONITOR"]["ensemble"] = "auto"
+    expanded = load(project, config)
+    assert expanded.monitor["ensemble"] == "off"
+    assert "deterministic = true trains every run alone" in "\n".join(expanded.warnings)
+    config["PROCESS"]["deterministic"] = "false"
+    assert load(project, config).monitor["ensemble"] == "auto"

@@ -973,3 +973,13 @@ def test_losses_with_weights_or_broadcast_targets_are_left_to_vmap() -> None:
     assert mse is not None
     # Alone, a (6, 1) output against a (6,) target broadcasts to (6, 6): vmap reproduces that.
     assert mse(torch.zeros(4, 6, 1), torch.zeros(4, 6), False) is None
+
+
+def test_a_deterministic_group_trains_its_members_alone(classes: str, tmp_path: Path) -> None:
+    # The client turns ensembles off for deterministic = true; a group made by hand falls back,
+    # since a member equals its run alone within float rounding only.
+    specs = points_specs(classes, tmp_path / "group", n=2)
+    for spec in specs:
+        spec["process"] = dict(spec["process"], deterministic=True)
+    with pytest.raises(ensemble.Fallback, match="deterministic = true: every run trains alone"):
+        ensemble.execute_group(specs, {10: Recorder().channel(), 11: Recorder().channel()})

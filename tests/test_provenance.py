@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -418,3 +419,25 @@ def test_execute_reports_the_bytes_it_ran_and_the_environment(tmp: Path) -> None
     assert set(first["environment"]) == set(provenance.ENVIRONMENT_FIELDS)
     assert first["environment"]["threads"] == torch.get_num_threads()
     assert [e["section"] for e in failed["code"]] == ["data"]
+
+
+def test_diff_says_when_one_run_trained_in_an_ensemble_and_the_other_alone() -> None:
+    from mosaic_client.commands.diff import compare_runs, diff_text
+
+    environment = {"python": "3.11", "torch": "2"}
+    code = [{"section": "m", "sha256": "x", "path": "p", "text": ""}]
+    record = {"environment": environment, "code": code}
+
+    def run(seed: int, group: dict[str, Any] | None) -> dict[str, Any]:
+        return {"params": {"w": 3}, "seed": seed, "provenance": record, "group": group}
+
+    grouped = {"members": [1, 2, 3], "fallback": None}
+    found = compare_runs(run(1, grouped), run(1, None))
+    assert found["training"] == ["in an ensemble of 3 (runs 1, 2, 3)", "alone"]
+    assert found["verdict"].startswith("how they were trained")
+    text = "\n".join(diff_text(found, "A", "B"))
+    assert "trained: in an ensemble of 3 (runs 1, 2, 3) | alone" in text
+    # A group that fell back trained its members alone; the members of one group differ by seed.
+    fell_back = {"members": [1, 2], "fallback": "a reason"}
+    assert compare_runs(run(1, fell_back), run(1, None))["verdict"] == "nothing"
+    assert compare_runs(run(1, grouped), run(2, grouped))["verdict"] == "nothing but the seed"

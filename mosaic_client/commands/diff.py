@@ -80,6 +80,17 @@ def _changed(a: dict[str, Any], b: dict[str, Any], names: Any) -> dict[str, list
     return {n: [a.get(n), b.get(n)] for n in sorted(names) if a.get(n) != b.get(n)}
 
 
+def trained(info: dict[str, Any]) -> tuple[str, str]:
+    """How a run was last trained: (its kind, in words with the members). A member of a
+    vmapped ensemble equals the run alone within float rounding only (docs/ensembles.md)."""
+    group = info.get("group")
+    if not group or group.get("fallback"):
+        return "alone", "alone"
+    members = group["members"]
+    kind = f"in an ensemble of {len(members)}"
+    return kind, f"{kind} (runs {', '.join(str(m) for m in members)})"
+
+
 def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """What differs between two runs (`show` records with provenance texts): a pure function."""
     pa, pb = a["params"], b["params"]
@@ -92,6 +103,9 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "seeds": seeds if seeds["seed"][0] != seeds["seed"][1] or len(seeds) > 1 else {},
         "code": [],
         "environment": {},
+        # Alone against in an ensemble (or ensembles of other sizes): other rounding, so other
+        # numbers, even when nothing else differs.
+        "training": [trained(a)[1], trained(b)[1]] if trained(a)[0] != trained(b)[0] else [],
         "missing_provenance": [
             label for label, p in (("A", prov_a), ("B", prov_b)) if not p or not p["environment"]
         ],
@@ -115,6 +129,9 @@ def compare_runs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         )
     elif differs:
         found["verdict"] = "they differ"
+    elif found["training"]:
+        found["verdict"] = "how they were trained (an ensemble's numbers equal a run alone's "
+        found["verdict"] += "within float rounding only)" + (" and the seed" * bool(found["seeds"]))
     elif found["seeds"]:
         found["verdict"] = "nothing but the seed"
     else:
@@ -158,6 +175,8 @@ def diff_text(found: dict[str, Any], label_a: str, label_b: str) -> list[str]:
         lines += ["  " + line for line in entry["diff"].splitlines()]
         if not entry["diff"]:
             lines.append(f"  {entry['path'][0]} | {entry['path'][1]} (same text, other bytes)")
+    if found["training"]:
+        lines.append(f"trained: {found['training'][0]} | {found['training'][1]}")
     if found["environment"]:
         lines.append("environment:")
         lines += [f"  {n}: {va} | {vb}" for n, (va, vb) in found["environment"].items()]

@@ -14,7 +14,7 @@ from typing import Any
 from mosaic_client import contract
 from mosaic_client.commands import common
 from mosaic_client.commands.common import OK
-from mosaic_client.render import fmt
+from mosaic_client.render import data_cache_text, fmt
 
 NAME = "show"
 HELP = "everything known about one run"
@@ -53,6 +53,11 @@ def run_text(info: dict[str, Any]) -> list[str]:
             )
         else:
             lines.append(f"  ensemble: trained together with runs {others} (one vmapped model)")
+    live = info.get("live")
+    if live and live.get("data_cache"):
+        figures = live["data_cache"]
+        cache = data_cache_text(figures).strip() or "data cache empty"
+        lines.append(f"  data stages: {figures['outcome']} (worker {live['worker']}: {cache})")
     if info.get("results"):
         lines.append("  results: " + ", ".join(f"{k}={fmt(v)}" for k, v in info["results"].items()))
     lines.append("  parameters:")

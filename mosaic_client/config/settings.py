@@ -193,10 +193,37 @@ def _read_section(place: _Place, required: Iterable[str]) -> dict[str, Any]:
         else:
             values[key.name] = _default(key, place)
     for entry in section.entries.values():
-        if entry.key not in keys:
+        if (section.name, entry.key) in ORIGINAL_KEYS:
+            _read_original(place, entry, values)
+        elif entry.key not in keys:
             message = f"unknown key, ignored{_suggest(entry.key, keys)}"
             place.report.entry_warning(section, entry, message)
     return values
+
+
+# The original tool's keys that Mosaic reads as one of its own (docs/configuration.md): its
+# on-disk cache was one SQLite database with a size bound; Mosaic's is a directory of entries.
+ORIGINAL_KEYS: dict[tuple[str, str], str] = {
+    (MONITOR, "cache_database_path"): "cache_dir",
+    (MONITOR, "cache_size"): "cache_size_mb",
+}
+
+
+def _read_original(place: _Place, entry: Entry, values: dict[str, Any]) -> None:
+    """Read an original key as its Mosaic key, with a note; the Mosaic key wins when both are
+    given."""
+    section = place.section
+    name = ORIGINAL_KEYS[(section.name, entry.key)]
+    if name in section.entries:
+        message = f"the original tool's key, ignored: {name} is given"
+        place.report.entry_warning(section, entry, message)
+        return
+    value = _read_key(schema.BY_SECTION[section.name][name], entry, place)
+    values[name] = value
+    unit = " MiB" if name == "cache_size_mb" else ""
+    kind = " (a directory of cache entries, not a database file)" if name == "cache_dir" else ""
+    message = f"the original tool's key, read as {name} = {value}{unit}{kind}"
+    place.report.entry_warning(section, entry, message)
 
 
 _LOSS_KEYS = ("loss_function", "class_loss_function", "path_to_class_loss_function")
@@ -267,9 +294,11 @@ def _check_process(
     return process if len(report.problems) == start else None
 
 
-def _check_monitor(report: Report, section: Section) -> dict[str, Any] | None:
+def _check_monitor(
+    report: Report, section: Section, cwd: str, config_dir: str
+) -> dict[str, Any] | None:
     start = len(report.problems)
-    place = _Place(report, section, "", "")
+    place = _Place(report, section, cwd, config_dir)
     required = [k.name for k in schema.BY_SECTION[schema.MONITOR].values() if k.required]
     monitor = _read_section(place, required)
     available = section.entries.get("gpu_available")
@@ -291,5 +320,15 @@ def check_settings(
     process = (
         _check_process(report, by_name[PROCESS], cwd, config_dir) if PROCESS in by_name else None
     )
-    monitor = _check_monitor(report, by_name[MONITOR]) if MONITOR in by_name else None
+    monitor = (
+        _check_monitor(report, by_name[MONITOR], cwd, config_dir) if MONITOR in by_name else None
+    )
+    if process and monitor and process["deterministic"] and monitor["ensemble"] == "auto":
+        # An ensemble member equals its run alone within float rounding only, and the rounding
+        # grows over the epochs (docs/ensembles.md): deterministic means the same bits.
+        monitor["ensemble"] = "off"
+        entry = by_name[MONITOR].entries.get("ensemble")
+        if entry is not None:
+            message = "not used: deterministic = true trains every run alone (ensemble = off)"
+            report.entry_warning(by_name[MONITOR], entry, message)
     return process, monitor

@@ -100,6 +100,8 @@ class WorkerHandle:
     recycle_after_group: bool = False  # a member failed: replace the worker once the group ends
     runs_done: int = 0
     killed_for: str | None = None  # why the daemon killed it, if it did
+    # Its data cache figures, from its last run's provenance (mosaicd.training.data_cache).
+    data_cache: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.route = self.route or self.worker_id

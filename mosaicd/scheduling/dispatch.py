@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from mosaic_client.contract import checkpoint_path
 from mosaic_client.protocol import RunSpec
+from mosaic_client.schema import DATA_CACHE_KEYS
 from mosaicd.executors.base import BUSY, IDLE, STARTING, WorkerHandle
 from mosaicd.scheduling.core import ActiveRun, SchedulerCore
 from mosaicd.scheduling.ensemble_groups import group_key, group_size
@@ -219,6 +220,8 @@ class Dispatch(SchedulerCore):
             "max_log_mb": submission.monitor_settings["max_log_mb"],
             # Only for a user's worker (mosaicd.owners); a single-user daemon's keep theirs.
             "umask": submission.umask if submission.run_as is not None else None,
+            # [MONITOR]'s data cache settings (mosaicd.training.data_cache).
+            "data_cache": {k: submission.monitor_settings[k] for k in DATA_CACHE_KEYS},
         }
 
     def _ensemble_mates(

@@ -77,6 +77,7 @@ def _worker(executor: Executor, worker: WorkerHandle) -> WorkerView:
         "run_id": worker.run[1] if worker.run else None,
         # The Ray executor adds the actor's node.
         "runs_done": worker.runs_done,
+        "data_cache": worker.data_cache,
         **executor.resources(worker),
     }  # type: ignore[typeddict-item]
 
@@ -201,6 +202,7 @@ def show(studies: Studies, active: Active, queue: RunQueue, db: str, run_id: int
             "worker": run.worker.worker_id,
             "slot": run.worker.slot.label,
             "pid": run.worker.pid,
+            "data_cache": run.worker.data_cache,
         }
     if reply["status"] == QUEUED:
         reply["queued_ahead"] = queue.ahead_of(db, run_id)

@@ -191,6 +191,8 @@ class WorkerEvents(SchedulerCore):
 
     def _on_provenance(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         # issue 16: what the run loaded and ran in, stored in one transaction.
+        if message.get("data_cache") is not None:  # for status and show (issue 30)
+            worker.data_cache = message["data_cache"]
         run = self._active_for(worker, message["run_id"])
         if run is not None:
             run_id = run.record.run_id

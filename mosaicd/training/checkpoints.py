@@ -13,6 +13,7 @@ written to the run's log.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import stat
@@ -69,3 +70,19 @@ def load(path: str, map_location: Any) -> Any:
         flush=True,
     )
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def is_full_disk(exc: BaseException) -> bool:
+    """Whether an error raised while writing run files means the disk is full: ENOSPC, or
+    torch's zip writer's failures that hide it. A refused write leaves its stream in error:
+    the writer then raises ``[enforce fail at inline_container.cc:…] unexpected pos …`` (its
+    position stopped advancing), or for a small file ``basic_ios::clear: iostream error`` when
+    it is closed; torch raises a RuntimeError instead of the OSError."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return ("inline_container.cc" in text and "unexpected pos" in text) or (
+        "basic_ios::clear: iostream error" in text
+    )

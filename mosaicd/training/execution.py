@@ -11,6 +11,7 @@ user classes, construct the modules, prepare the data, make the loss and the opt
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import inspect
 import itertools
@@ -29,7 +30,7 @@ import torch
 from mosaic_client import contract
 from mosaic_client.protocol import RunSpec
 from mosaic_client.schema import ProcessSettings
-from mosaicd.training import checkpoints, epochs, metrics, provenance
+from mosaicd.training import checkpoints, data_cache, epochs, metrics, provenance
 
 _module_counter = itertools.count()
 # Names of the user modules loaded since the worker last dropped them (worker.py): keeping
@@ -42,6 +43,18 @@ executed_sources: dict[str, bytes] = {}
 
 class UserCodeError(Exception):
     """A mistake in the user's classes or config, reported as the run's failure message."""
+
+
+def failure_message(exc: BaseException) -> str:
+    """The "failed" message's error for an exception a run raised. A full disk that torch's zip
+    writer reports as ``[enforce fail at inline_container.cc:…] unexpected pos`` is said as
+    ENOSPC, the words by which the daemon parks a run on a full disk instead of failing it."""
+    if isinstance(exc, UserCodeError):
+        return str(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, OSError) and checkpoints.is_full_disk(exc):
+        return f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)} (torch's zip writer: {text})"
+    return text
 
 
 class Parked(Exception):
@@ -385,16 +398,17 @@ def _instantiate(
     return obj
 
 
-def prepare_data(
+def _prepare_stages(
     data_modules: list[dict[str, Any]],
+    classes: list[type],
     run_info: dict[str, Any],
     pipeline: list[dict[str, Any]],
-    run_id: int,
 ) -> tuple[Any, Any]:
     """Chain the data modules' prepare(); the last one returns the (train, test) loaders."""
     data: Any = None
-    for module in data_modules:
-        obj = _instantiate(module, run_info, pipeline, run_id, ("prepare", "info"))
+    for module, cls in zip(data_modules, classes):
+        obj = construct(cls, module, run_info, pipeline)
+        _check_methods(obj, ("prepare", "info"), module)
         data = obj.prepare(data, run_info, module)
         run_info.update(obj.info() or {})
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
@@ -404,6 +418,47 @@ def prepare_data(
             f"prepare(), got {type(data).__name__}"
         )
     return data[0], data[1]
+
+
+def prepare_data(
+    data_modules: list[dict[str, Any]],
+    run_info: dict[str, Any],
+    pipeline: list[dict[str, Any]],
+    run_id: int,
+    cache: data_cache.Settings | None = None,
+    deterministic: bool = False,
+) -> tuple[Any, Any]:
+    """The (train, test) loaders the data modules prepare, from the worker's data cache when it
+    holds them (`cache` None: off). A hit leaves run_info and the random generators as
+    preparing would have, and gives fresh loaders: the run computes the same numbers."""
+    classes = [load_user_class(m["path_to_class"], m["class"], run_id) for m in data_modules]
+    if cache is None or not data_cache.cacheable(classes):
+        data_cache.stats.record("off")
+        return _prepare_stages(data_modules, classes, run_info, pipeline)
+    key = data_cache.key(
+        classes,
+        data_modules,
+        pipeline,
+        executed_sources,
+        int(run_info["seed"]),
+        str(run_info["device"]),
+        deterministic,
+    )
+    found, outcome = data_cache.lookup(key, cache)
+    data_cache.stats.record(outcome)
+    if found is not None:
+        # The run's own id, whatever run prepared the entry.
+        run_info.update({k: v for k, v in found.run_info.items() if k != "run_id"})
+        set_rng_states(found.rng)
+        print(f"[mosaic] data stages from the data cache ({outcome})", flush=True)
+        return found.train, found.test
+    train, test = _prepare_stages(data_modules, classes, run_info, pipeline)
+    # Kept now, before training advances the loaders' generators.
+    prepared = data_cache.Prepared(train, test, dict(run_info), rng_states())
+    note = data_cache.store(key, prepared, cache, data_cache.wants_disk(classes))
+    if note:
+        print(note, flush=True)
+    return train, test
 
 
 def build_models(
@@ -454,7 +509,15 @@ def build(spec: RunSpec) -> BuiltRun:
     given = {"run_id": run_id, "device": str(device), "seed": seed, "epoch": 0}
     run_info: dict[str, Any] = {name: given[name] for name in contract.RUN_INFO_KEYS}
     n_data = len(process["data_scheme"])
-    train_data, test_data = prepare_data(pipeline[:n_data], run_info, pipeline, run_id)
+    cache = data_cache.Settings.of(spec.get("data_cache"))
+    train_data, test_data = prepare_data(
+        pipeline[:n_data],
+        run_info,
+        pipeline,
+        run_id,
+        cache if cache.enabled else None,
+        bool(process["deterministic"]),
+    )
     model_infos = pipeline[n_data:]
     models = build_models(model_infos, run_info, pipeline, run_id, device)
     optimizer, nb_params = make_optimizer(process, models)
@@ -673,7 +736,8 @@ def execute(spec: RunSpec, channel: Channel) -> dict[str, Any]:
     finally:
         if channel.on_provenance is not None:
             code = provenance.code(spec, executed_sources)
-            channel.on_provenance({"environment": environment, "code": code})
+            record = {"environment": environment, "code": code}
+            channel.on_provenance(record | {"data_cache": data_cache.figures()})
     history = History()
     start_epoch = spec["start_epoch"]
     if start_epoch > 0:

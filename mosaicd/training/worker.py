@@ -343,6 +343,9 @@ class Worker:
             try:
                 os.close(read_fd)
                 _die_with_parent()  # PDEATHSIG is not inherited across fork
+                # What this process would add to the memory cache ends with it: only the disk
+                # cache serves a later run (docs/performance.md#data-stage-cache).
+                execution.data_cache.in_forked_run = True
                 self.pipe_out = write_fd
                 if group:
                     os.close(control_write)
@@ -440,7 +443,8 @@ class Worker:
                 except BaseException as exc:  # a fault of the engine itself, not of a member
                     text = traceback.format_exc()
                     print(text, file=sys.stderr, flush=True)
-                    failure = {"error": f"ensemble: {type(exc).__name__}: {exc}", "traceback": text}
+                    message = f"ensemble: {execution.failure_message(exc)}"
+                    failure = {"error": message, "traceback": text}
                     outcomes = {run_id: ("failed", failure) for run_id in run_ids}
         except run_log.RunLogRefused as exc:
             failure = {"error": exc.strerror, "traceback": ""}
@@ -493,11 +497,7 @@ class Worker:
                 except BaseException as exc:  # user code may raise anything, even SystemExit
                     text = traceback.format_exc()
                     print(text, file=sys.stderr, flush=True)
-                    message = (
-                        str(exc)
-                        if isinstance(exc, execution.UserCodeError)
-                        else f"{type(exc).__name__}: {exc}"
-                    )
+                    message = execution.failure_message(exc)
                     outcome = ("failed", {"error": message, "traceback": text})
         except run_log.RunLogRefused as exc:
             outcome = ("failed", {"error": exc.strerror, "traceback": ""})

@@ -137,7 +137,7 @@ def execute_group(
 ) -> dict[int, Outcome]:
     """Train the members together; see the package's docstring for the contract. Members of
     more than `max_params` trainable parameters fall back (None: no limit)."""
-    reason = fallback_reason(specs)
+    reason = fallback_reason(specs) or deterministic_reason(specs)
     try:
         if reason is not None:
             raise Fallback(reason)
@@ -153,6 +153,16 @@ def execute_group(
             except OSError:
                 pass
         raise
+
+
+def deterministic_reason(specs: list[RunSpec]) -> str | None:
+    """Why a group asked for ``deterministic = true`` trains alone: a member's numbers equal
+    its run alone only within float rounding (docs/ensembles.md), and deterministic promises
+    the same bits. The client turns ensembles off for such a study; this covers a request
+    made by hand."""
+    if any(spec["process"]["deterministic"] for spec in specs):
+        return "deterministic = true: every run trains alone, for bit-identical numbers"
+    return None
 
 
 def _execute(

@@ -18,7 +18,7 @@ import torch
 
 from mosaic_client import contract
 from mosaic_client.protocol import RunSpec
-from mosaicd.training import execution, provenance
+from mosaicd.training import data_cache, execution, provenance
 from mosaicd.training.execution import BuiltRun, History
 
 Outcome = tuple[str, dict[str, Any]]
@@ -150,7 +150,11 @@ def build_members(specs: list[RunSpec], channels: dict[int, MemberChannel]) -> l
             rng={},
             resend_from=start_epoch,
             checkpoint_epoch=start_epoch,
-            provenance={"environment": environment, "code": code},
+            provenance={
+                "environment": environment,
+                "code": code,
+                "data_cache": data_cache.figures(),
+            },
         )
         if start_epoch > 0:
             member.checkpoint_epoch, member.history = execution.restore(run, member.files_dir)
@@ -165,10 +169,7 @@ def build_members(specs: list[RunSpec], channels: dict[int, MemberChannel]) -> l
 def failed_outcome(exc: BaseException) -> Outcome:
     """A member's "failed" outcome for `exc`, as a run alone reports it (in an except block)."""
     text = traceback.format_exc()
-    message = (
-        str(exc) if isinstance(exc, execution.UserCodeError) else f"{type(exc).__name__}: {exc}"
-    )
-    return ("failed", {"error": message, "traceback": text})
+    return ("failed", {"error": execution.failure_message(exc), "traceback": text})
 
 
 def short(exc: BaseException) -> str:
