@@ -86,13 +86,15 @@ def _losses(side: Side, better: str, failures: bool) -> np.ndarray:
     return values
 
 
-def probability_better(a: Side, b: Side, paired: bool, better: str, failures: bool = True) -> Any:
-    """(P(A better), its 95% score interval, the number of comparisons it counts).
+def probability_better(
+    a: Side, b: Side, paired: bool, better: str, failures: bool = True
+) -> tuple[float | None, tuple[int, int]]:
+    """P(A better) and the sizes its interval needs: (pairs, 0) or (runs of A, runs of B).
 
     Paired: over the seeds both sides ran once (finished or failed, same data stage), the
-    fraction A won (a failed run loses to a finished one, two failures tie; ties count half),
-    with Wilson's interval. Unpaired: over every (A run, B run) couple, the Mann-Whitney
-    proportion, with Newcombe's interval. failures=False leaves the failed runs out."""
+    fraction A won (a failed run loses to a finished one, two failures tie; ties count half).
+    Unpaired: over every (A run, B run) couple, the Mann-Whitney proportion. failures=False
+    leaves the failed runs out."""
     if paired:
         sa = _single_seeds(
             a.seeds + (a.failed_seeds if failures else []),
@@ -103,22 +105,38 @@ def probability_better(a: Side, b: Side, paired: bool, better: str, failures: bo
             b.data_stages + (b.failed_stages if failures else []),
         )
         seeds = [s for s in sa if s in sb and sa[s] == sb[s]]
+        if not seeds:
+            return None, (0, 0)
         sign = 1.0 if better == LOWER else -1.0
         la = dict(zip(a.seeds, sign * np.asarray(a.values, float)))
         lb = dict(zip(b.seeds, sign * np.asarray(b.values, float)))
         xa = np.array([la.get(s, np.inf) for s in seeds])
         xb = np.array([lb.get(s, np.inf) for s in seeds])
-        if not seeds:
-            return None, None, 0
         won = float(np.sum(xa < xb) + 0.5 * np.sum(xa == xb))
-        low, high = wilson(np.array([won]), np.array([len(seeds)]))
-        return won / len(seeds), [float(low[0]), float(high[0])], len(seeds)
+        return won / len(seeds), (len(seeds), 0)
     xa, xb = _losses(a, better, failures), _losses(b, better, failures)
     if not xa.size or not xb.size:
-        return None, None, 0
+        return None, (0, 0)
     theta = float(((xa[:, None] < xb[None, :]) + 0.5 * (xa[:, None] == xb[None, :])).mean())
-    low, high = newcombe(np.array([theta]), np.array([xa.size]), np.array([xb.size]))
-    return theta, [float(low[0]), float(high[0])], xa.size * xb.size
+    return theta, (xa.size, xb.size)
+
+
+def improvement_intervals(
+    thetas: Sequence[float], sizes: Sequence[tuple[int, int]]
+) -> list[list[float]]:
+    """95% score intervals of many P(A better) at once: Wilson's for a paired fraction of wins
+    (sizes (pairs, 0)), Newcombe's for a Mann-Whitney proportion (sizes (n_a, n_b))."""
+    theta = np.asarray(thetas, float)
+    na, nb = (np.array([s[i] for s in sizes], float) for i in (0, 1))
+    out = np.zeros((theta.size, 2))
+    pairs = nb == 0
+    if pairs.any():
+        low, high = wilson(theta[pairs] * na[pairs], na[pairs])
+        out[pairs] = np.stack([low, high], axis=1)
+    if (~pairs).any():
+        low, high = newcombe(theta[~pairs], na[~pairs], nb[~pairs])
+        out[~pairs] = np.stack([low, high], axis=1)
+    return out.tolist()
 
 
 # -- one line's statistics ----------------------------------------------------------------------

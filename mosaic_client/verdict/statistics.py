@@ -200,8 +200,8 @@ def smallest_sign_flip_p(n: int) -> float:
 
 def permutation_p(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sided exact permutation p-value of mean(a) - mean(b) = 0 (every split of the pooled
-    values into groups of len(a) and len(b) equally likely under exchangeability); sampled
-    splits beyond SPLITS_EXACT_MAX."""
+    values into groups of len(a) and len(b) equally likely under exchangeability), twice the
+    smaller tail as scipy.stats.permutation_test; sampled splits beyond SPLITS_EXACT_MAX."""
     pooled = np.concatenate([a, b]).astype(float)
     na, n = len(a), len(a) + len(b)
     if math.comb(n, na) <= SPLITS_EXACT_MAX:
@@ -212,18 +212,19 @@ def permutation_p(a: np.ndarray, b: np.ndarray) -> float:
         index = np.vstack([np.arange(na)[None, :], index])
     total = pooled.sum()
     sums = pooled[index].sum(axis=1)
-    stats_ = np.abs(sums / na - (total - sums) / (n - na))
-    observed = abs(a.mean() - b.mean())
+    diffs = sums / na - (total - sums) / (n - na)
+    observed = float(a.mean() - b.mean())
     tol = 1e-9 * max(float(np.abs(pooled).max()), 1e-300)
-    return float(np.mean(stats_ >= observed - tol))
+    tails = np.mean(diffs <= observed + tol), np.mean(diffs >= observed - tol)
+    return float(min(1.0, 2 * min(tails)))
 
 
 def smallest_permutation_p(na: int, nb: int) -> float:
-    """The smallest p the exact permutation test of na against nb values can give: the two
-    extreme splits (one when na != nb: their |difference| differs) over all C(n, na)."""
+    """The smallest p the exact permutation test of na against nb values can give: one
+    extreme split of C(n, na), doubled."""
     if na < 1 or nb < 1:
         return 1.0
-    return min(1.0, (1 + (na == nb)) / math.comb(na + nb, na))
+    return min(1.0, 2 / math.comb(na + nb, na))
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -316,7 +317,9 @@ def step_down(
     more; with one hypothesis a group this is plain Holm). Returns the adjusted p-values (None
     for a screened-out hypothesis) and K."""
     p_, floors_ = np.asarray(p, float), np.asarray(floors, float)
-    k = 1
+    # count(k) = the groups with a hypothesis of floor <= alpha / k falls as k grows; it is
+    # at least the groups of the hypotheses that can reach any level (floor 0): start there.
+    k = max(1, len({groups[i] for i in np.flatnonzero(floors_ <= 0)}))
     while True:
         chosen = floors_ <= alpha / k
         needed = len({groups[i] for i in np.flatnonzero(chosen)})
@@ -325,14 +328,16 @@ def step_down(
         k += 1
     members = [i for i in np.flatnonzero(chosen) if np.isfinite(p_[i])]
     adjusted: list[float | None] = [None] * len(p_)
-    remaining = {g: 0 for g in (groups[i] for i in members)}
+    remaining: dict[Any, int] = {}
     for i in members:
-        remaining[groups[i]] += 1
+        remaining[groups[i]] = remaining.get(groups[i], 0) + 1
+    open_groups = len(remaining)  # groups that still hold an unrejected hypothesis
     running = 0.0
     for i in sorted(members, key=lambda j: p_[j]):
-        running = max(running, min(1.0, sum(1 for c in remaining.values() if c) * p_[i]))
+        running = max(running, min(1.0, open_groups * p_[i]))
         adjusted[i] = running
         remaining[groups[i]] -= 1
+        open_groups -= remaining[groups[i]] == 0
     return adjusted, k
 
 
