@@ -279,6 +279,9 @@ def sequential_json(plan: Any, looks: list[Any]) -> dict[str, Any]:
         "alpha": plan.alpha,
         "max_repetitions": plan.max_repetitions,
         "spending": plan.spending,
+        "method": "group-sequential: Lan-DeMets alpha spending, boundaries by numerical "
+        "integration; each look tests at the nominal level of its boundary",
+        "spent": plan.spent(),
         "looks": [
             {
                 "repetitions": n,
@@ -294,9 +297,11 @@ def sequential_json(plan: Any, looks: list[Any]) -> dict[str, Any]:
 def sequential_note(plan: Any, looks: list[Any]) -> str:
     levels = ", ".join(f"{level:.3g} at {n}" for n, level, _ in looks)
     return (
-        f"sequential plan: alpha {plan.alpha:g} spent over the looks (Lan-DeMets "
-        f"{plan.spending}, R = {plan.max_repetitions}): levels {levels}; comparisons decided "
-        "at a look keep their verdict (docs/compare.md)\n"
+        f"sequential plan: group-sequential boundaries for alpha {plan.alpha:g} (Lan-DeMets "
+        f"{plan.spending}-type spending, R = {plan.max_repetitions}); nominal levels "
+        f"{levels}; alpha spent so far {plan.spent():.3g}; comparisons decided at a look keep "
+        "their verdict. A later plain `compare` of these runs tests them again at full alpha: "
+        "report the plan's verdict (docs/compare.md)\n"
     )
 
 
@@ -376,7 +381,7 @@ def _line_notes(line: Any) -> list[str]:
         )
     if line.tost_p is not None:
         notes.append(
-            f"equivalence within +-{line.margin:g}: TOST p {_num(line.tost_p, '.2g')}, "
+            f"equivalence within ±{line.margin:g}: TOST p {_num(line.tost_p, '.2g')}, "
             f"adjusted {_num(line.tost_p_holm, '.2g')}"
         )
     if line.note:
