@@ -416,6 +416,29 @@ def test_failures_join_the_verdict() -> None:
     assert conflict.verdict == comparison.NO_DIFFERENCE and "B fails less often" in conflict.note
 
 
+def test_a_side_whose_every_run_failed_is_reported_and_loses() -> None:
+    from mosaic_client.commands.compare import render
+
+    seeds = list(range(8))
+    sides = {
+        "data": {
+            "A": {10: side("A", [], [], failed=seeds)},
+            "B": {11: side("B", np.linspace(0.2, 0.3, 8), seeds)},
+        }
+    }
+    report = comparison.compare(reading.StudyValues("test_loss", sides, {"failed": 8}, {}), "x")
+    (line,) = report.lines
+    assert line.verdict == comparison.B_BETTER and line.decided_by == "failures"
+    assert line.p_improvement == 0.0 and line.p_value is None
+    assert line.failure_p == pytest.approx(stats.fisher_exact([[8, 0], [0, 8]]).pvalue)
+    out = json.dumps(report.as_json(), allow_nan=False)  # no NaN in the JSON
+    assert json.loads(out)["lines"][0]["mean_a"] is None
+    table = render(report)
+    row = next(r for r in table.splitlines() if r.strip().startswith("10 "))
+    assert row.split()[2:4] == ["0/8", "8/0"] and "B better" in row  # n A/B, failed A/B
+    assert "8 failed" in table
+
+
 def test_equivalence_within_the_margin() -> None:
     rng = np.random.default_rng(7)
     a = rng.normal(0.5, 0.01, 10)

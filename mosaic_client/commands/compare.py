@@ -306,7 +306,7 @@ def sequential_note(plan: Any, looks: list[Any]) -> str:
 
 
 def _num(x: float | None, spec: str = ".3g") -> str:
-    return "-" if x is None else format(x, spec)
+    return "-" if x is None or x != x else format(x, spec)  # x != x: NaN
 
 
 def _interval(ci: list[float] | None, spec: str = ".3g") -> str:
@@ -335,7 +335,7 @@ def _row(line: Any) -> tuple[str, ...]:
         pairing,
         _num(line.mean_a, ".4g"),
         _num(line.mean_b, ".4g"),
-        f"{line.diff:+.3g} {_interval(line.ci)}",
+        f"{_num(line.diff, '+.3g')} {_interval(line.ci)}",
         "-"
         if line.p_improvement is None
         else f"{line.p_improvement:.2f} {_interval(line.p_improvement_ci, '.2f')}",

@@ -5,6 +5,7 @@ report and the verdict words with the repetitions advice (docs/compare.md)."""
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,7 +103,12 @@ class Line:
         )
 
     def as_json(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k not in ("sd", "improvement_sizes")}
+        # NaN is not JSON: a side whose every run failed has no mean
+        return {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in vars(self).items()
+            if k not in ("sd", "improvement_sizes")
+        }
 
     def set_stats(self, found: Stats) -> None:
         self.test, self.p_floor, self.ci = found.test, found.floor, found.ci
@@ -261,25 +267,43 @@ def match_sizes(
     """Sizes of A and B matched one to one, closest pairs (in log) first, within a factor
     `tolerance`: symmetric (swapping the families swaps the pairs, never changes them).
 
-    Returns the matched (a, b) pairs sorted by a, and the sizes of A and of B left alone."""
-    candidates = sorted(
-        (abs(math.log(x / y)), min(x, y), max(x, y), x, y)
-        for x in set(sizes_a)
-        for y in set(sizes_b)
-        if max(x, y) / min(x, y) <= tolerance
-    )
-    used_a: set[int] = set()
-    used_b: set[int] = set()
+    The closest remaining pair of sizes from different families is always adjacent in the
+    sorted list of the sizes left (a size between them would be closer to one of them), so a
+    heap of adjacent pairs finds each next match: n log n for hundreds of sizes. Ties in
+    distance go to the pair of smaller sizes. Returns the matched (a, b) pairs sorted by a, and
+    the sizes of A and of B left alone."""
+    items = sorted([(x, 0) for x in set(sizes_a)] + [(y, 1) for y in set(sizes_b)])
+    after = list(range(1, len(items) + 1))
+    before = list(range(-1, len(items) - 1))
+    alive = [True] * len(items)
+    heap: list[tuple[float, int, int, int, int]] = []
+
+    def push(i: int, j: int) -> None:
+        if 0 <= i and j < len(items) and items[i][1] != items[j][1]:
+            x, y = items[i][0], items[j][0]
+            if y / x <= tolerance:
+                heapq.heappush(heap, (math.log(y / x), x, y, i, j))
+
+    for i in range(len(items) - 1):
+        push(i, i + 1)
     matched = []
-    for *_, x, y in candidates:
-        if x not in used_a and y not in used_b:
-            matched.append((x, y))
-            used_a.add(x)
-            used_b.add(y)
+    while heap:
+        *_, i, j = heapq.heappop(heap)
+        if not (alive[i] and alive[j] and after[i] == j):
+            continue
+        alive[i] = alive[j] = False
+        x, y = items[i][0], items[j][0]
+        matched.append((x, y) if items[i][1] == 0 else (y, x))
+        left, right = before[i], after[j]
+        if left >= 0:
+            after[left] = right
+        if right < len(items):
+            before[right] = left
+        push(left, right)
     return (
         sorted(matched),
-        sorted(x for x in set(sizes_a) if x not in used_a),
-        sorted(y for y in set(sizes_b) if y not in used_b),
+        [x for (x, side), ok in zip(items, alive) if ok and side == 0],
+        [y for (y, side), ok in zip(items, alive) if ok and side == 1],
     )
 
 
