@@ -293,6 +293,66 @@ def test_curve_line_is_the_welch_satterthwaite_contrast_by_hand() -> None:
     assert line.p_value is None and not line.testable
 
 
+def curve_study(
+    rng: np.random.Generator,
+    seeds: int,
+    gap: float = 0.0,
+    family_seed_sd: float = 0.0,
+    shared_sd: float = 1.0,
+) -> tuple[list[reading.Side], list[reading.Side]]:
+    """Two families of 3 sizes each, every size run with the same seeds: a seed effect shared
+    by every group (the data) and one shared by the sizes of a family (e.g. its initial
+    weights), plus noise; B is worse by `gap` everywhere."""
+    shared = rng.normal(0, shared_sd, seeds)
+    out = []
+    for family, sizes, shift in (("A", [10, 40, 160], 0.0), ("B", [20, 80, 320], gap)):
+        own = rng.normal(0, family_seed_sd, seeds)
+        out.append(
+            [
+                side(
+                    family,
+                    1 / math.log(s) + shift + shared + own + rng.normal(0, 0.3, seeds),
+                    range(seeds),
+                )
+                for s in sizes
+            ]
+        )
+        for s, group in zip(sizes, out[-1]):
+            group.nb_params = s
+    return out[0], out[1]
+
+
+def test_curve_line_with_shared_seeds_tests_the_per_seed_contrasts() -> None:
+    a, b = curve_study(np.random.default_rng(21), 6, gap=0.2)
+    line = comparison.curve_line(a, b, "data", reading.LOWER)
+    wa, wb, _, _ = comparison.curve_weights([s.nb_params for s in a], [s.nb_params for s in b])
+    per_seed = wa @ np.array([s.values for s in a]) - wb @ np.array([s.values for s in b])
+    ref = stats.ttest_1samp(per_seed, 0.0)
+    assert line.paired and line.pairing.startswith("clustered by seed: 6 seeds")
+    assert line.diff == pytest.approx(per_seed.mean())
+    assert line.p_value == pytest.approx(ref.pvalue, rel=1e-9)
+    ci = ref.confidence_interval()
+    assert line.ci == pytest.approx([ci.low, ci.high], rel=1e-9)
+
+
+def test_curve_line_keeps_its_level_when_a_family_shares_its_seeds() -> None:
+    """A seed effect common to the sizes of a family makes its groups correlated: the contrast
+    of independent means then decides too often; the per-seed contrasts do not."""
+    rng = np.random.default_rng(22)
+    clustered, independent = [], []
+    for _ in range(1500):
+        a, b = curve_study(rng, 6, family_seed_sd=0.5, shared_sd=0.0)
+        line = comparison.curve_line(a, b, "data", reading.LOWER)
+        clustered.append(line.p_value <= ALPHA)
+        wa, wb, _, _ = comparison.curve_weights([10, 40, 160], [20, 80, 320])
+        groups = [(w, s) for w, s in zip(wa, a) if w > 0]
+        groups += [(-w, s) for w, s in zip(wb, b) if w > 0]
+        independent.append(comparison.independent_contrast(groups, line.diff, 0).p <= ALPHA)
+    rate, naive = float(np.mean(clustered)), float(np.mean(independent))
+    print(f"curve line, family seed effect: per-seed contrasts {rate:.3f}, independent {naive:.3f}")
+    assert 0.03 <= rate <= 0.07 and naive > 0.08
+
+
 def test_contrast_of_two_groups_is_welch() -> None:
     a, b = np.array([1.0, 1.2, 0.9, 1.4]), np.array([0.7, 0.8, 0.75])
     t, df, p = vstats.welch(a, b)

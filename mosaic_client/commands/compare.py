@@ -325,7 +325,9 @@ def _row(line: Any) -> tuple[str, ...]:
     size_a, size_b = _sizes(line)
     advice = f": {line.repetitions_note}" if line.repetitions_note else ""
     pairing = "paired" if line.paired else "unpaired"
-    if line.paired and line.pairing != "paired by seed":
+    if line.kind == "curve" and line.paired:
+        pairing = "by seed"  # clustered: the per-seed contrasts
+    elif line.paired and line.pairing != "paired by seed":
         pairing = "paired*"  # complete pairs only: the note below says how many were left out
     return (
         size_a,
@@ -370,9 +372,10 @@ def _line_notes(line: Any) -> list[str]:
     failure and equivalence tests, a conflict or an interval that excludes 0."""
     where = "curve" if line.kind == "curve" else f"{line.a_nb_params}/{line.b_nb_params}"
     notes = []
-    if line.test not in ("paired t", "Welch t", "Welch-Satterthwaite t of the contrast"):
+    usual = ("paired t", "Welch t", "Welch-Satterthwaite t of the contrast")
+    if line.test not in usual and line.kind != "curve":
         notes.append(f"test: {line.test}")
-    if line.paired and line.pairing != "paired by seed":
+    if line.kind == "curve" or (line.paired and line.pairing != "paired by seed"):
         notes.append(line.pairing)
     if line.failure_p is not None:
         notes.append(

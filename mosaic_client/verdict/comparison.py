@@ -22,6 +22,7 @@ from mosaic_client.verdict.lines import (
     paired_order,
     pairing,
     probability_better,
+    seed_clusters,
     t_line,
 )
 from mosaic_client.verdict.reading import LOWER, Side, StudyValues, direction
@@ -210,52 +211,72 @@ def curve_line(
     """The whole curves of A and B over their overlapping nb_params range (sides sorted by
     size, each with finished runs); None when they do not overlap over an interval.
 
-    The test: Welch-Satterthwaite t of the linear contrast D (groups independent: the shared
-    seeds of a family's sizes are not modelled, docs/compare.md); its t interval."""
+    Every size of a family shares the family's seeds, and the same seed gives the same data to
+    both families: the groups are not independent. When at least 2 seeds ran once in every
+    group of the contrast (complete clusters, at least half of the smallest group), the test is
+    the one-sample t test of the per-seed contrasts D_s (seed as the unit: valid whatever the
+    correlation between the groups of one seed); else the Welch-Satterthwaite t of the contrast
+    of independent group means, and the line says so."""
     found = curve_weights([s.nb_params for s in a], [s.nb_params for s in b])
     if found is None:
         return None
     wa, wb, lo, hi = found
-    means_a = np.array([s.mean for s in a])
-    means_b = np.array([s.mean for s in b])
     groups = [(w, s) for w, s in zip(wa, a) if w > 0] + [(-w, s) for w, s in zip(wb, b) if w > 0]
-    diff = float(wa @ means_a - wb @ means_b)
+    seeds = seed_clusters([s for _, s in groups])
+    ns = np.array([len(s.values) for _, s in groups])
+    clustered = len(seeds) >= 2 and 2 * len(seeds) >= ns.min()
+    if clustered:
+        at = [dict(zip(s.seeds, s.values)) for _, s in groups]
+        per_seed = np.array([[v[seed] for seed in seeds] for v in at])  # (groups, seeds)
+        signed = np.array([w for w, _ in groups])
+        parts_a = (np.maximum(signed, 0)[:, None] * per_seed).sum(axis=0)
+        parts_b = (np.maximum(-signed, 0)[:, None] * per_seed).sum(axis=0)
+        how = f"clustered by seed: {len(seeds)} seeds ran by every size in the overlap"
+    else:
+        parts_a = np.array([wa @ np.array([s.mean for s in a])])
+        parts_b = np.array([wb @ np.array([s.mean for s in b])])
+        how = "unpaired: groups treated as independent (no complete seeds)"
     line = Line(
-        "curve",
-        dataset_key,
-        a[0].family,
-        b[0].family,
-        [round(lo), round(hi)],
-        [round(lo), round(hi)],
-        sum(len(s.values) for w, s in zip(wa, a) if w > 0),
-        sum(len(s.values) for w, s in zip(wb, b) if w > 0),
-        False,
-        "unpaired (curves: groups treated as independent)",
-        float(wa @ means_a),
-        float(wb @ means_b),
-        diff,
-    )
-    line.failed_a = sum(s.failures for w, s in zip(wa, a) if w > 0)
-    line.failed_b = sum(s.failures for w, s in zip(wb, b) if w > 0)
+        "curve", dataset_key, a[0].family, b[0].family, [round(lo), round(hi)],
+        [round(lo), round(hi)], int(ns[signed_mask(groups, True)].sum()),
+        int(ns[signed_mask(groups, False)].sum()), clustered, how, float(parts_a.mean()),
+        float(parts_b.mean()), float(parts_a.mean() - parts_b.mean()),
+    )  # fmt: skip
+    line.failed_a = sum(s.failures for w, s in groups if w > 0)
+    line.failed_b = sum(s.failures for w, s in groups if w < 0)
     line.margin = margin or None
+    if clustered:
+        stats = line_statistics(parts_a - parts_b, np.zeros(len(seeds)), True, margin)
+        stats.test = "t test of the per-seed contrasts" if stats.floor == 0 else stats.test
+        stats.effect_kind = "d_z (per-seed contrasts)"
+    else:
+        stats = independent_contrast(groups, line.diff, margin)
+    line.set_stats(stats)
+    return line
+
+
+def signed_mask(groups: Sequence[tuple[float, Side]], positive: bool) -> np.ndarray:
+    return np.array([(w > 0) == positive for w, _ in groups])
+
+
+def independent_contrast(groups: Sequence[tuple[float, Side]], diff: float, margin: float) -> Stats:
+    """Welch-Satterthwaite t of a contrast of independent group means (weights w_g)."""
     ns = np.array([len(s.values) for _, s in groups])
     stats = Stats(diff, "Welch-Satterthwaite t of the contrast", math.nan, 1.0)
     stats.effect_kind = "difference / pooled sd"
-    if (ns >= 2).all():
-        variances = np.array([s.var for _, s in groups])
-        ws = np.array([w for w, _ in groups])
-        _, se, df = contrast_parts(np.array([diff]), (ws**2 * variances / ns)[None, :], ns - 1)
-        pooled = math.sqrt(float(np.mean(variances)))
-        if se[0] > 0:
-            stats.floor, stats.se, stats.df = 0.0, float(se[0]), float(df[0])
-            stats.sd, stats.effect = pooled, diff / pooled
-            stats = t_line(stats, margin)
-        else:
-            stats.test = "none: no spread in any group"
-    else:
+    if not (ns >= 2).all():
         stats.test = "none: a group with fewer than 2 runs"
-    line.set_stats(stats)
-    return line
+        return stats
+    variances = np.array([s.var for _, s in groups])
+    ws = np.array([w for w, _ in groups])
+    _, se, df = contrast_parts(np.array([diff]), (ws**2 * variances / ns)[None, :], ns - 1)
+    if not se[0] > 0:
+        stats.test = "none: no spread in any group"
+        return stats
+    pooled = math.sqrt(float(np.mean(variances)))
+    stats.floor, stats.se, stats.df = 0.0, float(se[0]), float(df[0])
+    stats.sd, stats.effect = pooled, diff / pooled
+    return t_line(stats, margin)
 
 
 # -- matching ---------------------------------------------------------------------------------

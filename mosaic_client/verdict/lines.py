@@ -66,6 +66,19 @@ def pairing(a: Side, b: Side) -> tuple[bool, str]:
     return True, "paired by seed"
 
 
+def seed_clusters(sides: Sequence[Side]) -> list[Any]:
+    """The seeds every side finished exactly once, all on the same data stage: the complete
+    clusters of a curve line (every size of both families trained on the data of seed s)."""
+    found: dict[Any, str] | None = None
+    for side in sides:
+        own = _single_seeds(side.seeds, side.data_stages)
+        if found is None:
+            found = own
+        else:
+            found = {s: st for s, st in found.items() if own.get(s, None) == st}
+    return sorted(found or {}, key=repr)
+
+
 def paired_order(a: Side, b: Side) -> tuple[np.ndarray, np.ndarray]:
     """A's and B's values of the complete pairs, lined up by seed."""
     seeds = common_seeds(a, b)
