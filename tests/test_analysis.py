@@ -552,6 +552,14 @@ def test_compare_on_the_trained_study(study: Study) -> None:
     assert "A = mlp_mlp_brick, B = mlp_mlp_funnel" in table.stdout
     assert "too few repetitions" in table.stdout and "paired" in table.stdout
     assert "failed A/B" in table.stdout and "without a partner" in table.stdout
+    across = json.loads(study.cli("compare", study.db, "--across-datasets", "--json").stdout)
+    (pair,) = across["across_datasets"]
+    assert (pair["a"], pair["b"], pair["datasets"]) == (
+        "mlp_mlp_brick",
+        "mlp_mlp_funnel",
+        ["data_dataset_OR"],  # AND has no finished run: nothing to combine there
+    )
+    assert pair["p_value"] == pytest.approx(curve["p_value"]) and pair["lines"] == ["curve"]
 
 
 @pytest.mark.parametrize(

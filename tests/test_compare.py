@@ -328,7 +328,8 @@ def test_curve_line_with_shared_seeds_tests_the_per_seed_contrasts() -> None:
     wa, wb, _, _ = comparison.curve_weights([s.nb_params for s in a], [s.nb_params for s in b])
     per_seed = wa @ np.array([s.values for s in a]) - wb @ np.array([s.values for s in b])
     ref = stats.ttest_1samp(per_seed, 0.0)
-    assert line.paired and line.pairing.startswith("clustered by seed: 6 seeds")
+    assert line.paired is True and line.pairing.startswith("clustered by seed: 6 seeds")
+    json.dumps(line.as_json(), allow_nan=False)  # plain Python values only
     assert line.diff == pytest.approx(per_seed.mean())
     assert line.p_value == pytest.approx(ref.pvalue, rel=1e-9)
     ci = ref.confidence_interval()
@@ -915,3 +916,63 @@ def test_status_import_does_not_load_numpy_or_scipy() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# -- across datasets ------------------------------------------------------------------------------
+
+
+def across_study(rng: np.random.Generator, keys: int, effect: float) -> reading.StudyValues:
+    """`keys` dataset keys, families A and B at one size each, 6 paired seeds; A lower (better)
+    by `effect` sd of the differences."""
+    seeds = list(range(6))
+    sides = {}
+    for k in range(keys):
+        base = rng.normal(0.5, 0.1, 6)
+        sides[f"data_{k}"] = {
+            "A": {10: side("A", base - effect * 0.1 + rng.normal(0, 0.1, 6), seeds)},
+            "B": {11: side("B", base, seeds)},
+        }
+        sides[f"data_{k}"]["B"][11].nb_params = 11
+    return reading.StudyValues("test_loss", sides, {}, {})
+
+
+def test_across_datasets_is_stouffers_combination_of_one_sided_t_tests() -> None:
+    from mosaic_client.commands.compare import render
+    from mosaic_client.verdict import across
+
+    values = across_study(np.random.default_rng(30), 3, 0.8)
+    report = comparison.compare(values, "x")
+    (found,) = across.across_datasets(report.lines, report.better, ALPHA)
+    one_sided = []
+    for key in sorted(values.sides):
+        a, b = values.sides[key]["A"][10].values, values.sides[key]["B"][11].values
+        one_sided.append(stats.ttest_rel(a, b, alternative="less").pvalue)  # A lower: better
+    ref = stats.combine_pvalues(one_sided, method="stouffer")
+    assert found.z == pytest.approx(ref.statistic, rel=1e-9)
+    assert found.p_value == pytest.approx(2 * min(ref.pvalue, 1 - ref.pvalue), rel=1e-9)
+    assert found.datasets == ["data_0", "data_1", "data_2"] and found.lines == ["10/11"] * 3
+    assert found.p_holm == found.p_value  # one pair of families
+    report.across_datasets = [found.as_json()]
+    assert f"3 dataset key(s), A better in {found.a_better_in}" in render(report)
+
+
+def test_across_datasets_keeps_its_level_and_pools_power() -> None:
+    from mosaic_client.verdict import across
+
+    rng = np.random.default_rng(31)
+    rates = {}
+    for effect in (0.0, 0.8):
+        decided = single = 0
+        for _ in range(600):
+            values = across_study(rng, 3, effect)
+            found = comparison.candidates(values, None, None, 1.5)
+            lines = comparison.size_lines(found.pairs, "", reading.LOWER)
+            for line, key in zip(lines, found.pair_keys):
+                line.dataset_key = key
+            (verdict,) = across.across_datasets(lines, reading.LOWER, ALPHA)
+            decided += verdict.verdict in comparison.DECIDED
+            single += lines[0].p_value <= ALPHA
+        rates[effect] = (decided / 600, single / 600)
+    print(f"across 3 datasets, 6 pairs each: null {rates[0.0][0]:.3f}; d_z 0.8: {rates[0.8]}")
+    assert 0.03 <= rates[0.0][0] <= 0.07
+    assert rates[0.8][0] > rates[0.8][1] + 0.2  # three datasets decide what one cannot

@@ -80,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "loss); the failure-rate test is reported either way",
     )
     parser.add_argument(
+        "--across-datasets",
+        action="store_true",
+        help="also one verdict per pair of families over every dataset key (Stouffer's "
+        "combination of each key's curve line, else its size line; Holm across the pairs)",
+    )
+    parser.add_argument(
         "--until-decided",
         action="store_true",
         help="queue more repetitions of the undecided comparisons through the daemon, wait, "
@@ -138,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.step is not None and args.step < 1:
             return _fail(f"--step {args.step}: give how many repetitions a round adds (>= 1)")
+        if args.across_datasets:
+            return _fail("--across-datasets goes with a plain compare, not --until-decided")
     elif args.max_repetitions is not None or args.step is not None:
         return _fail("--max-repetitions and --step go with --until-decided")
     try:
@@ -168,6 +176,11 @@ def run(args: argparse.Namespace) -> int:
         )
     except (analysis.AnalysisError, reading.VerdictError) as exc:
         return _fail(str(exc))
+    if args.across_datasets:
+        from mosaic_client.verdict import across
+
+        found = across.across_datasets(report.lines, report.better, report.alpha)
+        report.across_datasets = [f.as_json() for f in found]
     if args.json:
         sys.stdout.write(json.dumps(report.as_json(), indent=1) + "\n")  # one write: fast
     else:
@@ -392,6 +405,30 @@ def _line_notes(line: Any) -> list[str]:
     return [f"    {where}: {n}" for n in notes]
 
 
+def _across(found: list[dict[str, Any]]) -> list[str]:
+    """The --across-datasets section: one verdict per pair of families."""
+    out = [
+        "",
+        "across datasets (Stouffer's combination of each dataset key's curve line, else its "
+        "only size line; Holm across the pairs of families):",
+    ]
+    for f in found:
+        head = f"  A = {f['a']}, B = {f['b']}: "
+        if f["z"] is None:
+            out.append(head + f"{f['verdict']} (no dataset key with a t-tested line)")
+        else:
+            pi = f["mean_p_improvement"]
+            out.append(
+                head + f"{len(f['datasets'])} dataset key(s), A better in {f['a_better_in']}; "
+                f"Z {f['z']:+.2f}, p {_num(f['p_value'], '.2g')}, adjusted "
+                f"{_num(f['p_holm'], '.2g')}"
+                + ("" if pi is None else f"; mean P(A better) {pi:.2f}")
+                + f": {f['verdict']}"
+            )
+        out.extend(f"    left out {why}" for why in f["left_out"])
+    return out
+
+
 def render(report: Any) -> str:
     """The report as a table per dataset key and pair of families, with the sizes left
     without a partner under their pair, even when the pair has no line."""
@@ -444,6 +481,8 @@ def render(report: Any) -> str:
         )
     for note in report.notes:
         out.append(f"note: {note}")
+    if report.across_datasets is not None:
+        out.extend(_across(report.across_datasets))
     counts = [(w, sum(line.verdict == w for line in report.lines)) for w in (A_BETTER, B_BETTER)]
     if report.margin:
         counts.append(

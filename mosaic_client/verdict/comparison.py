@@ -224,7 +224,7 @@ def curve_line(
     groups = [(w, s) for w, s in zip(wa, a) if w > 0] + [(-w, s) for w, s in zip(wb, b) if w > 0]
     seeds = seed_clusters([s for _, s in groups])
     ns = np.array([len(s.values) for _, s in groups])
-    clustered = len(seeds) >= 2 and 2 * len(seeds) >= ns.min()
+    clustered = bool(len(seeds) >= 2 and 2 * len(seeds) >= ns.min())
     if clustered:
         at = [dict(zip(s.seeds, s.values)) for _, s in groups]
         per_seed = np.array([[v[seed] for seed in seeds] for v in at])  # (groups, seeds)
@@ -460,6 +460,7 @@ class Report:
     margin: float | None = None
     failures_as_losses: bool = True
     family_size: int = 0  # groups of hypotheses in the correction (Tarone's K)
+    across_datasets: list[dict[str, Any]] | None = None  # --across-datasets (across.py)
 
     def as_json(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k != "lines"}

@@ -334,7 +334,7 @@ def step_down(
     open_groups = len(remaining)  # groups that still hold an unrejected hypothesis
     running = 0.0
     for i in sorted(members, key=lambda j: p_[j]):
-        running = max(running, min(1.0, open_groups * p_[i]))
+        running = max(running, min(1.0, open_groups * float(p_[i])))
         adjusted[i] = running
         remaining[groups[i]] -= 1
         open_groups -= remaining[groups[i]] == 0
