@@ -503,7 +503,8 @@ def render(report: Any) -> str:
     out.append(
         f"rule: decided when the adjusted p <= {report.alpha:g} (Holm over every mean, failure "
         f"and equivalence test of the report, {report.family_size} group(s)); paired lines: "
-        "paired t test, unpaired: Welch t test, no spread: exact permutation test; failures: "
+        "paired t test, unpaired: Welch t test, curves: t test of the per-seed contrasts, no "
+        "spread: exact permutation test; failures: "
         "Fisher's exact test. CIs: 95% t intervals (they exclude 0 exactly when p < 0.05, "
         f"before the correction). P(A better): {losses}, Wilson / Newcombe score intervals. "
         f"Repetitions needed: 80% power against {target} at level alpha / "

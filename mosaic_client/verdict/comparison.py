@@ -242,6 +242,8 @@ def curve_line(
         int(ns[signed_mask(groups, False)].sum()), clustered, how, float(parts_a.mean()),
         float(parts_b.mean()), float(parts_a.mean() - parts_b.mean()),
     )  # fmt: skip
+    if clustered:  # the test's unit is the seed: n A/B = the complete seeds, like pairs
+        line.n_a = line.n_b = len(seeds)
     line.failed_a = sum(s.failures for w, s in groups if w > 0)
     line.failed_b = sum(s.failures for w, s in groups if w < 0)
     line.margin = margin or None
