@@ -50,7 +50,9 @@ def pairing(a: Side, b: Side) -> tuple[bool, str]:
     data stage: repetition i of A and of B saw the same data) when there are at least 2 of
     them and they hold at least half the runs of the smaller side; else unpaired, and why.
     Runs without a partner are left out of a paired line, and the reason says how many."""
-    if any(s is None for s in a.seeds + b.seeds) or not a.seeds or not b.seeds:
+    if not a.values or not b.values:
+        return False, "unpaired: a side has no finished run"
+    if any(s is None for s in a.seeds + b.seeds):
         return False, "unpaired: seeds unknown"
     seeds = common_seeds(a, b)
     if len(seeds) < 2 or 2 * len(seeds) < min(len(a.values), len(b.values)):
