@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         analysis.check_criterion(args.metric)
     except analysis.AnalysisError as exc:
         return _fail(str(exc))
-    # The bootstrap's matrix products are thin (repetitions wide): BLAS threads only spin, and
+    # The statistics' matrix products are thin (repetitions wide): BLAS threads only spin, and
     # on a busy machine they double the CPU time. Set before numpy loads its BLAS.
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")

@@ -5,7 +5,7 @@ only those before it:
   and the failed runs, as Sides), which way each metric is better, VerdictError;
 * statistics.py: pure functions over numbers: the t tests and their intervals, exact tests for
   data without spread, TOST, Fisher's test, score intervals, the step-down correction (Holm with
-  Tarone's screen), power and the repetitions needed, the bootstrap of mean_ci (metaplot --ci);
+  Tarone's screen), power and the repetitions needed, the t interval of mean_ci (metaplot --ci);
 * lines.py: one line's numbers: pairing by seed, P(A better), line_statistics;
 * comparison.py: one report (compare): sizes matched, lines tested, the correction, the words;
 * sequential.py: the group-sequential plan of `compare --until-decided`.

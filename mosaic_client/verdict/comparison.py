@@ -606,8 +606,8 @@ def compare(
     """Every pair of families on each dataset key: matched sizes and whole curves.
 
     settled: lines decided earlier (SequentialPlan); they replace the new ones with the same key
-    and are not tested again. n_resamples and seed: kept in the report for metaplot-style
-    bootstraps; the verdict's intervals are exact."""
+    and are not tested again. n_resamples and seed: kept in the report's JSON for its
+    readers; no interval is bootstrapped any more (each inverts its test)."""
     better = direction(values.metric)
     found = candidates(values, data_keys, families, size_tolerance)
     notes = found.notes

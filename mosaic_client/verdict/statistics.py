@@ -2,7 +2,7 @@
 exact permutation tests for degenerate data, TOST, Fisher's exact test of failure rates), the
 intervals that invert them (t intervals; Wilson and Newcombe score intervals for P(A better)),
 the step-down correction of a report (Holm with Tarone's screen), power and the repetitions
-needed, and the percentile bootstrap of one group's mean (mean_ci, for metaplot --ci).
+needed, and the t interval of one group's mean (mean_ci, for metaplot --ci).
 
 Nothing here knows about studies or families; scipy is imported inside the functions that use
 it (the thin client loads it only for the commands that need it)."""
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-N_RESAMPLES = 10_000
+N_RESAMPLES = 10_000  # kept in the report's JSON: no bootstrap is drawn any more
 SEED = 20_210_312  # fixed: the same database always gives the same report
 SIGN_FLIP_EXACT_MAX = 16  # up to 2**16 sign patterns enumerated; beyond, Monte Carlo
 SIGN_FLIP_RANDOM = 20_000
@@ -26,48 +26,19 @@ MAX_REPETITIONS_ADVISED = 100_000
 CONFIDENCE = 0.95
 
 
-# -- bootstrap (metaplot --ci) ----------------------------------------------------------------
+# -- one group's mean (metaplot --ci) -----------------------------------------------------------
 
 
-def resample_weights(rng: np.random.Generator, n: int, n_resamples: int) -> np.ndarray:
-    """(n_resamples, n) weights: resample_counts over n (a resample's mean is weights @ x)."""
-    return resample_counts(rng, n, n_resamples) / n
-
-
-def resample_counts(rng: np.random.Generator, n: int, n_resamples: int) -> np.ndarray:
-    """(n_resamples, n) counts: how often each observation is drawn.
-
-    The indices are drawn exactly as scipy.stats.bootstrap draws them (rng.integers(0, n,
-    (n_resamples, n))), so with the same Generator seed both give the same resamples; the mean
-    of a resample is then a matrix product, for many lines at once."""
-    index = rng.integers(0, n, (n_resamples, n))
-    offsets = index + n * np.arange(n_resamples)[:, None]
-    return np.bincount(offsets.ravel(), minlength=n_resamples * n).reshape(n_resamples, n)
-
-
-def percentile_ci(
-    boot: np.ndarray, confidence: float = CONFIDENCE
-) -> tuple[np.ndarray, np.ndarray]:
-    """The percentile interval of bootstrap distributions along the last axis (linear
-    interpolation, as scipy.stats.bootstrap(method='percentile'))."""
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(boot, [tail, 1 - tail], axis=-1)
-    return low, high
-
-
-def mean_ci(
-    values: Sequence[float],
-    confidence: float = CONFIDENCE,
-    n_resamples: int = N_RESAMPLES,
-    seed: int = SEED,
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of one group's mean (metaplot --ci); a point for one value."""
+def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The t interval of one group's mean (metaplot --ci), mean +- t quantile * s / sqrt(n):
+    exact coverage for normal values, where a percentile bootstrap of 6 values covers about
+    87% for a nominal 95%; a point for one value or for values without spread."""
     x = np.asarray(values, dtype=float)
-    if x.size < 2:
-        return float(x[0]), float(x[0])
-    w = resample_weights(np.random.default_rng(seed), x.size, n_resamples)
-    low, high = percentile_ci(w @ x, confidence)
-    return float(low), float(high)
+    if x.size < 2 or not x.std() > 0:
+        return float(x.mean()), float(x.mean())
+    mean, se, df = paired_parts(x[None, :])
+    low, high = t_interval(mean, se, df, confidence)
+    return float(low[0]), float(high[0])
 
 
 # -- t tests and their intervals --------------------------------------------------------------
