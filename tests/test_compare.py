@@ -865,6 +865,23 @@ def test_groups_command_reads_the_view_and_explains_an_old_database(tmp_path: Pa
     assert result.returncode == 2 and "no run_groups view" in result.stderr
 
 
+def test_failed_and_nan_runs_are_failures_of_their_point(tmp_path: Path) -> None:
+    """Run 3 failed before reporting its size: placed by its configuration (funnel, width 3);
+    run 6 finished with a NULL slope (NaN is stored as NULL): a failure of funnel at 50."""
+    db = tmp_path / "s.db"
+    synthetic_study(db)
+    conn = sqlite3.connect(db)
+    try:
+        values = reading.study_values(conn, "slope")
+    finally:
+        conn.close()
+    funnel = values.sides["OR_half"]["funnel"]
+    assert (funnel[30].failures, funnel[30].failed_seeds, len(funnel[30].values)) == (1, [2], 3)
+    assert (funnel[50].failures, len(funnel[50].values)) == (1, 2)
+    assert values.sides["OR_half"]["brick"][20].failures == 0
+    assert values.skipped == {"failed": 1, "without slope": 1} and not values.unplaced
+
+
 def test_compare_on_a_synthetic_study_reports_unpaired_and_unmatched(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     synthetic_study(db)
