@@ -400,6 +400,12 @@ def _line_notes(line: Any) -> list[str]:
             f"equivalence within ±{line.margin:g}: TOST p {_num(line.tost_p, '.2g')}, "
             f"adjusted {_num(line.tost_p_holm, '.2g')}"
         )
+    if line.band:
+        points = "; ".join(
+            f"{p['nb_params']}: {p['diff']:+.3g} [{p['low']:.3g}, {p['high']:.3g}]"
+            for p in line.band
+        )
+        notes.append(f"A - B along the overlap, 95% simultaneous band (by seed): {points}")
     if line.note:
         notes.append(line.note)
     return [f"    {where}: {n}" for n in notes]

@@ -32,6 +32,7 @@ from mosaic_client.verdict.statistics import (
     contrast_parts,
     fisher_p,
     repetitions_needed_many,
+    simultaneous_band,
     smallest_fisher_p,
     step_down,
 )
@@ -90,6 +91,9 @@ class Line:
     decided_by: str = ""  # what decided the verdict: "mean", "failures", "equivalence"
     note: str = ""
     improvement_sizes: tuple[int, int] = (0, 0)  # for P(A better)'s interval; not in JSON
+    # a curve line clustered by seed: the 95% simultaneous band on the difference curve A - B
+    # at its knots ({nb_params, diff, low, high}; statistics.simultaneous_band)
+    band: list[dict[str, float]] | None = None
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -248,6 +252,15 @@ def curve_line(
     line.failed_b = sum(s.failures for w, s in groups if w < 0)
     line.margin = margin or None
     if clustered:
+        positive = signed_mask(groups, True)
+        sizes = np.log([s.nb_params for _, s in groups])
+        knots, mean, low, high = simultaneous_band(
+            sizes[positive], per_seed[positive], sizes[~positive], per_seed[~positive]
+        )
+        line.band = [
+            {"nb_params": round(math.exp(k)), "diff": float(m), "low": float(x), "high": float(y)}
+            for k, m, x, y in zip(knots, mean, low, high)
+        ]
         stats = line_statistics(parts_a - parts_b, np.zeros(len(seeds)), True, margin)
         stats.test = "t test of the per-seed contrasts" if stats.floor == 0 else stats.test
         stats.effect_kind = "d_z (per-seed contrasts)"

@@ -122,6 +122,32 @@ def tost(diff: np.ndarray, se: np.ndarray, df: np.ndarray, margin: float) -> np.
     return np.where(ok, np.maximum(lower, upper), np.nan)
 
 
+def simultaneous_band(
+    la: np.ndarray, ya: np.ndarray, lb: np.ndarray, yb: np.ndarray, confidence: float = CONFIDENCE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A simultaneous band on the difference of two curves measured on the same seeds.
+
+    la, lb: the log sizes of each curve (sorted); ya (len(la), S), yb (len(lb), S): the values
+    of each size at each of S seeds. Each seed's difference curve f_A,s - f_B,s is piecewise
+    linear between the knots (the union of the sizes, within the overlap); at each of the J
+    knots, mean +- t(1 - (1 - confidence) / (2 J), S - 1) * sd / sqrt(S) (Bonferroni over the
+    knots: every knot covered at once with probability >= confidence for normal per-seed
+    differences), and a band that holds at every knot holds for the linear pieces between
+    them. Returns (knots, mean, low, high)."""
+    from scipy import special
+
+    lo, hi = max(la.min(), lb.min()), min(la.max(), lb.max())
+    knots = np.unique(np.concatenate([la, lb, [lo, hi]]))
+    knots = knots[(knots >= lo) & (knots <= hi)]
+    seeds = ya.shape[1]
+    fa = np.stack([np.interp(knots, la, ya[:, s]) for s in range(seeds)])
+    fb = np.stack([np.interp(knots, lb, yb[:, s]) for s in range(seeds)])
+    d = fa - fb  # (seeds, knots)
+    mean, se = d.mean(axis=0), d.std(axis=0, ddof=1) / math.sqrt(seeds)
+    q = special.stdtrit(seeds - 1, 1 - (1 - confidence) / (2 * knots.size))
+    return knots, mean, mean - q * se, mean + q * se
+
+
 def welch(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(t, df, p) of Welch's two-sided t test for each row of a (L, na) against b (L, nb);
     nan where both sides have zero variance."""
