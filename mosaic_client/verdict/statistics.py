@@ -1,8 +1,9 @@
 """Pure statistics over numbers (numpy arrays): the tests of a verdict line (paired t, Welch,
 exact permutation tests for degenerate data, TOST, Fisher's exact test of failure rates), the
-intervals that invert them (t intervals; Wilson and Newcombe score intervals for P(A better)),
-the step-down correction of a report (Holm with Tarone's screen), power and the repetitions
-needed, and the t interval of one group's mean (mean_ci, for metaplot --ci).
+intervals that invert them (t intervals; Wilson and Newcombe score intervals for P(A better); a
+simultaneous band on a difference curve), the step-down correction of a report (Holm with
+Tarone's screen), power and the repetitions needed, and the t interval of one group's mean
+(mean_ci, for metaplot --ci).
 
 Nothing here knows about studies or families; scipy is imported inside the functions that use
 it (the thin client loads it only for the commands that need it)."""
