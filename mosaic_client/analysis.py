@@ -165,7 +165,8 @@ class MetaPoint:
     max: float
     std: float
     run_ids: list[int]
-    # metaplot --ci (issue 15): 95% percentile bootstrap CI of the mean; a point for one run.
+    # metaplot --ci: the 95% t interval of the mean (issue 28: a percentile bootstrap
+    # under-covers at 6 runs); a point for one run.
     ci_low: float | None = None
     ci_high: float | None = None
 
@@ -206,7 +207,7 @@ def metaplot_data(
 ) -> MetaData:
     """CRITERION per model key and nb_params over the runs of one dataset key: mean, min, max,
     standard deviation (sample, 0 for a single run) over the runs of each point; with ci, the
-    95% bootstrap confidence interval of each mean (numpy, imported only then)."""
+    95% t interval of each mean (numpy and scipy, imported only then)."""
     check_criterion(criterion)
     params = run_params(conn)
     statuses = study_reading.run_statuses(conn)

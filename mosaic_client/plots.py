@@ -182,8 +182,7 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
     ax.set_ylabel(label + (" (log scale)" if log_y else ""), fontsize=10)
     bars = {
         "std": "bars: ± standard deviation over runs",
-        "ci": "bars: 95% bootstrap CI of the mean\n(percentile, 10,000 resamples; "
-        "none for a single run)",
+        "ci": "bars: 95% t interval of the mean\n(none for a single run)",
     }.get(spread, "bars: min to max over runs")
     ax.legend(title=f"model key: mean, {bars}", fontsize=9, title_fontsize=9)
     ax.grid(True, which="both", alpha=0.3)

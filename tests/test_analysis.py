@@ -25,6 +25,7 @@ import ini
 import pytest
 from conftest import REPO, Daemon, query
 from conftest import RESULT_CRITERIA as CRITERIA
+from scipy import stats
 
 from mosaic_client import analysis
 
@@ -221,6 +222,24 @@ def sql_means(db: str, dataset_key: str, criterion: str) -> dict[tuple[str, int]
         dataset_key,
     )
     return {(r[0], r[1]): r[2:] for r in rows}
+
+
+def by_seed(db: str, model_key: str, nb_params: int) -> list[float]:
+    """The test losses of a group's finished runs on OR, in seed order, in SQL."""
+    rows = query(
+        db,
+        """
+        SELECT rr.test_loss FROM run_results rr
+        JOIN runs r ON r.run_id = rr.run_id AND r.status = 'done'
+        JOIN run_meta m ON m.run_id = rr.run_id
+        JOIN params dk ON dk.run_id = rr.run_id AND dk.param_name = 'dataset_key'
+        JOIN params mk ON mk.run_id = rr.run_id AND mk.param_name = 'mlp_key'
+        WHERE dk.param_value = 'data_dataset_OR' AND mk.param_value = ? AND rr.nb_params = ?
+        ORDER BY m.seed""",
+        model_key,
+        nb_params,
+    )
+    return [r[0] for r in rows]
 
 
 def assert_points_match(plotted: dict[str, Any], expected: dict[tuple[str, int], tuple]) -> None:
@@ -498,14 +517,23 @@ def test_compare_on_the_trained_study(study: Study) -> None:
         assert line["a"] == "mlp_mlp_brick" and line["b"] == "mlp_mlp_funnel"
         assert line["mean_a"] == pytest.approx(means[("mlp_mlp_brick", line["a_nb_params"])][0])
         assert line["mean_b"] == pytest.approx(means[("mlp_mlp_funnel", line["b_nb_params"])][0])
-        # Same seeds (0, 1) on the same data stage: paired, but 2 pairs cannot reach 0.05.
+        # Same seeds (0, 1) on the same data stage: paired; 2 pairs: a paired t test (1 df).
         assert line["paired"] and (line["n_a"], line["n_b"]) == (2, 2)
-        assert line["verdict"] == "too few repetitions"
-        if line["diff"]:
-            assert line["repetitions_needed"] >= 6
-        else:  # brick and funnel of width 2, length 1 are the same network: same results
-            assert line["repetitions_note"].startswith("no spread")
-        assert line["ci"][0] <= line["diff"] <= line["ci"][1]
+        a = by_seed(study.db, "mlp_mlp_brick", line["a_nb_params"])
+        b = by_seed(study.db, "mlp_mlp_funnel", line["b_nb_params"])
+        if a == b:  # brick and funnel of width 2, length 1 are the same network: same results
+            # no spread at all: the exact sign-flip test, whose p is never below 1: no test
+            assert line["verdict"] == "too few repetitions" and line["p_value"] == 1.0
+            assert line["repetitions_note"].startswith("no spread") and line["ci"] is None
+            continue
+        ref = stats.ttest_rel(a, b)
+        assert line["test"] == "paired t"
+        assert line["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+        ci = ref.confidence_interval()
+        assert line["ci"] == pytest.approx([ci.low, ci.high], rel=1e-9)
+        assert line["verdict"] != "too few repetitions"
+        if line["verdict"] == "no detectable difference":
+            assert line["repetitions_needed"] >= 2
     sizes_of = (
         {ln["a_nb_params"] for ln in sizes}
         | {ln["b_nb_params"] for ln in sizes}
@@ -523,6 +551,15 @@ def test_compare_on_the_trained_study(study: Study) -> None:
     assert table.returncode == 0, table.stderr
     assert "A = mlp_mlp_brick, B = mlp_mlp_funnel" in table.stdout
     assert "too few repetitions" in table.stdout and "paired" in table.stdout
+    assert "failed A/B" in table.stdout and "without a partner" in table.stdout
+    across = json.loads(study.cli("compare", study.db, "--across-datasets", "--json").stdout)
+    (pair,) = across["across_datasets"]
+    assert (pair["a"], pair["b"], pair["datasets"]) == (
+        "mlp_mlp_brick",
+        "mlp_mlp_funnel",
+        ["data_dataset_OR"],  # AND has no finished run: nothing to combine there
+    )
+    assert pair["p_value"] == pytest.approx(curve["p_value"]) and pair["lines"] == ["curve"]
 
 
 @pytest.mark.parametrize(

@@ -194,7 +194,9 @@ def test_repeat_continues_the_groups_and_compare_sees_the_new_runs(daemon: Daemo
     daemon.wait_for(db, total=9)
     assert query(db, "SELECT seed FROM run_meta WHERE run_id > 7 ORDER BY run_id") == [(5,), (2,)]
     report = json.loads(daemon.cli("compare", db, "--json", check=True).stdout)
-    assert [(ln["n_a"], ln["n_b"]) for ln in report["lines"]] == [(3, 6)]
+    # seeds 0-2 against 0-5: paired over the 3 complete pairs, the 3 others left out and said
+    assert [(ln["n_a"], ln["n_b"], ln["paired"]) for ln in report["lines"]] == [(3, 3, True)]
+    assert "3 complete pairs" in report["lines"][0]["pairing"]
     assert snapshot(db, [1, 2, 3, 4]) == old
 
     bad = daemon.cli("repeat", db, "--add", "0", "-id", "1")

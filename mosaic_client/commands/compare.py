@@ -67,6 +67,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "repetitions advice aims at it instead of the observed difference",
     )
     parser.add_argument(
+        "--margin",
+        type=float,
+        metavar="DELTA",
+        help="equivalence margin, in the metric's unit: a line whose difference lies within "
+        "+-DELTA by two one-sided tests (TOST) says 'equivalent within +-DELTA'",
+    )
+    parser.add_argument(
+        "--exclude-failures",
+        action="store_true",
+        help="P(A better) over finished runs only (default: a failed or NaN run counts as a "
+        "loss); the failure-rate test is reported either way",
+    )
+    parser.add_argument(
+        "--across-datasets",
+        action="store_true",
+        help="also one verdict per pair of families over every dataset key (Stouffer's "
+        "combination of each key's curve line, else its size line; Holm across the pairs)",
+    )
+    parser.add_argument(
         "--until-decided",
         action="store_true",
         help="queue more repetitions of the undecided comparisons through the daemon, wait, "
@@ -105,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
             f"--min-effect {args.min_effect}: give a positive difference in the unit "
             f"of {args.metric}"
         )
+    if args.margin is not None and not args.margin > 0:
+        return _fail(
+            f"--margin {args.margin}: give a positive difference in the unit of {args.metric}"
+        )
     families = None
     if args.families:
         families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -121,13 +144,15 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.step is not None and args.step < 1:
             return _fail(f"--step {args.step}: give how many repetitions a round adds (>= 1)")
+        if args.across_datasets:
+            return _fail("--across-datasets goes with a plain compare, not --until-decided")
     elif args.max_repetitions is not None or args.step is not None:
         return _fail("--max-repetitions and --step go with --until-decided")
     try:
         analysis.check_criterion(args.metric)
     except analysis.AnalysisError as exc:
         return _fail(str(exc))
-    # The bootstrap's matrix products are thin (repetitions wide): BLAS threads only spin, and
+    # The statistics' matrix products are thin (repetitions wide): BLAS threads only spin, and
     # on a busy machine they double the CPU time. Set before numpy loads its BLAS.
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")
@@ -139,10 +164,23 @@ def run(args: argparse.Namespace) -> int:
         reading.direction(args.metric)
         values = read_values(args.db, args.metric)
         report = comparison.compare(
-            values, args.db, args.data, families, args.alpha, args.size_tolerance, args.min_effect
+            values,
+            args.db,
+            args.data,
+            families,
+            args.alpha,
+            args.size_tolerance,
+            args.min_effect,
+            margin=args.margin,
+            failures_as_losses=not args.exclude_failures,
         )
     except (analysis.AnalysisError, reading.VerdictError) as exc:
         return _fail(str(exc))
+    if args.across_datasets:
+        from mosaic_client.verdict import across
+
+        found = across.across_datasets(report.lines, report.better, report.alpha)
+        report.across_datasets = [f.as_json() for f in found]
     if args.json:
         sys.stdout.write(json.dumps(report.as_json(), indent=1) + "\n")  # one write: fast
     else:
@@ -174,6 +212,8 @@ def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
         "families": families,
         "size_tolerance": args.size_tolerance,
         "min_effect": args.min_effect,
+        "margin": args.margin,
+        "failures_as_losses": not args.exclude_failures,
     }
     say = sys.stderr if args.json else sys.stdout  # --json keeps stdout for the report
 
@@ -252,6 +292,9 @@ def sequential_json(plan: Any, looks: list[Any]) -> dict[str, Any]:
         "alpha": plan.alpha,
         "max_repetitions": plan.max_repetitions,
         "spending": plan.spending,
+        "method": "group-sequential: Lan-DeMets alpha spending, boundaries by numerical "
+        "integration; each look tests at the nominal level of its boundary",
+        "spent": plan.spent(),
         "looks": [
             {
                 "repetitions": n,
@@ -267,14 +310,16 @@ def sequential_json(plan: Any, looks: list[Any]) -> dict[str, Any]:
 def sequential_note(plan: Any, looks: list[Any]) -> str:
     levels = ", ".join(f"{level:.3g} at {n}" for n, level, _ in looks)
     return (
-        f"sequential plan: alpha {plan.alpha:g} spent over the looks (Lan-DeMets "
-        f"{plan.spending}, R = {plan.max_repetitions}): levels {levels}; comparisons decided "
-        "at a look keep their verdict (docs/compare.md)\n"
+        f"sequential plan: group-sequential boundaries for alpha {plan.alpha:g} (Lan-DeMets "
+        f"{plan.spending}-type spending, R = {plan.max_repetitions}); nominal levels "
+        f"{levels}; alpha spent so far {plan.spent():.3g}; comparisons decided at a look keep "
+        "their verdict. A later plain `compare` of these runs tests them again at full alpha: "
+        "report the plan's verdict (docs/compare.md)\n"
     )
 
 
 def _num(x: float | None, spec: str = ".3g") -> str:
-    return "-" if x is None else format(x, spec)
+    return "-" if x is None or x != x else format(x, spec)  # x != x: NaN
 
 
 def _interval(ci: list[float] | None, spec: str = ".3g") -> str:
@@ -288,69 +333,150 @@ def _sizes(line: Any) -> tuple[str, str]:
     return str(line.a_nb_params), str(line.b_nb_params)
 
 
+def _row(line: Any) -> tuple[str, ...]:
+    """One line of the table."""
+    size_a, size_b = _sizes(line)
+    advice = f": {line.repetitions_note}" if line.repetitions_note else ""
+    pairing = "paired" if line.paired else "unpaired"
+    if line.kind == "curve" and line.paired:
+        pairing = "by seed"  # clustered: the per-seed contrasts
+    elif line.paired and line.pairing != "paired by seed":
+        pairing = "paired*"  # complete pairs only: the note below says how many were left out
+    return (
+        size_a,
+        size_b,
+        f"{line.n_a}/{line.n_b}",
+        f"{line.failed_a}/{line.failed_b}",
+        pairing,
+        _num(line.mean_a, ".4g"),
+        _num(line.mean_b, ".4g"),
+        f"{_num(line.diff, '+.3g')} {_interval(line.ci)}",
+        "-"
+        if line.p_improvement is None
+        else f"{line.p_improvement:.2f} {_interval(line.p_improvement_ci, '.2f')}",
+        _num(line.p_value, ".2g"),
+        _num(line.p_holm, ".2g"),
+        "-"
+        if line.effect_size is None
+        else f"{'dz' if line.paired else 'g'} {line.effect_size:+.2f}",
+        line.verdict + advice,
+    )
+
+
+HEADER = (
+    "size A",
+    "size B",
+    "n A/B",
+    "failed A/B",
+    "pairing",
+    "mean A",
+    "mean B",
+    "A - B [95% CI]",
+    "P(A better) [95% CI]",
+    "p",
+    "p adj",
+    "effect",
+    "verdict",
+)
+
+
+def _line_notes(line: Any) -> list[str]:
+    """What the table cannot hold: the test used when not the usual one, partial pairing, the
+    failure and equivalence tests, a conflict or an interval that excludes 0."""
+    where = "curve" if line.kind == "curve" else f"{line.a_nb_params}/{line.b_nb_params}"
+    notes = []
+    usual = ("paired t", "Welch t", "Welch-Satterthwaite t of the contrast")
+    if line.test not in usual and line.kind != "curve":
+        notes.append(f"test: {line.test}")
+    if line.kind == "curve" or (line.paired and line.pairing != "paired by seed"):
+        notes.append(line.pairing)
+    if line.failure_p is not None:
+        notes.append(
+            f"failure rates {line.failed_a}/{line.runs_a} against {line.failed_b}/{line.runs_b}: "
+            f"Fisher p {_num(line.failure_p, '.2g')}, adjusted {_num(line.failure_p_holm, '.2g')}"
+        )
+    if line.tost_p is not None:
+        notes.append(
+            f"equivalence within ±{line.margin:g}: TOST p {_num(line.tost_p, '.2g')}, "
+            f"adjusted {_num(line.tost_p_holm, '.2g')}"
+        )
+    if line.band:
+        points = "; ".join(
+            f"{p['nb_params']}: {p['diff']:+.3g} [{p['low']:.3g}, {p['high']:.3g}]"
+            for p in line.band
+        )
+        notes.append(f"A - B along the overlap, 95% simultaneous band (by seed): {points}")
+    if line.note:
+        notes.append(line.note)
+    return [f"    {where}: {n}" for n in notes]
+
+
+def _across(found: list[dict[str, Any]]) -> list[str]:
+    """The --across-datasets section: one verdict per pair of families."""
+    out = [
+        "",
+        "across datasets (Stouffer's combination of each dataset key's curve line, else its "
+        "only size line; Holm across the pairs of families):",
+    ]
+    for f in found:
+        head = f"  A = {f['a']}, B = {f['b']}: "
+        if f["z"] is None:
+            out.append(head + f"{f['verdict']} (no dataset key with a t-tested line)")
+        else:
+            pi = f["mean_p_improvement"]
+            out.append(
+                head + f"{len(f['datasets'])} dataset key(s), A better in {f['a_better_in']}; "
+                f"Z {f['z']:+.2f}, p {_num(f['p_value'], '.2g')}, adjusted "
+                f"{_num(f['p_holm'], '.2g')}"
+                + ("" if pi is None else f"; mean P(A better) {pi:.2f}")
+                + f": {f['verdict']}"
+            )
+        out.extend(f"    left out {why}" for why in f["left_out"])
+    return out
+
+
 def render(report: Any) -> str:
-    """The report as a table per dataset key and pair of families."""
-    from mosaic_client.verdict.comparison import A_BETTER, B_BETTER, NO_DIFFERENCE, TOO_FEW
+    """The report as a table per dataset key and pair of families, with the sizes left
+    without a partner under their pair, even when the pair has no line."""
+    from mosaic_client.verdict.comparison import (
+        A_BETTER,
+        B_BETTER,
+        EQUIVALENT,
+        NO_DIFFERENCE,
+        TOO_FEW,
+    )
 
     tested = sum(1 for line in report.lines if line.p_holm is not None)
     out = [
         f"compare {report.metric} in {report.db} ({report.better} is better): "
         f"{len(report.lines)} comparison(s), {tested} tested; alpha {report.alpha:g} "
-        "family-wise (Holm)"
+        "family-wise (Holm, Tarone's screen)"
     ]
-    header = (
-        "size A",
-        "size B",
-        "n A/B",
-        "pairing",
-        "mean A",
-        "mean B",
-        "A - B [95% CI]",
-        "P(A better) [95% CI]",
-        "p",
-        "p Holm",
-        "effect",
-        "verdict",
-    )
     blocks: dict[tuple[str, str, str], list[Any]] = {}
     for line in report.lines:
         blocks.setdefault((line.dataset_key, line.a, line.b), []).append(line)
-    for (key, a, b), lines in blocks.items():
+    for u in report.unmatched:
+        pair = tuple(sorted((u["family"], u["against"])))
+        blocks.setdefault((u["dataset_key"], *pair), [])
+    for (key, a, b), lines in sorted(blocks.items()):
         out.append("")
         out.append(f"{key}: A = {a}, B = {b}")
-        rows = [header]
-        for line in lines:
-            size_a, size_b = _sizes(line)
-            advice = f": {line.repetitions_note}" if line.repetitions_note else ""
-            rows.append(
-                (
-                    size_a,
-                    size_b,
-                    f"{line.n_a}/{line.n_b}",
-                    "paired" if line.paired else "unpaired",
-                    _num(line.mean_a, ".4g"),
-                    _num(line.mean_b, ".4g"),
-                    f"{line.diff:+.3g} {_interval(line.ci)}",
-                    "-"
-                    if line.p_improvement is None
-                    else f"{line.p_improvement:.2f} {_interval(line.p_improvement_ci, '.2f')}",
-                    _num(line.p_value, ".2g"),
-                    _num(line.p_holm, ".2g"),
-                    "-"
-                    if line.effect_size is None
-                    else f"{'dz' if line.paired else 'g'} {line.effect_size:+.2f}",
-                    line.verdict + advice,
-                )
-            )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-        for r in rows:
-            out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        if lines:
+            rows = [HEADER, *(_row(line) for line in lines)]
+            widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER) - 1)]
+            for r in rows:
+                out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+            for line in lines:
+                out.extend(_line_notes(line))
+        else:
+            out.append("  no size within the tolerance and no overlapping curves: no comparison")
         lonely = [
             u
             for u in report.unmatched
             if u["dataset_key"] == key and {u["family"], u["against"]} == {a, b}
         ]
         if lonely:
+            lonely.sort(key=lambda u: (u["family"] != a, u["nb_params"]))
             listing = ", ".join(f"{u['family']} {u['nb_params']}" for u in lonely)
             out.append(f"  without a partner within {report.size_tolerance:g}x: {listing}")
     if not report.lines:
@@ -361,20 +487,33 @@ def render(report: Any) -> str:
         )
     for note in report.notes:
         out.append(f"note: {note}")
-    words = {
-        w: sum(line.verdict == w for line in report.lines)
-        for w in (A_BETTER, B_BETTER, NO_DIFFERENCE, TOO_FEW)
-    }
+    if report.across_datasets is not None:
+        out.extend(_across(report.across_datasets))
+    counts = [(w, sum(line.verdict == w for line in report.lines)) for w in (A_BETTER, B_BETTER)]
+    if report.margin:
+        counts.append(
+            (
+                f"{EQUIVALENT}{report.margin:g}",
+                sum(line.verdict.startswith(EQUIVALENT) for line in report.lines),
+            )
+        )
+    counts += [
+        (w, sum(line.verdict == w for line in report.lines)) for w in (NO_DIFFERENCE, TOO_FEW)
+    ]
     out.append("")
-    out.append("verdicts: " + ", ".join(f"{n} {w}" for w, n in words.items()))
+    out.append("verdicts: " + ", ".join(f"{n} {w}" for w, n in counts))
     target = (
         f"--min-effect {report.min_effect:g}" if report.min_effect else "the observed difference"
     )
+    losses = "a failed run counts as a loss" if report.failures_as_losses else "finished runs only"
     out.append(
-        f"rule: decided when the Holm-adjusted p <= {report.alpha:g}; paired lines: "
-        "exact sign-flip test, unpaired: Welch t test. CIs: 95% percentile bootstrap "
-        f"({report.n_resamples} resamples, seed {report.seed}), not adjusted. "
+        f"rule: decided when the adjusted p <= {report.alpha:g} (Holm over every mean, failure "
+        f"and equivalence test of the report, {report.family_size} group(s)); paired lines: "
+        "paired t test, unpaired: Welch t test, curves: t test of the per-seed contrasts, no "
+        "spread: exact permutation test; failures: "
+        "Fisher's exact test. CIs: 95% t intervals (they exclude 0 exactly when p < 0.05, "
+        f"before the correction). P(A better): {losses}, Wilson / Newcombe score intervals. "
         f"Repetitions needed: 80% power against {target} at level alpha / "
-        f"{max(1, tested)} tested (docs/compare.md)"
+        f"{max(1, report.family_size)} (docs/compare.md)"
     )
     return "\n".join(out) + "\n"

@@ -69,6 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_const",
         const="ci",
         dest="spread",
-        help="bars: 95%% bootstrap confidence interval of each mean instead",
+        help="bars: 95%% t interval of each mean instead",
     )
     parser.add_argument("--data", metavar="OUT.json", help="also write the plotted points as JSON")

@@ -1,6 +1,7 @@
 """Reading a study into what the verdict needs: the metric of every finished run as Sides
-({dataset key: {family: {nb_params: Side}}}, with seeds and data stages for the pairing), and
-which way each metric is better. No numpy: this is plain Python over the study's rows."""
+({dataset key: {family: {nb_params: Side}}}, with seeds and data stages for the pairing, and
+the side's failed runs: status failed, or finished with a NaN or infinite metric), and which
+way each metric is better. No numpy: this is plain Python over the study's rows."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def direction(metric: str) -> str:
 
 @dataclass
 class Side:
-    """The runs of one family at one size: values of the metric, with seed and data stage."""
+    """The runs of one family at one size: values of the metric, with seed and data stage;
+    and its failed runs (failure is an outcome: the verdict counts them, docs/compare.md)."""
 
     family: str
     nb_params: int
@@ -56,9 +58,24 @@ class Side:
     run_ids: list[int] = field(default_factory=list)
     seeds: list[Any] = field(default_factory=list)
     data_stages: list[str] = field(default_factory=list)
+    failed_run_ids: list[int] = field(default_factory=list)
+    failed_seeds: list[Any] = field(default_factory=list)
+    failed_stages: list[str] = field(default_factory=list)
+
+    def add_failure(self, run_id: int, params: dict[str, Any], stage: str) -> None:
+        self.failed_run_ids.append(run_id)
+        self.failed_seeds.append(params.get("seed"))
+        self.failed_stages.append(stage)
+
+    @property
+    def failures(self) -> int:
+        return len(self.failed_run_ids)
 
     @functools.cached_property
     def mean(self) -> float:
+        """Mean of the finished runs; nan when every run failed."""
+        if not self.values:
+            return math.nan
         return math.fsum(self.values) / len(self.values)
 
     @functools.cached_property
@@ -106,50 +123,70 @@ class StudyValues:
     sides: dict[str, dict[str, dict[int, Side]]]
     skipped: dict[str, int]
     configurations: dict[tuple[str, str, int], int]  # how many configuration groups per point
+    unplaced: dict[str, int] = field(default_factory=dict)  # failed runs of unknown size, by key
 
 
 def study_values(conn: Any, metric: str) -> StudyValues:
-    """The metric of every finished run of the study on `conn`, grouped into Sides; the runs
-    left out counted by reason."""
+    """The metric of every finished run of the study on `conn`, grouped into Sides, with each
+    side's failed runs; the runs left out counted by reason."""
     analysis.check_criterion(metric)
     direction(metric)
     params = study_reading.run_params(conn)
     statuses = study_reading.run_statuses(conn)
     results = study_reading.results_by_run(conn, ("nb_params", metric))
-    sides: dict[str, dict[str, dict[int, Side]]] = {}
-    skipped: dict[str, int] = {}
+    values = StudyValues(metric, {}, {}, {})
     configs: dict[tuple[str, str, int], set[Any]] = {}
     stages: dict[Any, str] = {}
+    homeless: list[tuple[int, str, frozenset[Any]]] = []  # failed runs without nb_params
+    sizes: dict[tuple[str, frozenset[Any]], int] = {}  # configuration -> nb_params
     for run_id in sorted(statuses):
         own = params.get(run_id, {})
         key = analysis.data_key(own)
         if key is None:
             continue
+        values.sides.setdefault(key, {})
         row = results.get(run_id)
-        if statuses[run_id] != "done":
-            reason = statuses[run_id]
-        elif row is None or row[0] is None:
-            reason = "without results"
-        elif row[1] is None or not math.isfinite(row[1]):
-            reason = f"without {metric}"
-        else:
-            reason = ""
-        if reason:
-            skipped[reason] = skipped.get(reason, 0) + 1
-            sides.setdefault(key, {})
-            continue
-        family = analysis.model_key(own) or "(no model key)"
-        size = int(row[0])
-        side = (
-            sides.setdefault(key, {})
-            .setdefault(family, {})
-            .setdefault(size, Side(family, size, []))
+        # Everything but the repetition's own params (set operations: fast on 10,000 runs).
+        signature = frozenset(own.items()) - {(k, own.get(k)) for k in REPETITION_PARAMS}
+        size = int(row[0]) if row is not None and row[0] is not None else None
+        failed = statuses[run_id] == "failed" or (
+            statuses[run_id] == "done"
+            and size is not None
+            and (row[1] is None or not math.isfinite(row[1]))
         )
+        if failed:
+            reason = "failed" if statuses[run_id] == "failed" else f"without {metric}"
+            values.skipped[reason] = values.skipped.get(reason, 0) + 1
+            if size is None:
+                homeless.append((run_id, key, signature))
+            else:
+                _side(values, key, own, size).add_failure(run_id, own, _data_stage(own, stages))
+            continue
+        if statuses[run_id] != "done" or size is None:
+            reason = statuses[run_id] if statuses[run_id] != "done" else "without results"
+            values.skipped[reason] = values.skipped.get(reason, 0) + 1
+            continue
+        side = _side(values, key, own, size)
         side.values.append(float(row[1]))
         side.run_ids.append(run_id)
         side.seeds.append(own.get("seed"))
         side.data_stages.append(_data_stage(own, stages))
-        # Everything but the repetition's own params (set operations: fast on 10,000 runs).
-        signature = frozenset(own.items()) - {(k, own.get(k)) for k in REPETITION_PARAMS}
-        configs.setdefault((key, family, size), set()).add(signature)
-    return StudyValues(metric, sides, skipped, {k: len(v) for k, v in configs.items()})
+        sizes[(key, signature)] = size
+        configs.setdefault((key, side.family, size), set()).add(signature)
+    for run_id, key, signature in homeless:
+        # A run that failed before reporting its size: the size its configuration's finished
+        # runs have. When none finished, it cannot be placed on the size axis.
+        own = params.get(run_id, {})
+        if (key, signature) in sizes:
+            side = _side(values, key, own, sizes[(key, signature)])
+            side.add_failure(run_id, own, _data_stage(own, stages))
+        else:
+            values.unplaced[key] = values.unplaced.get(key, 0) + 1
+    values.configurations = {k: len(v) for k, v in configs.items()}
+    return values
+
+
+def _side(values: StudyValues, key: str, own: dict[str, Any], size: int) -> Side:
+    family = analysis.model_key(own) or "(no model key)"
+    by_size = values.sides.setdefault(key, {}).setdefault(family, {})
+    return by_size.setdefault(size, Side(family, size, []))

@@ -1,5 +1,6 @@
-"""`mosaic compare --until-decided`: the sequential plan (alpha spent over the looks, Lan-DeMets)
-and the loop that looks, picks the groups to repeat, waits for their runs and looks again."""
+"""`mosaic compare --until-decided`: the group-sequential plan (Lan-DeMets alpha spending with
+boundaries computed by numerical integration) and the loop that looks, picks the groups to
+repeat, waits for their runs and looks again."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from mosaic_client.verdict.comparison import A_BETTER, B_BETTER, Line, Report, compare
 from mosaic_client.verdict.reading import Side, StudyValues, VerdictError
 
 
 def spent_alpha(fraction: float, alpha: float, kind: str = "obrien-fleming") -> float:
     """The Lan-DeMets alpha-spending function: the error budget used up by information
-    fraction t = repetitions now / maximum repetitions (0 at t=0, alpha at t=1)."""
+    fraction t = repetitions now / maximum repetitions (0 at t=0, alpha at t=1): the
+    O'Brien-Fleming-type 2 - 2 Phi(z_{1-alpha/2} / sqrt(t)), or the Pocock-type
+    alpha ln(1 + (e - 1) t)."""
     from scipy import special
 
     t = min(max(fraction, 0.0), 1.0)
@@ -27,33 +32,113 @@ def spent_alpha(fraction: float, alpha: float, kind: str = "obrien-fleming") -> 
     raise ValueError(f"unknown spending function {kind!r}; use obrien-fleming or pocock")
 
 
+GRID = 401  # Simpson nodes on each look's continuation interval
+
+
+def _simpson(n: int) -> np.ndarray:
+    """Simpson's weights for n (odd) equally spaced nodes, spacing 1."""
+    w = np.ones(n)
+    w[1:-1:2], w[2:-1:2] = 4, 2
+    return w / 3
+
+
+def boundaries(
+    fractions: Sequence[float], alpha: float, kind: str = "obrien-fleming"
+) -> list[float]:
+    """Two-sided group-sequential boundaries c_k (on the z scale) for looks at information
+    fractions t_1 < ... < t_K: P(no |Z_j| >= c_j for j < k, |Z_k| >= c_k) = alpha(t_k) -
+    alpha(t_{k-1}) under the null, for Z_k = B(t_k) / sqrt(t_k), B a Brownian motion (the
+    z statistics of a cumulative mean). Computed by the recursive numerical integration of
+    Armitage, McPherson and Rowe (1969): the density of B(t_k) on the paths that have not
+    crossed, on Simpson grids, and a root search for each c_k. inf where a look spends nothing."""
+    from scipy import special
+
+    out: list[float] = []
+    nodes = weights = density = None  # the surviving paths' density at the previous look
+    previous_t, previous_spent = 0.0, 0.0
+    for t in fractions:
+        spent = spent_alpha(t, alpha, kind)
+        target = spent - previous_spent
+        if density is None:
+            c = float(special.ndtri(1 - target / 2)) if target > 0 else math.inf
+        else:
+            c = _boundary(target, nodes, weights * density, t, t - previous_t)
+        out.append(c)
+        edge = min(c, 12.0) * math.sqrt(t)
+        new_nodes = np.linspace(-edge, edge, GRID)
+        new_weights = _simpson(GRID) * (new_nodes[1] - new_nodes[0])
+        if density is None:
+            density = np.exp(-(new_nodes**2) / (2 * t)) / math.sqrt(2 * math.pi * t)
+        else:
+            step = math.sqrt(t - previous_t)
+            kernel = np.exp(-(((new_nodes[:, None] - nodes[None, :]) / step) ** 2) / 2)
+            density = kernel @ (weights * density) / (step * math.sqrt(2 * math.pi))
+        nodes, weights = new_nodes, new_weights
+        previous_t, previous_spent = t, spent
+    return out
+
+
+def _boundary(target: float, nodes: Any, mass: Any, t: float, dt: float) -> float:
+    """The z boundary c at fraction t whose first-crossing probability is `target`, from the
+    surviving paths' density (mass: Simpson weights times density at `nodes`, the values of
+    B at the previous look) and the increment's variance dt."""
+    from scipy import optimize, special
+
+    step = math.sqrt(dt)
+
+    def crossing(c: float) -> float:
+        edge = c * math.sqrt(t)
+        return float(
+            mass @ (special.ndtr((-edge - nodes) / step) + special.ndtr((nodes - edge) / step))
+        )
+
+    if target <= 0:
+        return math.inf
+    if crossing(0.0) <= target:
+        return 0.0
+    return float(optimize.brentq(lambda c: crossing(c) - target, 0.0, 40.0, xtol=1e-10))
+
+
+def nominal_level(c: float) -> float:
+    """The two-sided p-value threshold of a z boundary c."""
+    from scipy import special
+
+    return 0.0 if math.isinf(c) else float(2 * special.ndtr(-c))
+
+
 @dataclass
 class SequentialPlan:
-    """`compare --until-decided`: test after each round of new repetitions at the level the
-    spending function releases for that round; stop a line once decided.
+    """`compare --until-decided`: test after each round of new repetitions at the nominal
+    level of that look's group-sequential boundary; stop a line once decided.
 
-    Looking after every round would inflate false decisions; spending alpha over the looks and
-    testing look k at alpha(t_k) - alpha(t_{k-1}) keeps the probability of any false decision
-    over all looks <= sum of the levels = alpha(1) = alpha, by the union bound, whatever the
-    dependence between looks and whatever valid test is used (conservative, never anti-
-    conservative). Within a look, Holm across the lines keeps the report's family-wise rate."""
+    Looking after every round would inflate false decisions. The Lan-DeMets spending function
+    alpha(t) says how much of alpha the looks up to information fraction t (repetitions / R)
+    may spend; the boundary of look k is the one whose probability of a first crossing there
+    is alpha(t_k) - alpha(t_{k-1}) (boundaries), so the probability of any false decision over
+    all looks is alpha(1) = alpha for z statistics of a cumulative mean. A line's p-value is
+    compared with the boundary's nominal level (2 - 2 Phi(c_k)): each look's nominal level is
+    larger than its spent increment, as the earlier looks' crossings are excluded. Within a look,
+    Holm across the lines keeps the report's family-wise rate."""
 
     alpha: float
     max_repetitions: int
     spending: str = "obrien-fleming"
     looked_at: int = 0  # repetitions at the previous look
     decided: dict[tuple[str, ...], Line] = field(default_factory=dict)
+    fractions: list[float] = field(default_factory=list)  # of the looks so far
 
     def level(self, repetitions: int) -> float:
-        """The level for a look at `repetitions` (then remembered as the previous look)."""
+        """The nominal level for a look at `repetitions` (then remembered as the previous
+        look): the boundaries of every look so far, computed again with this one."""
         if repetitions <= self.looked_at:
             raise ValueError("each look needs more repetitions than the previous one")
-        now = min(repetitions, self.max_repetitions) / self.max_repetitions
-        before = self.looked_at / self.max_repetitions
         self.looked_at = repetitions
-        return spent_alpha(now, self.alpha, self.spending) - spent_alpha(
-            before, self.alpha, self.spending
-        )
+        self.fractions.append(min(repetitions, self.max_repetitions) / self.max_repetitions)
+        return nominal_level(boundaries(self.fractions, self.alpha, self.spending)[-1])
+
+    def spent(self) -> float:
+        """The alpha spent by the looks so far: alpha(t) at the last look."""
+        return spent_alpha(self.fractions[-1], self.alpha, self.spending) if self.fractions else 0.0
 
     def finished(self) -> bool:
         return self.looked_at >= self.max_repetitions
