@@ -75,6 +75,8 @@ def _submission(value: Any) -> str | None:
         return "must be a submission with its process settings"
     if not isinstance(value.get("monitor"), dict) or not isinstance(value.get("config_path"), str):
         return "must be a submission with its monitor settings and config path"
+    if not _int64(value.get("priority")):
+        return "must be a submission with an integer priority"
     return None
 
 

@@ -126,6 +126,7 @@ def _add_submissions(store: Store, batches: list[dict[str, Any]]) -> list[list[A
             batch["process"],
             batch["monitor"],
             runs,  # type: ignore[arg-type]
+            int(batch.get("priority", 0)),
         )
         row = store.conn.execute(
             "SELECT created_at FROM submissions WHERE submission_id=?", (submission_id,)
@@ -191,6 +192,13 @@ def _failed(store: Store, run_id: int, to: str, detail: str, return_status: str)
     store.transition(run_id, to, detail, return_status=return_status)
 
 
+def _set_priority(store: Store, submission_ids: list[int], priority: int) -> None:
+    store.conn.executemany(
+        "UPDATE submissions SET priority=? WHERE submission_id=?",
+        [(priority, submission_id) for submission_id in submission_ids],
+    )
+
+
 WRITES: dict[str, Callable[..., Any]] = {
     "fail_unstarted": _fail_unstarted,
     "start_runs": _start_runs,
@@ -210,6 +218,7 @@ WRITES: dict[str, Callable[..., Any]] = {
     "cancel": _cancel,
     "rerun": _rerun,
     "set_params": lambda s, changes: s.set_params([tuple(c) for c in changes]),
+    "set_priority": _set_priority,
 }
 
 

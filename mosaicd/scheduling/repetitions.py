@@ -140,6 +140,7 @@ class Repetitions(Control):
                 "process": {**batch.submission["process"], "epochs": batch.epochs},
                 "monitor": batch.submission["monitor"],
                 "runs": [list(run) for run in batch.runs],
+                "priority": batch.submission.get("priority", 0),
             }
             for batch in batches
         ]

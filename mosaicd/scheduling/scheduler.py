@@ -79,6 +79,7 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         owner_uid: int | None,
         owner: str | None,
         acting_for: Owner | None = None,
+        priority: int = 0,
     ) -> SubmitReply:
         """Check a submission, then queue its runs in one transaction. The run-files directory
         and a new study file are made by `acting_for`'s keeper (mosaicd.keeper; None: the
@@ -111,6 +112,7 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
             "process": process,
             "monitor": monitor,
             "runs": [list(run) for run in runs],
+            "priority": priority,
         }
 
         def record(added: Any) -> None:
