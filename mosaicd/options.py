@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mosaicd.scheduling.fair_share import DEFAULT_HALF_LIFE_S
+from mosaicd.scheduling.fair_share import DEFAULT_HALF_LIFE_S, Limits
 
 
 @dataclass
@@ -32,3 +32,4 @@ class Options:
     # Fair share on a shared daemon (mosaicd.scheduling.fair_share): uid -> weight (default 1).
     shares: dict[int, float] = field(default_factory=dict)
     fair_share_half_life: float = DEFAULT_HALF_LIFE_S
+    limits: Limits = field(default_factory=Limits)

@@ -39,3 +39,40 @@ def test_priorities_order_a_users_own_runs(tmp: Path) -> None:
         assert missing.returncode != 0 and "no submission 7" in missing.stderr
     finally:
         daemon.stop()
+
+
+def test_the_daemons_per_user_limits(tmp: Path) -> None:
+    daemon = Daemon(tmp, "--user-queued", "3", "--user-cpu-slots", "1", workers=2).start()
+    try:
+        root = tmp / "big"
+        root.mkdir()
+        config = example_config(
+            root, epochs=2, multiplicity=4, nb_processus=2, extra_monitor="ensemble = off"
+        )
+        refused = daemon.cli("run", str(config), str(root / "results.db"))
+        assert refused.returncode != 0
+        assert "has 0 runs queued" in refused.stderr and "at most 3 per user" in refused.stderr
+        assert "Nothing was queued" in refused.stderr
+        assert not (root / "results.db").exists() or not query(
+            root / "results.db", "SELECT * FROM runs"
+        )
+        # Within the limit: queued, and trained one at a time on two workers (one CPU slot).
+        small = tmp / "small"
+        small.mkdir()
+        config = example_config(
+            small, epochs=2, multiplicity=3, nb_processus=2, extra_monitor="ensemble = off"
+        )
+        db = small / "results.db"
+        daemon.cli("run", str(config), str(db), check=True)
+        assert daemon.wait_for(str(db))["done"] == 3
+        spans = query(
+            db,
+            "SELECT min(at), max(at) FROM run_events WHERE to_status IN ('running', 'done') "
+            "GROUP BY run_id ORDER BY 1",
+        )
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert start >= end, spans  # never two at once
+        users = daemon.cli("status", "--users", check=True).stdout
+        assert "limits per user: 1 CPU slots, 3 queued runs" in users
+    finally:
+        daemon.stop()

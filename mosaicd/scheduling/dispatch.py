@@ -39,8 +39,17 @@ class Dispatch(SchedulerCore):
                 self._start_next(worker)
 
     def _startable(self, worker: WorkerHandle, any_owner: bool) -> Callable[[Submission], bool]:
+        kind = worker.slot.kind
+        holding: dict[int | None, int] = {}
+        for busy in {id(r.worker): r for r in self._active.values()}.values():
+            if busy.worker.slot.kind == kind:
+                holding[busy.submission.owner_uid] = holding.get(busy.submission.owner_uid, 0) + 1
+
         def startable(submission: Submission) -> bool:
             return (
+                # The daemon's per-user slot limit (mosaicd --user-cpu-slots, --user-gpu-slots).
+                not self._limits.at_slot_limit(kind, holding.get(submission.owner_uid, 0))
+                and
                 # Its owner is the daemon's record, and its study agrees with the records
                 # (mosaicd.storage.identity); a shared daemon runs nothing as root.
                 submission.owner_uid is not None

@@ -129,6 +129,10 @@ class Repetitions(Control):
             check_submission(
                 process, batch.submission["monitor"], pipelines, self._executor.slot_count("cuda")
             )
+            sub = batch.submission
+            problem = self.limit_problem(sub["owner_uid"], sub["owner"], len(batch.runs))
+            if problem:
+                raise Refused(ErrorCode.INVALID, f"{problem}. Nothing was queued.")
 
         wire = [
             {

@@ -92,6 +92,9 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         if owner_uid is None:
             raise Refused(ErrorCode.PERMISSION, "the daemon could not learn who you are")
         uid: int = owner_uid
+        problem = self.limit_problem(uid, owner or str(uid), len(runs))
+        if problem:
+            raise Refused(ErrorCode.INVALID, f"{problem}. Nothing was queued.")
         keeper = self._studies.keepers.of(acting_for)
         try:
             keeper.call(
@@ -168,7 +171,9 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
             readable,
         )
         if users:
-            reply["users"] = views.user_table(self._queue, self._active, self._usage, self._shares)
+            reply["users"] = views.user_table(
+                self._queue, self._active, self._usage, self._shares, self._limits
+            )
         return reply
 
     def show(self, db: str, run_id: int) -> ShowReply:
