@@ -29,6 +29,9 @@ def test_priorities_order_a_users_own_runs(tmp: Path) -> None:
         assert "priority 9 for submission(s) 1" in result.stdout
         assert query(studies["later"], "SELECT priority FROM submissions") == [(9,)]
         assert query(studies["high"], "SELECT priority FROM submissions") == [(5,)]
+        # A queued run says why it waits.
+        shown = daemon.cli("show", "1", "--db", str(studies["low"]), check=True).stdout
+        assert "waiting: " in shown and "paused" in shown, shown
         daemon.cli("resume", check=True)
         for db in studies.values():
             assert daemon.wait_for(str(db))["done"] == 2

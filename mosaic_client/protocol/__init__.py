@@ -298,6 +298,7 @@ class ShowReply(TypedDict, total=False):
     checkpoint_epoch: int | None
     live: LiveView  # while it trains
     queued_ahead: int | None  # while it is queued
+    waiting_for: str  # while it is queued: why it has not started (a hold, a limit, a share)
     # What produced it (issue 16; study_reading.run_provenance): None before its first start.
     provenance: dict[str, Any] | None
     group: EnsembleView | None  # the ensemble it was last trained in, if any

@@ -68,6 +68,13 @@ class RunQueue:
             queued = {(k[0], r.run_id) for k, q in self._queues.items() for r in q}
             self._arrival = {k: v for k, v in self._arrival.items() if k in queued}
 
+    def submission_of_queued(self, study: str, run_id: int) -> Submission | None:
+        """The submission of a queued run, or None when it is not queued."""
+        for key, queue in self._queues.items():
+            if key[0] == study and any(r.run_id == run_id for r in queue):
+                return self._submissions[key]
+        return None
+
     def loaded(self, study: str) -> list[Submission]:
         """The study's submissions the queue holds in memory."""
         return [s for (path, _), s in self._submissions.items() if path == study]

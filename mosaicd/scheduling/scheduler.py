@@ -177,7 +177,9 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
         return reply
 
     def show(self, db: str, run_id: int) -> ShowReply:
-        return views.show(self._studies, self._active, self._queue, db, run_id)
+        return views.show(
+            self._studies, self._active, self._queue, db, run_id, self.wait_reason(db, run_id)
+        )
 
     def pending(self, db: str | None, owner_uid: int | None, everyone: bool) -> list[PendingItem]:
         return views.pending(self._queue, db, owner_uid, everyone)

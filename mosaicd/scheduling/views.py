@@ -187,7 +187,14 @@ def user_table(
     return sorted(rows.values(), key=lambda r: r["user"])
 
 
-def show(studies: Studies, active: Active, queue: RunQueue, db: str, run_id: int) -> ShowReply:
+def show(
+    studies: Studies,
+    active: Active,
+    queue: RunQueue,
+    db: str,
+    run_id: int,
+    waiting_for: str | None = None,
+) -> ShowReply:
     """`mosaic show RUN`: everything recorded, and where it stands now."""
     store = served(studies, db)
     try:
@@ -208,6 +215,8 @@ def show(studies: Studies, active: Active, queue: RunQueue, db: str, run_id: int
         }
     if reply["status"] == QUEUED:
         reply["queued_ahead"] = queue.ahead_of(db, run_id)
+        if waiting_for:
+            reply["waiting_for"] = waiting_for
     return reply
 
 
