@@ -110,6 +110,7 @@ KEEPER_RESULTS: dict[str, Callable[[Any], str | None]] = {
     "status_of": lambda v: None if v is None or v in RUN_STATES else "must be a run state",
     "run_record": _record,
     "runs_in_state": _records,
+    "run_records": _records,
     "requeue_interrupted": _records,
     "resume_parked": _records,
     "settle": _record,

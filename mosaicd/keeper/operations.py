@@ -67,6 +67,7 @@ READS: dict[str, Callable[..., Any]] = {
     "status_of": lambda s, run_id: s.status_of(run_id),
     "run_record": lambda s, run_id: wire_record(s.run_record(run_id)),
     "runs_in_state": _runs_in_state,
+    "run_records": lambda s, run_ids: [wire_record(r) for r in s.run_records(run_ids)],
     "submission": lambda s, submission_id: s.submission(submission_id),
     "submission_of": lambda s, run_id: s.submission_of(run_id),
     "submission_rows": _submission_rows,

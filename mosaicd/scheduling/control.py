@@ -105,6 +105,17 @@ class Control(SchedulerCore):
             "scope": HOLD_ALL if owner_uid is None else HOLD_OWNER,
         }
 
+    def _enqueue_new(self, db: str, store: StudyHandle, run_ids: list[int]) -> None:
+        """Queue runs just committed to the study. Their records are read back in bulk; a
+        keeper that stops answering now sets the study aside: `mosaic resume` queues them."""
+        try:
+            records = store.run_records(run_ids)
+        except StoreError as exc:
+            self._identities.set_aside(db, f"its new runs could not be read back ({exc})")
+            return
+        for record in records:
+            self._queue.add(db, store, record)
+
     def _check_again(self, path: str, store: StudyHandle) -> None:
         """A set-aside study looked at again (`mosaic resume`): once it agrees with the records,
         its queued runs that the queue lost (it could not read them) are queued again."""

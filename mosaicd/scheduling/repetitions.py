@@ -177,10 +177,7 @@ class Repetitions(Control):
                 group["run_ids"] = run_ids[at : at + len(group["seeds"])]
                 at += len(group["seeds"])
                 reply["groups"].append(group)
-            for run_id in run_ids:
-                record = store.run_record(run_id)
-                assert record is not None
-                self._queue.add(db, store, record)
+            self._enqueue_new(db, store, run_ids)
             reply["submission_ids"].append(submission_id)
             reply["run_ids"].extend(run_ids)
             if self._holds.holds_submissions_of(batch.submission["owner_uid"]):

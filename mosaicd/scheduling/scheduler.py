@@ -133,10 +133,7 @@ class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
                 ErrorCode.INVALID, f"{exc}; nothing was queued: submit again once it is solved"
             ) from None
         submission_id, run_ids, _ = added[0]
-        for run_id in run_ids:
-            record_ = store.run_record(run_id)
-            if record_ is not None:
-                self._queue.add(db, store, record_)
+        self._enqueue_new(db, store, run_ids)
         return {
             "db": db,
             "submission_id": submission_id,

@@ -594,6 +594,19 @@ class Store:
         ).fetchone()
         return self._record(row) if row else None
 
+    def run_records(self, run_ids: list[int]) -> list[RunRecord]:
+        """The records of these runs (those that exist), in queue order: one query per 500."""
+        found: list[RunRecord] = []
+        for at in range(0, len(run_ids), 500):
+            chunk = run_ids[at : at + 500]
+            rows = self.conn.execute(
+                f"SELECT {self._RECORD_COLUMNS} FROM run_meta m WHERE m.run_id IN "
+                f"({', '.join('?' * len(chunk))}) ORDER BY m.queue_seq",
+                chunk,
+            )
+            found.extend(self._record(row) for row in rows)
+        return found
+
     def status_of(self, run_id: int) -> str | None:
         row = self.conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return row[0] if row else None
