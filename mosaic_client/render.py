@@ -140,6 +140,8 @@ def _mib(n: int | None) -> str:
 
 def _worker_line(worker: dict[str, Any]) -> str:
     run = f"run {worker['run_id']}" if worker["run_id"] is not None else worker["state"]
+    if worker.get("group"):
+        run = "runs " + ",".join(str(r) for r in worker["group"])
     # GPU memory only where NVML answered: this worker's share, else the whole card's.
     gpu = ""
     if worker.get("gpu_memory") is not None:

@@ -98,6 +98,9 @@ def reference(daemon: Daemon, root: Path) -> str:
     assert all(r["group"] == [1, 2, 3, 4] for r in running)  # each with its own progress
     text = daemon.cli("status", "--db", db, check=True).stdout
     assert "[ensemble with 2,3,4]" in text and "[ensemble with 1,2,3]" in text
+    # The worker's line names every member it trains, too.
+    assert "runs 1,2,3,4" in text, text
+    assert any(w.get("group") == [1, 2, 3, 4] for w in status["workers"]), status["workers"]
     daemon.wait_for(db)
     daemon.wait_for(off_db)
     assert query(db, "SELECT status FROM runs") == [("done",)] * MEMBERS

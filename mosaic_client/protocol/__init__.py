@@ -145,6 +145,7 @@ class WorkerView(TypedDict, total=False):
     # The user it runs as on a shared daemon (None: the daemon's own user).
     owner: str | None
     run_id: int | None
+    group: list[int] | None  # every run it trains as one ensemble (docs/ensembles.md)
     runs_done: int
     # Resource figures from the executor (None when it cannot measure them).
     cpu_percent: float | None

@@ -76,6 +76,7 @@ def _worker(executor: Executor, worker: WorkerHandle) -> WorkerView:
         "pid": worker.pid,
         "owner": worker.owner.name if worker.owner is not None else None,
         "run_id": worker.run[1] if worker.run else None,
+        "group": sorted(worker.group) if worker.run and len(worker.group) > 1 else None,
         # The Ray executor adds the actor's node.
         "runs_done": worker.runs_done,
         "data_cache": worker.data_cache,
