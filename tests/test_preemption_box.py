@@ -14,7 +14,7 @@ import pytest
 from conftest import example_config, query
 from test_shared_box import Box, _uid, running_box
 
-EPOCHS = 6
+EPOCHS = 8  # long enough that the park lands before the end on a fast machine too
 
 
 @pytest.fixture(scope="module")
