@@ -1,9 +1,15 @@
 """Preemption's decision (issue 27), as a pure function: which worker's run parks for which
-waiting user, given how long each has waited, who holds the slots, usage and shares."""
+waiting user, given how long each has waited, who holds the slots, usage and shares; and the
+keeper's write that queues a preempted run again."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from mosaic_client.contract import CANCELLED, QUEUED, RUNNING
+from mosaicd.keeper.operations import WRITES
 from mosaicd.scheduling.fair_share import Preemption, preempt_choice
+from mosaicd.storage.store import Store
 
 ALICE, BOB, CAROL = 1001, 1002, 1003
 
@@ -83,3 +89,25 @@ def test_a_waiter_who_cannot_preempt_leaves_the_turn_to_the_next() -> None:
 
     choice = preempt_choice({CAROL: 10.0, BOB: 10.0}, running, usage, {}, 1.0, fits=fits)
     assert choice == Preemption(BOB, "w2", ALICE)
+
+
+def test_a_park_that_would_queue_a_run_again_leaves_a_cancelled_run_cancelled(
+    tmp_path: Path,
+) -> None:
+    # The keeper's "park" write, as the daemon sends it for a preempted run: a run cancelled
+    # before the park was written (its worker's message crossed the cancel) stays cancelled;
+    # a running one is queued again with its checkpoint epoch.
+    store = Store(str(tmp_path / "s.db"))
+    modules = [{"type": "m", "class": "C", "path_to_class": "/p/c.py", "name": "c"}]
+    runs = [(modules, seed, "C()", {"seed": seed}) for seed in range(2)]
+    _, (kept, cancelled) = store.add_submission(None, "me", "/c.ini", {"epochs": 4}, {}, runs)
+    for run_id in (kept, cancelled):
+        store.transition(run_id, RUNNING, "started")
+    store.transition(cancelled, CANCELLED, "cancelled (while running)")
+    detail = "preempted for bob's share at epoch 2"
+    for run_id in (kept, cancelled):
+        WRITES["park"](store, run_id=run_id, epoch=2, to=QUEUED, detail=detail)
+    assert store.status_of(cancelled) == CANCELLED
+    assert store.status_of(kept) == QUEUED
+    record = store.run_record(kept)
+    assert record is not None and record.checkpoint_epoch == 2

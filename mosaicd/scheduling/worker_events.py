@@ -214,8 +214,10 @@ class WorkerEvents(SchedulerCore):
             to, detail = QUEUED, f"daemon stopping; checkpointed at epoch {epoch}"
         elif writer.disk_full and writer.problem:
             to, detail = PARKED, f"{writer.problem} (parked at epoch {epoch})"
-        elif run.preempted_for is not None and not self._holds.holds_submissions_of(
-            run.submission.owner_uid
+        elif (
+            run.preempted_for is not None
+            and worker.killed_for is None  # not cancelled or timed out meanwhile
+            and not self._holds.holds_submissions_of(run.submission.owner_uid)
         ):
             # Parked for another user's share (mosaicd.scheduling.preemption): queued again at
             # once, first of its submission, to resume from this checkpoint. (A hold put on
@@ -238,8 +240,12 @@ class WorkerEvents(SchedulerCore):
         epoch as the store now has it (the run record the next start reads)."""
 
         def requeue(_: Any) -> None:
+            store = self._studies[study]
             try:
-                record = self._studies[study].run_record(run_id)
+                # Not when the park found it cancelled (keeper operation "park").
+                if store.status_of(run_id) != QUEUED:
+                    return
+                record = store.run_record(run_id)
             except StoreError as exc:
                 # Queued in the study: the next daemon start queues it (requeue_interrupted).
                 log.warning("preempted run %s of %s not queued again: %s", run_id, study, exc)
