@@ -403,4 +403,13 @@ def users_text(users: list[dict[str, Any]]) -> str:
             f"{row['user']:<16}{row['running']:>8}{row['queued']:>8}"
             f"{row['usage']:>16.1f}{row['share']:>7g}"
         )
+    limits = users[0].get("limits") or {}
+    words = {
+        "cpu_slots": "CPU slots",
+        "gpu_slots": "GPU slots",
+        "queued": "queued runs",
+        "runs_per_submission": "runs per submission",
+    }
+    set_ = [f"{n} {words.get(k, k)}" for k, n in limits.items() if n]
+    lines.append("limits per user: " + (", ".join(set_) if set_ else "none"))
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from typing import Any
 from mosaic_client import paths
 from mosaicd.executors.choice import EXECUTORS
 from mosaicd.options import Options
-from mosaicd.scheduling.fair_share import DEFAULT_HALF_LIFE_S, parse_shares
+from mosaicd.scheduling.fair_share import DEFAULT_HALF_LIFE_S, Limits, parse_shares
 from mosaicd.service.server import AlreadyRunning, Daemon
 
 
@@ -174,6 +174,13 @@ def _add_service_options(parser: argparse.ArgumentParser) -> None:
         metavar="USER=WEIGHT",
         help="a user's fair share on a shared daemon (default 1 each; repeat per user)",
     )
+    for flag, what in (
+        ("--user-cpu-slots", "CPU slots one user's runs may hold at once"),
+        ("--user-gpu-slots", "GPU slots one user's runs may hold at once"),
+        ("--user-queued", "runs one user may have queued at once"),
+        ("--submission-runs", "runs one submission may queue"),
+    ):
+        parser.add_argument(flag, type=int, default=0, metavar="N", help=f"{what} (0: no limit)")
     parser.add_argument(
         "--fair-share-half-life",
         type=float,
@@ -309,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         worker_bind=args.worker_bind,
         worker_advertise=args.worker_advertise,
         shares=_shares(args.share),
+        limits=Limits(
+            args.user_cpu_slots, args.user_gpu_slots, args.user_queued, args.submission_runs
+        ),
         fair_share_half_life=args.fair_share_half_life,
         preempt_after=max(0.0, args.preempt_after),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mosaicd.scheduling.fair_share import DEFAULT_HALF_LIFE_S
+from mosaicd.scheduling.fair_share import DEFAULT_HALF_LIFE_S, Limits
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Options:
     # Fair share on a shared daemon (mosaicd.scheduling.fair_share): uid -> weight (default 1).
     shares: dict[int, float] = field(default_factory=dict)
     fair_share_half_life: float = DEFAULT_HALF_LIFE_S
+    limits: Limits = field(default_factory=Limits)
     # Preemption at epoch boundaries (mosaicd.scheduling.preemption): seconds a user below
     # their share waits for a slot before an over-share user's run parks for them; 0: off.
     preempt_after: float = 0.0

@@ -125,3 +125,20 @@ def test_shares_are_parsed_with_clear_refusals() -> None:
     ):
         with pytest.raises(ValueError, match=words):
             parse_shares([bad], uids)
+
+
+def test_limits_name_the_limit_and_the_users_figures() -> None:
+    from mosaicd.scheduling.fair_share import Limits
+
+    none = Limits()
+    assert none.submission_problem("alice", 10**6, 10**6) is None
+    assert not none.at_slot_limit("cpu", 10**6)
+    limits = Limits(cpu_slots=2, gpu_slots=1, queued=100, runs_per_submission=50)
+    assert limits.at_slot_limit("cpu", 2) and not limits.at_slot_limit("cpu", 1)
+    assert limits.at_slot_limit("cuda", 1) and not limits.at_slot_limit("cuda", 0)
+    too_big = limits.submission_problem("alice", 0, 51) or ""
+    assert "51 runs" in too_big and "at most 50 per submission" in too_big
+    too_many = limits.submission_problem("alice", 60, 41) or ""
+    assert "alice has 60 runs queued" in too_many and "at most 100" in too_many
+    assert "make 101" in too_many
+    assert limits.submission_problem("alice", 59, 41) is None

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         process=expanded.process,
         monitor=expanded.monitor,
         pipelines=expanded.pipelines,
+        **({"priority": args.priority} if args.priority else {}),
     )
     ids = reply["run_ids"]
     span = f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])
@@ -50,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="the study's INI file (docs/configuration.md)")
     parser.add_argument("db", help="study database: created if missing, else the runs are added")
     parser.add_argument("--follow", action="store_true", help="show progress until all runs end")
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="order among your own queued runs: higher first (default 0; `mosaic priority`)",
+    )
     common.add_autostart(parser)
 
 

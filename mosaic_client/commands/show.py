@@ -72,6 +72,8 @@ def run_text(info: dict[str, Any]) -> list[str]:
         )
     if info.get("queued_ahead") is not None:
         lines.append(f"  queued: {info['queued_ahead']} run(s) of this study start before it")
+    if info.get("waiting_for"):
+        lines.append(f"  waiting: {info['waiting_for']}")
     if info["history"]:
         lines.append(f"  epochs recorded: {len(info['history'])}")
     lines += provenance_text(info.get("provenance"))

@@ -90,6 +90,7 @@ REQUESTS: dict[str, tuple[Field, ...]] = {
         _f("process", dict),
         _f("monitor", dict),
         _f("pipelines", list),
+        _f("priority", int, False),
     ),
     "status": (
         _f("db", str, False),
@@ -108,6 +109,8 @@ REQUESTS: dict[str, tuple[Field, ...]] = {
     # N more repetitions of the configuration groups of the selected runs (new seeds).
     "repeat": (_f("db", str), _SELECTION, _f("add", int)),
     "show": (_f("db", str), _f("run_id", int)),
+    # A priority among the caller's own runs for one submission (or all theirs in the study).
+    "priority": (_f("db", str), _f("priority", int), _f("submission", int, False)),
     "studies": (),
     "shutdown": (),
 }
@@ -246,6 +249,11 @@ class RekeyReply(TypedDict):
     changed: int
 
 
+class PriorityReply(TypedDict):
+    submissions: list[int]  # the submissions whose priority is now `priority`
+    priority: int
+
+
 class RepeatedGroup(TypedDict):
     first_run: int  # the group's first run: its id in the run_groups view's order
     runs: int  # the runs it had before
@@ -290,6 +298,7 @@ class ShowReply(TypedDict, total=False):
     checkpoint_epoch: int | None
     live: LiveView  # while it trains
     queued_ahead: int | None  # while it is queued
+    waiting_for: str  # while it is queued: why it has not started (a hold, a limit, a share)
     # What produced it (issue 16; study_reading.run_provenance): None before its first start.
     provenance: dict[str, Any] | None
     group: EnsembleView | None  # the ensemble it was last trained in, if any
@@ -317,6 +326,7 @@ REPLIES: dict[str, Any] = {
     "rekey": RekeyReply,
     "repeat": RepeatReply,
     "show": ShowReply,
+    "priority": PriorityReply,
     "studies": list[StudyItem],
     "shutdown": ShutdownReply,
 }

@@ -75,6 +75,8 @@ def _submission(value: Any) -> str | None:
         return "must be a submission with its process settings"
     if not isinstance(value.get("monitor"), dict) or not isinstance(value.get("config_path"), str):
         return "must be a submission with its monitor settings and config path"
+    if not _int64(value.get("priority")):
+        return "must be a submission with an integer priority"
     return None
 
 
@@ -108,6 +110,7 @@ KEEPER_RESULTS: dict[str, Callable[[Any], str | None]] = {
     "status_of": lambda v: None if v is None or v in RUN_STATES else "must be a run state",
     "run_record": _record,
     "runs_in_state": _records,
+    "run_records": _records,
     "requeue_interrupted": _records,
     "resume_parked": _records,
     "settle": _record,

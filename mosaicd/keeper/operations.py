@@ -67,6 +67,7 @@ READS: dict[str, Callable[..., Any]] = {
     "status_of": lambda s, run_id: s.status_of(run_id),
     "run_record": lambda s, run_id: wire_record(s.run_record(run_id)),
     "runs_in_state": _runs_in_state,
+    "run_records": lambda s, run_ids: [wire_record(r) for r in s.run_records(run_ids)],
     "submission": lambda s, submission_id: s.submission(submission_id),
     "submission_of": lambda s, run_id: s.submission_of(run_id),
     "submission_rows": _submission_rows,
@@ -126,6 +127,7 @@ def _add_submissions(store: Store, batches: list[dict[str, Any]]) -> list[list[A
             batch["process"],
             batch["monitor"],
             runs,  # type: ignore[arg-type]
+            int(batch.get("priority", 0)),
         )
         row = store.conn.execute(
             "SELECT created_at FROM submissions WHERE submission_id=?", (submission_id,)
@@ -195,6 +197,13 @@ def _failed(store: Store, run_id: int, to: str, detail: str, return_status: str)
     store.transition(run_id, to, detail, return_status=return_status)
 
 
+def _set_priority(store: Store, submission_ids: list[int], priority: int) -> None:
+    store.conn.executemany(
+        "UPDATE submissions SET priority=? WHERE submission_id=?",
+        [(priority, submission_id) for submission_id in submission_ids],
+    )
+
+
 WRITES: dict[str, Callable[..., Any]] = {
     "fail_unstarted": _fail_unstarted,
     "start_runs": _start_runs,
@@ -214,6 +223,7 @@ WRITES: dict[str, Callable[..., Any]] = {
     "cancel": _cancel,
     "rerun": _rerun,
     "set_params": lambda s, changes: s.set_params([tuple(c) for c in changes]),
+    "set_priority": _set_priority,
 }
 
 

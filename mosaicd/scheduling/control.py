@@ -21,6 +21,7 @@ from mosaic_client.protocol import (
     CancelReply,
     ErrorCode,
     PauseReply,
+    PriorityReply,
     RekeyReply,
     RerunReply,
     ResumeReply,
@@ -103,6 +104,17 @@ class Control(SchedulerCore):
             "resumed": resumed,
             "scope": HOLD_ALL if owner_uid is None else HOLD_OWNER,
         }
+
+    def _enqueue_new(self, db: str, store: StudyHandle, run_ids: list[int]) -> None:
+        """Queue runs just committed to the study. Their records are read back in bulk; a
+        keeper that stops answering now sets the study aside: `mosaic resume` queues them."""
+        try:
+            records = store.run_records(run_ids)
+        except StoreError as exc:
+            self._identities.set_aside(db, f"its new runs could not be read back ({exc})")
+            return
+        for record in records:
+            self._queue.add(db, store, record)
 
     def _check_again(self, path: str, store: StudyHandle) -> None:
         """A set-aside study looked at again (`mosaic resume`): once it agrees with the records,
@@ -214,6 +226,40 @@ class Control(SchedulerCore):
             f"rekey {len(changes)} param(s)", "set_params", {"changes": [list(c) for c in changes]}
         )
         return {"changed": len(changes)}
+
+    def set_priority(
+        self, db: str, priority: int, submission: int | None, caller_uid: int | None, admin: bool
+    ) -> PriorityReply:
+        """Set the priority of one submission of the study, or of every one of the caller's
+        (an administrator's: every one), among their owner's runs. Owners are the daemon's
+        records (mosaicd.storage.identity)."""
+        served(self._studies, db)
+        records = self._identities.records(db)
+        if submission is not None:
+            record = records.get(submission)
+            if record is None:
+                raise Refused(
+                    ErrorCode.NOT_FOUND, f"no submission {submission} in {db}; nothing changed"
+                )
+            if not admin and record.uid != caller_uid:
+                raise Refused(
+                    ErrorCode.PERMISSION,
+                    f"submission {submission} belongs to {record.name}; only its owner or an "
+                    "administrator may set its priority. Nothing was changed.",
+                )
+            targets = [submission]
+        else:
+            targets = sorted(s for s, r in records.items() if admin or r.uid == caller_uid)
+        if targets:
+            self._studies.writer(db).write(
+                f"priority {priority} for submission(s) {targets}",
+                "set_priority",
+                {"submission_ids": targets, "priority": priority},
+            )
+        for loaded in self._queue.loaded(db):
+            if loaded.submission_id in targets:
+                loaded.priority = priority
+        return {"submissions": targets, "priority": priority}
 
     def _check_owners(
         self, db: str, store: StudyHandle, run_ids: list[int], check: OwnerCheck, named: bool

@@ -13,7 +13,7 @@ from typing import Any
 from mosaic_client.protocol import NOT_SERVED, ErrorCode
 from mosaicd.errors import Refused
 from mosaicd.executors.base import Executor, WorkerHandle
-from mosaicd.scheduling.fair_share import Ledger
+from mosaicd.scheduling.fair_share import Ledger, Limits
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
 from mosaicd.scheduling.submissions import Submission
@@ -73,6 +73,7 @@ class SchedulerCore:
         shared: bool = False,
         fair_share: Ledger | None = None,
         shares: dict[int, float] | None = None,
+        limits: Limits | None = None,
         preempt_after: float = 0.0,
     ) -> None:
         self._executor = executor
@@ -90,6 +91,7 @@ class SchedulerCore:
         self._usage = fair_share or Ledger()
         self._usage.at = time.time()
         self._shares = dict(shares or {})
+        self._limits = limits or Limits()
         # Preemption (mosaicd.scheduling.preemption; 0: off): how long a user below their share
         # waits for a slot before an over-share user's run parks for them; since when each
         # waiting user has waited; the runs asked to park for each (one request at a time).
@@ -98,6 +100,14 @@ class SchedulerCore:
         self._preempting: dict[int, set[tuple[str, int]]] = {}
         self._preempt_checked = 0.0
         self.shutting_down = False
+
+    def queued_of(self, uid: int | None) -> int:
+        """How many runs the user has queued (the per-user limit counts these)."""
+        return sum(len(runs) for s, runs in self._queue.waiting() if s.owner_uid == uid)
+
+    def limit_problem(self, uid: int | None, name: str, adding: int) -> str | None:
+        """Why `adding` more runs of this user may not be queued (the daemon's limits)."""
+        return self._limits.submission_problem(name, self.queued_of(uid), adding)
 
     @property
     def registry(self) -> Studies:

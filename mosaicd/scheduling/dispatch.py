@@ -39,8 +39,17 @@ class Dispatch(SchedulerCore):
                 self._start_next(worker)
 
     def _startable(self, worker: WorkerHandle, any_owner: bool) -> Callable[[Submission], bool]:
+        kind = worker.slot.kind
+        holding: dict[int | None, int] = {}
+        for busy in {id(r.worker): r for r in self._active.values()}.values():
+            if busy.worker.slot.kind == kind:
+                holding[busy.submission.owner_uid] = holding.get(busy.submission.owner_uid, 0) + 1
+
         def startable(submission: Submission) -> bool:
             return (
+                # The daemon's per-user slot limit (mosaicd --user-cpu-slots, --user-gpu-slots).
+                not self._limits.at_slot_limit(kind, holding.get(submission.owner_uid, 0))
+                and
                 # Its owner is the daemon's record, and its study agrees with the records
                 # (mosaicd.storage.identity); a shared daemon runs nothing as root.
                 submission.owner_uid is not None
@@ -101,6 +110,39 @@ class Dispatch(SchedulerCore):
         if found is None:
             return False
         return self._start(worker, *found)
+
+    def wait_reason(self, study: str, run_id: int) -> str | None:
+        """Why a queued run has not started, in words (`mosaic show`); None if not queued."""
+        submission = self._queue.submission_of_queued(study, run_id)
+        if submission is None:
+            return None
+        owner = submission.owner or "its owner"
+        writer = self._studies.writer(study)
+        checks = (
+            (self._holds.all, "the daemon is paused (`mosaic resume --all`)"),
+            (self._holds.keeps(submission.owner_uid), f"{owner}'s submissions are paused"),
+            (self._identities.aside(study) is not None, self._identities.aside(study) or ""),
+            (writer.blocked, f"its study's writes wait: {writer.problem}"),
+            (
+                submission.running >= submission.cap,
+                f"its submission trains {submission.cap} at a time ([MONITOR] nb_processus)",
+            ),
+        )
+        for true, words in checks:
+            if true:
+                return words
+        holding = sum(
+            1 for r in self._active.values() if r.submission.owner_uid == submission.owner_uid
+        )
+        if self._limits.at_slot_limit("cpu", holding):
+            return f"user limit {self._limits.cpu_slots} CPU slots ({owner} holds {holding})"
+        rank = self._rank()
+        if rank is not None and rank(submission) > 0:
+            ahead = [s for s, _ in self._queue.waiting() if rank(s) < rank(submission)]
+            if ahead:
+                return f"behind {ahead[0].owner or 'another user'}'s share (fair share)"
+        before = self._queue.ahead_of(study, run_id)
+        return f"waiting for a free slot; {before} run(s) of this study start before it"
 
     def _has_worker_for(self, uid: int | None) -> bool:
         """Whether a worker of this user is starting, idle or about to start: then it takes

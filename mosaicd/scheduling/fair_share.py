@@ -85,6 +85,41 @@ def parse_shares(items: Iterable[str], uid_of: Mapping[str, int]) -> dict[int, f
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Per-user limits of the daemon's configuration (0: none): slots held at once, CPU and GPU
+    apart; runs queued at once; runs in one submission."""
+
+    cpu_slots: int = 0
+    gpu_slots: int = 0
+    queued: int = 0
+    runs_per_submission: int = 0
+
+    def slots(self, kind: str) -> int:
+        return self.gpu_slots if kind == "cuda" else self.cpu_slots
+
+    def at_slot_limit(self, kind: str, holding: int) -> bool:
+        limit = self.slots(kind)
+        return bool(limit) and holding >= limit
+
+    def submission_problem(self, user: str, queued_now: int, adding: int) -> str | None:
+        """Why a submission of `adding` runs may not be queued for a user who has `queued_now`
+        runs queued, naming the limit and the figures; None when it may."""
+        if self.runs_per_submission and adding > self.runs_per_submission:
+            return (
+                f"this submission has {adding} runs and the daemon takes at most "
+                f"{self.runs_per_submission} per submission (mosaicd --submission-runs); split "
+                "it, or ask the administrator"
+            )
+        if self.queued and queued_now + adding > self.queued:
+            return (
+                f"{user} has {queued_now} runs queued and the daemon keeps at most {self.queued} "
+                f"per user (mosaicd --user-queued); these {adding} would make "
+                f"{queued_now + adding}: wait for some to run, or cancel some"
+            )
+        return None
+
+
+@dataclass(frozen=True)
 class Preemption:
     """Park the runs of `worker_id` (owned by `victim`) so that `waiter` gets its slot."""
 

@@ -47,6 +47,11 @@ class Preempting(Dispatch):
             if any(key in self._active for key in keys)
         }
         busy = self._preemptible()
+        # Whether a submission's run could start on each busy worker's slot, were it free.
+        could_start = {
+            worker_id: self._startable(worker, any_owner=True)
+            for worker_id, (worker, _, _) in busy.items()
+        }
         names: dict[int, str] = {}
         fits: dict[int, set[str]] = {}
         for submission, _ in self._queue.waiting():
@@ -55,8 +60,8 @@ class Preempting(Dispatch):
                 continue
             usable = {
                 worker_id
-                for worker_id, (worker, owner, _) in busy.items()
-                if owner != uid and self._startable(worker, any_owner=True)(submission)
+                for worker_id, (_, owner, _) in busy.items()
+                if owner != uid and could_start[worker_id](submission)
             }
             if usable:
                 fits.setdefault(uid, set()).update(usable)

@@ -129,6 +129,10 @@ class Repetitions(Control):
             check_submission(
                 process, batch.submission["monitor"], pipelines, self._executor.slot_count("cuda")
             )
+            sub = batch.submission
+            problem = self.limit_problem(sub["owner_uid"], sub["owner"], len(batch.runs))
+            if problem:
+                raise Refused(ErrorCode.INVALID, f"{problem}. Nothing was queued.")
 
         wire = [
             {
@@ -140,6 +144,7 @@ class Repetitions(Control):
                 "process": {**batch.submission["process"], "epochs": batch.epochs},
                 "monitor": batch.submission["monitor"],
                 "runs": [list(run) for run in batch.runs],
+                "priority": batch.submission.get("priority", 0),
             }
             for batch in batches
         ]
@@ -172,10 +177,7 @@ class Repetitions(Control):
                 group["run_ids"] = run_ids[at : at + len(group["seeds"])]
                 at += len(group["seeds"])
                 reply["groups"].append(group)
-            for run_id in run_ids:
-                record = store.run_record(run_id)
-                assert record is not None
-                self._queue.add(db, store, record)
+            self._enqueue_new(db, store, run_ids)
             reply["submission_ids"].append(submission_id)
             reply["run_ids"].extend(run_ids)
             if self._holds.holds_submissions_of(batch.submission["owner_uid"]):

@@ -42,6 +42,7 @@ class RunQueue:
                     None if record is None else record.name,
                     info["process"],
                     info["monitor"],
+                    priority=int(info.get("priority", 0)),
                 )
             except Exception as exc:  # settings its keeper sent that do not resolve
                 raise StoreError(f"submission {submission_id}: unusable settings ({exc})") from None
@@ -67,6 +68,17 @@ class RunQueue:
             queued = {(k[0], r.run_id) for k, q in self._queues.items() for r in q}
             self._arrival = {k: v for k, v in self._arrival.items() if k in queued}
 
+    def submission_of_queued(self, study: str, run_id: int) -> Submission | None:
+        """The submission of a queued run, or None when it is not queued."""
+        for key, queue in self._queues.items():
+            if key[0] == study and any(r.run_id == run_id for r in queue):
+                return self._submissions[key]
+        return None
+
+    def loaded(self, study: str) -> list[Submission]:
+        """The study's submissions the queue holds in memory."""
+        return [s for (path, _), s in self._submissions.items() if path == study]
+
     def put_back(self, study: str, record: RunRecord) -> None:
         """A run taken by take_next that could not start: first of its submission again."""
         self._queues.setdefault((study, record.submission_id), deque()).appendleft(record)
@@ -86,12 +98,14 @@ class RunQueue:
         startable: Callable[[Submission], bool],
         rank: Callable[[Submission], int] | None = None,
     ) -> tuple[Submission, RunRecord] | None:
-        """The first queued run whose submission may start one now, left in the queue: the
-        oldest, or with `rank` (fair share), the oldest of the best-ranked submissions."""
+        """The first queued run whose submission may start one now, left in the queue: with
+        `rank` (fair share), of the best-ranked owner; then of the highest priority; then the
+        oldest."""
 
-        def order(key: Key) -> tuple[int, int]:
+        def order(key: Key) -> tuple[int, int, int]:
+            submission = self._submissions[key]
             first = self._arrival.get((key[0], self._queues[key][0].run_id), 0)
-            return (rank(self._submissions[key]) if rank else 0, first)
+            return (rank(submission) if rank else 0, -submission.priority, first)
 
         candidates = sorted((key for key, q in self._queues.items() if q), key=order)
         for key in candidates:

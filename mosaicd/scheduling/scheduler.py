@@ -80,6 +80,7 @@ class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
         owner_uid: int | None,
         owner: str | None,
         acting_for: Owner | None = None,
+        priority: int = 0,
     ) -> SubmitReply:
         """Check a submission, then queue its runs in one transaction. The run-files directory
         and a new study file are made by `acting_for`'s keeper (mosaicd.keeper; None: the
@@ -92,6 +93,9 @@ class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
         if owner_uid is None:
             raise Refused(ErrorCode.PERMISSION, "the daemon could not learn who you are")
         uid: int = owner_uid
+        problem = self.limit_problem(uid, owner or str(uid), len(runs))
+        if problem:
+            raise Refused(ErrorCode.INVALID, f"{problem}. Nothing was queued.")
         keeper = self._studies.keepers.of(acting_for)
         try:
             keeper.call(
@@ -112,6 +116,7 @@ class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
             "process": process,
             "monitor": monitor,
             "runs": [list(run) for run in runs],
+            "priority": priority,
         }
 
         def record(added: Any) -> None:
@@ -129,10 +134,7 @@ class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
                 ErrorCode.INVALID, f"{exc}; nothing was queued: submit again once it is solved"
             ) from None
         submission_id, run_ids, _ = added[0]
-        for run_id in run_ids:
-            record_ = store.run_record(run_id)
-            if record_ is not None:
-                self._queue.add(db, store, record_)
+        self._enqueue_new(db, store, run_ids)
         return {
             "db": db,
             "submission_id": submission_id,
@@ -167,11 +169,15 @@ class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
             readable,
         )
         if users:
-            reply["users"] = views.user_table(self._queue, self._active, self._usage, self._shares)
+            reply["users"] = views.user_table(
+                self._queue, self._active, self._usage, self._shares, self._limits
+            )
         return reply
 
     def show(self, db: str, run_id: int) -> ShowReply:
-        return views.show(self._studies, self._active, self._queue, db, run_id)
+        return views.show(
+            self._studies, self._active, self._queue, db, run_id, self.wait_reason(db, run_id)
+        )
 
     def pending(self, db: str | None, owner_uid: int | None, everyone: bool) -> list[PendingItem]:
         return views.pending(self._queue, db, owner_uid, everyone)

@@ -39,6 +39,7 @@ class Submission:
     process: dict[str, Any]
     monitor: dict[str, Any]
     running: int = 0
+    priority: int = 0  # among its owner's runs: higher first (mosaic run --priority)
     # The same, resolved once here with every default filled in (mosaic_client.schema): the
     # scheduler and the run specs read these, never a default of their own.
     process_settings: schema.ProcessSettings = field(init=False)

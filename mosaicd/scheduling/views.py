@@ -3,6 +3,7 @@ built here and only here, typed with its declaration in mosaic_client.protocol."
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from mosaic_client.protocol import (
 from mosaicd.errors import Refused
 from mosaicd.executors.base import Executor, WorkerHandle
 from mosaicd.scheduling.core import ActiveRun, served
-from mosaicd.scheduling.fair_share import Ledger
+from mosaicd.scheduling.fair_share import Ledger, Limits
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
 from mosaicd.storage.identity import user_name
@@ -159,7 +160,7 @@ def status(
 
 
 def user_table(
-    queue: RunQueue, active: Active, usage: Ledger, shares: dict[int, float]
+    queue: RunQueue, active: Active, usage: Ledger, shares: dict[int, float], limits: Limits
 ) -> list[dict[str, Any]]:
     """`mosaic status --users`: every user with runs queued or training, or usage left: their
     runs, usage and share. Totals only, visible to every user (studies stay private)."""
@@ -177,15 +178,23 @@ def user_table(
         if run.submission.owner_uid is not None:
             row(run.submission.owner_uid, run.submission.owner)["running"] += 1
     for uid, used in usage.usage.items():
-        if used >= 1.0:
+        if used > 0:
             row(uid, None)
     for uid, entry in rows.items():
         entry["usage"] = round(usage.usage.get(uid, 0.0), 1)
         entry["share"] = shares.get(uid, 1.0)
+        entry["limits"] = dataclasses.asdict(limits)  # the same for everyone (0: none)
     return sorted(rows.values(), key=lambda r: r["user"])
 
 
-def show(studies: Studies, active: Active, queue: RunQueue, db: str, run_id: int) -> ShowReply:
+def show(
+    studies: Studies,
+    active: Active,
+    queue: RunQueue,
+    db: str,
+    run_id: int,
+    waiting_for: str | None = None,
+) -> ShowReply:
     """`mosaic show RUN`: everything recorded, and where it stands now."""
     store = served(studies, db)
     try:
@@ -206,6 +215,8 @@ def show(studies: Studies, active: Active, queue: RunQueue, db: str, run_id: int
         }
     if reply["status"] == QUEUED:
         reply["queued_ahead"] = queue.ahead_of(db, run_id)
+        if waiting_for:
+            reply["waiting_for"] = waiting_for
     return reply
 
 

@@ -22,6 +22,7 @@ from mosaic_client.protocol import (
     PauseReply,
     PendingItem,
     PingReply,
+    PriorityReply,
     RekeyReply,
     RepeatReply,
     RerunReply,
@@ -197,6 +198,7 @@ def handle_submit(ctx: Context, caller: Caller, args: dict[str, Any]) -> SubmitR
         caller.uid,
         caller.name,
         owner,
+        int(args.get("priority") or 0),
     )
 
 
@@ -281,6 +283,18 @@ def handle_show(ctx: Context, caller: Caller, args: dict[str, Any]) -> ShowReply
     return ctx.scheduler.show(_readable_study(ctx, caller, args), args["run_id"])
 
 
+def handle_priority(ctx: Context, caller: Caller, args: dict[str, Any]) -> PriorityReply:
+    """A submission's priority among its owner's runs: its owner's (or an administrator's)."""
+    db = _changed_study(ctx, caller, args)
+    return ctx.scheduler.set_priority(
+        db,
+        int(args["priority"]),
+        args.get("submission"),
+        caller.uid,
+        caller.is_admin(ctx.options.admin_gid),
+    )
+
+
 def handle_studies(ctx: Context, caller: Caller, args: dict[str, Any]) -> list[StudyItem]:
     # What a user may see through the daemon is what they could read themself.
     return ctx.scheduler.studies(
@@ -311,6 +325,7 @@ DISPATCH: dict[str, Handler] = {
     "rekey": handle_rekey,
     "repeat": handle_repeat,
     "show": handle_show,
+    "priority": handle_priority,
     "studies": handle_studies,
     "shutdown": handle_shutdown,
 }

@@ -40,6 +40,15 @@ class StudyHandle:
     def run_record(self, run_id: int) -> RunRecord | None:
         return record_of(self.call("run_record", run_id=run_id))
 
+    def run_records(self, run_ids: list[int]) -> list[RunRecord]:
+        """The records of these runs, a few thousand per call (a keeper's reply is bounded)."""
+        found: list[RunRecord] = []
+        for at in range(0, len(run_ids), 5000):
+            found += [
+                RunRecord(**r) for r in self.call("run_records", run_ids=run_ids[at : at + 5000])
+            ]
+        return found
+
     def runs_in_state(self, status: str) -> list[RunRecord]:
         return [RunRecord(**r) for r in self.call("runs_in_state", status=status)]
 

@@ -103,6 +103,10 @@ class Identities:
         record = self._state.owner_record(study, submission_id)
         return (record.uid, record.name) if record is not None else (None, None)
 
+    def records(self, study: str) -> dict[int, OwnerRecord]:
+        """Every submission's recorded owner in the study."""
+        return self._state.owner_records(study)
+
     def check(self, study: str, rows: list[list[Any]], submission_id: int) -> OwnerRecord | None:
         """The submission's record, once its row (among the study's `rows`) is compared with
         it: a disagreement sets the study aside (and the record, never the row, is still what

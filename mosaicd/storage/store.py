@@ -32,7 +32,7 @@ from mosaic_client.contract import (
 from mosaicd.storage import user_files
 from mosaicd.storage.settings import read_setting, write_setting
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 log = logging.getLogger("mosaicd")
 
 
@@ -193,6 +193,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             run_id INTEGER PRIMARY KEY, members TEXT NOT NULL, fallback TEXT,
             started_at REAL NOT NULL)""",
     ),
+    # A submission's priority among its owner's runs (issue 27: `mosaic run --priority`,
+    # `mosaic priority`): higher first; equal, first come, first served.
+    7: ("ALTER TABLE submissions ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",),
 }
 
 
@@ -484,14 +487,23 @@ class Store:
         process: dict[str, Any],
         monitor: dict[str, Any],
         runs: list[tuple[list[dict[str, Any]], int, str, dict[str, Any]]],
+        priority: int = 0,
     ) -> tuple[int, list[int]]:
         """Queue one submission atomically. Each run is (modules, seed, readable, params)."""
         now = time.time()
         with self.transaction() as conn:
             cur = conn.execute(
                 "INSERT INTO submissions (created_at, owner_uid, owner, config_path, process,"
-                " monitor) VALUES (?, ?, ?, ?, ?, ?)",
-                (now, owner_uid, owner, config_path, json.dumps(process), json.dumps(monitor)),
+                " monitor, priority) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    now,
+                    owner_uid,
+                    owner,
+                    config_path,
+                    json.dumps(process),
+                    json.dumps(monitor),
+                    priority,
+                ),
             )
             submission_id = int(cur.lastrowid or 0)
             next_id = int(self._get_system("next_run_id") or 1)
@@ -535,7 +547,7 @@ class Store:
 
     def submission(self, submission_id: int) -> dict[str, Any]:
         row = self.conn.execute(
-            "SELECT owner_uid, owner, config_path, process, monitor FROM submissions "
+            "SELECT owner_uid, owner, config_path, process, monitor, priority FROM submissions "
             "WHERE submission_id=?",
             (submission_id,),
         ).fetchone()
@@ -548,6 +560,7 @@ class Store:
             "config_path": row[2],
             "process": json.loads(row[3]),
             "monitor": json.loads(row[4]),
+            "priority": row[5],
         }
 
     def _record(self, row: tuple[Any, ...]) -> RunRecord:
@@ -580,6 +593,19 @@ class Store:
             f"SELECT {self._RECORD_COLUMNS} FROM run_meta m WHERE m.run_id=?", (run_id,)
         ).fetchone()
         return self._record(row) if row else None
+
+    def run_records(self, run_ids: list[int]) -> list[RunRecord]:
+        """The records of these runs (those that exist), in queue order: one query per 500."""
+        found: list[RunRecord] = []
+        for at in range(0, len(run_ids), 500):
+            chunk = run_ids[at : at + 500]
+            rows = self.conn.execute(
+                f"SELECT {self._RECORD_COLUMNS} FROM run_meta m WHERE m.run_id IN "
+                f"({', '.join('?' * len(chunk))}) ORDER BY m.queue_seq",
+                chunk,
+            )
+            found.extend(self._record(row) for row in rows)
+        return found
 
     def status_of(self, run_id: int) -> str | None:
         row = self.conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
