@@ -188,6 +188,14 @@ def _add_service_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how fast past usage is forgotten in the fair share (default one day)",
     )
+    parser.add_argument(
+        "--preempt-after",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="on a shared daemon, when a user below their share has waited this long for a "
+        "slot, park an over-share user's run at its next epoch boundary (default 0: never)",
+    )
 
 
 def _shares(items: list[str]) -> dict[int, float]:
@@ -312,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             args.user_cpu_slots, args.user_gpu_slots, args.user_queued, args.submission_runs
         ),
         fair_share_half_life=args.fair_share_half_life,
+        preempt_after=max(0.0, args.preempt_after),
     )
     try:
         code = Daemon(options).run()

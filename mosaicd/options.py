@@ -33,3 +33,6 @@ class Options:
     shares: dict[int, float] = field(default_factory=dict)
     fair_share_half_life: float = DEFAULT_HALF_LIFE_S
     limits: Limits = field(default_factory=Limits)
+    # Preemption at epoch boundaries (mosaicd.scheduling.preemption): seconds a user below
+    # their share waits for a slot before an over-share user's run parks for them; 0: off.
+    preempt_after: float = 0.0

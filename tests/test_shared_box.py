@@ -139,7 +139,7 @@ class Box:
         return json.loads(result.stdout)
 
 
-def _make_box(root: Path, workers: int = 1) -> Box:
+def _make_box(root: Path, workers: int = 1, options: tuple[str, ...] = ()) -> Box:
     tag = secrets.token_hex(3)
     group, admin_group = f"mosu{tag}", f"mosa{tag}"
     users = {
@@ -163,6 +163,7 @@ def _make_box(root: Path, workers: int = 1) -> Box:
             admin_group,
             "--worker-python",
             python,
+            *options,
             workers=workers,
         ),
         python,
@@ -202,14 +203,15 @@ def _make_box(root: Path, workers: int = 1) -> Box:
 
 
 @contextlib.contextmanager
-def running_box(prefix: str, workers: int = 1) -> Iterator[Box]:
-    """A box with its users and groups and a running root daemon; all removed at the end."""
+def running_box(prefix: str, workers: int = 1, options: tuple[str, ...] = ()) -> Iterator[Box]:
+    """A box with its users and groups and a running root daemon (with these extra `mosaicd`
+    options); all removed at the end."""
     _require_root()
     root = Path(tempfile.mkdtemp(prefix=prefix))
     root.chmod(0o755)  # the users traverse it to their project directories and the socket
     made: Box | None = None
     try:
-        made = _make_box(root, workers)
+        made = _make_box(root, workers, options)
         made.daemon.start()
         yield made
     finally:

@@ -137,6 +137,10 @@ def _add_submissions(store: Store, batches: list[dict[str, Any]]) -> list[list[A
 
 
 def _park(store: Store, run_id: int, epoch: int, to: str, detail: str) -> None:
+    if to == QUEUED and store.status_of(run_id) != RUNNING:
+        # Cancelled while it parked (written first): CANCELLED -> QUEUED is a rerun's move,
+        # and a cancelled run must not come back by a park (preemption, daemon stopping).
+        return
     store.set_checkpoint_epoch(run_id, epoch)
     store.transition(run_id, to, detail)
 

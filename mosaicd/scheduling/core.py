@@ -41,6 +41,9 @@ class ActiveRun:
     test_loss: float | None = None
     park_sent: bool = False
     group: list[int] | None = None  # the run ids sent with it as one ensemble
+    # Asked to park for this user's share (mosaicd.scheduling.preemption): once parked, it is
+    # queued again by itself, unlike a user's `pause --now`.
+    preempted_for: str | None = None
 
 
 def served(studies: Studies, db: str) -> StudyHandle:
@@ -71,6 +74,7 @@ class SchedulerCore:
         fair_share: Ledger | None = None,
         shares: dict[int, float] | None = None,
         limits: Limits | None = None,
+        preempt_after: float = 0.0,
     ) -> None:
         self._executor = executor
         self._send = send
@@ -88,6 +92,13 @@ class SchedulerCore:
         self._usage.at = time.time()
         self._shares = dict(shares or {})
         self._limits = limits or Limits()
+        # Preemption (mosaicd.scheduling.preemption; 0: off): how long a user below their share
+        # waits for a slot before an over-share user's run parks for them; since when each
+        # waiting user has waited; the runs asked to park for each (one request at a time).
+        self._preempt_after = preempt_after
+        self._waiting_since: dict[int, float] = {}
+        self._preempting: dict[int, set[tuple[str, int]]] = {}
+        self._preempt_checked = 0.0
         self.shutting_down = False
 
     def queued_of(self, uid: int | None) -> int:

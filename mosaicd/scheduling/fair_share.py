@@ -9,13 +9,18 @@ comes before everyone who has; two users who both keep the queue full end up hol
 proportion to their shares. A daemon serving one user (or a single-user daemon) keeps the
 plain first-come order, as before.
 
+Preemption (off by default; `mosaicd --preempt-after SECONDS`): a user below their share who
+has waited that long for a slot, none being free, has the most over-share user's run park at its
+next epoch boundary; it is queued again and resumes from its checkpoint, bit-identically
+(preempt_choice decides; mosaicd.scheduling.preemption acts).
+
 Pure bookkeeping, no clock of its own: the scheduler passes the time (tests simulate hours in
 milliseconds, tests/test_fair_share.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_HALF_LIFE_S = 24 * 3600.0  # yesterday's usage counts half
@@ -112,3 +117,53 @@ class Limits:
                 f"{queued_now + adding}: wait for some to run, or cancel some"
             )
         return None
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """Park the runs of `worker_id` (owned by `victim`) so that `waiter` gets its slot."""
+
+    waiter: int
+    worker_id: str
+    victim: int
+
+
+def preempt_choice(
+    waiting: Mapping[int, float],
+    running: Sequence[tuple[str, int]],
+    usage: Mapping[int, float],
+    shares: Mapping[int, float],
+    after: float,
+    in_flight: Collection[int] = (),
+    fits: Callable[[int, str], bool] | None = None,
+) -> Preemption | None:
+    """Which worker to preempt (its runs park at their next epoch boundary), if any.
+
+    `waiting`: each user with a run that could start but finds no slot, and how long (s) they
+    have waited; `running`: the busy workers (worker id, owner uid) that may be preempted, the
+    one to preempt first first; `after`: how long a user waits before preemption helps them;
+    `in_flight`: the users a park was already asked for (one at a time each: it lands at an
+    epoch boundary, and asking again meanwhile would take a second slot for the same run);
+    `fits(waiter, worker_id)`: whether the waiter's run could start on that worker's slot.
+
+    The waiter furthest below their share goes first; the victim is the running owner furthest
+    above theirs, and only one strictly above the waiter: users of equal standing never take
+    turns parking each other, and no one is preempted for themself."""
+    if after <= 0:
+        return None
+    eligible = [uid for uid, waited in waiting.items() if waited > after and uid not in in_flight]
+    eligible.sort(key=lambda uid: (standing(uid, usage, shares), -waiting[uid], uid))
+    for waiter in eligible:
+        mine = standing(waiter, usage, shares)
+        victims = [
+            (worker_id, owner)
+            for worker_id, owner in running
+            if owner != waiter
+            and standing(owner, usage, shares) > mine
+            and (fits is None or fits(waiter, worker_id))
+        ]
+        if victims:
+            # max keeps the first of equals: the caller's order decides among one owner's.
+            worker_id, owner = max(victims, key=lambda v: standing(v[1], usage, shares))
+            return Preemption(waiter, worker_id, owner)
+    return None

@@ -4,7 +4,8 @@ It owns the daemon's registries (private, declared in mosaicd.scheduling.core): 
 (mosaicd.storage.studies), the queue (mosaicd.scheduling.run_queue), the runs being trained and the
 holds (mosaicd.scheduling.holds). Its parts live in
 their own modules: submission checks and building (mosaicd.scheduling.submissions), dispatch
-(mosaicd.scheduling.dispatch), worker events (mosaicd.scheduling.worker_events), control requests
+(mosaicd.scheduling.dispatch, then mosaicd.scheduling.preemption), worker events
+(mosaicd.scheduling.worker_events), control requests
 (mosaicd.scheduling.control), more repetitions of configuration groups
 (mosaicd.scheduling.repetitions) and the replies that describe the state (mosaicd.scheduling.views).
 
@@ -36,7 +37,7 @@ from mosaicd.keeper.link import CALL_TIMEOUT_S, PER_ROW_S
 from mosaicd.owners import Owner
 from mosaicd.scheduling import views
 from mosaicd.scheduling.control import Control
-from mosaicd.scheduling.dispatch import Dispatch
+from mosaicd.scheduling.preemption import Preempting
 from mosaicd.scheduling.repetitions import Repetitions
 from mosaicd.scheduling.submissions import build_runs, check_submission
 from mosaicd.scheduling.worker_events import WorkerEvents
@@ -46,7 +47,7 @@ from mosaicd.storage.store import RunRecord, StoreError
 log = logging.getLogger("mosaicd")
 
 
-class Scheduler(Dispatch, WorkerEvents, Repetitions, Control):
+class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
     """The queue and the life of runs; its registries are declared in mosaicd.scheduling.core."""
 
     def recover(self) -> None:

@@ -209,10 +209,21 @@ class WorkerEvents(SchedulerCore):
         run_id = run.record.run_id
         epoch = message["epoch"]
         writer = self._studies.writer(run.study)
+        then = None
         if self.shutting_down:
             to, detail = QUEUED, f"daemon stopping; checkpointed at epoch {epoch}"
         elif writer.disk_full and writer.problem:
             to, detail = PARKED, f"{writer.problem} (parked at epoch {epoch})"
+        elif (
+            run.preempted_for is not None
+            and worker.killed_for is None  # not cancelled or timed out meanwhile
+            and not self._holds.holds_submissions_of(run.submission.owner_uid)
+        ):
+            # Parked for another user's share (mosaicd.scheduling.preemption): queued again at
+            # once, first of its submission, to resume from this checkpoint. (A hold put on
+            # meanwhile makes it an ordinary park, resumed by `mosaic resume`.)
+            to, detail = QUEUED, f"preempted for {run.preempted_for}'s share at epoch {epoch}"
+            then = self._requeue_preempted(run.study, run_id)
         else:
             to, detail = PARKED, f"parked at epoch {epoch}"
 
@@ -220,8 +231,29 @@ class WorkerEvents(SchedulerCore):
             f"run {run_id} parked",
             "park",
             {"run_id": run_id, "epoch": epoch, "to": to, "detail": detail},
+            then,
         )
         self._finish(run, worker, recycle=False)
+
+    def _requeue_preempted(self, study: str, run_id: int) -> Callable[[Any], None]:
+        """Once its park is written: the preempted run back in the queue, with its checkpoint
+        epoch as the store now has it (the run record the next start reads)."""
+
+        def requeue(_: Any) -> None:
+            store = self._studies[study]
+            try:
+                # Not when the park found it cancelled (keeper operation "park").
+                if store.status_of(run_id) != QUEUED:
+                    return
+                record = store.run_record(run_id)
+            except StoreError as exc:
+                # Queued in the study: the next daemon start queues it (requeue_interrupted).
+                log.warning("preempted run %s of %s not queued again: %s", run_id, study, exc)
+                return
+            if record is not None:
+                self._queue.put_back(study, record)
+
+        return requeue
 
     def _on_cancelled(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         # A member of an ensemble stopped on a `cancel`; the daemon set its state already.

@@ -202,6 +202,7 @@ class Daemon:
             fair_share=Ledger(half_life=self.options.fair_share_half_life),
             shares=self.options.shares,
             limits=self.options.limits,
+            preempt_after=self.options.preempt_after,
         )
         self.handler_context = Context(self.options, self.scheduler, self.request_stop)
         self.scheduler.recover()
