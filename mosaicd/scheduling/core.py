@@ -103,7 +103,7 @@ class SchedulerCore:
 
     def queued_of(self, uid: int | None) -> int:
         """How many runs the user has queued (the per-user limit counts these)."""
-        return sum(len(runs) for s, runs in self._queue.waiting() if s.owner_uid == uid)
+        return sum(n for s, n in self._queue.queued_counts() if s.owner_uid == uid)
 
     def limit_problem(self, uid: int | None, name: str, adding: int) -> str | None:
         """Why `adding` more runs of this user may not be queued (the daemon's limits)."""

@@ -86,7 +86,7 @@ class Dispatch(SchedulerCore):
         None: first come, first served (a single-user daemon)."""
         if not self._identities.shared:
             return None
-        owners = {s.owner_uid for s, _ in self._queue.waiting() if s.owner_uid is not None}
+        owners = {s.owner_uid for s, _ in self._queue.queued_counts() if s.owner_uid is not None}
         if len(owners) < 2:
             return None
         order = owner_order(owners, self._usage.usage, self._shares)
@@ -138,7 +138,7 @@ class Dispatch(SchedulerCore):
             return f"user limit {self._limits.cpu_slots} CPU slots ({owner} holds {holding})"
         rank = self._rank()
         if rank is not None and rank(submission) > 0:
-            ahead = [s for s, _ in self._queue.waiting() if rank(s) < rank(submission)]
+            ahead = [s for s, _ in self._queue.queued_counts() if rank(s) < rank(submission)]
             if ahead:
                 return f"behind {ahead[0].owner or 'another user'}'s share (fair share)"
         before = self._queue.ahead_of(study, run_id)

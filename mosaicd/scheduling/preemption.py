@@ -54,7 +54,7 @@ class Preempting(Dispatch):
         }
         names: dict[int, str] = {}
         fits: dict[int, set[str]] = {}
-        for submission, _ in self._queue.waiting():
+        for submission, _ in self._queue.queued_counts():
             uid = submission.owner_uid
             if uid is None or self._has_worker_for(submission.run_as_uid):
                 continue

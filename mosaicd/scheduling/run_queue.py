@@ -168,6 +168,13 @@ class RunQueue:
     def total(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def queued_counts(self) -> Iterator[tuple[Submission, int]]:
+        """Each submission with queued runs, and how many (no copy of the runs: the
+        scheduler asks this on every dispatch pass)."""
+        for key, queue in self._queues.items():
+            if queue:
+                yield self._submissions[key], len(queue)
+
     def waiting(self) -> Iterator[tuple[Submission, list[RunRecord]]]:
         """Each submission with queued runs, and those runs in order."""
         for key, queue in self._queues.items():

@@ -172,9 +172,9 @@ def user_table(
             rows[uid] = {"user": name or user_name(uid), "uid": uid, "running": 0, "queued": 0}
         return rows[uid]
 
-    for submission, records in queue.waiting():
+    for submission, queued in queue.queued_counts():
         if submission.owner_uid is not None:
-            row(submission.owner_uid, submission.owner)["queued"] += len(records)
+            row(submission.owner_uid, submission.owner)["queued"] += queued
     for run in active.values():
         if run.submission.owner_uid is not None:
             row(run.submission.owner_uid, run.submission.owner)["running"] += 1
