@@ -61,8 +61,9 @@ def covers(plan: dict[str, Any], line: Line) -> bool:
 
 def remaining_level(alpha: float, plans: Sequence[dict[str, Any]]) -> float:
     """The level left for a line after the plans that cover it: alpha minus what they spent
-    (never below 0)."""
-    return max(0.0, alpha - sum(float(p["spent"]) for p in plans))
+    (0 when what is left is rounding)."""
+    left = alpha - sum(float(p["spent"]) for p in plans)
+    return left if left > NOTHING_LEFT else 0.0
 
 
 def _settled(line: Line, plans: list[dict[str, Any]], exhausted: bool) -> Line | None:
