@@ -231,3 +231,34 @@ def test_until_decided_records_its_plan_and_a_plain_compare_shows_it(daemon: Dae
     assert "decided by the recorded sequential plan 1" in line["note"]
     human = daemon.cli("compare", db, check=True).stdout
     assert "recorded plan 1 on" in human and "Lan-DeMets" in human, human
+
+
+def test_record_plan_needs_a_submission_of_the_caller_unless_admin(tmp_path: Path) -> None:
+    """Control.record_plan on stand-ins for the scheduler's registries: a study not served is
+    refused, a caller who queued nothing into it is refused, an owner's plan is written."""
+    from types import SimpleNamespace
+
+    from mosaic_client.protocol import ErrorCode
+    from mosaicd.scheduling.control import Control
+
+    written: list[Any] = []
+    writer = SimpleNamespace(try_now=lambda op, args: written.append((op, args)) or 7)
+    studies = SimpleNamespace(get=lambda db: "store" if db == "/s.db" else None)
+    studies.writer = lambda db: writer
+    owners = {1: SimpleNamespace(uid=1000, name="ann")}
+    fake = SimpleNamespace(_studies=studies, _identities=SimpleNamespace(records=lambda db: owners))
+    with pytest.raises(Refused) as caught:
+        Control.record_plan(fake, "/other.db", good_plan(), 1000, False)  # type: ignore[arg-type]
+    assert caught.value.code == ErrorCode.NOT_FOUND
+    with pytest.raises(Refused) as caught:
+        Control.record_plan(fake, "/s.db", good_plan(), 1001, False)  # type: ignore[arg-type]
+    assert caught.value.code == ErrorCode.PERMISSION and "you own no submission" in str(
+        caught.value
+    )
+    assert written == []
+    reply = Control.record_plan(fake, "/s.db", good_plan(), 1000, False)  # type: ignore[arg-type]
+    assert reply == {"db": "/s.db", "plan_id": 7} and written[0][0] == "record_plan"
+    Control.record_plan(fake, "/s.db", good_plan(), 1001, True)  # type: ignore[arg-type]
+    assert len(written) == 2  # an administrator may
+    with pytest.raises(Refused, match="'alpha' must be in"):
+        Control.record_plan(fake, "/s.db", {**good_plan(), "alpha": 2.0}, 1000, False)  # type: ignore[arg-type]
