@@ -10,6 +10,7 @@ the plan's verdict stands. docs/compare.md, "The recorded plan"."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,13 +47,17 @@ def plan_records(
             "spent": float(min(plan.spent(), plan.alpha)),
             "looks": shared,
             "verdicts": [
-                {"key": list(line.key), "verdict": line.verdict, "p_value": line.p_value}
+                {"key": list(line.key), "verdict": line.verdict, "p_value": _finite(line.p_value)}
                 for line in lines
             ],
             "method": method,
         }
         for key, lines in sorted(by_key.items())
     ]
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def covers(plan: dict[str, Any], line: Line) -> bool:
