@@ -232,6 +232,29 @@ def test_until_decided_records_its_plan_and_a_plain_compare_shows_it(daemon: Dae
     human = daemon.cli("compare", db, check=True).stdout
     assert "recorded plan 1 on" in human and "Lan-DeMets" in human, human
 
+    # a second plan on the same lines has only what the first left
+    again = daemon.cli(
+        "compare", db, "--until-decided", "--max-repetitions", "10", timeout=120, check=True
+    ).stdout
+    assert f"spent {spent:.3g} of alpha on these comparisons" in again, again
+    rows = query(db, "SELECT alpha, spent FROM sequential_plans ORDER BY plan_id")
+    assert len(rows) == 2 and rows[1][0] == pytest.approx(ALPHA - spent)
+    assert rows[0][1] + rows[1][1] <= ALPHA
+    report = json.loads(daemon.cli("compare", db, "--json", check=True).stdout)
+    assert [p["plan_id"] for p in report["plans"]] == [1, 2]
+    # a plan that spent everything: no new plan, and a plain compare keeps the verdicts
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO sequential_plans (recorded_at, metric, data_key, families, alpha, spent,"
+            " looks, verdicts, method) SELECT 0, metric, data_key, families, 0.05, 0.05, looks,"
+            " '[]', method FROM sequential_plans WHERE plan_id = 1"
+        )
+    bad = daemon.cli("compare", db, "--until-decided", "--max-repetitions", "12")
+    assert bad.returncode == 2 and "spent all of alpha 0.05" in bad.stderr, bad.stderr
+    report = json.loads(daemon.cli("compare", db, "--json", check=True).stdout)
+    assert report["plans"][-1]["remaining"] == 0.0
+    assert report["lines"][0]["decided_by"] == "plan"
+
 
 def test_record_plan_needs_a_submission_of_the_caller_unless_admin(tmp_path: Path) -> None:
     """Control.record_plan on stand-ins for the scheduler's registries: a study not served is
@@ -262,3 +285,12 @@ def test_record_plan_needs_a_submission_of_the_caller_unless_admin(tmp_path: Pat
     assert len(written) == 2  # an administrator may
     with pytest.raises(Refused, match="'alpha' must be in"):
         Control.record_plan(fake, "/s.db", {**good_plan(), "alpha": 2.0}, 1000, False)  # type: ignore[arg-type]
+
+
+def test_a_new_plan_leaves_out_what_recorded_plans_spent() -> None:
+    plans = _plans([{**good_plan(), "families": ["a", "b", "c"]}, {**good_plan(), "data_key": "x"}])
+    assert recorded.overlapping(plans, None, None) == plans
+    assert recorded.overlapping(plans, ["x"], None) == [plans[1]]
+    assert recorded.overlapping(plans, None, ["a", "c"]) == [plans[0]]
+    assert recorded.overlapping(plans, None, ["a", "z"]) == []  # no line of theirs again
+    assert recorded.remaining_level(ALPHA, plans) == pytest.approx(ALPHA - 0.02)

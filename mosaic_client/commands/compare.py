@@ -239,13 +239,38 @@ def record_plan(
         )
 
 
+def plan_alpha(args: argparse.Namespace, db: str, families: list[str] | None) -> float:
+    """The alpha of a new plan: --alpha less what the recorded plans of these lines spent
+    (a union bound, as for a plain compare); refused (exit 2) when they spent it all."""
+    from mosaic_client.verdict import recorded
+
+    earlier = recorded.overlapping(read_plans(db, args.metric), args.data, families)
+    alpha = recorded.remaining_level(args.alpha, earlier)
+    if not earlier:
+        return alpha
+    ids = ", ".join(str(p["plan_id"]) for p in earlier)
+    if alpha <= 0:
+        _fail(
+            f"the recorded sequential plan(s) {ids} spent all of alpha {args.alpha:g} on these "
+            "comparisons: their verdicts stand (a plain `compare` shows them); choose other "
+            "families or dataset keys (--families, --data) for a new plan"
+        )
+    print(
+        f"note: the recorded sequential plan(s) {ids} spent {args.alpha - alpha:.3g} of alpha "
+        f"on these comparisons: this plan has the remaining {alpha:.3g}",
+        file=sys.stderr if args.json else sys.stdout,
+        flush=True,
+    )
+    return alpha
+
+
 def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
     """--until-decided: the loop of sequential.until_decided, with the daemon adding the runs."""
     from mosaic_client import analysis
     from mosaic_client.verdict import reading, sequential
 
     db = common.existing_db(args.db)
-    plan = sequential.SequentialPlan(args.alpha, args.max_repetitions)
+    plan = sequential.SequentialPlan(plan_alpha(args, db, families), args.max_repetitions)
     options = {
         "db": args.db,
         "data_keys": args.data,

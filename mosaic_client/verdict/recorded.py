@@ -71,6 +71,19 @@ def remaining_level(alpha: float, plans: Sequence[dict[str, Any]]) -> float:
     return left if left > NOTHING_LEFT else 0.0
 
 
+def overlapping(
+    plans: Sequence[dict[str, Any]], data_keys: Sequence[str] | None, families: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """The recorded plans with lines that a new plan over these dataset keys and families (None:
+    every one) could test again: its alpha must leave out what they spent."""
+    return [
+        p
+        for p in plans
+        if (not data_keys or p["data_key"] in data_keys)
+        and (not families or len(set(p["families"]) & set(families)) >= 2)
+    ]
+
+
 def _settled(line: Line, plans: list[dict[str, Any]], exhausted: bool) -> Line | None:
     """The line as the plans left it, when a plan's verdict stands: the plan decided it, or no
     alpha remains (then a line the plan did not decide is 'no detectable difference')."""
