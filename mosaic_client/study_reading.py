@@ -375,6 +375,34 @@ def run_groups(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:
     return [dict(zip(names, row)) for row in cursor]
 
 
+def sequential_plans(conn: sqlite3.Connection, metric: str | None = None) -> list[dict[str, Any]]:
+    """The plans `compare --until-decided` recorded (table sequential_plans, schema 8), oldest
+    first, of one metric or all: families, looks and verdicts decoded from JSON. [] for a study
+    without the table (written before schema 8) or whose daemon never recorded one."""
+    if "sequential_plans" not in table_names(conn):
+        return []
+    sql = (
+        "SELECT plan_id, recorded_at, metric, data_key, families, alpha, spent, looks, verdicts,"
+        " method FROM sequential_plans"
+    )
+    rows = conn.execute(
+        sql + (" WHERE metric=? ORDER BY plan_id" if metric else " ORDER BY plan_id"),
+        (metric,) if metric else (),
+    )
+    names = ("plan_id", "recorded_at", "metric", "data_key", "families", "alpha", "spent")
+    out = []
+    for row in rows:
+        plan = dict(zip(names, row[:7]))
+        try:
+            plan["families"] = json.loads(row[4])
+            plan["looks"], plan["verdicts"] = json.loads(row[7]), json.loads(row[8])
+        except (TypeError, ValueError):
+            continue  # not written by a daemon: unusable, left out
+        plan["method"] = row[9]
+        out.append(plan)
+    return out
+
+
 # -- the web view's runs table ------------------------------------------------------------------
 # Everything that grows with the number of runs is done by SQLite: a page is one query with
 # WHERE, ORDER BY and LIMIT/OFFSET over the schema's indexes (runs_by_status, params_by_name,

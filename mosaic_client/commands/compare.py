@@ -7,7 +7,9 @@ Exit 0 whatever the verdict, 2 for input it cannot use (docs/compare.md).
 Sends no request for a report: it reads the study read-only. With --until-decided it sends
 `repeat` (more repetitions of the groups of the undecided comparisons) and `status` (to wait
 for them), and tests again with the sequential plan (verdict.sequential.until_decided) until
-every comparison is decided or --max-repetitions is reached.
+every comparison is decided or --max-repetitions is reached; then it sends `record_plan`, which
+keeps the plan and the alpha it spent in the study. A later plain compare reads the recorded
+plans and tests the lines they cover at the level that remains (verdict.recorded).
 """
 
 from __future__ import annotations
@@ -156,21 +158,24 @@ def run(args: argparse.Namespace) -> int:
     # on a busy machine they double the CPU time. Set before numpy loads its BLAS.
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")
-    from mosaic_client.verdict import comparison, reading
+    from mosaic_client.verdict import reading
 
     if args.until_decided:
         return until_decided(args, families)
+    from mosaic_client.verdict import recorded
+
     try:
         reading.direction(args.metric)
         values = read_values(args.db, args.metric)
-        report = comparison.compare(
+        report = recorded.compare_after_plans(
             values,
             args.db,
-            args.data,
-            families,
+            read_plans(args.db, args.metric),
             args.alpha,
-            args.size_tolerance,
-            args.min_effect,
+            data_keys=args.data,
+            families=families,
+            size_tolerance=args.size_tolerance,
+            min_effect=args.min_effect,
             margin=args.margin,
             failures_as_losses=not args.exclude_failures,
         )
@@ -199,13 +204,73 @@ def read_values(db: str, metric: str) -> Any:
         conn.close()
 
 
+def read_plans(db: str, metric: str) -> list[dict[str, Any]]:
+    from mosaic_client import analysis, study_reading
+
+    conn = analysis.open_readonly(os.path.abspath(db))
+    try:
+        return study_reading.sequential_plans(conn, metric)
+    finally:
+        conn.close()
+
+
+def record_plan(
+    args: argparse.Namespace, db: str, plan: Any, looks: list[Any], report: Any
+) -> None:
+    """Keep the plan and the alpha it spent in the study (`record_plan`), one row per dataset
+    key; a daemon that cannot is a warning, not a failure of the report."""
+    from mosaic_client.verdict import recorded
+
+    for payload in recorded.plan_records(plan, looks, report):
+        try:
+            reply = common.call(args, "record_plan", db=db, plan=payload)
+        except CommandError as exc:
+            print(
+                f"warning: the plan was not recorded in the study ({exc}); a later plain "
+                "`compare` will test these runs at full alpha: report the plan's verdict",
+                file=sys.stderr,
+            )
+            return
+        print(
+            f"recorded the plan on {payload['data_key']} in the study (plan {reply['plan_id']}, "
+            f"alpha spent {payload['spent']:.3g})",
+            file=sys.stderr if args.json else sys.stdout,
+            flush=True,
+        )
+
+
+def plan_alpha(args: argparse.Namespace, db: str, families: list[str] | None) -> float:
+    """The alpha of a new plan: --alpha less what the recorded plans of these lines spent
+    (a union bound, as for a plain compare); refused (exit 2) when they spent it all."""
+    from mosaic_client.verdict import recorded
+
+    earlier = recorded.overlapping(read_plans(db, args.metric), args.data, families)
+    alpha = recorded.remaining_level(args.alpha, earlier)
+    if not earlier:
+        return alpha
+    ids = ", ".join(str(p["plan_id"]) for p in earlier)
+    if alpha <= 0:
+        _fail(
+            f"the recorded sequential plan(s) {ids} spent all of alpha {args.alpha:g} on these "
+            "comparisons: their verdicts stand (a plain `compare` shows them); choose other "
+            "families or dataset keys (--families, --data) for a new plan"
+        )
+    print(
+        f"note: the recorded sequential plan(s) {ids} spent {args.alpha - alpha:.3g} of alpha "
+        f"on these comparisons: this plan has the remaining {alpha:.3g}",
+        file=sys.stderr if args.json else sys.stdout,
+        flush=True,
+    )
+    return alpha
+
+
 def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
     """--until-decided: the loop of sequential.until_decided, with the daemon adding the runs."""
     from mosaic_client import analysis
     from mosaic_client.verdict import reading, sequential
 
     db = common.existing_db(args.db)
-    plan = sequential.SequentialPlan(args.alpha, args.max_repetitions)
+    plan = sequential.SequentialPlan(plan_alpha(args, db, families), args.max_repetitions)
     options = {
         "db": args.db,
         "data_keys": args.data,
@@ -245,7 +310,12 @@ def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
                 flush=True,
             )
 
+    so_far: list[Any] = []  # each look's (repetitions, level, round), for an interruption
+    last: list[Any] = []  # the last look's report
+
     def on_round(look: int, n: int, report: Any, decision: Any) -> None:
+        so_far.append((n, report.alpha, decision))
+        last[:] = [report]
         print(round_summary(look, n, report, decision), file=say, flush=True)
 
     try:
@@ -260,6 +330,11 @@ def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
         )
     except (analysis.AnalysisError, reading.VerdictError) as exc:
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        if last:  # the looks made so far spent alpha too
+            record_plan(args, db, plan, so_far, last[0])
+        raise
+    record_plan(args, db, plan, looks, report)
     if args.json:
         out = report.as_json()
         out["sequential"] = sequential_json(plan, looks)
@@ -313,8 +388,8 @@ def sequential_note(plan: Any, looks: list[Any]) -> str:
         f"sequential plan: group-sequential boundaries for alpha {plan.alpha:g} (Lan-DeMets "
         f"{plan.spending}-type spending, R = {plan.max_repetitions}); nominal levels "
         f"{levels}; alpha spent so far {plan.spent():.3g}; comparisons decided at a look keep "
-        "their verdict. A later plain `compare` of these runs tests them again at full alpha: "
-        "report the plan's verdict (docs/compare.md)\n"
+        "their verdict. The plan is recorded in the study: a later plain `compare` of these "
+        "lines tests them at the level that remains (docs/compare.md)\n"
     )
 
 
@@ -435,6 +510,24 @@ def _across(found: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _plans(plans: list[dict[str, Any]]) -> list[str]:
+    """The recorded sequential plans that cover lines of the report, under its header."""
+    out = []
+    for p in plans:
+        looks = ", ".join(f"{x['level']:.3g} at {x['repetitions']}" for x in p["looks"])
+        left = (
+            f"its lines are tested at the remaining {p['remaining']:.3g}"
+            if p["remaining"] > 1e-12
+            else "nothing remains: its verdicts stand"
+        )
+        out.append(
+            f"recorded plan {p['plan_id']} on {p['data_key']} ({', '.join(p['families'])}): "
+            f"{p['method']}; alpha {p['alpha']:g}, spent {p['spent']:.3g} over "
+            f"{len(p['looks'])} look(s) (levels {looks}); {left}"
+        )
+    return out
+
+
 def render(report: Any) -> str:
     """The report as a table per dataset key and pair of families, with the sizes left
     without a partner under their pair, even when the pair has no line."""
@@ -452,6 +545,7 @@ def render(report: Any) -> str:
         f"{len(report.lines)} comparison(s), {tested} tested; alpha {report.alpha:g} "
         "family-wise (Holm, Tarone's screen)"
     ]
+    out.extend(_plans(report.plans or []))
     blocks: dict[tuple[str, str, str], list[Any]] = {}
     for line in report.lines:
         blocks.setdefault((line.dataset_key, line.a, line.b), []).append(line)

@@ -113,6 +113,8 @@ REQUESTS: dict[str, tuple[Field, ...]] = {
     "priority": (_f("db", str), _f("priority", int), _f("submission", int, False)),
     "studies": (),
     "shutdown": (),
+    # The plan of a `compare --until-decided` and the alpha it spent, kept in the study.
+    "record_plan": (_f("db", str), _f("plan", dict)),
 }
 
 
@@ -255,6 +257,11 @@ class PriorityReply(TypedDict):
     priority: int
 
 
+class RecordPlanReply(TypedDict):
+    db: str
+    plan_id: int  # its row in the study's sequential_plans table
+
+
 class RepeatedGroup(TypedDict):
     first_run: int  # the group's first run: its id in the run_groups view's order
     runs: int  # the runs it had before
@@ -330,6 +337,7 @@ REPLIES: dict[str, Any] = {
     "priority": PriorityReply,
     "studies": list[StudyItem],
     "shutdown": ShutdownReply,
+    "record_plan": RecordPlanReply,
 }
 assert set(REPLIES) == set(REQUESTS), "every request needs its reply type"
 

@@ -126,6 +126,7 @@ KEEPER_RESULTS: dict[str, Callable[[Any], str | None]] = {
     "pipeline_mates": _ids,
     "select": _ids,
     "add_submissions": _added,
+    "record_plan": _run_id,
     "exists": _is(bool, "a boolean"),
     "same_filesystem": _is(bool, "a boolean"),
     "log_tail": _optional(str),

@@ -1,4 +1,4 @@
-"""The statistics behind `mosaic compare` and `metaplot --ci`, in five modules, each importing
+"""The statistics behind `mosaic compare` and `metaplot --ci`, in six modules, each importing
 only those before it:
 
 * reading.py: what a study holds for a verdict (study_values: the metric of every finished run,
@@ -8,7 +8,9 @@ only those before it:
   Tarone's screen), power and the repetitions needed, the t interval of mean_ci (metaplot --ci);
 * lines.py: one line's numbers: pairing by seed, P(A better), line_statistics;
 * comparison.py: one report (compare): sizes matched, lines tested, the correction, the words;
-* sequential.py: the group-sequential plan of `compare --until-decided`.
+* sequential.py: the group-sequential plan of `compare --until-decided`;
+* recorded.py: the plans kept in the study (record_plan) and the level a later compare of
+  their lines has left.
 
 Import the module you need. Nothing is imported here: the package is loaded only by the
 commands that need it (numpy and scipy are slow to import; `mosaic status` must stay fast).

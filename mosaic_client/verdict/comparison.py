@@ -476,6 +476,7 @@ class Report:
     failures_as_losses: bool = True
     family_size: int = 0  # groups of hypotheses in the correction (Tarone's K)
     across_datasets: list[dict[str, Any]] | None = None  # --across-datasets (across.py)
+    plans: list[dict[str, Any]] | None = None  # recorded sequential plans (recorded.py)
 
     def as_json(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k != "lines"}

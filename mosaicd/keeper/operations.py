@@ -204,6 +204,19 @@ def _set_priority(store: Store, submission_ids: list[int], priority: int) -> Non
     )
 
 
+def _record_plan(store: Store, plan: dict[str, Any]) -> int:
+    """A sequential plan of `compare --until-decided` (checked by the daemon: control.plan_row):
+    one row of sequential_plans; its plan_id."""
+    cursor = store.conn.execute(
+        "INSERT INTO sequential_plans (recorded_at, metric, data_key, families, alpha, spent, "
+        "looks, verdicts, method) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (time.time(), *(plan[k] for k in PLAN_COLUMNS)),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+PLAN_COLUMNS = ("metric", "data_key", "families", "alpha", "spent", "looks", "verdicts", "method")
+
 WRITES: dict[str, Callable[..., Any]] = {
     "fail_unstarted": _fail_unstarted,
     "start_runs": _start_runs,
@@ -224,6 +237,7 @@ WRITES: dict[str, Callable[..., Any]] = {
     "rerun": _rerun,
     "set_params": lambda s, changes: s.set_params([tuple(c) for c in changes]),
     "set_priority": _set_priority,
+    "record_plan": _record_plan,
 }
 
 

@@ -22,6 +22,7 @@ from mosaic_client.protocol import (
     ErrorCode,
     PauseReply,
     PriorityReply,
+    RecordPlanReply,
     RekeyReply,
     RerunReply,
     ResumeReply,
@@ -29,6 +30,7 @@ from mosaic_client.protocol import (
 from mosaicd.errors import Refused
 from mosaicd.keeper.operations import SELECT_BUDGET_S
 from mosaicd.scheduling.core import SchedulerCore, served
+from mosaicd.scheduling.plans import plan_row
 from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.store import RunRecord, StoreError
 
@@ -260,6 +262,29 @@ class Control(SchedulerCore):
             if loaded.submission_id in targets:
                 loaded.priority = priority
         return {"submissions": targets, "priority": priority}
+
+    def record_plan(
+        self, db: str, plan: dict[str, Any], caller_uid: int | None, admin: bool
+    ) -> RecordPlanReply:
+        """Keep a `compare --until-decided` plan (and the alpha it spent) in the study, for a
+        caller who owns a submission of it (the daemon's records) or an administrator."""
+        served(self._studies, db)
+        if not admin and not any(
+            r.uid == caller_uid for r in self._identities.records(db).values()
+        ):
+            raise Refused(
+                ErrorCode.PERMISSION,
+                f"you own no submission in {db}; only those who queued runs into a study, or "
+                "an administrator, may record a plan in it. Nothing was recorded.",
+            )
+        row = plan_row(plan)
+        try:
+            plan_id = self._studies.writer(db).try_now("record_plan", {"plan": row})
+        except StoreError as exc:
+            raise Refused(
+                ErrorCode.INVALID, f"{exc}; the plan was not recorded: record it again later"
+            ) from None
+        return {"db": db, "plan_id": plan_id}
 
     def _check_owners(
         self, db: str, store: StudyHandle, run_ids: list[int], check: OwnerCheck, named: bool

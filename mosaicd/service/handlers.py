@@ -23,6 +23,7 @@ from mosaic_client.protocol import (
     PendingItem,
     PingReply,
     PriorityReply,
+    RecordPlanReply,
     RekeyReply,
     RepeatReply,
     RerunReply,
@@ -279,6 +280,15 @@ def handle_repeat(ctx: Context, caller: Caller, args: dict[str, Any]) -> RepeatR
     )
 
 
+def handle_record_plan(ctx: Context, caller: Caller, args: dict[str, Any]) -> RecordPlanReply:
+    """Keep a sequential plan in the study: its readers who queued runs into it, or an
+    administrator (the scheduler checks the owner and the plan's shape)."""
+    db = _changed_study(ctx, caller, args)
+    return ctx.scheduler.record_plan(
+        db, args["plan"], caller.uid, caller.is_admin(ctx.options.admin_gid)
+    )
+
+
 def handle_show(ctx: Context, caller: Caller, args: dict[str, Any]) -> ShowReply:
     return ctx.scheduler.show(_readable_study(ctx, caller, args), args["run_id"])
 
@@ -328,6 +338,7 @@ DISPATCH: dict[str, Handler] = {
     "priority": handle_priority,
     "studies": handle_studies,
     "shutdown": handle_shutdown,
+    "record_plan": handle_record_plan,
 }
 
 assert set(DISPATCH) == set(REQUESTS), "every request type needs exactly one handler"

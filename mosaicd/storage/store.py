@@ -32,7 +32,7 @@ from mosaic_client.contract import (
 from mosaicd.storage import user_files
 from mosaicd.storage.settings import read_setting, write_setting
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 log = logging.getLogger("mosaicd")
 
 
@@ -196,6 +196,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # A submission's priority among its owner's runs (issue 27: `mosaic run --priority`,
     # `mosaic priority`): higher first; equal, first come, first served.
     7: ("ALTER TABLE submissions ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",),
+    # The plans of `compare --until-decided` and the alpha they spent (issue 28; record_plan).
+    8: (
+        """CREATE TABLE IF NOT EXISTS sequential_plans (plan_id INTEGER PRIMARY KEY,
+        recorded_at REAL NOT NULL, metric TEXT NOT NULL, data_key TEXT NOT NULL, families TEXT
+        NOT NULL, alpha REAL NOT NULL, spent REAL NOT NULL, looks TEXT NOT NULL, verdicts TEXT
+        NOT NULL, method TEXT NOT NULL)""",
+    ),
 }
 
 
