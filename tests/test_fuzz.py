@@ -188,6 +188,9 @@ def valid_args(study: Study, name: str) -> dict[str, Any]:
         "rekey": {"db": study.db, "keys": []},
         "repeat": {"db": study.db, "selection": selection, "add": 1},
         "show": {"db": study.db, "run_id": 1},
+        # Submission 10**6 does not exist: nothing is changed.
+        "priority": {"db": study.db, "priority": 0, "submission": 10**6},
+        "record_plan": {"db": study.db, "plan": {}},
     }.get(name, {})
 
 
