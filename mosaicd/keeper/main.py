@@ -26,7 +26,6 @@ import contextlib
 import os
 import socket
 import sqlite3
-import stat
 from typing import Any
 
 from mosaicd.keeper import access, wire
@@ -47,7 +46,6 @@ KIND_OF: tuple[tuple[type[StoreError], str], ...] = (
     (StudyFault, "fault"),
     (StoreError, "store"),
 )
-_PROOF_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Keeper:
@@ -109,9 +107,9 @@ class Keeper:
         try:
             result = WRITES[op](store, **args)
         except BaseException as exc:
-            if not transaction.__exit__(type(exc), exc, exc.__traceback__):
-                raise
-            return self._reply(store, None)  # pragma: no cover - __exit__ never swallows
+            # The transaction rolls back and raises (StoreError kinds), or re-raises this.
+            transaction.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         if hold:
             # Not committed yet: the daemon records what it must first, then says "finish".
             self._held, self._held_study = transaction, store.path
@@ -158,9 +156,8 @@ class Keeper:
             fd = self._proof_fds.get(study)
             if fd is None:
                 # Kept open as long as the store is: closing it would drop SQLite's locks.
-                fd = os.open(study, _PROOF_FLAGS)
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    os.close(fd)
+                fd = access.open_for_proof(study, write=False)
+                if fd is None:
                     self._close(study)
                     return _error("store", f"{study} is not a regular file"), []
                 self._proof_fds[study] = fd
