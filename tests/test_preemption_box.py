@@ -16,12 +16,12 @@ import pytest
 from conftest import example_config, query
 from test_shared_box import Box, _uid, running_box
 
-EPOCHS = 8  # long enough that the park lands before the end on a fast machine too
+EPOCHS = 6  # long enough that the park lands before the end on a fast machine too
 
 
 @pytest.fixture(scope="module")
 def box() -> Iterator[Box]:
-    with running_box("mospre-", workers=1, options=("--preempt-after", "1")) as made:
+    with running_box("mospre-", workers=1, options=("--preempt-after", "0.5")) as made:
         yield made
 
 
@@ -35,7 +35,7 @@ def _project(
         # Epochs of a second or so: the run is still training when B's wait is over.
         text = config.read_text()
         config.write_text(
-            text.replace("data_size = 200", "data_size = 30000").replace(
+            text.replace("data_size = 200", "data_size = 24000").replace(
                 "batch_size = 20", "batch_size = 10"
             )
         )

@@ -42,7 +42,7 @@ def test_the_test_command_prepares_everything() -> None:
     script = (REPO / command).read_text()
     assert "scripts/test-tools" in script
     assert "pip install -q torch==2.13.0 -e '.[test]'" in script
-    assert '-m pytest -q "$@"' in script
+    assert '-m pytest -q -n 2 --dist loadfile "$@"' in script
     tools = (REPO / "scripts" / "test-tools").read_text()
     for tool, package in (("chromium", "chromium"), ("chromedriver", "chromium-driver")):
         assert f'"{tool} {package}"' in tools

@@ -8,6 +8,7 @@ them at the end, and runs the client as those users with setpriv.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -75,8 +76,15 @@ def user_python() -> tuple[str, list[str]]:
     )
 
 
+# The suite runs test files in parallel (scripts/test: pytest-xdist): two boxes made at once
+# would race for /etc/passwd's lock (useradd fails "cannot lock"), so account changes take turns.
+ACCOUNTS_LOCK = Path(tempfile.gettempdir()) / "mosaic-tests-accounts.lock"
+
+
 def _run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
+    with ACCOUNTS_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
 
 
 @dataclass
@@ -218,9 +226,11 @@ def running_box(prefix: str, workers: int = 1, options: tuple[str, ...] = ()) ->
         if made is not None:
             made.daemon.stop()
             for name in made.made_users:
-                subprocess.run(["userdel", name], capture_output=True, timeout=60)
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    _run("userdel", name)
             for g in made.made_groups:
-                subprocess.run(["groupdel", g], capture_output=True, timeout=60)
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    _run("groupdel", g)
         shutil.rmtree(root, ignore_errors=True)
 
 
