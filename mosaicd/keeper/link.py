@@ -88,11 +88,12 @@ class Link:
         args: dict[str, Any] | None = None,
         hold: bool = False,
         timeout: float = CALL_TIMEOUT_S,
+        within: bool = False,
     ) -> tuple[Any, dict[str, int] | None]:
-        """The checked result of `op` and the study's run counts; raise a StoreError."""
-        reply, fds = self._exchange(
-            {"op": op, "study": study, "args": args or {}, "hold": hold}, timeout
-        )
+        """The checked result of `op` and the study's run counts; raise a StoreError.
+        `hold`: leave its transaction open until "finish"; `within`: add to the open one."""
+        request = {"op": op, "study": study, "args": args or {}, "hold": hold, "within": within}
+        reply, fds = self._exchange(request, timeout)
         for fd in fds:
             os.close(fd)
         return self._result(op, reply)

@@ -99,11 +99,17 @@ class SchedulerCore:
         self._waiting_since: dict[int, float] = {}
         self._preempting: dict[int, set[tuple[str, int]]] = {}
         self._preempt_checked = 0.0
+        # Submissions being taken in steps (mosaicd.scheduling.taking): their runs per user
+        # (the per-user limit counts them as queued), and the keepers holding their transaction.
+        self._being_taken: dict[int, int] = {}
+        self._held_links: set[Any] = set()
         self.shutting_down = False
 
     def queued_of(self, uid: int | None) -> int:
-        """How many runs the user has queued (the per-user limit counts these)."""
-        return sum(n for s, n in self._queue.queued_counts() if s.owner_uid == uid)
+        """How many runs the user has queued, or is having taken (the per-user limit counts
+        these)."""
+        queued = sum(n for s, n in self._queue.queued_counts() if s.owner_uid == uid)
+        return queued + (self._being_taken.get(uid, 0) if uid is not None else 0)
 
     def limit_problem(self, uid: int | None, name: str, adding: int) -> str | None:
         """Why `adding` more runs of this user may not be queued (the daemon's limits)."""

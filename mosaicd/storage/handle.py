@@ -26,9 +26,16 @@ class StudyHandle:
         # The study file's owner, device and inode, from the kernel (fstat), never the keeper.
         self.file_uid, self.dev, self.ino = file.uid, file.dev, file.ino
 
-    def call(self, op: str, hold: bool = False, timeout: float | None = None, **args: Any) -> Any:
+    def call(
+        self,
+        op: str,
+        hold: bool = False,
+        timeout: float | None = None,
+        within: bool = False,
+        **args: Any,
+    ) -> Any:
         extra = {} if timeout is None else {"timeout": timeout}
-        result, counts = self.link.call(op, self.path, args, hold=hold, **extra)
+        result, counts = self.link.call(op, self.path, args, hold=hold, within=within, **extra)
         if counts is not None:
             self.counts = Counter(counts)
         return result

@@ -253,7 +253,17 @@ def is_disk_full(exc: BaseException) -> bool:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
+class OpenedSubmission:
+    """A submission whose row is written and whose runs are being added (Store.add_runs)."""
+
+    submission_id: int
+    first_run_id: int
+    first_queue_seq: int
+    created_at: float
+
+
+@dataclass(slots=True)
 class RunRecord:
     """What the scheduler needs to start a run."""
 
@@ -497,6 +507,24 @@ class Store:
         priority: int = 0,
     ) -> tuple[int, list[int]]:
         """Queue one submission atomically. Each run is (modules, seed, readable, params)."""
+        with self.transaction():
+            opened = self.begin_submission(
+                owner_uid, owner, config_path, process, monitor, priority
+            )
+            run_ids = self.add_runs(opened, int(process["epochs"]), owner, runs)
+        return opened.submission_id, run_ids
+
+    def begin_submission(
+        self,
+        owner_uid: int | None,
+        owner: str,
+        config_path: str,
+        process: dict[str, Any],
+        monitor: dict[str, Any],
+        priority: int = 0,
+    ) -> OpenedSubmission:
+        """A submission's row, inside the caller's transaction: its runs follow (add_runs),
+        in the same transaction, in as many parts as the daemon's loop needs (issue 27)."""
         now = time.time()
         with self.transaction() as conn:
             cur = conn.execute(
@@ -512,14 +540,26 @@ class Store:
                     priority,
                 ),
             )
-            submission_id = int(cur.lastrowid or 0)
             next_id = int(self._get_system("next_run_id") or 1)
             row = conn.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()
-            next_id = max(next_id, int(row[0]))
-            seq = self._next_queue_seq()
-            run_ids = []
-            for offset, (modules, seed, readable, params) in enumerate(runs):
-                run_id = next_id + offset
+            return OpenedSubmission(
+                int(cur.lastrowid or 0), max(next_id, int(row[0])), self._next_queue_seq(), now
+            )
+
+    def add_runs(
+        self,
+        opened: OpenedSubmission,
+        epochs: int,
+        owner: str,
+        runs: list[tuple[list[dict[str, Any]], int, str, dict[str, Any]]],
+        offset: int = 0,
+    ) -> list[int]:
+        """Runs `offset`.. of an opened submission (begin_submission, same transaction)."""
+        run_ids = []
+        now = opened.created_at
+        with self.transaction() as conn:
+            for at, (modules, seed, readable, params) in enumerate(runs, offset):
+                run_id = opened.first_run_id + at
                 run_ids.append(run_id)
                 conn.execute(
                     "INSERT INTO runs (run_id, status, pipeline, return_status) "
@@ -531,11 +571,11 @@ class Store:
                     " queue_seq, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         run_id,
-                        submission_id,
+                        opened.submission_id,
                         json.dumps(modules),
                         seed,
-                        int(process["epochs"]),
-                        seq + offset,
+                        epochs,
+                        opened.first_queue_seq + at,
                         now,
                     ),
                 )
@@ -548,9 +588,9 @@ class Store:
                     " VALUES (?, ?, NULL, ?, ?)",
                     (run_id, now, QUEUED, f"submitted by {owner}"),
                 )
-            self._set_system("next_run_id", next_id + len(runs))
+            self._set_system("next_run_id", opened.first_run_id + offset + len(runs))
             self.counts[QUEUED] += len(runs)
-        return submission_id, run_ids
+        return run_ids
 
     def submission(self, submission_id: int) -> dict[str, Any]:
         row = self.conn.execute(
