@@ -151,7 +151,8 @@ class Keeper:
         if held is None or path is None:
             return _error("store", "no transaction waits to be finished")
         if commit:
-            held.__exit__(None, None, None)  # a failed COMMIT raises the StoreError it was
+            with self.stores[path].checkpoint_apart():
+                held.__exit__(None, None, None)  # a failed COMMIT raises the StoreError it was
         else:
             exc = StoreError("abandoned by the daemon")
             with contextlib.suppress(StoreError):

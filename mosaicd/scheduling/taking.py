@@ -35,7 +35,7 @@ from mosaicd.scheduling.core import SchedulerCore
 from mosaicd.scheduling.submissions import build_runs, check_submission
 from mosaicd.storage.store import RunRecord, StoreError
 
-STEP_S = 0.03  # the work of one step: other requests are answered between steps
+STEP_S = 0.02  # the work of one step: other requests are answered between steps
 FIRST_PART = 100  # pipelines in a submission's first part; later parts follow the time taken
 MAX_PART = 20_000
 
@@ -47,21 +47,21 @@ class Taking:
 
     NOT_YET = object()
 
-    def __init__(self, steps: Steps) -> None:
-        self._steps = steps
-        self.name = "submit"  # the request, for the server's error messages
+    def __init__(self, steps: Steps, name: str = "submit") -> None:
+        self.steps = steps
+        self.name = name  # the request, for the server's error messages
 
     def step(self) -> Any:
         """Do one part: NOT_YET, or the reply's data (or raise the refusal)."""
         try:
-            next(self._steps)
+            next(self.steps)
         except StopIteration as done:
             return done.value
         return Taking.NOT_YET
 
     def cancel(self) -> None:
         """Stop it (the daemon stops): what it wrote is rolled back."""
-        self._steps.close()
+        self.steps.close()
 
 
 def in_parts(total: int, work: Callable[[int, int], None]) -> Steps:

@@ -15,7 +15,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import zmq
@@ -37,7 +37,7 @@ from mosaicd.storage.store import StoreError
 log = logging.getLogger("mosaicd")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 # How long one loop iteration advances the submissions being taken before it polls again.
-TAKING_BUDGET_S = 0.05
+TAKING_BUDGET_S = 0.02
 
 
 def _file_identity(path: str) -> tuple[int, int, int]:
@@ -338,11 +338,22 @@ class Daemon:
                     self._reply(identity, reply)
 
     def _handle(self, payload: bytes, caller: Caller) -> bytes | Taking:
+        if len(payload) > protocol.BIG_REQUEST_BYTES:
+            return Taking(self._in_parts(payload, caller), "request")
         try:
             name, args = protocol.decode_request(payload)
         except protocol.ProtocolError as exc:
             return protocol.error_reply(exc.code, exc.message)
         return self._guarded(name, lambda: DISPATCH[name](self.handler_context, caller, args))
+
+    def _in_parts(self, payload: bytes, caller: Caller) -> Generator[None, None, Any]:
+        """A big request (a submission of many pipelines): decoded in parts, then handled; a
+        handler's own Taking goes on in the same steps."""
+        name, args = yield from protocol.decode_in_parts(payload)
+        handled = DISPATCH[name](self.handler_context, caller, args)
+        if isinstance(handled, Taking):
+            return (yield from handled.steps)
+        return handled
 
     def _guarded(self, name: str, handle: Callable[[], Any]) -> Any:
         """The reply to a request, whatever its handler raises; a Taking (mosaicd.scheduling.

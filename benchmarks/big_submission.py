@@ -1,0 +1,215 @@
+"""One user submits 150,000 runs while another user's `ping` and `status` are timed (issue 27).
+
+The daemon has no workers, so only the submission loads it. As root, the submitter is a
+throw-away user (made with useradd, removed at the end) on a shared daemon (`--socket-group`):
+their study is written by their own keeper, as on the shared box, and the timed client is root,
+another user. Otherwise both clients are this user (printed as `"users": "same uid"`).
+
+Printed: the submission's total time, the round trips of the other client during it (p50, p99,
+max, for ping and status), and the daemon's resident memory before, at its peak and after.
+Target: p99 < 200 ms.
+
+    python benchmarks/big_submission.py [--runs 150000] [--same-user]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import site
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO, BenchDaemon, median, percentile
+
+from mosaic_client.connection import Client
+
+SUBMITTER = """
+import json, sys, time
+from mosaic_client.connection import Client
+socket, request = sys.argv[1], json.loads(sys.stdin.read())
+started = time.perf_counter()
+with Client(socket, timeout=3600) as client:
+    reply = client.request("submit", **request)
+print(json.dumps({"seconds": time.perf_counter() - started, "runs": len(reply["run_ids"])}))
+"""
+
+
+def pipelines(n: int) -> list[list[dict[str, Any]]]:
+    """n pipelines of the benchmark classes: 50 model widths, repeated (as a multiplicity)."""
+    classes = str(REPO / "benchmarks" / "bench_classes.py")
+    data = {
+        "type": "data",
+        "class": "synthetic_data",
+        "path_to_class": classes,
+        "n_batches": 4,
+        "batch_size": 16,
+        "n_features": 8,
+        "key": "synthetic",
+    }
+    return [
+        [
+            dict(data),
+            {
+                "type": "model",
+                "class": "small_mlp",
+                "path_to_class": classes,
+                "width": 8 + i % 50,
+                "key": "mlp",
+            },
+        ]
+        for i in range(n)
+    ]
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS", "VmHWM")):
+                name, value = line.split(":")
+                fields[name] = int(value.split()[0])
+    return fields
+
+
+class ThrowAwayUser:
+    """A user and group of their own, removed at the end (root only)."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.name = self.group = f"mosbig{tag}"
+        subprocess.run(["groupadd", self.group], check=True)
+        subprocess.run(
+            ["useradd", "-M", "-N", "-g", self.group, "-s", "/usr/sbin/nologin", self.name],
+            check=True,
+        )
+        self.uid = int(subprocess.check_output(["id", "-u", self.name]))
+        self.gid = int(subprocess.check_output(["id", "-g", self.name]))
+
+    def remove(self) -> None:
+        subprocess.run(["userdel", self.name], capture_output=True)
+        subprocess.run(["groupdel", self.group], capture_output=True)
+
+
+def user_python() -> tuple[str, list[str]]:
+    """An interpreter a throw-away user may run, and the package paths it needs besides (the
+    venv's may live under a 0700 /root: then the system's same major.minor, with the venv's
+    pure site-packages, as tests/test_shared_box.py does)."""
+    path = os.path.realpath(sys.executable)
+    if all(os.stat(p).st_mode & 0o001 for p in [path, *Path(path).parents]):
+        return sys.executable, []
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidate = shutil.which(version, path="/usr/local/bin:/usr/bin:/bin")
+    if candidate is None:
+        raise SystemExit(f"no {version} that other users may run; or pass --same-user")
+    return candidate, [p for p in site.getsitepackages() if os.path.isdir(p)]
+
+
+def measure(runs: int, same_user: bool) -> dict[str, Any]:
+    user = None if same_user or os.geteuid() != 0 else ThrowAwayUser()
+    python, packages = user_python() if user is not None else (sys.executable, [])
+    extra = [] if user is None else ["--socket-group", user.group, "--worker-python", python]
+    daemon = BenchDaemon(*extra, workers=0)
+    try:
+        project = daemon.root / "project"
+        project.mkdir()
+        if user is not None:
+            # The user reaches their project and the socket; their keeper writes the study.
+            for path in (daemon.root, daemon.root / "daemon"):
+                path.chmod(0o755)
+            os.chown(project, user.uid, user.gid)
+        daemon.start()
+        request = {
+            "db": str(project / "big.db"),
+            "config_path": str(project / "big.ini"),
+            "process": {
+                "lr": 0.001,
+                "epochs": 1,
+                "data_scheme": ["data"],
+                "pipeline_scheme": ["model"],
+                "loss_function": "BCELoss",
+                "run_files_path": str(project / "runs"),
+                "seed": 0,
+            },
+            "monitor": {"need_gpu": False, "nb_processus": 64, "multiplicity": 1},
+            "pipelines": pipelines(runs),
+        }
+        assert daemon.proc is not None
+        before = rss_kib(daemon.proc.pid)
+        prefix = (
+            []
+            if user is None
+            else ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", "--"]
+        )
+        submitter = subprocess.Popen(
+            [*prefix, python, "-c", SUBMITTER, daemon.socket],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={
+                **daemon.env,
+                "HOME": str(project),
+                "PYTHONPATH": os.pathsep.join([str(REPO), *packages]),
+            },
+            cwd=project,
+        )
+        times: dict[str, list[float]] = {"ping": [], "status": []}
+        done = threading.Event()
+
+        def other_user() -> None:
+            with Client(daemon.socket, timeout=600) as client:
+                while not done.is_set():
+                    for name in times:
+                        started = time.perf_counter()
+                        client.request(name, limit=10) if name == "status" else client.request(name)
+                        times[name].append(time.perf_counter() - started)
+                    time.sleep(0.005)
+
+        timer = threading.Thread(target=other_user)
+        timer.start()
+        out, _ = submitter.communicate(json.dumps(request))
+        done.set()
+        timer.join()
+        submitted = json.loads(out)
+        assert submitted["runs"] == runs, submitted
+        after = rss_kib(daemon.proc.pid)
+        result: dict[str, Any] = {
+            "runs": runs,
+            "users": "same uid" if user is None else "submitter: a throw-away user; timed: root",
+            "submit_s": round(submitted["seconds"], 2),
+        }
+        for name, values in times.items():
+            result[f"{name}_n"] = len(values)
+            result[f"{name}_p50_ms"] = round(1000 * median(values), 1)
+            result[f"{name}_p99_ms"] = round(1000 * percentile(values, 99), 1)
+            result[f"{name}_max_ms"] = round(1000 * max(values), 1)
+        result["rss_before_mib"] = round(before["VmRSS"] / 1024)
+        result["rss_peak_mib"] = round(after["VmHWM"] / 1024)
+        result["rss_after_mib"] = round(after["VmRSS"] / 1024)
+        result["rss_growth_mib"] = round((after["VmRSS"] - before["VmRSS"]) / 1024)
+        return result
+    finally:
+        daemon.stop()
+        if user is not None:
+            user.remove()
+        shutil.rmtree(daemon.root, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=150_000)
+    parser.add_argument("--same-user", action="store_true", help="both clients as this user")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.runs, args.same_user)))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
