@@ -128,24 +128,26 @@ class Submitting(SchedulerCore):
         acting_for: Owner | None,
         priority: int,
     ) -> Generator[None, None, SubmitReply]:
-        self._executor.check_submission(process, pipelines, acting_for)
-        gpu_slots = self._executor.slot_count("cuda")
-        check_submission(process, monitor, pipelines[:1], gpu_slots)  # none: refused
-
-        def check(start: int, stop: int) -> None:
-            check_submission(process, monitor, pipelines[start:stop], gpu_slots)
-            modules_interned(pipelines, start, stop)
-
-        yield from in_parts(len(pipelines), check)
         if owner_uid is None:
             raise Refused(ErrorCode.PERMISSION, "the daemon could not learn who you are")
         uid: int = owner_uid
         name = owner or str(uid)
+        # The limits first (a refusal comes at once); the runs count as queued from now on, so
+        # that two big submissions of one user taken side by side cannot pass them together.
         problem = self.limit_problem(uid, name, len(pipelines))
         if problem:
             raise Refused(ErrorCode.INVALID, f"{problem}. Nothing was queued.")
         self._being_taken[uid] = self._being_taken.get(uid, 0) + len(pipelines)
         try:
+            self._executor.check_submission(process, pipelines, acting_for)
+            gpu_slots = self._executor.slot_count("cuda")
+            check_submission(process, monitor, pipelines[:1], gpu_slots)  # none: refused
+
+            def check(start: int, stop: int) -> None:
+                check_submission(process, monitor, pipelines[start:stop], gpu_slots)
+                modules_interned(pipelines, start, stop)
+
+            yield from in_parts(len(pipelines), check)
             store = self._open_for(db, process, monitor, acting_for)
             # One held transaction per keeper: a second submission through it waits its turn.
             while store.link in self._held_links:
