@@ -26,29 +26,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
+import zmq
 from common import REPO, BenchDaemon, median, percentile
 
-from mosaic_client.connection import Client
+from mosaic_client import paths, protocol
 
 INTERVAL_S = 0.01  # the other user sends a request every 10 ms (ping and status in turn)
 
 SUBMITTER = """
 import json, sys, time
-from mosaic_client.connection import Client
-
-INTERVAL_S = 0.01  # the other user sends a request every 10 ms (ping and status in turn)
-socket, request = sys.argv[1], json.loads(sys.stdin.read())
-from mosaic_client.protocol import ProtocolError
 from mosaic_client import protocol
+from mosaic_client.connection import Client
+socket, request = sys.argv[1], json.loads(sys.stdin.read())
 protocol.make_request("submit", **request)  # once: the request's packing is not measured
 sent_at, started = time.time(), time.perf_counter()
 with Client(socket, timeout=3600) as client:
     try:
         runs, refused = len(client.request("submit", **request)["run_ids"]), None
-    except ProtocolError as exc:
+    except protocol.ProtocolError as exc:
         runs, refused = 0, exc.message[:300]
 seconds = time.perf_counter() - started
 print(json.dumps({"sent_at": sent_at, "seconds": seconds, "runs": runs, "refused": refused}))
@@ -177,17 +176,29 @@ def measure(runs: int, same_user: bool) -> dict[str, Any]:
         done = threading.Event()
 
         def other_user() -> None:
-            # Open loop: a request is due every INTERVAL_S whether or not the last one was
-            # answered, and its time counts from when it was due: a loop stalled for 20 s
-            # shows as 20 s of slow requests, not as one slow sample.
-            due = time.time()
-            with Client(daemon.socket, timeout=600) as client:
-                while not done.is_set():
-                    for name in ("ping", "status"):
-                        time.sleep(max(0.0, due - time.time()))
-                        client.request(name, limit=10) if name == "status" else client.request(name)
-                        samples.append((name, due, time.time() - due))
-                        due += INTERVAL_S
+            # Open loop: a request is due every INTERVAL_S whether or not the earlier ones
+            # were answered (several may be in flight on the one socket; the daemon answers
+            # them in order), and each one's time counts from when it was due: a loop stalled
+            # for 20 s shows as 20 s of slow requests, not as the one request that waited.
+            context = zmq.Context.instance()
+            sock = context.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(paths.endpoint(daemon.socket))
+            in_flight: deque[tuple[str, float]] = deque()
+            due, turn = time.time(), 0
+            while not done.is_set() or in_flight:
+                if not done.is_set() and time.time() >= due:
+                    name = ("ping", "status")[turn % 2]
+                    args = {"limit": 10} if name == "status" else {}
+                    sock.send_multipart([b"", protocol.make_request(name, **args)])
+                    in_flight.append((name, due))
+                    due, turn = due + INTERVAL_S, turn + 1
+                wait = max(0.0, due - time.time()) if not done.is_set() else 1.0
+                if sock.poll(int(1000 * wait) + 1):
+                    protocol.decode_reply(sock.recv_multipart()[-1])
+                    name, was_due = in_flight.popleft()
+                    samples.append((name, was_due, time.time() - was_due))
+            sock.close()
 
         timer = threading.Thread(target=other_user)
         timer.start()

@@ -88,8 +88,16 @@ class SchedulerCore:
         self._holds = Holds(state)
         # Usage per user and their shares: who is furthest below their share starts next
         # (mosaicd.scheduling.fair_share; a shared daemon only).
+        self._state = state
         self._usage = fair_share or Ledger()
-        self._usage.at = time.time()
+        # As the last daemon saved it (DaemonState.usage), decayed over the time it was down
+        # at the first charge (Ledger.decay_to); a first start begins everyone at zero.
+        saved, saved_at = state.usage()
+        if saved_at is None:
+            self._usage.at = time.time()
+        else:
+            self._usage.usage, self._usage.at = saved, saved_at
+        self._usage_saved = time.monotonic()
         self._shares = dict(shares or {})
         self._limits = limits or Limits()
         # Preemption (mosaicd.scheduling.preemption; 0: off): how long a user below their share

@@ -132,6 +132,7 @@ class Scheduler(Submitting, Preempting, WorkerEvents, Repetitions, Control):
         while time.monotonic() < deadline and any(w.waiting for _, w in self._studies.writers()):
             self._studies.flush(force=True)
             time.sleep(0.2)
+        self.save_usage()
         for path, writer in self._studies.writers():
             if writer.waiting:
                 log.error("%s: %d write(s) not written: %s", path, writer.waiting, writer.problem)
