@@ -228,6 +228,9 @@ def measure(runs: int, same_user: bool) -> dict[str, Any]:
         result["rss_peak_mib"] = round(after["VmHWM"] / 1024)
         result["rss_after_mib"] = round(after["VmRSS"] / 1024)
         result["rss_growth_mib"] = round((after["VmRSS"] - before["VmRSS"]) / 1024)
+        # Requests slower than the target, and the machine's load (a shared 2-core VM is noisy).
+        result["over_200ms"] = sum(t > 0.2 for values in times.values() for t in values)
+        result["load_average"] = round(os.getloadavg()[0], 1)
         return result
     finally:
         daemon.stop()

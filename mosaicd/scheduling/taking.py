@@ -238,12 +238,14 @@ class Submitting(SchedulerCore):
             yield from in_parts(len(pipelines), add)
             # Its owner, from the kernel, in the daemon's state: just before the study's COMMIT
             # (mosaicd.storage.identity says what a crash in between leaves).
-            writer.close_held(commit=True, before_commit=self._recorder(db, opened, uid, name))
+            writer.close_held(
+                True, rows_timeout(len(pipelines)), self._recorder(db, opened, uid, name)
+            )
         except StoreError as exc:
             raise _refused(exc) from None
         finally:
             if writer.taking:  # refused, failed or stopped midway: nothing of it is kept
-                writer.close_held(commit=False)
+                writer.close_held(False, rows_timeout(len(pipelines)))
         self._queue.add_new(db, self._studies[db], records)
         return {
             "db": db,

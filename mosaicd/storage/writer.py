@@ -120,14 +120,11 @@ class StudyWriter:
         """Begin a write whose transaction stays open for more parts (add_held), as try_now
         would (nothing is kept if it cannot be made now); the study's other writes wait until
         close_held."""
-        result = self.try_now_held(op, args, timeout)
-        self.taking = True
-        return result
-
-    def try_now_held(self, op: str, args: dict[str, Any], timeout: float) -> Any:
         if self._waiting or self.taking:
             raise StudyBusy(f"{self.store.path}: {self.problem or _busy_reason(self.taking)}")
-        return self._checked(lambda: self.store.call(op, hold=True, timeout=timeout, **args))
+        result = self._checked(lambda: self.store.call(op, hold=True, timeout=timeout, **args))
+        self.taking = True
+        return result
 
     def add_held(self, op: str, args: dict[str, Any], timeout: float) -> Any:
         """One more part of the open write. If it fails the keeper has rolled all of it back
@@ -138,9 +135,10 @@ class StudyWriter:
             self.taking = False
             raise
 
-    def close_held(self, commit: bool, before_commit: Then | None = None) -> None:
+    def close_held(self, commit: bool, timeout: float, before_commit: Then | None = None) -> None:
         """Commit the open write (`before_commit` first sees nothing and may still refuse it by
-        raising) or roll it back; then the writes that waited behind it go through."""
+        raising) or roll it back, within `timeout` (a big COMMIT takes its time); then the
+        writes that waited behind it go through."""
         try:
             if commit and before_commit is not None:
                 try:
@@ -151,7 +149,7 @@ class StudyWriter:
         finally:
             self.taking = False
             try:
-                self._checked(lambda: self.store.call("finish", commit=commit))
+                self._checked(lambda: self.store.call("finish", commit=commit, timeout=timeout))
             finally:
                 self.flush(force=True)
 
