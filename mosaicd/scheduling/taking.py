@@ -34,12 +34,13 @@ from mosaicd.owners import Owner
 from mosaicd.scheduling.core import SchedulerCore
 from mosaicd.scheduling.submissions import build_runs, check_submission
 from mosaicd.storage.store import RunRecord, StoreError
+from mosaicd.storage.writer import COMMITTING
 
 STEP_S = 0.02  # the work of one step: other requests are answered between steps
 FIRST_PART = 100  # pipelines in a submission's first part; later parts follow the time taken
 MAX_PART = 20_000
 
-Steps = Generator[None, None, Any]
+Steps = Generator[Any, None, Any]
 
 
 class Taking:
@@ -50,21 +51,28 @@ class Taking:
     def __init__(self, steps: Steps, name: str = "submit") -> None:
         self.steps = steps
         self.name = name  # the request, for the server's error messages
+        self.committing = False  # its COMMIT is on its way: it is queued whole, soon
 
     def step(self) -> Any:
         """Do one part: NOT_YET, or the reply's data (or raise the refusal)."""
         try:
-            next(self.steps)
+            self.committing = next(self.steps) == COMMITTING
         except StopIteration as done:
             return done.value
         return Taking.NOT_YET
+
+    def finish_now(self) -> Any:
+        """Its reply, its steps done one after the other (the daemon stops during a COMMIT)."""
+        while (reply := self.step()) is Taking.NOT_YET:
+            time.sleep(0.005)
+        return reply
 
     def cancel(self) -> None:
         """Stop it (the daemon stops): what it wrote is rolled back."""
         self.steps.close()
 
 
-def in_parts(total: int, work: Callable[[int, int], None]) -> Steps:
+def in_parts(total: int, work: Callable[[int, int], None]) -> Generator[None, None, None]:
     """work(start, stop) over [0, total) in parts, one per step: each part is sized so that
     its work takes about STEP_S, judged by the time the previous part's took."""
     size, start = FIRST_PART, 0
@@ -127,7 +135,7 @@ class Submitting(SchedulerCore):
         owner: str | None,
         acting_for: Owner | None,
         priority: int,
-    ) -> Generator[None, None, SubmitReply]:
+    ) -> Generator[Any, None, SubmitReply]:
         if owner_uid is None:
             raise Refused(ErrorCode.PERMISSION, "the daemon could not learn who you are")
         uid: int = owner_uid
@@ -195,7 +203,7 @@ class Submitting(SchedulerCore):
         uid: int,
         name: str,
         priority: int,
-    ) -> Generator[None, None, SubmitReply]:
+    ) -> Generator[Any, None, SubmitReply]:
         """The submission's one transaction, in parts; its runs queued once it is committed."""
         writer = self._studies.writer(db)
         batch = {
@@ -238,14 +246,15 @@ class Submitting(SchedulerCore):
             yield from in_parts(len(pipelines), add)
             # Its owner, from the kernel, in the daemon's state: just before the study's COMMIT
             # (mosaicd.storage.identity says what a crash in between leaves).
-            writer.close_held(
+            yield from writer.close_held(
                 True, rows_timeout(len(pipelines)), self._recorder(db, opened, uid, name)
             )
         except StoreError as exc:
             raise _refused(exc) from None
         finally:
             if writer.taking:  # refused, failed or stopped midway: nothing of it is kept
-                writer.close_held(False, rows_timeout(len(pipelines)))
+                for _ in writer.close_held(False, rows_timeout(len(pipelines))):
+                    time.sleep(0.005)  # the daemon stops: its loop waits for the ROLLBACK
         self._queue.add_new(db, self._studies[db], records)
         return {
             "db": db,

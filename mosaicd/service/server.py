@@ -233,7 +233,9 @@ class Daemon:
         last_reap = 0.0
         while not self.stop_requested:
             wait_ms = int(reap_every * 1000) if reap_every else 1000
-            events = dict(poller.poll(0 if self._takings else wait_ms))
+            if self._takings:  # at once, or soon when they only wait for a COMMIT
+                wait_ms = 5 if all(t.committing for _, t in self._takings) else 0
+            events = dict(poller.poll(wait_ms))
             if reap_every and time.monotonic() - last_reap >= reap_every:
                 self.child_exited = True
                 last_reap = time.monotonic()
@@ -329,13 +331,17 @@ class Daemon:
         """Advance the submissions being taken (mosaicd.scheduling.taking), in turn, for at
         most TAKING_BUDGET_S: the other requests are answered at the next poll."""
         deadline = time.monotonic() + TAKING_BUDGET_S
-        while self._takings and time.monotonic() < deadline:
+        working = True
+        while working and time.monotonic() < deadline:
+            working = False
             for entry in list(self._takings):
                 identity, taking = entry
                 reply = self._guarded(taking.name, taking.step)
                 if reply is not None:
                     self._takings.remove(entry)
                     self._reply(identity, reply)
+                # One whose keeper makes its COMMIT only waits: no reason to spin on it.
+                working = working or not taking.committing
 
     def _handle(self, payload: bytes, caller: Caller) -> bytes | Taking:
         if len(payload) > protocol.BIG_REQUEST_BYTES:
@@ -432,8 +438,12 @@ class Daemon:
             f"STATUS=stopping: checkpointing {self.scheduler.running()} running run(s)",
         )
         log.info("stopping: checkpointing %d running run(s)", self.scheduler.running())
-        # Submissions still being taken are rolled back and their clients told.
+        # Submissions still being taken are rolled back (or, once their COMMIT is on its way,
+        # finished) and their clients told.
         for identity, taking in self._takings:
+            if taking.committing:  # its COMMIT is on its way: it is queued whole
+                self._reply(identity, self._guarded(taking.name, taking.finish_now))
+                continue
             taking.cancel()
             self._reply(
                 identity,

@@ -40,6 +40,20 @@ class StudyHandle:
             self.counts = Counter(counts)
         return result
 
+    def begin(self, op: str, timeout: float, **args: Any) -> None:
+        """Send `op` without waiting for its reply (mosaicd.keeper.link.Link.begin)."""
+        self.link.begin(op, self.path, args, timeout)
+
+    def finished(self) -> tuple[bool, Any]:
+        """(True, the begun call's result) once it came, else (False, None); its StoreError."""
+        done = self.link.finished()
+        if done is None:
+            return False, None
+        result, counts = done
+        if counts is not None:
+            self.counts = Counter(counts)
+        return True, result
+
     # Reads, named as the Store's (mosaicd.storage.store) that the keeper calls.
     def status_of(self, run_id: int) -> str | None:
         return self.call("status_of", run_id=run_id)  # type: ignore[no-any-return]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ RETRY_BUSY_S = 0.2  # how often the loop tries a locked study again
 RETRY_ERROR_S = 5.0  # and a study that failed with another database error
 
 Then = Callable[[Any], None]
+COMMITTING = "committing"  # what close_held yields while a COMMIT is on its way
 
 
 @dataclass
@@ -135,10 +136,13 @@ class StudyWriter:
             self.taking = False
             raise
 
-    def close_held(self, commit: bool, timeout: float, before_commit: Then | None = None) -> None:
+    def close_held(
+        self, commit: bool, timeout: float, before_commit: Then | None = None
+    ) -> Iterator[None]:
         """Commit the open write (`before_commit` first sees nothing and may still refuse it by
-        raising) or roll it back, within `timeout` (a big COMMIT takes its time); then the
-        writes that waited behind it go through."""
+        raising) or roll it back, within `timeout`; yields while the keeper makes the COMMIT
+        (seconds for 150,000 runs: the daemon's loop goes on meanwhile). Then the writes that
+        waited behind it go through."""
         try:
             if commit and before_commit is not None:
                 try:
@@ -147,10 +151,19 @@ class StudyWriter:
                     commit = False
                     raise
         finally:
-            self.taking = False
             try:
-                self._checked(lambda: self.store.call("finish", commit=commit, timeout=timeout))
+                self._checked(lambda: self.store.begin("finish", timeout, commit=commit))
+                try:
+                    while not self._checked(lambda: self.store.finished()[0]):
+                        yield COMMITTING if commit else None
+                except GeneratorExit:
+                    # Stopped while the keeper ends the transaction: its answer is awaited
+                    # (else the keeper's link would wait for it for ever).
+                    while not self._checked(lambda: self.store.finished()[0]):
+                        time.sleep(0.005)
+                    raise
             finally:
+                self.taking = False
                 self.flush(force=True)
 
     def _checked(self, call: Callable[[], Any]) -> Any:
