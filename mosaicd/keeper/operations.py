@@ -21,13 +21,8 @@ from typing import Any
 from mosaic_client import selection as selections
 from mosaic_client.contract import CANCELLED, DONE, FAILED, PARKED, QUEUED, RUNNING
 from mosaicd.keeper import access
-from mosaicd.storage.store import (
-    OpenedSubmission,
-    RunRecord,
-    Store,
-    StoreError,
-    connect_readonly,
-)
+from mosaicd.storage.store import RunRecord, Store, StoreError, connect_readonly
+from mosaicd.storage.submission_rows import OpenedSubmission
 
 SELECT_BUDGET_S = 5.0  # a user's -request selection, interrupted after this
 

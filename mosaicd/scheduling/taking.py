@@ -5,14 +5,17 @@ A `submit` becomes a Taking: a generator that does a part of the work and yields
 server's loop (mosaicd.service.server) advances between other requests, for at most a few tens
 of milliseconds at a time; the submitter's reply is sent once it is over. The parts:
 
-1. the daemon's checks (mosaicd.scheduling.submissions.check_submission), a part of the
+1. the per-user limits, counting the runs of the user's submissions still being taken (so two
+   taken side by side cannot pass them together);
+2. the daemon's checks (mosaicd.scheduling.submissions.check_submission), a part of the
    pipelines per step: a refused submission has written nothing;
-2. the per-user limits, counting the runs of the user's submissions still being taken;
 3. one transaction in the study, which the study's keeper holds open (Store.begin_submission,
    then Store.add_runs per part, mosaicd.keeper.main's `hold`/`within`), committed at the end
    just after the daemon records the submission's owner: the study shows all of the runs or
-   none. Until then the study's other writes wait (StudyWriter.taking) and its runs do not
-   start; a failure or a daemon that stops rolls it all back (a keeper that dies does too);
+   none (one transaction per state change, made in parts). Until then the study's other
+   writes wait (StudyWriter.taking) and its runs do not start; a failure or a daemon that
+   stops rolls it all back (a keeper that dies does too). The COMMIT's reply is awaited between
+   steps (mosaicd.keeper.link.Link.begin): a keeper process makes it while the loop goes on;
 4. its runs queued in memory in one go, their records built here (not read back), every run of
    one pipeline sharing one list of modules.
 
