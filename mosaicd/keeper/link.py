@@ -264,14 +264,18 @@ class ProcessLink(Link):
         return self._result(op, reply)
 
     def _ensure_free(self) -> socket.socket:
+        self._not_begun()
+        return self._ensure()
+
+    def _not_begun(self) -> None:
+        """No other call while a begun call's reply is awaited."""
         if self._begun is not None:
             raise KeeperBusy(
                 f"{self.name}'s keeper is committing a submission; it answers again in a moment"
             )
-        return self._ensure()
 
     def _exchange(self, request: dict[str, Any], timeout: float) -> tuple[Any, list[int]]:
-        self._ensure_free()  # not while a begun call's reply is awaited
+        self._not_begun()
         before = self._sock
         sock = self._ensure()
         fresh = sock is not before
