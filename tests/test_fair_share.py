@@ -13,23 +13,30 @@ import pytest
 
 from mosaicd.scheduling.fair_share import Ledger, owner_order, parse_shares, standing
 
+Run = tuple[float, ...]  # (arrival, duration) or (arrival, duration, priority)
+
 
 def simulate(
     slots: int,
-    queues: dict[int, list[tuple[float, float]]],  # uid -> [(arrival, duration)], FCFS
+    queues: dict[int, list[Run]],  # uid -> runs
     shares: dict[int, float],
     horizon: float,
     half_life: float,
+    started: list[tuple[int, Run]] | None = None,
 ) -> tuple[dict[int, float], dict[int, float]]:
     """Run the scheduler's rule until `horizon`: at every free slot, the queued run of the
-    owner with the lowest usage per share (its oldest run). Returns each user's slot-seconds
-    and the wait of their first run."""
+    owner with the lowest usage per share; among that owner's arrived runs, the highest
+    priority (default 0), then the oldest (mosaicd.scheduling.run_queue.peek_next's order).
+    Returns each user's slot-seconds and the wait of their first run; `started` gets every
+    run in the order it started."""
     ledger = Ledger(half_life=half_life)
-    pending = {uid: deque(sorted(runs)) for uid, runs in queues.items()}
+    future = {uid: deque(sorted(runs)) for uid, runs in queues.items()}
+    arrived: dict[int, list[tuple[float, float, int, Run]]] = {uid: [] for uid in queues}
     running: list[tuple[float, int]] = []  # (end, uid)
     held = {uid: 0.0 for uid in queues}
     first_wait: dict[int, float] = {}
     now, last = 0.0, 0.0
+    order = 0
 
     def charge(until: float) -> None:
         nonlocal last
@@ -39,16 +46,28 @@ def simulate(
             held[uid] += until - last
         last = until
 
+    def ready() -> list[int]:
+        nonlocal order
+        for uid, runs in future.items():
+            while runs and runs[0][0] <= now:
+                run = runs.popleft()
+                priority = run[2] if len(run) > 2 else 0
+                heapq.heappush(arrived[uid], (-priority, run[0], order, run))
+                order += 1
+        return [uid for uid, runs in arrived.items() if runs]
+
     while now < horizon:
-        ready = [uid for uid, q in pending.items() if q and q[0][0] <= now]
-        while len(running) < slots and ready:
-            rank = owner_order(ready, ledger.usage, shares)
-            uid = min(ready, key=rank.__getitem__)
-            arrival, duration = pending[uid].popleft()
-            first_wait.setdefault(uid, now - arrival)
-            heapq.heappush(running, (now + duration, uid))
-            ready = [uid for uid, q in pending.items() if q and q[0][0] <= now]
-        arrivals = [q[0][0] for q in pending.values() if q and q[0][0] > now]
+        waiting = ready()
+        while len(running) < slots and waiting:
+            rank = owner_order(waiting, ledger.usage, shares)
+            uid = min(waiting, key=rank.__getitem__)
+            run = heapq.heappop(arrived[uid])[3]
+            if started is not None:
+                started.append((uid, run))
+            first_wait.setdefault(uid, now - run[0])
+            heapq.heappush(running, (now + run[1], uid))
+            waiting = ready()
+        arrivals = [q[0][0] for q in future.values() if q and q[0][0] > now]
         now = min([running[0][0]] if running else [] + arrivals + [horizon])
         if arrivals:
             now = min(now, min(arrivals))
@@ -58,7 +77,7 @@ def simulate(
     return held, first_wait
 
 
-def _backlog(rng: random.Random, n: int, low: float, high: float) -> list[tuple[float, float]]:
+def _backlog(rng: random.Random, n: int, low: float, high: float) -> list[Run]:
     return [(0.0, rng.uniform(low, high)) for _ in range(n)]
 
 
@@ -94,6 +113,28 @@ def test_a_late_small_user_starts_at_the_next_free_slot_and_no_one_starves() -> 
     # B's ten finish long before A's thousand: B held its ten runs' time, A kept the rest.
     assert held[2] == pytest.approx(600.0)
     assert held[1] > 10 * held[2]
+
+
+def test_priorities_order_a_users_own_runs_and_leave_the_shares_alone() -> None:
+    rng = random.Random(5)
+    # A: 2,000 runs at priority 0, then at t=1,000 twenty urgent ones (priority 5); B: a backlog.
+    urgent = [(1_000.0, 60.0, 5) for _ in range(20)]
+    queues = {1: [*_backlog(rng, 2_000, 50, 70), *urgent], 2: _backlog(rng, 2_000, 50, 70)}
+    started: list[tuple[int, Run]] = []
+    held, _ = simulate(4, queues, {1: 1.0, 2: 1.0}, 20_000.0, 3600.0, started)
+    a_runs = [run for uid, run in started if uid == 1]
+    first_urgent = next(i for i, run in enumerate(a_runs) if len(run) > 2)
+    # A's urgent runs go before every one of A's older runs still queued when they came...
+    assert all(len(run) > 2 for run in a_runs[first_urgent : first_urgent + 20])
+    assert a_runs[first_urgent - 1][0] == 0.0  # (they did not wait for A's backlog)
+    # ...and only among A's: B keeps its half of the slots.
+    assert held[2] / sum(held.values()) == pytest.approx(0.5, rel=0.10)
+    # The same workload without priorities: the urgent runs wait behind A's backlog.
+    plain = {1: [*queues[1][:-20], *[(t, d) for t, d, _ in urgent]], 2: queues[2]}
+    unordered: list[tuple[int, Run]] = []
+    simulate(4, plain, {1: 1.0, 2: 1.0}, 20_000.0, 3600.0, unordered)
+    later = [i for i, (uid, run) in enumerate(unordered) if uid == 1 and run[0] == 1_000.0]
+    assert not later or later[0] > started.index(next(e for e in started if len(e[1]) > 2))
 
 
 def test_usage_decays_with_its_half_life() -> None:

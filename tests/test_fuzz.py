@@ -628,3 +628,57 @@ def test_the_daemon_serves_others_during_a_flood(check: Study) -> None:
         assert time.monotonic() - started < 10
     finally:
         flood.close()
+
+
+# -- a big request decoded in parts (issue 27) --------------------------------------------------
+
+
+def _outcome(decode: Any) -> Any:
+    try:
+        return ("ok", msgpack.packb(decode()))  # packed: a NaN equals itself there
+    except protocol.ProtocolError as exc:
+        return ("refused", exc.code)
+
+
+def _in_parts(payload: bytes) -> Any:
+    steps = protocol.decode_in_parts(payload)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+@FUZZ
+@given(
+    message=st.fixed_dictionaries(
+        {},
+        optional={
+            "v": st.just(PROTOCOL_VERSION) | VALUES,
+            "type": st.sampled_from(sorted(REQUESTS)) | VALUES,
+            "args": st.dictionaries(
+                st.text(max_size=10),
+                VALUES | st.lists(st.lists(VALUES, max_size=3), max_size=3000),
+                max_size=5,
+            )
+            | VALUES,
+        },
+    )
+    | VALUES,
+    cut=st.none() | st.floats(0, 1, exclude_max=True),
+    garbage=st.binary(max_size=4),
+)
+def test_decoding_in_parts_agrees_with_decoding_at_once(
+    message: Any, cut: float | None, garbage: bytes
+) -> None:
+    """What the daemon does with a big request (decode_in_parts, a part of its lists per step)
+    is what it does with a small one: the same request, or a refusal with the same code, for
+    well-formed, truncated and trailing bytes alike."""
+    payload = msgpack.packb(message, use_bin_type=True)
+    if cut is not None:
+        payload = payload[: int(len(payload) * cut)]
+    payload += garbage
+    SENT["decoded in parts"] += 1
+    assert _outcome(lambda: _in_parts(payload)) == _outcome(
+        lambda: protocol.decode_request(payload)
+    )

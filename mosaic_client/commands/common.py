@@ -57,10 +57,11 @@ def client(args: argparse.Namespace) -> Client:
     return Client(socket_path(args))
 
 
-def call(args: argparse.Namespace, name: str, **fields: Any) -> Any:
-    """Send one request (a name of `protocol.REQUESTS`) and return its reply's data."""
+def call(args: argparse.Namespace, name: str, timeout: float | None = None, **fields: Any) -> Any:
+    """Send one request (a name of `protocol.REQUESTS`) and return its reply's data (waiting
+    `timeout` seconds for it; None: the client's default)."""
     with client(args) as daemon:
-        return daemon.request(name, **fields)
+        return daemon.request(name, timeout=timeout, **fields)
 
 
 def wait_for_submissions(

@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     reply = common.call(
         args,
         "submit",
+        # The daemon takes a big submission in steps between other requests (about 3 ms a
+        # run on a 2-core machine): its reply comes once all of it is queued.
+        timeout=60.0 + 0.01 * len(expanded.pipelines),
         db=db,
         config_path=expanded.config_path,
         process=expanded.process,

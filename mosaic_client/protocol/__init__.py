@@ -16,7 +16,7 @@ This module must stay importable without torch: the CLI imports it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
@@ -656,6 +656,85 @@ def decode_request(payload: bytes) -> tuple[str, dict[str, Any]]:
         message = unpack(payload)
     except Exception as exc:  # msgpack raises many types for bad bytes
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"undecodable request: {exc}") from None
+    return _checked_request(message)
+
+
+# A request bigger than this is decoded in parts (decode_in_parts): a submission of 150,000
+# pipelines takes about a second to unpack, which the daemon's loop must not spend at once.
+BIG_REQUEST_BYTES = 1024 * 1024
+ITEMS_PER_PART = 2000
+
+
+def decode_in_parts(payload: bytes) -> Generator[None, None, tuple[str, dict[str, Any]]]:
+    """decode_request's result (or its ProtocolError), yielding after every ITEMS_PER_PART
+    items of a list argument, so that the daemon answers other requests in between. Only the
+    request's own map, its `args` map and their list values are taken apart; the rest is
+    unpacked whole, as decode_request does."""
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=True, max_buffer_size=max(len(payload), 1)
+    )
+    unpacker.feed(payload)
+    message: dict[Any, Any] = {}
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = _map_key(unpacker.unpack())
+            if key != "args":
+                message[key] = unpacker.unpack()
+                continue
+            try:
+                count = unpacker.read_map_header()
+            except ValueError:
+                message[key] = unpacker.unpack()  # not a map: refused as decode_request does
+                continue
+            args: dict[Any, Any] = {}
+            for _ in range(count):
+                name = _map_key(unpacker.unpack())
+                try:
+                    length = unpacker.read_array_header()
+                except ValueError:
+                    args[name] = unpacker.unpack()
+                    continue
+                items = []
+                seen: dict[bytes, Any] = {}
+                for index in range(length):
+                    items.append(_item(unpacker, payload, seen))
+                    if index % ITEMS_PER_PART == ITEMS_PER_PART - 1:
+                        yield
+                args[name] = items
+            message[key] = args
+        if unpacker.tell() != len(payload):
+            raise ValueError("extra data after the request")
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types for bad bytes
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"undecodable request: {exc}") from None
+    return _checked_request(message)
+
+
+def _item(unpacker: msgpack.Unpacker, payload: bytes, seen: dict[bytes, Any]) -> Any:
+    """One item of a list argument. An item that is a list (a pipeline) is made of values
+    decoded once per distinct encoding: a submission's 150,000 pipelines repeat a few modules,
+    which are then a few objects, not 300,000 maps (read only, as every request's values)."""
+    try:
+        length = unpacker.read_array_header()
+    except ValueError:
+        return unpacker.unpack()
+    values = []
+    for _ in range(length):
+        begin = unpacker.tell()
+        value = unpacker.unpack()
+        values.append(seen.setdefault(payload[begin : unpacker.tell()], value))
+    return values
+
+
+def _map_key(key: Any) -> Any:
+    # unpackb's strict_map_key: only str and bytes keys.
+    if not isinstance(key, (str, bytes)):
+        raise ValueError(f"{type(key).__name__} is not allowed for map key")
+    return key
+
+
+def _checked_request(message: Any) -> tuple[str, dict[str, Any]]:
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "a request must be a msgpack map")
     version = message.get("v")

@@ -104,6 +104,17 @@ def _added(value: Any) -> str | None:
     return None
 
 
+def _opened(value: Any) -> str | None:
+    """A submission begun in parts: [submission_id, first run id, first queue_seq, created_at]."""
+    if not (isinstance(value, list) and len(value) == 4):
+        return "must be [submission id, first run id, first queue seq, created at]"
+    if _run_id(value[0]) or _run_id(value[1]) or not _int64(value[2]):
+        return "has a bad id or queue seq"
+    if not isinstance(value[3], float):
+        return "has a bad time"
+    return None
+
+
 # Each keeper operation's result check (operations without one return nothing the daemon acts
 # on: None, or a description passed to the client who may read the study).
 KEEPER_RESULTS: dict[str, Callable[[Any], str | None]] = {
@@ -126,6 +137,8 @@ KEEPER_RESULTS: dict[str, Callable[[Any], str | None]] = {
     "pipeline_mates": _ids,
     "select": _ids,
     "add_submissions": _added,
+    "begin_submission": _opened,
+    "add_runs": lambda v: None if _int64(v) and v >= 0 else "must be a count",
     "record_plan": _run_id,
     "exists": _is(bool, "a boolean"),
     "same_filesystem": _is(bool, "a boolean"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import select
 import signal
 import socket
 import stat
@@ -47,6 +48,10 @@ PER_ROW_S = 50e-6  # more time for operations that write many rows (a big submis
 
 class KeeperDown(StudyBusy):
     """The user's keeper does not answer (or could not be started): nothing was done."""
+
+
+class KeeperBusy(StudyBusy):
+    """The user's keeper is committing a big submission (Link.begin): nothing was done."""
 
 
 class StudyMissing(StoreError):
@@ -88,14 +93,31 @@ class Link:
         args: dict[str, Any] | None = None,
         hold: bool = False,
         timeout: float = CALL_TIMEOUT_S,
+        within: bool = False,
     ) -> tuple[Any, dict[str, int] | None]:
-        """The checked result of `op` and the study's run counts; raise a StoreError."""
-        reply, fds = self._exchange(
-            {"op": op, "study": study, "args": args or {}, "hold": hold}, timeout
-        )
+        """The checked result of `op` and the study's run counts; raise a StoreError.
+        `hold`: leave its transaction open until "finish"; `within`: add to the open one."""
+        request = {"op": op, "study": study, "args": args or {}, "hold": hold, "within": within}
+        reply, fds = self._exchange(request, timeout)
         for fd in fds:
             os.close(fd)
         return self._result(op, reply)
+
+    def begin(self, op: str, study: str, args: dict[str, Any], timeout: float) -> None:
+        """Send `op` and return at once: its reply is awaited by `finished` (a big COMMIT,
+        seconds, while the daemon's loop goes on). Until then every other call on this link
+        answers KeeperBusy. In the daemon's own process (LocalLink) it is done here."""
+        self._begun = (op, self.call(op, study, args, timeout=timeout))
+
+    def finished(self) -> tuple[Any, dict[str, int] | None] | None:
+        """The begun call's checked result and counts once it came (or its StoreError), else
+        None."""
+        begun, self._begun = self._begun, None
+        if begun is None:
+            raise StoreError("no call was begun")
+        return begun[1]  # type: ignore[no-any-return]
+
+    _begun: tuple[str, Any] | None = None
 
     def open(
         self, study: str, create: bool, umask: int | None
@@ -209,7 +231,51 @@ class ProcessLink(Link):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    def begin(self, op: str, study: str, args: dict[str, Any], timeout: float) -> None:
+        sock = self._ensure_free()
+        request = {"op": op, "study": study, "args": args, "hold": False, "within": False}
+        deadline = time.monotonic() + timeout
+        try:
+            wire.send(sock, request, deadline=deadline)
+        except wire.WireError as exc:
+            self._broken(str(exc))
+            raise KeeperDown(f"{self.name}'s keeper is not answering ({exc})") from None
+        self._begun = (op, deadline)
+
+    def finished(self) -> tuple[Any, dict[str, int] | None] | None:
+        if self._begun is None or self._sock is None:
+            self._begun = None
+            raise KeeperDown(f"{self.name}'s keeper is not answering: {self.problem}")
+        op, deadline = self._begun
+        if not select.select([self._sock], [], [], 0)[0]:
+            if time.monotonic() < deadline:
+                return None
+            self._begun = None
+            self._broken("no answer in time")
+            raise KeeperDown(f"{self.name}'s keeper is not answering (no answer in time)")
+        self._begun = None
+        try:
+            reply, fds = wire.receive(self._sock, deadline)
+        except wire.WireError as exc:
+            self._broken(str(exc))
+            raise KeeperDown(f"{self.name}'s keeper is not answering ({exc})") from None
+        for fd in fds:
+            os.close(fd)
+        return self._result(op, reply)
+
+    def _ensure_free(self) -> socket.socket:
+        self._not_begun()
+        return self._ensure()
+
+    def _not_begun(self) -> None:
+        """No other call while a begun call's reply is awaited."""
+        if self._begun is not None:
+            raise KeeperBusy(
+                f"{self.name}'s keeper is committing a submission; it answers again in a moment"
+            )
+
     def _exchange(self, request: dict[str, Any], timeout: float) -> tuple[Any, list[int]]:
+        self._not_begun()
         before = self._sock
         sock = self._ensure()
         fresh = sock is not before
@@ -286,6 +352,7 @@ class ProcessLink(Link):
                 log.error("keeper for %s cannot open %s again: %s", owner.name, study, exc)
 
     def _broken(self, why: str) -> None:
+        self._begun = None
         if self._proc is not None:
             log.error("keeper for %s (pid %d): %s; stopping it", self.name, self._proc.pid, why)
             self._end()

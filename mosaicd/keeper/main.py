@@ -12,7 +12,10 @@ another; its studies say "not answering" meanwhile).
 A daemon serving only its own user runs the same Keeper class inside its own process
 (mosaicd.keeper.link.LocalLink): the same operations, without the socket.
 
-Requests: {"op", "study", "args", "hold"}. Replies: {"ok": True, "result", "counts"} or
+Requests: {"op", "study", "args", "hold", "within"}: `hold` leaves the write's transaction open
+until "finish"; `within` adds to that open transaction (a big submission, in parts: its other
+studies, files and reads are served meanwhile, the held study's other writes answer "busy").
+Replies: {"ok": True, "result", "counts"} or
 {"ok": False, "kind", "message"}; kinds are those of KIND_OF (the daemon maps them back to
 the StoreError it would have seen in-process). An "open" reply carries a descriptor of the
 study file (opened here, as the user): the daemon learns from the kernel, by fstat, which file
@@ -72,7 +75,11 @@ class Keeper:
             args = request.get("args") or {}
             if op == "finish":
                 return self._finish(bool(args.get("commit"))), []
-            self._abandon()
+            if request.get("within"):
+                return self._within(study, op, args), []
+            busy = self._held_problem(study, op, bool(request.get("hold")))
+            if busy:
+                return _error("busy", busy), []
             if op == "open":
                 return self._open(study, bool(args.get("create")), args.get("umask"))
             if op == "prove":
@@ -117,13 +124,35 @@ class Keeper:
         transaction.__exit__(None, None, None)
         return self._reply(store, result)
 
+    def _held_problem(self, study: Any, op: str, hold: bool) -> str | None:
+        """Why a request must wait while a transaction is held (a big submission taken in
+        parts, issue 27), or None: reads, files and other studies' writes go on meanwhile."""
+        if self._held is None:
+            return None
+        if hold or (study == self._held_study and (op in WRITES or op == "close")):
+            return f"{self._held_study}: a submission is being written to it; try again soon"
+        return None
+
+    def _within(self, study: Any, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """One more part of the held transaction's work; a failed part rolls it all back."""
+        store = self.stores.get(study) if isinstance(study, str) else None
+        if self._held is None or store is None or study != self._held_study or op not in WRITES:
+            return _error("store", f"no transaction of {study!r:.200} is held for {op!r:.80}")
+        try:
+            result = WRITES[op](store, **args)
+        except BaseException:
+            self._finish(commit=False)
+            raise
+        return self._reply(store, result)
+
     def _finish(self, commit: bool) -> dict[str, Any]:
         held, path = self._held, self._held_study
         self._held = self._held_study = None
         if held is None or path is None:
             return _error("store", "no transaction waits to be finished")
         if commit:
-            held.__exit__(None, None, None)  # a failed COMMIT raises the StoreError it was
+            with self.stores[path].checkpoint_apart():
+                held.__exit__(None, None, None)  # a failed COMMIT raises the StoreError it was
         else:
             exc = StoreError("abandoned by the daemon")
             with contextlib.suppress(StoreError):

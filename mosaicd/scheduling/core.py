@@ -88,8 +88,16 @@ class SchedulerCore:
         self._holds = Holds(state)
         # Usage per user and their shares: who is furthest below their share starts next
         # (mosaicd.scheduling.fair_share; a shared daemon only).
+        self._state = state
         self._usage = fair_share or Ledger()
-        self._usage.at = time.time()
+        # As the last daemon saved it (DaemonState.usage), decayed over the time it was down
+        # at the first charge (Ledger.decay_to); a first start begins everyone at zero.
+        saved, saved_at = state.usage()
+        if saved_at is None:
+            self._usage.at = time.time()
+        else:
+            self._usage.usage, self._usage.at = saved, saved_at
+        self._usage_saved = time.monotonic()
         self._shares = dict(shares or {})
         self._limits = limits or Limits()
         # Preemption (mosaicd.scheduling.preemption; 0: off): how long a user below their share
@@ -99,11 +107,17 @@ class SchedulerCore:
         self._waiting_since: dict[int, float] = {}
         self._preempting: dict[int, set[tuple[str, int]]] = {}
         self._preempt_checked = 0.0
+        # Submissions being taken in steps (mosaicd.scheduling.taking): their runs per user
+        # (the per-user limit counts them as queued), and the keepers holding their transaction.
+        self._being_taken: dict[int, int] = {}
+        self._held_links: set[Any] = set()
         self.shutting_down = False
 
     def queued_of(self, uid: int | None) -> int:
-        """How many runs the user has queued (the per-user limit counts these)."""
-        return sum(n for s, n in self._queue.queued_counts() if s.owner_uid == uid)
+        """How many runs the user has queued, or is having taken (the per-user limit counts
+        these)."""
+        queued = sum(n for s, n in self._queue.queued_counts() if s.owner_uid == uid)
+        return queued + (self._being_taken.get(uid, 0) if uid is not None else 0)
 
     def limit_problem(self, uid: int | None, name: str, adding: int) -> str | None:
         """Why `adding` more runs of this user may not be queued (the daemon's limits)."""

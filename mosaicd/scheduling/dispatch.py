@@ -21,6 +21,8 @@ log = logging.getLogger("mosaicd")
 
 # How many groups' worth of a submission's queue dispatch looks through for ensemble mates.
 MATE_WINDOW_GROUPS = 4
+# How often the fair-share usage is saved (and at every stop): a crash loses at most this much.
+USAGE_SAVE_S = 60.0
 
 
 class Dispatch(SchedulerCore):
@@ -80,6 +82,13 @@ class Dispatch(SchedulerCore):
                 continue
             charged.add(worker.worker_id)
             self._usage.charge(uid, elapsed * slot_weight(worker.slot.kind))
+        if time.monotonic() - self._usage_saved >= USAGE_SAVE_S:
+            self.save_usage()
+
+    def save_usage(self) -> None:
+        """Keep the usage in the daemon's state (a restart goes on from it)."""
+        self._state.save_usage(self._usage.usage, self._usage.at)
+        self._usage_saved = time.monotonic()
 
     def _rank(self) -> Callable[[Submission], int] | None:
         """On a shared daemon, the owners' fair-share order (mosaicd.scheduling.fair_share);

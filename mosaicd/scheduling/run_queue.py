@@ -68,6 +68,19 @@ class RunQueue:
             queued = {(k[0], r.run_id) for k, q in self._queues.items() for r in q}
             self._arrival = {k: v for k, v in self._arrival.items() if k in queued}
 
+    def add_new(self, study: str, store: StudyHandle, records: list[RunRecord]) -> None:
+        """Queue the runs of a submission just committed, in one go (a big one's 150,000)."""
+        if not records:
+            return
+        submission_id = records[0].submission_id
+        try:
+            self.submission(study, store, submission_id)
+        except StoreError as exc:
+            self._identities.set_aside(study, f"its submissions cannot be read ({exc})")
+            return
+        self._arrival.update(((study, r.run_id), next(self._arrivals)) for r in records)
+        self._queues.setdefault((study, submission_id), deque()).extend(records)
+
     def submission_of_queued(self, study: str, run_id: int) -> Submission | None:
         """The submission of a queued run, or None when it is not queued."""
         for key, queue in self._queues.items():

@@ -3,7 +3,8 @@
 It owns the daemon's registries (private, declared in mosaicd.scheduling.core): the open studies
 (mosaicd.storage.studies), the queue (mosaicd.scheduling.run_queue), the runs being trained and the
 holds (mosaicd.scheduling.holds). Its parts live in
-their own modules: submission checks and building (mosaicd.scheduling.submissions), dispatch
+their own modules: submission checks and building (mosaicd.scheduling.submissions), taking a
+submission in bounded steps (mosaicd.scheduling.taking), dispatch
 (mosaicd.scheduling.dispatch, then mosaicd.scheduling.preemption), worker events
 (mosaicd.scheduling.worker_events), control requests
 (mosaicd.scheduling.control), more repetitions of configuration groups
@@ -23,23 +24,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mosaic_client.protocol import (
-    ErrorCode,
-    PendingItem,
-    ShowReply,
-    StatusReply,
-    StudyItem,
-    SubmitReply,
-)
-from mosaicd import owners
-from mosaicd.errors import Refused
-from mosaicd.keeper.link import CALL_TIMEOUT_S, PER_ROW_S
-from mosaicd.owners import Owner
+from mosaic_client.protocol import PendingItem, ShowReply, StatusReply, StudyItem
 from mosaicd.scheduling import views
 from mosaicd.scheduling.control import Control
 from mosaicd.scheduling.preemption import Preempting
 from mosaicd.scheduling.repetitions import Repetitions
-from mosaicd.scheduling.submissions import build_runs, check_submission
+from mosaicd.scheduling.taking import Submitting
 from mosaicd.scheduling.worker_events import WorkerEvents
 from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.store import RunRecord, StoreError
@@ -47,7 +37,7 @@ from mosaicd.storage.store import RunRecord, StoreError
 log = logging.getLogger("mosaicd")
 
 
-class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
+class Scheduler(Submitting, Preempting, WorkerEvents, Repetitions, Control):
     """The queue and the life of runs; its registries are declared in mosaicd.scheduling.core."""
 
     def recover(self) -> None:
@@ -69,78 +59,6 @@ class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
             self._studies.writer(path).write(
                 "requeue the runs of the previous daemon", "requeue_interrupted", {}, enqueue
             )
-
-    def submit(
-        self,
-        db: str,
-        config_path: str,
-        process: dict[str, Any],
-        monitor: dict[str, Any],
-        pipelines: list[Any],
-        owner_uid: int | None,
-        owner: str | None,
-        acting_for: Owner | None = None,
-        priority: int = 0,
-    ) -> SubmitReply:
-        """Check a submission, then queue its runs in one transaction. The run-files directory
-        and a new study file are made by `acting_for`'s keeper (mosaicd.keeper; None: the
-        daemon's own user) with the submission's umask, so they are that user's; the
-        directory only once the submission is known to be good (a refused one leaves nothing)."""
-        self._executor.check_submission(process, pipelines, acting_for)
-        check_submission(process, monitor, pipelines, self._executor.slot_count("cuda"))
-        runs = build_runs(process, monitor, pipelines, owner_uid, owner)
-        umask = owners.umask_of(monitor)
-        if owner_uid is None:
-            raise Refused(ErrorCode.PERMISSION, "the daemon could not learn who you are")
-        uid: int = owner_uid
-        problem = self.limit_problem(uid, owner or str(uid), len(runs))
-        if problem:
-            raise Refused(ErrorCode.INVALID, f"{problem}. Nothing was queued.")
-        keeper = self._studies.keepers.of(acting_for)
-        try:
-            keeper.call(
-                "make_dirs",
-                None,
-                {"path": process["run_files_path"], "umask": umask if acting_for else None},
-            )
-        except StoreError as exc:
-            raise Refused(
-                ErrorCode.PERMISSION,
-                f"{process['run_files_path']}: you may not create it ({exc}). Nothing was queued.",
-            ) from None
-        store = self._studies.open(db, create=True, owner=acting_for, umask=umask)
-        batch = {
-            "owner_uid": uid,
-            "owner": owner or "",
-            "config_path": config_path,
-            "process": process,
-            "monitor": monitor,
-            "runs": [list(run) for run in runs],
-            "priority": priority,
-        }
-
-        def record(added: Any) -> None:
-            # Its owner, from the kernel, in the daemon's state: just before the study's COMMIT
-            # (mosaicd.storage.identity says what a crash in between leaves).
-            submission_id, _, created_at = added[0]
-            self._identities.record(db, submission_id, uid, owner or str(uid), created_at)
-
-        try:
-            added = self._studies.writer(db).try_now(
-                "add_submissions", {"batches": [batch]}, record, _rows_timeout(len(runs))
-            )
-        except StoreError as exc:
-            raise Refused(
-                ErrorCode.INVALID, f"{exc}; nothing was queued: submit again once it is solved"
-            ) from None
-        submission_id, run_ids, _ = added[0]
-        self._enqueue_new(db, store, run_ids)
-        return {
-            "db": db,
-            "submission_id": submission_id,
-            "run_ids": run_ids,
-            "paused": self._holds.holds_submissions_of(owner_uid),
-        }
 
     # -- replies that describe the state (mosaicd.scheduling.views)
     # --------------------------------------
@@ -214,12 +132,8 @@ class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
         while time.monotonic() < deadline and any(w.waiting for _, w in self._studies.writers()):
             self._studies.flush(force=True)
             time.sleep(0.2)
+        self.save_usage()
         for path, writer in self._studies.writers():
             if writer.waiting:
                 log.error("%s: %d write(s) not written: %s", path, writer.waiting, writer.problem)
         self._studies.close_all()
-
-
-def _rows_timeout(rows: int) -> float:
-    """How long a keeper may take to write a submission of `rows` runs."""
-    return CALL_TIMEOUT_S + PER_ROW_S * rows * 8

@@ -192,13 +192,15 @@ def build_runs(
     pipelines: list[Any],
     owner_uid: int | None,
     owner: str | None,
+    start: int = 0,
 ) -> list[Run]:
     """The runs of a checked submission, as Store.add_submission takes them: repetition i of a
-    pipeline gets seed + i (random seeds without a PROCESS seed)."""
+    pipeline gets seed + i (random seeds without a PROCESS seed). `pipelines` may be a part of
+    the submission's, beginning at its pipeline `start` (a big one is taken in parts)."""
     base_seed = process.get("seed")
     multiplicity = max(1, schema.monitor_settings(monitor)["multiplicity"])
     runs = []
-    for index, modules in enumerate(pipelines):
+    for index, modules in enumerate(pipelines, start):
         if isinstance(base_seed, int):
             seed = base_seed + index % multiplicity
         else:

@@ -32,11 +32,11 @@ from mosaic_client.protocol import (
     ShutdownReply,
     StatusReply,
     StudyItem,
-    SubmitReply,
 )
 from mosaicd import owners
 from mosaicd.errors import Refused
 from mosaicd.scheduling.control import OwnerCheck
+from mosaicd.scheduling.taking import Taking
 from mosaicd.service import rights
 from mosaicd.service.rights import Caller
 
@@ -167,7 +167,8 @@ def handle_ping(ctx: Context, caller: Caller, args: dict[str, Any]) -> PingReply
     }
 
 
-def handle_submit(ctx: Context, caller: Caller, args: dict[str, Any]) -> SubmitReply:
+def handle_submit(ctx: Context, caller: Caller, args: dict[str, Any]) -> Taking:
+    """Taken in steps (mosaicd.scheduling.taking): the server replies once it is all taken."""
     db = _study(args)
     _check_client_path(ctx, caller, db, "database")
     run_files = args["process"].get("run_files_path")

@@ -15,6 +15,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Generator
 from typing import Any
 
 import zmq
@@ -26,6 +27,7 @@ from mosaicd.executors.choice import make_executor
 from mosaicd.options import Options
 from mosaicd.scheduling.fair_share import Ledger
 from mosaicd.scheduling.scheduler import Scheduler
+from mosaicd.scheduling.taking import Taking
 from mosaicd.service import notify
 from mosaicd.service.handlers import DISPATCH, Context
 from mosaicd.service.rights import Caller
@@ -34,6 +36,8 @@ from mosaicd.storage.store import StoreError
 
 log = logging.getLogger("mosaicd")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+# How long one loop iteration advances the submissions being taken before it polls again.
+TAKING_BUDGET_S = 0.02
 
 
 def _file_identity(path: str) -> tuple[int, int, int]:
@@ -76,6 +80,8 @@ class Daemon:
         self.stop_requested = False
         self.child_exited = False
         self._lock_fd: int | None = None
+        # Submissions being taken in steps, with the client each one's reply goes to.
+        self._takings: list[tuple[bytes, Taking]] = []
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -226,7 +232,10 @@ class Daemon:
         reap_every = self.executor.reap_every
         last_reap = 0.0
         while not self.stop_requested:
-            events = dict(poller.poll(int(reap_every * 1000) if reap_every else 1000))
+            wait_ms = int(reap_every * 1000) if reap_every else 1000
+            if self._takings:  # at once, or soon when they only wait for a COMMIT
+                wait_ms = 5 if all(t.committing for _, t in self._takings) else 0
+            events = dict(poller.poll(wait_ms))
             if reap_every and time.monotonic() - last_reap >= reap_every:
                 self.child_exited = True
                 last_reap = time.monotonic()
@@ -238,6 +247,7 @@ class Daemon:
                 self._serve_workers()
             if self.router in events:
                 self._serve_clients()
+            self._serve_takings()
             if self.child_exited:
                 self.child_exited = False
                 for handle, code in self.executor.reap():
@@ -306,18 +316,60 @@ class Daemon:
                 )
             else:
                 reply = self._handle(frames[2].bytes, caller)
-            try:
-                self.router.send_multipart([identity, b"", reply], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                log.warning("could not reply to a client that went away")
+            if isinstance(reply, Taking):
+                self._takings.append((identity, reply))  # answered once it is taken
+            else:
+                self._reply(identity, reply)
 
-    def _handle(self, payload: bytes, caller: Caller) -> bytes:
+    def _reply(self, identity: bytes, reply: bytes) -> None:
+        try:
+            self.router.send_multipart([identity, b"", reply], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            log.warning("could not reply to a client that went away")
+
+    def _serve_takings(self) -> None:
+        """Advance the submissions being taken (mosaicd.scheduling.taking), in turn, for at
+        most TAKING_BUDGET_S: the other requests are answered at the next poll."""
+        deadline = time.monotonic() + TAKING_BUDGET_S
+        working = True
+        while working and time.monotonic() < deadline:
+            working = False
+            for entry in list(self._takings):
+                identity, taking = entry
+                reply = self._guarded(taking.name, taking.step)
+                if reply is not None:
+                    self._takings.remove(entry)
+                    self._reply(identity, reply)
+                # One whose keeper makes its COMMIT only waits: no reason to spin on it.
+                working = working or not taking.committing
+
+    def _handle(self, payload: bytes, caller: Caller) -> bytes | Taking:
+        if len(payload) > protocol.BIG_REQUEST_BYTES:
+            return Taking(self._in_parts(payload, caller), "request")
         try:
             name, args = protocol.decode_request(payload)
         except protocol.ProtocolError as exc:
             return protocol.error_reply(exc.code, exc.message)
+        return self._guarded(name, lambda: DISPATCH[name](self.handler_context, caller, args))
+
+    def _in_parts(self, payload: bytes, caller: Caller) -> Generator[None, None, Any]:
+        """A big request (a submission of many pipelines): decoded in parts, then handled; a
+        handler's own Taking goes on in the same steps."""
+        name, args = yield from protocol.decode_in_parts(payload)
+        handled = DISPATCH[name](self.handler_context, caller, args)
+        if isinstance(handled, Taking):
+            return (yield from handled.steps)
+        return handled
+
+    def _guarded(self, name: str, handle: Callable[[], Any]) -> Any:
+        """The reply to a request, whatever its handler raises; a Taking (mosaicd.scheduling.
+        taking) as it is, and None for one whose step is done but not its work."""
         try:
-            data = DISPATCH[name](self.handler_context, caller, args)
+            data = handle()
+            if isinstance(data, Taking):
+                return data
+            if data is Taking.NOT_YET:
+                return None
             return protocol.ok_reply(data)
         except Refused as exc:
             return protocol.error_reply(exc.code, exc.message)
@@ -386,6 +438,22 @@ class Daemon:
             f"STATUS=stopping: checkpointing {self.scheduler.running()} running run(s)",
         )
         log.info("stopping: checkpointing %d running run(s)", self.scheduler.running())
+        # Submissions still being taken are rolled back (or, once their COMMIT is on its way,
+        # finished) and their clients told.
+        for identity, taking in self._takings:
+            if taking.committing:  # its COMMIT is on its way: it is queued whole
+                self._reply(identity, self._guarded(taking.name, taking.finish_now))
+                continue
+            taking.cancel()
+            self._reply(
+                identity,
+                protocol.error_reply(
+                    protocol.ErrorCode.INVALID,
+                    "the daemon is stopping; nothing of this submission was queued: submit it "
+                    "again once it is back",
+                ),
+            )
+        self._takings.clear()
         # Stop serving clients first: one that connects now must hear "no daemon" at once
         # instead of waiting for a reply that would never come.
         self.router.close()

@@ -26,12 +26,33 @@ class StudyHandle:
         # The study file's owner, device and inode, from the kernel (fstat), never the keeper.
         self.file_uid, self.dev, self.ino = file.uid, file.dev, file.ino
 
-    def call(self, op: str, hold: bool = False, timeout: float | None = None, **args: Any) -> Any:
+    def call(
+        self,
+        op: str,
+        hold: bool = False,
+        timeout: float | None = None,
+        within: bool = False,
+        **args: Any,
+    ) -> Any:
         extra = {} if timeout is None else {"timeout": timeout}
-        result, counts = self.link.call(op, self.path, args, hold=hold, **extra)
+        result, counts = self.link.call(op, self.path, args, hold=hold, within=within, **extra)
         if counts is not None:
             self.counts = Counter(counts)
         return result
+
+    def begin(self, op: str, timeout: float, **args: Any) -> None:
+        """Send `op` without waiting for its reply (mosaicd.keeper.link.Link.begin)."""
+        self.link.begin(op, self.path, args, timeout)
+
+    def finished(self) -> tuple[bool, Any]:
+        """(True, the begun call's result) once it came, else (False, None); its StoreError."""
+        done = self.link.finished()
+        if done is None:
+            return False, None
+        result, counts = done
+        if counts is not None:
+            self.counts = Counter(counts)
+        return True, result
 
     # Reads, named as the Store's (mosaicd.storage.store) that the keeper calls.
     def status_of(self, run_id: int) -> str | None:

@@ -1,5 +1,6 @@
 """The daemon's own state database (in its state directory, root-only on a shared box): the
-studies it serves, their submissions' owners and its holds. Only the daemon writes it."""
+studies it serves, their submissions' owners, its holds and the users' fair-share usage. Only
+the daemon writes it."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class DaemonState:
         " adopted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (study, submission_id))",
         # 3: whether the study's older submissions (no record in 2) were adopted: once.
         "ALTER TABLE studies ADD COLUMN owners_adopted INTEGER NOT NULL DEFAULT 0",
+        # 4: every user's fair-share usage (mosaicd.scheduling.fair_share), so that a restart
+        # does not start everyone at zero; `usage_at` (settings) is when it was as saved.
+        "CREATE TABLE fair_share_usage (uid INTEGER PRIMARY KEY, slot_seconds REAL NOT NULL)",
     )
 
     def _migrate(self) -> None:
@@ -127,6 +131,28 @@ class DaemonState:
 
     def set(self, name: str, value: Any) -> None:
         write_setting(self.conn, "settings", "name", "value", name, value)
+
+    # Fair-share usage (mosaicd.scheduling.fair_share.Ledger), saved now and then and at stop.
+
+    def usage(self) -> tuple[dict[int, float], float | None]:
+        """Every user's usage as last saved, and when it was so (None: never saved)."""
+        rows = self.conn.execute("SELECT uid, slot_seconds FROM fair_share_usage")
+        at = self.get("usage_at")
+        return {int(uid): float(used) for uid, used in rows}, None if at is None else float(at)
+
+    def save_usage(self, usage: dict[int, float], at: float) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("DELETE FROM fair_share_usage")
+            self.conn.executemany(
+                "INSERT INTO fair_share_usage (uid, slot_seconds) VALUES (?, ?)",
+                [(uid, used) for uid, used in usage.items() if used > 0],
+            )
+            self.set("usage_at", at)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
 
     # The holds (mosaicd.scheduling.holds). The setting names are those of earlier releases, so a
     # hold survives an upgrade.

@@ -31,6 +31,7 @@ from mosaic_client.contract import (
 )
 from mosaicd.storage import user_files
 from mosaicd.storage.settings import read_setting, write_setting
+from mosaicd.storage.submission_rows import SubmissionRows
 
 SCHEMA_VERSION = 8
 log = logging.getLogger("mosaicd")
@@ -253,7 +254,7 @@ def is_disk_full(exc: BaseException) -> bool:
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class RunRecord:
     """What the scheduler needs to start a run."""
 
@@ -290,7 +291,7 @@ def connect_readonly(path: str) -> sqlite3.Connection:
     return conn
 
 
-class Store:
+class Store(SubmissionRows):
     def __init__(self, path: str, create: bool = True) -> None:
         self.path = path
         try:
@@ -485,72 +486,6 @@ class Store:
         return int(row[0])
 
     # -- submissions --------------------------------------------------------------------------
-
-    def add_submission(
-        self,
-        owner_uid: int | None,
-        owner: str,
-        config_path: str,
-        process: dict[str, Any],
-        monitor: dict[str, Any],
-        runs: list[tuple[list[dict[str, Any]], int, str, dict[str, Any]]],
-        priority: int = 0,
-    ) -> tuple[int, list[int]]:
-        """Queue one submission atomically. Each run is (modules, seed, readable, params)."""
-        now = time.time()
-        with self.transaction() as conn:
-            cur = conn.execute(
-                "INSERT INTO submissions (created_at, owner_uid, owner, config_path, process,"
-                " monitor, priority) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    now,
-                    owner_uid,
-                    owner,
-                    config_path,
-                    json.dumps(process),
-                    json.dumps(monitor),
-                    priority,
-                ),
-            )
-            submission_id = int(cur.lastrowid or 0)
-            next_id = int(self._get_system("next_run_id") or 1)
-            row = conn.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()
-            next_id = max(next_id, int(row[0]))
-            seq = self._next_queue_seq()
-            run_ids = []
-            for offset, (modules, seed, readable, params) in enumerate(runs):
-                run_id = next_id + offset
-                run_ids.append(run_id)
-                conn.execute(
-                    "INSERT INTO runs (run_id, status, pipeline, return_status) "
-                    "VALUES (?, ?, ?, NULL)",
-                    (run_id, QUEUED, readable),
-                )
-                conn.execute(
-                    "INSERT INTO run_meta (run_id, submission_id, modules, seed, epochs_target,"
-                    " queue_seq, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        run_id,
-                        submission_id,
-                        json.dumps(modules),
-                        seed,
-                        int(process["epochs"]),
-                        seq + offset,
-                        now,
-                    ),
-                )
-                conn.executemany(
-                    "INSERT INTO params (run_id, param_name, param_value) VALUES (?, ?, ?)",
-                    [(run_id, name, value) for name, value in params.items()],
-                )
-                conn.execute(
-                    "INSERT INTO run_events (run_id, at, from_status, to_status, detail)"
-                    " VALUES (?, ?, NULL, ?, ?)",
-                    (run_id, now, QUEUED, f"submitted by {owner}"),
-                )
-            self._set_system("next_run_id", next_id + len(runs))
-            self.counts[QUEUED] += len(runs)
-        return submission_id, run_ids
 
     def submission(self, submission_id: int) -> dict[str, Any]:
         row = self.conn.execute(

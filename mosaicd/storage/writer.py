@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ RETRY_BUSY_S = 0.2  # how often the loop tries a locked study again
 RETRY_ERROR_S = 5.0  # and a study that failed with another database error
 
 Then = Callable[[Any], None]
+COMMITTING = "committing"  # what close_held yields while a COMMIT is on its way
 
 
 @dataclass
@@ -60,6 +61,9 @@ class StudyWriter:
         self.disk_full = False
         self.full_handled = False  # the scheduler has asked the study's runs to park
         self._next_try = 0.0
+        # A big submission being written in parts, in one transaction the study's keeper holds
+        # (open_held .. close_held; issue 27): the study's other writes wait behind it.
+        self.taking = False
 
     @property
     def waiting(self) -> int:
@@ -69,7 +73,7 @@ class StudyWriter:
     @property
     def blocked(self) -> bool:
         """Whether the study's writes are held up: start none of its runs."""
-        return bool(self._waiting) or self.problem is not None
+        return bool(self._waiting) or self.problem is not None or self.taking
 
     def write(self, what: str, op: str, args: dict[str, Any], then: Then | None = None) -> bool:
         """Apply `op` in one transaction now, or keep it behind the study's waiting writes.
@@ -90,9 +94,9 @@ class StudyWriter:
         whose caller can give up (a submission is refused, a run stays queued).
         `before_commit` sees the result while the transaction is still open; the write is
         committed once it returns, and rolled back if it raises."""
-        if self._waiting:
+        if self._waiting or self.taking:
             raise StudyBusy(
-                f"{self.store.path}: {self.problem or 'earlier writes wait'}; "
+                f"{self.store.path}: {self.problem or _busy_reason(self.taking)}; "
                 f"{self.waiting} write(s) wait"
             )
         try:
@@ -113,11 +117,72 @@ class StudyWriter:
             self._blocked(str(exc), full=False)
             raise
 
+    def open_held(self, op: str, args: dict[str, Any], timeout: float) -> Any:
+        """Begin a write whose transaction stays open for more parts (add_held), as try_now
+        would (nothing is kept if it cannot be made now); the study's other writes wait until
+        close_held."""
+        if self._waiting or self.taking:
+            raise StudyBusy(f"{self.store.path}: {self.problem or _busy_reason(self.taking)}")
+        result = self._checked(lambda: self.store.call(op, hold=True, timeout=timeout, **args))
+        self.taking = True
+        return result
+
+    def add_held(self, op: str, args: dict[str, Any], timeout: float) -> Any:
+        """One more part of the open write. If it fails the keeper has rolled all of it back
+        (or died with it): the write is over, nothing of it is kept."""
+        try:
+            return self._checked(lambda: self.store.call(op, within=True, timeout=timeout, **args))
+        except StoreError:
+            self.taking = False
+            raise
+
+    def close_held(
+        self, commit: bool, timeout: float, before_commit: Then | None = None
+    ) -> Iterator[None]:
+        """Commit the open write (`before_commit` first sees nothing and may still refuse it by
+        raising) or roll it back, within `timeout`; yields while the keeper makes the COMMIT
+        (seconds for 150,000 runs: the daemon's loop goes on meanwhile). Then the writes that
+        waited behind it go through."""
+        try:
+            if commit and before_commit is not None:
+                try:
+                    before_commit(None)
+                except BaseException:
+                    commit = False
+                    raise
+        finally:
+            try:
+                self._checked(lambda: self.store.begin("finish", timeout, commit=commit))
+                try:
+                    while not self._checked(lambda: self.store.finished()[0]):
+                        yield COMMITTING if commit else None
+                except GeneratorExit:
+                    # Stopped while the keeper ends the transaction: its answer is awaited
+                    # (else the keeper's link would wait for it for ever).
+                    while not self._checked(lambda: self.store.finished()[0]):
+                        time.sleep(0.005)
+                    raise
+            finally:
+                self.taking = False
+                self.flush(force=True)
+
+    def _checked(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except (DiskFull, StudyStalled) as exc:
+            self._blocked(str(exc), full=True)
+            raise
+        except StudyBusy as exc:
+            self._blocked(str(exc), full=False)
+            raise
+
     def flush(self, force: bool = False) -> bool:
         """Write what waits, in order, until one cannot be written. Returns whether none waits.
         Without `force`, a full disk waits for `mosaic resume` and a locked study is tried at
         most every RETRY_BUSY_S."""
         now = time.monotonic()
+        if self.taking:
+            return not self._waiting
         if not force and (self.disk_full or now < self._next_try):
             return not self._waiting
         while self._waiting:
@@ -159,3 +224,7 @@ class StudyWriter:
         self.problem = problem
         self.disk_full = full
         self._next_try = time.monotonic() + RETRY_BUSY_S
+
+
+def _busy_reason(taking: bool) -> str:
+    return "a submission is being written to it" if taking else "earlier writes wait"
