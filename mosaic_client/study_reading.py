@@ -366,7 +366,7 @@ def _pipeline_params(conn: sqlite3.Connection, wanted: str, by: str, values: lis
 
 
 def run_groups(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:
-    """The rows of the run_groups view (mosaicd/storage/store.py's run_groups_view), by group;
+    """The rows of the run_groups view (mosaicd/storage/groups_view.py), by group;
     None when the study has no such view (written by an older mosaicd)."""
     if not has_view(conn, "run_groups"):
         return None

@@ -1,0 +1,330 @@
+"""What a run costs (issue 26), measured without disturbing its training (docs/resources.md).
+
+Two kinds of figures:
+
+- **per training pass** (:class:`PassMeter`, around each epoch's training pass): wall and process
+  CPU time, on a GPU the CUDA time between two events, the peak memory growth over the pass
+  (CUDA peak allocated on a GPU; the resident high-water mark on Linux, reset by writing "5" to
+  ``/proc/self/clear_refs``), and on a GPU the energy NVML counts (optional ``pynvml``). They are
+  kept per epoch in the run's history (so a resumed run keeps its first epochs') and summarised
+  by :func:`summary`.
+- **once, after the last epoch** (:func:`inference_figures`): forward FLOPs per sample
+  (``FlopCounterMode`` on one test batch under ``no_grad``, a multiply-add counted as 2), the
+  latency of a batch of 1 (median of repeated timed calls after warm-up, under inference mode)
+  and the throughput on one test batch. Training is over, so these disturb nothing; the random
+  state is restored around them all the same (the caller's).
+
+Nothing here may fail a run: a figure that cannot be had is None (NULL in the study).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+MIB = 1024 * 1024
+_CLEAR_REFS = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
+# Timed calls for the latency and throughput: at least this many, then until the time budget.
+MIN_CALLS = 5
+MAX_CALLS = 200
+WARM_UP_CALLS = 2
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    """A "VmXXX:  1234 kB" line of /proc/self/status, in KiB (None off Linux)."""
+    try:
+        with open(_STATUS) as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_resident_peak() -> int | None:
+    """Reset the process's resident high-water mark to its current size; that size in KiB, or
+    None when the kernel does not allow it (then the peak cannot be measured)."""
+    try:
+        with open(_CLEAR_REFS, "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def resident_peak_kib() -> int | None:
+    return _status_kib("VmHWM")
+
+
+# -- energy (NVML) ----------------------------------------------------------------------------
+
+_nvml: dict[int, Any] = {}
+
+
+def _nvml_handle(device: torch.device) -> Any:
+    """The NVML handle of `device`, or None (no pynvml, no NVML, an old card)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _nvml:
+        return _nvml[index]
+    handle = None
+    try:
+        import pynvml  # optional: `pip install mosaic[gpu]`
+
+        pynvml.nvmlInit()
+        try:  # NVML numbers the cards of the machine, CUDA those CUDA_VISIBLE_DEVICES shows
+            physical = torch.cuda._get_nvml_device_index(index)
+        except Exception:
+            physical = index
+        handle = pynvml.nvmlDeviceGetHandleByIndex(physical)
+        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # raises where not supported
+    except Exception:
+        handle = None
+    _nvml[index] = handle
+    return handle
+
+
+def _energy_mj(handle: Any) -> int | None:
+    if handle is None:
+        return None
+    try:
+        import pynvml
+
+        return int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+    except Exception:
+        return None
+
+
+# -- one training pass ------------------------------------------------------------------------
+
+
+class PassMeter:
+    """Around one training pass: its wall, CPU and (on a GPU) CUDA time, peak memory growth and
+    (on a GPU with NVML) energy. :meth:`figures` gives them, divided by `share` (the members of
+    an ensemble that trained in the pass)."""
+
+    def __init__(self, device: torch.device, share: int = 1) -> None:
+        self.device = device
+        self.share = max(1, share)
+        self.cuda = device.type == "cuda"
+        self._figures: dict[str, Any] = {}
+
+    def __enter__(self) -> PassMeter:
+        self._events: tuple[Any, Any] | None = None
+        self._base_kib: int | None = None
+        self._energy: tuple[Any, int | None] = (None, None)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base_bytes = torch.cuda.memory_allocated(self.device)
+            handle = _nvml_handle(self.device)
+            self._energy = (handle, _energy_mj(handle))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events = (start, end)
+        else:
+            self._base_kib = reset_resident_peak()
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gpu_seconds = peak = energy = None
+        if self._events is not None:
+            start, end = self._events
+            end.record()
+            torch.cuda.synchronize(self.device)
+            gpu_seconds = start.elapsed_time(end) / 1000.0
+            peak = (torch.cuda.max_memory_allocated(self.device) - self._base_bytes) / MIB
+            handle, before = self._energy
+            after = _energy_mj(handle)
+            if before is not None and after is not None and after >= before:
+                energy = (after - before) / 1000.0
+        wall = time.perf_counter() - self._wall
+        cpu = time.process_time() - self._cpu
+        if self._base_kib is not None:
+            high = resident_peak_kib()
+            if high is not None:
+                peak = max(0, high - self._base_kib) / 1024.0
+        n = self.share
+        self._figures = {
+            "train_seconds": wall / n,
+            "cpu_seconds": cpu / n,
+            "gpu_seconds": None if gpu_seconds is None else gpu_seconds / n,
+            "peak_memory_mb": None if peak is None else peak / n,
+            "energy_j": None if energy is None else energy / n,
+            "shared": n,
+            "memory_method": "cuda_allocated"
+            if self.cuda
+            else ("resident_hwm" if peak is not None else None),
+        }
+
+    def figures(self) -> dict[str, Any]:
+        return dict(self._figures)
+
+
+def _mean(values: list[Any]) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return math.fsum(known) / len(known) if known else None
+
+
+def summary(usage: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's per-epoch training figures, summarised: times and energy per epoch (their mean
+    over the epochs measured), memory the highest peak, `members` the most runs that shared a
+    pass (an ensemble's)."""
+    peaks = [u["peak_memory_mb"] for u in usage if u.get("peak_memory_mb") is not None]
+    return {
+        "train_seconds": _mean([u.get("train_seconds") for u in usage]),
+        "cpu_seconds": _mean([u.get("cpu_seconds") for u in usage]),
+        "gpu_seconds": _mean([u.get("gpu_seconds") for u in usage]),
+        "energy_j": _mean([u.get("energy_j") for u in usage]),
+        "peak_memory_mb": max(peaks) if peaks else None,
+        "members": max((int(u.get("shared") or 1) for u in usage), default=1),
+        "memory_method": next((u["memory_method"] for u in usage if u.get("memory_method")), None),
+    }
+
+
+# -- after the last epoch ---------------------------------------------------------------------
+
+
+def _rows(x: Any) -> int | None:
+    """The batch size of an input (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() > 0 else None
+    if isinstance(x, (tuple, list)) and x:
+        return _rows(x[0])
+    if isinstance(x, dict) and x:
+        return _rows(next(iter(x.values())))
+    return None
+
+
+def first_rows(x: Any, n: int) -> Any:
+    """The first `n` samples of an input; None when it cannot be sliced."""
+    if isinstance(x, torch.Tensor):
+        return x[:n] if x.dim() > 0 else None
+    if isinstance(x, (tuple, list)):
+        parts = [first_rows(v, n) for v in x]
+        return None if any(p is None for p in parts) else type(x)(parts)
+    if isinstance(x, dict):
+        parts_d = {k: first_rows(v, n) for k, v in x.items()}
+        return None if any(p is None for p in parts_d.values()) else parts_d
+    return None
+
+
+def count_flops(forward: Callable[[Any], Any], x: Any) -> float | None:
+    """Forward FLOPs per sample of `forward` on the batch `x` (PyTorch's counter: a
+    multiply-add is 2 FLOPs; elementwise ops are not counted)."""
+    rows = _rows(x)
+    if not rows:
+        return None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward(x)
+    return counter.get_total_flops() / rows
+
+
+def median_seconds(
+    call: Callable[[], Any], device: torch.device, budget_s: float
+) -> tuple[float, float]:
+    """The median time of `call` after warm-up, from MIN_CALLS to MAX_CALLS timed calls within
+    about `budget_s`; and the spread of those times (interquartile range / median)."""
+    cuda = device.type == "cuda"
+
+    def timed() -> float:
+        started = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    for _ in range(WARM_UP_CALLS):
+        timed()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < MAX_CALLS and (len(times) < MIN_CALLS or time.perf_counter() < deadline):
+        times.append(timed())
+    median = statistics.median(times)
+    quartiles = statistics.quantiles(times, n=4)
+    spread = (quartiles[2] - quartiles[0]) / median if median > 0 else 0.0
+    return median, spread
+
+
+def machine_load() -> dict[str, Any]:
+    """Under what load the times were taken: the 1-minute load average, the CPUs this process
+    may use, torch's threads."""
+    try:
+        load: float | None = os.getloadavg()[0]
+    except OSError:
+        load = None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return {"load_1m": load, "cpus": cpus, "threads": torch.get_num_threads()}
+
+
+def inference_figures(
+    forward: Callable[[Any], Any], batch: Any, device: torch.device, budget_s: float
+) -> dict[str, Any]:
+    """FLOPs per sample, latency (batch of 1) and throughput (this batch) of `forward` on the
+    input `batch` (already on the device); each None when it cannot be measured."""
+    found: dict[str, Any] = {
+        "flops_per_sample": None,
+        "latency_ms": None,
+        "throughput_per_s": None,
+        "latency_spread": None,
+    }
+    rows = _rows(batch)
+    if not rows:
+        return found
+    found["flops_per_sample"] = count_flops(forward, batch)
+    with torch.inference_mode():
+        single = first_rows(batch, 1)
+        if single is not None:
+            median, spread = median_seconds(lambda: forward(single), device, budget_s)
+            found["latency_ms"] = median * 1000.0
+            found["latency_spread"] = spread
+        median, _ = median_seconds(lambda: forward(batch), device, budget_s)
+        if median > 0:
+            found["throughput_per_s"] = rows / median
+    return found
+
+
+def timing_budget(usage: list[dict[str, Any]]) -> float:
+    """Seconds for each timing (latency, throughput): a small share of the run's training time,
+    so that measuring stays under 2 % of the run (benchmarks/resources.py)."""
+    trained = math.fsum(float(u.get("train_seconds") or 0.0) for u in usage)
+    return min(0.25, max(0.002, 0.002 * trained))
+
+
+def after_training(
+    models: list[Any],
+    test_data: Any,
+    device: torch.device,
+    forward: Callable[[Any], Any],
+    to_device: Callable[[Any, torch.device], Any],
+    usage: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """After the last epoch: the pipeline (`forward`) measured on the first test batch, and the
+    machine's load. A pipeline that cannot be measured gets None figures, never fails the run."""
+    found: dict[str, Any] = {"device": str(device)} | machine_load()
+    try:
+        for model in models:
+            if isinstance(model, torch.nn.Module):
+                model.train(False)
+        batch = next(iter(test_data))
+        x = to_device(batch[0], device)
+        found |= inference_figures(forward, x, device, timing_budget(usage))
+    except Exception as exc:  # the user's pipeline: a figure it cannot give is None
+        print(f"[mosaic] resources not measured: {type(exc).__name__}: {exc}"[:300], flush=True)
+    return found
