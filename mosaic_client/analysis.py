@@ -392,7 +392,8 @@ def _agreed_keys(pipelines: list[list[dict[str, Any]]], indexes: list[int]) -> d
 
 
 def export_table(conn: sqlite3.Connection) -> tuple[list[str], list[list[Any]]]:
-    """One row per run: run_id, status, pipeline (readable), every param, every result.
+    """One row per run: run_id, status, pipeline (readable), every param, every result, and
+    where its resource figures were measured (`measured_*`).
 
     A param whose name is already a column (PROCESS `epochs` next to the result `epochs`, the
     JSON `pipeline` next to the readable one) is exported as `param_<name>`.
@@ -409,9 +410,13 @@ def export_table(conn: sqlite3.Connection) -> tuple[list[str], list[list[Any]]]:
         taken.add(header)
         headers[name] = header
     results = study_reading.results_by_run(conn, CRITERIA)
+    # Where the resource figures were measured (docs/resources.md), after the results.
+    measured = study_reading.measurements_by_run(conn)
+    context = [f"measured_{n}" for n in study_reading.MEASUREMENT_NAMES]
     rows = []
     for run_id, status, pipeline, _ in study_reading.runs(conn):
         own = params.get(run_id, {})
         result = results.get(run_id, (None,) * len(CRITERIA))
-        rows.append([run_id, status, pipeline, *(own.get(n) for n in names), *result])
-    return fixed + [headers[n] for n in names] + list(CRITERIA), rows
+        where = measured.get(run_id, (None,) * len(context))
+        rows.append([run_id, status, pipeline, *(own.get(n) for n in names), *result, *where])
+    return fixed + [headers[n] for n in names] + list(CRITERIA) + context, rows

@@ -316,6 +316,8 @@ class ShowReply(TypedDict, total=False):
     # What produced it (issue 16; study_reading.run_provenance): None before its first start.
     provenance: dict[str, Any] | None
     group: EnsembleView | None  # the ensemble it was last trained in, if any
+    # Where its resource figures were measured (issue 26; study_reading.run_measurement).
+    measurement: dict[str, Any] | None
 
 
 class StudyItem(TypedDict):
