@@ -19,6 +19,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from mosaic_client import contract  # noqa: E402
 from mosaic_client.analysis import MetaData, RunLosses, pages_needed, spans_decades  # noqa: E402
 from mosaic_client.render import fmt  # noqa: E402
 
@@ -37,6 +38,8 @@ CRITERION_LABELS = {
     "overfit": "overfit = |test - train| / loss range (no unit)",
     "trainability": "trainability = mean test loss over epochs",
     "slope": "slope = train-loss change per epoch (last 10%)",
+    # What a run costs (issue 26): the unit of each figure, as the contract states it.
+    **{c: f"{c}: {unit}" for c, unit in contract.RESOURCE_UNITS.items()},
 }
 
 
@@ -146,7 +149,8 @@ def plot_losses(
 
 
 def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
-    """CRITERION against nb_params, one line per model key: mean with min-max or std bars."""
+    """CRITERION against the size axis (nb_params or `metaplot --x`), one line per model key:
+    mean with min-max or std bars."""
     fig = Figure(figsize=(9.5, 6.0))
     ax = fig.subplots()
     xs: list[float] = []
@@ -169,15 +173,17 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
         )
         xs.extend(x)
         ys.extend([m - lo for m, lo in zip(mean, low)] + [m + hi for m, hi in zip(mean, high)])
-    log_x = spans_decades(xs)
+    # A resource axis is always logarithmic (its sizes are positive: analysis.configuration_sizes).
+    log_x = spans_decades(xs) or data.x != "nb_params"
     log_y = spans_decades(ys)
     if log_x:
         ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel(
-        "nb_params: trainable parameters" + (" (log scale)" if log_x else ""), fontsize=11
+    x_label = (
+        "nb_params: trainable parameters" if data.x == "nb_params" else CRITERION_LABELS[data.x]
     )
+    ax.set_xlabel(x_label + (" (log scale)" if log_x else ""), fontsize=11)
     label = CRITERION_LABELS.get(data.criterion, data.criterion)
     ax.set_ylabel(label + (" (log scale)" if log_y else ""), fontsize=10)
     bars = {
@@ -190,6 +196,6 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
     skipped = sum(len(ids) for ids in data.skipped.values())
     if skipped:
         note += f", {skipped} skipped (failed, unfinished or no value)"
-    ax.set_title(f"{data.criterion} vs nb_params, dataset {data.dataset_key} ({note})", fontsize=12)
+    ax.set_title(f"{data.criterion} vs {data.x}, dataset {data.dataset_key} ({note})", fontsize=12)
     fig.tight_layout()
     fig.savefig(out, format=fmt, dpi=120)
