@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -197,5 +198,56 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
     if skipped:
         note += f", {skipped} skipped (failed, unfinished or no value)"
     ax.set_title(f"{data.criterion} vs {data.x}, dataset {data.dataset_key} ({note})", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(out, format=fmt, dpi=120)
+
+
+def plot_pareto(front: Any, out: str, fmt: str) -> None:
+    """The metric's mean (95% t interval) against the cost, one marker per family; the points on
+    the front (verdict.pareto) filled and joined in cost order, the dominated ones hollow; one
+    panel per dataset key; the cost on a log axis."""
+    keys = sorted({p.dataset_key for p in front.points})
+    fig = Figure(figsize=(9.5, 5.8 * len(keys)))
+    axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
+    families = sorted({p.family for p in front.points})
+    colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
+    markers = {f: "osD^v<>ph*"[i % 10] for i, f in enumerate(families)}
+    for ax, key in zip(axes, keys):
+        points = [p for p in front.points if p.dataset_key == key]
+        for family in families:
+            for on_front in (True, False):
+                mine = [p for p in points if p.family == family and p.on_front == on_front]
+                if not mine:
+                    continue
+                ax.errorbar(
+                    [p.cost for p in mine],
+                    [p.mean for p in mine],
+                    yerr=[[p.mean - p.ci[0] for p in mine], [p.ci[1] - p.mean for p in mine]],
+                    fmt=markers[family],
+                    color=colors[family],
+                    mfc=colors[family] if on_front else "none",
+                    ms=8,
+                    capsize=3,
+                    lw=1.0,
+                    label=f"{family} ({'on the front' if on_front else 'dominated'})",
+                )
+        line = sorted((p for p in points if p.on_front), key=lambda p: p.cost)
+        ax.plot(
+            [p.cost for p in line], [p.mean for p in line], color="0.4", lw=1, ls="--", zorder=0
+        )
+        ax.set_xscale("log")
+        unit = contract.RESOURCE_UNITS.get(front.cost, "trainable parameters")
+        ax.set_xlabel(f"{front.cost}: {unit} (log scale)", fontsize=10)
+        ax.set_ylabel(
+            f"{CRITERION_LABELS.get(front.metric, front.metric)}\n(mean, 95% t interval)",
+            fontsize=10,
+        )
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=9, title=f"{front.better} {front.metric} is better", title_fontsize=9)
+        ax.set_title(
+            f"{front.metric} vs {front.cost}, dataset {key}: dominated only when compare's test "
+            f"says so (alpha {front.alpha:g}, Holm)",
+            fontsize=11,
+        )
     fig.tight_layout()
     fig.savefig(out, format=fmt, dpi=120)

@@ -139,7 +139,7 @@ def size_axis(metric: str, size_by: str) -> str:
     if column == metric:
         raise VerdictError(
             f"cannot compare on {metric} at matched {column}: the families would be matched on "
-            "the figure compared; give another --size-by or --metric"
+            "the figure compared; give another size or cost column, or another --metric"
         )
     return column
 
