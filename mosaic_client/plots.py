@@ -231,10 +231,16 @@ def plot_pareto(front: Any, out: str, fmt: str) -> None:
                     lw=1.0,
                     label=f"{family} ({'on the front' if on_front else 'dominated'})",
                 )
-        line = sorted((p for p in points if p.on_front), key=lambda p: p.cost)
-        ax.plot(
-            [p.cost for p in line], [p.mean for p in line], color="0.4", lw=1, ls="--", zorder=0
-        )
+        # The best mean a budget affords on the front (verdict.pareto.cost_ranges), as steps.
+        steps = [r for r in front.ranges if r["dataset_key"] == key]
+        if steps:
+            xs = [r["from"] for r in steps]
+            ys = [r["mean"] for r in steps]
+            ends = [p.cost for p in points]
+            xs.append(max(ends) if front.cost_better == "lower" else min(ends))
+            ys.append(ys[-1])
+            ax.step(xs, ys, where="post", color="0.4", lw=1, ls="--", zorder=0,
+                    label="best mean a budget affords on the front")  # fmt: skip
         ax.set_xscale("log")
         unit = contract.RESOURCE_UNITS.get(front.cost, "trainable parameters")
         ax.set_xlabel(f"{front.cost}: {unit} (log scale)", fontsize=10)
