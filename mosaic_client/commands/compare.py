@@ -418,7 +418,9 @@ def _interval(ci: list[float] | None, spec: str = ".3g") -> str:
 
 def _size(size: Any) -> str:
     """A size as shown: a count as it is, a measured figure (--size-by) to 4 digits."""
-    return f"{size:.4g}" if isinstance(size, float) else str(size)
+    if not isinstance(size, float):
+        return str(size)
+    return f"{size:.4g}" if abs(size) < 1000 else f"{size:.0f}"
 
 
 def _sizes(line: Any) -> tuple[str, str]:
