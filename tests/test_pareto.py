@@ -39,12 +39,12 @@ def study() -> Iterator[tuple[Daemon, str]]:
     for name in ("data.py", "models.py", "config.ini"):
         shutil.copy(EXAMPLE / name, root / name)
     cfg = root / "config.ini"
-    # Shorter than the example, same shape: 8 pipelines x 4 repetitions.
+    # Shorter than the example, same shape: 8 pipelines x 6 repetitions.
     cfg.write_text(
         cfg.read_text()
-        .replace("epochs = 15", "epochs = 4")
-        .replace("multiplicity = 5", "multiplicity = 4")
-        .replace("data_size = 600", "data_size = 240")
+        .replace("epochs = 15", "epochs = 10")
+        .replace("multiplicity = 5", "multiplicity = 6")
+        .replace("data_size = 600", "data_size = 400")
     )
     daemon = Daemon(root).start()
     db = str(root / "study.db")
@@ -61,7 +61,7 @@ def test_the_example_counts_equal_the_hand_counts(study: tuple[Daemon, str]) -> 
         "SELECT p.param_name, p.param_value, r.nb_params, r.flops_per_sample FROM run_results r "
         "JOIN params p ON p.run_id = r.run_id AND p.param_name IN ('mlp_hidden', 'cnn_channels')",
     )
-    assert len(rows) == 32
+    assert len(rows) == 48
     for name, width, params, flops in rows:
         assert (params, flops) == (mlp_size if name == "mlp_hidden" else cnn_size)(width)
 
@@ -130,13 +130,16 @@ def _holm(p: list[float]) -> list[float]:
 def test_pareto_dominates_by_an_independent_paired_test(study: tuple[Daemon, str]) -> None:
     daemon, db = study
     out = Path(db).parent / "front.png"
-    result = daemon.cli("pareto", db, str(out), "--metric", "test_acc", "--cost", "flops", "--json")
+    # By parameters: the small CNNs cost fewer than the MLPs they beat.
+    result = daemon.cli(
+        "pareto", db, str(out), "--metric", "test_acc", "--cost", "params", "--json"
+    )
     assert result.returncode == 0, result.stderr
     front = json.loads(result.stdout)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert front["cost"] == "flops_per_sample" and front["cost_better"] == "lower"
+    assert front["cost"] == "nb_params" and front["cost_better"] == "lower"
     points = front["points"]
-    assert len(points) == 8 and all(p["n"] == 4 for p in points)
+    assert len(points) == 8 and all(p["n"] == 6 for p in points)
     # The independent computation: each run's accuracy by seed, a paired t test of each pair of
     # points (q costing no more than p), Holm over all of them.
     acc = {
@@ -162,6 +165,7 @@ def test_pareto_dominates_by_an_independent_paired_test(study: tuple[Daemon, str
     adjusted = _holm([t[2] for t in tests])
     dominated = {j for (i, j, _, d), adj in zip(tests, adjusted) if adj <= ALPHA and d > 0}
     assert {k for k, p in enumerate(points) if not p["on_front"]} == dominated
+    assert dominated and len(dominated) < len(points)  # the study has both kinds
     for point in points:
         assert point["ci"][0] <= point["mean"] <= point["ci"][1]
         if point["on_front"]:
