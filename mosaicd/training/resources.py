@@ -80,7 +80,7 @@ def _nvml_handle(device: torch.device) -> Any:
         return _nvml[index]
     handle = None
     try:
-        import pynvml  # optional: `pip install mosaic[gpu]`
+        import pynvml  # optional: the `gpu` extra (nvidia-ml-py)
 
         pynvml.nvmlInit()
         try:  # NVML numbers the cards of the machine, CUDA those CUDA_VISIBLE_DEVICES shows
