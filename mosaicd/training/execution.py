@@ -349,8 +349,9 @@ def _check_methods(obj: Any, names: tuple[str, ...], module: dict[str, Any]) -> 
 def warm_up() -> None:
     """Pay torch's first-use costs before the first run, not during it.
 
-    The first optimizer built in a process imports torch._dynamo (seconds); one tiny training
-    step at worker start keeps that out of every run's duration and out of dispatch latency.
+    The first optimizer built in a process imports torch._dynamo (seconds), the first FLOP count
+    torch's meta registrations; one tiny training step and one count at worker start keep that
+    out of every run's duration and out of dispatch latency.
     """
     state = torch.get_rng_state()
     model = torch.nn.Linear(2, 1)
@@ -358,6 +359,8 @@ def warm_up() -> None:
     loss = torch.nn.MSELoss()(model(torch.zeros(1, 2)), torch.zeros(1, 1))
     loss.backward()
     optimizer.step()
+    # The FLOP counter's first use imports torch's meta registrations (seconds): here too.
+    resources.count_flops(model, torch.zeros(1, 2))
     torch.set_rng_state(state)
 
 
@@ -633,7 +636,7 @@ def run_epoch(run: BuiltRun, history: History, epoch: int) -> None:
     """Train then test for `epoch` (counted from 1); append its figures to the history."""
     run.run_info["epoch"] = epoch
     started = time.perf_counter()
-    with resources.PassMeter(run.device) as meter:
+    with resources.PassMeter(run.device, scope=run) as meter:
         train_loss, train_acc = run_pass(run, run.train_data, True)
     test_loss, test_acc = run_pass(run, run.test_data, False)
     duration = time.perf_counter() - started
@@ -668,6 +671,8 @@ def train(
         )
         park = channel.park_requested()
         end = epochs.epoch_end(epoch, target, park=park, checkpoint_due=clock.due())
+        if end.checkpoint or end.outcome != epochs.CONTINUE:  # the history is kept: its peak
+            resources.note_resident_peak(history.usage[-1], run)
         if end.checkpoint:
             save_checkpoint(run, history, epoch, checkpoint_file)
             clock.restart()

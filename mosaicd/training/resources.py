@@ -19,10 +19,12 @@ Nothing here may fail a run: a figure that cannot be had is None (NULL in the st
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,33 +37,67 @@ _STATUS = "/proc/self/status"
 # Timed calls for the latency and throughput: at least this many, then until the time budget.
 MIN_CALLS = 5
 MAX_CALLS = 200
-WARM_UP_CALLS = 2
+WARM_UP_CALLS = 1
 
 
 # -- memory -----------------------------------------------------------------------------------
 
 
 def _status_kib(field: str) -> int | None:
-    """A "VmXXX:  1234 kB" line of /proc/self/status, in KiB (None off Linux)."""
+    """A "VmXXX:  1234 kB" line of /proc/self/status, in KiB (None off Linux). One raw read:
+    it runs at every epoch, and parsing the file line by line costs more than the read."""
     try:
-        with open(_STATUS) as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
+        fd = os.open(_STATUS, os.O_RDONLY)
+        try:
+            text = os.read(fd, 8192)
+        finally:
+            os.close(fd)
+        start = text.index(field.encode() + b":") + len(field) + 1
+        return int(text[start : text.index(b"kB", start)])
+    except (OSError, ValueError):
         return None
-    return None
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+_trim = _libc_trim()
 
 
 def reset_resident_peak() -> int | None:
     """Reset the process's resident high-water mark to its current size; that size in KiB, or
-    None when the kernel does not allow it (then the peak cannot be measured)."""
+    None when the kernel does not allow it (then the peak cannot be measured).
+
+    The memory earlier runs freed is first handed back to the system (glibc's malloc_trim): a
+    persistent worker's allocator would otherwise serve this run from pages already resident,
+    and a run would show no growth only because another ran before it."""
+    if _trim is not None:
+        _trim(0)
     try:
-        with open(_CLEAR_REFS, "w") as fh:
-            fh.write("5")
+        fd = os.open(_CLEAR_REFS, os.O_WRONLY)
+        try:
+            os.write(fd, b"5")
+        finally:
+            os.close(fd)
     except OSError:
         return None
     return _status_kib("VmRSS")
+
+
+# The resident size when the high-water mark was last reset, and for what (a run, or an
+# ensemble's stack): reset once per run, at its first training pass, so that an epoch costs one
+# read of /proc/self/status, not a reset and two reads (benchmarks/resources.py).
+# The scope is held by a weak reference: a finished run's models must not stay alive for it.
+_resident: dict[str, Any] = {"scope": None, "base": None}
+
+
+def _same_scope(scope: object) -> bool:
+    held = _resident["scope"]
+    return held is not None and held() is scope
 
 
 def resident_peak_kib() -> int | None:
@@ -112,11 +148,16 @@ def _energy_mj(handle: Any) -> int | None:
 class PassMeter:
     """Around one training pass: its wall, CPU and (on a GPU) CUDA time, peak memory growth and
     (on a GPU with NVML) energy. :meth:`figures` gives them, divided by `share` (the members of
-    an ensemble that trained in the pass)."""
+    an ensemble that trained in the pass). On a GPU the peak is the pass's; on a CPU, with a
+    `scope` (the run, or an ensemble's stack), the kernel's high-water mark is reset at the
+    scope's first pass only and read by :func:`note_resident_peak`; without one, this pass's
+    alone, read here."""
 
-    def __init__(self, device: torch.device, share: int = 1) -> None:
+    def __init__(self, device: torch.device, share: int = 1, scope: object = None) -> None:
         self.device = device
         self.share = max(1, share)
+        # What the CPU peak is measured over: from the first pass of this scope (the run) on.
+        self.scope = scope
         self.cuda = device.type == "cuda"
         self._figures: dict[str, Any] = {}
 
@@ -133,8 +174,12 @@ class PassMeter:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             self._events = (start, end)
-        else:
+        elif self.scope is None or not _same_scope(self.scope):
             self._base_kib = reset_resident_peak()
+            held = None if self.scope is None else weakref.ref(self.scope)
+            _resident.update(scope=held, base=self._base_kib)
+        else:
+            self._base_kib = _resident["base"]
         self._wall = time.perf_counter()
         self._cpu = time.process_time()
         return self
@@ -153,7 +198,7 @@ class PassMeter:
                 energy = (after - before) / 1000.0
         wall = time.perf_counter() - self._wall
         cpu = time.process_time() - self._cpu
-        if self._base_kib is not None:
+        if self._base_kib is not None and self.scope is None:
             high = resident_peak_kib()
             if high is not None:
                 peak = max(0, high - self._base_kib) / 1024.0
@@ -167,11 +212,26 @@ class PassMeter:
             "shared": n,
             "memory_method": "cuda_allocated"
             if self.cuda
-            else ("resident_hwm" if peak is not None else None),
+            else ("resident_hwm" if self._base_kib is not None else None),
         }
 
     def figures(self) -> dict[str, Any]:
         return dict(self._figures)
+
+
+def note_resident_peak(figures: dict[str, Any], scope: object) -> None:
+    """Fill a CPU pass's peak memory (PassMeter.figures, its scope given): the resident growth
+    since the scope's first pass, shared among the runs that trained in it. Called where the
+    history is kept or ends (a checkpoint, the last epoch, a park), not at every epoch: the
+    high-water mark only grows, and an epoch saves a read of /proc/self/status."""
+    if figures.get("memory_method") != "resident_hwm" or figures.get("peak_memory_mb") is not None:
+        return
+    base = _resident["base"]
+    if not _same_scope(scope) or base is None:
+        return
+    high = resident_peak_kib()
+    if high is not None:
+        figures["peak_memory_mb"] = max(0, high - base) / 1024.0 / max(1, figures["shared"])
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -304,7 +364,7 @@ def timing_budget(usage: list[dict[str, Any]]) -> float:
     """Seconds for each timing (latency, throughput): a small share of the run's training time,
     so that measuring stays under 2 % of the run (benchmarks/resources.py)."""
     trained = math.fsum(float(u.get("train_seconds") or 0.0) for u in usage)
-    return min(0.25, max(0.002, 0.002 * trained))
+    return min(0.25, max(0.0002, 0.004 * trained))
 
 
 def after_training(

@@ -259,7 +259,9 @@ class _Group:
         for member in self.members:
             member.run.run_info["epoch"] = epoch
         started = time.perf_counter()
-        meter = resources.PassMeter(self.members[0].run.device, share=len(self.members))
+        meter = resources.PassMeter(
+            self.members[0].run.device, share=len(self.members), scope=self.stack
+        )
         try:
             with meter:
                 train_loss, train_acc = _pass(self.stack, self.members, True, self.first)
@@ -331,6 +333,9 @@ class _Group:
             self.stack.unstack()  # into the members' own modules, to save or to restack
         if due:  # (at the target too, but the group ends there)
             self.clock.restart()
+        for member, end in ends:  # the history is kept: the peak so far (resources)
+            if end.checkpoint or end.outcome != epochs.CONTINUE:
+                resources.note_resident_peak(member.history.usage[-1], self.stack)
         remaining = [member for member, end in ends if self._close_epoch(member, epoch, end)]
         if remaining and len(remaining) != len(self.members):
             self.stack = Stack(remaining, self.lr, self.stack.forward_choice)
