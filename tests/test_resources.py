@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import EXAMPLE, Daemon, example_config, query
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mosaic_client import contract
 from mosaicd.storage.store import MIGRATIONS, SCHEMA_VERSION, Store
@@ -42,6 +43,10 @@ def test_flops_of_a_small_cnn_equal_the_hand_count() -> None:
     )
     expected = 2 * (8 * 64 * 27 + 16 * 4 * 72 + 64 * 10)
     assert resources.count_flops(model, torch.randn(5, 3, 8, 8)) == expected
+    # The same as PyTorch's FlopCounterMode, whose formulas the worker's counter uses.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(5, 3, 8, 8))
+    assert counter.get_total_flops() == 5 * expected
     # Per sample: the batch size does not change it.
     assert resources.count_flops(model, torch.randn(1, 3, 8, 8)) == expected
 

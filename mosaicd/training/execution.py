@@ -386,6 +386,7 @@ class BuiltRun:
     # The last model's own accuracy(y_pred, y), which replaces the accuracy mode when defined.
     user_accuracy: Callable[[Any, Any], Any] | None
     nb_params: int
+    test_input: Any = None  # the last test pass's first input, measured after it (resources)
 
     def count_correct(self, y_pred: Any, y: Any) -> Any:
         if self.user_accuracy is not None:
@@ -611,6 +612,7 @@ def run_pass(run: BuiltRun, batches: Iterable[Any], train: bool) -> tuple[float,
                     "loaders yielded " + type(batch).__name__
                 )
             x, y = to_device(batch[0], device), to_device(batch[1], device)
+            run.test_input = x if not (train or n_batches) else run.test_input
             out = x
             for model, info in zip(run.models, run.model_infos):
                 out = _call(model, out, run.run_info, info)
@@ -719,7 +721,7 @@ def measure_inference(run: BuiltRun, history: History) -> dict[str, Any]:
     state = rng_states()
     try:
         return resources.after_training(
-            run.models, run.test_data, run.device, forward, to_device, history.usage
+            run.models, run.test_data, run.device, forward, to_device, history.usage, run.test_input
         )
     finally:
         set_rng_states(state)

@@ -9,7 +9,7 @@ Two kinds of figures:
   kept per epoch in the run's history (so a resumed run keeps its first epochs') and summarised
   by :func:`summary`.
 - **once, after the last epoch** (:func:`inference_figures`): forward FLOPs per sample
-  (``FlopCounterMode`` on one test batch under ``no_grad``, a multiply-add counted as 2), the
+  (PyTorch's FLOP counter on one test batch under ``no_grad``, a multiply-add counted as 2), the
   latency of a batch of 1 (median of repeated timed calls after warm-up, under inference mode)
   and the throughput on one test batch. Training is over, so these disturb nothing; the random
   state is restored around them all the same (the caller's).
@@ -29,13 +29,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 MIB = 1024 * 1024
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
 # Timed calls for the latency and throughput: at least this many, then until the time budget.
-MIN_CALLS = 5
+MIN_CALLS = 3
 MAX_CALLS = 200
 WARM_UP_CALLS = 1
 
@@ -282,15 +283,34 @@ def first_rows(x: Any, n: int) -> Any:
     return None
 
 
+class _Flops(TorchDispatchMode):
+    """PyTorch's FLOP counter (torch.utils.flop_counter: its formulas, one per op it knows),
+    without FlopCounterMode's per-module breakdown, which doubles the cost of a count (a third
+    of what measuring costs a small run, benchmarks/resources.py). tests/test_resources.py
+    checks it against FlopCounterMode and against hand counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
 def count_flops(forward: Callable[[Any], Any], x: Any) -> float | None:
     """Forward FLOPs per sample of `forward` on the batch `x` (PyTorch's counter: a
     multiply-add is 2 FLOPs; elementwise ops are not counted)."""
     rows = _rows(x)
     if not rows:
         return None
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _Flops() as counter:
         forward(x)
-    return counter.get_total_flops() / rows
+    return counter.total / rows
 
 
 def median_seconds(
@@ -364,7 +384,7 @@ def timing_budget(usage: list[dict[str, Any]]) -> float:
     """Seconds for each timing (latency, throughput): a small share of the run's training time,
     so that measuring stays under 2 % of the run (benchmarks/resources.py)."""
     trained = math.fsum(float(u.get("train_seconds") or 0.0) for u in usage)
-    return min(0.25, max(0.0002, 0.004 * trained))
+    return min(0.25, max(0.0001, 0.001 * trained))
 
 
 def after_training(
@@ -374,16 +394,19 @@ def after_training(
     forward: Callable[[Any], Any],
     to_device: Callable[[Any, torch.device], Any],
     usage: list[dict[str, Any]],
+    test_input: Any = None,
 ) -> dict[str, Any]:
-    """After the last epoch: the pipeline (`forward`) measured on the first test batch, and the
-    machine's load. A pipeline that cannot be measured gets None figures, never fails the run."""
+    """After the last epoch: the pipeline (`forward`) measured on the first test batch (the last
+    test pass's, `test_input`, else drawn from the loader), and the machine's load. A pipeline
+    that cannot be measured gets None figures, never fails the run."""
     found: dict[str, Any] = {"device": str(device)} | machine_load()
     try:
         for model in models:
             if isinstance(model, torch.nn.Module):
                 model.train(False)
-        batch = next(iter(test_data))
-        x = to_device(batch[0], device)
+        x = test_input
+        if x is None:  # an ensemble member: its batches came from the group's loaders
+            x = to_device(next(iter(test_data))[0], device)
         found |= inference_figures(forward, x, device, timing_budget(usage))
     except Exception as exc:  # the user's pipeline: a figure it cannot give is None
         print(f"[mosaic] resources not measured: {type(exc).__name__}: {exc}"[:300], flush=True)
