@@ -34,7 +34,7 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from mosaic_client import analysis, protocol, study_reading
+from mosaic_client import analysis, contract, protocol, study_reading
 from mosaic_client.connection import Client, DaemonUnavailable
 from mosaic_client.web import live, pages, security, studies
 
@@ -414,7 +414,7 @@ def _compare_routes(state: WebState) -> list[Route]:
         q = request.query_params
         db = state.study_path(q.get("db"))
         stamp = files_stamp(db)
-        cache_key = (db, stamp, q.get("dataset_key"), q.get("criterion"))
+        cache_key = (db, stamp, q.get("dataset_key"), q.get("criterion"), q.get("size_by"))
         cached = state.compare_cache.get(cache_key)
         if cached is not None:
             return _json(cached)
@@ -427,10 +427,14 @@ def _compare_routes(state: WebState) -> list[Route]:
                 "dataset_key": key,
                 "criterion": criterion,
                 "criteria": list(analysis.CRITERIA),
+                # The size axis (`metaplot --x`, `compare --size-by`: docs/resources.md).
+                "size_by": q.get("size_by") or "nb_params",
+                "sizes": list(contract.SIZE_COLUMNS),
             }
             try:
                 # The metaplot's own computation (mosaic metaplot draws the same points).
-                meta = analysis.metaplot_data(conn, key, criterion).as_json()
+                meta = analysis.metaplot_data(conn, key, criterion, x=out["size_by"]).as_json()
+                out["size_by"] = meta["x"]
                 for points in meta["series"].values():
                     for point in points:  # the page lists a point's runs, not thousands
                         point["run_ids"] = point["run_ids"][:POINT_RUNS_SHOWN]

@@ -67,11 +67,13 @@ _BODIES = {
 """,
     "compare": """
 <section class="bar"><div><h1 id="title"></h1><div class="sub">mean of each model key
-(family) per number of parameters; bars span the runs' min–max (or ± std); hover a point
+(family) per number of parameters (or another size axis: FLOPs, latency, memory…, log scale);
+bars span the runs' min–max (or ± std); hover a point
 for its runs, click a family in the legend to hide or show it</div></div></section>
 <form id="compare-form" class="filters">
   <label>dataset key <select id="dataset-key"></select></label>
   <label>criterion <select id="criterion"></select></label>
+  <label>size axis <select id="size-by"></select></label>
   <label>bars <select id="spread"><option value="minmax">min–max</option>
   <option value="std">± std</option></select></label>
 </form>
