@@ -367,6 +367,14 @@ def test_a_parked_run_resumes_to_the_numbers_of_an_uninterrupted_one(
     assert torch.load(contract.history_path(str(files), 7))["train_loss"] == [
         e["train_loss"] for e in whole.events
     ]
+    # What the run cost (issue 26): the parked epoch's figures came back with the checkpoint,
+    # and the measuring after the last epoch changed none of the numbers above.
+    usage = torch.load(contract.history_path(str(files), 7))["usage"]
+    assert len(usage) == 3 and all(u["train_seconds"] > 0 for u in usage)
+    assert usage[0]["peak_memory_mb"] is not None  # read at the checkpoint before the park
+    for key in ("flops_per_sample", "nb_params"):
+        assert resumed["results"][key] == result["results"][key]
+    assert resumed["results"]["measurement"]["device"] == "cpu"
 
 
 def test_resume_resends_the_epochs_the_database_missed(classes: str, tmp_path: Path) -> None:

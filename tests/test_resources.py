@@ -232,3 +232,39 @@ def test_a_version_8_study_gains_the_resource_columns_and_keeps_its_results(
     group = store.conn.execute("SELECT mean_test_loss, mean_latency_ms FROM run_groups").fetchone()
     assert group == (0.25, None)
     store.close()
+
+
+def test_size_columns_and_their_short_names() -> None:
+    assert contract.size_column("flops") == "flops_per_sample"
+    assert contract.size_column("latency_ms") == "latency_ms"
+    assert all(contract.size_column(c) == c for c in contract.SIZE_COLUMNS)
+    for bad in ("test_loss", "epochs", "FLOPS", ""):
+        with pytest.raises(ValueError, match="is not a size or cost column"):
+            contract.size_column(bad)
+    # Every resource column has a unit and a bound, and is a result column.
+    assert set(contract.RESOURCE_UNITS) == set(contract.RESOURCE_BOUNDS)
+    assert set(contract.RESOURCE_COLUMNS) <= set(contract.RESULT_COLUMNS)
+
+
+def test_the_cost_ranges_follow_the_best_affordable_point() -> None:
+    from mosaic_client.verdict.pareto import Point, cost_ranges
+
+    def point(family: str, cost: float, mean: float, on_front: bool = True) -> Point:
+        return Point("d", family, cost, 3, 0, mean, [mean, mean], [], on_front)
+
+    points = [
+        point("mlp", 1, 0.3),
+        point("mlp", 2, 0.5),
+        point("cnn", 3, 0.45),  # on the front (undecided) but worse than a cheaper one
+        point("cnn", 4, 0.8),
+        point("mlp", 5, 0.9, on_front=False),  # dominated: never a range of its own
+    ]
+    ranges = cost_ranges(points, "higher", "lower")
+    assert [(r["from"], r["to"], r["family"]) for r in ranges] == [
+        (1, 2, "mlp"),
+        (2, 4, "mlp"),
+        (4, None, "cnn"),
+    ]
+    # Lower is better (a loss): the best affordable is the lowest mean.
+    lower = cost_ranges(points[:4], "lower", "lower")
+    assert [(r["from"], r["family"]) for r in lower] == [(1, "mlp")]

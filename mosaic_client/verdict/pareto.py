@@ -103,7 +103,7 @@ def cost_ranges(points: Sequence[Point], better: str, cost_better: str) -> list[
         for i, point in enumerate(front):
             if best is None or _better_mean(point.mean, best.mean, better):
                 best = point
-                upto = None
+                # The range ends where a dearer front point first beats this one.
                 nxt = next(
                     (r for r in front[i + 1 :] if _better_mean(r.mean, best.mean, better)), None
                 )
