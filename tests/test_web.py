@@ -839,6 +839,24 @@ def test_comparison_takes_any_size_axis(server: Server, browser: Any, study: str
     # Drawn against latency, on a logarithmic x scale (uPlot's distribution 3).
     assert "latency_ms" in text_of(browser, "#meta-chart")
     assert browser.execute_script("return window.mosaic.charts.meta.scales.x.distr") == 3
+    # The Pareto front of the page's criterion against its axis: `mosaic pareto`'s own.
+    wait_until(
+        lambda: browser.execute_script("return (window.mosaic.pareto || {}).cost === 'latency_ms'"),
+        message="the front against latency",
+    )
+    shown = browser.execute_script("return window.mosaic.pareto")
+    cli = subprocess.run(
+        [sys.executable, "-m", "mosaic_client.cli", "pareto", study, "--cost", "latency",
+         "--metric", shown["metric"], "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    front = json.loads(cli.stdout)
+    assert [(p["family"], p["cost"], p["on_front"]) for p in shown["points"]] == [
+        (p["family"], p["cost"], p["on_front"]) for p in front["points"]
+    ]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#pareto-table tr[data-front]")
+    assert len(rows) == len(front["points"]) > 0
 
 
 def test_pause_and_resume_buttons_drive_the_daemon(

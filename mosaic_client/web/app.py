@@ -452,7 +452,32 @@ def _compare_routes(state: WebState) -> list[Route]:
             {"available": False, "note": "the verdict table of `mosaic compare` will be shown here"}
         )
 
-    return [Route("/api/compare", compare_api), Route("/api/verdict", verdict_api)]
+    def pareto_api(request: Request) -> Response:
+        # `mosaic pareto` on the page's criterion against its size axis (docs/resources.md):
+        # the same front, points dominated only by compare's test.
+        q = request.query_params
+        db = state.study_path(q.get("db"))
+        metric = q.get("criterion") or "test_loss"
+        try:
+            cost = contract.size_column(q.get("size_by") or "nb_params")
+        except ValueError as exc:
+            return _json({"available": False, "note": str(exc)})
+        from mosaic_client.verdict import pareto, reading
+
+        with contextlib.closing(state.connect(db)) as conn:
+            try:
+                values = reading.study_values(conn, metric, cost)
+            except (analysis.AnalysisError, reading.VerdictError) as exc:
+                return _json({"available": False, "note": str(exc)})
+        key = q.get("dataset_key")
+        front = pareto.pareto(values, db, data_keys=[key] if key else None)
+        return _json({"available": True, **front.as_json()})
+
+    return [
+        Route("/api/compare", compare_api),
+        Route("/api/verdict", verdict_api),
+        Route("/api/pareto", pareto_api),
+    ]
 
 
 def _control_fields(state: WebState, name: str, body: dict[str, Any]) -> dict[str, Any] | Response:

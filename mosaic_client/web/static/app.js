@@ -590,6 +590,25 @@ function initCompare() {
       (skipped.length ? `; left out: ${skipped.join(", ")}` : "");
   }
 
+  function loadPareto(out) {
+    api("/api/pareto", { db, dataset_key: out.dataset_key, criterion: out.criterion,
+                         size_by: out.size_by }).then((front) => {
+      window.mosaic.pareto = front;
+      const body = $("pareto-table").querySelector("tbody");
+      $("pareto-note").textContent = front.available ? (front.notes || []).join("; ") : front.note;
+      if (!front.available) { body.innerHTML = ""; return; }
+      const rows = front.points.slice().sort((a, b) => a.cost - b.cost).map((p) => {
+        const by = p.dominated_by.map((d) => `${esc(d.family)} ${fmt(d.cost)} (p ${fmt(d.p_adjusted)})`);
+        const where = p.on_front ? (p.dominated_by_means ? "yes*" : "yes") : "no";
+        return `<tr data-front="${p.on_front}"><td>${esc(p.family)}</td><td class="num">` +
+          `${fmt(p.cost)}</td><td class="num">${p.n}</td><td class="num">${fmt(p.mean)} ` +
+          `[${fmt(p.ci[0])}, ${fmt(p.ci[1])}]</td><td>${where}</td><td>${by.join(", ")}</td></tr>`;
+      });
+      body.innerHTML = `<tr><th>family</th><th>${esc(front.cost)}</th><th>n</th>` +
+        "<th>mean [95% CI]</th><th>front</th><th>dominated by</th></tr>" + rows.join("");
+    }).catch((err) => { $("pareto-note").textContent = err.message; });
+  }
+
   function load() {
     api("/api/compare", { db, dataset_key: $("dataset-key").value,
                           criterion: $("criterion").value,
@@ -599,6 +618,7 @@ function initCompare() {
       options($("size-by"), out.sizes, out.size_by);
       window.mosaic.last = out;
       draw(out);
+      loadPareto(out);
       window.mosaic.timing.firstRows = performance.now();
     }).catch((err) => message(err.message, true));
   }
