@@ -396,3 +396,23 @@ def test_malformed_messages_from_model_code_fail_the_run_and_the_daemon_serves_o
         assert d.request("ping")
     finally:
         d.stop()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    column=st.sampled_from(contract.RESOURCE_COLUMNS),
+    value=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.none(),
+    ),
+)
+def test_a_resource_figure_passes_only_when_finite_non_negative_and_bounded(
+    column: str, value: Any
+) -> None:
+    message = copy.deepcopy(VALID["done"])
+    message["results"][column] = value
+    problem = worker_message_problem(message)
+    bound = contract.RESOURCE_BOUNDS[column]
+    fits = value is None or (-(2**63) <= value < 2**63 and value == value and 0 <= value < bound)
+    assert (problem is None) == fits, (column, value, problem)
