@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU check on a machine with one NVIDIA GPU (run from the repository root):
 #  1. the OR/AND example through mosaicd with --gpus 0 --runs-per-gpu 2 (need_gpu = true);
+#     with the resource figures the runs recorded on the GPU (CUDA time, peak memory, energy);
 #  2. the training-loop ratio on cuda, with GPU utilisation sampled by nvidia-smi.
-# Writes its report to ${OUT:-/tmp/gpu-check}. Needs torch with CUDA, pyzmq, msgpack, psutil.
+# Writes its report to ${OUT:-/tmp/gpu-check}. Needs torch with CUDA, pyzmq, msgpack, psutil;
+# pynvml (optional, `pip install nvidia-ml-py`) for the energy figure.
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -45,6 +47,17 @@ print("states", c.execute("SELECT status, count(*) FROM runs GROUP BY status").f
 print("slots", c.execute("SELECT substr(detail, 1, 12), count(*) FROM run_events "
                          "WHERE to_status='running' GROUP BY 1").fetchall())
 print("mean test_acc", c.execute("SELECT avg(test_acc) FROM run_results").fetchone()[0])
+# Issue 26: the GPU's own figures of this study (CUDA event time, CUDA peak allocated, NVML
+# energy: NULL on a CPU, and energy NULL without pynvml or on a card without the counter).
+print("resources (flops, train s, cpu s, peak MiB, latency ms, per s, energy J)",
+      c.execute("SELECT flops_per_sample, train_seconds, cpu_seconds, peak_memory_mb, latency_ms, "
+                "throughput_per_s, energy_j FROM run_results ORDER BY run_id LIMIT 3").fetchall())
+print("measured (device, memory, gpu s/epoch, load, members)",
+      c.execute("SELECT device, memory_method, gpu_seconds, load_1m, members "
+                "FROM run_measurements ORDER BY run_id LIMIT 3").fetchall())
+print("runs with CUDA time / energy",
+      c.execute("SELECT count(gpu_seconds) FROM run_measurements").fetchone()[0],
+      c.execute("SELECT count(energy_j) FROM run_results").fetchone()[0])
 PYEOF
   echo "--- peak GPU utilisation / memory during the sweep"
   sort -t, -k1 -n "$OUT/smi_sweep.csv" | tail -1

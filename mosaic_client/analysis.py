@@ -15,6 +15,7 @@ import math
 import os
 import pwd
 import sqlite3
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -178,6 +179,7 @@ class MetaData:
     series: dict[str, list[MetaPoint]]
     used: int
     skipped: dict[str, list[int]]
+    x: str = "nb_params"  # the size axis (run_results column; its values are the points' nb_params)
 
     def skipped_note(self) -> str | None:
         """One line counting the runs left out and why; None when every run counted."""
@@ -191,10 +193,42 @@ class MetaData:
         return {
             "dataset_key": self.dataset_key,
             "criterion": self.criterion,
+            "x": self.x,
             "used": self.used,
             "skipped": self.skipped,
             "series": {key: [vars(p) for p in points] for key, points in self.series.items()},
         }
+
+
+def size_value(values: list[float], column: str) -> float | int:
+    """A configuration's place on a size axis: the median of its finished runs' figures (a
+    count stays an integer; a measured figure keeps 4 significant digits, so that the
+    repetitions of a configuration share one size however noisy their timings)."""
+    found = statistics.median(values)
+    return int(round(found)) if column == "nb_params" else float(f"{found:.4g}")
+
+
+def configuration_sizes(
+    params: dict[int, dict[str, Any]],
+    statuses: dict[int, str],
+    figures: dict[int, Any],
+    column: str,
+) -> dict[int, float | int]:
+    """Each run's size on the axis `column` (figures: {run_id: its value of it}): its
+    configuration's (every param but the repetition's, contract.REPETITION_PARAMS) median
+    over the finished runs with a positive finite value (the matching and the plots use a log
+    axis). A run whose configuration has none is left out."""
+    signatures: dict[int, frozenset[Any]] = {}
+    measured: dict[frozenset[Any], list[float]] = defaultdict(list)
+    for run_id, own in params.items():
+        signature = frozenset(own.items()) - {(k, own.get(k)) for k in contract.REPETITION_PARAMS}
+        signatures[run_id] = signature
+        figure = figures.get(run_id)
+        if statuses.get(run_id) == "done" and figure is not None and math.isfinite(figure):
+            if figure > 0:
+                measured[signature].append(float(figure))
+    sizes = {signature: size_value(v, column) for signature, v in measured.items()}
+    return {r: sizes[s] for r, s in signatures.items() if s in sizes}
 
 
 def check_criterion(criterion: str) -> None:
@@ -203,15 +237,25 @@ def check_criterion(criterion: str) -> None:
 
 
 def metaplot_data(
-    conn: sqlite3.Connection, dataset_key: str, criterion: str, ci: bool = False
+    conn: sqlite3.Connection,
+    dataset_key: str,
+    criterion: str,
+    ci: bool = False,
+    x: str = "nb_params",
 ) -> MetaData:
-    """CRITERION per model key and nb_params over the runs of one dataset key: mean, min, max,
-    standard deviation (sample, 0 for a single run) over the runs of each point; with ci, the
-    95% t interval of each mean (numpy and scipy, imported only then)."""
+    """CRITERION per model key and size (the run_results column `x`, a configuration's median:
+    configuration_sizes) over the runs of one dataset key: mean, min, max, standard deviation
+    (sample, 0 for a single run) over the runs of each point; with ci, the 95% t interval of
+    each mean (numpy and scipy, imported only then)."""
     check_criterion(criterion)
+    try:
+        x = contract.size_column(x)
+    except ValueError as exc:
+        raise AnalysisError(f"--x {exc}") from None
     params = run_params(conn)
     statuses = study_reading.run_statuses(conn)
-    results = study_reading.results_by_run(conn, ("nb_params", criterion))
+    results = study_reading.results_by_run(conn, (x, criterion))
+    sizes = configuration_sizes(params, statuses, {r: row[0] for r, row in results.items()}, x)
     present: set[str] = set()
     selected: list[int] = []
     for run_id in sorted(statuses):
@@ -223,20 +267,22 @@ def metaplot_data(
     if not selected:
         listing = ", ".join(sorted(present)) if present else "none (the study has no run)"
         raise AnalysisError(f"no run has dataset key {dataset_key!r}; keys present: {listing}")
-    groups: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
+    groups: dict[tuple[str, float], list[tuple[int, float]]] = defaultdict(list)
     skipped: dict[str, list[int]] = defaultdict(list)
     for run_id in selected:
         status = statuses[run_id]
         row = results.get(run_id)
         if status != "done":
             skipped[status].append(run_id)
-        elif row is None or row[0] is None:
+        elif row is None:
             skipped["without results"].append(run_id)
+        elif run_id not in sizes:
+            skipped[f"without a positive {x}"].append(run_id)
         elif row[1] is None or not math.isfinite(row[1]):
             skipped[f"without {criterion}"].append(run_id)
         else:
             model = model_key(params[run_id]) or "(no model key)"
-            groups[(model, int(row[0]))].append((run_id, float(row[1])))
+            groups[(model, sizes[run_id])].append((run_id, float(row[1])))
     if not groups:
         note = "; ".join(f"{len(ids)} {reason}" for reason, ids in sorted(skipped.items()))
         raise AnalysisError(
@@ -262,7 +308,7 @@ def metaplot_data(
             point.ci_low, point.ci_high = mean_ci(values)
         series[model].append(point)
     used = sum(len(m) for m in groups.values())
-    return MetaData(dataset_key, criterion, dict(series), used, dict(skipped))
+    return MetaData(dataset_key, criterion, dict(series), used, dict(skipped), x)
 
 
 def plot_format(out: str) -> str:
@@ -392,7 +438,8 @@ def _agreed_keys(pipelines: list[list[dict[str, Any]]], indexes: list[int]) -> d
 
 
 def export_table(conn: sqlite3.Connection) -> tuple[list[str], list[list[Any]]]:
-    """One row per run: run_id, status, pipeline (readable), every param, every result.
+    """One row per run: run_id, status, pipeline (readable), every param, every result, and
+    where its resource figures were measured (`measured_*`).
 
     A param whose name is already a column (PROCESS `epochs` next to the result `epochs`, the
     JSON `pipeline` next to the readable one) is exported as `param_<name>`.
@@ -409,9 +456,13 @@ def export_table(conn: sqlite3.Connection) -> tuple[list[str], list[list[Any]]]:
         taken.add(header)
         headers[name] = header
     results = study_reading.results_by_run(conn, CRITERIA)
+    # Where the resource figures were measured (docs/resources.md), after the results.
+    measured = study_reading.measurements_by_run(conn)
+    context = [f"measured_{n}" for n in study_reading.MEASUREMENT_NAMES]
     rows = []
     for run_id, status, pipeline, _ in study_reading.runs(conn):
         own = params.get(run_id, {})
         result = results.get(run_id, (None,) * len(CRITERIA))
-        rows.append([run_id, status, pipeline, *(own.get(n) for n in names), *result])
-    return fixed + [headers[n] for n in names] + list(CRITERIA), rows
+        where = measured.get(run_id, (None,) * len(context))
+        rows.append([run_id, status, pipeline, *(own.get(n) for n in names), *result, *where])
+    return fixed + [headers[n] for n in names] + list(CRITERIA) + context, rows

@@ -51,12 +51,70 @@ HOLD_ALL = "all"
 HOLD_OWNER = "owner"
 
 # -- results ---------------------------------------------------------------------------------
+# What a run costs, measured by its worker (issue 26, mosaicd.training.resources): each column's
+# unit, and the bound a worker's figure must stay under (protocol checks finite, >= 0, < bound).
+# NULL where it cannot be measured (the GPU's figures on a CPU). docs/resources.md.
+RESOURCE_UNITS: dict[str, str] = {
+    "flops_per_sample": "FLOP per sample, forward pass, a multiply-add counted as 2",
+    "train_seconds": "s per epoch, wall time of the training pass",
+    "cpu_seconds": "s per epoch, process CPU time of the training pass",
+    "peak_memory_mb": "MiB, peak growth during a training pass (CUDA allocated or resident)",
+    "latency_ms": "ms, median forward time of a batch of 1 after warm-up",
+    "throughput_per_s": "samples per s, forward on one batch of the test loader",
+    "energy_j": "J per epoch, the GPU's energy during the training pass (NVML)",
+}
+RESOURCE_COLUMNS: tuple[str, ...] = tuple(RESOURCE_UNITS)
+RESOURCE_BOUNDS: dict[str, float] = {
+    "flops_per_sample": 1e18,
+    "train_seconds": 1e9,
+    "cpu_seconds": 1e10,
+    "peak_memory_mb": 1e9,
+    "latency_ms": 1e9,
+    "throughput_per_s": 1e15,
+    "energy_j": 1e15,
+}
 # The columns of run_results, in table order; every one is a metaplot criterion.
 RESULT_COLUMNS: tuple[str, ...] = (
     ("train_loss", "test_loss", "train_acc", "test_acc")  # the last epoch's figures
     + ("nb_params", "duration(s)", "epochs")  # the run's size and cost
     + ("overfit", "trainability", "slope")  # derived from its loss curves (docs/analysis.md)
+    + RESOURCE_COLUMNS  # what it costs (issue 26)
 )
+# The columns a family can be matched on (`compare --size-by`, `metaplot --x`) and a Pareto
+# front drawn against (`pareto --cost`), and the short names they may be given by.
+SIZE_COLUMNS: tuple[str, ...] = ("nb_params", "duration(s)", *RESOURCE_COLUMNS)
+SIZE_ALIASES: dict[str, str] = {
+    "params": "nb_params",
+    "flops": "flops_per_sample",
+    "train_time": "train_seconds",
+    "cpu_time": "cpu_seconds",
+    "peak_memory": "peak_memory_mb",
+    "memory": "peak_memory_mb",
+    "latency": "latency_ms",
+    "throughput": "throughput_per_s",
+    "energy": "energy_j",
+}
+# Of those, the one where more is better (a cost is the less the better otherwise).
+MORE_IS_BETTER: tuple[str, ...] = ("throughput_per_s",)
+
+
+def size_column(name: str) -> str:
+    """The run_results column `name` (or its short name) names as a size or a cost; ValueError
+    with the valid names when it is none."""
+    column = SIZE_ALIASES.get(name, name)
+    if column not in SIZE_COLUMNS:
+        raise ValueError(
+            f"{name!r} is not a size or cost column of run_results; use one of: "
+            f"{', '.join(SIZE_COLUMNS)} (or the short names "
+            f"{', '.join(f'{k}={v}' for k, v in SIZE_ALIASES.items())})"
+        )
+    return column
+
+
+# Keys of the measurement context a worker sends with its resource figures (stored in
+# run_measurements): where and under what load they were taken.
+MEASUREMENT_TEXT = ("device", "memory_method")
+MEASUREMENT_NUMBERS = ("load_1m", "cpus", "threads", "gpu_seconds", "latency_spread", "members")
 # The per-epoch columns of run_epochs besides run_id and epoch.
 EPOCH_COLUMNS: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_acc", "duration(s)")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from mosaic_client import contract  # noqa: E402
 from mosaic_client.analysis import MetaData, RunLosses, pages_needed, spans_decades  # noqa: E402
 from mosaic_client.render import fmt  # noqa: E402
 
@@ -37,6 +39,8 @@ CRITERION_LABELS = {
     "overfit": "overfit = |test - train| / loss range (no unit)",
     "trainability": "trainability = mean test loss over epochs",
     "slope": "slope = train-loss change per epoch (last 10%)",
+    # What a run costs (issue 26): the unit of each figure, as the contract states it.
+    **{c: f"{c}: {unit}" for c, unit in contract.RESOURCE_UNITS.items()},
 }
 
 
@@ -146,7 +150,8 @@ def plot_losses(
 
 
 def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
-    """CRITERION against nb_params, one line per model key: mean with min-max or std bars."""
+    """CRITERION against the size axis (nb_params or `metaplot --x`), one line per model key:
+    mean with min-max or std bars."""
     fig = Figure(figsize=(9.5, 6.0))
     ax = fig.subplots()
     xs: list[float] = []
@@ -169,15 +174,17 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
         )
         xs.extend(x)
         ys.extend([m - lo for m, lo in zip(mean, low)] + [m + hi for m, hi in zip(mean, high)])
-    log_x = spans_decades(xs)
+    # A resource axis is always logarithmic (its sizes are positive: analysis.configuration_sizes).
+    log_x = spans_decades(xs) or data.x != "nb_params"
     log_y = spans_decades(ys)
     if log_x:
         ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel(
-        "nb_params: trainable parameters" + (" (log scale)" if log_x else ""), fontsize=11
+    x_label = (
+        "nb_params: trainable parameters" if data.x == "nb_params" else CRITERION_LABELS[data.x]
     )
+    ax.set_xlabel(x_label + (" (log scale)" if log_x else ""), fontsize=11)
     label = CRITERION_LABELS.get(data.criterion, data.criterion)
     ax.set_ylabel(label + (" (log scale)" if log_y else ""), fontsize=10)
     bars = {
@@ -190,6 +197,63 @@ def plot_meta(data: MetaData, out: str, spread: str, fmt: str) -> None:
     skipped = sum(len(ids) for ids in data.skipped.values())
     if skipped:
         note += f", {skipped} skipped (failed, unfinished or no value)"
-    ax.set_title(f"{data.criterion} vs nb_params, dataset {data.dataset_key} ({note})", fontsize=12)
+    ax.set_title(f"{data.criterion} vs {data.x}, dataset {data.dataset_key} ({note})", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(out, format=fmt, dpi=120)
+
+
+def plot_pareto(front: Any, out: str, fmt: str) -> None:
+    """The metric's mean (95% t interval) against the cost, one marker per family; the points on
+    the front (verdict.pareto) filled and joined in cost order, the dominated ones hollow; one
+    panel per dataset key; the cost on a log axis."""
+    keys = sorted({p.dataset_key for p in front.points})
+    fig = Figure(figsize=(9.5, 5.8 * len(keys)))
+    axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
+    families = sorted({p.family for p in front.points})
+    colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
+    markers = {f: "osD^v<>ph*"[i % 10] for i, f in enumerate(families)}
+    for ax, key in zip(axes, keys):
+        points = [p for p in front.points if p.dataset_key == key]
+        for family in families:
+            for on_front in (True, False):
+                mine = [p for p in points if p.family == family and p.on_front == on_front]
+                if not mine:
+                    continue
+                ax.errorbar(
+                    [p.cost for p in mine],
+                    [p.mean for p in mine],
+                    yerr=[[p.mean - p.ci[0] for p in mine], [p.ci[1] - p.mean for p in mine]],
+                    fmt=markers[family],
+                    color=colors[family],
+                    mfc=colors[family] if on_front else "none",
+                    ms=8,
+                    capsize=3,
+                    lw=1.0,
+                    label=f"{family} ({'on the front' if on_front else 'dominated'})",
+                )
+        # The best mean a budget affords on the front (verdict.pareto.cost_ranges), as steps.
+        steps = [r for r in front.ranges if r["dataset_key"] == key]
+        if steps:
+            xs = [r["from"] for r in steps]
+            ys = [r["mean"] for r in steps]
+            ends = [p.cost for p in points]
+            xs.append(max(ends) if front.cost_better == "lower" else min(ends))
+            ys.append(ys[-1])
+            ax.step(xs, ys, where="post", color="0.4", lw=1, ls="--", zorder=0,
+                    label="best mean a budget affords on the front")  # fmt: skip
+        ax.set_xscale("log")
+        unit = contract.RESOURCE_UNITS.get(front.cost, "trainable parameters")
+        ax.set_xlabel(f"{front.cost}: {unit} (log scale)", fontsize=10)
+        ax.set_ylabel(
+            f"{CRITERION_LABELS.get(front.metric, front.metric)}\n(mean, 95% t interval)",
+            fontsize=10,
+        )
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=9, title=f"{front.better} {front.metric} is better", title_fontsize=9)
+        ax.set_title(
+            f"{front.metric} vs {front.cost}, dataset {key}: dominated only when compare's test "
+            f"says so (alpha {front.alpha:g}, Holm)",
+            fontsize=11,
+        )
     fig.tight_layout()
     fig.savefig(out, format=fmt, dpi=120)

@@ -143,14 +143,45 @@ def run_state(conn: sqlite3.Connection, run_id: int) -> tuple[str, str | None] |
     return (row[0], row[1]) if row else None
 
 
+def result_select(conn: sqlite3.Connection, columns: Sequence[str]) -> str:
+    """The run_results columns as a select list, NULL for those a study not yet migrated
+    lacks (the resource figures of schema 9, read by a client on an older study)."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(run_results)")}
+    return ", ".join(quoted(c) if c in present else "NULL" for c in columns)
+
+
 def results_by_run(conn: sqlite3.Connection, columns: Sequence[str]) -> dict[int, tuple[Any, ...]]:
     """The given run_results columns of every run that has results: {run_id: (values...)}."""
     return {
         row[0]: tuple(row[1:])
+        for row in conn.execute(f"SELECT run_id, {result_select(conn, columns)} FROM run_results")
+    }
+
+
+MEASUREMENT_NAMES: tuple[str, ...] = (*contract.MEASUREMENT_TEXT, *contract.MEASUREMENT_NUMBERS)
+
+
+def measurements_by_run(conn: sqlite3.Connection) -> dict[int, tuple[Any, ...]]:
+    """Every run's measurement context (MEASUREMENT_NAMES), for export; none on an older study."""
+    if "run_measurements" not in table_names(conn):
+        return {}
+    return {
+        row[0]: tuple(row[1:])
         for row in conn.execute(
-            f"SELECT run_id, {', '.join(quoted(c) for c in columns)} FROM run_results"
+            f"SELECT run_id, {', '.join(MEASUREMENT_NAMES)} FROM run_measurements"
         )
     }
+
+
+def run_measurement(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None:
+    """Where and under what load a run's resource figures were measured (run_measurements,
+    schema 9), or None."""
+    if "run_measurements" not in table_names(conn):
+        return None
+    row = conn.execute(
+        f"SELECT {', '.join(MEASUREMENT_NAMES)} FROM run_measurements WHERE run_id=?", (run_id,)
+    ).fetchone()
+    return dict(zip(MEASUREMENT_NAMES, row)) if row else None
 
 
 def loss_rows(conn: sqlite3.Connection) -> Iterable[tuple[int, int, Any, Any]]:
@@ -196,7 +227,7 @@ def describe_run(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None
             (run_id,),
         ).fetchall()
     )
-    columns = ", ".join(quoted(c) for c in contract.RESULT_COLUMNS)
+    columns = result_select(conn, contract.RESULT_COLUMNS)
     results = conn.execute(
         f"SELECT {columns} FROM run_results WHERE run_id=?", (run_id,)
     ).fetchone()
@@ -248,6 +279,7 @@ def describe_run(conn: sqlite3.Connection, run_id: int) -> dict[str, Any] | None
         "checkpoint_epoch": meta[2] if meta else None,
         "provenance": run_provenance(conn, run_id),
         "group": group,
+        "measurement": run_measurement(conn, run_id),
     }
 
 
@@ -366,7 +398,7 @@ def _pipeline_params(conn: sqlite3.Connection, wanted: str, by: str, values: lis
 
 
 def run_groups(conn: sqlite3.Connection) -> list[dict[str, Any]] | None:
-    """The rows of the run_groups view (mosaicd/storage/store.py's run_groups_view), by group;
+    """The rows of the run_groups view (mosaicd/storage/groups_view.py), by group;
     None when the study has no such view (written by an older mosaicd)."""
     if not has_view(conn, "run_groups"):
         return None

@@ -34,6 +34,14 @@ RESULT_CRITERIA = (
     "overfit",
     "trainability",
     "slope",
+    # What the run cost (issue 26; the interface is fixed: these names, this order).
+    "flops_per_sample",
+    "train_seconds",
+    "cpu_seconds",
+    "peak_memory_mb",
+    "latency_ms",
+    "throughput_per_s",
+    "energy_j",
 )
 
 

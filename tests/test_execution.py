@@ -302,6 +302,7 @@ def test_history_truncates_and_describes_an_epoch() -> None:
         "train_acc": [None, None],
         "test_acc": [0.5, 0.5],
         "duration": [0.1, 0.1],
+        "usage": [],
     }
     assert history.event(4, 1, True) == {
         "run_id": 4,
@@ -320,7 +321,9 @@ def test_run_results_follow_the_history() -> None:
         [0.9, 0.5, 0.4], [1.0, 0.7, 0.6], [0.5, 0.6, 0.7], [0.4, 0.5, 0.6], [0.25, 0.25, 0.5]
     )
     results = execution.run_results(history, nb_params=12)
-    assert set(results) == set(contract.RESULT_COLUMNS)
+    assert set(results) == {*contract.RESULT_COLUMNS, "measurement"}
+    # Nothing measured: every resource figure is None (NULL), not 0.
+    assert all(results[c] is None for c in contract.RESOURCE_COLUMNS)
     assert results["train_loss"] == 0.4 and results["test_acc"] == 0.6
     assert results["epochs"] == 3 and results["duration(s)"] == 1.0 and results["nb_params"] == 12
     assert results["overfit"] == pytest.approx(0.2 / 0.6)
@@ -364,6 +367,14 @@ def test_a_parked_run_resumes_to_the_numbers_of_an_uninterrupted_one(
     assert torch.load(contract.history_path(str(files), 7))["train_loss"] == [
         e["train_loss"] for e in whole.events
     ]
+    # What the run cost (issue 26): the parked epoch's figures came back with the checkpoint,
+    # and the measuring after the last epoch changed none of the numbers above.
+    usage = torch.load(contract.history_path(str(files), 7))["usage"]
+    assert len(usage) == 3 and all(u["train_seconds"] > 0 for u in usage)
+    assert usage[0]["peak_memory_mb"] is not None  # read at the checkpoint before the park
+    for key in ("flops_per_sample", "nb_params"):
+        assert resumed["results"][key] == result["results"][key]
+    assert resumed["results"]["measurement"]["device"] == "cpu"
 
 
 def test_resume_resends_the_epochs_the_database_missed(classes: str, tmp_path: Path) -> None:

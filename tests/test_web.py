@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import ini
 import psutil
@@ -803,6 +803,60 @@ def test_comparison_hover_shows_the_runs_and_families_toggle(
     legend.click()
     assert browser.execute_script(f"return window.mosaic.charts.meta.series[{family + 1}].show")
     assert "verdict" in text_of(browser, "#verdict").lower()
+
+
+def test_comparison_takes_any_size_axis(server: Server, browser: Any, study: str) -> None:
+    """Issue 26: the comparison page's size axis is any size or cost column (metaplot --x)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    def compare(**query: str) -> dict[str, Any]:
+        path = "/api/compare?" + urlencode({"db": study, **query})
+        status, _, body = server.request("GET", path, {"X-Mosaic-Token": server.token})
+        assert status == 200
+        return json.loads(body)
+
+    by_params, by_flops = compare(), compare(size_by="flops")
+    assert by_params["size_by"] == "nb_params" and by_flops["size_by"] == "flops_per_sample"
+    assert "latency_ms" in by_flops["sizes"] and by_flops["meta"]["x"] == "flops_per_sample"
+    flops = {p["nb_params"] for points in by_flops["meta"]["series"].values() for p in points}
+    expected = query(
+        study, "SELECT DISTINCT flops_per_sample FROM run_results WHERE flops_per_sample > 0"
+    )
+    assert flops == {float(f"{f:.4g}") for (f,) in expected}
+    bad = compare(size_by="weight")
+    assert bad["meta"] is None and "not a size or cost column" in bad["error"]
+    browser.get(f"{server.base}/compare?db={quote(study)}")
+    wait_until(
+        lambda: browser.find_element(By.ID, "meta-chart").get_attribute("data-families") == "2",
+        message="two families",
+    )
+    Select(browser.find_element(By.ID, "size-by")).select_by_visible_text("latency_ms")
+    wait_until(
+        lambda: browser.execute_script("return window.mosaic.last.size_by") == "latency_ms",
+        message="the latency axis",
+    )
+    # Drawn against latency, on a logarithmic x scale (uPlot's distribution 3).
+    assert "latency_ms" in text_of(browser, "#meta-chart")
+    assert browser.execute_script("return window.mosaic.charts.meta.scales.x.distr") == 3
+    # The Pareto front of the page's criterion against its axis: `mosaic pareto`'s own.
+    wait_until(
+        lambda: browser.execute_script("return (window.mosaic.pareto || {}).cost === 'latency_ms'"),
+        message="the front against latency",
+    )
+    shown = browser.execute_script("return window.mosaic.pareto")
+    cli = subprocess.run(
+        [sys.executable, "-m", "mosaic_client.cli", "pareto", study, "--cost", "latency",
+         "--metric", shown["metric"], "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    front = json.loads(cli.stdout)
+    assert [(p["family"], p["cost"], p["on_front"]) for p in shown["points"]] == [
+        (p["family"], p["cost"], p["on_front"]) for p in front["points"]
+    ]
+    rows = browser.find_elements(By.CSS_SELECTOR, "#pareto-table tr[data-front]")
+    assert len(rows) == len(front["points"]) > 0
 
 
 def test_pause_and_resume_buttons_drive_the_daemon(

@@ -26,7 +26,23 @@ from mosaicd.executors.base import WorkerHandle, make_slots
 from mosaicd.scheduling import worker_events
 from mosaicd.scheduling.worker_events import EVENTS, WorkerEvents
 
-RESULTS = {column: 0.5 for column in contract.RESULT_COLUMNS} | {"epochs": 3, "nb_params": 9}
+MEASUREMENT = {
+    "device": "cpu",
+    "memory_method": "resident_hwm",
+    "load_1m": 0.4,
+    "cpus": 2,
+    "threads": 1,
+    "gpu_seconds": None,
+    "latency_spread": 0.05,
+    "members": 1,
+}
+RESULTS = (
+    {column: 0.5 for column in contract.RESULT_COLUMNS}
+    | {"epochs": 3, "nb_params": 9, "energy_j": None}
+    | {"measurement": MEASUREMENT}
+)
+# Resource figures a worker must not send (issue 26): not finite, negative, past the bound.
+BAD_FIGURES: list[Any] = [float("nan"), float("inf"), -1.0, -(2**40), 1e300, True, "3"]
 CODE = {
     "section": "data",
     "class": "dataset_OR",
@@ -79,6 +95,22 @@ def test_every_worker_message_has_a_valid_example_and_a_handler() -> None:
         (VALID["done"] | {"results": RESULTS | {"epochs": 2.5}}, "'epochs' must be an integer"),
         (VALID["done"] | {"results": RESULTS | {"slope": "steep"}}, "'slope' must be a number"),
         (VALID["done"] | {"files": [""]}, "item 0 must be a path"),
+        (VALID["done"] | {"results": RESULTS | {"latency_ms": -0.5}}, "'latency_ms' must be None"),
+        (VALID["done"] | {"results": RESULTS | {"flops_per_sample": float("nan")}}, "finite"),
+        (VALID["done"] | {"results": RESULTS | {"energy_j": 1e30}}, "under 1e+15"),
+        (
+            VALID["done"] | {"results": RESULTS | {"measurement": {"cpu": 1}}},
+            "'measurement' has an unknown key 'cpu'",
+        ),
+        (
+            VALID["done"] | {"results": RESULTS | {"measurement": MEASUREMENT | {"cpus": -2}}},
+            "'measurement' 'cpus' must be None",
+        ),
+        (
+            VALID["done"] | {"results": RESULTS | {"measurement": MEASUREMENT | {"device": 5}}},
+            "'device' must be a short string",
+        ),
+        (VALID["done"] | {"results": RESULTS | {"measurement": []}}, "must be a map"),
         (VALID["epoch"] | {"epoch": 0}, "must be at least 1"),
         (VALID["epoch"] | {"duration": float("nan")}, "'duration' must be at least 0"),
         (VALID["epoch"] | {"loss": 1.0}, "unknown field 'loss'"),
@@ -113,7 +145,7 @@ def _wrong_for(field: protocol.Field, rng: random.Random) -> Any:
 def _nested_breakage(kind: str, message: dict[str, Any], rng: random.Random) -> None:
     """Break what is inside a field: a result column, a file, a code entry, a run id, a size."""
     if kind == "done":
-        choice = rng.randrange(4)
+        choice = rng.randrange(6)
         if choice == 0:
             del message["results"][rng.choice(contract.RESULT_COLUMNS)]
         elif choice == 1:
@@ -121,6 +153,15 @@ def _nested_breakage(kind: str, message: dict[str, Any], rng: random.Random) -> 
             message["results"][column] = rng.choice(["1", [], {}, True, b"x"])
         elif choice == 2:
             message["files"] = [rng.choice([1, None, "", "p" * 5000, []])]
+        elif choice == 4:
+            column = rng.choice(contract.RESOURCE_COLUMNS)
+            message["results"][column] = rng.choice(BAD_FIGURES)
+        elif choice == 5:
+            name = rng.choice([*contract.MEASUREMENT_NUMBERS, *contract.MEASUREMENT_TEXT, "x"])
+            bad = rng.choice([*BAD_FIGURES, "d" * 5000, [], {}])
+            if name in contract.MEASUREMENT_TEXT and isinstance(bad, str) and len(bad) < 10:
+                bad = 7  # a short string is a good device name
+            message["results"]["measurement"] = MEASUREMENT | {name: bad}
         else:
             message["results"] = {str(i): 1 for i in range(protocol.MAX_WORKER_MAP + 1)}
     elif kind == "provenance":
@@ -355,3 +396,23 @@ def test_malformed_messages_from_model_code_fail_the_run_and_the_daemon_serves_o
         assert d.request("ping")
     finally:
         d.stop()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    column=st.sampled_from(contract.RESOURCE_COLUMNS),
+    value=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.none(),
+    ),
+)
+def test_a_resource_figure_passes_only_when_finite_non_negative_and_bounded(
+    column: str, value: Any
+) -> None:
+    message = copy.deepcopy(VALID["done"])
+    message["results"][column] = value
+    problem = worker_message_problem(message)
+    bound = contract.RESOURCE_BOUNDS[column]
+    fits = value is None or (-(2**63) <= value < 2**63 and value == value and 0 <= value < bound)
+    assert (problem is None) == fits, (column, value, problem)

@@ -44,6 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "trainability or slope",
     )
     parser.add_argument(
+        "--size-by",
+        default="nb_params",
+        metavar="COLUMN",
+        help="run_results column the families are matched on (default nb_params): "
+        "nb_params, duration(s), flops_per_sample, train_seconds, cpu_seconds, peak_memory_mb, "
+        "latency_ms, throughput_per_s, energy_j, or the short names flops, train_time, "
+        "peak_memory, latency, energy (docs/resources.md)",
+    )
+    parser.add_argument(
         "--families",
         metavar="A,B,...",
         help="model keys to compare, comma-separated (default: all)",
@@ -154,6 +163,12 @@ def run(args: argparse.Namespace) -> int:
         analysis.check_criterion(args.metric)
     except analysis.AnalysisError as exc:
         return _fail(str(exc))
+    from mosaic_client import contract
+
+    try:
+        args.size_by = contract.size_column(args.size_by)
+    except ValueError as exc:
+        return _fail(f"--size-by {exc}")
     # The statistics' matrix products are thin (repetitions wide): BLAS threads only spin, and
     # on a busy machine they double the CPU time. Set before numpy loads its BLAS.
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -166,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         reading.direction(args.metric)
-        values = read_values(args.db, args.metric)
+        values = read_values(args.db, args.metric, args.size_by)
         report = recorded.compare_after_plans(
             values,
             args.db,
@@ -193,13 +208,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_values(db: str, metric: str) -> Any:
+def read_values(db: str, metric: str, size_by: str = "nb_params") -> Any:
     from mosaic_client import analysis
     from mosaic_client.verdict import reading
 
     conn = analysis.open_readonly(os.path.abspath(db))
     try:
-        return reading.study_values(conn, metric)
+        return reading.study_values(conn, metric, size_by)
     finally:
         conn.close()
 
@@ -322,7 +337,7 @@ def until_decided(args: argparse.Namespace, families: list[str] | None) -> int:
         reading.direction(args.metric)
         report, looks = sequential.until_decided(
             plan,
-            lambda: read_values(db, args.metric),
+            lambda: read_values(db, args.metric, args.size_by),
             add,
             options,
             args.step,
@@ -401,11 +416,18 @@ def _interval(ci: list[float] | None, spec: str = ".3g") -> str:
     return "" if ci is None else f"[{format(ci[0], spec)}, {format(ci[1], spec)}]"
 
 
+def _size(size: Any) -> str:
+    """A size as shown: a count as it is, a measured figure (--size-by) to 4 digits."""
+    if not isinstance(size, float):
+        return str(size)
+    return f"{size:.4g}" if abs(size) < 1000 else f"{size:.0f}"
+
+
 def _sizes(line: Any) -> tuple[str, str]:
     if line.kind == "curve":
         low, high = line.a_nb_params
-        return "curve", f"{low}-{high}"
-    return str(line.a_nb_params), str(line.b_nb_params)
+        return "curve", f"{_size(low)}-{_size(high)}"
+    return _size(line.a_nb_params), _size(line.b_nb_params)
 
 
 def _row(line: Any) -> tuple[str, ...]:
@@ -458,7 +480,7 @@ HEADER = (
 def _line_notes(line: Any) -> list[str]:
     """What the table cannot hold: the test used when not the usual one, partial pairing, the
     failure and equivalence tests, a conflict or an interval that excludes 0."""
-    where = "curve" if line.kind == "curve" else f"{line.a_nb_params}/{line.b_nb_params}"
+    where = "curve" if line.kind == "curve" else "/".join(_sizes(line))
     notes = []
     usual = ("paired t", "Welch t", "Welch-Satterthwaite t of the contrast")
     if line.test not in usual and line.kind != "curve":
@@ -540,8 +562,10 @@ def render(report: Any) -> str:
     )
 
     tested = sum(1 for line in report.lines if line.p_holm is not None)
+    size_by = getattr(report, "size_by", "nb_params")
+    matched = "" if size_by == "nb_params" else f", sizes are {size_by}"
     out = [
-        f"compare {report.metric} in {report.db} ({report.better} is better): "
+        f"compare {report.metric} in {report.db} ({report.better} is better{matched}): "
         f"{len(report.lines)} comparison(s), {tested} tested; alpha {report.alpha:g} "
         "family-wise (Holm, Tarone's screen)"
     ]
@@ -571,7 +595,7 @@ def render(report: Any) -> str:
         ]
         if lonely:
             lonely.sort(key=lambda u: (u["family"] != a, u["nb_params"]))
-            listing = ", ".join(f"{u['family']} {u['nb_params']}" for u in lonely)
+            listing = ", ".join(f"{u['family']} {_size(u['nb_params'])}" for u in lonely)
             out.append(f"  without a partner within {report.size_tolerance:g}x: {listing}")
     if not report.lines:
         out.append("")

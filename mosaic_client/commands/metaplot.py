@@ -1,4 +1,5 @@
-"""`mosaic metaplot DB OUT DATASET_KEY CRITERION`: a criterion against nb_params, per model key.
+"""`mosaic metaplot DB OUT DATASET_KEY CRITERION [--x COLUMN]`: a criterion against nb_params
+(or another size column, --x), per model key.
 
 Sends no request: the points are read by the client from the study on a read-only connection.
 """
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with common.refused_as_bad_input(analysis.AnalysisError):
             data = analysis.metaplot_data(
-                conn, args.dataset_key, args.criterion, ci=args.spread == "ci"
+                conn, args.dataset_key, args.criterion, ci=args.spread == "ci", x=args.x
             )
     finally:
         conn.close()
@@ -72,3 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bars: 95%% t interval of each mean instead",
     )
     parser.add_argument("--data", metavar="OUT.json", help="also write the plotted points as JSON")
+    parser.add_argument(
+        "--x",
+        default="nb_params",
+        metavar="COLUMN",
+        help="run_results column on the x axis (default nb_params; log scale): "
+        + ", ".join(contract.SIZE_COLUMNS)
+        + ", or a short name such as flops, latency, peak_memory (docs/resources.md)",
+    )

@@ -58,8 +58,11 @@ def run_text(info: dict[str, Any]) -> list[str]:
         figures = live["data_cache"]
         cache = data_cache_text(figures).strip() or "data cache empty"
         lines.append(f"  data stages: {figures['outcome']} (worker {live['worker']}: {cache})")
-    if info.get("results"):
-        lines.append("  results: " + ", ".join(f"{k}={fmt(v)}" for k, v in info["results"].items()))
+    results = info.get("results")
+    if results:
+        shown = {k: v for k, v in results.items() if k not in contract.RESOURCE_COLUMNS}
+        lines.append("  results: " + ", ".join(f"{k}={fmt(v)}" for k, v in shown.items()))
+        lines += resources_text(results, info.get("measurement"))
     lines.append("  parameters:")
     lines += [
         f"    {name} = {value}" for name, value in info["params"].items() if name != "pipeline"
@@ -80,6 +83,46 @@ def run_text(info: dict[str, Any]) -> list[str]:
     if info["status"] == contract.FAILED and info.get("return_status"):
         lines.append("  failure:")
         lines.append("    " + info["return_status"].replace("\n", "\n    "))
+    return lines
+
+
+# How `show` writes each resource figure: its short label and unit (contract.RESOURCE_UNITS
+# has the full description).
+_RESOURCE_LABELS = {
+    "flops_per_sample": ("forward", "FLOP/sample"),
+    "train_seconds": ("train", "s/epoch wall"),
+    "cpu_seconds": ("", "s/epoch CPU"),
+    "peak_memory_mb": ("peak memory", "MiB"),
+    "latency_ms": ("latency", "ms (batch of 1)"),
+    "throughput_per_s": ("throughput", "samples/s"),
+    "energy_j": ("energy", "J/epoch"),
+}
+
+
+def resources_text(results: dict[str, Any], measurement: dict[str, Any] | None) -> list[str]:
+    """The `resources:` lines of `mosaic show`: the figures with units, then where and under
+    what load they were measured (docs/resources.md)."""
+    if all(results.get(c) is None for c in contract.RESOURCE_COLUMNS):
+        return ["  resources: not measured (a run before Mosaic measured them)"]
+    parts = []
+    for column, (label, unit) in _RESOURCE_LABELS.items():
+        value = results.get(column)
+        if value is not None:
+            parts.append(f"{label + ' ' if label else ''}{fmt(value)} {unit}")
+    lines = ["  resources: " + ", ".join(parts)]
+    m = measurement or {}
+    if m:
+        gpu = f", CUDA {fmt(m['gpu_seconds'])} s/epoch" if m.get("gpu_seconds") else ""
+        shared = (
+            f", shared by {int(m['members'])} ensemble members"
+            if (m.get("members") or 1) > 1
+            else ""
+        )
+        lines.append(
+            f"    measured on {m.get('device') or '-'} (load {fmt(m.get('load_1m'), '.2f')} on "
+            f"{fmt(m.get('cpus'), '.0f')} CPUs, {fmt(m.get('threads'), '.0f')} torch threads), "
+            f"latency spread {fmt(m.get('latency_spread'), '.0%')}{gpu}{shared}"
+        )
     return lines
 
 

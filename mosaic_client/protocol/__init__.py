@@ -16,13 +16,19 @@ This module must stay importable without torch: the CLI imports it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
 
 import msgpack
 
-from mosaic_client.contract import RESULT_COLUMNS
+from mosaic_client.contract import (
+    MEASUREMENT_NUMBERS,
+    MEASUREMENT_TEXT,
+    RESOURCE_BOUNDS,
+    RESULT_COLUMNS,
+)
 from mosaic_client.provenance import CODE_FIELDS, ENVIRONMENT_FIELDS
 from mosaic_client.schema import ProcessSettings
 
@@ -310,6 +316,8 @@ class ShowReply(TypedDict, total=False):
     # What produced it (issue 16; study_reading.run_provenance): None before its first start.
     provenance: dict[str, Any] | None
     group: EnsembleView | None  # the ensemble it was last trained in, if any
+    # Where its resource figures were measured (issue 26; study_reading.run_measurement).
+    measurement: dict[str, Any] | None
 
 
 class StudyItem(TypedDict):
@@ -409,7 +417,46 @@ def _results(value: Any) -> str | None:
         if isinstance(got, int) and not -(2**63) <= got < 2**63:
             return f"{column!r} is out of range"
     problem = _at_least(0)(value["epochs"])
-    return f"'epochs' {problem}" if problem else None
+    if problem:
+        return f"'epochs' {problem}"
+    for column, bound in RESOURCE_BOUNDS.items():
+        problem = _bounded_figure(value[column], bound)
+        if problem:
+            return f"{column!r} {problem}"
+    return _measurement(value.get("measurement"))
+
+
+def _bounded_figure(got: Any, bound: float) -> str | None:
+    """A measured figure: None, or a finite number from 0 to under `bound`."""
+    if got is None:
+        return None
+    if not (_is_number(got) and math.isfinite(got) and 0 <= got < bound):
+        return f"must be None or a finite number from 0 to under {bound:g}, got {got!r:.40}"
+    return None
+
+
+# The most a measurement context's number may be (a load average, a CPU count, a spread).
+MAX_MEASUREMENT = 1e9
+
+
+def _measurement(value: Any) -> str | None:
+    """The context of a run's resource figures (contract.MEASUREMENT_*), optional."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return f"'measurement' must be a map, got {type(value).__name__}"
+    unknown = set(value) - {*MEASUREMENT_TEXT, *MEASUREMENT_NUMBERS}
+    if unknown:
+        return f"'measurement' has an unknown key {sorted(map(str, unknown))[0]!r:.40}"
+    for name in MEASUREMENT_TEXT:
+        got = value.get(name)
+        if got is not None and not (isinstance(got, str) and len(got) <= MAX_WORKER_NAME):
+            return f"'measurement' {name!r} must be a short string, got {got!r:.40}"
+    for name in MEASUREMENT_NUMBERS:
+        problem = _bounded_figure(value.get(name), MAX_MEASUREMENT)
+        if problem:
+            return f"'measurement' {name!r} {problem}"
+    return None
 
 
 def _environment(value: Any) -> str | None:

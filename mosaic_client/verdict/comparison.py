@@ -477,6 +477,9 @@ class Report:
     family_size: int = 0  # groups of hypotheses in the correction (Tarone's K)
     across_datasets: list[dict[str, Any]] | None = None  # --across-datasets (across.py)
     plans: list[dict[str, Any]] | None = None  # recorded sequential plans (recorded.py)
+    # The run_results column the sizes are (`--size-by`, issue 26); the JSON keeps the key
+    # names *_nb_params for the sizes whatever the column.
+    size_by: str = "nb_params"
 
     def as_json(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items() if k != "lines"}
@@ -588,7 +591,7 @@ def curve_lines(
         line = curve_line(a, b, key, better, margin)
         if line is None:
             notes.append(
-                f"{key}: the nb_params ranges of {a[0].family} and {b[0].family} do "
+                f"{key}: the size ranges of {a[0].family} and {b[0].family} do "
                 "not overlap; no curve comparison"
             )
         else:
@@ -648,4 +651,5 @@ def compare(
         db, values.metric, better, alpha, size_tolerance, min_effect, n_resamples, seed,
         lines, found.unmatched, notes, margin, failures_as_losses, k,
     )  # fmt: skip
+    report.size_by = values.size_by
     return report

@@ -24,6 +24,8 @@ DIRECTIONS: dict[str, str] = {
     "overfit": LOWER,  # a smaller gap between the final train and test losses
     "trainability": LOWER,  # the mean test loss over all epochs: learns sooner and better
     "slope": LOWER,  # a more negative final slope: the train loss still falls faster
+    # What a run costs (issue 26): less is better, but for throughput.
+    **{c: HIGHER if c in contract.MORE_IS_BETTER else LOWER for c in contract.RESOURCE_COLUMNS},
 }
 NOT_OUTCOMES = {
     "nb_params": "it is the size axis the families are matched on",
@@ -124,21 +126,42 @@ class StudyValues:
     skipped: dict[str, int]
     configurations: dict[tuple[str, str, int], int]  # how many configuration groups per point
     unplaced: dict[str, int] = field(default_factory=dict)  # failed runs of unknown size, by key
+    size_by: str = "nb_params"  # the run_results column the sizes are (issue 26)
 
 
-def study_values(conn: Any, metric: str) -> StudyValues:
-    """The metric of every finished run of the study on `conn`, grouped into Sides, with each
-    side's failed runs; the runs left out counted by reason."""
+def size_axis(metric: str, size_by: str) -> str:
+    """The run_results column the families are matched on (contract.size_column: a name or a
+    short name), refused when it is the metric itself."""
+    try:
+        column = contract.size_column(size_by)
+    except ValueError as exc:
+        raise VerdictError(f"--size-by {exc}") from None
+    if column == metric:
+        raise VerdictError(
+            f"cannot compare on {metric} at matched {column}: the families would be matched on "
+            "the figure compared; give another size or cost column, or another --metric"
+        )
+    return column
+
+
+def study_values(conn: Any, metric: str, size_by: str = "nb_params") -> StudyValues:
+    """The metric of every finished run of the study on `conn`, grouped into Sides by the size
+    column `size_by` (a configuration's median: size_axis), with each side's failed runs; the
+    runs left out counted by reason."""
     analysis.check_criterion(metric)
     direction(metric)
+    column = size_axis(metric, size_by)
     params = study_reading.run_params(conn)
     statuses = study_reading.run_statuses(conn)
-    results = study_reading.results_by_run(conn, ("nb_params", metric))
+    results = study_reading.results_by_run(conn, (column, metric))
     values = StudyValues(metric, {}, {}, {})
-    configs: dict[tuple[str, str, int], set[Any]] = {}
+    configs: dict[tuple[str, str, Any], set[Any]] = {}
     stages: dict[Any, str] = {}
-    homeless: list[tuple[int, str, frozenset[Any]]] = []  # failed runs without nb_params
-    sizes: dict[tuple[str, frozenset[Any]], int] = {}  # configuration -> nb_params
+    # Each run's place on the size axis: its configuration's (a run that failed before
+    # reporting its size has its configuration's finished runs' size; none when none finished).
+    sizes = analysis.configuration_sizes(
+        params, statuses, {r: row[0] for r, row in results.items()}, column
+    )
     for run_id in sorted(statuses):
         own = params.get(run_id, {})
         key = analysis.data_key(own)
@@ -146,24 +169,26 @@ def study_values(conn: Any, metric: str) -> StudyValues:
             continue
         values.sides.setdefault(key, {})
         row = results.get(run_id)
-        # Everything but the repetition's own params (set operations: fast on 10,000 runs).
-        signature = frozenset(own.items()) - {(k, own.get(k)) for k in REPETITION_PARAMS}
-        size = int(row[0]) if row is not None and row[0] is not None else None
-        failed = statuses[run_id] == "failed" or (
-            statuses[run_id] == "done"
+        size = sizes.get(run_id)
+        status = statuses[run_id]
+        failed = status == "failed" or (
+            status == "done"
+            and row is not None
             and size is not None
             and (row[1] is None or not math.isfinite(row[1]))
         )
         if failed:
-            reason = "failed" if statuses[run_id] == "failed" else f"without {metric}"
+            reason = "failed" if status == "failed" else f"without {metric}"
             values.skipped[reason] = values.skipped.get(reason, 0) + 1
             if size is None:
-                homeless.append((run_id, key, signature))
+                values.unplaced[key] = values.unplaced.get(key, 0) + 1
             else:
                 _side(values, key, own, size).add_failure(run_id, own, _data_stage(own, stages))
             continue
-        if statuses[run_id] != "done" or size is None:
-            reason = statuses[run_id] if statuses[run_id] != "done" else "without results"
+        if status != "done" or row is None or size is None:
+            reason = status if status != "done" else "without results"
+            if status == "done" and row is not None:
+                reason = f"without a positive {column}"
             values.skipped[reason] = values.skipped.get(reason, 0) + 1
             continue
         side = _side(values, key, own, size)
@@ -171,22 +196,15 @@ def study_values(conn: Any, metric: str) -> StudyValues:
         side.run_ids.append(run_id)
         side.seeds.append(own.get("seed"))
         side.data_stages.append(_data_stage(own, stages))
-        sizes[(key, signature)] = size
+        # Everything but the repetition's own params (set operations: fast on 10,000 runs).
+        signature = frozenset(own.items()) - {(k, own.get(k)) for k in REPETITION_PARAMS}
         configs.setdefault((key, side.family, size), set()).add(signature)
-    for run_id, key, signature in homeless:
-        # A run that failed before reporting its size: the size its configuration's finished
-        # runs have. When none finished, it cannot be placed on the size axis.
-        own = params.get(run_id, {})
-        if (key, signature) in sizes:
-            side = _side(values, key, own, sizes[(key, signature)])
-            side.add_failure(run_id, own, _data_stage(own, stages))
-        else:
-            values.unplaced[key] = values.unplaced.get(key, 0) + 1
     values.configurations = {k: len(v) for k, v in configs.items()}
+    values.size_by = column
     return values
 
 
-def _side(values: StudyValues, key: str, own: dict[str, Any], size: int) -> Side:
+def _side(values: StudyValues, key: str, own: dict[str, Any], size: Any) -> Side:
     family = analysis.model_key(own) or "(no model key)"
     by_size = values.sides.setdefault(key, {}).setdefault(family, {})
     return by_size.setdefault(size, Side(family, size, []))

@@ -34,7 +34,7 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from mosaic_client import analysis, protocol, study_reading
+from mosaic_client import analysis, contract, protocol, study_reading
 from mosaic_client.connection import Client, DaemonUnavailable
 from mosaic_client.web import live, pages, security, studies
 
@@ -414,7 +414,7 @@ def _compare_routes(state: WebState) -> list[Route]:
         q = request.query_params
         db = state.study_path(q.get("db"))
         stamp = files_stamp(db)
-        cache_key = (db, stamp, q.get("dataset_key"), q.get("criterion"))
+        cache_key = (db, stamp, q.get("dataset_key"), q.get("criterion"), q.get("size_by"))
         cached = state.compare_cache.get(cache_key)
         if cached is not None:
             return _json(cached)
@@ -427,10 +427,14 @@ def _compare_routes(state: WebState) -> list[Route]:
                 "dataset_key": key,
                 "criterion": criterion,
                 "criteria": list(analysis.CRITERIA),
+                # The size axis (`metaplot --x`, `compare --size-by`: docs/resources.md).
+                "size_by": q.get("size_by") or "nb_params",
+                "sizes": list(contract.SIZE_COLUMNS),
             }
             try:
                 # The metaplot's own computation (mosaic metaplot draws the same points).
-                meta = analysis.metaplot_data(conn, key, criterion).as_json()
+                meta = analysis.metaplot_data(conn, key, criterion, x=out["size_by"]).as_json()
+                out["size_by"] = meta["x"]
                 for points in meta["series"].values():
                     for point in points:  # the page lists a point's runs, not thousands
                         point["run_ids"] = point["run_ids"][:POINT_RUNS_SHOWN]
@@ -448,7 +452,32 @@ def _compare_routes(state: WebState) -> list[Route]:
             {"available": False, "note": "the verdict table of `mosaic compare` will be shown here"}
         )
 
-    return [Route("/api/compare", compare_api), Route("/api/verdict", verdict_api)]
+    def pareto_api(request: Request) -> Response:
+        # `mosaic pareto` on the page's criterion against its size axis (docs/resources.md):
+        # the same front, points dominated only by compare's test.
+        q = request.query_params
+        db = state.study_path(q.get("db"))
+        metric = q.get("criterion") or "test_loss"
+        try:
+            cost = contract.size_column(q.get("size_by") or "nb_params")
+        except ValueError as exc:
+            return _json({"available": False, "note": str(exc)})
+        from mosaic_client.verdict import pareto, reading
+
+        with contextlib.closing(state.connect(db)) as conn:
+            try:
+                values = reading.study_values(conn, metric, cost)
+            except (analysis.AnalysisError, reading.VerdictError) as exc:
+                return _json({"available": False, "note": str(exc)})
+        key = q.get("dataset_key")
+        front = pareto.pareto(values, db, data_keys=[key] if key else None)
+        return _json({"available": True, **front.as_json()})
+
+    return [
+        Route("/api/compare", compare_api),
+        Route("/api/verdict", verdict_api),
+        Route("/api/pareto", pareto_api),
+    ]
 
 
 def _control_fields(state: WebState, name: str, body: dict[str, Any]) -> dict[str, Any] | Response:

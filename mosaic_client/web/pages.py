@@ -67,11 +67,13 @@ _BODIES = {
 """,
     "compare": """
 <section class="bar"><div><h1 id="title"></h1><div class="sub">mean of each model key
-(family) per number of parameters; bars span the runs' min–max (or ± std); hover a point
+(family) per number of parameters (or another size axis: FLOPs, latency, memory…, log scale);
+bars span the runs' min–max (or ± std); hover a point
 for its runs, click a family in the legend to hide or show it</div></div></section>
 <form id="compare-form" class="filters">
   <label>dataset key <select id="dataset-key"></select></label>
   <label>criterion <select id="criterion"></select></label>
+  <label>size axis <select id="size-by"></select></label>
   <label>bars <select id="spread"><option value="minmax">min–max</option>
   <option value="std">± std</option></select></label>
 </form>
@@ -81,6 +83,11 @@ for its runs, click a family in the legend to hide or show it</div></div></secti
 <p id="skipped" class="sub"></p>
 <!-- VERDICT: the table of `mosaic compare` (mosaic_client/verdict/, issue 14's compare work)
      goes here once that module exists; the server's /api/verdict says whether it is there. -->
+<section id="pareto" class="verdict"><h2>Pareto front</h2><p class="sub">the criterion against
+the size axis: a point is off the front only when compare's test (Holm) finds a point costing
+no more better; yes* = on the front, a cheaper point's better mean not decided</p>
+<table id="pareto-table" class="grid"><tbody></tbody></table><p class="sub" id="pareto-note"></p>
+</section>
 <section id="verdict" class="verdict"><h2>Verdict</h2><p class="sub" id="verdict-note"></p>
 </section>
 """,

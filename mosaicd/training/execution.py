@@ -30,7 +30,7 @@ import torch
 from mosaic_client import contract
 from mosaic_client.protocol import RunSpec
 from mosaic_client.schema import ProcessSettings
-from mosaicd.training import checkpoints, data_cache, epochs, metrics, provenance
+from mosaicd.training import checkpoints, data_cache, epochs, metrics, provenance, resources
 
 _module_counter = itertools.count()
 # Names of the user modules loaded since the worker last dropped them (worker.py): keeping
@@ -83,6 +83,9 @@ class History:
     train_acc: list[float | None] = field(default_factory=list)
     test_acc: list[float | None] = field(default_factory=list)
     duration: list[float] = field(default_factory=list)
+    # Each epoch's training pass measured (resources.PassMeter.figures); kept with the history
+    # so a resumed run keeps its first epochs' figures (absent from older checkpoints).
+    usage: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, list[Any]]:
         return {
@@ -91,6 +94,7 @@ class History:
             "train_acc": self.train_acc,
             "test_acc": self.test_acc,
             "duration": self.duration,
+            "usage": self.usage,
         }
 
     def append(
@@ -115,6 +119,7 @@ class History:
             self.train_acc,
             self.test_acc,
             self.duration,
+            self.usage,
         ):
             del values[epochs:]
 
@@ -344,8 +349,9 @@ def _check_methods(obj: Any, names: tuple[str, ...], module: dict[str, Any]) -> 
 def warm_up() -> None:
     """Pay torch's first-use costs before the first run, not during it.
 
-    The first optimizer built in a process imports torch._dynamo (seconds); one tiny training
-    step at worker start keeps that out of every run's duration and out of dispatch latency.
+    The first optimizer built in a process imports torch._dynamo (seconds), the first FLOP count
+    torch's meta registrations; one tiny training step and one count at worker start keep that
+    out of every run's duration and out of dispatch latency.
     """
     state = torch.get_rng_state()
     model = torch.nn.Linear(2, 1)
@@ -353,6 +359,8 @@ def warm_up() -> None:
     loss = torch.nn.MSELoss()(model(torch.zeros(1, 2)), torch.zeros(1, 1))
     loss.backward()
     optimizer.step()
+    # The FLOP counter's first use imports torch's meta registrations (seconds): here too.
+    resources.count_flops(model, torch.zeros(1, 2))
     torch.set_rng_state(state)
 
 
@@ -378,6 +386,7 @@ class BuiltRun:
     # The last model's own accuracy(y_pred, y), which replaces the accuracy mode when defined.
     user_accuracy: Callable[[Any, Any], Any] | None
     nb_params: int
+    test_input: Any = None  # the last test pass's first input, measured after it (resources)
 
     def count_correct(self, y_pred: Any, y: Any) -> Any:
         if self.user_accuracy is not None:
@@ -603,6 +612,7 @@ def run_pass(run: BuiltRun, batches: Iterable[Any], train: bool) -> tuple[float,
                     "loaders yielded " + type(batch).__name__
                 )
             x, y = to_device(batch[0], device), to_device(batch[1], device)
+            run.test_input = x if not (train or n_batches) else run.test_input
             out = x
             for model, info in zip(run.models, run.model_infos):
                 out = _call(model, out, run.run_info, info)
@@ -628,7 +638,8 @@ def run_epoch(run: BuiltRun, history: History, epoch: int) -> None:
     """Train then test for `epoch` (counted from 1); append its figures to the history."""
     run.run_info["epoch"] = epoch
     started = time.perf_counter()
-    train_loss, train_acc = run_pass(run, run.train_data, True)
+    with resources.PassMeter(run.device, scope=run) as meter:
+        train_loss, train_acc = run_pass(run, run.train_data, True)
     test_loss, test_acc = run_pass(run, run.test_data, False)
     duration = time.perf_counter() - started
     if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
@@ -637,6 +648,7 @@ def run_epoch(run: BuiltRun, history: History, epoch: int) -> None:
             " lower lr, check the data for NaN, or use a numerically stable loss"
         )
     history.append(train_loss, test_loss, train_acc, test_acc, duration)
+    history.usage.append(meter.figures())
 
 
 def train(
@@ -661,6 +673,8 @@ def train(
         )
         park = channel.park_requested()
         end = epochs.epoch_end(epoch, target, park=park, checkpoint_due=clock.due())
+        if end.checkpoint or end.outcome != epochs.CONTINUE:  # the history is kept: its peak
+            resources.note_resident_peak(history.usage[-1], run)
         if end.checkpoint:
             save_checkpoint(run, history, epoch, checkpoint_file)
             clock.restart()
@@ -672,8 +686,14 @@ def train(
 # -- finish -----------------------------------------------------------------------------------
 
 
-def run_results(history: History, nb_params: int) -> dict[str, Any]:
-    """The run's row of run_results (contract.RESULT_COLUMNS) from its history."""
+def run_results(
+    history: History, nb_params: int, inference: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run's row of run_results (contract.RESULT_COLUMNS) from its history and the figures
+    measured after its last epoch (measure_inference), with the measurement's context under
+    "measurement" (stored in run_measurements)."""
+    measured = resources.summary(history.usage) | (inference or {})
+    context = contract.MEASUREMENT_TEXT + contract.MEASUREMENT_NUMBERS
     return {
         "train_loss": history.train_loss[-1] if history.train_loss else None,
         "test_loss": history.test_loss[-1] if history.test_loss else None,
@@ -683,7 +703,28 @@ def run_results(history: History, nb_params: int) -> dict[str, Any]:
         "duration(s)": sum(history.duration),
         "epochs": len(history.train_loss),
         **metrics.derived(history.train_loss, history.test_loss),
+        **{column: measured.get(column) for column in contract.RESOURCE_COLUMNS},
+        "measurement": {name: measured.get(name) for name in context},
     }
+
+
+def measure_inference(run: BuiltRun, history: History) -> dict[str, Any]:
+    """The trained pipeline's FLOPs, latency and throughput (resources.after_training), the
+    random state left as it was (a loader's iterator draws a seed)."""
+
+    def forward(inputs: Any) -> Any:
+        out = inputs
+        for model, info in zip(run.models, run.model_infos):
+            out = _call(model, out, run.run_info, info)
+        return out
+
+    state = rng_states()
+    try:
+        return resources.after_training(
+            run.models, run.test_data, run.device, forward, to_device, history.usage, run.test_input
+        )
+    finally:
+        set_rng_states(state)
 
 
 def run_info_path(run_files_path: str, run_id: int) -> str:
@@ -700,7 +741,7 @@ def finish(run: BuiltRun, spec: RunSpec, history: History) -> dict[str, Any]:
             obj.save_model(contract.model_path(files_dir, module["class"], run.run_id))
     history_file = contract.history_path(files_dir, run.run_id)
     torch.save(history.as_dict(), history_file)
-    results = run_results(history, run.nb_params)
+    results = run_results(history, run.nb_params, measure_inference(run, history))
     info_file = run_info_path(files_dir, run.run_id)
     with open(info_file, "w") as fh:
         json.dump(

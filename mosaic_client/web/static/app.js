@@ -510,7 +510,8 @@ function initCompare() {
         `<td class="runs-of-point">${runs.join(", ")}</td></tr>`;
     });
     if (!rows.length) return '<p class="sub">no shown family has a point here</p>';
-    return `<div><b>nb_params ${fmt(xs[idx])}</b></div><table class="grid"><thead><tr>` +
+    const axis = (window.mosaic.last && window.mosaic.last.size_by) || "nb_params";
+    return `<div><b>${esc(axis)} ${fmt(xs[idx])}</b></div><table class="grid"><thead><tr>` +
       "<th>family</th><th>runs</th><th>mean</th><th>min</th><th>max</th><th>std</th>" +
       `<th>run ids</th></tr></thead><tbody>${rows.join("")}</tbody></table>`;
   }
@@ -530,7 +531,10 @@ function initCompare() {
                points: xs.map((x) => byX[x] || null) };
     });
     const data = [xs, ...families.map((f) => f.points.map((p) => (p ? p.mean : null)))];
-    const logX = xs.length > 1 && xs[0] > 0 && xs[xs.length - 1] / xs[0] > 10;
+    // A resource axis is always logarithmic (its sizes are positive), as metaplot --x draws it.
+    const axis = out.size_by || "nb_params";
+    const logX = (axis !== "nb_params" && xs.length > 0 && xs[0] > 0) ||
+      (xs.length > 1 && xs[0] > 0 && xs[xs.length - 1] / xs[0] > 10);
     const bars = (p) => (spread === "std" ? [p.mean - p.std, p.mean + p.std] : [p.min, p.max]);
     const lows = families.flatMap((f) => f.points.filter(Boolean).map((p) => bars(p)[0]));
     const highs = families.flatMap((f) => f.points.filter(Boolean).map((p) => bars(p)[1]));
@@ -539,9 +543,9 @@ function initCompare() {
       width: Math.max(480, $("meta-chart").clientWidth - 20), height: 380,
       scales: { x: { time: false, distr: logX ? 3 : 1 },
                 y: { range: [Math.min(...lows) - pad, Math.max(...highs) + pad] } },
-      axes: [{ label: "nb_params" }, { label: `${meta.criterion}`, size: 70 }],
+      axes: [{ label: axis + (logX ? " (log scale)" : "") }, { label: `${meta.criterion}`, size: 70 }],
       cursor: { focus: { prox: 24 } },
-      series: [{ label: "nb_params" }, ...families.map((f) => ({
+      series: [{ label: axis }, ...families.map((f) => ({
         label: f.name, stroke: f.color, width: 1.5, spanGaps: true,
         points: { show: true, size: 8, fill: f.color } }))],
       hooks: {
@@ -586,19 +590,42 @@ function initCompare() {
       (skipped.length ? `; left out: ${skipped.join(", ")}` : "");
   }
 
+  function loadPareto(out) {
+    api("/api/pareto", { db, dataset_key: out.dataset_key, criterion: out.criterion,
+                         size_by: out.size_by }).then((front) => {
+      window.mosaic.pareto = front;
+      const body = $("pareto-table").querySelector("tbody");
+      $("pareto-note").textContent = front.available ? (front.notes || []).join("; ") : front.note;
+      if (!front.available) { body.innerHTML = ""; return; }
+      const rows = front.points.slice().sort((a, b) => a.cost - b.cost).map((p) => {
+        const by = p.dominated_by.map((d) => `${esc(d.family)} ${fmt(d.cost)} (p ${fmt(d.p_adjusted)})`);
+        const where = p.on_front ? (p.dominated_by_means ? "yes*" : "yes") : "no";
+        return `<tr data-front="${p.on_front}"><td>${esc(p.family)}</td><td class="num">` +
+          `${fmt(p.cost)}</td><td class="num">${p.n}</td><td class="num">${fmt(p.mean)} ` +
+          `[${fmt(p.ci[0])}, ${fmt(p.ci[1])}]</td><td>${where}</td><td>${by.join(", ")}</td></tr>`;
+      });
+      body.innerHTML = `<tr><th>family</th><th>${esc(front.cost)}</th><th>n</th>` +
+        "<th>mean [95% CI]</th><th>front</th><th>dominated by</th></tr>" + rows.join("");
+    }).catch((err) => { $("pareto-note").textContent = err.message; });
+  }
+
   function load() {
     api("/api/compare", { db, dataset_key: $("dataset-key").value,
-                          criterion: $("criterion").value }).then((out) => {
+                          criterion: $("criterion").value,
+                          size_by: $("size-by").value || PARAMS.get("size_by") || "" }).then((out) => {
       options($("dataset-key"), out.dataset_keys, out.dataset_key);
       options($("criterion"), out.criteria, out.criterion);
-      draw(out);
+      options($("size-by"), out.sizes, out.size_by);
       window.mosaic.last = out;
+      draw(out);
+      loadPareto(out);
       window.mosaic.timing.firstRows = performance.now();
     }).catch((err) => message(err.message, true));
   }
 
   $("dataset-key").onchange = load;
   $("criterion").onchange = load;
+  $("size-by").onchange = load;
   $("spread").onchange = () => window.mosaic.last && draw(window.mosaic.last);
   load();
   // VERDICT: the `mosaic compare` table, once mosaic_client/verdict/ exists (see app.py).

@@ -25,7 +25,9 @@ first), so a member checkpointed in a group resumes alone or in another group, a
 reverse. A group resumes when all its members resume from the same checkpoint epoch; members
 at different epochs fall back (the scheduler does not group them: ``start_epoch`` is part of
 the group key). A member's ``duration`` per epoch is the group's epoch time divided by the
-number of members trained in it.
+number of members trained in it; so are its training pass's times, memory growth and energy
+(resources.PassMeter with ``share``), while its FLOPs, latency and throughput are measured on
+the member's own modules after its last epoch (docs/resources.md).
 
 Fallbacks (reason strings start with the cause): models that are not ``torch.nn.Module``;
 parameters shared between modules; BatchNorm-like modules in training mode (in-place buffer
@@ -42,13 +44,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mosaic_client import contract
 from mosaic_client.protocol import RunSpec
 from mosaicd.scheduling.ensemble_groups import fallback_reason
-from mosaicd.training import epochs, execution
+from mosaicd.training import epochs, execution, resources
 from mosaicd.training.ensemble import batches
 from mosaicd.training.ensemble.members import (
     Fallback,
@@ -210,6 +213,7 @@ class _Figures:
     test_loss: list[float]
     test_acc: list[float | None]
     duration: float
+    usage: dict[str, Any]  # each member's share of the training pass (resources.PassMeter)
 
 
 class _Group:
@@ -255,8 +259,12 @@ class _Group:
         for member in self.members:
             member.run.run_info["epoch"] = epoch
         started = time.perf_counter()
+        meter = resources.PassMeter(
+            self.members[0].run.device, share=len(self.members), scope=self.stack
+        )
         try:
-            train_loss, train_acc = _pass(self.stack, self.members, True, self.first)
+            with meter:
+                train_loss, train_acc = _pass(self.stack, self.members, True, self.first)
             test_loss, test_acc = _pass(self.stack, self.members, False, self.first)
         except BaseException as exc:
             if self.first:
@@ -269,7 +277,7 @@ class _Group:
             self.outcomes.update({m.run_id: failure for m in self.members})
             return None
         duration = (time.perf_counter() - started) / len(self.members)
-        return _Figures(train_loss, train_acc, test_loss, test_acc, duration)
+        return _Figures(train_loss, train_acc, test_loss, test_acc, duration, meter.figures())
 
     def _announce(self) -> None:
         """Only now, with the first epoch computed, may anything reach the daemon."""
@@ -302,6 +310,7 @@ class _Group:
             member.history.append(
                 train_loss, test_loss, figures.train_acc[i], figures.test_acc[i], figures.duration
             )
+            member.history.usage.append(dict(figures.usage))
             survivors.append(member)
         return survivors
 
@@ -324,6 +333,9 @@ class _Group:
             self.stack.unstack()  # into the members' own modules, to save or to restack
         if due:  # (at the target too, but the group ends there)
             self.clock.restart()
+        for member, end in ends:  # the history is kept: the peak so far (resources)
+            if end.checkpoint or end.outcome != epochs.CONTINUE:
+                resources.note_resident_peak(member.history.usage[-1], self.stack)
         remaining = [member for member, end in ends if self._close_epoch(member, epoch, end)]
         if remaining and len(remaining) != len(self.members):
             self.stack = Stack(remaining, self.lr, self.stack.forward_choice)
