@@ -56,9 +56,18 @@ RESULT_COLUMNS: tuple[str, ...] = (
     ("train_loss", "test_loss", "train_acc", "test_acc")  # the last epoch's figures
     + ("nb_params", "duration(s)", "epochs")  # the run's size and cost
     + ("overfit", "trainability", "slope")  # derived from its loss curves (docs/analysis.md)
+    # the last epoch's figures on the validation loader, when the data stage gives one
+    # (docs/tuning.md); None without one
+    + ("val_loss", "val_acc")
 )
 # The per-epoch columns of run_epochs besides run_id and epoch.
-EPOCH_COLUMNS: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_acc", "duration(s)")
+EPOCH_COLUMNS: tuple[str, ...] = (
+    "train_loss",
+    "test_loss",
+    "train_acc",
+    "test_acc",
+    "duration(s)",
+) + ("val_loss", "val_acc")
 
 # -- pipelines and params --------------------------------------------------------------------
 # Keys of a module dict that describe the module rather than parameterise it: never passed to

@@ -32,6 +32,7 @@ TRIAL, FINAL = "trial", "final"
 STAGE_PARAM = "search_stage"  # trial | final
 TRIAL_PARAM = "search_trial"  # a trial's number in its group, from 0
 GROUP_PARAM = "search_group"  # the group (family x size: one combination of the grid's lists)
+PRUNED_PARAM = "search_pruned"  # a pruned trial: the epoch its pruner stopped it after
 # Per-epoch columns a pruner can read (contract.EPOCH_COLUMNS besides the duration).
 EPOCH_METRICS: tuple[str, ...] = (
     "train_loss",
@@ -61,7 +62,8 @@ class Distribution:
     @property
     def text(self) -> str:
         """The canonical text: what modules and params hold until the run resolves it."""
-        return f"{self.kind}({', '.join(repr(a) if isinstance(a, str) else str(a) for a in self.args)})"
+        items = (repr(a) if isinstance(a, str) else str(a) for a in self.args)
+        return f"{self.kind}({', '.join(items)})"
 
     def grid(self) -> list[int | float | str]:
         """The values a grid search tries; ValueError for a continuous distribution."""
@@ -114,9 +116,8 @@ def parse(text: str) -> Distribution:
         raise ValueError(f"'{text}' is not a distribution such as loguniform(1e-4, 1e-1)")
     name, inner = match.group(1), match.group(2)
     if name not in DISTRIBUTIONS:
-        raise ValueError(
-            f"unknown distribution '{name}'; use one of {', '.join(d + '()' for d in DISTRIBUTIONS)}"
-        )
+        known = ", ".join(d + "()" for d in DISTRIBUTIONS)
+        raise ValueError(f"unknown distribution '{name}'; use one of {known}")
     items = [item for item in inner.split(",")]
     if any(not item.strip() for item in items):
         raise ValueError(f"{name}() has an empty argument")
@@ -156,7 +157,11 @@ def space(lr: Any, modules: Sequence[Mapping[str, Any]]) -> dict[str, Distributi
         found["lr"] = parse(lr)
     for module in modules:
         for name, value in module.items():
-            if name not in MODULE_FIELDS and isinstance(value, str) and is_distribution_syntax(value):
+            if (
+                name not in MODULE_FIELDS
+                and isinstance(value, str)
+                and is_distribution_syntax(value)
+            ):
                 found[param_name(module, name)] = parse(value)
     return dict(sorted(found.items()))
 
@@ -175,6 +180,32 @@ def resolve(
                 copy[name] = values[key]
         resolved.append(copy)
     return new_lr, resolved
+
+
+def value_problem(dimension: Distribution, value: Any) -> str | None:
+    """What makes `value` impossible for the distribution, or None."""
+    if dimension.kind == CHOICE:
+        return None if value in dimension.args else f"{value!r:.40} is not one of the choices"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{value!r:.40} is not a finite number"
+    if dimension.kind == INT and not isinstance(value, int):
+        return f"{value!r:.40} is not an integer"
+    low, high = dimension.args
+    if not low <= value <= high:  # type: ignore[operator]
+        return f"{value!r:.40} is outside [{low}, {high}]"
+    return None
+
+
+def values_problem(dimensions: Mapping[str, Distribution], values: Mapping[str, Any]) -> str | None:
+    """What makes a worker's resolved values unusable for the run's space, or None: the same
+    names, each value possible for its distribution."""
+    if set(values) != set(dimensions):
+        return f"names {sorted(values)} are not the run's searched params {sorted(dimensions)}"
+    for name, dimension in dimensions.items():
+        problem = value_problem(dimension, values[name])
+        if problem:
+            return f"{name}: {problem}"
+    return None
 
 
 def grid_points(dimensions: Mapping[str, Distribution]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from mosaicd.executors.base import Executor, WorkerHandle
 from mosaicd.scheduling.fair_share import Ledger, Limits
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
+from mosaicd.scheduling.search_gate import SearchGate
 from mosaicd.scheduling.submissions import Submission
 from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.state import DaemonState
@@ -99,6 +100,8 @@ class SchedulerCore:
         self._waiting_since: dict[int, float] = {}
         self._preempting: dict[int, set[tuple[str, int]]] = {}
         self._preempt_checked = 0.0
+        # Which search runs may start (mosaicd.scheduling.search_gate), read per dispatch pass.
+        self._search_gate = SearchGate()
         self.shutting_down = False
 
     def queued_of(self, uid: int | None) -> int:

@@ -39,7 +39,7 @@ from mosaicd.scheduling import views
 from mosaicd.scheduling.control import Control
 from mosaicd.scheduling.preemption import Preempting
 from mosaicd.scheduling.repetitions import Repetitions
-from mosaicd.scheduling.submissions import build_runs, check_submission
+from mosaicd.scheduling.submissions import build_runs, build_search_runs, check_submission
 from mosaicd.scheduling.worker_events import WorkerEvents
 from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.store import RunRecord, StoreError
@@ -81,14 +81,19 @@ class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
         owner: str | None,
         acting_for: Owner | None = None,
         priority: int = 0,
+        search: dict[str, Any] | None = None,
     ) -> SubmitReply:
         """Check a submission, then queue its runs in one transaction. The run-files directory
         and a new study file are made by `acting_for`'s keeper (mosaicd.keeper; None: the
         daemon's own user) with the submission's umask, so they are that user's; the
         directory only once the submission is known to be good (a refused one leaves nothing)."""
         self._executor.check_submission(process, pipelines, acting_for)
-        check_submission(process, monitor, pipelines, self._executor.slot_count("cuda"))
-        runs = build_runs(process, monitor, pipelines, owner_uid, owner)
+        check_submission(process, monitor, pipelines, self._executor.slot_count("cuda"), search)
+        search_runs = None
+        if search is None:
+            runs = build_runs(process, monitor, pipelines, owner_uid, owner)
+        else:
+            runs, search_runs = build_search_runs(process, pipelines, search, owner_uid, owner)
         umask = owners.umask_of(monitor)
         if owner_uid is None:
             raise Refused(ErrorCode.PERMISSION, "the daemon could not learn who you are")
@@ -117,6 +122,8 @@ class Scheduler(Preempting, WorkerEvents, Repetitions, Control):
             "monitor": monitor,
             "runs": [list(run) for run in runs],
             "priority": priority,
+            "search": search,
+            "search_runs": search_runs,
         }
 
         def record(added: Any) -> None:

@@ -30,88 +30,11 @@ from mosaic_client.contract import (
     TRANSITIONS,
 )
 from mosaicd.storage import user_files
+from mosaicd.storage.groups_view import run_groups_view
 from mosaicd.storage.settings import read_setting, write_setting
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 log = logging.getLogger("mosaicd")
-
-
-def run_groups_view() -> str:
-    """CREATE VIEW run_groups: runs that share every param but the repetition's (seed, and the
-    owner who queued it) form one configuration group; one row per group with its dataset key,
-    model key (the `{type}_key` params of data_scheme / pipeline_scheme joined with '_', as
-    `metaplot` reads them), nb_params, `runs` (all its runs), `n` (done runs with results) and
-    mean_, sd_ (sample, two-pass) and median_ of every run_results column over those n.
-    group_id numbers the groups by their first run. Needs SQLite >= 3.35 (window functions,
-    sqrt); docs/compare.md shows it in use."""
-    cols = RESULT_COLUMNS
-
-    def q(name: str) -> str:
-        return '"' + name.replace('"', '""') + '"'
-
-    part = "trim(substr(rest, 1, instr(rest, ',') - 1))"
-    medians = ",\n".join(
-        f"""med{i}(sig, v) AS (SELECT sig, avg(x) FROM (
-            SELECT sig, x, row_number() OVER (PARTITION BY sig ORDER BY x) AS rn,
-                   count(*) OVER (PARTITION BY sig) AS cnt
-            FROM (SELECT sig, {q(c)} AS x FROM member WHERE {q(c)} IS NOT NULL))
-          WHERE rn IN ((cnt + 1) / 2, (cnt + 2) / 2) GROUP BY sig)"""
-        for i, c in enumerate(cols)
-    )
-    means = ", ".join(f"avg({q(c)}) AS {q('mean_' + c)}" for c in cols)
-    squares = ", ".join(
-        f"sum((m.{q(c)} - {q('mean_' + c)}) * (m.{q(c)} - {q('mean_' + c)})) "
-        f"/ (count(m.{q(c)}) - 1) AS {q('var_' + c)}"
-        for c in cols
-    )
-    stats = ",\n       ".join(
-        f"g.{q('mean_' + c)}, sqrt(s.{q('var_' + c)}) AS {q('sd_' + c)}, "
-        f"med{i}.v AS {q('median_' + c)}"
-        for i, c in enumerate(cols)
-    )
-    joins = "\n".join(f"LEFT JOIN med{i} ON med{i}.sig = g.sig" for i in range(len(cols)))
-    return f"""CREATE VIEW IF NOT EXISTS run_groups AS
-WITH RECURSIVE
-signature(run_id, sig) AS (
-  SELECT run_id, group_concat(param_name || '=' || quote(param_value), char(31))
-  FROM (SELECT run_id, param_name, param_value FROM params
-        WHERE param_name NOT IN ('seed', 'process_seed', 'owner', 'owner_uid')
-        ORDER BY run_id, param_name)
-  GROUP BY run_id),
-scheme(run_id, kind, rest, key, parts) AS (
-  SELECT run_id, param_name, param_value || ',', '', 0 FROM params
-  WHERE param_name IN ('data_scheme', 'pipeline_scheme')
-  UNION ALL
-  SELECT run_id, kind, substr(rest, instr(rest, ',') + 1),
-    CASE WHEN {part} = '' THEN key ELSE
-      key || CASE WHEN parts > 0 THEN '_' ELSE '' END || (SELECT p.param_value FROM params p
-        WHERE p.run_id = scheme.run_id AND p.param_name = {part} || '_key') END,
-    parts + ({part} <> '')
-  FROM scheme WHERE rest <> ''),
-keyed(run_id, kind, key) AS (
-  SELECT run_id, kind, CASE WHEN parts > 0 THEN key END FROM scheme WHERE rest = ''),
-member AS (
-  SELECT sg.sig, r.run_id, dk.key AS dataset_key, mk.key AS model_key, res.run_id AS result_of,
-         {", ".join("res." + q(c) for c in cols)}
-  FROM runs r JOIN signature sg ON sg.run_id = r.run_id
-  LEFT JOIN keyed dk ON dk.run_id = r.run_id AND dk.kind = 'data_scheme'
-  LEFT JOIN keyed mk ON mk.run_id = r.run_id AND mk.kind = 'pipeline_scheme'
-  LEFT JOIN run_results res ON res.run_id = r.run_id AND r.status = 'done'),
-grp AS (
-  SELECT sig, min(run_id) AS first_run, min(dataset_key) AS dataset_key,
-         min(model_key) AS model_key, min(nb_params) AS nb_params, count(*) AS runs,
-         count(result_of) AS n, {means}
-  FROM member GROUP BY sig),
-spread AS (
-  SELECT m.sig, {squares}
-  FROM member m JOIN grp USING (sig) GROUP BY m.sig),
-{medians}
-SELECT row_number() OVER (ORDER BY g.first_run) AS group_id, g.dataset_key, g.model_key,
-       g.nb_params, g.runs, g.n, g.first_run,
-       {stats}
-FROM grp g JOIN spread s ON s.sig = g.sig
-{joins}
-ORDER BY g.first_run"""
 
 
 # run_environment's columns (issue 16), typed: the counts and flags are integers.
@@ -121,6 +44,9 @@ PROVENANCE_COLUMNS = tuple(
     for name in provenance.ENVIRONMENT_FIELDS
 )
 
+
+# The run_results columns before version 9 (the views of migrations 4 and 5 name these).
+_V1_RESULTS = RESULT_COLUMNS[:10]
 
 # Forward migrations, by the version they bring the database to. Version 1 holds the seed's four
 # tables, unchanged so users' SQL keeps working, plus the daemon's own tables.
@@ -166,7 +92,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: ("ALTER TABLE submissions DROP COLUMN paused",),
     # The configuration groups (runs that differ only by their repetition), for `mosaic groups`
     # and `mosaic compare`.
-    4: (run_groups_view(),),
+    4: (run_groups_view(_V1_RESULTS),),
     # -- issue 16: provenance (what produced each run) ---------------------------------------
     # Each distinct class file text once (10,000 runs of one file store it once), which file
     # each run loaded, and the environment it ran in (mosaic_client.provenance). The run_groups
@@ -183,7 +109,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             run_id INTEGER PRIMARY KEY, recorded_at REAL NOT NULL,
             {", ".join(PROVENANCE_COLUMNS)})""",
         "DROP VIEW IF EXISTS run_groups",
-        run_groups_view(),
+        run_groups_view(_V1_RESULTS),
     ),
     # -- end issue 16 ------------------------------------------------------------------------
     # The ensemble a run was last sent to train in (docs/ensembles.md), and
@@ -202,6 +128,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         recorded_at REAL NOT NULL, metric TEXT NOT NULL, data_key TEXT NOT NULL, families TEXT
         NOT NULL, alpha REAL NOT NULL, spent REAL NOT NULL, looks TEXT NOT NULL, verdicts TEXT
         NOT NULL, method TEXT NOT NULL)""",
+    ),
+    # Tuned comparisons (issue 25, docs/tuning.md): a submission's [SEARCH], each search run's
+    # group/stage/trial/round, and the validation loader's figures per run and per epoch.
+    9: (
+        "ALTER TABLE submissions ADD COLUMN search TEXT",
+        "ALTER TABLE run_meta ADD COLUMN search TEXT",
+        "ALTER TABLE run_results ADD COLUMN val_loss REAL",
+        "ALTER TABLE run_results ADD COLUMN val_acc REAL",
+        "ALTER TABLE run_epochs ADD COLUMN val_loss REAL",
+        "ALTER TABLE run_epochs ADD COLUMN val_acc REAL",
+        "DROP VIEW IF EXISTS run_groups",
+        run_groups_view(RESULT_COLUMNS),
     ),
 }
 
@@ -265,6 +203,8 @@ class RunRecord:
     checkpoint_epoch: int
     attempts: int
     queue_seq: int
+    # A search run's group, stage, trial and round (mosaic_client.search.record); None: none.
+    search: dict[str, Any] | None = None
 
 
 def connect_readonly(path: str) -> sqlite3.Connection:
@@ -495,13 +435,16 @@ class Store:
         monitor: dict[str, Any],
         runs: list[tuple[list[dict[str, Any]], int, str, dict[str, Any]]],
         priority: int = 0,
+        search: dict[str, Any] | None = None,
+        search_runs: list[dict[str, Any]] | None = None,
     ) -> tuple[int, list[int]]:
-        """Queue one submission atomically. Each run is (modules, seed, readable, params)."""
+        """Queue one submission atomically. Each run is (modules, seed, readable, params); a
+        search's (docs/tuning.md) has its [SEARCH] and each run's search record."""
         now = time.time()
         with self.transaction() as conn:
             cur = conn.execute(
                 "INSERT INTO submissions (created_at, owner_uid, owner, config_path, process,"
-                " monitor, priority) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " monitor, priority, search) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     now,
                     owner_uid,
@@ -510,6 +453,7 @@ class Store:
                     json.dumps(process),
                     json.dumps(monitor),
                     priority,
+                    None if search is None else json.dumps(search),
                 ),
             )
             submission_id = int(cur.lastrowid or 0)
@@ -528,7 +472,7 @@ class Store:
                 )
                 conn.execute(
                     "INSERT INTO run_meta (run_id, submission_id, modules, seed, epochs_target,"
-                    " queue_seq, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " queue_seq, queued_at, search) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         run_id,
                         submission_id,
@@ -537,6 +481,7 @@ class Store:
                         int(process["epochs"]),
                         seq + offset,
                         now,
+                        json.dumps(search_runs[offset]) if search_runs else None,
                     ),
                 )
                 conn.executemany(
@@ -554,7 +499,8 @@ class Store:
 
     def submission(self, submission_id: int) -> dict[str, Any]:
         row = self.conn.execute(
-            "SELECT owner_uid, owner, config_path, process, monitor, priority FROM submissions "
+            "SELECT owner_uid, owner, config_path, process, monitor, priority, search "
+            "FROM submissions "
             "WHERE submission_id=?",
             (submission_id,),
         ).fetchone()
@@ -568,6 +514,7 @@ class Store:
             "process": json.loads(row[3]),
             "monitor": json.loads(row[4]),
             "priority": row[5],
+            "search": json.loads(row[6]) if row[6] else None,
         }
 
     def _record(self, row: tuple[Any, ...]) -> RunRecord:
@@ -580,11 +527,12 @@ class Store:
             checkpoint_epoch=row[5],
             attempts=row[6],
             queue_seq=row[7],
+            search=json.loads(row[8]) if row[8] else None,
         )
 
     _RECORD_COLUMNS = (
         "m.run_id, m.submission_id, m.modules, m.seed, m.epochs_target, "
-        "m.checkpoint_epoch, m.attempts, m.queue_seq"
+        "m.checkpoint_epoch, m.attempts, m.queue_seq, m.search"
     )
 
     def runs_in_state(self, status: str) -> list[RunRecord]:
@@ -634,7 +582,8 @@ class Store:
             for ev in events:
                 conn.execute(
                     "INSERT OR REPLACE INTO run_epochs (run_id, epoch, train_loss, test_loss,"
-                    ' train_acc, test_acc, "duration(s)") VALUES (?, ?, ?, ?, ?, ?, ?)',
+                    ' train_acc, test_acc, "duration(s)", val_loss, val_acc)'
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         ev["run_id"],
                         ev["epoch"],
@@ -643,6 +592,8 @@ class Store:
                         ev.get("train_acc"),
                         ev.get("test_acc"),
                         ev["duration"],
+                        ev.get("val_loss"),
+                        ev.get("val_acc"),
                     ),
                 )
                 if ev.get("checkpointed"):
