@@ -571,17 +571,24 @@ def has_search(conn: sqlite3.Connection) -> bool:
 
 def search_runs(conn: sqlite3.Connection, submission_id: int | None = None) -> list[dict[str, Any]]:
     """Every run of a search: run_id, submission_id, status, seed and its search record
-    (group, stage, trial, round), by run id; [] for a study without searches."""
+    (group, stage, trial, round) and modules, by run id; [] for a study without searches."""
     if not has_search(conn):
         return []
     where = "" if submission_id is None else " AND m.submission_id = ?"
     rows = conn.execute(
-        "SELECT m.run_id, m.submission_id, r.status, m.seed, m.search FROM run_meta m "
-        f"JOIN runs r USING (run_id) WHERE m.search IS NOT NULL{where} ORDER BY m.run_id",
+        "SELECT m.run_id, m.submission_id, r.status, m.seed, m.search, m.modules FROM run_meta "
+        f"m JOIN runs r USING (run_id) WHERE m.search IS NOT NULL{where} ORDER BY m.run_id",
         () if submission_id is None else (submission_id,),
     )
     return [
-        {"run_id": r[0], "submission_id": r[1], "status": r[2], "seed": r[3], **json.loads(r[4])}
+        {
+            "run_id": r[0],
+            "submission_id": r[1],
+            "status": r[2],
+            "seed": r[3],
+            **json.loads(r[4]),
+            "modules": r[5],  # JSON text: its distributions unresolved
+        }
         for r in rows
     ]
 
@@ -659,3 +666,17 @@ def search_history(
             }
         )
     return history
+
+
+def search_settings(conn: sqlite3.Connection) -> dict[int, dict[str, Any]]:
+    """{submission_id: its [SEARCH] as sent, with "lr": its [PROCESS] lr (a distribution's
+    text when lr is searched)} of the study's searches."""
+    if not has_search(conn):
+        return {}
+    rows = conn.execute(
+        "SELECT submission_id, search, process FROM submissions WHERE search IS NOT NULL"
+    )
+    return {
+        int(sid): {**json.loads(text), "lr": json.loads(process).get("lr")}
+        for sid, text, process in rows
+    }

@@ -1,0 +1,151 @@
+"""What a study's searches did (docs/tuning.md), read-only: per family x size group, its
+trials (finished, pruned, failed), their cost in slot-hours, the best so far after each trial,
+the selected configuration and its final runs. Read by `compare` (the tuning cost of a tuned
+comparison), `status` (each search's progress) and `tuning` (the table and the plots).
+Standard library only."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+from mosaic_client import analysis, contract, schema, search, study_reading
+
+
+@dataclass
+class Group:
+    """One family x size group of a search."""
+
+    submission_id: int
+    group: int
+    family: str
+    data_key: str
+    settings: dict[str, Any]
+    trials: int = 0  # queued for it (the budget)
+    finished: int = 0  # trials in a final state
+    pruned: int = 0
+    failed: int = 0
+    slot_hours: float = 0.0  # the trials' training time
+    # (trial, its value or None, the best value after it) in trial order, finished trials only
+    curve: list[tuple[int, float | None, float | None]] = field(default_factory=list)
+    best_trial: int | None = None
+    best_values: dict[str, Any] = field(default_factory=dict)
+    finals: int = 0
+    finals_done: int = 0
+    trial_seeds: list[int] = field(default_factory=list)
+    final_seeds: list[int] = field(default_factory=list)
+    nb_params: int | None = None
+    names: list[str] = field(default_factory=list)  # the searched params
+    # The searched values and metric of every finished trial: for an importance estimate.
+    points: list[tuple[dict[str, Any], float]] = field(default_factory=list)
+
+    @property
+    def best(self) -> float | None:
+        return self.curve[-1][2] if self.curve else None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "submission_id": self.submission_id,
+            "group": self.group,
+            "family": self.family,
+            "data_key": self.data_key,
+            "nb_params": self.nb_params,
+            "metric": self.settings["metric"],
+            "direction": self.settings["direction"],
+            "strategy": self.settings["strategy"],
+            "trials": self.trials,
+            "finished": self.finished,
+            "pruned": self.pruned,
+            "failed": self.failed,
+            "slot_hours": self.slot_hours,
+            "best": self.best,
+            "best_trial": self.best_trial,
+            "best_values": self.best_values,
+            "finals": self.finals,
+            "finals_done": self.finals_done,
+        }
+
+
+def _better(a: float, b: float | None, direction: str) -> bool:
+    return b is None or (a < b if direction == "minimize" else a > b)
+
+
+def groups(conn: sqlite3.Connection) -> list[Group]:
+    """Every search group of the study, by submission and group number."""
+    runs = study_reading.search_runs(conn)
+    if not runs:
+        return []
+    settings = study_reading.search_settings(conn)
+    params = study_reading.run_params(conn, [r["run_id"] for r in runs])
+    columns = ("nb_params", "duration(s)", *search.METRICS)
+    results = study_reading.results_by_run(conn, columns)
+    found: dict[tuple[int, int], Group] = {}
+    for run in runs:
+        own = params.get(run["run_id"], {})
+        key = (run["submission_id"], int(run["group"]))
+        if key not in found:
+            given = settings.get(run["submission_id"], {})
+            resolved = dict(schema.search_settings({k: v for k, v in given.items() if k != "lr"}))
+            names = list(search.space(given.get("lr"), json.loads(run["modules"])))
+            found[key] = Group(
+                run["submission_id"],
+                int(run["group"]),
+                analysis.model_key(own) or "(no model key)",
+                analysis.data_key(own) or "(no data key)",
+                resolved,
+                names=names,
+            )
+        _add(found[key], run, own, results.get(run["run_id"]), columns)
+    return [found[k] for k in sorted(found)]
+
+
+def _add(
+    group: Group,
+    run: dict[str, Any],
+    own: dict[str, Any],
+    row: tuple[Any, ...] | None,
+    columns: tuple[str, ...],
+) -> None:
+    figures = dict(zip(columns, row)) if row is not None else {}
+    if run["stage"] == search.FINAL:
+        group.finals += 1
+        group.final_seeds.append(run["seed"])
+        if run["status"] == contract.DONE:
+            group.finals_done += 1
+            if figures.get("nb_params") is not None:
+                group.nb_params = int(figures["nb_params"])
+        return
+    group.trials += 1
+    group.trial_seeds.append(run["seed"])
+    if run["status"] not in contract.FINAL_STATES:
+        return
+    group.finished += 1
+    group.slot_hours += float(figures.get("duration(s)") or 0.0) / 3600.0
+    if own.get(search.PRUNED_PARAM) is not None:
+        group.pruned += 1
+    elif run["status"] != contract.DONE:
+        group.failed += 1
+    value = figures.get(group.settings["metric"])
+    complete = (
+        run["status"] == contract.DONE
+        and own.get(search.PRUNED_PARAM) is None
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+    )
+    best = group.best
+    if complete and _better(float(value), best, group.settings["direction"]):
+        best = float(value)
+        group.best_trial = int(run["trial"])
+        group.best_values = _searched(own, group.names)
+    if complete:
+        group.points.append((_searched(own, group.names), float(value)))
+    group.curve.append((int(run["trial"]), float(value) if complete else None, best))
+    group.curve.sort()
+
+
+def _searched(own: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The searched values of a run, as its params hold them once resolved."""
+    return {name: own.get(name) for name in names}
