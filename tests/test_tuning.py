@@ -1,0 +1,319 @@
+"""Tuned comparisons (issue 25, docs/tuning.md): search spaces in the config, bad ones refused
+with the key named, a search through a real daemon (equal budgets, fresh paired final seeds,
+the example's verdict flipping once the learning rate is tuned), and the same search after a
+kill -9 of the daemon in its middle."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Daemon, query
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mosaic_client import search
+from mosaic_client.config import ConfigError, load_config
+
+EXAMPLE = REPO / "examples" / "tuning"
+BAD_INPUT = 2
+
+
+# -- the search space, pure ---------------------------------------------------------------------
+
+
+def test_distributions_parse_to_a_canonical_text() -> None:
+    assert search.parse("loguniform(1e-4, 1e-1)") == search.Distribution("loguniform", (1e-4, 0.1))
+    assert search.parse(" int( 1 , 4 ) ").text == "int(1, 4)"
+    assert search.parse("choice(16, 32, relu)").args == (16, 32, "relu")
+    assert search.parse(search.parse("uniform(0, 0.5)").text) == search.parse("uniform(0, 0.5)")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("lognormal(1, 2)", "unknown distribution 'lognormal'"),
+        ("uniform(2, 1)", "low is greater than high"),
+        ("loguniform(0, 1)", "needs bounds above 0"),
+        ("loguniform(-1, 1)", "needs bounds above 0"),
+        ("int(1.5, 4)", "integer bounds"),
+        ("uniform(1)", "two bounds"),
+        ("choice(1, 1)", "twice"),
+        ("uniform(a, 1)", "not a number"),
+    ],
+)
+def test_bad_distributions_say_what_is_wrong(text: str, words: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)):
+        search.parse(text)
+
+
+def test_grid_points_are_the_product_in_a_fixed_order() -> None:
+    dims = {"b": search.parse("choice(1, 2)"), "a": search.parse("int(0, 2)")}
+    points = search.grid_points(dims)
+    assert len(points) == 6 and points[0] == {"a": 0, "b": 1} and points[-1] == {"a": 2, "b": 2}
+    with pytest.raises(ValueError, match="continuous"):
+        search.grid_points({"lr": search.parse("uniform(0, 1)")})
+
+
+def test_the_best_trial_is_the_lowest_finite_complete_one_ties_to_the_first() -> None:
+    history = [
+        {"trial": 0, "state": "complete", "value": 0.5},
+        {"trial": 1, "state": "pruned", "value": None},
+        {"trial": 2, "state": "complete", "value": 0.2},
+        {"trial": 3, "state": "complete", "value": 0.2},
+        {"trial": 4, "state": "fail", "value": None},
+        {"trial": 5, "state": "complete", "value": math.nan},
+    ]
+    assert search.best(history, "minimize")["trial"] == 2  # type: ignore[index]
+    assert search.best(history, "maximize")["trial"] == 0  # type: ignore[index]
+    assert search.best(history[4:5], "minimize") is None
+
+
+@given(st.integers(0, 2**31), st.integers(1, 50), st.integers(1, 20), st.integers(1, 8))
+def test_final_seeds_are_shared_and_disjoint_from_every_trial_seed(
+    base: int, trials: int, finals: int, round_size: int
+) -> None:
+    trial_seeds = {search.trial_seed(base, n) for n in range(trials)}
+    final_seeds = [search.final_seed(base, trials, i) for i in range(finals)]
+    assert not trial_seeds & set(final_seeds) and len(set(final_seeds)) == finals
+    # Rounds: a fixed size, never the machine's; every trial in exactly one.
+    rounds = [search.round_of(n, round_size) for n in range(trials)]
+    assert rounds == sorted(rounds) and rounds[0] == 0
+
+
+def test_sampler_seeds_depend_on_the_study_seed_group_and_trial_only() -> None:
+    seeds = {search.sampler_seed(s, g, t) for s in (0, 1) for g in (0, 1) for t in (0, 1)}
+    assert len(seeds) == 8
+    assert search.sampler_seed(3, 1, 2) == search.sampler_seed(3, 1, 2)
+
+
+def test_values_outside_a_space_are_refused() -> None:
+    dims = {"lr": search.parse("loguniform(0.001, 1)"), "m_h": search.parse("choice(8, 16)")}
+    assert search.values_problem(dims, {"lr": 0.01, "m_h": 8}) is None
+    assert "outside" in str(search.values_problem(dims, {"lr": 2.0, "m_h": 8}))
+    assert "choices" in str(search.values_problem(dims, {"lr": 0.01, "m_h": 9}))
+    assert "searched params" in str(search.values_problem(dims, {"lr": 0.01}))
+
+
+# -- the config --------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, **edits: str) -> Path:
+    """The example's tuned.ini in tmp_path, each `old=new` line edit applied."""
+    text = (EXAMPLE / "tuned.ini").read_text()
+    for old, new in edits.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    for name in ("data.py", "models.py"):
+        shutil.copy(EXAMPLE / name, tmp_path / name)
+    path = tmp_path / "tuned.ini"
+    path.write_text(text)
+    return path
+
+
+def test_the_example_expands_into_one_group_per_family(tmp_path: Path) -> None:
+    expanded = load_config(str(_config(tmp_path)), cwd=str(tmp_path))
+    assert expanded.search is not None and expanded.search["trials"] == 8
+    assert expanded.process["lr"] == "loguniform(0.001, 1.5)"
+    assert len(expanded.pipelines) == 2
+
+
+@pytest.mark.parametrize(
+    ("edits", "where", "words"),
+    [
+        ({"lr = loguniform(0.001, 1.5)": "lr = lognormal(0, 1)"}, "lr", "unknown distribution"),
+        ({"lr = loguniform(0.001, 1.5)": "lr = uniform(1, 0.1)"}, "lr", "greater than high"),
+        ({"lr = loguniform(0.001, 1.5)": "lr = loguniform(0, 1)"}, "lr", "above 0"),
+        ({"epochs = 10": "epochs = int(2, 5)"}, "epochs", "cannot be searched"),
+        ({"nb_processus = 2": "nb_processus = choice(1, 2)"}, "nb_processus", "cannot be searched"),
+        ({"hidden = 16\nkey = mlp": "hidden = int(8, 4)\nkey = mlp"}, "hidden", "greater than"),
+        ({"strategy = tpe": "strategy = grid"}, "lr", "continuous"),
+        ({"strategy = tpe": "strategy = bayes"}, "strategy", "unknown search strategy"),
+        (
+            {"pruning = none": "pruning = median", "metric = val_loss": "metric = overfit"},
+            "pruning",
+            "per-epoch",
+        ),
+        (
+            {"key = mlp": "key = mlp_{hidden}", "hidden = 16\n": "hidden = choice(8, 16)\n"},
+            "key",
+            "cannot name the searched",
+        ),
+    ],
+)
+def test_bad_search_spaces_are_refused_with_the_key_named(
+    tmp_path: Path, edits: dict[str, str], where: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(_config(tmp_path, **edits)), cwd=str(tmp_path))
+    named = [p for p in caught.value.problems if p.key == where]
+    assert named and words in str(named[0]), str(caught.value)
+
+
+def test_a_distribution_without_search_is_refused(tmp_path: Path) -> None:
+    text = (EXAMPLE / "fixed.ini").read_text().replace("lr = 0.01", "lr = uniform(0.01, 0.1)")
+    path = _config(tmp_path)
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"lr = 'uniform\(0.01, 0.1\)'.*needs a \[SEARCH\]"):
+        load_config(str(path), cwd=str(tmp_path))
+
+
+def test_mosaic_generate_and_run_refuse_a_bad_space_and_queue_nothing(tmp: Path) -> None:
+    path = _config(tmp, **{"lr = loguniform(0.001, 1.5)": "lr = loguniform(-1, 1)"})
+    daemon = Daemon(tmp)
+    commands = (
+        ("generate", str(path), str(tmp / "out.json")),
+        ("run", str(path), "x.db", "--no-autostart"),
+    )
+    for args in commands:
+        result = daemon.cli(*args)
+        assert result.returncode == BAD_INPUT, result
+        assert "[PROCESS] lr" in result.stderr and "above 0" in result.stderr
+    assert not (tmp / "x.db").exists()
+
+
+def test_a_hand_made_search_request_is_checked_by_the_daemon(daemon: Daemon, tmp: Path) -> None:
+    expanded = load_config(str(_config(tmp)), cwd=str(tmp))
+    args = {
+        "db": str(tmp / "hand.db"),
+        "config_path": expanded.config_path,
+        "process": expanded.process,
+        "monitor": expanded.monitor,
+        "pipelines": expanded.pipelines,
+    }
+    for search_values, words in (
+        (None, "is a distribution but the submission has no [SEARCH]"),
+        ({**expanded.search, "strategy": "grid"}, "continuous"),
+        ({**expanded.search, "trials": 0}, "SEARCH trials"),
+    ):
+        extra = {} if search_values is None else {"search": search_values}
+        with pytest.raises(Exception, match=re.escape(words)):
+            daemon.request("submit", **args, **extra)
+    assert not (tmp / "hand.db").exists() or not query(tmp / "hand.db", "SELECT * FROM runs")
+
+
+# -- through the daemon ------------------------------------------------------------------------
+
+
+def _compare(daemon: Daemon, db: Path) -> dict:
+    result = daemon.cli("compare", str(db), "--json", check=True)
+    return json.loads(result.stdout)
+
+
+def _search_rows(db: Path) -> list[tuple]:
+    """(run_id, group, stage, trial, seed, status, lr) of every search run."""
+    rows = query(
+        db,
+        "SELECT m.run_id, m.search, m.seed, r.status, p.param_value FROM run_meta m "
+        "JOIN runs r USING (run_id) JOIN params p ON p.run_id = m.run_id AND "
+        "p.param_name = 'lr' ORDER BY m.run_id",
+    )
+    out = []
+    for run_id, record, seed, status, lr in rows:
+        info = json.loads(record)
+        out.append((run_id, info["group"], info["stage"], info["trial"], seed, status, lr))
+    return out
+
+
+def test_the_example_a_wins_at_a_fixed_lr_b_once_tuned(tmp: Path) -> None:
+    for name in ("fixed.ini", "tuned.ini", "data.py", "models.py"):
+        shutil.copy(EXAMPLE / name, tmp / name)
+    daemon = Daemon(tmp).start()
+    try:
+        daemon.cli("run", str(tmp / "fixed.ini"), str(tmp / "fixed.db"), check=True)
+        daemon.cli("run", str(tmp / "tuned.ini"), str(tmp / "tuned.db"), check=True)
+        daemon.wait_for(str(tmp / "fixed.db"))
+        daemon.wait_for(str(tmp / "tuned.db"), total=26)
+        fixed = _compare(daemon, tmp / "fixed.db")
+        tuned = _compare(daemon, tmp / "tuned.db")
+        text = daemon.cli("compare", str(tmp / "tuned.db"), check=True).stdout
+    finally:
+        daemon.stop()
+    assert [line["verdict"] for line in fixed["lines"]] == ["A better"]
+    assert (fixed["lines"][0]["a"], fixed["lines"][0]["b"]) == ("features", "mlp")
+    assert not fixed["tuned"]
+    # Tuned: the same families, B better; the trials are left out, the final runs are paired.
+    [line] = tuned["lines"]
+    assert line["verdict"] == "B better" and line["paired"]
+    assert line["n_a"] == line["n_b"] == 5
+    assert tuned["tuned"] and {g["family"] for g in tuned["tuning"]} == {"features", "mlp"}
+    assert "tuned with equal budgets: 8 tpe trial(s)" in text
+    assert "slot-hours" in text
+    rows = _search_rows(tmp / "tuned.db")
+    trials = [r for r in rows if r[2] == "trial"]
+    finals = [r for r in rows if r[2] == "final"]
+    # Equal budgets: 8 trials per group, numbered 0..7; failures counted, not replaced.
+    for group in (0, 1):
+        assert sorted(r[3] for r in trials if r[1] == group) == list(range(8))
+    assert {g["trials"] for g in tuned["tuning"]} == {8}
+    assert sum(g["failed"] for g in tuned["tuning"]) == sum(r[5] == "failed" for r in trials)
+    # Fresh seeds: no final run uses a trial's seed; the same seeds in both groups (paired).
+    assert not {r[4] for r in finals} & {r[4] for r in trials}
+    assert sorted(r[4] for r in finals if r[1] == 0) == sorted(r[4] for r in finals if r[1] == 1)
+    # Each final run trained its group's best trial's lr, recorded in its params.
+    for g in tuned["tuning"]:
+        lrs = {r[6] for r in finals if r[1] == g["group"]}
+        assert lrs == {g["best_values"]["lr"]}
+
+
+SMALL = {
+    "trials = 8": "trials = 4",
+    "round_size = 4": "round_size = 2",
+    "final_repetitions = 5": "final_repetitions = 3",
+    "epochs = 10": "epochs = 4",
+}
+
+
+def _outcome(daemon: Daemon, db: Path) -> tuple:
+    rows = _search_rows(db)
+    report = _compare(daemon, db)
+    sequence = [(r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+    chosen = sorted(
+        (g["group"], g["best_trial"], json.dumps(g["best_values"])) for g in report["tuning"]
+    )
+    verdicts = [
+        (line["verdict"], round(line["mean_a"], 9), round(line["mean_b"], 9))
+        for line in report["lines"]
+    ]
+    return sequence, chosen, verdicts
+
+
+def test_a_kill_9_mid_search_gives_the_same_search(tmp: Path) -> None:
+    path = _config(tmp, **SMALL)
+    plain = Daemon(tmp / "a", workers=2)
+    (tmp / "a").mkdir()
+    plain.start()
+    try:
+        plain.cli("run", str(path), str(tmp / "a" / "s.db"), check=True)
+        plain.wait_for(str(tmp / "a" / "s.db"), total=14)
+        expected = _outcome(plain, tmp / "a" / "s.db")
+    finally:
+        plain.stop()
+
+    (tmp / "b").mkdir()
+    db = tmp / "b" / "s.db"
+    killed = Daemon(tmp / "b", workers=2).start()
+    killed.cli("run", str(path), str(db), check=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # some trials done, some still to come
+        done = query(db, "SELECT count(*) FROM runs WHERE status IN ('done', 'failed')")[0][0]
+        running = query(db, "SELECT count(*) FROM runs WHERE status = 'running'")[0][0]
+        if done >= 3 and running:
+            break
+        time.sleep(0.05)
+    killed.kill9()
+    assert query(db, "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')")[0][0]
+    again = Daemon(tmp / "b", workers=1).start()  # another slot count: the same search
+    try:
+        again.wait_for(str(db), total=14)
+        got = _outcome(again, db)
+    finally:
+        again.stop()
+    assert got[0] == expected[0]  # the trial sequence: values, seeds, states
+    assert got[1] == expected[1]  # the selected configurations
+    assert got[2] == expected[2]  # the final verdict
