@@ -41,6 +41,7 @@ from mosaic_client.commands import (
     show,
     shutdown,
     status,
+    tuning,
     web,
 )
 from mosaic_client.commands import run as run_command
@@ -68,6 +69,7 @@ COMMANDS = (
     metaplot,
     groups,
     compare,
+    tuning,
     repeat,
     priority,
     rekey,

@@ -149,3 +149,75 @@ def _add(
 def _searched(own: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """The searched values of a run, as its params hold them once resolved."""
     return {name: own.get(name) for name in names}
+
+
+def progress_line(group: Group) -> str:
+    """One search group's progress, for `mosaic status`."""
+    metric = group.settings["metric"]
+    best = "-" if group.best is None else f"{group.best:.4g} (trial {group.best_trial})"
+    extra = ", ".join(
+        f"{n} {what}" for n, what in ((group.pruned, "pruned"), (group.failed, "failed")) if n
+    )
+    return (
+        f"  search {group.data_key} {group.family}: {group.finished}/{group.trials} trials"
+        + (f" ({extra})" if extra else "")
+        + f", best {metric} {best}, final runs {group.finals_done}/{group.finals}"
+    )
+
+
+def of_study(path: str) -> list[Group]:
+    """The search groups of a study file, read-only; [] when it cannot be read now."""
+    try:
+        conn = analysis.open_readonly(path)
+    except Exception:  # a status line must not fail over a study it cannot read
+        return []
+    try:
+        return groups(conn)
+    except sqlite3.Error:
+        return []
+    finally:
+        conn.close()
+
+
+def importance(points: list[tuple[dict[str, Any], float]]) -> dict[str, float]:
+    """How much of the spread of the metric over a group's finished trials each searched
+    param explains, alone (docs/tuning.md): for a number, the squared correlation of the
+    metric with its value (with log10 of it when every value is positive and they span more
+    than a factor 10, as a loguniform's do); for a choice, the share of the variance between
+    its values' means (eta squared). Each between 0 and 1; {} with fewer than 3 trials."""
+    if len(points) < 3:
+        return {}
+    ys = [y for _, y in points]
+    out: dict[str, float] = {}
+    for name in points[0][0]:
+        xs = [p[0].get(name) for p in points]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs):
+            numbers = [float(x) for x in xs]  # type: ignore[arg-type]
+            if min(numbers) > 0 and max(numbers) > 10 * min(numbers):
+                numbers = [math.log10(x) for x in numbers]
+            out[name] = _r_squared(numbers, ys)
+        else:
+            out[name] = _eta_squared([str(x) for x in xs], ys)
+    return out
+
+
+def _r_squared(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return 0.0
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return sxy * sxy / (sxx * syy)
+
+
+def _eta_squared(labels: list[str], ys: list[float]) -> float:
+    my = sum(ys) / len(ys)
+    total = sum((y - my) ** 2 for y in ys)
+    if total == 0:
+        return 0.0
+    by: dict[str, list[float]] = {}
+    for label, y in zip(labels, ys):
+        by.setdefault(label, []).append(y)
+    between = sum(len(v) * (sum(v) / len(v) - my) ** 2 for v in by.values())
+    return between / total
