@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 
+def clamped(out: torch.Tensor) -> torch.Tensor:
+    """Outputs kept within [-3, 3]: a learning rate too large for a family gives it a large
+    loss rather than an infinite one, so a search's bad trials finish with a value."""
+    return out.clamp(-3.0, 3.0)
+
+
 class features(nn.Module):
     """A read-out of 3 * hidden fixed tanh features (the features are not trained)."""
 
@@ -23,7 +29,7 @@ class features(nn.Module):
         self.readout = nn.Linear(width, output_size)
 
     def forward(self, data: torch.Tensor, run_info: dict, module_info: dict) -> torch.Tensor:
-        return self.readout(torch.tanh(data @ self.w + self.b))
+        return clamped(self.readout(torch.tanh(data @ self.w + self.b)))
 
     def info(self) -> dict:
         return {}
@@ -40,7 +46,7 @@ class mlp(nn.Module):
 
     def forward(self, data: torch.Tensor, run_info: dict, module_info: dict) -> torch.Tensor:
         # A small output scale: each weight moves less per step, so it needs a larger lr.
-        return 0.3 * self.net(data)
+        return clamped(0.3 * self.net(data))
 
     def info(self) -> dict:
         return {}
