@@ -255,6 +255,13 @@ def test_the_example_a_wins_at_a_fixed_lr_b_once_tuned(tmp: Path) -> None:
     # Fresh seeds: no final run uses a trial's seed; the same seeds in both groups (paired).
     assert not {r[4] for r in finals} & {r[4] for r in trials}
     assert sorted(r[4] for r in finals if r[1] == 0) == sorted(r[4] for r in finals if r[1] == 1)
+    # A validation loader: every run and every epoch has its validation loss.
+    assert query(tmp / "tuned.db", "SELECT count(*) FROM run_results WHERE val_loss IS NULL") == [
+        (0,)
+    ]
+    assert query(tmp / "tuned.db", "SELECT count(*) FROM run_epochs WHERE val_loss IS NULL") == [
+        (0,)
+    ]
     # Each final run trained its group's best trial's lr, recorded in its params.
     for g in tuned["tuning"]:
         lrs = {r[6] for r in finals if r[1] == g["group"]}
@@ -317,3 +324,95 @@ def test_a_kill_9_mid_search_gives_the_same_search(tmp: Path) -> None:
     assert got[0] == expected[0]  # the trial sequence: values, seeds, states
     assert got[1] == expected[1]  # the selected configurations
     assert got[2] == expected[2]  # the final verdict
+
+
+# -- the worker's side: sampling and pruning (mosaicd.training.tuning, Optuna in-process) --------
+
+
+def _part(trial: int, history: list[dict], **settings: object) -> dict:
+    base = {
+        "strategy": "tpe",
+        "trials": 8,
+        "metric": "val_loss",
+        "direction": "minimize",
+        "pruning": "none",
+        "final_repetitions": 2,
+        "round_size": 2,
+    }
+    return {
+        "settings": {**base, **settings},
+        "group": 1,
+        "stage": "trial",
+        "trial": trial,
+        "study_seed": 7,
+        "history": history,
+    }
+
+
+def _finished(trial: int, lr: float, value: float, epochs: int = 3) -> dict:
+    return {
+        "trial": trial,
+        "run_id": trial + 1,
+        "state": "complete",
+        "value": value,
+        "values": {"lr": lr},
+        "intermediate": [[e, value + 0.1 * (epochs - e)] for e in range(1, epochs + 1)],
+    }
+
+
+def test_a_trial_samples_the_same_values_from_the_same_finished_trials() -> None:
+    from mosaicd.training import tuning
+
+    dims = {"lr": search.parse("loguniform(0.001, 1)")}
+    history = [_finished(0, 0.01, 0.5), _finished(1, 0.3, 0.1)]
+    first, _ = tuning.resolve(_part(2, history), dims, 3)
+    again, _ = tuning.resolve(_part(2, list(history)), dims, 3)
+    other, _ = tuning.resolve(_part(3, history), dims, 3)
+    assert first == again and first != other
+    assert 0.001 <= first["lr"] <= 1
+    grid, _ = tuning.resolve(_part(1, [], strategy="grid"), {"h": search.parse("int(2, 4)")}, 3)
+    assert grid == {"h": 3}
+
+
+def test_a_final_run_takes_its_groups_best_trial() -> None:
+    from mosaicd.training import tuning
+
+    dims = {"lr": search.parse("loguniform(0.001, 1)")}
+    part = _part(0, [_finished(0, 0.01, 0.5), _finished(1, 0.3, 0.1)]) | {"stage": "final"}
+    assert tuning.resolve(part, dims, 3)[0] == {"lr": 0.3}
+    with pytest.raises(tuning.SearchError, match="no trial of this group finished"):
+        tuning.resolve(part | {"history": []}, dims, 3)
+
+
+def test_the_median_pruner_stops_a_trial_worse_than_the_finished_ones() -> None:
+    from mosaicd.training import tuning
+    from mosaicd.training.history import History
+
+    history = [_finished(n, 0.01 * (n + 1), 0.1) for n in range(4)]
+    sent: list[tuple[dict, int | None]] = []
+    spec = {
+        "process": {"lr": "loguniform(0.001, 1)"},
+        "modules": [],
+        "epochs_target": 3,
+        "search": _part(4, history, pruning="median"),
+    }
+    resolved, tuner = tuning.start(spec, lambda values, pruned: sent.append((values, pruned)))
+    assert isinstance(resolved["process"]["lr"], float) and sent == [(tuner.values, None)]
+    run = History()
+    run.append(2.0, 2.0, None, None, 0.1, 5.0, None)  # far worse than every finished trial
+    assert tuner.prune(run, 1)
+    assert sent[-1] == (tuner.values, 1)
+    good = tuning.start(spec, None)[1]
+    fine = History()
+    fine.append(0.1, 0.1, None, None, 0.1, 0.05, None)
+    assert not good.prune(fine, 1)
+
+
+def test_selecting_on_a_validation_figure_needs_a_validation_loader() -> None:
+    from mosaicd.training import tuning
+
+    tuner = tuning.Tuner(_part(0, []), {"lr": 0.1}, None, None)
+    tuner.check(True)
+    with pytest.raises(tuning.SearchError, match="needs a validation loader"):
+        tuner.check(False)
+    tuning.Tuner(_part(0, [], metric="test_loss"), {"lr": 0.1}, None, None).check(False)

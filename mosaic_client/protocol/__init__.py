@@ -472,8 +472,9 @@ def _search_values(value: Any) -> str | None:
     if problem:
         return problem
     for name, got in value.items():
-        if not (_is_number(got) or (isinstance(got, str) and len(got) <= MAX_WORKER_NAME)):
-            return f"{name!r} must be a number or a short string, got {got!r:.40}"
+        finite = _is_number(got) and got == got and abs(got) != float("inf")
+        if not (finite or (isinstance(got, str) and len(got) <= MAX_WORKER_NAME)):
+            return f"{name!r} must be a finite number or a short string, got {got!r:.40}"
     return None
 
 
