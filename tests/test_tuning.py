@@ -232,6 +232,8 @@ def test_the_example_a_wins_at_a_fixed_lr_b_once_tuned(tmp: Path) -> None:
         fixed = _compare(daemon, tmp / "fixed.db")
         tuned = _compare(daemon, tmp / "tuned.db")
         text = daemon.cli("compare", str(tmp / "tuned.db"), check=True).stdout
+        status = json.loads(daemon.cli("status", "--db", str(tmp / "tuned.db"), "--json").stdout)
+        shown = daemon.cli("status", "--db", str(tmp / "tuned.db"), check=True).stdout
     finally:
         daemon.stop()
     assert [line["verdict"] for line in fixed["lines"]] == ["A better"]
@@ -244,6 +246,13 @@ def test_the_example_a_wins_at_a_fixed_lr_b_once_tuned(tmp: Path) -> None:
     assert tuned["tuned"] and {g["family"] for g in tuned["tuning"]} == {"features", "mlp"}
     assert "tuned with equal budgets: 8 tpe trial(s)" in text
     assert "slot-hours" in text
+    # status: each search's progress (trials done, best so far), in text and in --json.
+    [study] = status["studies"]
+    assert [(g["family"], g["finished"], g["trials"]) for g in study["searches"]] == [
+        ("features", 8, 8),
+        ("mlp", 8, 8),
+    ]
+    assert "search sine mlp: 8/8 trials, best val_loss" in shown
     rows = _search_rows(tmp / "tuned.db")
     trials = [r for r in rows if r[2] == "trial"]
     finals = [r for r in rows if r[2] == "final"]
@@ -273,13 +282,19 @@ SMALL = {
     "round_size = 4": "round_size = 2",
     "final_repetitions = 5": "final_repetitions = 3",
     "epochs = 10": "epochs = 4",
+    "pruning = none": "pruning = median",
 }
 
 
 def _outcome(daemon: Daemon, db: Path) -> tuple:
-    rows = _search_rows(db)
+    pruned = dict(
+        query(
+            db, "SELECT run_id, param_value FROM params WHERE param_name = ?", search.PRUNED_PARAM
+        )
+    )
+    rows = [(*row, pruned.get(row[0])) for row in _search_rows(db)]
     report = _compare(daemon, db)
-    sequence = [(r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+    sequence = [(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
     chosen = sorted(
         (g["group"], g["best_trial"], json.dumps(g["best_values"])) for g in report["tuning"]
     )
@@ -301,6 +316,8 @@ def test_a_kill_9_mid_search_gives_the_same_search(tmp: Path) -> None:
         expected = _outcome(plain, tmp / "a" / "s.db")
     finally:
         plain.stop()
+    # Pruned trials (median, against the finished trials of earlier rounds) are part of it.
+    assert any(step[-1] is not None for step in expected[0]), expected[0]
 
     (tmp / "b").mkdir()
     db = tmp / "b" / "s.db"
@@ -416,3 +433,35 @@ def test_selecting_on_a_validation_figure_needs_a_validation_loader() -> None:
     with pytest.raises(tuning.SearchError, match="needs a validation loader"):
         tuner.check(False)
     tuning.Tuner(_part(0, [], metric="test_loss"), {"lr": 0.1}, None, None).check(False)
+
+
+def test_the_gate_holds_a_round_until_the_earlier_rounds_finish() -> None:
+    from mosaicd.scheduling.search_gate import SearchGate
+    from mosaicd.scheduling.submissions import Submission
+    from mosaicd.storage.store import RunRecord
+
+    class Study:
+        open_rounds: list[list[int]] = [[0, 0], [1, 1]]  # group 0: round 0 open; group 1: 1
+
+        def call(self, op: str, **args: object) -> list[list[int]]:
+            assert op == "search_open_rounds"
+            return self.open_rounds
+
+    process = {"lr": "loguniform(0.001, 1)", "epochs": 1, "data_scheme": ["d"]}
+    process |= {"pipeline_scheme": ["m"]}
+    submission = Submission("/s.db", 1, None, None, process, {}, search={"trials": 8})
+
+    def record(group: int, stage: str, trial: int | None, round_: int) -> RunRecord:
+        info = {"group": group, "stage": stage, "trial": trial, "round": round_}
+        return RunRecord(1, 1, [], 0, 1, 0, 0, 1, search=info)
+
+    gate, study = SearchGate(), Study()
+    assert gate.ready(study, submission, record(0, "trial", 1, 0))  # type: ignore[arg-type]
+    words = gate.wait(study, submission, record(0, "trial", 5, 1))  # type: ignore[arg-type]
+    assert words is not None and "waits for round 0" in words
+    assert gate.ready(study, submission, record(1, "trial", 5, 1))  # type: ignore[arg-type]
+    final = gate.wait(study, submission, record(1, "final", None, -1))  # type: ignore[arg-type]
+    assert final is not None and "every trial" in final
+    Study.open_rounds = [[0, 0]]
+    gate.reset()
+    assert gate.ready(study, submission, record(1, "final", None, -1))  # type: ignore[arg-type]
