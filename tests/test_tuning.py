@@ -465,3 +465,20 @@ def test_the_gate_holds_a_round_until_the_earlier_rounds_finish() -> None:
     Study.open_rounds = [[0, 0]]
     gate.reset()
     assert gate.ready(study, submission, record(1, "final", None, -1))  # type: ignore[arg-type]
+
+
+def test_neither_the_client_nor_the_daemons_loop_imports_optuna() -> None:
+    """Samplers stay in the workers: the client (every command's module loaded by the parser)
+    and the daemon's main process never import optuna."""
+    import subprocess
+    import sys
+
+    code = (
+        "import mosaic_client.cli, mosaic_client.commands.tuning, mosaic_client.search_report, "
+        "mosaicd.main, mosaicd.service.server, mosaicd.scheduling.scheduler, sys; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('optuna', 'torch')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
