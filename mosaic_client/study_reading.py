@@ -596,10 +596,18 @@ def search_runs(conn: sqlite3.Connection, submission_id: int | None = None) -> l
 def search_open_rounds(conn: sqlite3.Connection, submission_id: int) -> dict[int, int]:
     """{group: the lowest round of its trials that have not finished} for one submission's
     search (groups whose trials have all finished are absent): what the daemon holds a trial
-    or a final run back by."""
+    or a final run back by. Read on every dispatch pass of a search: its unfinished runs only."""
     open_rounds: dict[int, int] = {}
-    for run in search_runs(conn, submission_id):
-        if run["stage"] == "trial" and run["status"] not in contract.FINAL_STATES:
+    if not has_search(conn):
+        return open_rounds
+    rows = conn.execute(
+        "SELECT m.search FROM run_meta m JOIN runs r USING (run_id) WHERE m.submission_id = ? "
+        f"AND m.search IS NOT NULL AND r.status NOT IN ({_marks(contract.FINAL_STATES)})",
+        (submission_id, *contract.FINAL_STATES),
+    )
+    for (text,) in rows:
+        run = json.loads(text)
+        if run["stage"] == "trial":
             group, round_ = int(run["group"]), int(run["round"])
             open_rounds[group] = min(open_rounds.get(group, round_), round_)
     return open_rounds

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -253,6 +254,18 @@ def test_the_example_a_wins_at_a_fixed_lr_b_once_tuned(tmp: Path) -> None:
         ("mlp", 8, 8),
     ]
     assert "search sine mlp: 8/8 trials, best val_loss" in shown
+    # The web view's study summary carries the same lines (the study page lists them).
+    from mosaic_client.web import studies
+
+    conn = sqlite3.connect(f"file:{tmp / 'tuned.db'}?mode=ro", uri=True)
+    try:
+        summary = studies.study_summary(conn)
+    finally:
+        conn.close()
+    assert [line.split(":")[0] for line in summary["search_lines"]] == [
+        "search sine features",
+        "search sine mlp",
+    ]
     rows = _search_rows(tmp / "tuned.db")
     trials = [r for r in rows if r[2] == "trial"]
     finals = [r for r in rows if r[2] == "final"]

@@ -32,9 +32,10 @@ def _record(value: Any) -> str | None:
     """A run record (mosaicd.storage.store.RunRecord) as a map."""
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) != {*_RECORD_INTS, "modules", "search"}:
+    # "search" may be absent (a run record before tuned comparisons): no search.
+    if not isinstance(value, dict) or set(value) - {"search"} != {*_RECORD_INTS, "modules"}:
         return "must be a run record"
-    if value["search"] is not None and not _search_record(value["search"]):
+    if value.get("search") is not None and not _search_record(value["search"]):
         return "field 'search' must be a search record"
     bad = [k for k in _RECORD_INTS if not _int64(value[k])]
     if bad:

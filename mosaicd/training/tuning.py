@@ -29,7 +29,8 @@ def _optuna() -> Any:
         import optuna
     except ImportError:  # the optional extra (pyproject: search)
         raise SearchError(
-            "a [SEARCH] study needs optuna in the workers' Python: pip install 'mosaic[search]'"
+            "a [SEARCH] study needs optuna in the workers' Python: "
+            "pip install 'mosaic-compare[search]'"
         ) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
