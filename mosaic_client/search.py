@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mosaic_client.contract import MODULE_FIELDS
+
 # -- names ------------------------------------------------------------------------------------
 SEARCH = "SEARCH"  # the config section
 LOGUNIFORM, UNIFORM, INT, CHOICE = "loguniform", "uniform", "int", "choice"
@@ -141,7 +143,6 @@ def parse(text: str) -> Distribution:
 
 
 # -- a run's search space ----------------------------------------------------------------------
-MODULE_FIELDS = ("type", "class", "path_to_class", "key", "name")
 
 
 def param_name(module: Mapping[str, Any], name: str) -> str:

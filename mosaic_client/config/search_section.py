@@ -9,8 +9,6 @@ from mosaic_client import schema, search
 from mosaic_client.config.class_sections import ClassSection
 from mosaic_client.config.problems import Report, Section
 
-_PLACEHOLDER = "{"
-
 
 def _searched_entries(
     by_name: dict[str, Section], by_type: dict[str, list[ClassSection]]
@@ -79,18 +77,18 @@ def check_search(
         )
     for where, key in searched:
         template = where.entries.get("key")
-        if template is not None and f"{_PLACEHOLDER}{key}}}" in template.value.replace(" ", ""):
+        if template is not None and "{" + key + "}" in template.value.replace(" ", ""):
             report.entry_error(
                 where,
                 template,
                 f"the key names the family compared, so it cannot name the searched "
                 f"parameter {{{key}}}; remove the placeholder",
             )
-    multiplicity = by_name.get(schema.MONITOR)
-    entry = multiplicity.entries.get("multiplicity") if multiplicity else None
+    monitor_section = by_name.get(schema.MONITOR)
+    entry = monitor_section.entries.get("multiplicity") if monitor_section else None
     if entry is not None and monitor is not None and monitor.get("multiplicity", 1) > 1:
         report.entry_warning(
-            multiplicity,  # type: ignore[arg-type]
+            monitor_section,  # type: ignore[arg-type]
             entry,
             "not used by a search: each family x size runs [SEARCH] trials, then its best "
             "configuration final_repetitions times",
