@@ -34,6 +34,9 @@ RESULT_CRITERIA = (
     "overfit",
     "trainability",
     "slope",
+    # the validation loader's, when a data stage gives one (docs/tuning.md; schema 9)
+    "val_loss",
+    "val_acc",
 )
 
 
