@@ -42,6 +42,7 @@ from mosaic_client.commands import (
     show,
     shutdown,
     status,
+    tuning,
     web,
 )
 from mosaic_client.commands import run as run_command
@@ -70,6 +71,7 @@ COMMANDS = (
     groups,
     compare,
     pareto,
+    tuning,
     repeat,
     priority,
     rekey,

@@ -73,12 +73,16 @@ RESOURCE_BOUNDS: dict[str, float] = {
     "throughput_per_s": 1e15,
     "energy_j": 1e15,
 }
+# The last epoch's figures on the validation loader, when the data stage gives one
+# (docs/tuning.md); None without one. In run_results and run_epochs.
+VALIDATION_COLUMNS: tuple[str, ...] = ("val_loss", "val_acc")
 # The columns of run_results, in table order; every one is a metaplot criterion.
 RESULT_COLUMNS: tuple[str, ...] = (
     ("train_loss", "test_loss", "train_acc", "test_acc")  # the last epoch's figures
     + ("nb_params", "duration(s)", "epochs")  # the run's size and cost
     + ("overfit", "trainability", "slope")  # derived from its loss curves (docs/analysis.md)
     + RESOURCE_COLUMNS  # what it costs (issue 26)
+    + VALIDATION_COLUMNS
 )
 # The columns a family can be matched on (`compare --size-by`, `metaplot --x`) and a Pareto
 # front drawn against (`pareto --cost`), and the short names they may be given by.
@@ -116,7 +120,13 @@ def size_column(name: str) -> str:
 MEASUREMENT_TEXT = ("device", "memory_method")
 MEASUREMENT_NUMBERS = ("load_1m", "cpus", "threads", "gpu_seconds", "latency_spread", "members")
 # The per-epoch columns of run_epochs besides run_id and epoch.
-EPOCH_COLUMNS: tuple[str, ...] = ("train_loss", "test_loss", "train_acc", "test_acc", "duration(s)")
+EPOCH_COLUMNS: tuple[str, ...] = (
+    "train_loss",
+    "test_loss",
+    "train_acc",
+    "test_acc",
+    "duration(s)",
+) + VALIDATION_COLUMNS
 
 # -- pipelines and params --------------------------------------------------------------------
 # Keys of a module dict that describe the module rather than parameterise it: never passed to

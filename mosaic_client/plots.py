@@ -257,3 +257,33 @@ def plot_pareto(front: Any, out: str, fmt: str) -> None:
         )
     fig.tight_layout()
     fig.savefig(out, format=fmt, dpi=120)
+
+
+def plot_tuning(groups: list[Any], importances: list[dict[str, float]], out: str) -> None:
+    """`mosaic tuning`'s picture: the best so far against the trials per group (equal-effort
+    curves, docs/tuning.md), and each searched param's importance per group."""
+    fig = Figure(figsize=(11, 4.2))
+    curves, bars = fig.subplots(1, 2)
+    for group in groups:
+        xs = [trial + 1 for trial, _, best in group.curve if best is not None]
+        ys = [best for _, _, best in group.curve if best is not None]
+        label = f"{group.family}" + (f" ({group.nb_params})" if group.nb_params else "")
+        curves.step(xs, ys, where="post", marker="o", label=label)
+    metric = groups[0].settings["metric"]
+    curves.set_xlabel("trials (the same budget for every family)")
+    curves.set_ylabel(f"best {metric} so far")
+    curves.set_title("equal-effort curves")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves.legend()
+    names = sorted({name for weights in importances for name in weights})
+    width = 0.8 / max(1, len(groups))
+    for index, (group, weights) in enumerate(zip(groups, importances)):
+        xs = [i + index * width for i in range(len(names))]
+        bars.bar(xs, [weights.get(n, 0.0) for n in names], width=width, label=group.family)
+    bars.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    bars.set_ylim(0, 1)
+    bars.set_ylabel(f"share of {metric}'s spread explained")
+    bars.set_title("importance of each searched parameter")
+    bars.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)

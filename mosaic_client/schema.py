@@ -16,8 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypedDict, cast
 
+from mosaic_client import search
+
 PROCESS = "PROCESS"
 MONITOR = "MONITOR"
+SEARCH = search.SEARCH
 
 # torch.nn loss classes, listed by hand because importing torch would cost the CLI seconds.
 TORCH_LOSSES: tuple[str, ...] = (
@@ -123,6 +126,8 @@ class Key:
     fold_case: bool = False
     # A path that must name an existing file when the config is read (else: made when needed).
     must_exist: bool = False
+    # A number that may be a distribution's text instead ([PROCESS] lr, docs/tuning.md).
+    searchable: bool = False
 
     @property
     def named(self) -> str:
@@ -164,6 +169,7 @@ KEYS: tuple[Key, ...] = (
         label="the learning rate",
         minimum=0.0,
         exclusive_minimum=True,
+        searchable=True,
     ),
     _count(
         PROCESS,
@@ -368,14 +374,88 @@ KEYS: tuple[Key, ...] = (
         maximum=1e9,
         label="the on-disk data cache size in MiB",
     ),
+    # -- SEARCH: a tuned comparison (docs/tuning.md); the section is optional -----------------
+    Key(
+        SEARCH,
+        "strategy",
+        CHOICE,
+        "how trials are drawn: grid (the product of the choice()/int() values), random, or "
+        "tpe (Optuna's Tree-structured Parzen Estimator)",
+        default="tpe",
+        choices=search.STRATEGIES,
+        label="search strategy",
+        fold_case=True,
+    ),
+    Key(
+        SEARCH,
+        "trials",
+        INT,
+        "the trials per family x size (per combination of the grid's lists); the same for all",
+        default=20,
+        minimum=1,
+        maximum=search.MAX_TRIALS,
+        label="the number of trials",
+    ),
+    Key(
+        SEARCH,
+        "metric",
+        CHOICE,
+        "the run_results column trials are selected on (val_loss needs a validation loader)",
+        default="val_loss",
+        choices=search.METRICS,
+        label="selection metric",
+    ),
+    Key(
+        SEARCH,
+        "direction",
+        CHOICE,
+        "whether the metric is better low (minimize) or high (maximize)",
+        default="minimize",
+        choices=search.DIRECTIONS,
+        label="direction",
+        fold_case=True,
+    ),
+    Key(
+        SEARCH,
+        "pruning",
+        CHOICE,
+        "stop unpromising trials early, on the per-epoch metric: none, median or hyperband",
+        default="none",
+        choices=search.PRUNINGS,
+        label="pruning",
+        fold_case=True,
+    ),
+    Key(
+        SEARCH,
+        "final_repetitions",
+        INT,
+        "how many fresh seeds each family x size's best configuration is run with",
+        default=5,
+        minimum=1,
+        maximum=search.MAX_TRIALS,
+        label="the number of final repetitions",
+    ),
+    Key(
+        SEARCH,
+        "round_size",
+        INT,
+        "trials per round: a trial is drawn from the finished trials of the earlier rounds "
+        "of its group, so the same seed gives the same trials on any machine",
+        default=search.DEFAULT_ROUND_SIZE,
+        minimum=1,
+        maximum=search.MAX_TRIALS,
+        label="the round size",
+    ),
 )
 
 BY_SECTION: dict[str, dict[str, Key]] = {
     PROCESS: {k.name: k for k in KEYS if k.section == PROCESS},
     MONITOR: {k.name: k for k in KEYS if k.section == MONITOR},
+    SEARCH: {k.name: k for k in KEYS if k.section == SEARCH},
 }
 PROCESS_KEYS: tuple[str, ...] = tuple(BY_SECTION[PROCESS])
 MONITOR_KEYS: tuple[str, ...] = tuple(BY_SECTION[MONITOR])
+SEARCH_KEYS: tuple[str, ...] = tuple(BY_SECTION[SEARCH])
 # The [MONITOR] keys a worker's data cache reads (they travel in RunSpec's "data_cache").
 DATA_CACHE_KEYS: tuple[str, ...] = ("data_cache_mb", "cache_dir", "cache_size_mb")
 
@@ -393,6 +473,12 @@ def value_problem(key: Key, value: Any) -> str | None:
     caller's concern (see :func:`section_problem`); None is accepted where the key allows it."""
     if value is None:
         return None if key.nullable or not key.required else "must be set"
+    if key.searchable and isinstance(value, str):
+        try:
+            search.parse(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
     if key.kind in (INT, FLOAT):
         if key.kind == INT and not _is_int(value):
             return f"expected {key.range_text()}"
@@ -497,7 +583,7 @@ def value(section: str, values: Mapping[str, Any], name: str) -> Any:
 class ProcessSettings(TypedDict):
     """[PROCESS] resolved: what every run of a submission does (it travels in RunSpec)."""
 
-    lr: float
+    lr: float | str  # a distribution's text in a search's trial (docs/tuning.md)
     epochs: int
     data_scheme: list[str]
     pipeline_scheme: list[str]
@@ -530,9 +616,22 @@ class MonitorSettings(TypedDict):
     cache_size_mb: float
 
 
+class SearchSettings(TypedDict):
+    """[SEARCH] resolved (docs/tuning.md)."""
+
+    strategy: str
+    trials: int
+    metric: str
+    direction: str
+    pruning: str
+    final_repetitions: int
+    round_size: int
+
+
 # The typed forms and the table must name the same keys (a key added to KEYS needs its type).
 assert tuple(ProcessSettings.__annotations__) == PROCESS_KEYS, "ProcessSettings != PROCESS keys"
 assert tuple(MonitorSettings.__annotations__) == MONITOR_KEYS, "MonitorSettings != MONITOR keys"
+assert tuple(SearchSettings.__annotations__) == SEARCH_KEYS, "SearchSettings != SEARCH keys"
 
 
 def _typed(key: Key, got: Any) -> Any:
@@ -540,6 +639,8 @@ def _typed(key: Key, got: Any) -> Any:
     must travel as a list (msgpack and JSON know lists only)."""
     if got is None:
         return None
+    if key.searchable and isinstance(got, str):
+        return got
     if key.kind == FLOAT:
         return float(got)
     if key.kind == INT:
@@ -567,6 +668,11 @@ def process_settings(process: Mapping[str, Any]) -> ProcessSettings:
 def monitor_settings(monitor: Mapping[str, Any]) -> MonitorSettings:
     """A checked [MONITOR] with every key, typed: the keys left out take their defaults."""
     return cast(MonitorSettings, _resolved(MONITOR, monitor))
+
+
+def search_settings(values: Mapping[str, Any]) -> SearchSettings:
+    """A checked [SEARCH] with every key, typed."""
+    return cast(SearchSettings, _resolved(SEARCH, values))
 
 
 def default_accuracy(loss_function: str | None) -> str:

@@ -590,3 +590,133 @@ def dataset_keys(conn: sqlite3.Connection) -> list[str]:
         )
         keys.update("_".join(str(v) for v in row) for row in rows)
     return sorted(keys)
+
+
+# -- tuned comparisons (docs/tuning.md) -----------------------------------------------------------
+
+
+def has_search(conn: sqlite3.Connection) -> bool:
+    """Whether the study's schema records searches (version 9 and later)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(run_meta)")}
+    return "search" in columns
+
+
+def search_runs(conn: sqlite3.Connection, submission_id: int | None = None) -> list[dict[str, Any]]:
+    """Every run of a search: run_id, submission_id, status, seed and its search record
+    (group, stage, trial, round) and modules, by run id; [] for a study without searches."""
+    if not has_search(conn):
+        return []
+    where = "" if submission_id is None else " AND m.submission_id = ?"
+    rows = conn.execute(
+        "SELECT m.run_id, m.submission_id, r.status, m.seed, m.search, m.modules FROM run_meta "
+        f"m JOIN runs r USING (run_id) WHERE m.search IS NOT NULL{where} ORDER BY m.run_id",
+        () if submission_id is None else (submission_id,),
+    )
+    return [
+        {
+            "run_id": r[0],
+            "submission_id": r[1],
+            "status": r[2],
+            "seed": r[3],
+            **json.loads(r[4]),
+            "modules": r[5],  # JSON text: its distributions unresolved
+        }
+        for r in rows
+    ]
+
+
+def search_open_rounds(conn: sqlite3.Connection, submission_id: int) -> dict[int, int]:
+    """{group: the lowest round of its trials that have not finished} for one submission's
+    search (groups whose trials have all finished are absent): what the daemon holds a trial
+    or a final run back by. Read on every dispatch pass of a search: its unfinished runs only."""
+    open_rounds: dict[int, int] = {}
+    if not has_search(conn):
+        return open_rounds
+    rows = conn.execute(
+        "SELECT m.search FROM run_meta m JOIN runs r USING (run_id) WHERE m.submission_id = ? "
+        f"AND m.search IS NOT NULL AND r.status NOT IN ({_marks(contract.FINAL_STATES)})",
+        (submission_id, *contract.FINAL_STATES),
+    )
+    for (text,) in rows:
+        run = json.loads(text)
+        if run["stage"] == "trial":
+            group, round_ = int(run["group"]), int(run["round"])
+            open_rounds[group] = min(open_rounds.get(group, round_), round_)
+    return open_rounds
+
+
+def search_history(
+    conn: sqlite3.Connection,
+    submission_id: int,
+    group: int,
+    before_round: int | None,
+    metric: str,
+    names: Sequence[str],
+) -> list[dict[str, Any]]:
+    """The finished trials of one group, of the rounds before `before_round` (None: all), by
+    trial number: {trial, state (complete | pruned | fail), value (the metric), values (the
+    params `names`), intermediate ([[epoch, the metric after it]], when it has per-epoch
+    values)}. What a sampler, a pruner and a final run's choice see (docs/tuning.md)."""
+    trials = [
+        r
+        for r in search_runs(conn, submission_id)
+        if r["stage"] == "trial"
+        and int(r["group"]) == group
+        and r["status"] in contract.FINAL_STATES
+        and (before_round is None or int(r["round"]) < before_round)
+    ]
+    ids = [r["run_id"] for r in trials]
+    params = run_params(conn, ids)
+    results = {
+        run_id: value
+        for run_id, value in conn.execute(
+            f"SELECT run_id, {quoted(metric)} FROM run_results WHERE run_id IN ({_marks(ids)})",
+            ids,
+        )
+    }
+    epochs: dict[int, dict[int, float]] = defaultdict(dict)
+    if metric in contract.EPOCH_COLUMNS:
+        for run_id, epoch, value in conn.execute(
+            f"SELECT run_id, epoch, {quoted(metric)} FROM run_epochs WHERE run_id IN "
+            f"({_marks(ids)}) ORDER BY run_id, epoch",
+            ids,
+        ):
+            if isinstance(value, (int, float)):
+                epochs[run_id][epoch] = value
+    history = []
+    for run in sorted(trials, key=lambda r: int(r["trial"])):
+        own = params.get(run["run_id"], {})
+        value = results.get(run["run_id"])
+        finite = isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+        if own.get("search_pruned") is not None:
+            state = "pruned"
+        elif run["status"] == contract.DONE and finite:
+            state = "complete"
+        else:
+            state = "fail"
+        history.append(
+            {
+                "trial": int(run["trial"]),
+                "run_id": run["run_id"],
+                "state": state,
+                "value": value if finite else None,
+                "values": {n: own.get(n) for n in names},
+                # [[epoch, value], ...]: msgpack maps take string keys only.
+                "intermediate": sorted(epochs.get(run["run_id"], {}).items()),
+            }
+        )
+    return history
+
+
+def search_settings(conn: sqlite3.Connection) -> dict[int, dict[str, Any]]:
+    """{submission_id: its [SEARCH] as sent, with "lr": its [PROCESS] lr (a distribution's
+    text when lr is searched)} of the study's searches."""
+    if not has_search(conn):
+        return {}
+    rows = conn.execute(
+        "SELECT submission_id, search, process FROM submissions WHERE search IS NOT NULL"
+    )
+    return {
+        int(sid): {**json.loads(text), "lr": json.loads(process).get("lr")}
+        for sid, text, process in rows
+    }

@@ -42,6 +42,9 @@ RESULT_CRITERIA = (
     "latency_ms",
     "throughput_per_s",
     "energy_j",
+    # the validation loader's, when a data stage gives one (docs/tuning.md; schema 10)
+    "val_loss",
+    "val_acc",
 )
 
 

@@ -298,6 +298,31 @@ def missing_class_file(s: Setup, where: Path) -> subprocess.CompletedProcess[str
 
 
 CASES = [
+    # Search spaces (docs/tuning.md): refused when the file is read, the key named.
+    Case(
+        "config: unknown distribution",
+        lambda s, w: cli(s, "run", str(project(w, "c", lr="lognormal(1, 2)")), s.ref),
+        BAD_INPUT,
+        ("[PROCESS] lr", "unknown distribution 'lognormal'", "nothing was queued"),
+    ),
+    Case(
+        "config: a log scale over a non-positive bound",
+        lambda s, w: cli(s, "run", str(project(w, "c", lr="loguniform(0, 1)")), s.ref),
+        BAD_INPUT,
+        ("[PROCESS] lr", "above 0", "nothing was queued"),
+    ),
+    Case(
+        "config: distribution with low > high",
+        lambda s, w: cli(s, "generate", str(project(w, "c", lr="uniform(1, 0.1)")), "o.json"),
+        BAD_INPUT,
+        ("[PROCESS] lr", "low is greater than high"),
+    ),
+    Case(
+        "config: a distribution without [SEARCH]",
+        lambda s, w: cli(s, "run", str(project(w, "c", lr="uniform(0.01, 0.1)")), s.ref),
+        BAD_INPUT,
+        ("[PROCESS] lr", "needs a [SEARCH] section", "nothing was queued"),
+    ),
     Case(
         "config: value of the wrong type",
         lambda s, w: cli(s, "run", str(project(w, "c", lr="fast")), s.ref),

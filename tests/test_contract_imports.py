@@ -17,6 +17,7 @@ SHARED_CONTRACT = {
     "mosaic_client.protocol",
     "mosaic_client.provenance",
     "mosaic_client.schema",
+    "mosaic_client.search",
     "mosaic_client.selection",
     "mosaic_client.study_reading",
 }

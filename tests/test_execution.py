@@ -302,6 +302,8 @@ def test_history_truncates_and_describes_an_epoch() -> None:
         "train_acc": [None, None],
         "test_acc": [0.5, 0.5],
         "duration": [0.1, 0.1],
+        "val_loss": [None, None],  # no validation loader: None, and no field in the event
+        "val_acc": [None, None],
         "usage": [],
     }
     assert history.event(4, 1, True) == {
@@ -314,6 +316,9 @@ def test_history_truncates_and_describes_an_epoch() -> None:
         "duration": 0.1,
         "checkpointed": True,
     }
+    history.append(3.0, 4.0, None, 0.5, 0.1, 0.25, 0.75)
+    assert history.event(4, 2, False)["val_loss"] == 0.25
+    assert history.event(4, 2, False)["val_acc"] == 0.75
 
 
 def test_run_results_follow_the_history() -> None:

@@ -175,6 +175,11 @@ def test_every_result_check_never_raises_and_passes_the_keepers_own_results() ->
     }
     assert protocol.keeper_reply_problem("run_record", {"ok": True, "result": good}) is None
     assert protocol.keeper_reply_problem("runs_in_state", {"ok": True, "result": [good]}) is None
+    # A search run's record (docs/tuning.md): its group, stage, trial and round.
+    trial = dict(good, search={"group": 0, "stage": "trial", "trial": 3, "round": 1})
+    assert protocol.keeper_reply_problem("run_record", {"ok": True, "result": trial}) is None
+    odd = dict(good, search={"group": 0, "stage": "best", "trial": 3, "round": 1})
+    assert protocol.keeper_reply_problem("run_record", {"ok": True, "result": odd})
     bad = dict(good, run_id=True)
     assert protocol.keeper_reply_problem("run_record", {"ok": True, "result": bad})
     assert protocol.keeper_reply_problem(

@@ -77,6 +77,7 @@ VALID: dict[str, dict[str, Any]] = {
     },
     "cancelled": {"type": "cancelled", "run_id": 7, "epoch": 2},
     "fallback": {"type": "fallback", "run_ids": [7, 8], "reason": "LBFGS"},
+    "search": {"type": "search", "run_id": 7, "values": {"lr": 0.01, "mlp_act": "relu"}},
 }
 # Values of every msgpack kind; the mutations pick those a field does not accept.
 JUNK: list[Any] = [True, 3, -1, 2**70, 1.5, float("inf"), "x", b"\x00", [], [1], {}, {"a": 1}]
@@ -116,6 +117,8 @@ def test_every_worker_message_has_a_valid_example_and_a_handler() -> None:
         (VALID["epoch"] | {"loss": 1.0}, "unknown field 'loss'"),
         (VALID["failed"] | {"error": "e" * (protocol.MAX_WORKER_TEXT + 1)}, "longer than"),
         (VALID["fallback"] | {"run_ids": [7, "8"]}, "item 1 must be a run id"),
+        (VALID["search"] | {"values": {"lr": [0.1]}}, "must be a finite number or a short string"),
+        (VALID["search"] | {"pruned": 0}, "'pruned'"),
         (VALID["provenance"] | {"code": [{**CODE, "sha256": None}]}, "needs a 'sha256'"),
         ({"type": "epoch"}, "missing field 'run_id'"),
         ({"type": "bye"}, "unknown worker message type 'bye'"),
@@ -173,6 +176,11 @@ def _nested_breakage(kind: str, message: dict[str, Any], rng: random.Random) -> 
         message["epoch"] = rng.choice([-1, -(2**40)])
     elif kind == "failed":
         message[rng.choice(["error", "traceback"])] = "t" * (protocol.MAX_WORKER_TEXT + 1)
+    elif kind == "search":
+        if rng.randrange(2):
+            message["values"] = {"lr": rng.choice([[], {}, None, b"x", "v" * 5000, float("nan")])}
+        else:
+            message["pruned"] = rng.choice([0, -1, -(2**40)])
     else:  # hello
         message[rng.choice(["pid", "slot"])] = rng.choice([0, "s" * 5000])
 

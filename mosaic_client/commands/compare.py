@@ -201,10 +201,20 @@ def run(args: argparse.Namespace) -> int:
 
         found = across.across_datasets(report.lines, report.better, report.alpha)
         report.across_datasets = [f.as_json() for f in found]
+    from mosaic_client.verdict import tuned
+
+    tuning = tuned.tuning_of(os.path.abspath(args.db))
+    tuned.attach(report, tuning)
     if args.json:
         sys.stdout.write(json.dumps(report.as_json(), indent=1) + "\n")  # one write: fast
     else:
-        sys.stdout.write(render(report))
+        text = render(report)
+        extra = tuned.lines(tuning)
+        if extra:
+            # Before the verdicts' summary: what was compared, and at what tuning cost.
+            head, _, tail = text.rpartition("\nverdicts: ")
+            text = head + "\n".join(extra) + "\n\nverdicts: " + tail
+        sys.stdout.write(text)
     return 0
 
 

@@ -22,6 +22,12 @@ def run(args: argparse.Namespace) -> int:
         fh.write(pipelines_to_json(expanded.pipelines))
     runs = len(expanded.pipelines)
     print(f"{count_text(runs, expanded.monitor['multiplicity'])}; wrote them to {args.out}")
+    if expanded.search is not None:
+        search = expanded.search
+        print(
+            f"a tuned comparison: each pipeline is one family x size group with "
+            f"{search['trials']} trial(s) and {search['final_repetitions']} final run(s)"
+        )
     return OK
 
 

@@ -36,10 +36,18 @@ def run(args: argparse.Namespace) -> int:
         monitor=expanded.monitor,
         pipelines=expanded.pipelines,
         **({"priority": args.priority} if args.priority else {}),
+        **({"search": expanded.search} if expanded.search is not None else {}),
     )
     ids = reply["run_ids"]
     span = f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0])
     print(f"queued {len(ids)} pipeline(s) as runs {span} in {db}")
+    if expanded.search is not None:
+        search = expanded.search
+        print(
+            f"a tuned comparison of {len(expanded.pipelines)} family x size group(s): "
+            f"{search['trials']} {search['strategy']} trial(s) each, then its best "
+            f"configuration on {search['final_repetitions']} fresh seed(s) (docs/tuning.md)"
+        )
     if reply.get("paused"):
         print(
             "note: paused (the daemon, or your own submissions): they start after `mosaic resume`"

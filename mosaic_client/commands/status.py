@@ -1,4 +1,5 @@
-"""`mosaic status`: the daemon's workers, queue and runs (`--watch`: a live view).
+"""`mosaic status`: the daemon's workers, queue and runs (`--watch`: a live view), and the
+progress of each search of a tuned study (read from the study, read-only: docs/tuning.md).
 
 Sends `status` (once, or once per interval with `--watch`, see mosaic_client/watch.py).
 """
@@ -30,13 +31,37 @@ def run(args: argparse.Namespace) -> int:
 
         return watch(args, fields)
     status = common.call(args, "status", **fields)
+    searches = _searches(status)
     if args.json:
         print(json.dumps(status, indent=1))
     else:
-        print(render.status_text(status, args.limit))
+        text = render.status_text(status, args.limit)
+        for db, lines in searches.items():
+            # Under the study's line: its searches' progress.
+            head = f"study {db}:"
+            at = text.find(head)
+            if at >= 0:
+                end = text.find("\n", at)
+                end = len(text) if end < 0 else end
+                text = text[:end] + "\n" + "\n".join(lines) + text[end:]
+        print(text)
         if args.users:
             print("\n" + render.users_text(status.get("users", [])))
     return OK
+
+
+def _searches(status: dict[str, Any]) -> dict[str, list[str]]:
+    """Each shown study's searches (docs/tuning.md): its lines for the text, and a new
+    "searches" key of the study in --json."""
+    from mosaic_client import search_report
+
+    found: dict[str, list[str]] = {}
+    for study in status.get("studies", []):
+        groups = search_report.of_study(study["db"]) if study.get("db") else []
+        if groups:
+            study["searches"] = [g.as_json() for g in groups]
+            found[study["db"]] = [search_report.progress_line(g) for g in groups]
+    return found
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

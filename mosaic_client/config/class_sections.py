@@ -223,7 +223,7 @@ def check_modules(
     declared_types: set[str] = set()
     by_type: dict[str, list[ClassSection]] = {}
     for section in sections:
-        if section.name in (PROCESS, MONITOR):
+        if section.name in (PROCESS, MONITOR, schema.SEARCH):
             continue
         declared, checked = _check_class_section(report, section, known_types, cwd, config_dir)
         if declared is not None:

@@ -8,7 +8,8 @@ from mosaic_client.config.class_sections import check_modules
 from mosaic_client.config.expansion import expand
 from mosaic_client.config.ini import read_ini
 from mosaic_client.config.problems import ConfigError, Problem, Report, in_file_order
-from mosaic_client.config.settings import check_settings
+from mosaic_client.config.search_section import cap_trials, check_search
+from mosaic_client.config.settings import check_settings, read_search
 
 
 @dataclass
@@ -20,6 +21,9 @@ class ExpandedConfig:
     monitor: dict[str, Any]
     pipelines: list[list[dict[str, Any]]]
     warnings: list[str] = field(default_factory=list)
+    # [SEARCH], resolved (docs/tuning.md): each pipeline is then one group (family x size)
+    # whose distributions the daemon's workers resolve; None: a plain grid.
+    search: dict[str, Any] | None = None
 
 
 def load_config(path: str, cwd: str | None = None) -> ExpandedConfig:
@@ -37,14 +41,24 @@ def load_config(path: str, cwd: str | None = None) -> ExpandedConfig:
 
     process, monitor = check_settings(report, by_name, base, config_dir)
     by_type = check_modules(report, sections, by_name, process, base, config_dir)
+    search_values = read_search(report, by_name, base, config_dir)
+    check_search(report, by_name, by_type, search_values, monitor)
     if report.problems or process is None or monitor is None:
         raise ConfigError(in_file_order(report.problems), report.warnings)
+    if search_values is not None:
+        # Each pipeline is one group; its repetitions are the search's final runs.
+        monitor["multiplicity"] = 1
+    pipelines = expand(report, process, monitor, by_type)
+    searched = None
+    if search_values is not None:
+        searched = cap_trials(report, search_values, process, pipelines)
     return ExpandedConfig(
         config_path=config_path,
         process=process,
         monitor=monitor,
-        pipelines=expand(report, process, monitor, by_type),
+        pipelines=pipelines,
         warnings=report.warnings,
+        search=searched,
     )
 
 

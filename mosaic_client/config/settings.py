@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from mosaic_client import schema
+from mosaic_client import schema, search
 from mosaic_client.class_files import class_file_problem
 from mosaic_client.config.problems import Entry, Report, Section
 from mosaic_client.config.values import (
@@ -61,7 +61,17 @@ def _number_text(bound: float | None) -> str:
     return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
-def _number(key: schema.Key, entry: Entry, place: _Place) -> int | float:
+def _number(key: schema.Key, entry: Entry, place: _Place) -> int | float | str:
+    if search.is_distribution_syntax(entry.value):
+        if not key.searchable:
+            raise _Invalid(
+                f"'{key.name}' cannot be searched: a distribution is accepted for [PROCESS] lr "
+                "and the parameters of module sections only (docs/tuning.md)"
+            )
+        try:
+            return search.parse(entry.value).text
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
     typed = typed_scalar(entry.value)
     wrong = isinstance(typed, str) if key.kind == schema.FLOAT else not isinstance(typed, int)
     if wrong or not math.isfinite(typed):
@@ -306,6 +316,19 @@ def _check_monitor(
         message = "GPUs are listed but need_gpu is false; they are not used"
         report.entry_warning(section, available, message)
     return monitor if len(report.problems) == start else None
+
+
+def read_search(
+    report: Report, by_name: dict[str, Section], cwd: str, config_dir: str
+) -> dict[str, Any] | None:
+    """[SEARCH] read against the schema table (every key optional), or None when absent."""
+    if schema.SEARCH not in by_name:
+        return None
+    section = by_name[schema.SEARCH]
+    for entry in section.entries.values():
+        if search.is_distribution_syntax(entry.value):
+            report.entry_error(section, entry, "[SEARCH] keys take plain values, not distributions")
+    return _read_section(_Place(report, section, cwd, config_dir), ())
 
 
 def check_settings(

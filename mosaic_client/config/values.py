@@ -3,6 +3,7 @@
 import os
 import re
 
+from mosaic_client import search
 from mosaic_client.config.problems import Entry, Report, Section
 
 # Guards against a typo such as {1-1000000000} eating the client's memory before the user
@@ -92,6 +93,10 @@ def parse_value(raw: str) -> list[int | float | str]:
     text = raw.strip()
     if not text:
         raise ValueError("empty value; write a value, a list (a, b) or a range ({2-5})")
+    if search.is_distribution_syntax(text):
+        # A search dimension (docs/tuning.md): one value, its canonical text, resolved when a
+        # run starts. Checked here, so a bad one is refused before anything is sent.
+        return [search.parse(text).text]
     _check_braces(text)
     values: list[int | float | str] = []
     for position, item in enumerate(text.split(","), start=1):

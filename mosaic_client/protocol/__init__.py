@@ -97,6 +97,8 @@ REQUESTS: dict[str, tuple[Field, ...]] = {
         _f("monitor", dict),
         _f("pipelines", list),
         _f("priority", int, False),
+        # [SEARCH] of a tuned comparison (docs/tuning.md): each pipeline is then one group.
+        _f("search", dict, False),
     ),
     "status": (
         _f("db", str, False),
@@ -512,6 +514,17 @@ def _data_cache(value: Any) -> str | None:
     return None
 
 
+def _search_values(value: Any) -> str | None:
+    problem = _small_map(value)
+    if problem:
+        return problem
+    for name, got in value.items():
+        finite = _is_number(got) and got == got and abs(got) != float("inf")
+        if not (finite or (isinstance(got, str) and len(got) <= MAX_WORKER_NAME)):
+            return f"{name!r} must be a finite number or a short string, got {got!r:.40}"
+    return None
+
+
 def _run_id(value: Any) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**63:
         return f"must be a run id, got {value!r:.40}"
@@ -536,6 +549,9 @@ WORKER_MESSAGES: dict[str, tuple[Field, ...]] = {
         _f("test_acc", _LOSS, False),
         _f("duration", float, check=_at_least(0)),
         _f("checkpointed", bool),
+        # On the data stage's validation loader, when it gives one (docs/tuning.md).
+        _f("val_loss", _LOSS, False),
+        _f("val_acc", _LOSS, False),
     ),
     "done": (
         _RUN_ID,
@@ -559,6 +575,13 @@ WORKER_MESSAGES: dict[str, tuple[Field, ...]] = {
         _f("code", list, check=_items(MAX_WORKER_ITEMS, _code_entry)),
         # Optional: workers before the data cache did not send it.
         _f("data_cache", dict, False, check=_data_cache),
+    ),
+    # A search run's resolved values (docs/tuning.md), sent before it trains: {param name:
+    # number or string}, recorded in its params; "pruned": the epoch its pruner stopped it at.
+    "search": (
+        _RUN_ID,
+        _f("values", dict, check=_search_values),
+        _f("pruned", int, False, check=_at_least(1)),
     ),
     # A member of a group stopped on a `cancel` message, after this epoch (no checkpoint).
     "cancelled": (_RUN_ID, _EPOCH),
@@ -625,6 +648,10 @@ class RunSpec(TypedDict):
     # [MONITOR] data_cache_mb, cache_dir and cache_size_mb (mosaicd.training.data_cache);
     # absent: the worker's defaults (memory only).
     data_cache: NotRequired[dict[str, Any]]
+    # A search run's (docs/tuning.md): its [SEARCH] settings, group, stage, trial, the study
+    # seed its sampler's seed derives from, and the finished trials of its group that it may
+    # see (study_reading.search_history); the worker resolves its distributions from them.
+    search: NotRequired[dict[str, Any]]
 
 
 # Daemon -> worker messages.

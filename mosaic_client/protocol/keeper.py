@@ -32,8 +32,11 @@ def _record(value: Any) -> str | None:
     """A run record (mosaicd.storage.store.RunRecord) as a map."""
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) != {*_RECORD_INTS, "modules"}:
+    # "search" may be absent (a run record before tuned comparisons): no search.
+    if not isinstance(value, dict) or set(value) - {"search"} != {*_RECORD_INTS, "modules"}:
         return "must be a run record"
+    if value.get("search") is not None and not _search_record(value["search"]):
+        return "field 'search' must be a search record"
     bad = [k for k in _RECORD_INTS if not _int64(value[k])]
     if bad:
         return f"field {bad[0]!r} must be an integer"
@@ -42,6 +45,43 @@ def _record(value: Any) -> str | None:
     modules = value["modules"]
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         return "field 'modules' must be a list of maps"
+    return None
+
+
+def _search_record(value: Any) -> bool:
+    """A run's search record (mosaic_client.search.record): group, stage, trial, round."""
+    return (
+        isinstance(value, dict)
+        and set(value) == {"group", "stage", "trial", "round"}
+        and value["stage"] in ("trial", "final")
+        and _int64(value["group"])
+        and _int64(value["round"])
+        and (value["trial"] is None or _int64(value["trial"]))
+    )
+
+
+def _open_rounds(value: Any) -> str | None:
+    if not isinstance(value, list) or not all(
+        isinstance(p, list) and len(p) == 2 and _int64(p[0]) and _int64(p[1]) for p in value
+    ):
+        return "must be a list of [group, round] pairs"
+    return None
+
+
+def _history(value: Any) -> str | None:
+    """A search group's finished trials (mosaic_client.study_reading.search_history)."""
+    if not isinstance(value, list):
+        return "must be a list of trials"
+    for item in value:
+        if not (
+            isinstance(item, dict)
+            and _int64(item.get("trial"))
+            and item.get("state") in ("complete", "pruned", "fail")
+            and (item.get("value") is None or isinstance(item.get("value"), (int, float)))
+            and isinstance(item.get("values"), dict)
+            and isinstance(item.get("intermediate"), list)
+        ):
+            return "has an item that is not a trial"
     return None
 
 
@@ -77,6 +117,8 @@ def _submission(value: Any) -> str | None:
         return "must be a submission with its monitor settings and config path"
     if not _int64(value.get("priority")):
         return "must be a submission with an integer priority"
+    if value.get("search") is not None and not isinstance(value["search"], dict):
+        return "must be a submission whose search settings are a map"
     return None
 
 
@@ -136,6 +178,8 @@ KEEPER_RESULTS: dict[str, Callable[[Any], str | None]] = {
     "params_of": _is(dict, "a map"),
     "pipeline_mates": _ids,
     "select": _ids,
+    "search_open_rounds": _open_rounds,
+    "search_history": _history,
     "add_submissions": _added,
     "begin_submission": _opened,
     "add_runs": lambda v: None if _int64(v) and v >= 0 else "must be a count",

@@ -34,6 +34,8 @@ NOT_OUTCOMES = {
 
 # The params that differ between the repetitions of one configuration (docs/compare.md).
 REPETITION_PARAMS = contract.REPETITION_PARAMS
+# The param that marks a search's runs (mosaic_client.search.STAGE_PARAM): trial or final.
+SEARCH_STAGE = "search_stage"
 
 
 class VerdictError(ValueError):
@@ -165,7 +167,9 @@ def study_values(conn: Any, metric: str, size_by: str = "nb_params") -> StudyVal
     for run_id in sorted(statuses):
         own = params.get(run_id, {})
         key = analysis.data_key(own)
-        if key is None:
+        if key is None or own.get(SEARCH_STAGE) == "trial":
+            # A tuned study is compared on its final runs only (docs/tuning.md): the trials
+            # chose the configurations, on other seeds.
             continue
         values.sides.setdefault(key, {})
         row = results.get(run_id)

@@ -32,6 +32,7 @@ _BODIES = {
 <div class="controls"><a id="compare-link" class="button">Compare</a>
 <button id="cancel-selected" disabled>Cancel selected</button></div></section>
 <p id="message" class="message" role="status"></p>
+<ul id="searches" class="searches"></ul>
 <section class="filters">
   <div id="states" class="states"></div>
   <div id="keys" class="keys"></div>

@@ -14,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-from mosaic_client import contract, study_reading
+from mosaic_client import contract, search_report, study_reading
 from mosaic_client.analysis import CRITERIA
 
 MAX_PAGE = 500
@@ -123,11 +123,15 @@ def runs_page(
 
 def study_summary(conn: sqlite3.Connection) -> dict[str, Any]:
     names = study_reading.param_names(conn)
+    groups = search_report.groups(conn)
     return {
         "counts": study_reading.status_counts(conn),
         "params": names,
         "keys": study_reading.key_values(conn, names),
         "criteria": list(CRITERIA),
+        # Each search's progress (docs/tuning.md): trials done, best so far, final runs.
+        "searches": [g.as_json() for g in groups],
+        "search_lines": [search_report.progress_line(g).strip() for g in groups],
     }
 
 

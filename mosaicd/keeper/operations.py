@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mosaic_client import selection as selections
+from mosaic_client import study_reading
 from mosaic_client.contract import CANCELLED, DONE, FAILED, PARKED, QUEUED, RUNNING
 from mosaicd.keeper import access
 from mosaicd.storage.store import RunRecord, Store, StoreError, connect_readonly
@@ -84,6 +85,14 @@ READS: dict[str, Callable[..., Any]] = {
     "params_of": lambda s, run_ids: s.params_of(run_ids),
     "pipeline_mates": lambda s, run_ids: sorted(s.pipeline_mates(run_ids)),
     "select": _select,
+    # A search's gate and a trial's history (docs/tuning.md): [[group, round], ...] and the
+    # finished trials of a group, as mosaic_client.study_reading reads them.
+    "search_open_rounds": lambda s, submission_id: [
+        [g, r] for g, r in study_reading.search_open_rounds(s.conn, submission_id).items()
+    ],
+    "search_history": lambda s, submission_id, group, before_round, metric, names: (
+        study_reading.search_history(s.conn, submission_id, group, before_round, metric, names)
+    ),
 }
 
 
@@ -132,6 +141,8 @@ def _add_submissions(store: Store, batches: list[dict[str, Any]]) -> list[list[A
             batch["monitor"],
             runs,  # type: ignore[arg-type]
             int(batch.get("priority", 0)),
+            batch.get("search"),
+            batch.get("search_runs"),
         )
         row = store.conn.execute(
             "SELECT created_at FROM submissions WHERE submission_id=?", (submission_id,)
@@ -150,16 +161,25 @@ def _begin_submission(store: Store, batch: dict[str, Any]) -> list[Any]:
         batch["process"],
         batch["monitor"],
         int(batch.get("priority", 0)),
+        batch.get("search"),
     )
     return [opened.submission_id, opened.first_run_id, opened.first_queue_seq, opened.created_at]
 
 
 def _add_runs(
-    store: Store, opened: list[Any], epochs: int, owner: str, runs: list[Any], offset: int
+    store: Store,
+    opened: list[Any],
+    epochs: int,
+    owner: str,
+    runs: list[Any],
+    offset: int,
+    search_runs: list[dict[str, Any]] | None = None,
 ) -> int:
-    """One part of a big submission's runs, in its held transaction; how many were added."""
+    """One part of a big submission's runs, in its held transaction; how many were added.
+    `search_runs`: each run's search record (docs/tuning.md), None when not a search."""
     submission = OpenedSubmission(*opened)
-    store.add_runs(submission, epochs, owner, [tuple(run) for run in runs], offset)  # type: ignore[misc]
+    parts = [tuple(run) for run in runs]
+    store.add_runs(submission, epochs, owner, parts, offset, search_runs)  # type: ignore[arg-type]
     return len(runs)
 
 

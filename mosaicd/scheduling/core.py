@@ -16,6 +16,7 @@ from mosaicd.executors.base import Executor, WorkerHandle
 from mosaicd.scheduling.fair_share import Ledger, Limits
 from mosaicd.scheduling.holds import Holds
 from mosaicd.scheduling.run_queue import RunQueue
+from mosaicd.scheduling.search_gate import SearchGate
 from mosaicd.scheduling.submissions import Submission
 from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.state import DaemonState
@@ -111,6 +112,8 @@ class SchedulerCore:
         # (the per-user limit counts them as queued), and the keepers holding their transaction.
         self._being_taken: dict[int, int] = {}
         self._held_links: set[Any] = set()
+        # Which search runs may start (mosaicd.scheduling.search_gate), read per dispatch pass.
+        self._search_gate = SearchGate()
         self.shutting_down = False
 
     def queued_of(self, uid: int | None) -> int:

@@ -13,6 +13,7 @@ from mosaicd.executors.base import BUSY, IDLE, STARTING, WorkerHandle
 from mosaicd.scheduling.core import ActiveRun, SchedulerCore
 from mosaicd.scheduling.ensemble_groups import group_key, group_size
 from mosaicd.scheduling.fair_share import owner_order, slot_weight
+from mosaicd.scheduling.search_gate import spec_part
 from mosaicd.scheduling.submissions import Submission
 from mosaicd.storage.handle import StudyHandle
 from mosaicd.storage.store import RunRecord, StoreError
@@ -32,6 +33,7 @@ class Dispatch(SchedulerCore):
         self._charge_usage()
         if self._holds.all or self.shutting_down:
             return
+        self._search_gate.reset()
         for kind in ("cpu", "cuda"):
             # The daemon's own idle workers first: when a slot must change hands to start a
             # user's run, it is one of theirs, and users' idle workers stay for their users.
@@ -107,7 +109,8 @@ class Dispatch(SchedulerCore):
         user (_hand_over) unless a worker of theirs is on its way, and meanwhile train the
         worker's own user's next run, if any."""
         rank = self._rank()
-        oldest = self._queue.peek_next(self._startable(worker, any_owner=True), rank)
+        ready = self._search_ready
+        oldest = self._queue.peek_next(self._startable(worker, any_owner=True), rank, ready)
         if oldest is None:
             return False
         if oldest[0].run_as_uid != worker.owner_uid and not self._has_worker_for(
@@ -115,10 +118,15 @@ class Dispatch(SchedulerCore):
         ):
             self._hand_over(worker, *oldest)
             return False
-        found = self._queue.take_next(self._startable(worker, any_owner=False), rank)
+        found = self._queue.take_next(self._startable(worker, any_owner=False), rank, ready)
         if found is None:
             return False
         return self._start(worker, *found)
+
+    def _search_ready(self, submission: Submission, record: RunRecord) -> bool:
+        """Whether a queued run of a search may start (its earlier rounds have finished)."""
+        store = self._studies[submission.study]
+        return self._search_gate.ready(store, submission, record)
 
     def wait_reason(self, study: str, run_id: int) -> str | None:
         """Why a queued run has not started, in words (`mosaic show`); None if not queued."""
@@ -140,6 +148,21 @@ class Dispatch(SchedulerCore):
         for true, words in checks:
             if true:
                 return words
+        if submission.search is not None:
+            record = next(
+                (
+                    r
+                    for s, runs in self._queue.waiting()
+                    if s is submission
+                    for r in runs
+                    if r.run_id == run_id
+                ),
+                None,
+            )
+            if record is not None:
+                words = self._search_gate.wait(self._studies[study], submission, record)
+                if words:
+                    return words
         holding = sum(
             1 for r in self._active.values() if r.submission.owner_uid == submission.owner_uid
         )
@@ -273,6 +296,12 @@ class Dispatch(SchedulerCore):
             "umask": submission.umask if submission.run_as is not None else None,
             # [MONITOR]'s data cache settings (mosaicd.training.data_cache).
             "data_cache": {k: submission.monitor_settings[k] for k in DATA_CACHE_KEYS},
+            # A search run's settings and the finished trials it may see (docs/tuning.md).
+            **(
+                {"search": spec_part(self._studies[submission.study], submission, record)}
+                if record.search is not None and submission.search is not None
+                else {}
+            ),
         }
 
     def _ensemble_mates(
@@ -281,7 +310,8 @@ class Dispatch(SchedulerCore):
         """The queued runs of the submission that train together with `lead`, taken off the
         queue: same group key (same pipeline, epochs and start epoch), as many as
         ensemble_groups.group_size gives."""
-        if submission.monitor_settings["ensemble"] != "auto":
+        if submission.monitor_settings["ensemble"] != "auto" or submission.search is not None:
+            # A search run resolves its own values when it starts: it trains alone.
             return []
         key = group_key(lead)
         if key is None:

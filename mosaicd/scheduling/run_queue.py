@@ -43,6 +43,7 @@ class RunQueue:
                     info["process"],
                     info["monitor"],
                     priority=int(info.get("priority", 0)),
+                    search=info.get("search"),
                 )
             except Exception as exc:  # settings its keeper sent that do not resolve
                 raise StoreError(f"submission {submission_id}: unusable settings ({exc})") from None
@@ -110,10 +111,12 @@ class RunQueue:
         self,
         startable: Callable[[Submission], bool],
         rank: Callable[[Submission], int] | None = None,
+        ready: Callable[[Submission, RunRecord], bool] | None = None,
     ) -> tuple[Submission, RunRecord] | None:
         """The first queued run whose submission may start one now, left in the queue: with
         `rank` (fair share), of the best-ranked owner; then of the highest priority; then the
-        oldest."""
+        oldest. With `ready`, the submission's first run that is ready (a search's trials
+        wait for their earlier rounds, docs/tuning.md)."""
 
         def order(key: Key) -> tuple[int, int, int]:
             submission = self._submissions[key]
@@ -123,22 +126,28 @@ class RunQueue:
         candidates = sorted((key for key, q in self._queues.items() if q), key=order)
         for key in candidates:
             submission = self._submissions[key]
-            if startable(submission):
+            if not startable(submission):
+                continue
+            if ready is None or submission.search is None:
                 return submission, self._queues[key][0]
+            record = next((r for r in self._queues[key] if ready(submission, r)), None)
+            if record is not None:
+                return submission, record
         return None
 
     def take_next(
         self,
         startable: Callable[[Submission], bool],
         rank: Callable[[Submission], int] | None = None,
+        ready: Callable[[Submission, RunRecord], bool] | None = None,
     ) -> tuple[Submission, RunRecord] | None:
         """peek_next's run, taken off the queue."""
-        found = self.peek_next(startable, rank)
+        found = self.peek_next(startable, rank, ready)
         if found is None:
             return None
         submission, record = found
         key = (submission.study, submission.submission_id)
-        self._queues[key].popleft()
+        self._queues[key].remove(record)
         if not self._queues[key]:
             del self._queues[key]
         return found

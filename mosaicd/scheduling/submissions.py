@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from mosaic_client import schema
+from mosaic_client import schema, search
 from mosaic_client.contract import MODULE_FIELDS, PROCESS_SEED_PARAM, run_info_key_problem
 from mosaic_client.protocol import ErrorCode
 from mosaicd import owners
@@ -40,14 +40,19 @@ class Submission:
     monitor: dict[str, Any]
     running: int = 0
     priority: int = 0  # among its owner's runs: higher first (mosaic run --priority)
+    # [SEARCH] as sent (docs/tuning.md); None: not a search.
+    search: dict[str, Any] | None = None
     # The same, resolved once here with every default filled in (mosaic_client.schema): the
     # scheduler and the run specs read these, never a default of their own.
     process_settings: schema.ProcessSettings = field(init=False)
     monitor_settings: schema.MonitorSettings = field(init=False)
 
+    search_settings: schema.SearchSettings | None = field(init=False)
+
     def __post_init__(self) -> None:
         self.process_settings = schema.process_settings(self.process)
         self.monitor_settings = schema.monitor_settings(self.monitor)
+        self.search_settings = None if self.search is None else schema.search_settings(self.search)
 
     @functools.cached_property
     def run_as(self) -> Owner | None:
@@ -126,8 +131,43 @@ def submission_problem(
     return None
 
 
+def search_problem(
+    search_values: dict[str, Any] | None, process: dict[str, Any], pipelines: list[Any]
+) -> str | None:
+    """What makes a submission's search unusable (the client's config checks, again for a
+    hand-made request): distributions without [SEARCH] or the reverse, a bad distribution,
+    a grid over a continuous one or with fewer points than trials."""
+    try:
+        spaces = [search.space(process.get("lr"), modules) for modules in pipelines]
+    except ValueError as exc:
+        return str(exc)
+    if search_values is None:
+        named = next((list(space) for space in spaces if space), None)
+        if named:
+            return f"{named[0]} is a distribution but the submission has no [SEARCH]"
+        return None
+    problem = schema.section_problem(schema.SEARCH, search_values, require=False)
+    if problem:
+        return problem
+    if not all(spaces):
+        return "[SEARCH] is given but a pipeline has no distribution to search"
+    settings = schema.search_settings(search_values)
+    if settings["strategy"] == "grid":
+        try:
+            smallest = min(len(search.grid_points(space)) for space in spaces)
+        except ValueError as exc:
+            return str(exc)
+        if smallest < settings["trials"]:
+            return f"[SEARCH] trials = {settings['trials']} exceeds a grid of {smallest} points"
+    return None
+
+
 def check_submission(
-    process: dict[str, Any], monitor: dict[str, Any], pipelines: list[Any], gpu_slots: int
+    process: dict[str, Any],
+    monitor: dict[str, Any],
+    pipelines: list[Any],
+    gpu_slots: int,
+    search_values: dict[str, Any] | None = None,
 ) -> None:
     """Refuse a submission the daemon cannot run; nothing is written before this passes."""
     if not pipelines:
@@ -135,7 +175,9 @@ def check_submission(
     for pipeline in pipelines:
         if not isinstance(pipeline, list) or not all(isinstance(m, dict) for m in pipeline):
             raise Refused(ErrorCode.INVALID, "each pipeline must be a list of module maps")
-    problem = submission_problem(process, monitor, pipelines)
+    problem = submission_problem(process, monitor, pipelines) or search_problem(
+        search_values, process, pipelines
+    )
     if problem:
         raise Refused(ErrorCode.INVALID, f"{problem}; nothing was queued")
     if schema.monitor_settings(monitor)["need_gpu"] and not gpu_slots:
@@ -214,6 +256,45 @@ def build_runs(
             )
         )
     return runs
+
+
+def build_search_runs(
+    process: dict[str, Any],
+    pipelines: list[Any],
+    search_values: dict[str, Any],
+    owner_uid: int | None,
+    owner: str | None,
+) -> tuple[list[Run], list[dict[str, Any]]]:
+    """A search's runs (docs/tuning.md), each pipeline one group: round after round, trial n
+    of every group (seed + n), then final repetition i of every group (seed + trials + i, the
+    same in every group, no trial's): queued in this order, the groups interleave fairly."""
+    settings = schema.search_settings(search_values)
+    base = process.get("seed")
+    base = base if isinstance(base, int) else secrets.randbelow(2**31)
+    trials, size = settings["trials"], settings["round_size"]
+    plan: list[tuple[int, dict[str, Any], int]] = []
+    for trial in range(trials):
+        for group in range(len(pipelines)):
+            record = {"group": group, "stage": search.TRIAL, "trial": trial}
+            plan.append((group, record, search.trial_seed(base, trial)))
+    for repetition in range(settings["final_repetitions"]):
+        for group in range(len(pipelines)):
+            record = {"group": group, "stage": search.FINAL, "trial": None}
+            plan.append((group, record, search.final_seed(base, trials, repetition)))
+    runs: list[Run] = []
+    records: list[dict[str, Any]] = []
+    for group, record, seed in plan:
+        modules = pipelines[group]
+        trial = record["trial"]
+        record["round"] = search.round_of(trial, size) if trial is not None else -1
+        params = run_params(process, modules, seed, owner_uid, owner)
+        params[search.STAGE_PARAM] = record["stage"]
+        params[search.GROUP_PARAM] = group
+        if trial is not None:
+            params[search.TRIAL_PARAM] = trial
+        runs.append((modules, seed, readable_pipeline(modules), params))
+        records.append(search.record(record))
+    return runs, records
 
 
 def repetition(modules: list[dict[str, Any]], params: dict[str, Any], seed: int) -> Run:

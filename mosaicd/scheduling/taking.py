@@ -29,13 +29,14 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any
 
+from mosaic_client import schema
 from mosaic_client.protocol import ErrorCode, SubmitReply
 from mosaicd import owners
 from mosaicd.errors import Refused
 from mosaicd.keeper.link import CALL_TIMEOUT_S, PER_ROW_S
 from mosaicd.owners import Owner
 from mosaicd.scheduling.core import SchedulerCore
-from mosaicd.scheduling.submissions import build_runs, check_submission
+from mosaicd.scheduling.submissions import Run, build_runs, build_search_runs, check_submission
 from mosaicd.storage.store import RunRecord, StoreError
 from mosaicd.storage.writer import COMMITTING
 
@@ -116,6 +117,7 @@ class Submitting(SchedulerCore):
         owner: str | None,
         acting_for: Owner | None = None,
         priority: int = 0,
+        search: dict[str, Any] | None = None,
     ) -> Taking:
         """A submission, checked then queued in one transaction, in steps (Taking). The
         run-files directory and a new study file are made by `acting_for`'s keeper
@@ -123,7 +125,16 @@ class Submitting(SchedulerCore):
         that user's; the directory only once the submission is known to be good."""
         return Taking(
             self._take(
-                db, config_path, process, monitor, pipelines, owner_uid, owner, acting_for, priority
+                db,
+                config_path,
+                process,
+                monitor,
+                pipelines,
+                owner_uid,
+                owner,
+                acting_for,
+                priority,
+                search,
             )
         )
 
@@ -138,6 +149,7 @@ class Submitting(SchedulerCore):
         owner: str | None,
         acting_for: Owner | None,
         priority: int,
+        search: dict[str, Any] | None,
     ) -> Generator[Any, None, SubmitReply]:
         if owner_uid is None:
             raise Refused(ErrorCode.PERMISSION, "the daemon could not learn who you are")
@@ -145,17 +157,18 @@ class Submitting(SchedulerCore):
         name = owner or str(uid)
         # The limits first (a refusal comes at once); the runs count as queued from now on, so
         # that two big submissions of one user taken side by side cannot pass them together.
-        problem = self.limit_problem(uid, name, len(pipelines))
+        total = len(pipelines) * search_runs_per_pipeline(search)
+        problem = self.limit_problem(uid, name, total)
         if problem:
             raise Refused(ErrorCode.INVALID, f"{problem}. Nothing was queued.")
-        self._being_taken[uid] = self._being_taken.get(uid, 0) + len(pipelines)
+        self._being_taken[uid] = self._being_taken.get(uid, 0) + total
         try:
             self._executor.check_submission(process, pipelines, acting_for)
             gpu_slots = self._executor.slot_count("cuda")
-            check_submission(process, monitor, pipelines[:1], gpu_slots)  # none: refused
+            check_submission(process, monitor, pipelines[:1], gpu_slots, search)  # none: refused
 
             def check(start: int, stop: int) -> None:
-                check_submission(process, monitor, pipelines[start:stop], gpu_slots)
+                check_submission(process, monitor, pipelines[start:stop], gpu_slots, search)
                 modules_interned(pipelines, start, stop)
 
             yield from in_parts(len(pipelines), check)
@@ -165,15 +178,12 @@ class Submitting(SchedulerCore):
                 yield
             self._held_links.add(store.link)
             try:
-                return (
-                    yield from self._write(
-                        db, config_path, process, monitor, pipelines, uid, name, priority
-                    )
-                )
+                runs = _Runs(process, monitor, pipelines, uid, name, search)
+                return (yield from self._write(db, config_path, process, runs, priority))
             finally:
                 self._held_links.discard(store.link)
         finally:
-            self._being_taken[uid] -= len(pipelines)
+            self._being_taken[uid] -= total
 
     def _open_for(
         self,
@@ -201,21 +211,20 @@ class Submitting(SchedulerCore):
         db: str,
         config_path: str,
         process: dict[str, Any],
-        monitor: dict[str, Any],
-        pipelines: list[Any],
-        uid: int,
-        name: str,
+        runs: _Runs,
         priority: int,
     ) -> Generator[Any, None, SubmitReply]:
         """The submission's one transaction, in parts; its runs queued once it is committed."""
         writer = self._studies.writer(db)
+        uid, name = runs.uid, runs.name
         batch = {
             "owner_uid": uid,
             "owner": name,
             "config_path": config_path,
             "process": process,
-            "monitor": monitor,
+            "monitor": runs.monitor,
             "priority": priority,
+            "search": runs.search,
         }
         try:
             opened = writer.open_held("begin_submission", {"batch": batch}, CALL_TIMEOUT_S)
@@ -226,37 +235,46 @@ class Submitting(SchedulerCore):
         epochs = int(process["epochs"])
 
         def add(start: int, stop: int) -> None:
-            runs = build_runs(process, monitor, pipelines[start:stop], uid, name, start)
+            part, searches = runs.part(start, stop)
             writer.add_held(
                 "add_runs",
                 {
                     "opened": opened,
                     "epochs": epochs,
                     "owner": name,
-                    "runs": [list(run) for run in runs],
+                    "runs": [list(run) for run in part],
                     "offset": start,
+                    "search_runs": searches,
                 },
                 rows_timeout(stop - start),
             )
             records.extend(
                 RunRecord(
-                    first_run_id + at, submission_id, modules, seed, epochs, 0, 0, first_seq + at
+                    first_run_id + at,
+                    submission_id,
+                    modules,
+                    seed,
+                    epochs,
+                    0,
+                    0,
+                    first_seq + at,
+                    searches[at - start] if searches else None,
                 )
-                for at, (modules, seed, _, _) in enumerate(runs, start)
+                for at, (modules, seed, _, _) in enumerate(part, start)
             )
 
         try:
-            yield from in_parts(len(pipelines), add)
+            yield from in_parts(runs.total, add)
             # Its owner, from the kernel, in the daemon's state: just before the study's COMMIT
             # (mosaicd.storage.identity says what a crash in between leaves).
             yield from writer.close_held(
-                True, rows_timeout(len(pipelines)), self._recorder(db, opened, uid, name)
+                True, rows_timeout(runs.total), self._recorder(db, opened, uid, name)
             )
         except StoreError as exc:
             raise _refused(exc) from None
         finally:
             if writer.taking:  # refused, failed or stopped midway: nothing of it is kept
-                for _ in writer.close_held(False, rows_timeout(len(pipelines))):
+                for _ in writer.close_held(False, rows_timeout(runs.total)):
                     time.sleep(0.005)  # the daemon stops: its loop waits for the ROLLBACK
         self._queue.add_new(db, self._studies[db], records)
         return {
@@ -271,6 +289,45 @@ class Submitting(SchedulerCore):
             self._identities.record(db, opened[0], uid, name, opened[3])
 
         return record
+
+
+def search_runs_per_pipeline(search: dict[str, Any] | None) -> int:
+    """How many runs a search queues per pipeline (its trials and final runs); 1 without one."""
+    if search is None:
+        return 1
+    settings = schema.search_settings(search)
+    return int(settings["trials"]) + int(settings["final_repetitions"])
+
+
+class _Runs:
+    """A checked submission's runs, built a part at a time (build_runs); a search's are built
+    at once (build_search_runs: its rounds interleave the groups; a search is small)."""
+
+    def __init__(
+        self,
+        process: dict[str, Any],
+        monitor: dict[str, Any],
+        pipelines: list[Any],
+        uid: int,
+        name: str,
+        search: dict[str, Any] | None,
+    ) -> None:
+        self.process, self.monitor, self.pipelines = process, monitor, pipelines
+        self.uid, self.name, self.search = uid, name, search
+        self._search_runs: tuple[list[Run], list[dict[str, Any]]] | None = None
+        if search is not None:
+            self._search_runs = build_search_runs(process, pipelines, search, uid, name)
+        self.total = len(self._search_runs[0]) if self._search_runs else len(pipelines)
+
+    def part(self, start: int, stop: int) -> tuple[list[Run], list[dict[str, Any]] | None]:
+        """Runs start..stop, and their search records (None: not a search)."""
+        if self._search_runs is not None:
+            runs, records = self._search_runs
+            return runs[start:stop], records[start:stop]
+        built = build_runs(
+            self.process, self.monitor, self.pipelines[start:stop], self.uid, self.name, start
+        )
+        return built, None
 
 
 def _refused(exc: StoreError) -> Refused:

@@ -3,13 +3,14 @@ end, a timeout."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-from mosaic_client import protocol
+from mosaic_client import protocol, search
 from mosaic_client.contract import FAILED, PARKED, QUEUED, RUNNING, run_log_path
 from mosaicd.executors.base import IDLE, STOPPING, WorkerHandle, describe_exit
 from mosaicd.scheduling.core import ActiveRun, SchedulerCore
@@ -202,6 +203,28 @@ class WorkerEvents(SchedulerCore):
                 {"run_id": run_id, "environment": message["environment"], "code": message["code"]},
             )
 
+    def _on_search(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
+        """A search run's resolved values (docs/tuning.md): into its params (the searched
+        names, and the pipeline with them), with the epoch a pruner stopped it at."""
+        run = self._active_for(worker, message["run_id"])
+        if run is None:
+            return
+        run_id = run.record.run_id
+        dimensions = search.space(run.submission.process.get("lr"), run.record.modules)
+        values = message["values"]
+        problem = search.values_problem(dimensions, values)
+        if problem:
+            log.error("run %d: search values not recorded: %s", run_id, problem)
+            return
+        _, modules = search.resolve(run.submission.process.get("lr"), run.record.modules, values)
+        changes: list[list[Any]] = [[run_id, name, value] for name, value in values.items()]
+        changes.append([run_id, "pipeline", json.dumps(modules)])
+        if message.get("pruned") is not None:
+            changes.append([run_id, search.PRUNED_PARAM, message["pruned"]])
+        self._studies.writer(run.study).write(
+            f"search values of run {run_id}", "set_params", {"changes": changes}
+        )
+
     def _on_parked(self, worker: WorkerHandle, message: dict[str, Any]) -> None:
         run = self._ended(worker, message)
         if run is None:
@@ -365,6 +388,7 @@ EVENTS: dict[str, Callable[[WorkerEvents, WorkerHandle, dict[str, Any]], None]] 
     "failed": WorkerEvents._on_failed,
     "parked": WorkerEvents._on_parked,
     "provenance": WorkerEvents._on_provenance,
+    "search": WorkerEvents._on_search,
     "cancelled": WorkerEvents._on_cancelled,
     "fallback": WorkerEvents._on_fallback,
 }

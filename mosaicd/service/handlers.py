@@ -201,6 +201,7 @@ def handle_submit(ctx: Context, caller: Caller, args: dict[str, Any]) -> Taking:
         caller.name,
         owner,
         int(args.get("priority") or 0),
+        args.get("search"),
     )
 
 

@@ -3,11 +3,15 @@ differ only by their repetition, with the mean, sd and median of every run_resul
 
 from __future__ import annotations
 
-from mosaic_client.contract import RESOURCE_COLUMNS, RESULT_COLUMNS
+from mosaic_client.contract import RESOURCE_COLUMNS, RESULT_COLUMNS, VALIDATION_COLUMNS
 
-# run_results' columns before issue 26 added the resource figures: the view as migrations 4
-# and 5 made it (a view may not name a column the table does not have yet).
-COLUMNS_BEFORE_RESOURCES = tuple(c for c in RESULT_COLUMNS if c not in RESOURCE_COLUMNS)
+# run_results' columns as each migration that makes the view finds them (a view may not name a
+# column the table does not have yet): before issue 26 added the resource figures (migrations 4
+# and 5), and before issue 25 added the validation loader's (migration 9).
+COLUMNS_BEFORE_RESOURCES = tuple(
+    c for c in RESULT_COLUMNS if c not in RESOURCE_COLUMNS + VALIDATION_COLUMNS
+)
+COLUMNS_BEFORE_VALIDATION = tuple(c for c in RESULT_COLUMNS if c not in VALIDATION_COLUMNS)
 
 
 def run_groups_view(cols: tuple[str, ...] = RESULT_COLUMNS) -> str:
@@ -17,7 +21,8 @@ def run_groups_view(cols: tuple[str, ...] = RESULT_COLUMNS) -> str:
     `metaplot` reads them), nb_params, `runs` (all its runs), `n` (done runs with results) and
     mean_, sd_ (sample, two-pass) and median_ of every run_results column over those n.
     group_id numbers the groups by their first run. Needs SQLite >= 3.35 (window functions,
-    sqrt); docs/compare.md shows it in use."""
+    sqrt); docs/compare.md shows it in use. `cols`: the run_results columns the database
+    has when the view is made (a migration makes it again when columns are added)."""
 
     def q(name: str) -> str:
         return '"' + name.replace('"', '""') + '"'

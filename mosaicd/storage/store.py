@@ -33,11 +33,15 @@ from mosaic_client.contract import (
     TRANSITIONS,
 )
 from mosaicd.storage import user_files
-from mosaicd.storage.groups_view import COLUMNS_BEFORE_RESOURCES, run_groups_view
+from mosaicd.storage.groups_view import (
+    COLUMNS_BEFORE_RESOURCES,
+    COLUMNS_BEFORE_VALIDATION,
+    run_groups_view,
+)
 from mosaicd.storage.settings import read_setting, write_setting
 from mosaicd.storage.submission_rows import SubmissionRows
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 log = logging.getLogger("mosaicd")
 
 
@@ -48,6 +52,8 @@ PROVENANCE_COLUMNS = tuple(
     for name in provenance.ENVIRONMENT_FIELDS
 )
 
+
+# The run_results columns before version 9 (the views of migrations 4 and 5 name these).
 
 # Forward migrations, by the version they bring the database to. Version 1 holds the seed's four
 # tables, unchanged so users' SQL keeps working, plus the daemon's own tables.
@@ -139,6 +145,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         {", ".join(f"{n} TEXT" for n in MEASUREMENT_TEXT)},
         {", ".join(f"{n} REAL" for n in MEASUREMENT_NUMBERS)})""",
         "DROP VIEW IF EXISTS run_groups",
+        run_groups_view(COLUMNS_BEFORE_VALIDATION),
+    ),
+    # Tuned comparisons (issue 25, docs/tuning.md): a submission's [SEARCH], each search run's
+    # group/stage/trial/round, and the validation loader's figures per run and per epoch.
+    10: (
+        "ALTER TABLE submissions ADD COLUMN search TEXT",
+        "ALTER TABLE run_meta ADD COLUMN search TEXT",
+        "ALTER TABLE run_results ADD COLUMN val_loss REAL",
+        "ALTER TABLE run_results ADD COLUMN val_acc REAL",
+        "ALTER TABLE run_epochs ADD COLUMN val_loss REAL",
+        "ALTER TABLE run_epochs ADD COLUMN val_acc REAL",
+        "DROP VIEW IF EXISTS run_groups",
         run_groups_view(),
     ),
 }
@@ -203,6 +221,8 @@ class RunRecord:
     checkpoint_epoch: int
     attempts: int
     queue_seq: int
+    # A search run's group, stage, trial and round (mosaic_client.search.record); None: none.
+    search: dict[str, Any] | None = None
 
 
 def connect_readonly(path: str) -> sqlite3.Connection:
@@ -426,7 +446,8 @@ class Store(SubmissionRows):
 
     def submission(self, submission_id: int) -> dict[str, Any]:
         row = self.conn.execute(
-            "SELECT owner_uid, owner, config_path, process, monitor, priority FROM submissions "
+            "SELECT owner_uid, owner, config_path, process, monitor, priority, search "
+            "FROM submissions "
             "WHERE submission_id=?",
             (submission_id,),
         ).fetchone()
@@ -440,6 +461,7 @@ class Store(SubmissionRows):
             "process": json.loads(row[3]),
             "monitor": json.loads(row[4]),
             "priority": row[5],
+            "search": json.loads(row[6]) if row[6] else None,
         }
 
     def _record(self, row: tuple[Any, ...]) -> RunRecord:
@@ -452,11 +474,12 @@ class Store(SubmissionRows):
             checkpoint_epoch=row[5],
             attempts=row[6],
             queue_seq=row[7],
+            search=json.loads(row[8]) if row[8] else None,
         )
 
     _RECORD_COLUMNS = (
         "m.run_id, m.submission_id, m.modules, m.seed, m.epochs_target, "
-        "m.checkpoint_epoch, m.attempts, m.queue_seq"
+        "m.checkpoint_epoch, m.attempts, m.queue_seq, m.search"
     )
 
     def runs_in_state(self, status: str) -> list[RunRecord]:
@@ -506,7 +529,8 @@ class Store(SubmissionRows):
             for ev in events:
                 conn.execute(
                     "INSERT OR REPLACE INTO run_epochs (run_id, epoch, train_loss, test_loss,"
-                    ' train_acc, test_acc, "duration(s)") VALUES (?, ?, ?, ?, ?, ?, ?)',
+                    ' train_acc, test_acc, "duration(s)", val_loss, val_acc)'
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         ev["run_id"],
                         ev["epoch"],
@@ -515,6 +539,8 @@ class Store(SubmissionRows):
                         ev.get("train_acc"),
                         ev.get("test_acc"),
                         ev["duration"],
+                        ev.get("val_loss"),
+                        ev.get("val_acc"),
                     ),
                 )
                 if ev.get("checkpointed"):

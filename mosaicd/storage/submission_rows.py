@@ -59,13 +59,18 @@ class SubmissionRows:
         monitor: dict[str, Any],
         runs: list[tuple[list[dict[str, Any]], int, str, dict[str, Any]]],
         priority: int = 0,
+        search: dict[str, Any] | None = None,
+        search_runs: list[dict[str, Any]] | None = None,
     ) -> tuple[int, list[int]]:
-        """Queue one submission atomically. Each run is (modules, seed, readable, params)."""
+        """Queue one submission atomically. Each run is (modules, seed, readable, params); a
+        search's (docs/tuning.md) has its [SEARCH] and each run's search record."""
         with self.transaction():
             opened = self.begin_submission(
-                owner_uid, owner, config_path, process, monitor, priority
+                owner_uid, owner, config_path, process, monitor, priority, search
             )
-            run_ids = self.add_runs(opened, int(process["epochs"]), owner, runs)
+            run_ids = self.add_runs(
+                opened, int(process["epochs"]), owner, runs, search_runs=search_runs
+            )
         return opened.submission_id, run_ids
 
     def begin_submission(
@@ -76,6 +81,7 @@ class SubmissionRows:
         process: dict[str, Any],
         monitor: dict[str, Any],
         priority: int = 0,
+        search: dict[str, Any] | None = None,
     ) -> OpenedSubmission:
         """A submission's row, inside the caller's transaction: its runs follow (add_runs),
         in the same transaction, in as many parts as the daemon's loop needs (issue 27)."""
@@ -83,7 +89,7 @@ class SubmissionRows:
         with self.transaction() as conn:
             cur = conn.execute(
                 "INSERT INTO submissions (created_at, owner_uid, owner, config_path, process,"
-                " monitor, priority) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " monitor, priority, search) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     now,
                     owner_uid,
@@ -92,6 +98,7 @@ class SubmissionRows:
                     json.dumps(process),
                     json.dumps(monitor),
                     priority,
+                    None if search is None else json.dumps(search),
                 ),
             )
             next_id = int(self._get_system("next_run_id") or 1)
@@ -107,8 +114,10 @@ class SubmissionRows:
         owner: str,
         runs: list[tuple[list[dict[str, Any]], int, str, dict[str, Any]]],
         offset: int = 0,
+        search_runs: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Runs `offset`.. of an opened submission (begin_submission, same transaction)."""
+        """Runs `offset`.. of an opened submission (begin_submission, same transaction); a
+        search's runs with their search records (search_runs[i] for runs[i])."""
         run_ids = []
         now = opened.created_at
         with self.transaction() as conn:
@@ -122,7 +131,7 @@ class SubmissionRows:
                 )
                 conn.execute(
                     "INSERT INTO run_meta (run_id, submission_id, modules, seed, epochs_target,"
-                    " queue_seq, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    " queue_seq, queued_at, search) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         run_id,
                         opened.submission_id,
@@ -131,6 +140,7 @@ class SubmissionRows:
                         epochs,
                         opened.first_queue_seq + at,
                         now,
+                        json.dumps(search_runs[at - offset]) if search_runs else None,
                     ),
                 )
                 conn.executemany(

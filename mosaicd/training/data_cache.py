@@ -94,6 +94,7 @@ class Prepared:
     test: Any
     run_info: dict[str, Any]  # the whole run_info after preparing
     rng: dict[str, Any]  # execution.rng_states() right after preparing
+    validation: Any = None  # the validation loader, when the data stage gives one
 
 
 @dataclass
@@ -503,7 +504,13 @@ def lookup(name: str, settings: Settings) -> tuple[Prepared | None, str]:
 def _prepared(payload: Any, name: str) -> Prepared:
     if not isinstance(payload, dict) or payload.get("key") != name:
         raise ValueError("not this key's entry")
-    return Prepared(payload["train"], payload["test"], payload["run_info"], payload["rng"])
+    return Prepared(
+        payload["train"],
+        payload["test"],
+        payload["run_info"],
+        payload["rng"],
+        payload.get("validation"),
+    )
 
 
 def store(name: str, prepared: Prepared, settings: Settings, on_disk: bool) -> str | None:
@@ -516,6 +523,7 @@ def store(name: str, prepared: Prepared, settings: Settings, on_disk: bool) -> s
         "key": name,
         "train": prepared.train,
         "test": prepared.test,
+        "validation": prepared.validation,
         "run_info": prepared.run_info,
         "rng": prepared.rng,
     }

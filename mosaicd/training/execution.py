@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +30,16 @@ import torch
 from mosaic_client import contract
 from mosaic_client.protocol import RunSpec
 from mosaic_client.schema import ProcessSettings
-from mosaicd.training import checkpoints, data_cache, epochs, metrics, provenance, resources
+from mosaicd.training import (
+    checkpoints,
+    data_cache,
+    epochs,
+    metrics,
+    provenance,
+    resources,
+    tuning,
+)
+from mosaicd.training.history import History
 
 _module_counter = itertools.count()
 # Names of the user modules loaded since the worker last dropped them (worker.py): keeping
@@ -49,7 +58,7 @@ def failure_message(exc: BaseException) -> str:
     """The "failed" message's error for an exception a run raised. A full disk that torch's zip
     writer reports as ``[enforce fail at inline_container.cc:…] unexpected pos`` is said as
     ENOSPC, the words by which the daemon parks a run on a full disk instead of failing it."""
-    if isinstance(exc, UserCodeError):
+    if isinstance(exc, (UserCodeError, tuning.SearchError)):
         return str(exc)
     text = f"{type(exc).__name__}: {exc}"
     if not isinstance(exc, OSError) and checkpoints.is_full_disk(exc):
@@ -74,67 +83,9 @@ class Channel:
     # Receives the run's provenance (the "provenance" message's fields besides run_id) once
     # its pipeline is built, or failed to build (issue 16).
     on_provenance: Callable[[dict[str, Any]], None] | None = None
-
-
-@dataclass
-class History:
-    train_loss: list[float] = field(default_factory=list)
-    test_loss: list[float] = field(default_factory=list)
-    train_acc: list[float | None] = field(default_factory=list)
-    test_acc: list[float | None] = field(default_factory=list)
-    duration: list[float] = field(default_factory=list)
-    # Each epoch's training pass measured (resources.PassMeter.figures); kept with the history
-    # so a resumed run keeps its first epochs' figures (absent from older checkpoints).
-    usage: list[dict[str, Any]] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, list[Any]]:
-        return {
-            "train_loss": self.train_loss,
-            "test_loss": self.test_loss,
-            "train_acc": self.train_acc,
-            "test_acc": self.test_acc,
-            "duration": self.duration,
-            "usage": self.usage,
-        }
-
-    def append(
-        self,
-        train_loss: float,
-        test_loss: float,
-        train_acc: float | None,
-        test_acc: float | None,
-        duration: float,
-    ) -> None:
-        self.train_loss.append(train_loss)
-        self.test_loss.append(test_loss)
-        self.train_acc.append(train_acc)
-        self.test_acc.append(test_acc)
-        self.duration.append(duration)
-
-    def truncate(self, epochs: int) -> None:
-        """Keep the first `epochs` epochs (a checkpoint's history may run past its epoch)."""
-        for values in (
-            self.train_loss,
-            self.test_loss,
-            self.train_acc,
-            self.test_acc,
-            self.duration,
-            self.usage,
-        ):
-            del values[epochs:]
-
-    def event(self, run_id: int, index: int, checkpointed: bool) -> dict[str, Any]:
-        """The epoch message for the epoch at `index` (0-based) sent to the daemon."""
-        return {
-            "run_id": run_id,
-            "epoch": index + 1,
-            "train_loss": self.train_loss[index],
-            "test_loss": self.test_loss[index],
-            "train_acc": self.train_acc[index],
-            "test_acc": self.test_acc[index],
-            "duration": self.duration[index],
-            "checkpointed": checkpointed,
-        }
+    # Receives a search run's resolved values, and the epoch its pruner stopped it at
+    # (the "search" message; docs/tuning.md).
+    on_search: Callable[[dict[str, Any], int | None], None] | None = None
 
 
 def load_user_class(path: str, class_name: str, run_id: int) -> type:
@@ -387,6 +338,8 @@ class BuiltRun:
     user_accuracy: Callable[[Any, Any], Any] | None
     nb_params: int
     test_input: Any = None  # the last test pass's first input, measured after it (resources)
+    # The data stage's validation loader (train, validation, test); None: it gave none.
+    val_data: Any = None
 
     def count_correct(self, y_pred: Any, y: Any) -> Any:
         if self.user_accuracy is not None:
@@ -412,21 +365,24 @@ def _prepare_stages(
     classes: list[type],
     run_info: dict[str, Any],
     pipeline: list[dict[str, Any]],
-) -> tuple[Any, Any]:
-    """Chain the data modules' prepare(); the last one returns the (train, test) loaders."""
+) -> tuple[Any, Any, Any]:
+    """Chain the data modules' prepare(); the last one returns the (train, test) loaders, or
+    (train, validation, test) (docs/tuning.md): returned as (train, test, validation)."""
     data: Any = None
     for module, cls in zip(data_modules, classes):
         obj = construct(cls, module, run_info, pipeline)
         _check_methods(obj, ("prepare", "info"), module)
         data = obj.prepare(data, run_info, module)
         run_info.update(obj.info() or {})
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+    if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
         last = data_modules[-1].get("name") if data_modules else None
         raise UserCodeError(
-            f"the last data module [{last}] must return (train, test) from "
-            f"prepare(), got {type(data).__name__}"
+            f"the last data module [{last}] must return (train, test) or (train, validation, "
+            f"test) from prepare(), got {type(data).__name__}"
         )
-    return data[0], data[1]
+    if len(data) == 3:
+        return data[0], data[2], data[1]
+    return data[0], data[1], None
 
 
 def prepare_data(
@@ -436,10 +392,11 @@ def prepare_data(
     run_id: int,
     cache: data_cache.Settings | None = None,
     deterministic: bool = False,
-) -> tuple[Any, Any]:
-    """The (train, test) loaders the data modules prepare, from the worker's data cache when it
-    holds them (`cache` None: off). A hit leaves run_info and the random generators as
-    preparing would have, and gives fresh loaders: the run computes the same numbers."""
+) -> tuple[Any, Any, Any]:
+    """The (train, test, validation or None) loaders the data modules prepare, from the
+    worker's data cache when it holds them (`cache` None: off). A hit leaves run_info and the
+    random generators as preparing would have, and gives fresh loaders: the run computes the
+    same numbers."""
     classes = [load_user_class(m["path_to_class"], m["class"], run_id) for m in data_modules]
     if cache is None or not data_cache.cacheable(classes):
         data_cache.stats.record("off")
@@ -460,14 +417,14 @@ def prepare_data(
         run_info.update({k: v for k, v in found.run_info.items() if k != "run_id"})
         set_rng_states(found.rng)
         print(f"[mosaic] data stages from the data cache ({outcome})", flush=True)
-        return found.train, found.test
-    train, test = _prepare_stages(data_modules, classes, run_info, pipeline)
+        return found.train, found.test, found.validation
+    train, test, validation = _prepare_stages(data_modules, classes, run_info, pipeline)
     # Kept now, before training advances the loaders' generators.
-    prepared = data_cache.Prepared(train, test, dict(run_info), rng_states())
+    prepared = data_cache.Prepared(train, test, dict(run_info), rng_states(), validation)
     note = data_cache.store(key, prepared, cache, data_cache.wants_disk(classes))
     if note:
         print(note, flush=True)
-    return train, test
+    return train, test, validation
 
 
 def build_models(
@@ -519,7 +476,7 @@ def build(spec: RunSpec) -> BuiltRun:
     run_info: dict[str, Any] = {name: given[name] for name in contract.RUN_INFO_KEYS}
     n_data = len(process["data_scheme"])
     cache = data_cache.Settings.of(spec.get("data_cache"))
-    train_data, test_data = prepare_data(
+    train_data, test_data, val_data = prepare_data(
         pipeline[:n_data],
         run_info,
         pipeline,
@@ -547,6 +504,7 @@ def build(spec: RunSpec) -> BuiltRun:
         accuracy_mode=mode,
         user_accuracy=getattr(models[-1], "accuracy", None),
         nb_params=nb_params,
+        val_data=val_data,
     )
 
 
@@ -641,13 +599,16 @@ def run_epoch(run: BuiltRun, history: History, epoch: int) -> None:
     with resources.PassMeter(run.device, scope=run) as meter:
         train_loss, train_acc = run_pass(run, run.train_data, True)
     test_loss, test_acc = run_pass(run, run.test_data, False)
+    val_loss, val_acc = (None, None)
+    if run.val_data is not None:
+        val_loss, val_acc = run_pass(run, run.val_data, False)
     duration = time.perf_counter() - started
     if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
         raise UserCodeError(
             f"loss is not finite at epoch {epoch} (train {train_loss}, test {test_loss});"
             " lower lr, check the data for NaN, or use a numerically stable loss"
         )
-    history.append(train_loss, test_loss, train_acc, test_acc, duration)
+    history.append(train_loss, test_loss, train_acc, test_acc, duration, val_loss, val_acc)
     history.usage.append(meter.figures())
 
 
@@ -659,6 +620,7 @@ def train(
     target: int,
     checkpoint_every: float,
     checkpoint_file: str,
+    tuner: tuning.Tuner | None = None,
 ) -> None:
     """Run the epochs after `first_epoch` up to `target`, reporting each one; checkpoint every
     `checkpoint_every` seconds, at the end, and before raising Parked when the daemon asks
@@ -671,6 +633,11 @@ def train(
             f"train_loss={history.train_loss[-1]:.6g} test_loss={history.test_loss[-1]:.6g}",
             flush=True,
         )
+        if tuner is not None and tuner.prune(history, epoch):
+            # Its pruner stopped it (docs/tuning.md): it finishes now, with the epochs it has.
+            print(f"[mosaic] run {run.run_id} pruned after epoch {epoch}", flush=True)
+            channel.on_epoch(history.event(run.run_id, epoch - 1, False))
+            return
         park = channel.park_requested()
         end = epochs.epoch_end(epoch, target, park=park, checkpoint_due=clock.due())
         if end.checkpoint or end.outcome != epochs.CONTINUE:  # the history is kept: its peak
@@ -705,6 +672,8 @@ def run_results(
         **metrics.derived(history.train_loss, history.test_loss),
         **{column: measured.get(column) for column in contract.RESOURCE_COLUMNS},
         "measurement": {name: measured.get(name) for name in context},
+        "val_loss": history.val_loss[-1] if history.val_loss else None,
+        "val_acc": history.val_acc[-1] if history.val_acc else None,
     }
 
 
@@ -772,8 +741,14 @@ def execute(spec: RunSpec, channel: Channel) -> dict[str, Any]:
     provenance.apply_determinism(spec["process"])
     environment = provenance.environment(torch.device(spec["device"]))
     executed_sources.clear()
+    tuner = None
+    if spec.get("search") is not None:
+        # A search run resolves its distributions first (sampled, or its group's best trial).
+        spec, tuner = tuning.start(spec, channel.on_search)
     try:
         run = build(spec)
+        if tuner is not None:
+            tuner.check(run.val_data is not None)
     finally:
         if channel.on_provenance is not None:
             code = provenance.code(spec, executed_sources)
@@ -785,6 +760,8 @@ def execute(spec: RunSpec, channel: Channel) -> dict[str, Any]:
         checkpoint_epoch, history = restore(run, files_dir)
         resend_epochs(channel, run.run_id, history, start_epoch, checkpoint_epoch)
         start_epoch = checkpoint_epoch
+        if tuner is not None:
+            tuner.replay(history, start_epoch)
     train(
         run,
         history,
@@ -793,5 +770,6 @@ def execute(spec: RunSpec, channel: Channel) -> dict[str, Any]:
         int(spec["epochs_target"]),
         spec["checkpoint_every"],
         contract.checkpoint_path(files_dir, run.run_id),
+        tuner,
     )
     return finish(run, spec, history)

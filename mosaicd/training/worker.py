@@ -412,6 +412,11 @@ class Worker:
     def _send_provenance(self, run_id: int, record: dict[str, Any]) -> None:
         self.send("provenance", run_id=run_id, **record)
 
+    def _send_search(self, run_id: int, values: dict[str, Any], pruned: int | None) -> None:
+        """A search run's resolved values, and the epoch its pruner stopped it at."""
+        extra = {} if pruned is None else {"pruned": pruned}
+        self.send("search", run_id=run_id, values=values, **extra)
+
     def run_group(self, execution: Any, specs: list[RunSpec], restore: bool) -> None:
         """Train an ensemble's members together, or one by one when they cannot be."""
         from mosaicd.training import ensemble
@@ -481,6 +486,7 @@ class Worker:
             # that it then reports as "cancelled" (an individual run is killed instead).
             park_requested=lambda: self.park_requested(run_id) or self.cancel_requested(run_id),
             on_provenance=functools.partial(self._send_provenance, run_id),
+            on_search=functools.partial(self._send_search, run_id),
         )
         outcome: tuple[str, dict[str, Any]]
         before = run_log.descendants()

@@ -369,6 +369,9 @@ function initStudy() {
     keys = Object.keys(summary.keys);
     renderFilters(summary);
     renderCounts(summary.counts);
+    // A tuned study: each search's progress (docs/tuning.md).
+    $("searches").innerHTML = (summary.search_lines || []).map((line) =>
+      `<li>${esc(line)}</li>`).join("");
     return load("firstRows");
   }).catch((err) => message(err.message, true));
 

@@ -19,7 +19,8 @@ import torch
 from mosaic_client import contract
 from mosaic_client.protocol import RunSpec
 from mosaicd.training import data_cache, execution, provenance
-from mosaicd.training.execution import BuiltRun, History
+from mosaicd.training.execution import BuiltRun
+from mosaicd.training.history import History
 
 Outcome = tuple[str, dict[str, Any]]
 
@@ -139,6 +140,9 @@ def build_members(specs: list[RunSpec], channels: dict[int, MemberChannel]) -> l
         environment = provenance.environment(torch.device(spec["device"]))
         execution.executed_sources.clear()
         run = execution.build(spec)
+        if run.val_data is not None:
+            # Its validation pass is a run's alone (docs/tuning.md).
+            raise Fallback("a data stage gives a validation loader")
         code = provenance.code(spec, execution.executed_sources, git)
         history = History()
         start_epoch = int(spec.get("start_epoch") or 0)
