@@ -145,7 +145,9 @@ def test_a_study_records_every_figure_with_its_context(daemon: Daemon, tmp: Path
         "AND p.param_name = 'mlp_funnel_width' ORDER BY r.run_id",
     )
     names = [c[1] for c in query(db, "PRAGMA table_info(run_results)")]
-    assert names[-len(contract.RESOURCE_COLUMNS) :] == list(contract.RESOURCE_COLUMNS)
+    # The fixed interface: these names, in this order (the validation loader's follow them).
+    first = names.index(contract.RESOURCE_COLUMNS[0])
+    assert names[first : first + len(contract.RESOURCE_COLUMNS)] == list(contract.RESOURCE_COLUMNS)
     for width, *row in rows:
         got = dict(zip(names, row))
         assert got["flops_per_sample"] == _linear_flops(width, 2)
@@ -224,7 +226,7 @@ def test_a_version_8_study_gains_the_resource_columns_and_keeps_its_results(
     conn.commit()
     conn.close()
     store = Store(str(path))
-    assert store._version() == SCHEMA_VERSION == 9
+    assert store._version() == SCHEMA_VERSION == 10
     row = store.conn.execute(
         f"SELECT test_loss, nb_params, {', '.join(contract.RESOURCE_COLUMNS)} FROM run_results"
     ).fetchone()
