@@ -106,7 +106,15 @@ def modules_interned(pipelines: list[Any], start: int, stop: int) -> None:
 
 
 class Submitting(SchedulerCore):
-    def submit(
+    def submit(self, *args: Any, **kwargs: Any) -> Taking:
+        """A submission, checked then queued in one transaction, in steps (Taking); the
+        arguments are _take's. The run-files directory and a new study file are made by
+        `acting_for`'s keeper (mosaicd.keeper; None: the daemon's own user) with the
+        submission's umask, so they are that user's; the directory only once the submission
+        is known to be good."""
+        return Taking(self._take(*args, **kwargs))
+
+    def _take(
         self,
         db: str,
         config_path: str,
@@ -118,38 +126,6 @@ class Submitting(SchedulerCore):
         acting_for: Owner | None = None,
         priority: int = 0,
         search: dict[str, Any] | None = None,
-    ) -> Taking:
-        """A submission, checked then queued in one transaction, in steps (Taking). The
-        run-files directory and a new study file are made by `acting_for`'s keeper
-        (mosaicd.keeper; None: the daemon's own user) with the submission's umask, so they are
-        that user's; the directory only once the submission is known to be good."""
-        return Taking(
-            self._take(
-                db,
-                config_path,
-                process,
-                monitor,
-                pipelines,
-                owner_uid,
-                owner,
-                acting_for,
-                priority,
-                search,
-            )
-        )
-
-    def _take(
-        self,
-        db: str,
-        config_path: str,
-        process: dict[str, Any],
-        monitor: dict[str, Any],
-        pipelines: list[Any],
-        owner_uid: int | None,
-        owner: str | None,
-        acting_for: Owner | None,
-        priority: int,
-        search: dict[str, Any] | None,
     ) -> Generator[Any, None, SubmitReply]:
         if owner_uid is None:
             raise Refused(ErrorCode.PERMISSION, "the daemon could not learn who you are")
