@@ -25,11 +25,11 @@ def test_usage_is_kept_across_a_restart(tmp: Path) -> None:
         assert used > 0
     finally:
         daemon.stop()
-    # Saved at the stop, with when it was so.
+    # Saved at the stop, with when it was so (`status --users` rounds to 0.1).
     state = sqlite3.connect(str(Path(daemon.state_dir) / "daemon.db"))
     saved = state.execute("SELECT sum(slot_seconds) FROM fair_share_usage").fetchone()[0]
     state.close()
-    assert saved >= used > 0
+    assert saved > 0 and saved >= used - 0.05
     daemon.start()
     try:
         # The same usage (a one-day half-life: a few seconds down take off almost nothing;
